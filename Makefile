@@ -1,0 +1,42 @@
+# redistill: `make demo` and `make test` install what they need first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+# torch first, pinned: the CPU wheel that is on disk here (a GPU machine gets its CUDA build of it).
+TORCH  ?= torch==2.13.0
+
+# Prefect and DVC phone home by default; the network here is closed, so the lookups only cost time.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install demo test repro clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# The foundation demo: data, feature classifier, the committed teacher (trained only if missing),
+# then the evaluation suite on the teacher at 4 steps against itself at 50: the quality/speed trade-off
+# that distillation exists to beat.
+demo: install
+	$(BIN)/redistill prepare
+	test -f data/features/classifier.safetensors || $(BIN)/redistill features
+	test -f data/teachers/digits-ddpm/model_index.json || $(BIN)/redistill teacher train
+	$(BIN)/redistill evaluate data/teachers/digits-ddpm --steps 4
+
+test: install
+	$(BIN)/pytest -q
+
+# Rebuild every stage whose inputs changed (dvc.yaml); the committed teacher is kept if unchanged.
+repro: install
+	$(BIN)/dvc repro
+
+clean:
+	rm -rf runs mlruns mlflow.db .pytest_cache

@@ -1,0 +1,3 @@
+from redistill.cli import main
+
+main()

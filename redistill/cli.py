@@ -1,0 +1,192 @@
+"""The `redistill` command line (typer). Heavy imports happen inside the commands so `--help` is fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from redistill.config import ConfigError, load_params, workspace
+
+app = typer.Typer(
+    help="redistill: continuous re-distillation of pre-trained diffusion models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+teacher_app = typer.Typer(help="The teacher: train the embedded default DDPM teacher.", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
+
+WorkspaceOpt = typer.Option(None, "--workspace", help="Workspace folder (data/, MLflow store, runs). Default: $REDISTILL_HOME or the current folder.")
+ParamsOpt = typer.Option(None, "--params", help="Settings file. Default: params.yaml in the workspace.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one clear error line and exit non-zero."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings(ws: Optional[Path], params: Optional[Path]):
+    root = workspace(ws)
+    try:
+        return root, load_params(params, root)
+    except ConfigError as e:
+        fail(str(e))
+
+
+@app.command()
+def prepare(
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Build the embedded data set from sklearn's digits: data/reference, data/holdout, data/incoming/*."""
+    from redistill.data import DataError
+    from redistill.data import prepare as build
+
+    root, p = _settings(ws, params)
+    try:
+        counts = build(p.prepare, root / "data")
+    except DataError as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(counts))
+    else:
+        for name, n in counts.items():
+            typer.echo(f"data/{name}: {n} images")
+
+
+@app.command()
+def features(
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Train the FID/KID feature classifier on data/reference; test it on data/holdout."""
+    from redistill.data import DataError, load_image_folder
+    from redistill.features import save_classifier, train_classifier
+
+    root, p = _settings(ws, params)
+    try:
+        train = load_image_folder(root / "data" / "reference")
+        test = load_image_folder(root / "data" / "holdout")
+        model, metrics = train_classifier(p.features, train, test, log=lambda m: typer.echo(m, err=True))
+    except (DataError, ValueError) as e:
+        fail(str(e))
+    save_classifier(model, root / "data" / "features", {"params": vars(p.features), "metrics": metrics})
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics" / "features.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(metrics))
+    else:
+        typer.echo(f"held-out accuracy {metrics['heldout_accuracy']:.4f} on {metrics['num_test']} images; "
+                   f"not-a-digit examples rejected {metrics['not_digit_rejected']:.4f}")
+
+
+@teacher_app.command("train")
+def teacher_train(
+    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/teachers/<teacher.name>. Must not exist."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Training images. Default: data/reference."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Train a DDPM teacher (UNet2DModel + DDPMScheduler, ε, EMA) with the `teacher` recipe; resumes if killed."""
+    from redistill.data import DataError, load_image_folder, safe_name
+    from redistill.teacher import PipelineError
+    from redistill.teacher_train import train_teacher
+
+    root, p = _settings(ws, params)
+    out = out or root / "data" / "teachers" / p.teacher.name
+    try:
+        images = load_image_folder(data or root / "data" / "reference")
+        ckpt = root / "runs" / "teacher" / safe_name(out.name) / "checkpoints"
+        summary = train_teacher(p.teacher, images, out, ckpt, log=lambda m: typer.echo(m, err=True))
+    except (DataError, PipelineError) as e:
+        fail(str(e))
+    typer.echo(f"teacher saved to {out} ({summary['train_steps']} steps in {summary['train_time_s']:.0f}s)")
+
+
+@app.command()
+def evaluate(
+    pipeline: Path = typer.Argument(..., help="A diffusers pipeline folder (save_pretrained layout, safetensors weights)."),
+    steps: int = typer.Option(..., "--steps", min=1, help="Denoising steps for the candidate (≥ 1)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Reference pipeline for fidelity and speedup. Default: the teacher, data/teachers/<teacher.name>."),
+    reference_steps: Optional[int] = typer.Option(None, "--reference-steps", min=1, help="Reference steps. Default: evaluate.reference_steps (50)."),
+    scheduler: str = typer.Option("auto", "--scheduler", help="Candidate sampler: auto (saved one; DDPM below its training steps → DDIM), saved, ddim, ddpm."),
+    reference_scheduler: str = typer.Option("auto", "--reference-scheduler", help="Reference sampler, as --scheduler."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Real images for FID/KID. Default: data/reference."),
+    features_dir: Optional[Path] = typer.Option(None, "--features", help="Feature classifier folder. Default: data/features."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception-v3 .safetensors file: FID/KID in Inception space instead of the classifier's."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2, help="Generated samples. Default: evaluate.num_samples (2000)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder for metrics.json and grid.png. Default: runs/evaluate/<name>-<steps>-<time>."),
+    metrics_out: Optional[Path] = typer.Option(None, "--metrics-out", help="Also write the JSON here (for `dvc metrics show`)."),
+    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every figure."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Measure quality (FID/KID + CI), fidelity (PSNR/SSIM), latency, throughput and memory of a pipeline."""
+    import dataclasses
+    from datetime import datetime, timezone
+
+    from redistill.data import DataError, load_image_folder, safe_name
+    from redistill.features import FeatureExtractor, InceptionFeatures, load_classifier
+    from redistill.metrics import SCHEDULER_CHOICES, Side
+    from redistill.metrics import evaluate as run_suite
+    from redistill.teacher import PipelineError, check_pipeline_folder
+
+    root, p = _settings(ws, params)
+    for name, choice in (("--scheduler", scheduler), ("--reference-scheduler", reference_scheduler)):
+        if choice not in SCHEDULER_CHOICES:
+            fail(f"{name} must be one of {', '.join(SCHEDULER_CHOICES)}, got {choice!r}")
+    ep = p.evaluate if num_samples is None else dataclasses.replace(p.evaluate, num_samples=num_samples)
+    reference = reference or root / "data" / "teachers" / p.teacher.name
+    data = data or root / "data" / "reference"
+    try:
+        check_pipeline_folder(pipeline)
+        check_pipeline_folder(reference)
+        images = load_image_folder(data)
+        classifier = load_classifier(features_dir or root / "data" / "features")
+        extractor = InceptionFeatures(inception_weights) if inception_weights else FeatureExtractor(classifier)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        out = out or root / "runs" / "evaluate" / f"{safe_name(Path(pipeline).resolve().name)}-{steps}steps-{stamp}"
+        result = run_suite(
+            Side(pipeline, steps, scheduler),
+            Side(reference, reference_steps or ep.reference_steps, reference_scheduler),
+            images, extractor, ep, classifier=classifier, confidence=p.features.confidence,
+            out_dir=out, device=device, data_path=data, log=lambda m: typer.echo(m, err=True),
+        )
+    except (PipelineError, DataError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if metrics_out:
+        metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        metrics_out.write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    q, f, s, m = result["quality"], result["fidelity"], result["speed"], result["memory"]
+    ci = lambda v: f"[{v[0]:.3g}, {v[1]:.3g}]"  # noqa: E731
+    typer.echo(f"{result['pipeline']} @ {result['steps']} steps ({result['scheduler']}) vs "
+               f"{result['reference']['pipeline']} @ {result['reference']['steps']} ({result['reference']['scheduler']})")
+    typer.echo(f"  FID          {q['fid']:.4g}  95% CI {ci(q['fid_ci95'])}   (reference {q['reference_fid']:.4g})")
+    typer.echo(f"  KID          {q['kid']:.4g}  95% CI {ci(q['kid_ci95'])}")
+    if "recognisable_share" in q:
+        typer.echo(f"  recognisable {q['recognisable_share']:.3f}  all classes: {q['all_classes_present']}")
+    psnr = "identical" if f["psnr_db"] is None else f"{f['psnr_db']:.2f} dB"
+    typer.echo(f"  PSNR {psnr}   SSIM {f['ssim']:.4f}")
+    typer.echo(f"  latency p50 {s['latency_ms_p50']:.1f} ms  p95 {s['latency_ms_p95']:.1f} ms   "
+               f"throughput {s['throughput_img_s']:.1f} img/s @ {s['throughput_batch']}   "
+               f"speedup ×{s['speedup_throughput']:.2f} (batch) ×{s['speedup_latency']:.2f} (latency)")
+    typer.echo(f"  memory peak {m['peak_sampling_mb']:.1f} MB   params {m['params']:,}   checkpoint {m['checkpoint_mb']:.2f} MB")
+    typer.echo(f"  wrote {out / 'metrics.json'} and {result.get('grid')}  ({result['wall_time_s']:.0f} s)")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

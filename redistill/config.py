@@ -1,0 +1,199 @@
+"""Typed settings: `params.yaml` → dataclasses, one section per stage.
+
+`params.yaml` is the single source of settings; the DVC stages and the CLI both read it through
+`load_params`. An unknown or misspelt key is an error that names the key and lists the valid ones, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A settings file that cannot be used as written; the message says what to change."""
+
+
+@dataclass
+class PrepareParams:
+    """`prepare` stage: sklearn's bundled digits → PNG folders."""
+
+    seed: int = 0  # one seed fixes the split, the incoming batches and their drift
+    image_size: int = 8  # 8 = native digits resolution; 16 = nearest-upsampled (≈3× the training cost)
+    holdout: int = 450  # images kept out of the reference: the classifier's test split and the incoming pool
+    batch_size: int = 150  # images per incoming batch
+    class_mix_classes: list[int] = field(default_factory=lambda: [0, 1, 7])  # over-represented in batch `class_mix`
+    class_mix_share: float = 0.6  # share of batch `class_mix` drawn from those classes (the reference has ≈0.3)
+    style_rotation_deg: float = 12.0  # batch `style`: rotation magnitude, sign drawn per image
+    style_dilation: int = 2  # batch `style`: grey-dilation footprint in pixels (thicker strokes); 1 = off
+
+
+@dataclass
+class FeaturesParams:
+    """`features` stage: the digit classifier whose penultimate layer feeds FID/KID."""
+
+    seed: int = 0
+    feature_dim: int = 64  # width of the penultimate layer = FID feature dimension
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 2.0e-3
+    not_digit_ratio: float = 0.5  # "not a digit" examples per digit example (noise, shuffles, blends)
+    confidence: float = 0.9  # a sample is "recognisable" when max-prob over the 10 digits is ≥ this
+
+
+@dataclass
+class TeacherParams:
+    """`teacher` stage: the DDPM teacher recipe (UNet2DModel + DDPMScheduler, ε-prediction, EMA)."""
+
+    seed: int = 0
+    name: str = "digits-ddpm"  # folder under data/teachers/
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"  # cosine: the linear schedule wastes steps on tiny images
+    train_steps: int = 16000
+    batch_size: int = 128
+    lr: float = 6.0e-4
+    warmup_steps: int = 250
+    snr_gamma: float = 5.0  # Min-SNR-γ loss weighting (Hang et al. 2023); 0 disables it
+    ema_decay: float = 0.9995
+    checkpoint_every: int = 1000  # steps between resumable checkpoints
+
+
+@dataclass
+class EvaluateParams:
+    """`evaluate`: the metric suite (quality, fidelity, speed, memory)."""
+
+    seed: int = 0
+    num_samples: int = 2000  # generated samples for FID/KID (≥ 2000)
+    reference_steps: int = 50  # steps of the reference pipeline (the teacher) for fidelity and speedup
+    bootstrap: int = 200  # bootstrap resamples for the 95% CIs
+    kid_subset_size: int = 500
+    sample_batch_size: int = 500  # generation batch; fixed so candidate and reference share noise
+    latency_repeats: int = 20  # timed batch-1 calls per pipeline, after warm-up
+    throughput_repeats: int = 3  # timed batch-64 calls per pipeline, after warm-up
+    throughput_batch: int = 64
+
+
+@dataclass
+class Params:
+    """Every setting of the project, one section per stage."""
+
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    features: FeaturesParams = field(default_factory=FeaturesParams)
+    teacher: TeacherParams = field(default_factory=TeacherParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def sha256(self, sections: list[str] | None = None) -> str:
+        """Hash of the resolved settings (optionally only some sections), stable across key order."""
+        d = self.to_dict()
+        if sections is not None:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be a whole number, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported settings type {tp!r} at {where}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of settings, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {where}.{unknown[0]} in params.yaml; valid keys of {where} are: "
+            f"{', '.join(fields)}. Fix the spelling or remove the key."
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{where}.{name}" if where else name)
+        else:
+            kwargs[name] = _coerce(value, tp, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a parsed params mapping into `Params`; raises ConfigError naming the bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("params.yaml must be a mapping of sections (prepare, features, teacher, ...)")
+    fields = [f.name for f in dataclasses.fields(Params)]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown section {unknown[0]!r} in params.yaml; valid sections are: {', '.join(fields)}. "
+            "Fix the spelling or remove the section."
+        )
+    return Params(**{name: _build(_section_type(name), raw.get(name), name) for name in fields})
+
+
+def _section_type(name: str) -> type:
+    return typing.get_type_hints(Params)[name]
+
+
+def workspace(path: str | os.PathLike | None = None) -> Path:
+    """The workspace folder: explicit path, else $REDISTILL_HOME, else the current directory."""
+    if path is not None:
+        return Path(path).resolve()
+    env = os.environ.get("REDISTILL_HOME")
+    return Path(env).resolve() if env else Path.cwd().resolve()
+
+
+def load_params(path: str | os.PathLike | None = None, ws: Path | None = None) -> Params:
+    """Load `params.yaml` (default: the workspace's); a missing file means all defaults."""
+    p = Path(path) if path is not None else (ws or workspace()) / "params.yaml"
+    if not p.exists():
+        if path is not None:
+            raise ConfigError(f"settings file {p} does not exist; pass an existing params.yaml")
+        return Params()
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from e
+    try:
+        return parse_params(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from e

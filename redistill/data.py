@@ -1,0 +1,256 @@
+"""Image data: the embedded digits set (`prepare` stage) and the image-folder format every stage reads.
+
+Format: a folder of PNG images, grayscale or RGB, all one size, with an optional `labels.csv`
+(`file,label`) beside them. `data/reference/` is the representative set, `data/holdout/` the images
+kept out of it (the classifier's test split and the pool the incoming batches are drawn from), and
+`data/incoming/<batch>/` the later batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from redistill.config import PrepareParams
+
+DIGITS_MAX = 16.0  # sklearn's digits are 4-bit intensities 0..16
+IMAGE_SUFFIXES = {".png"}
+
+
+class DataError(ValueError):
+    """Image data that cannot be used; the message says what is wrong and what to do."""
+
+
+@dataclass
+class ImageSet:
+    """Images as float32 (N, C, H, W) in [0, 1], optional integer labels, and their file names."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    files: list[str]
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The embedded default: sklearn digits, split and drifted deterministically
+# ---------------------------------------------------------------------------------------------------
+
+
+def to_uint8(images16: np.ndarray, image_size: int) -> np.ndarray:
+    """Digits intensities (0..16, N×8×8) → uint8 (N×S×S), nearest-upsampled to `image_size`."""
+    if image_size % 8:
+        raise DataError(f"prepare.image_size must be a multiple of 8 (native digits are 8×8), got {image_size}")
+    img = np.clip(np.rint(images16 * (255.0 / DIGITS_MAX)), 0, 255).astype(np.uint8)
+    k = image_size // 8
+    return np.kron(img, np.ones((1, k, k), dtype=np.uint8)) if k > 1 else img
+
+
+def style_shift(images16: np.ndarray, rng: np.random.Generator, rotation_deg: float, dilation: int) -> np.ndarray:
+    """The `style` drift: thicker strokes (grey dilation) and a small rotation of random sign."""
+    from scipy import ndimage
+
+    out = np.empty_like(images16)
+    for i, img in enumerate(images16):
+        if dilation > 1:
+            img = ndimage.grey_dilation(img, size=(dilation, dilation))
+        angle = float(rng.choice([-1.0, 1.0]) * rotation_deg)
+        out[i] = ndimage.rotate(img, angle, reshape=False, order=1, mode="constant", cval=0.0)
+    return np.clip(out, 0.0, DIGITS_MAX)
+
+
+def build_digits(p: PrepareParams) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Split sklearn's digits into reference, holdout and incoming batches; pure and seeded.
+
+    Returns {name: (uint8 images N×S×S, labels)} for `reference`, `holdout`, and the incoming batches
+    `nodrift` (drawn like the reference), `class_mix` (class proportions shifted) and `style` (strokes
+    thickened and rotated).
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x16 = digits.images.astype(np.float64)  # (1797, 8, 8) in 0..16
+    y = digits.target.astype(np.int64)
+    rng = np.random.default_rng(p.seed)
+    if not 0 < p.holdout < len(y) // 2:
+        raise DataError(f"prepare.holdout must be between 1 and {len(y) // 2 - 1}, got {p.holdout}")
+    if p.batch_size > p.holdout:
+        raise DataError(f"prepare.batch_size ({p.batch_size}) cannot exceed prepare.holdout ({p.holdout})")
+
+    # 1. Stratified holdout: the same class mix as the reference, so `nodrift` really is "no drift".
+    order = rng.permutation(len(y))
+    holdout_idx: list[int] = []
+    for c in range(10):
+        members = order[y[order] == c]
+        holdout_idx.extend(members[: round(p.holdout * len(members) / len(y))].tolist())
+    holdout_idx = np.array(sorted(holdout_idx))
+    ref_idx = np.setdiff1d(np.arange(len(y)), holdout_idx)
+
+    # 2. Incoming batches are drawn from the holdout pool, never from the reference.
+    nodrift = rng.choice(holdout_idx, size=p.batch_size, replace=False)
+
+    favoured = np.isin(y[holdout_idx], p.class_mix_classes)
+    n_fav = round(p.batch_size * p.class_mix_share)
+    if n_fav > favoured.sum() or p.batch_size - n_fav > (~favoured).sum():
+        raise DataError(
+            f"the holdout has {favoured.sum()} images of classes {p.class_mix_classes}, too few for "
+            f"class_mix_share={p.class_mix_share} of batch_size={p.batch_size}; raise prepare.holdout "
+            "or lower prepare.class_mix_share"
+        )
+    class_mix = np.concatenate(
+        [
+            rng.choice(holdout_idx[favoured], size=n_fav, replace=False),
+            rng.choice(holdout_idx[~favoured], size=p.batch_size - n_fav, replace=False),
+        ]
+    )
+    rng.shuffle(class_mix)
+
+    style_idx = rng.choice(holdout_idx, size=p.batch_size, replace=False)
+    style16 = style_shift(x16[style_idx], rng, p.style_rotation_deg, p.style_dilation)
+
+    def pack(images16: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return to_uint8(images16, p.image_size), y[idx]
+
+    return {
+        "reference": pack(x16[ref_idx], ref_idx),
+        "holdout": pack(x16[holdout_idx], holdout_idx),
+        "nodrift": pack(x16[nodrift], nodrift),
+        "class_mix": pack(x16[class_mix], class_mix),
+        "style": pack(style16, style_idx),
+    }
+
+
+def prepare(p: PrepareParams, data_dir: Path) -> dict[str, int]:
+    """Write the embedded data set under `data_dir`; returns the image count of each folder."""
+    splits = build_digits(p)
+    counts = {}
+    for name, (images, labels) in splits.items():
+        out = data_dir / name if name in ("reference", "holdout") else data_dir / "incoming" / name
+        write_image_folder(out, images, labels)
+        counts[str(out.relative_to(data_dir))] = len(images)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# The image-folder format
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_image_folder(out: Path, images: np.ndarray, labels: np.ndarray | None) -> None:
+    """Write uint8 images (N×H×W or N×H×W×C) as PNGs plus `labels.csv`, replacing the folder."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    width = max(5, len(str(len(images))))
+    rows = []
+    for i, img in enumerate(images):
+        name = f"{i:0{width}d}.png"
+        # optimize=False and no metadata: the same pixels always give the same bytes (stable DVC md5)
+        Image.fromarray(img).save(out / name, format="PNG", optimize=False)
+        if labels is not None:
+            rows.append((name, int(labels[i])))
+    if labels is not None:
+        with open(out / "labels.csv", "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["file", "label"])
+            w.writerows(rows)
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def safe_name(name: str) -> str:
+    """A file-system name made safe for use as a path component or an MLflow/Prefect name."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "unnamed"
+    return cleaned[:100]
+
+
+def load_image_folder(folder: Path, min_count: int = 1) -> ImageSet:
+    """Read an image folder (PNG, one size, optional labels.csv) into float32 (N, C, H, W) in [0, 1]."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist; run `redistill prepare` or pass --data DIR")
+    files = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if len(files) < min_count:
+        raise DataError(f"data folder {folder} holds {len(files)} PNG images, at least {min_count} are needed")
+    arrays = []
+    first_shape = None
+    for name in files:
+        try:
+            with Image.open(folder / name) as im:
+                mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+                arr = np.asarray(im.convert(mode))
+        except Exception as e:  # PIL raises many types for a broken file
+            raise DataError(f"{folder / name} is not a readable PNG image ({e}); remove or replace it") from e
+        if first_shape is None:
+            first_shape = arr.shape
+        elif arr.shape != first_shape:
+            raise DataError(
+                f"{folder / name} has shape {arr.shape} but {folder / files[0]} has {first_shape}; "
+                "every image in a data folder must have one size and one channel count"
+            )
+        arrays.append(arr)
+    x = np.stack(arrays).astype(np.float32) / 255.0
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    labels = _read_labels(folder, files)
+    return ImageSet(images=x, labels=labels, files=files)
+
+
+def _read_labels(folder: Path, files: list[str]) -> np.ndarray | None:
+    path = folder / "labels.csv"
+    if not path.exists():
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and set(rows[0]) != {"file", "label"}:
+        raise DataError(f"{path} must have the header `file,label`, got {list(rows[0])}")
+    by_file = {}
+    for r in rows:
+        name = r["file"]
+        if not _SAFE_NAME.match(name):  # a label row must name a file in this folder, nothing else
+            raise DataError(f"{path} names {name!r}, which is not a plain file name in {folder}")
+        try:
+            by_file[name] = int(r["label"])
+        except ValueError as e:
+            raise DataError(f"{path}: label {r['label']!r} of {name} is not an integer") from e
+    missing = [f for f in files if f not in by_file]
+    if missing:
+        raise DataError(f"{path} has no label for {missing[0]} (and {len(missing) - 1} more); add them or delete labels.csv")
+    return np.array([by_file[f] for f in files], dtype=np.int64)
+
+
+def file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dir_md5(folder: Path) -> str:
+    """The DVC 3 hash of a folder (`<md5>.dir`): md5 of the sorted JSON list of (relpath, md5)."""
+    folder = Path(folder)
+    entries = [
+        {"md5": file_md5(p), "relpath": p.relative_to(folder).as_posix()}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    ]
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"

@@ -1,0 +1,423 @@
+"""The evaluation suite: quality, fidelity to a reference pipeline, speed and memory, measured together.
+
+- Quality: FID and KID (torchmetrics) in the feature space of the project's classifier (or a local
+  Inception), ≥ 2,000 generated samples against the reference set, each with a bootstrap 95% CI; plus the
+  share of samples recognisable as a digit.
+- Fidelity: PSNR and SSIM (torchmetrics) between the candidate and the reference pipeline started from
+  the same initial noise.
+- Speed: latency per image at batch 1 (p50, p95) and throughput at batch 64, candidate and reference
+  timed in the same process, interleaved, after warm-up; speedups as ratios.
+- Memory: peak memory while sampling, parameter count, checkpoint size on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from redistill.config import EvaluateParams
+from redistill.data import ImageSet
+from redistill.teacher import (
+    PipelineError,
+    folder_size_bytes,
+    load_pipeline,
+    pipeline_sha256,
+)
+
+SCHEDULER_CHOICES = ("auto", "saved", "ddim", "ddpm")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure maths: FID/KID with bootstrap CIs, PSNR/SSIM
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Precomputed(nn.Module):
+    """Identity "feature extractor": lets torchmetrics' FID/KID run on features computed once."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Fréchet distance between two feature sets (torchmetrics FID on precomputed features)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    m = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+    m.update(real.double(), real=True)
+    m.update(fake.double(), real=False)
+    return float(m.compute())
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int = 100) -> float:
+    """Kernel inception distance (mean over subsets; torchmetrics KID on precomputed features)."""
+    import warnings
+
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "KID will save all extracted features": known and small here
+        m = KernelInceptionDistance(
+            feature=_Precomputed(real.shape[1]), subsets=subsets,
+            subset_size=min(subset_size, len(real), len(fake)),
+        )
+    m.update(real.double(), real=True)
+    m.update(fake.double(), real=False)
+    return float(m.compute()[0])
+
+
+def bootstrap_ci(
+    stat: Callable[[torch.Tensor, torch.Tensor], float],
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of `stat(real, fake)`, resampling both sets with replacement."""
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(resamples):
+        ir = torch.randint(0, len(real), (len(real),), generator=gen)
+        jf = torch.randint(0, len(fake), (len(fake),), generator=gen)
+        values.append(stat(real[ir], fake[jf]))
+    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def psnr_ssim(candidate: torch.Tensor, reference: torch.Tensor) -> tuple[float | None, float]:
+    """Mean per-image PSNR (dB) and SSIM between paired images in [0, 1]; PSNR is None if identical."""
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
+
+    psnr = peak_signal_noise_ratio(candidate, reference, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    finite = torch.isfinite(psnr)
+    # The Gaussian window must fit the image: 11 (the paper's) for ≥ 11 px, else the largest odd size.
+    k = min(11, min(candidate.shape[-2:]) - (1 - min(candidate.shape[-2:]) % 2))
+    ssim = structural_similarity_index_measure(candidate, reference, data_range=1.0, kernel_size=k)
+    psnr_mean = float(psnr[finite].mean()) if finite.all() else None
+    return psnr_mean, float(ssim)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling, speed and memory
+# ---------------------------------------------------------------------------------------------------
+
+
+def configure_scheduler(pipe, steps: int, choice: str = "auto") -> str:
+    """Set the pipeline's sampler; returns its class name.
+
+    `saved` keeps the scheduler saved in the folder (what a stock user gets); `ddim`/`ddpm` replace it
+    from the same config; `auto` is `saved`, except that a DDPMScheduler asked for fewer steps than it
+    was trained with becomes DDIM (strided ancestral DDPM at few steps is not how anyone samples).
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if choice not in SCHEDULER_CHOICES:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_CHOICES)}, got {choice!r}")
+    current = pipe.scheduler
+    if choice == "ddim" or (
+        choice == "auto" and isinstance(current, DDPMScheduler) and steps < current.config.num_train_timesteps
+    ):
+        pipe.scheduler = DDIMScheduler.from_config(current.config)
+    elif choice == "ddpm":
+        pipe.scheduler = DDPMScheduler.from_config(current.config)
+    return type(pipe.scheduler).__name__
+
+
+@torch.no_grad()
+def sample(pipe, n: int, steps: int, seed: int, batch: int) -> torch.Tensor:
+    """`n` images in [0, 1] from the stock pipeline call; batch i uses generator seed `seed + i`.
+
+    Two pipelines sampled with the same (n, seed, batch) start from the same initial noise.
+    """
+    out = []
+    for i, start in enumerate(range(0, n, batch)):
+        g = torch.Generator(device=pipe.device).manual_seed(seed + i)
+        b = min(batch, n - start)
+        out.append(pipe(batch_size=b, generator=g, num_inference_steps=steps, output_type="pt").images.float().cpu())
+    return torch.cat(out)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: fall back to the lifetime maximum
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory above the start while the block runs: CUDA allocator stats, else RSS polled every 1 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb = 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = _rss_bytes()
+            self._peak = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, _rss_bytes())
+        self.peak_mb = (peak - self._base) / 2**20
+        return False
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def measure_speed(cand, cand_steps: int, ref, ref_steps: int, p: EvaluateParams, warmup: int = 2) -> dict:
+    """Latency at batch 1 and throughput at batch `p.throughput_batch`, candidate and reference interleaved."""
+    dev = cand.device
+
+    def run(pipe, steps, b, seed):
+        g = torch.Generator(device=pipe.device).manual_seed(seed)
+        return lambda: pipe(batch_size=b, generator=g, num_inference_steps=steps, output_type="pt")
+
+    lat_c, lat_r, thr_c, thr_r = [], [], [], []
+    for i in range(warmup + p.latency_repeats):
+        tc = _timed(run(cand, cand_steps, 1, i), dev)
+        tr = _timed(run(ref, ref_steps, 1, i), dev)
+        if i >= warmup:
+            lat_c.append(tc)
+            lat_r.append(tr)
+    for i in range(1 + p.throughput_repeats):
+        tc = _timed(run(cand, cand_steps, p.throughput_batch, i), dev)
+        tr = _timed(run(ref, ref_steps, p.throughput_batch, i), dev)
+        if i >= 1:
+            thr_c.append(tc)
+            thr_r.append(tr)
+    b = p.throughput_batch
+    c50, r50 = np.median(lat_c), np.median(lat_r)
+    return {
+        "latency_ms_p50": 1000 * float(c50),
+        "latency_ms_p95": 1000 * float(np.percentile(lat_c, 95)),
+        "throughput_img_s": float(b / np.median(thr_c)),
+        "reference_latency_ms_p50": 1000 * float(r50),
+        "reference_latency_ms_p95": 1000 * float(np.percentile(lat_r, 95)),
+        "reference_throughput_img_s": float(b / np.median(thr_r)),
+        "speedup_latency": float(r50 / c50),
+        "speedup_throughput": float(np.median(thr_r) / np.median(thr_c)),
+        "throughput_batch": b,
+        "latency_repeats": p.latency_repeats,
+        "throughput_repeats": p.throughput_repeats,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def save_grid(candidate: torch.Tensor, reference: torch.Tensor, path: Path, per_row: int = 16, scale: int = 4) -> None:
+    """PNG: the candidate's samples (top rows) above the reference's on the same noise (bottom rows)."""
+    from PIL import Image
+
+    def rows(x: torch.Tensor) -> np.ndarray:
+        x = x[: 2 * per_row]
+        img = (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()  # (N, C, H, W)
+        n, c, h, w = img.shape
+        img = img.reshape(-1, per_row, c, h, w).transpose(0, 3, 1, 4, 2).reshape(-1, per_row * w, c)
+        return img
+
+    top, bottom = rows(candidate), rows(reference)
+    sep = np.full((2, top.shape[1], top.shape[2]), 128, dtype=np.uint8)
+    grid = np.concatenate([top, sep, bottom])
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The suite
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One pipeline under evaluation: where it is, how many steps, which sampler."""
+
+    path: Path
+    steps: int
+    scheduler: str = "auto"
+
+
+def check_fits(pipe, path: Path, data: ImageSet, data_path: Path | None = None) -> None:
+    """The pipeline's channels and sample size must match the data, else a message saying what to do."""
+    cfg = pipe.unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size, cfg.sample_size)
+    where = data_path or "the reference data"
+    if cfg.in_channels != data.channels:
+        raise PipelineError(
+            f"pipeline at {path} has {cfg.in_channels} input channels but {where} has {data.channels}; "
+            f"pass --data with {'RGB' if cfg.in_channels == 3 else 'grayscale'} images or pick a pipeline "
+            f"with {data.channels} channel(s)"
+        )
+    if tuple(size) != data.size:
+        raise PipelineError(
+            f"pipeline at {path} makes {size[0]}×{size[1]} images but {where} is {data.size[0]}×{data.size[1]}; "
+            "pass --data with images of the pipeline's size or pick a pipeline of the data's size"
+        )
+
+
+def evaluate(
+    candidate: Side,
+    reference: Side,
+    data: ImageSet,
+    extractor: nn.Module,
+    p: EvaluateParams,
+    classifier: nn.Module | None = None,
+    confidence: float = 0.9,
+    out_dir: Path | None = None,
+    device: str = "cpu",
+    log: Callable[[str], None] = lambda m: None,
+    data_path: Path | None = None,
+) -> dict:
+    """Run the whole suite on `candidate` against `reference` and `data`; returns one JSON-able dict."""
+    from redistill.features import classify
+
+    if candidate.steps <= 0 or reference.steps <= 0:
+        raise ValueError(f"step counts must be ≥ 1, got {candidate.steps} and {reference.steps}")
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    cand = load_pipeline(candidate.path, dev)
+    check_fits(cand, candidate.path, data, data_path)
+    same = Path(candidate.path).resolve() == Path(reference.path).resolve()
+    ref = cand if same else load_pipeline(reference.path, dev)
+    check_fits(ref, reference.path, data, data_path)
+    if same and candidate.steps != reference.steps:
+        ref = load_pipeline(reference.path, dev)  # a second copy: each may need its own scheduler
+    cand_sched = configure_scheduler(cand, candidate.steps, candidate.scheduler)
+    ref_sched = configure_scheduler(ref, reference.steps, reference.scheduler) if ref is not cand else cand_sched
+    identical = ref is cand
+
+    # 1. Samples from the same initial noise; memory measured while the candidate samples.
+    log(f"sampling {p.num_samples} images from the candidate at {candidate.steps} steps ({cand_sched})")
+    with PeakMemory(dev) as mem:
+        fake = sample(cand, p.num_samples, candidate.steps, p.seed, p.sample_batch_size)
+    if identical:
+        ref_fake, ref_mem = fake, mem
+    else:
+        log(f"sampling {p.num_samples} images from the reference at {reference.steps} steps ({ref_sched})")
+        with PeakMemory(dev) as ref_mem:
+            ref_fake = sample(ref, p.num_samples, reference.steps, p.seed, p.sample_batch_size)
+    if not torch.isfinite(fake).all():
+        raise PipelineError(f"pipeline at {candidate.path} produced non-finite images; its weights are broken")
+
+    # 2. Quality in the feature space, with bootstrap CIs.
+    log("computing FID/KID with bootstrap CIs")
+    with torch.no_grad():
+        real_f = torch.cat([extractor(torch.from_numpy(data.images[i : i + 1000])) for i in range(0, len(data), 1000)]).double()
+        fake_f = torch.cat([extractor(fake[i : i + 1000]) for i in range(0, len(fake), 1000)]).double()
+        ref_f = fake_f if identical else torch.cat([extractor(ref_fake[i : i + 1000]) for i in range(0, len(ref_fake), 1000)]).double()
+
+    def kid_boot(r, f):
+        return kid(r, f, p.kid_subset_size, subsets=10)
+
+    def quality(f: torch.Tensor, images: torch.Tensor, seed: int) -> dict:
+        q = {
+            "fid": fid(real_f, f),
+            "fid_ci95": list(bootstrap_ci(fid, real_f, f, p.bootstrap, seed)),
+            "kid": kid(real_f, f, p.kid_subset_size),
+            "kid_ci95": list(bootstrap_ci(kid_boot, real_f, f, p.bootstrap, seed + 1)),
+        }
+        if classifier is not None:
+            q.update(classify(classifier, images, confidence))
+        return q
+
+    q_cand = quality(fake_f, fake, p.seed)
+    q_ref = q_cand if identical else quality(ref_f, ref_fake, p.seed)
+
+    # 3. Fidelity to the reference on the same noise.
+    psnr, ssim = psnr_ssim(fake, ref_fake)
+
+    # 4. Speed, interleaved in this process.
+    log("timing latency and throughput (interleaved)")
+    speed = measure_speed(cand, candidate.steps, ref, reference.steps, p)
+
+    cand_params = sum(x.numel() for x in cand.unet.parameters())
+    result = {
+        "pipeline": str(candidate.path),
+        "sha256": pipeline_sha256(candidate.path),
+        "steps": candidate.steps,
+        "scheduler": cand_sched,
+        "reference": {
+            "pipeline": str(reference.path),
+            "sha256": pipeline_sha256(reference.path),
+            "steps": reference.steps,
+            "scheduler": ref_sched,
+        },
+        "num_samples": p.num_samples,
+        "num_real": len(data),
+        "seed": p.seed,
+        "feature_extractor": type(extractor).__name__,
+        "quality": {
+            **q_cand,
+            "reference_fid": q_ref["fid"],
+            "reference_fid_ci95": q_ref["fid_ci95"],
+            "reference_kid": q_ref["kid"],
+            "reference_kid_ci95": q_ref["kid_ci95"],
+            **({"reference_recognisable_share": q_ref["recognisable_share"]} if classifier is not None else {}),
+            "fid_ratio": q_cand["fid"] / q_ref["fid"] if q_ref["fid"] > 0 else None,
+        },
+        "fidelity": {"psnr_db": psnr, "ssim": ssim, "identical_to_reference": psnr is None},
+        "speed": speed,
+        "memory": {
+            "peak_sampling_mb": mem.peak_mb,
+            "reference_peak_sampling_mb": ref_mem.peak_mb,
+            "sampling_batch": p.sample_batch_size,
+            "params": cand_params,
+            "reference_params": sum(x.numel() for x in ref.unet.parameters()),
+            "checkpoint_mb": folder_size_bytes(candidate.path) / 2**20,
+            "reference_checkpoint_mb": folder_size_bytes(reference.path) / 2**20,
+        },
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_grid(fake, ref_fake, out_dir / "grid.png")
+        result["grid"] = str(out_dir / "grid.png")
+    result["wall_time_s"] = time.perf_counter() - t0
+    if out_dir is not None:
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

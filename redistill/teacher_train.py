@@ -1,0 +1,180 @@
+"""The `teacher` stage: train a DDPM (Ho et al. 2020, arXiv:2006.11239) on an image folder.
+
+The teacher is a stock diffusers `DDPMPipeline` (UNet2DModel + DDPMScheduler, ε-prediction, 1,000
+training timesteps) whose UNet holds the EMA weights, saved with safetensors weights. The recipe adds
+two well-known accelerations for a CPU budget: the cosine noise schedule (Nichol & Dhariwal 2021), which
+suits tiny images, and Min-SNR-γ loss weighting (Hang et al. 2023, arXiv:2303.09556).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from redistill.config import TeacherParams
+from redistill.data import ImageSet
+from redistill.teacher import PipelineError, save_pipeline
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_unet(p: TeacherParams, channels: int, sample_size: int):
+    """The teacher's UNet2DModel: plain ResNet down/up blocks, sized for tiny images."""
+    from diffusers import UNet2DModel
+
+    n = len(p.block_out_channels)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(p.block_out_channels),
+        down_block_types=("DownBlock2D",) * n,
+        up_block_types=("UpBlock2D",) * n,
+        layers_per_block=p.layers_per_block,
+        norm_num_groups=p.norm_num_groups,
+    )
+
+
+def build_scheduler(p: TeacherParams):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=p.num_train_timesteps,
+        beta_schedule=p.beta_schedule,
+        prediction_type="epsilon",
+        clip_sample=True,
+    )
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ weights for an ε-prediction loss: min(SNR, γ) / SNR (Hang et al. 2023)."""
+    abar = alphas_cumprod[timesteps]
+    snr = abar / (1.0 - abar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def _recipe_hash(p: TeacherParams, data: ImageSet) -> str:
+    d = dict(vars(p))
+    d.pop("checkpoint_every")
+    d.pop("name")
+    d["data_shape"] = list(data.images.shape)
+    d["data_sum"] = float(data.images.sum())
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(ckpt_dir.glob("checkpoint-*"), key=lambda q: int(q.name.split("-")[1]))
+
+
+def train_teacher(
+    p: TeacherParams,
+    data: ImageSet,
+    out: Path,
+    ckpt_dir: Path,
+    log: Callable[[str], None] = print,
+    keep_checkpoints: int = 2,
+) -> dict:
+    """Train the DDPM teacher on `data` and save it as a DDPMPipeline folder at `out`.
+
+    Resumes from the latest checkpoint in `ckpt_dir` when its recipe matches. Returns a summary with
+    the wall time. `out` must not exist yet: a teacher is an input of later stages and is never
+    overwritten.
+    """
+    from diffusers import DDPMPipeline
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out)
+    if out.exists():
+        raise PipelineError(f"{out} already exists; a teacher is never overwritten. Pick a new --out name")
+    torch.manual_seed(p.seed)
+    x_all = torch.from_numpy(data.images) * 2.0 - 1.0  # [0,1] → [-1,1], the range the scheduler assumes
+    unet = build_unet(p, data.channels, data.size[0])
+    scheduler = build_scheduler(p)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=0.0)
+    lr_sched = get_cosine_schedule_with_warmup(optimizer, p.warmup_steps, p.train_steps)
+    ema = EMAModel(unet.parameters(), decay=p.ema_decay, use_ema_warmup=True, power=2 / 3)
+    gen = torch.Generator().manual_seed(p.seed)
+    alphas_cumprod = scheduler.alphas_cumprod
+
+    # Resume: the latest checkpoint of the same recipe (a changed recipe starts afresh).
+    recipe = _recipe_hash(p, data)
+    ckpt_dir = Path(ckpt_dir)
+    step, elapsed = 0, 0.0
+    ckpts = [c for c in _checkpoints(ckpt_dir) if (c / "meta.json").exists()]
+    if ckpts and json.loads((ckpts[-1] / "meta.json").read_text()).get("recipe") == recipe:
+        last = ckpts[-1]
+        unet.load_state_dict(load_file(last / "unet.safetensors"))
+        state = torch.load(last / "state.pt", weights_only=True)  # a file this function wrote
+        optimizer.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        ema.load_state_dict(state["ema"])
+        gen.set_state(state["generator"])
+        meta = json.loads((last / "meta.json").read_text())
+        step, elapsed = meta["step"], meta["elapsed_s"]
+        log(f"resumed from {last} at step {step}")
+    elif ckpts:
+        log(f"checkpoints in {ckpt_dir} belong to another recipe; starting afresh")
+        shutil.rmtree(ckpt_dir)
+
+    unet.train()
+    t_start = time.perf_counter() - elapsed
+    losses: list[float] = []
+    while step < p.train_steps:
+        # 1. A minibatch of clean images, noised to a uniformly drawn timestep (Ho et al. Alg. 1).
+        idx = torch.randint(0, len(x_all), (p.batch_size,), generator=gen)
+        x0 = x_all[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, p.num_train_timesteps, (p.batch_size,), generator=gen)
+        xt = scheduler.add_noise(x0, noise, t)
+        # 2. ε-prediction loss, Min-SNR-γ weighted so that the easy low-noise steps do not dominate.
+        per_example = (unet(xt, t).sample - noise).pow(2).mean(dim=(1, 2, 3))
+        if p.snr_gamma > 0:
+            per_example = per_example * min_snr_weight(alphas_cumprod, t, p.snr_gamma)
+        loss = per_example.mean()
+        # 3. Update, then the EMA of the weights that becomes the teacher.
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        lr_sched.step()
+        ema.step(unet.parameters())
+        step += 1
+        losses.append(loss.item())
+        if step % 200 == 0 or step == p.train_steps:
+            log(f"step {step}/{p.train_steps} loss {np.mean(losses[-200:]):.4f} "
+                f"lr {lr_sched.get_last_lr()[0]:.2e} {time.perf_counter() - t_start:.0f}s")
+        # 4. Snapshot: resumable state; model weights last, so a snapshot with weights is complete.
+        if step % p.checkpoint_every == 0 and step < p.train_steps:
+            c = ckpt_dir / f"checkpoint-{step}"
+            c.mkdir(parents=True, exist_ok=True)
+            torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+                        "ema": ema.state_dict(), "generator": gen.get_state()}, c / "state.pt")
+            save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, c / "unet.safetensors")
+            (c / "meta.json").write_text(json.dumps(
+                {"step": step, "recipe": recipe, "elapsed_s": time.perf_counter() - t_start}))
+            for old in _checkpoints(ckpt_dir)[:-keep_checkpoints]:
+                shutil.rmtree(old)
+
+    train_time = time.perf_counter() - t_start
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    summary = {
+        "recipe": dict(vars(p)),
+        "train_time_s": round(train_time, 1),
+        "train_steps": p.train_steps,
+        "final_loss": float(np.mean(losses[-200:])) if losses else None,
+        "num_images": len(data),
+        "threads": torch.get_num_threads(),
+    }
+    save_pipeline(DDPMPipeline(unet=unet, scheduler=scheduler), out, extra={"redistill_teacher.json": summary})
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return summary

@@ -1,0 +1,1 @@
+"""Units of work as Prefect tasks. Installed as `redistill.tasks`."""

@@ -1,0 +1,87 @@
+"""The command line: --help everywhere, `evaluate --json`, and the bad inputs with one clear message each."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+from typer.testing import CliRunner
+
+from redistill.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("cmd", [[], ["prepare"], ["features"], ["teacher"], ["teacher", "train"], ["evaluate"]])
+def test_every_command_has_help(cmd):
+    r = invoke(*cmd, "--help")
+    assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_evaluate_json_prints_one_object(digits_ws, tiny_pipeline, tmp_path):
+    out = tmp_path / "metrics.json"
+    r = invoke("evaluate", tiny_pipeline, "--steps", 2, "--reference", tiny_pipeline, "--json",
+               "--workspace", digits_ws, "--out", tmp_path / "run", "--metrics-out", out)
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(obj) >= {"quality", "fidelity", "speed", "memory", "steps", "sha256", "grid"}
+    assert obj["reference"]["steps"] == 50  # evaluate.reference_steps
+    assert json.loads(out.read_text())["sha256"] == obj["sha256"]
+
+
+def test_not_a_pipeline_folder(digits_ws, tmp_path):
+    r = invoke("evaluate", tmp_path, "--steps", 4, "--workspace", digits_ws)
+    assert r.exit_code == 2
+    assert "is not a diffusers pipeline folder" in r.output and "model_index.json" in r.output
+
+
+def test_pipeline_that_does_not_fit_the_data(digits_ws, tmp_path):
+    from conftest import make_tiny_pipeline
+
+    rgb = make_tiny_pipeline(tmp_path / "rgb", channels=3)
+    r = invoke("evaluate", rgb, "--steps", 2, "--reference", rgb, "--workspace", digits_ws)
+    assert r.exit_code == 2
+    assert "3 input channels" in r.output and "pass --data with RGB images" in r.output
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_step_count_must_be_positive(digits_ws, tiny_pipeline, steps):
+    r = invoke("evaluate", tiny_pipeline, "--steps", steps, "--workspace", digits_ws)
+    assert r.exit_code != 0 and "--steps" in r.output
+
+
+def test_pickled_weights_are_refused_and_never_unpickled(digits_ws, tmp_path):
+    from conftest import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline(tmp_path / "p")
+    (pipe / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (pipe / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
+    r = invoke("evaluate", pipe, "--steps", 2, "--workspace", digits_ws)
+    assert r.exit_code == 2 and "never loads" in r.output and "safetensors" in r.output
+    assert not marker.exists()
+
+
+def test_inception_weights_must_be_safetensors(digits_ws, tiny_pipeline, tmp_path):
+    w = tmp_path / "inception.pth"
+    w.write_bytes(b"not really weights")
+    r = invoke("evaluate", tiny_pipeline, "--steps", 2, "--reference", tiny_pipeline,
+               "--inception-weights", w, "--workspace", digits_ws)
+    assert r.exit_code == 2 and "not a .safetensors file" in r.output
+
+
+def test_unknown_params_key_fails_with_the_key(digits_ws, tiny_pipeline, tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("evaluate: {num_sampels: 10}\n")
+    r = invoke("evaluate", tiny_pipeline, "--steps", 2, "--params", bad, "--workspace", digits_ws)
+    assert r.exit_code == 2 and "evaluate.num_sampels" in r.output and "num_samples" in r.output

@@ -1,0 +1,143 @@
+"""Tier 2: the feature classifier and the teacher recipe on real data, with tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from redistill.config import FeaturesParams, TeacherParams
+from redistill.data import load_image_folder
+from redistill.features import classify, load_classifier, not_a_digit_examples
+from redistill.teacher import PipelineError, check_pipeline_folder, load_pipeline, pipeline_sha256
+
+
+def test_classifier_recognises_held_out_digits_and_rejects_noise(digits_ws):
+    clf = load_classifier(digits_ws / "data" / "features")
+    meta = json.loads((digits_ws / "data" / "features" / "classifier.json").read_text())
+    assert meta["metrics"]["heldout_accuracy"] > 0.85  # 12 epochs already separate the digits
+    holdout = torch.from_numpy(load_image_folder(digits_ws / "data" / "holdout").images)
+    fakes = not_a_digit_examples(holdout, 300, torch.Generator().manual_seed(123))
+    noise = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    # real digits are recognisable far more often than noise, shuffles and blends
+    assert classify(clf, holdout, 0.9)["recognisable_share"] > 0.5
+    assert classify(clf, fakes, 0.9)["recognisable_share"] < 0.15
+    assert classify(clf, noise, 0.9)["recognisable_share"] < 0.05
+
+
+def tiny_recipe(**kw) -> TeacherParams:
+    base = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8, train_steps=30,
+                batch_size=16, warmup_steps=5, checkpoint_every=10)
+    base.update(kw)
+    return TeacherParams(**base)
+
+
+def test_teacher_trains_and_saves_a_stock_safetensors_pipeline(digits_ws, tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
+
+    from redistill.teacher_train import train_teacher
+
+    data = load_image_folder(digits_ws / "data" / "reference")
+    out = tmp_path / "teachers" / "t1"
+    summary = train_teacher(tiny_recipe(), data, out, tmp_path / "ckpt", log=lambda m: None)
+    assert summary["train_steps"] == 30 and summary["train_time_s"] > 0
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(out.rglob("*.bin"))
+    assert not (tmp_path / "ckpt").exists()  # checkpoints are cleaned up once the teacher is saved
+    pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    assert isinstance(pipe, DDPMPipeline) and isinstance(pipe.scheduler, DDPMScheduler)
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.scheduler.config.num_train_timesteps == 1000
+    img = pipe(batch_size=2, num_inference_steps=3, output_type="pt").images
+    assert img.shape == (2, 1, 8, 8) and torch.isfinite(img).all()
+    # no temporary folder is left beside the teacher (the save is atomic)
+    assert [p.name for p in out.parent.iterdir()] == ["t1"]
+    with pytest.raises(PipelineError, match="never overwritten"):
+        train_teacher(tiny_recipe(), data, out, tmp_path / "ckpt", log=lambda m: None)
+
+
+def test_teacher_sha256_covers_weights_and_config(tiny_pipeline, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_pipeline, copy)
+    assert pipeline_sha256(copy) == pipeline_sha256(tiny_pipeline)
+    cfg = copy / "scheduler" / "scheduler_config.json"
+    cfg.write_text(cfg.read_text().replace('"epsilon"', '"v_prediction"'))
+    assert pipeline_sha256(copy) != pipeline_sha256(tiny_pipeline)
+
+
+def test_pickled_weights_are_refused_without_unpickling(tmp_path):
+    """A pipeline with .bin weights is refused before anything reads them."""
+    from conftest import make_tiny_pipeline
+
+    pipe_dir = make_tiny_pipeline(tmp_path / "p")
+    weights = pipe_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import pickle
+
+    (pipe_dir / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(PipelineError, match="pickle-based format"):
+        check_pipeline_folder(pipe_dir)
+    with pytest.raises(PipelineError):
+        load_pipeline(pipe_dir)
+    assert not marker.exists()
+
+
+def test_killed_teacher_training_resumes_to_the_same_weights(digits_ws, tmp_path):
+    """SIGKILL part-way, run again: it resumes from the last checkpoint and ends where an unbroken run ends."""
+    from safetensors.torch import load_file
+
+    from redistill.teacher_train import train_teacher
+
+    steps, every = 1200, 100
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "teacher: {block_out_channels: [8, 16], layers_per_block: 1, norm_num_groups: 8, "
+        f"train_steps: {steps}, batch_size: 8, warmup_steps: 5, checkpoint_every: {every}}}\n"
+    )
+    out = tmp_path / "teachers" / "resumed"
+    cmd = [sys.executable, "-m", "redistill", "teacher", "train", "--out", str(out),
+           "--workspace", str(digits_ws), "--params", str(params)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    ckpts = digits_ws / "runs" / "teacher" / "resumed" / "checkpoints"
+    deadline = time.time() + 120
+    while not list(ckpts.glob("checkpoint-*/meta.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed; raise train_steps"
+    assert not out.exists()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr
+
+    torch.set_num_threads(1)  # same thread count as the subprocesses, for bitwise-comparable maths
+    try:
+        from redistill.config import load_params
+
+        ref = tmp_path / "teachers" / "unbroken"
+        train_teacher(load_params(params).teacher, load_image_folder(digits_ws / "data" / "reference"),
+                      ref, tmp_path / "ckpt-ref", log=lambda m: None)
+    finally:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    a = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(ref / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, f"resumed run differs from the unbroken one by {worst}"
