@@ -124,6 +124,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder for metrics.json and grid.png. Default: runs/evaluate/<name>-<steps>-<time>."),
     metrics_out: Optional[Path] = typer.Option(None, "--metrics-out", help="Also write the JSON here (for `dvc metrics show`)."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Sample the reference afresh instead of reusing runs/cache/samples."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every figure."),
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
@@ -158,6 +159,7 @@ def evaluate(
             Side(reference, reference_steps or ep.reference_steps, reference_scheduler),
             images, extractor, ep, classifier=classifier, confidence=p.features.confidence,
             out_dir=out, device=device, data_path=data, log=lambda m: typer.echo(m, err=True),
+            cache_dir=None if no_cache else root / "runs" / "cache" / "samples",
         )
     except (PipelineError, DataError, FileNotFoundError, ValueError) as e:
         fail(str(e))

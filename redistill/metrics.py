@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -152,6 +153,30 @@ def sample(pipe, n: int, steps: int, seed: int, batch: int) -> torch.Tensor:
         b = min(batch, n - start)
         out.append(pipe(batch_size=b, generator=g, num_inference_steps=steps, output_type="pt").images.float().cpu())
     return torch.cat(out)
+
+
+def sample_cached(pipe, path: Path, scheduler: str, n: int, steps: int, seed: int, batch: int,
+                  cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
+    """`sample`, reusing an earlier run's images when the pipeline's bytes and the draw are the same.
+
+    The key covers the folder's sha256 (weights and configs), the sampler, steps, seed, batch, count
+    and device, so any change samples afresh. The cache holds safetensors written here, nothing else.
+    Returns (images, whether they came from the cache).
+    """
+    from safetensors.torch import load_file, save_file
+
+    if cache_dir is None:
+        return sample(pipe, n, steps, seed, batch), False
+    key = json.dumps([pipeline_sha256(path), scheduler, steps, seed, batch, n, pipe.device.type, str(pipe.unet.dtype)])
+    f = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+    if f.is_file():
+        return load_file(f)["images"], True
+    images = sample(pipe, n, steps, seed, batch)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(f".tmp{os.getpid()}")
+    save_file({"images": images.contiguous()}, tmp, metadata={"key": key})
+    os.replace(tmp, f)
+    return images, False
 
 
 def _rss_bytes() -> int:
@@ -313,8 +338,13 @@ def evaluate(
     device: str = "cpu",
     log: Callable[[str], None] = lambda m: None,
     data_path: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> dict:
-    """Run the whole suite on `candidate` against `reference` and `data`; returns one JSON-able dict."""
+    """Run the whole suite on `candidate` against `reference` and `data`; returns one JSON-able dict.
+
+    With `cache_dir`, the reference's samples are reused across runs (same bytes, same draw), so
+    evaluating many candidates against the teacher at 50 steps samples the teacher once.
+    """
     from redistill.features import classify
 
     if candidate.steps <= 0 or reference.steps <= 0:
@@ -336,12 +366,16 @@ def evaluate(
     log(f"sampling {p.num_samples} images from the candidate at {candidate.steps} steps ({cand_sched})")
     with PeakMemory(dev) as mem:
         fake = sample(cand, p.num_samples, candidate.steps, p.seed, p.sample_batch_size)
+    ref_cached = False
     if identical:
         ref_fake, ref_mem = fake, mem
     else:
         log(f"sampling {p.num_samples} images from the reference at {reference.steps} steps ({ref_sched})")
         with PeakMemory(dev) as ref_mem:
-            ref_fake = sample(ref, p.num_samples, reference.steps, p.seed, p.sample_batch_size)
+            ref_fake, ref_cached = sample_cached(ref, reference.path, ref_sched, p.num_samples, reference.steps,
+                                                 p.seed, p.sample_batch_size, cache_dir)
+        if ref_cached:
+            log("  (reused cached reference samples; reference peak memory not re-measured)")
     if not torch.isfinite(fake).all():
         raise PipelineError(f"pipeline at {candidate.path} produced non-finite images; its weights are broken")
 
@@ -405,7 +439,7 @@ def evaluate(
         "speed": speed,
         "memory": {
             "peak_sampling_mb": mem.peak_mb,
-            "reference_peak_sampling_mb": ref_mem.peak_mb,
+            "reference_peak_sampling_mb": None if not identical and ref_cached else ref_mem.peak_mb,
             "sampling_batch": p.sample_batch_size,
             "params": cand_params,
             "reference_params": sum(x.numel() for x in ref.unet.parameters()),

@@ -95,3 +95,29 @@ def test_pipeline_that_does_not_fit_the_data_is_refused(suite, tmp_path):
     big = make_tiny_pipeline(tmp_path / "big", size=16)
     with pytest.raises(PipelineError, match="makes 16×16 images but .* is 8×8"):
         run(suite, Side(big, 2), Side(big, 2))
+
+
+def test_reference_samples_are_cached_by_content(suite, tiny_pipeline, tmp_path):
+    import shutil
+
+    from conftest import make_tiny_pipeline
+
+    p, clf, data = suite
+    cache = tmp_path / "cache"
+
+    def go(ref):
+        return evaluate(Side(tiny_pipeline, 1), Side(ref, 4), data, FeatureExtractor(clf), p.evaluate,
+                        classifier=clf, cache_dir=cache)
+
+    ref = tmp_path / "ref"
+    shutil.copytree(tiny_pipeline, ref)
+    first = go(ref)
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    second = go(ref)  # same bytes, same draw: the cached samples give the same figures
+    assert second["fidelity"] == first["fidelity"] and second["quality"]["reference_fid"] == first["quality"]["reference_fid"]
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    shutil.rmtree(ref)
+    make_tiny_pipeline(ref, seed=7)  # new weights under the same path: sampled afresh
+    third = go(ref)
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert third["quality"]["reference_fid"] != first["quality"]["reference_fid"]
