@@ -155,27 +155,40 @@ def sample(pipe, n: int, steps: int, seed: int, batch: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def sample_cached(pipe, path: Path, scheduler: str, n: int, steps: int, seed: int, batch: int,
-                  cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
-    """`sample`, reusing an earlier run's images when the pipeline's bytes and the draw are the same.
+def _cache_file(cache_dir: Path, pipe, path: Path, scheduler: str, n: int, steps: int, seed: int, batch: int) -> tuple[Path, str]:
+    # The key covers the folder's bytes (weights and configs), the sampler and the draw.
+    key = json.dumps([pipeline_sha256(path), scheduler, steps, seed, batch, n, pipe.device.type, str(pipe.unet.dtype)])
+    return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors", key
 
-    The key covers the folder's sha256 (weights and configs), the sampler, steps, seed, batch, count
-    and device, so any change samples afresh. The cache holds safetensors written here, nothing else.
-    Returns (images, whether they came from the cache).
-    """
-    from safetensors.torch import load_file, save_file
+
+def cache_samples(images: torch.Tensor, cache_dir: Path | None, pipe, path: Path, scheduler: str, n: int,
+                  steps: int, seed: int, batch: int) -> None:
+    """Store samples under their content key (written to a temporary name, then renamed)."""
+    from safetensors.torch import save_file
 
     if cache_dir is None:
-        return sample(pipe, n, steps, seed, batch), False
-    key = json.dumps([pipeline_sha256(path), scheduler, steps, seed, batch, n, pipe.device.type, str(pipe.unet.dtype)])
-    f = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
-    if f.is_file():
-        return load_file(f)["images"], True
-    images = sample(pipe, n, steps, seed, batch)
+        return
+    f, key = _cache_file(cache_dir, pipe, path, scheduler, n, steps, seed, batch)
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(f".tmp{os.getpid()}")
     save_file({"images": images.contiguous()}, tmp, metadata={"key": key})
     os.replace(tmp, f)
+
+
+def sample_cached(pipe, path: Path, scheduler: str, n: int, steps: int, seed: int, batch: int,
+                  cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
+    """`sample`, reusing an earlier run's images when the pipeline's bytes and the draw are the same.
+
+    The cache holds safetensors written by `cache_samples`, nothing else. Returns (images, cached?).
+    """
+    from safetensors.torch import load_file
+
+    if cache_dir is not None:
+        f, _ = _cache_file(cache_dir, pipe, path, scheduler, n, steps, seed, batch)
+        if f.is_file():
+            return load_file(f)["images"], True
+    images = sample(pipe, n, steps, seed, batch)
+    cache_samples(images, cache_dir, pipe, path, scheduler, n, steps, seed, batch)
     return images, False
 
 
@@ -369,6 +382,8 @@ def evaluate(
     ref_cached = False
     if identical:
         ref_fake, ref_mem = fake, mem
+        cache_samples(fake, cache_dir, cand, candidate.path, cand_sched, p.num_samples, candidate.steps, p.seed,
+                      p.sample_batch_size)
     else:
         log(f"sampling {p.num_samples} images from the reference at {reference.steps} steps ({ref_sched})")
         with PeakMemory(dev) as ref_mem:

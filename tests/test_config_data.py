@@ -7,13 +7,18 @@ import pytest
 from PIL import Image
 
 from redistill.config import ConfigError, Params, load_params, parse_params
-from redistill.data import DataError, build_digits, dir_md5, load_image_folder, write_image_folder
+from redistill.data import (
+    DataError,
+    build_digits,
+    dir_md5,
+    load_image_folder,
+    write_image_folder,
+)
 
 
 def test_repository_params_yaml_loads_and_covers_every_field(tmp_path):
-    from conftest import REPO
-
     import yaml
+    from conftest import REPO
 
     p = load_params(REPO / "params.yaml")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())

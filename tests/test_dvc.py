@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from conftest import REPO
+
 from redistill.data import dir_md5
 
 

@@ -121,3 +121,15 @@ def test_reference_samples_are_cached_by_content(suite, tiny_pipeline, tmp_path)
     third = go(ref)
     assert len(list(cache.glob("*.safetensors"))) == 2
     assert third["quality"]["reference_fid"] != first["quality"]["reference_fid"]
+
+
+def test_a_reference_evaluated_as_candidate_fills_the_cache(suite, tiny_pipeline, tmp_path):
+    p, clf, data = suite
+    cache = tmp_path / "cache"
+    first = evaluate(Side(tiny_pipeline, 4), Side(tiny_pipeline, 4), data, FeatureExtractor(clf), p.evaluate,
+                     classifier=clf, cache_dir=cache)
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    later = evaluate(Side(tiny_pipeline, 1), Side(tiny_pipeline, 4), data, FeatureExtractor(clf), p.evaluate,
+                     classifier=clf, cache_dir=cache)
+    assert later["quality"]["reference_fid"] == first["quality"]["fid"]
+    assert later["memory"]["reference_peak_sampling_mb"] is None  # reused, so not re-measured

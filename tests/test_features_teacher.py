@@ -8,15 +8,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from redistill.config import FeaturesParams, TeacherParams
+from redistill.config import TeacherParams
 from redistill.data import load_image_folder
 from redistill.features import classify, load_classifier, not_a_digit_examples
-from redistill.teacher import PipelineError, check_pipeline_folder, load_pipeline, pipeline_sha256
+from redistill.teacher import (
+    PipelineError,
+    check_pipeline_folder,
+    load_pipeline,
+    pipeline_sha256,
+)
 
 
 def test_classifier_recognises_held_out_digits_and_rejects_noise(digits_ws):

@@ -1,0 +1,1 @@
+"""Distillation methods, one file each, each reading like its paper."""
