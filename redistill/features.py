@@ -45,13 +45,16 @@ class DigitClassifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, num_classes))
         self.channels = channels
         self.feature_dim = feature_dim
+        # Fixed after training so the reference features have mean ‖f‖²/d = 1: KID's cubic kernel
+        # (x·y/d + 1)³ is made for that scale, and on raw activations (‖f‖²/d ≈ 15) it is all noise.
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations for images in [0, 1], shape (N, C, H, W)."""
-        return self.body(x * 2.0 - 1.0)
+        """Penultimate activations for images in [0, 1], shape (N, C, H, W), in the fixed scale."""
+        return self.body(x * 2.0 - 1.0) / self.feature_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.body(x * 2.0 - 1.0))
 
 
 class FeatureExtractor(nn.Module):
@@ -122,6 +125,9 @@ def train_classifier(p: FeaturesParams, train: ImageSet, test: ImageSet, log=pri
         if (epoch + 1) % 10 == 0:
             log(f"epoch {epoch + 1}/{p.epochs} loss {loss.item():.4f}")
     model.eval()
+    with torch.no_grad():
+        f = model.body(x * 2.0 - 1.0)
+        model.feature_scale.fill_(float((f.pow(2).sum(1) / f.shape[1]).mean().sqrt()))
 
     # Held-out figures: digit accuracy, and how often fresh not-a-digit examples are flagged as such.
     xt = torch.from_numpy(test.images)

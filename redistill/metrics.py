@@ -63,21 +63,38 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(m.compute())
 
 
-def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int = 100) -> float:
-    """Kernel inception distance (mean over subsets; torchmetrics KID on precomputed features)."""
-    import warnings
+def kid_subsets(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int, seed: int) -> list[float]:
+    """KID of `subsets` seeded random subsets drawn without replacement (torchmetrics' `poly_mmd`).
 
-    from torchmetrics.image.kid import KernelInceptionDistance
+    This is exactly what torchmetrics' KernelInceptionDistance averages, with the draws seeded so that a
+    run is repeatable, and with the per-subset values kept for the interval.
+    """
+    from torchmetrics.image.kid import poly_mmd
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "KID will save all extracted features": known and small here
-        m = KernelInceptionDistance(
-            feature=_Precomputed(real.shape[1]), subsets=subsets,
-            subset_size=min(subset_size, len(real), len(fake)),
-        )
-    m.update(real.double(), real=True)
-    m.update(fake.double(), real=False)
-    return float(m.compute()[0])
+    m = min(subset_size, len(real), len(fake))
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        r = real[torch.randperm(len(real), generator=gen)[:m]]
+        f = fake[torch.randperm(len(fake), generator=gen)[:m]]
+        values.append(float(poly_mmd(r.double(), f.double())))
+    return values
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int = 100, seed: int = 0) -> float:
+    """Kernel inception distance: the mean over seeded subsets (torchmetrics' estimator)."""
+    return float(np.mean(kid_subsets(real, fake, subset_size, subsets, seed)))
+
+
+def kid_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Interval of KID from its per-subset values: their percentiles.
+
+    KID's unbiased MMD is wrecked by bootstrap duplicates (a duplicated point pairs with itself), so
+    its spread is taken over subsets drawn without replacement. That is the spread of a single
+    subset's estimate, so the interval is conservative for the mean over subsets.
+    """
+    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def bootstrap_ci(
@@ -87,16 +104,24 @@ def bootstrap_ci(
     resamples: int,
     seed: int,
     level: float = 0.95,
+    point: float | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of `stat(real, fake)`, resampling both sets with replacement."""
+    """Bootstrap CI of `stat(real, fake)`, resampling both sets with replacement.
+
+    FID and KID are biased upward by finite samples, and a resample (with its duplicated points) adds
+    that bias again, so the raw percentiles sit above the point estimate and can miss it entirely. The
+    interval is therefore the bootstrap distribution re-centred on the point estimate: its spread
+    around the bootstrap median, placed around `point` (computed when not given).
+    """
     gen = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(resamples):
         ir = torch.randint(0, len(real), (len(real),), generator=gen)
         jf = torch.randint(0, len(fake), (len(fake),), generator=gen)
         values.append(stat(real[ir], fake[jf]))
-    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return float(lo), float(hi)
+    lo, med, hi = np.percentile(values, [100 * (1 - level) / 2, 50, 100 * (1 + level) / 2])
+    point = stat(real, fake) if point is None else point
+    return float(point - (med - lo)), float(point + (hi - med))
 
 
 def psnr_ssim(candidate: torch.Tensor, reference: torch.Tensor) -> tuple[float | None, float]:
@@ -401,16 +426,10 @@ def evaluate(
         fake_f = torch.cat([extractor(fake[i : i + 1000]) for i in range(0, len(fake), 1000)]).double()
         ref_f = fake_f if identical else torch.cat([extractor(ref_fake[i : i + 1000]) for i in range(0, len(ref_fake), 1000)]).double()
 
-    def kid_boot(r, f):
-        return kid(r, f, p.kid_subset_size, subsets=10)
-
     def quality(f: torch.Tensor, images: torch.Tensor, seed: int) -> dict:
-        q = {
-            "fid": fid(real_f, f),
-            "fid_ci95": list(bootstrap_ci(fid, real_f, f, p.bootstrap, seed)),
-            "kid": kid(real_f, f, p.kid_subset_size),
-            "kid_ci95": list(bootstrap_ci(kid_boot, real_f, f, p.bootstrap, seed + 1)),
-        }
+        kids = kid_subsets(real_f, f, p.kid_subset_size, p.bootstrap, seed)
+        q = {"fid": fid(real_f, f), "kid": float(np.mean(kids)), "kid_ci95": list(kid_ci(kids))}
+        q["fid_ci95"] = list(bootstrap_ci(fid, real_f, f, p.bootstrap, seed, point=q["fid"]))
         if classifier is not None:
             q.update(classify(classifier, images, confidence))
         return q

@@ -111,6 +111,7 @@ def save_pipeline(pipe, out: Path, extra: dict[str, dict] | None = None) -> None
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name, content in (extra or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; a pipeline folder is meant to be shared
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,6 +34,11 @@ def test_classifier_recognises_held_out_digits_and_rejects_noise(digits_ws):
     assert classify(clf, holdout, 0.9)["recognisable_share"] > 0.5
     assert classify(clf, fakes, 0.9)["recognisable_share"] < 0.15
     assert classify(clf, noise, 0.9)["recognisable_share"] < 0.05
+    # the feature space is scaled so the reference has mean ‖f‖²/d = 1 (the scale KID's kernel expects)
+    ref = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images)
+    with torch.no_grad():
+        f = clf.features(ref)
+    assert (f.pow(2).sum(1) / f.shape[1]).mean().item() == pytest.approx(1.0, rel=1e-3)
 
 
 def tiny_recipe(**kw) -> TeacherParams:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from redistill.metrics import bootstrap_ci, fid, kid, psnr_ssim
+from redistill.metrics import bootstrap_ci, fid, kid, kid_ci, kid_subsets, psnr_ssim
 from redistill.teacher_train import min_snr_weight
 
 
@@ -37,10 +37,49 @@ def test_bootstrap_ci_covers_the_known_fid():
     assert hi - lo < 0.5  # and it is informative, not a trivially wide interval
 
 
+def test_bootstrap_ci_contains_the_point_estimate_even_when_biased():
+    # few samples in many dimensions: plug-in FID is biased upward and resampling adds the bias again;
+    # the raw bootstrap percentiles then miss the point estimate, the re-centred interval must not
+    a = gaussian(200, [0.0] * 32, 8)
+    b = gaussian(200, [0.3] + [0.0] * 31, 9)
+    point = fid(a, b)
+    lo, hi = bootstrap_ci(fid, a, b, resamples=60, seed=1, point=point)
+    assert lo < point < hi
+
+
 def test_kid_separates_equal_and_shifted_distributions():
     a, a2, b = gaussian(600, [0, 0], 5), gaussian(600, [0, 0], 6), gaussian(600, [2, 0], 7)
     same, shifted = kid(a, a2, subset_size=200), kid(a, b, subset_size=200)
     assert abs(same) < 0.05 < shifted
+
+
+def test_kid_is_torchmetrics_estimator_and_repeatable():
+    import warnings
+
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from redistill.metrics import _Precomputed
+
+    a, b = gaussian(400, [0, 0, 0], 10), gaussian(400, [1, 0, 0], 11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = KernelInceptionDistance(feature=_Precomputed(3), subsets=200, subset_size=100)
+    m.update(a, real=True)
+    m.update(b, real=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)  # torchmetrics draws its subsets from the global generator
+        theirs = float(m.compute()[0])
+    ours = kid(a, b, subset_size=100, subsets=200, seed=3)
+    assert ours == pytest.approx(theirs, rel=1e-9)  # the same estimator on the same subsets
+    assert kid(a, b, 100, 50, seed=3) == kid(a, b, 100, 50, seed=3)
+
+
+def test_kid_interval_covers_zero_for_one_distribution_and_not_for_two():
+    a, a2, b = gaussian(1000, [0, 0], 12), gaussian(1000, [0, 0], 13), gaussian(1000, [1, 0], 14)
+    lo, hi = kid_ci(kid_subsets(a, a2, 200, 100, seed=0))
+    assert lo < 0 < hi
+    lo, hi = kid_ci(kid_subsets(a, b, 200, 100, seed=0))
+    assert lo > 0
 
 
 def test_psnr_of_a_constant_offset_is_20_db():
