@@ -1,0 +1,67 @@
+"""Tier 2: progressive distillation on a tiny real teacher (ε and v), exported as a stock diffusers pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from redistill.data import load_image_folder
+from redistill.methods.progressive import ProgressiveConfig, distill
+from redistill.teacher import load_pipeline, save_pipeline
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_distilled_student_exports_and_samples_in_stock_diffusers(digits_ws, tmp_path, prediction_type):
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from conftest import make_tiny_pipeline
+
+    teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher", prediction_type=prediction_type))
+    data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:256])
+    cfg = ProgressiveConfig(teacher_steps=16, target_steps=4, steps_per_round=6, batch_size=8, checkpoint_every=4)
+    logs = []
+    student, summary = distill(teacher, data, cfg, tmp_path / "ckpt", log=logs.append)
+    assert [r["student_steps"] for r in summary["rounds"]] == [8, 4]
+    assert all(r["final_loss"] is not None and r["final_loss"] >= 0 for r in summary["rounds"])
+    assert not (tmp_path / "ckpt").exists()
+    # the student really is a new network: training moved it away from the teacher
+    moved = max((a - b).abs().max().item() for a, b in zip(student.unet.parameters(), teacher.unet.parameters()))
+    assert moved > 0
+    save_pipeline(student, tmp_path / "student")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "student", use_safetensors=True)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]  # the grid the last round trained on
+    img = pipe(batch_size=3, num_inference_steps=4, output_type="pt").images
+    assert img.shape == (3, 1, 8, 8) and torch.isfinite(img).all()
+
+
+def test_distillation_resumes_from_its_checkpoint(digits_ws, tmp_path):
+    """A run stopped part-way resumes mid-round from its checkpoint and ends like an unbroken run."""
+    from conftest import make_tiny_pipeline
+
+    teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
+    data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:256])
+    cfg = ProgressiveConfig(teacher_steps=8, target_steps=2, steps_per_round=10, batch_size=8, checkpoint_every=5)
+
+    class Stop(Exception):
+        pass
+
+    def crash_late_in_round_two(msg):
+        # the log line at round 2's last step comes after its step-5 checkpoint: crash there
+        if "round 2/2" in msg:
+            raise Stop
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Stop):
+        distill(teacher, data, cfg, ckpt, log=crash_late_in_round_two)
+    assert any(ckpt.glob("checkpoint-01-*")), "a round-2 checkpoint should exist before the crash"
+    logs = []
+    resumed, _ = distill(teacher, data, cfg, ckpt, log=logs.append)
+    assert any("resumed from checkpoint-01" in m for m in logs)
+    unbroken, _ = distill(teacher, data, cfg, tmp_path / "ckpt2", log=lambda m: None)
+    for a, b in zip(resumed.unet.parameters(), unbroken.unet.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
