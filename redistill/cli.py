@@ -29,6 +29,11 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _relative(path: str, root: Path) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+
 def _settings(ws: Optional[Path], params: Optional[Path]):
     root = workspace(ws)
     try:
@@ -163,6 +168,10 @@ def evaluate(
         )
     except (PipelineError, DataError, FileNotFoundError, ValueError) as e:
         fail(str(e))
+    # paths inside the workspace are recorded relative to it, so a committed metrics file is portable
+    result["pipeline"] = _relative(result["pipeline"], root)
+    result["reference"]["pipeline"] = _relative(result["reference"]["pipeline"], root)
+    result["grid"] = _relative(result["grid"], root)
     if metrics_out:
         metrics_out.parent.mkdir(parents=True, exist_ok=True)
         metrics_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -31,7 +31,22 @@ def test_evaluate_json_prints_one_object(digits_ws, tiny_pipeline, tmp_path):
     obj = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(obj) >= {"quality", "fidelity", "speed", "memory", "steps", "sha256", "grid"}
     assert obj["reference"]["steps"] == 50  # evaluate.reference_steps
+    assert obj["grid"] == str((tmp_path / "run" / "grid.png").resolve())  # outside the workspace: absolute
     assert json.loads(out.read_text())["sha256"] == obj["sha256"]
+
+
+def test_paths_inside_the_workspace_are_recorded_relative(digits_ws, tiny_pipeline):
+    import shutil
+
+    inside = digits_ws / "data" / "teachers" / "tiny"
+    if not inside.exists():
+        shutil.copytree(tiny_pipeline, inside)
+    r = invoke("evaluate", inside, "--steps", 1, "--reference", inside, "--reference-steps", 1, "--json",
+               "--workspace", digits_ws)
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout.strip().splitlines()[-1])
+    assert obj["pipeline"] == "data/teachers/tiny" and obj["reference"]["pipeline"] == "data/teachers/tiny"
+    assert obj["grid"].startswith("runs/evaluate/tiny-1steps-")
 
 
 def test_not_a_pipeline_folder(digits_ws, tmp_path):
