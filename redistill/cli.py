@@ -192,7 +192,7 @@ def evaluate(
                f"throughput {s['throughput_img_s']:.1f} img/s @ {s['throughput_batch']}   "
                f"speedup ×{s['speedup_throughput']:.2f} (batch) ×{s['speedup_latency']:.2f} (latency)")
     typer.echo(f"  memory peak {m['peak_sampling_mb']:.1f} MB   params {m['params']:,}   checkpoint {m['checkpoint_mb']:.2f} MB")
-    typer.echo(f"  wrote {out / 'metrics.json'} and {result.get('grid')}  ({result['wall_time_s']:.0f} s)")
+    typer.echo(f"  wrote {_relative(str(out / 'metrics.json'), root)} and {result['grid']}  ({result['wall_time_s']:.0f} s)")
 
 
 def main() -> None:  # pragma: no cover - console entry point
