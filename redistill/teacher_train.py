@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from redistill import checkpoint
 from redistill.config import TeacherParams
 from redistill.data import ImageSet
 from redistill.teacher import PipelineError, save_pipeline
@@ -69,10 +70,6 @@ def _recipe_hash(p: TeacherParams, data: ImageSet) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _checkpoints(ckpt_dir: Path) -> list[Path]:
-    return sorted(ckpt_dir.glob("checkpoint-*"), key=lambda q: int(q.name.split("-")[1]))
-
-
 def train_teacher(
     p: TeacherParams,
     data: ImageSet,
@@ -90,7 +87,6 @@ def train_teacher(
     from diffusers import DDPMPipeline
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
-    from safetensors.torch import load_file, save_file
 
     out = Path(out)
     if out.exists():
@@ -109,19 +105,18 @@ def train_teacher(
     recipe = _recipe_hash(p, data)
     ckpt_dir = Path(ckpt_dir)
     step, elapsed = 0, 0.0
-    ckpts = [c for c in _checkpoints(ckpt_dir) if (c / "meta.json").exists()]
-    if ckpts and json.loads((ckpts[-1] / "meta.json").read_text()).get("recipe") == recipe:
-        last = ckpts[-1]
-        unet.load_state_dict(load_file(last / "unet.safetensors"))
-        state = torch.load(last / "state.pt", weights_only=True)  # a file this function wrote
+    found = checkpoint.latest(ckpt_dir)
+    if found and found[1].get("recipe") == recipe:
+        last, meta = found
+        unet.load_state_dict(checkpoint.load_weights(last, "unet"))
+        state = checkpoint.load_state(last)
         optimizer.load_state_dict(state["optimizer"])
         lr_sched.load_state_dict(state["lr_scheduler"])
         ema.load_state_dict(state["ema"])
         gen.set_state(state["generator"])
-        meta = json.loads((last / "meta.json").read_text())
         step, elapsed = meta["step"], meta["elapsed_s"]
         log(f"resumed from {last} at step {step}")
-    elif ckpts:
+    elif found:
         log(f"checkpoints in {ckpt_dir} belong to another recipe; starting afresh")
         shutil.rmtree(ckpt_dir)
 
@@ -141,28 +136,21 @@ def train_teacher(
             per_example = per_example * min_snr_weight(alphas_cumprod, t, p.snr_gamma)
         loss = per_example.mean()
         # 3. Update, then the EMA of the weights that becomes the teacher.
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_sched.step()
-        ema.step(unet.parameters())
+        checkpoint.update(loss, unet, optimizer, ema, lr_sched)
         step += 1
         losses.append(loss.item())
         if step % 200 == 0 or step == p.train_steps:
             log(f"step {step}/{p.train_steps} loss {np.mean(losses[-200:]):.4f} "
                 f"lr {lr_sched.get_last_lr()[0]:.2e} {time.perf_counter() - t_start:.0f}s")
-        # 4. Snapshot: resumable state; model weights last, so a snapshot with weights is complete.
+        # 4. Snapshot: resumable state, model weights, then the meta that marks it complete.
         if step % p.checkpoint_every == 0 and step < p.train_steps:
-            c = ckpt_dir / f"checkpoint-{step}"
-            c.mkdir(parents=True, exist_ok=True)
-            torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
-                        "ema": ema.state_dict(), "generator": gen.get_state()}, c / "state.pt")
-            save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, c / "unet.safetensors")
-            (c / "meta.json").write_text(json.dumps(
-                {"step": step, "recipe": recipe, "elapsed_s": time.perf_counter() - t_start}))
-            for old in _checkpoints(ckpt_dir)[:-keep_checkpoints]:
-                shutil.rmtree(old)
+            checkpoint.save(
+                ckpt_dir / f"checkpoint-{step}", {"unet": unet.state_dict()},
+                {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+                 "ema": ema.state_dict(), "generator": gen.get_state()},
+                {"step": step, "order": step, "recipe": recipe, "elapsed_s": time.perf_counter() - t_start},
+            )
+            checkpoint.prune(ckpt_dir, keep_checkpoints)
 
     train_time = time.perf_counter() - t_start
     ema.copy_to(unet.parameters())

@@ -12,9 +12,8 @@ from redistill.teacher import load_pipeline, save_pipeline
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_distilled_student_exports_and_samples_in_stock_diffusers(digits_ws, tmp_path, prediction_type):
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
     from conftest import make_tiny_pipeline
+    from diffusers import DDIMScheduler, DiffusionPipeline
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher", prediction_type=prediction_type))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:256])
@@ -58,7 +57,7 @@ def test_distillation_resumes_from_its_checkpoint(digits_ws, tmp_path):
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Stop):
         distill(teacher, data, cfg, ckpt, log=crash_late_in_round_two)
-    assert any(ckpt.glob("checkpoint-01-*")), "a round-2 checkpoint should exist before the crash"
+    assert any(ckpt.glob("checkpoint-01-*/meta.json")), "a round-2 checkpoint should exist before the crash"
     logs = []
     resumed, _ = distill(teacher, data, cfg, ckpt, log=logs.append)
     assert any("resumed from checkpoint-01" in m for m in logs)

@@ -12,7 +12,6 @@ correctly at the target step count.
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from redistill import checkpoint
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 STUDENT_PREDICTION = "v_prediction"
@@ -82,18 +82,6 @@ def _x0(unet, z, t, prediction_type, alphas_cumprod, clip: bool):
     return x0.clamp(-1, 1) if clip else x0
 
 
-def _save_state(path: Path, **tensors_and_state) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    weights = {k: v for k, v in tensors_and_state.items() if k.endswith("_weights")}
-    state = {k: v for k, v in tensors_and_state.items() if not k.endswith("_weights") and k != "meta"}
-    torch.save(state, path / "state.pt")
-    for k, sd in weights.items():  # model weights last: a checkpoint with weights is complete
-        save_file({n: p.contiguous() for n, p in sd.items()}, path / f"{k}.safetensors")
-    (path / "meta.json").write_text(json.dumps(tensors_and_state["meta"]))
-
-
 def distill(
     teacher,
     data: torch.Tensor,
@@ -104,12 +92,11 @@ def distill(
 ):
     """Progressively distil `teacher` (a pipeline with unet + scheduler) on images `data` in [0, 1].
 
-    Returns the stock DDPMPipeline of the final student (EMA weights, DIDM trailing, v-prediction) and a
+    Returns the stock DDPMPipeline of the final student (EMA weights, DDIM trailing, v-prediction) and a
     summary. Resumes from the latest checkpoint in `ckpt_dir`.
     """
     from diffusers import DDIMScheduler, DDPMPipeline
     from diffusers.training_utils import EMAModel
-    from safetensors.torch import load_file
 
     sched_cfg = teacher.scheduler.config
     T = sched_cfg.num_train_timesteps
@@ -121,16 +108,15 @@ def distill(
     start_round, start_step, elapsed = 0, 0, 0.0
 
     ckpt_dir = Path(ckpt_dir)
-    ckpts = sorted(ckpt_dir.glob("checkpoint-*/student_weights.safetensors"))
-    ckpts = sorted((c.parent for c in ckpts), key=lambda c: json.loads((c / "meta.json").read_text())["order"])
     resume = None
-    if ckpts:
-        meta = json.loads((ckpts[-1] / "meta.json").read_text())
+    found = checkpoint.latest(ckpt_dir)
+    if found:
+        last, meta = found
         if meta["config"] == asdict(cfg) and meta["teacher_prediction"] == teacher_type:
-            resume = ckpts[-1]
+            resume = last
             start_round, start_step, elapsed = meta["round"], meta["step"], meta["elapsed_s"]
             if start_round > 0:
-                teacher_unet.load_state_dict(load_file(resume / "teacher_weights.safetensors"))
+                teacher_unet.load_state_dict(checkpoint.load_weights(resume, "teacher"))
                 teacher_type = STUDENT_PREDICTION
             log(f"resumed from {resume.name}: round {start_round + 1}/{len(rounds)}, step {start_step}")
         else:
@@ -149,8 +135,8 @@ def distill(
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + r)
         step = 0
         if resume is not None and r == start_round:
-            student.load_state_dict(load_file(resume / "student_weights.safetensors"))
-            state = torch.load(resume / "state.pt", weights_only=True)  # a file this function wrote
+            student.load_state_dict(checkpoint.load_weights(resume, "student"))
+            state = checkpoint.load_state(resume)
             opt.load_state_dict(state["optimizer"])
             ema.load_state_dict(state["ema"])
             gen.set_state(state["generator"])
@@ -176,11 +162,7 @@ def distill(
             weight = torch.clamp(a_t**2 / s_t**2, min=1.0).view(-1)
             loss = (weight * (x_student - x_target).pow(2).mean(dim=(1, 2, 3))).mean()
             # 6. Update, then the EMA that becomes the next teacher.
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            ema.step(student.parameters())
+            checkpoint.update(loss, student, opt, ema)
             step += 1
             losses.append(loss.item())
             if step % 100 == 0 or step == cfg.steps_per_round:
@@ -188,16 +170,14 @@ def distill(
                     f"loss {np.mean(losses[-100:]):.4f} {time.perf_counter() - t0:.0f}s")
             # 7. Snapshot: everything needed to resume mid-round.
             if step % cfg.checkpoint_every == 0 and step < cfg.steps_per_round:
-                c = ckpt_dir / f"checkpoint-{r:02d}-{step:06d}"
-                _save_state(
-                    c, optimizer=opt.state_dict(), ema=ema.state_dict(), generator=gen.get_state(),
-                    student_weights=student.state_dict(),
-                    **({"teacher_weights": teacher_unet.state_dict()} if r > 0 else {}),
-                    meta={"round": r, "step": step, "order": r * 10**9 + step, "config": asdict(cfg),
-                          "teacher_prediction": sched_cfg.prediction_type, "elapsed_s": time.perf_counter() - t0},
+                checkpoint.save(
+                    ckpt_dir / f"checkpoint-{r:02d}-{step:06d}",
+                    {"student": student.state_dict(), **({"teacher": teacher_unet.state_dict()} if r > 0 else {})},
+                    {"optimizer": opt.state_dict(), "ema": ema.state_dict(), "generator": gen.get_state()},
+                    {"round": r, "step": step, "order": r * 10**9 + step, "config": asdict(cfg),
+                     "teacher_prediction": sched_cfg.prediction_type, "elapsed_s": time.perf_counter() - t0},
                 )
-                for old in sorted(ckpt_dir.glob("checkpoint-*"))[:-keep_checkpoints]:
-                    shutil.rmtree(old)
+                checkpoint.prune(ckpt_dir, keep_checkpoints)
         # 8. θ ← η: the EMA student teaches the next round, at half the steps.
         ema.copy_to(student.parameters())
         teacher_unet = student.eval().requires_grad_(False)
