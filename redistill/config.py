@@ -86,6 +86,17 @@ class EvaluateParams:
 
 
 @dataclass
+class ValidateParams:
+    """`validate`: the great_expectations suite over the per-image table of a data folder."""
+
+    min_count: int = 100  # fewer images than this cannot represent the data
+    band_quantiles: list[float] = field(default_factory=lambda: [0.005, 0.995])  # reference quantiles that bound per-image mean/std
+    band_widen: float = 0.5  # each band is widened by this share of its width on both sides
+    mostly: float = 0.98  # share of images that must sit inside the intensity bands
+    label_kl_max: float = 0.25  # KL(batch labels ‖ reference labels) allowed, when labels exist
+
+
+@dataclass
 class Params:
     """Every setting of the project, one section per stage."""
 
@@ -93,6 +104,7 @@ class Params:
     features: FeaturesParams = field(default_factory=FeaturesParams)
     teacher: TeacherParams = field(default_factory=TeacherParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

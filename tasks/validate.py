@@ -1,0 +1,126 @@
+"""Validate an image folder with a great_expectations 1.x suite over its per-image table.
+
+The suite is built in code from the reference's profile (`redistill.validation.reference_profile`) and
+saved as JSON with every run, next to the GX result and the data docs HTML. A failed validation names
+every failed expectation, so the cycle can stop before any distillation and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import task
+
+from redistill.config import ValidateParams
+from redistill.validation import image_table, reference_profile
+
+SUITE_NAME = "redistill-images"
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of one validation: success, what failed, and where the GX files are."""
+
+    success: bool
+    failed: list[str] = field(default_factory=list)  # one readable line per failed expectation
+    num_images: int = 0
+    suite_json: Path | None = None
+    result_json: Path | None = None
+    data_docs: Path | None = None  # index.html of the GX data docs site
+
+    def message(self) -> str:
+        if self.success:
+            return f"data validation passed ({self.num_images} images)"
+        return "data validation failed: " + "; ".join(self.failed)
+
+
+def build_suite(profile: dict, p: ValidateParams):
+    """The expectation suite: shape, value range, NaN/inf, intensity bands, duplicates, count, labels."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    expectations = [
+        E.ExpectTableRowCountToBeBetween(min_value=p.min_count),
+        E.ExpectColumnValuesToBeInSet(column="readable", value_set=[True]),
+        E.ExpectColumnValuesToBeInSet(column="height", value_set=[profile["height"]]),
+        E.ExpectColumnValuesToBeInSet(column="width", value_set=[profile["width"]]),
+        E.ExpectColumnValuesToBeInSet(column="channels", value_set=[profile["channels"]]),
+        E.ExpectColumnValuesToBeBetween(column="min", min_value=0.0, max_value=1.0),
+        E.ExpectColumnValuesToBeBetween(column="max", min_value=0.0, max_value=1.0),
+        E.ExpectColumnValuesToBeInSet(column="nan_count", value_set=[0]),
+        E.ExpectColumnValuesToBeInSet(column="inf_count", value_set=[0]),
+        E.ExpectColumnValuesToBeBetween(column="mean", min_value=profile["mean_band"][0],
+                                        max_value=profile["mean_band"][1], mostly=p.mostly),
+        E.ExpectColumnValuesToBeBetween(column="std", min_value=profile["std_band"][0],
+                                        max_value=profile["std_band"][1], mostly=p.mostly),
+        E.ExpectColumnValuesToBeUnique(column="pixel_sha256"),
+    ]
+    if "label_values" in profile:
+        expectations += [
+            E.ExpectColumnValuesToNotBeNull(column="label"),
+            E.ExpectColumnValuesToBeInSet(column="label", value_set=profile["label_values"]),
+            E.ExpectColumnKLDivergenceToBeLessThan(
+                column="label", threshold=p.label_kl_max,
+                partition_object={"values": profile["label_values"], "weights": profile["label_weights"]},
+            ),
+        ]
+    return gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations)
+
+
+def _describe(result) -> str:
+    cfg = result.expectation_config
+    kw = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "partition_object")}
+    observed = result.result.get("observed_value")
+    unexpected = result.result.get("partial_unexpected_list") or result.result.get("unexpected_count")
+    detail = f"observed {observed}" if observed is not None else f"unexpected {unexpected}"
+    return f"{cfg.type}({', '.join(f'{k}={v}' for k, v in kw.items())}): {detail}"
+
+
+def validate_folder(folder: Path, reference: Path, p: ValidateParams, out_dir: Path) -> ValidationReport:
+    """Validate `folder` against the suite learnt from `reference`; GX files go under `out_dir`."""
+    table = image_table(folder)
+    if table.empty:
+        return ValidationReport(False, [f"{folder} holds no PNG images; point --data at a folder of PNGs"], 0)
+    return validate_table(table, reference_profile(image_table(reference), p), p, out_dir)
+
+
+def validate_table(table, profile: dict, p: ValidateParams, out_dir: Path) -> ValidationReport:
+    """Run the suite for `profile` over a per-image table; writes suite, result, profile and data docs."""
+    import great_expectations as gx
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suite = build_suite(profile, p)
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = gx.get_context(mode="file", project_root_dir=tmp)
+        batch = ctx.data_sources.add_pandas("images").add_dataframe_asset("table").add_batch_definition_whole_dataframe("all")
+        suite = ctx.suites.add(suite)
+        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="images", data=batch, suite=suite))
+        cp = ctx.checkpoints.add(gx.Checkpoint(name="validate", validation_definitions=[vd],
+                                               actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")]))
+        run = cp.run(batch_parameters={"dataframe": table})
+        (result,) = run.run_results.values()
+        failed = [_describe(r) for r in result.results if not r.success]
+        docs_src = Path(tmp) / "gx" / "uncommitted" / "data_docs" / "local_site"
+        docs = out_dir / "data_docs"
+        shutil.rmtree(docs, ignore_errors=True)
+        shutil.copytree(docs_src, docs)
+    (out_dir / "suite.json").write_text(json.dumps(suite.to_json_dict(), indent=2, default=str) + "\n")
+    (out_dir / "result.json").write_text(json.dumps(result.to_json_dict(), indent=2, default=str) + "\n")
+    (out_dir / "profile.json").write_text(json.dumps(profile, indent=2) + "\n")
+    return ValidationReport(
+        success=bool(run.success), failed=failed, num_images=len(table),
+        suite_json=out_dir / "suite.json", result_json=out_dir / "result.json", data_docs=docs / "index.html",
+    )
+
+
+@task(name="validate-data", retries=2, retry_delay_seconds=[2, 10], task_run_name="validate {folder}")
+def validate_data(folder: Path, reference: Path, p: ValidateParams, out_dir: Path) -> ValidationReport:
+    """Prefect task: validate a data folder; retried on I/O errors (a failed validation is a result, not an error)."""
+    return validate_folder(folder, reference, p, out_dir)
