@@ -29,6 +29,7 @@ from redistill.config import EvaluateParams
 from redistill.data import ImageSet
 from redistill.teacher import (
     PipelineError,
+    check_fits,
     folder_size_bytes,
     load_pipeline,
     pipeline_sha256,
@@ -346,24 +347,6 @@ class Side:
     scheduler: str = "auto"
 
 
-def check_fits(pipe, path: Path, data: ImageSet, data_path: Path | None = None) -> None:
-    """The pipeline's channels and sample size must match the data, else a message saying what to do."""
-    cfg = pipe.unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size, cfg.sample_size)
-    where = data_path or "the reference data"
-    if cfg.in_channels != data.channels:
-        raise PipelineError(
-            f"pipeline at {path} has {cfg.in_channels} input channels but {where} has {data.channels}; "
-            f"pass --data with {'RGB' if cfg.in_channels == 3 else 'grayscale'} images or pick a pipeline "
-            f"with {data.channels} channel(s)"
-        )
-    if tuple(size) != data.size:
-        raise PipelineError(
-            f"pipeline at {path} makes {size[0]}×{size[1]} images but {where} is {data.size[0]}×{data.size[1]}; "
-            "pass --data with images of the pipeline's size or pick a pipeline of the data's size"
-        )
-
-
 def evaluate(
     candidate: Side,
     reference: Side,
@@ -390,10 +373,10 @@ def evaluate(
     t0 = time.perf_counter()
     dev = torch.device(device)
     cand = load_pipeline(candidate.path, dev)
-    check_fits(cand, candidate.path, data, data_path)
+    check_fits(cand, candidate.path, data.channels, data.size, data_path)
     same = Path(candidate.path).resolve() == Path(reference.path).resolve()
     ref = cand if same else load_pipeline(reference.path, dev)
-    check_fits(ref, reference.path, data, data_path)
+    check_fits(ref, reference.path, data.channels, data.size, data_path)
     if same and candidate.steps != reference.steps:
         ref = load_pipeline(reference.path, dev)  # a second copy: each may need its own scheduler
     cand_sched = configure_scheduler(cand, candidate.steps, candidate.scheduler)

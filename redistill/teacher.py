@@ -82,6 +82,53 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
     return pipe
 
 
+def check_fits(pipe, path: Path, channels: int, size: tuple[int, int], data_path: Path | None = None) -> None:
+    """The pipeline's channels and sample size must match the data, else a message saying what to do."""
+    cfg = pipe.unet.config
+    own = tuple(cfg.sample_size) if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size, cfg.sample_size)
+    where = data_path or "the reference data"
+    if cfg.in_channels != channels:
+        raise PipelineError(
+            f"pipeline at {path} has {cfg.in_channels} input channels but {where} has {channels}; "
+            f"pass --data with {'RGB' if cfg.in_channels == 3 else 'grayscale'} images or pick a pipeline "
+            f"with {channels} channel(s)"
+        )
+    if own != tuple(size):
+        raise PipelineError(
+            f"pipeline at {path} makes {own[0]}×{own[1]} images but {where} is {size[0]}×{size[1]}; "
+            "pass --data with images of the pipeline's size or pick a pipeline of the data's size"
+        )
+
+
+@torch.no_grad()
+def validate_teacher(path: Path, channels: int, size: tuple[int, int], probe: int = 4,
+                     data_path: Path | None = None) -> dict:
+    """Check a teacher before anything uses it: it loads from safetensors, fits the data, has finite
+    weights and gives finite outputs on a probe batch. Returns its sha256 and the facts checked."""
+    pipe = load_pipeline(path)
+    check_fits(pipe, path, channels, size, data_path)
+    bad = [name for name, w in pipe.unet.named_parameters() if not torch.isfinite(w).all()]
+    if bad:
+        raise PipelineError(f"teacher at {path} has non-finite weights in {bad[0]} (and {len(bad) - 1} more); "
+                            "the checkpoint is corrupt, re-export it")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((probe, channels, *size), generator=g)
+    T = pipe.scheduler.config.num_train_timesteps
+    for t in (T - 1, T // 2, 0):
+        out = pipe.unet(x, torch.full((probe,), t)).sample
+        if out.shape != x.shape or not torch.isfinite(out).all():
+            raise PipelineError(f"teacher at {path} gives {'non-finite' if out.shape == x.shape else 'mis-shaped'} "
+                                f"outputs on a probe batch at timestep {t}; it cannot be distilled")
+    return {
+        "sha256": pipeline_sha256(path),
+        "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
+        "num_train_timesteps": T,
+        "channels": channels,
+        "sample_size": list(size),
+        "params": sum(w.numel() for w in pipe.unet.parameters()),
+    }
+
+
 def pipeline_sha256(path: Path) -> str:
     """sha256 over every file of a pipeline folder (weights and configs), with its relative path."""
     path = Path(path)

@@ -150,3 +150,37 @@ def test_killed_teacher_training_resumes_to_the_same_weights(digits_ws, tmp_path
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-4, f"resumed run differs from the unbroken one by {worst}"
+
+
+def test_teacher_validation_accepts_a_good_teacher(tiny_pipeline):
+    from redistill.teacher import validate_teacher
+
+    facts = validate_teacher(tiny_pipeline, 1, (8, 8))
+    assert facts["sha256"] == pipeline_sha256(tiny_pipeline)
+    assert facts["prediction_type"] == "epsilon" and facts["num_train_timesteps"] == 1000
+
+
+def test_teacher_validation_refuses_broken_teachers_with_reasons(tmp_path):
+    from conftest import make_tiny_pipeline
+    from safetensors.torch import load_file, save_file
+
+    from redistill.teacher import validate_teacher
+
+    truncated = make_tiny_pipeline(tmp_path / "truncated")
+    w = truncated / "unet" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(PipelineError, match="could not load the pipeline"):
+        validate_teacher(truncated, 1, (8, 8))
+
+    nan = make_tiny_pipeline(tmp_path / "nan")
+    w = nan / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(w)
+    key = sorted(sd)[0]
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    save_file(sd, w)
+    with pytest.raises(PipelineError, match="non-finite weights"):
+        validate_teacher(nan, 1, (8, 8))
+
+    rgb = make_tiny_pipeline(tmp_path / "rgb", channels=3)
+    with pytest.raises(PipelineError, match="has 3 input channels but the reference data has 1"):
+        validate_teacher(rgb, 1, (8, 8))
