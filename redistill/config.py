@@ -97,6 +97,23 @@ class ValidateParams:
 
 
 @dataclass
+class GateParams:
+    """`gate`: when a distilled student may replace the champion."""
+
+    fid_ratio_max: float = 1.5  # student FID ÷ teacher@reference_steps FID, at most
+    speedup_min: float = 8.0  # throughput speedup over the teacher at batch 64, at least
+    psnr_min: float = 20.0  # PSNR (dB) to the teacher on the same noise, at least
+    recognisable_min: float = 0.85  # share of samples recognised as a digit, at least
+    fid_change_max: float = 0.10  # relative: the student's FID CI must reach below champion FID × (1 + this)
+    kid_change_max: float = 0.01  # absolute: the student's KID CI must reach below champion KID + this
+    first_run: str = "absolute"  # with no champion: "absolute" (absolute thresholds alone) or "reject"
+
+    def __post_init__(self):
+        if self.first_run not in ("absolute", "reject"):
+            raise ConfigError(f"gate.first_run must be 'absolute' or 'reject', got {self.first_run!r}")
+
+
+@dataclass
 class Params:
     """Every setting of the project, one section per stage."""
 
@@ -105,6 +122,7 @@ class Params:
     teacher: TeacherParams = field(default_factory=TeacherParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
+    gate: GateParams = field(default_factory=GateParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
