@@ -1,0 +1,96 @@
+"""The MLflow model-registry contract (../shared/DESIGN.md), in one place.
+
+- One registered model per student line (`registry.student_name`, e.g. `digits-student`).
+- Every version carries all the `redistill.*` tags in `REQUIRED_TAGS`; a version without them is never
+  created.
+- Aliases `champion` and `previous`. Only a version whose gate `passed` may be promoted: `previous` moves
+  to the old champion first, then `champion` to the new version, so a crash between the two moves leaves
+  `champion` where it was. A rejected version is registered with its reasons and moves no alias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "redistill."
+CHAMPION, PREVIOUS = "champion", "previous"
+REQUIRED_TAGS = (
+    "key", "teacher_sha256", "teacher_uri", "data_md5", "data_uri", "params_sha256", "git_commit",
+    "trigger", "method", "num_inference_steps", "prefect_flow_run_id", "gate", "gate_reasons",
+)
+
+
+class RegistryError(RuntimeError):
+    """A registry request that would break the contract; nothing was changed."""
+
+
+@dataclass
+class Registered:
+    """What `register_student` did."""
+
+    version: str  # as a string, whatever type the MLflow client returns
+    promoted: bool
+    replaced: str | None  # the champion it replaced, when promoted
+
+
+def client(tracking_uri: str | None = None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def champion(c, name: str):
+    """The version behind alias `champion`, or None (also when the model is not registered yet)."""
+    return alias(c, name, CHAMPION)
+
+
+def alias(c, name: str, which: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(name, which)
+    except MlflowException:  # no such model or alias
+        return None
+
+
+def find_by_key(c, name: str, key: str) -> list:
+    """Versions registered for an idempotency key, newest first."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = c.search_model_versions(f"name='{name}' and tags.`{PREFIX}key`='{key}'")
+    except MlflowException:
+        return []
+    return sorted(found, key=lambda v: int(v.version), reverse=True)
+
+
+def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[str, str], promote: bool) -> Registered:
+    """Register the student logged at `runs:/<run_id>/<artifact_path>` with its tags; promote if asked.
+
+    `tags` are given without the prefix. Raises RegistryError, changing nothing, when a required tag is
+    missing or when promotion is asked for a version whose gate did not pass.
+    """
+    from mlflow.exceptions import MlflowException
+
+    missing = [t for t in REQUIRED_TAGS if t not in tags]
+    if missing:
+        raise RegistryError(f"cannot register {name}: missing tag(s) {', '.join(PREFIX + m for m in missing)}")
+    if tags["gate"] not in ("passed", "rejected"):
+        raise RegistryError(f"tag {PREFIX}gate must be 'passed' or 'rejected', got {tags['gate']!r}")
+    if promote and tags["gate"] != "passed":
+        raise RegistryError("only a version whose gate passed may become champion")
+    try:
+        c.create_registered_model(name)
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    mv = c.create_model_version(name, source=source, run_id=run_id,
+                                tags={PREFIX + k: str(v) for k, v in tags.items()})
+    if not promote:
+        return Registered(str(mv.version), False, None)
+    old = champion(c, name)
+    if old is not None:
+        c.set_registered_model_alias(name, PREVIOUS, old.version)
+    c.set_registered_model_alias(name, CHAMPION, mv.version)
+    return Registered(str(mv.version), True, str(old.version) if old is not None else None)
