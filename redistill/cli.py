@@ -195,6 +195,69 @@ def evaluate(
     typer.echo(f"  wrote {_relative(str(out / 'metrics.json'), root)} and {result['grid']}  ({result['wall_time_s']:.0f} s)")
 
 
+@app.command()
+def cycle(
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Representative images. Default: data/reference."),
+    trigger: str = typer.Option("manual", "--trigger", help="Why this cycle runs: manual, schedule, drift or teacher."),
+    method: Optional[str] = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
+    force: bool = typer.Option(False, "--force", help="Run even if these exact inputs already have a decision."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """One re-distillation cycle as a Prefect flow: validate, distil, evaluate, gate, register."""
+    import dataclasses
+    import os
+
+    from redistill.cycle import earlier_decision, resolve_inputs
+    from redistill.data import DataError
+    from redistill.registry import client
+    from redistill.teacher import PipelineError
+
+    root, p = _settings(ws, params)
+    if trigger not in ("manual", "schedule", "drift", "teacher"):
+        fail(f"--trigger must be manual, schedule, drift or teacher, got {trigger!r}")
+    if method is not None:
+        try:
+            p.distill = dataclasses.replace(p.distill, method=method)
+        except ConfigError as e:
+            fail(str(e))
+    teacher = teacher or root / "data" / "teachers" / p.teacher.name
+    data = data or root / "data" / "reference"
+    try:
+        inputs = resolve_inputs(teacher, data, p)
+    except (PipelineError, DataError) as e:
+        fail(str(e))
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    c = client(uri)
+    try:
+        c.search_experiments(max_results=1)
+    except Exception as e:  # any transport or store error: say which URI and stop before any work
+        fail(f"MLflow tracking URI {uri} cannot be reached ({type(e).__name__}: {str(e)[:200]}); "
+             "start the server or unset MLFLOW_TRACKING_URI to use the workspace's SQLite store")
+    earlier = None if force else earlier_decision(c, p.registry.student_name, inputs["key"])
+    if earlier is not None:
+        result = earlier
+    else:
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("DO_NOT_TRACK", "1")
+        from redistill.flows.cycle import CycleStopped
+        from redistill.flows.cycle import cycle as cycle_flow
+
+        try:
+            result = cycle_flow(inputs, p, root, trigger)
+        except CycleStopped as e:
+            fail(f"cycle stopped: {e}")
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+        return
+    note = " (same inputs as before: earlier decision, nothing distilled)" if result["deduplicated"] else ""
+    typer.echo(f"decision: {result['decision']} version {result['version']} of {p.registry.student_name}{note}")
+    typer.echo(f"  key {result['key']}  run {result['run_id']}")
+    typer.echo(f"  gate: {result['reasons']}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

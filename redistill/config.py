@@ -113,6 +113,36 @@ class GateParams:
             raise ConfigError(f"gate.first_run must be 'absolute' or 'reject', got {self.first_run!r}")
 
 
+METHODS = ("progressive",)  # distillation methods with a file in redistill/methods/
+
+
+@dataclass
+class DistillParams:
+    """`distill`: the method and its budget (progressive distillation, Salimans & Ho 2022)."""
+
+    method: str = "progressive"  # one of METHODS
+    teacher_steps: int = 16  # the teacher's DDIM step count where halving starts
+    target_steps: int = 4  # the student's step count
+    steps_per_round: int = 1500  # optimiser steps per halving round
+    batch_size: int = 64
+    lr: float = 3.0e-4
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 200  # steps between resumable checkpoints
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown distill.method {self.method!r}; valid methods are: {', '.join(METHODS)}")
+
+
+@dataclass
+class RegistryParams:
+    """`registry`: where students are registered in MLflow."""
+
+    student_name: str = "digits-student"  # registered model name
+    experiment: str = "redistill"  # MLflow experiment of the cycle runs
+
+
 @dataclass
 class Params:
     """Every setting of the project, one section per stage."""
@@ -123,6 +153,8 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     gate: GateParams = field(default_factory=GateParams)
+    distill: DistillParams = field(default_factory=DistillParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -213,10 +213,11 @@ def load_image_folder(folder: Path, min_count: int = 1) -> ImageSet:
     return ImageSet(images=x, labels=labels, files=files)
 
 
-def _read_labels(folder: Path, files: list[str]) -> np.ndarray | None:
-    path = folder / "labels.csv"
+def read_label_map(folder: Path) -> dict[str, int]:
+    """`labels.csv` as {file: label} ({} without the file); rejects names that are not plain file names."""
+    path = Path(folder) / "labels.csv"
     if not path.exists():
-        return None
+        return {}
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if rows and set(rows[0]) != {"file", "label"}:
@@ -230,9 +231,17 @@ def _read_labels(folder: Path, files: list[str]) -> np.ndarray | None:
             by_file[name] = int(r["label"])
         except ValueError as e:
             raise DataError(f"{path}: label {r['label']!r} of {name} is not an integer") from e
+    return by_file
+
+
+def _read_labels(folder: Path, files: list[str]) -> np.ndarray | None:
+    if not (folder / "labels.csv").exists():
+        return None
+    by_file = read_label_map(folder)
     missing = [f for f in files if f not in by_file]
     if missing:
-        raise DataError(f"{path} has no label for {missing[0]} (and {len(missing) - 1} more); add them or delete labels.csv")
+        raise DataError(f"{folder / 'labels.csv'} has no label for {missing[0]} (and {len(missing) - 1} more); "
+                        "add them or delete labels.csv")
     return np.array([by_file[f] for f in files], dtype=np.int64)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from redistill.config import ValidateParams
-from redistill.data import IMAGE_SUFFIXES, _read_labels
+from redistill.data import IMAGE_SUFFIXES, read_label_map
 
 TABLE_COLUMNS = ("file", "readable", "height", "width", "channels", "min", "max", "mean", "std",
                  "nan_count", "inf_count", "pixel_sha256", "label")
@@ -33,9 +33,7 @@ def image_table(folder: Path):
 
     folder = Path(folder)
     files = sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-    labels = None
-    if files and (folder / "labels.csv").exists():
-        labels = dict(zip(files, _read_labels(folder, files).tolist()))
+    labels = read_label_map(folder) if files else {}  # a file without a label gets None: a failing row
     rows = []
     for name in files:
         try:

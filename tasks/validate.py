@@ -124,3 +124,18 @@ def validate_table(table, profile: dict, p: ValidateParams, out_dir: Path) -> Va
 def validate_data(folder: Path, reference: Path, p: ValidateParams, out_dir: Path) -> ValidationReport:
     """Prefect task: validate a data folder; retried on I/O errors (a failed validation is a result, not an error)."""
     return validate_folder(folder, reference, p, out_dir)
+
+
+@task(name="check-teacher", retries=2, retry_delay_seconds=[2, 10])
+def check_teacher(teacher: Path, channels: int, size: tuple[int, int], data: Path) -> dict:
+    """Prefect task: the teacher loads from safetensors, fits the data and gives finite outputs.
+
+    A refused teacher is a result ({"error": reason}), not an exception, so the retries are spent only
+    on I/O errors, never on a teacher that is simply wrong.
+    """
+    from redistill.teacher import PipelineError, validate_teacher
+
+    try:
+        return validate_teacher(teacher, channels, size, data_path=data)
+    except PipelineError as e:
+        return {"error": str(e)}

@@ -1,0 +1,55 @@
+"""The cycle's inputs and its idempotency key, resolved without Prefect so the cheap paths stay cheap.
+
+The flow itself is `flows/cycle.py`; the CLI resolves the inputs here, returns an earlier decision for the
+same key in seconds, and only otherwise starts the flow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from redistill.config import Params
+from redistill.data import DataError, dir_md5
+from redistill.lineage import code_version, idempotency_key
+from redistill.teacher import check_pipeline_folder, pipeline_sha256
+from redistill.validation import image_table
+
+KEYED_SECTIONS = ["distill", "evaluate", "gate"]
+
+
+def resolve_inputs(teacher: Path, data: Path, p: Params) -> dict:
+    """Teacher sha256, data md5, settings hash, code version and the key they make."""
+    check_pipeline_folder(teacher)
+    if not Path(data).is_dir():
+        raise DataError(f"data folder {data} does not exist; run `redistill prepare` or pass --data DIR")
+    # the tolerant table, not load_image_folder: bad data must reach the validation step, which records
+    # the failed run with its reasons, instead of stopping here unrecorded
+    table = image_table(data)
+    ok = table[table["readable"].astype(bool)]
+    code = code_version()
+    inputs = {
+        "teacher_uri": str(Path(teacher).resolve()),
+        "teacher_sha256": pipeline_sha256(teacher),
+        "data_uri": str(Path(data).resolve()),
+        "data_md5": dir_md5(data),
+        "params_sha256": p.sha256(KEYED_SECTIONS),
+        "git_commit": code["git_commit"] + ("-dirty" if code["dirty"] else ""),
+        "channels": int(ok["channels"].mode()[0]) if len(ok) else None,
+        "size": [int(ok["height"].mode()[0]), int(ok["width"].mode()[0])] if len(ok) else None,
+    }
+    inputs["key"] = idempotency_key(inputs["teacher_sha256"], inputs["data_md5"], inputs["params_sha256"],
+                                    inputs["git_commit"])
+    return inputs
+
+
+def earlier_decision(c, name: str, key: str) -> dict | None:
+    """The decision already registered for `key`, or None."""
+    from redistill.registry import PREFIX, find_by_key
+
+    found = find_by_key(c, name, key)
+    if not found:
+        return None
+    mv = found[0]
+    return {"key": key, "decision": "promoted" if mv.tags.get(PREFIX + "gate") == "passed" else "rejected",
+            "version": str(mv.version), "run_id": mv.run_id, "reasons": mv.tags.get(PREFIX + "gate_reasons", ""),
+            "deduplicated": True}

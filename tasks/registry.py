@@ -1,0 +1,103 @@
+"""MLflow I/O of a cycle: its run, the failure record, the logged student and its registered version.
+
+Every task here talks to the tracking server, so each retries. The MLflow client is used with explicit run
+ids: the fluent active run is thread-local and Prefect runs tasks in threads (mlflow#13456).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from prefect import task
+
+from redistill import registry
+
+IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])
+
+
+def tracking_uri(root: Path) -> str:
+    """MLFLOW_TRACKING_URI when set, else the workspace's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root) / 'mlflow.db'}"
+
+
+def _experiment(c, name: str, root: Path) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    # the embedded store keeps artifacts in the workspace; a tracking server decides for itself
+    location = (Path(root) / "mlartifacts").as_uri() if not os.environ.get("MLFLOW_TRACKING_URI") else None
+    return c.create_experiment(name, artifact_location=location)
+
+
+@task(name="open-run", **IO_RETRIES)
+def open_run(root: Path, experiment: str, tags: dict[str, str], params: dict) -> str:
+    """Start the cycle's MLflow run with its lineage tags and every resolved setting."""
+    c = registry.client(tracking_uri(root))
+    run = c.create_run(_experiment(c, experiment, root), tags=tags)
+    flat = _flatten(params)
+    for k, v in flat.items():
+        c.log_param(run.info.run_id, k, v)
+    return run.info.run_id
+
+
+@task(name="record-failure", **IO_RETRIES)
+def record_failure(root: Path, run_id: str, stage: str, reason: str) -> None:
+    """Close the run as FAILED with the reason as a tag; nothing is registered."""
+    c = registry.client(tracking_uri(root))
+    c.set_tag(run_id, "redistill.failed_stage", stage)
+    c.set_tag(run_id, "redistill.failure", reason[:5000])
+    c.set_terminated(run_id, status="FAILED")
+
+
+@task(name="log-artifacts", **IO_RETRIES)
+def log_artifacts(root: Path, run_id: str, folder: Path, artifact_path: str) -> None:
+    registry.client(tracking_uri(root)).log_artifacts(run_id, str(folder), artifact_path)
+
+
+@task(name="log-evaluation", **IO_RETRIES)
+def log_evaluation(root: Path, run_id: str, result: dict, decision: dict) -> None:
+    """Every numeric figure as a metric, the evaluation JSON, and the gate's checks."""
+    c = registry.client(tracking_uri(root))
+    for k, v in _flatten(result).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            c.log_metric(run_id, k, float(v))
+    c.log_dict(run_id, result, "evaluation/metrics.json")
+    c.log_dict(run_id, decision, "gate/decision.json")
+    for check in decision["checks"]:
+        c.set_tag(run_id, f"redistill.gate.{check['name']}", "pass" if check["passed"] else "FAIL")
+
+
+@task(name="register-student", **IO_RETRIES)
+def register(root: Path, name: str, run_id: str, tags: dict[str, str], promote: bool) -> dict:
+    """Register the logged student with its tags; move the aliases only when it passed."""
+    c = registry.client(tracking_uri(root))
+    r = registry.register_student(c, name, run_id, "student", tags, promote)
+    c.set_terminated(run_id, status="FINISHED")
+    return {"version": r.version, "promoted": r.promoted, "replaced": r.replaced}
+
+
+@task(name="champion-evaluation", **IO_RETRIES)
+def champion_evaluation(root: Path, name: str, tmp: Path) -> tuple[str | None, dict | None]:
+    """The current champion's version and its recorded evaluation, or (None, None)."""
+    c = registry.client(tracking_uri(root))
+    champ = registry.champion(c, name)
+    if champ is None:
+        return None, None
+    path = c.download_artifacts(champ.run_id, "evaluation/metrics.json", str(tmp))
+    return str(champ.version), json.loads(Path(path).read_text())
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, list):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,128 @@
+"""Tier 3: whole cycles on a tiny teacher with the real Prefect engine and the real MLflow registry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from redistill.cli import app
+from redistill.registry import PREFIX, alias, client
+
+runner = CliRunner()
+NAME = "digits-student"
+
+TINY = """
+distill: {teacher_steps: 4, target_steps: 2, steps_per_round: 3, batch_size: 8, checkpoint_every: 2}
+evaluate: {num_samples: 120, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60, latency_repeats: 2,
+           throughput_repeats: 1, throughput_batch: 8}
+features: {epochs: 12}
+gate: {fid_ratio_max: 1000000000.0, speedup_min: 0.0, psnr_min: 0.0, recognisable_min: 0.0,
+       fid_change_max: 1000000000.0, kid_change_max: 1000000000.0}
+"""
+
+
+@pytest.fixture(scope="module")
+def prefect():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="module")
+def ws(digits_ws, tmp_path_factory, prefect):
+    """A workspace of its own (data, classifier, a tiny teacher, tiny settings, its own MLflow store)."""
+    from conftest import make_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("cyclews")
+    shutil.copytree(digits_ws / "data", root / "data")
+    make_tiny_pipeline(root / "data" / "teachers" / "tiny")
+    (root / "params.yaml").write_text(TINY + "teacher: {name: tiny}\n")
+    return root
+
+
+def cycle(ws, *args):
+    r = runner.invoke(app, ["cycle", "--workspace", str(ws), "--json", *map(str, args)])
+    return r, (json.loads(r.stdout.strip().splitlines()[-1]) if r.exit_code == 0 else None)
+
+
+def test_first_cycle_promotes_and_an_identical_second_dedupes(ws):
+    r, first = cycle(ws)
+    assert r.exit_code == 0, r.output
+    assert first["decision"] == "promoted" and first["version"] == "1" and not first["deduplicated"]
+    c = client(f"sqlite:///{ws / 'mlflow.db'}")
+    mv = alias(c, NAME, "champion")
+    assert str(mv.version) == "1"
+    for tag in ("key", "teacher_sha256", "teacher_uri", "data_md5", "data_uri", "params_sha256", "git_commit",
+                "trigger", "method", "num_inference_steps", "prefect_flow_run_id", "gate", "gate_reasons"):
+        assert mv.tags.get(PREFIX + tag), tag
+    assert mv.tags[PREFIX + "gate"] == "passed" and mv.tags[PREFIX + "num_inference_steps"] == "2"
+    run = c.get_run(mv.run_id)
+    assert "quality.fid" in run.data.metrics and run.info.status == "FINISHED"
+    arts = {a.path for a in c.list_artifacts(mv.run_id)}
+    assert {"student", "evaluation", "validation", "gate"} <= arts
+
+    t = time.perf_counter()
+    r, second = cycle(ws)
+    assert r.exit_code == 0, r.output
+    assert second["deduplicated"] and second["version"] == "1" and second["key"] == first["key"]
+    assert time.perf_counter() - t < 30  # no distillation, no Prefect server start
+    assert len(c.search_model_versions(f"name='{NAME}'")) == 1
+
+
+def test_unmeetable_thresholds_reject_and_champion_stays(ws, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ws / "params.yaml").read_text().replace("fid_ratio_max: 1000000000.0", "fid_ratio_max: 0.000000001"))
+    c = client(f"sqlite:///{ws / 'mlflow.db'}")
+    before = str(alias(c, NAME, "champion").version)
+    r, out = cycle(ws, "--params", params)
+    assert r.exit_code == 0, r.output
+    assert out["decision"] == "rejected"
+    assert str(alias(c, NAME, "champion").version) == before
+    mv = c.get_model_version(NAME, out["version"])
+    assert mv.tags[PREFIX + "gate"] == "rejected" and "FAIL absolute fid_ratio" in mv.tags[PREFIX + "gate_reasons"]
+
+
+def test_corrupted_data_stops_before_distillation_and_is_recorded(ws, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(ws / "data" / "reference", bad)
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(bad / "zz-wrong.png")
+    c = client(f"sqlite:///{ws / 'mlflow.db'}")
+    versions = len(c.search_model_versions(f"name='{NAME}'"))
+    r, _ = cycle(ws, "--data", bad)
+    assert r.exit_code == 2 and "data validation failed" in r.output and "column=height" in r.output
+    assert len(c.search_model_versions(f"name='{NAME}'")) == versions
+    failed = c.search_runs([c.get_experiment_by_name("redistill").experiment_id],
+                           "attributes.status = 'FAILED'")
+    assert any(run.data.tags.get("redistill.failed_stage") == "validate" for run in failed)
+    assert not any((ws / "runs" / "cycles").glob("*/checkpoints"))  # nothing was distilled
+
+
+def test_a_teacher_that_does_not_fit_the_data_is_refused(ws, tmp_path):
+    from conftest import make_tiny_pipeline
+
+    rgb = make_tiny_pipeline(tmp_path / "rgb", channels=3)
+    r, _ = cycle(ws, "--teacher", rgb)
+    assert r.exit_code == 2 and "3 input channels" in r.output
+
+
+def test_unknown_method_and_unreachable_tracking_uri(ws, monkeypatch):
+    r, _ = cycle(ws, "--method", "magic")
+    assert r.exit_code == 2 and "unknown distill.method 'magic'" in r.output and "progressive" in r.output
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    r, _ = cycle(ws)
+    assert r.exit_code == 2 and "cannot be reached" in r.output
+
+
+def test_an_empty_data_folder_is_recorded_and_stops(ws, tmp_path):
+    (tmp_path / "empty").mkdir()
+    r, _ = cycle(ws, "--data", tmp_path / "empty")
+    assert r.exit_code == 2 and "holds no PNG images" in r.output
