@@ -195,19 +195,8 @@ def evaluate(
     typer.echo(f"  wrote {_relative(str(out / 'metrics.json'), root)} and {result['grid']}  ({result['wall_time_s']:.0f} s)")
 
 
-@app.command()
-def cycle(
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Representative images. Default: data/reference."),
-    trigger: str = typer.Option("manual", "--trigger", help="Why this cycle runs: manual, schedule, drift or teacher."),
-    method: Optional[str] = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
-    force: bool = typer.Option(False, "--force", help="Run even if these exact inputs already have a decision."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
-) -> None:
-    """One re-distillation cycle as a Prefect flow: validate, distil, evaluate, gate, register."""
-    import dataclasses
+def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bool) -> dict:
+    """Resolve the inputs, return an earlier decision for the same key, else run the flow."""
     import os
 
     from redistill.cycle import earlier_decision, resolve_inputs
@@ -215,16 +204,8 @@ def cycle(
     from redistill.registry import client
     from redistill.teacher import PipelineError
 
-    root, p = _settings(ws, params)
     if trigger not in ("manual", "schedule", "drift", "teacher"):
         fail(f"--trigger must be manual, schedule, drift or teacher, got {trigger!r}")
-    if method is not None:
-        try:
-            p.distill = dataclasses.replace(p.distill, method=method)
-        except ConfigError as e:
-            fail(str(e))
-    teacher = teacher or root / "data" / "teachers" / p.teacher.name
-    data = data or root / "data" / "reference"
     try:
         inputs = resolve_inputs(teacher, data, p)
     except (PipelineError, DataError) as e:
@@ -238,24 +219,226 @@ def cycle(
              "start the server or unset MLFLOW_TRACKING_URI to use the workspace's SQLite store")
     earlier = None if force else earlier_decision(c, p.registry.student_name, inputs["key"])
     if earlier is not None:
-        result = earlier
-    else:
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        os.environ.setdefault("DO_NOT_TRACK", "1")
-        from redistill.flows.cycle import CycleStopped
-        from redistill.flows.cycle import cycle as cycle_flow
+        return earlier
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from redistill.flows.cycle import CycleStopped
+    from redistill.flows.cycle import cycle as cycle_flow
 
+    try:
+        return cycle_flow(inputs, p, root, trigger)
+    except CycleStopped as e:
+        fail(f"cycle stopped: {e}")
+
+
+def _with_method(p, method: Optional[str]):
+    import dataclasses
+
+    if method is not None:
         try:
-            result = cycle_flow(inputs, p, root, trigger)
-        except CycleStopped as e:
-            fail(f"cycle stopped: {e}")
+            p.distill = dataclasses.replace(p.distill, method=method)
+        except ConfigError as e:
+            fail(str(e))
+    return p
+
+
+def _print_decision(result: dict, name: str) -> None:
+    note = " (same inputs as before: earlier decision, nothing distilled)" if result["deduplicated"] else ""
+    typer.echo(f"decision: {result['decision']}, version {result['version']} of {name}{note}")
+    typer.echo(f"  key {result['key']}  MLflow run {result['run_id']}")
+    typer.echo(f"  gate: {result['reasons']}")
+
+
+@app.command()
+def cycle(
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Representative images. Default: data/reference."),
+    trigger: str = typer.Option("manual", "--trigger", help="Why this cycle runs: manual, schedule, drift or teacher."),
+    method: Optional[str] = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
+    force: bool = typer.Option(False, "--force", help="Run even if these exact inputs already have a decision."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """One re-distillation cycle as a Prefect flow: validate, distil, evaluate, gate, register."""
+    root, p = _settings(ws, params)
+    p = _with_method(p, method)
+    result = _run_cycle(root, p, teacher or root / "data" / "teachers" / p.teacher.name,
+                        data or root / "data" / "reference", trigger, force)
     if as_json:
         typer.echo(json.dumps(result, default=str))
+    else:
+        _print_decision(result, p.registry.student_name)
+
+
+@app.command()
+def demo(
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """The main job on the embedded digits: data, the committed teacher, one cycle, the decision and its table."""
+    import time
+
+    from redistill.data import load_image_folder
+    from redistill.data import prepare as build
+    from redistill.features import save_classifier, train_classifier
+
+    root, p = _settings(ws, params)
+    timings = {}
+    t = time.perf_counter()
+    if not (root / "data" / "reference").is_dir():
+        build(p.prepare, root / "data")
+    timings["prepare"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if not (root / "data" / "features" / "classifier.safetensors").is_file():
+        model, m = train_classifier(p.features, load_image_folder(root / "data" / "reference"),
+                                    load_image_folder(root / "data" / "holdout"), log=lambda _: None)
+        save_classifier(model, root / "data" / "features", {"params": vars(p.features), "metrics": m})
+    timings["features"] = time.perf_counter() - t
+    teacher = root / "data" / "teachers" / p.teacher.name
+    t = time.perf_counter()
+    if not (teacher / "model_index.json").is_file():
+        typer.echo(f"no teacher at {teacher}: training one with the `teacher` recipe (about 30 min on 2 cores)")
+        from redistill.teacher_train import train_teacher
+
+        train_teacher(p.teacher, load_image_folder(root / "data" / "reference"), teacher,
+                      root / "runs" / "teacher" / p.teacher.name / "checkpoints", log=lambda m: typer.echo(m, err=True))
+    timings["teacher"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = _run_cycle(root, p, teacher, root / "data" / "reference", "manual", False)
+    timings["cycle"] = time.perf_counter() - t
+    _print_decision(result, p.registry.student_name)
+    metrics = result.get("metrics") or _version_metrics(root, result["run_id"])
+    if metrics:
+        typer.echo("")
+        typer.echo(_comparison_table(metrics))
+    typer.echo("")
+    typer.echo("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    typer.echo(f"look: mlflow ui --backend-store-uri {uri}  →  Models → {p.registry.student_name}, alias champion")
+    typer.echo("      redistill export --alias champion --out student/  (a stock diffusers pipeline folder)")
+
+
+def _registry_client(root: Path):
+    import os
+
+    from redistill.registry import client
+
+    return client(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}")
+
+
+@app.command()
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """The champion and the last ten decisions (reads the MLflow registry; starts nothing)."""
+    from redistill.registry import CHAMPION, PREFIX, PREVIOUS, alias
+
+    root, p = _settings(ws, params)
+    c = _registry_client(root)
+    name = p.registry.student_name
+    try:
+        versions = c.search_model_versions(f"name='{name}'")
+    except Exception:  # no registry yet
+        versions = []
+    champ, prev = alias(c, name, CHAMPION), alias(c, name, PREVIOUS)
+    rows = [{
+        "version": str(v.version), "gate": v.tags.get(PREFIX + "gate"), "trigger": v.tags.get(PREFIX + "trigger"),
+        "method": v.tags.get(PREFIX + "method"), "steps": v.tags.get(PREFIX + "num_inference_steps"),
+        "created": v.creation_timestamp, "key": v.tags.get(PREFIX + "key"),
+    } for v in sorted(versions, key=lambda v: int(v.version), reverse=True)[:10]]
+    out = {"model": name, "champion": str(champ.version) if champ else None,
+           "previous": str(prev.version) if prev else None, "last_decisions": rows}
+    if as_json:
+        typer.echo(json.dumps(out))
         return
-    note = " (same inputs as before: earlier decision, nothing distilled)" if result["deduplicated"] else ""
-    typer.echo(f"decision: {result['decision']} version {result['version']} of {p.registry.student_name}{note}")
-    typer.echo(f"  key {result['key']}  run {result['run_id']}")
-    typer.echo(f"  gate: {result['reasons']}")
+    from datetime import datetime, timezone
+
+    typer.echo(f"{name}: champion {out['champion'] or '(none)'}, previous {out['previous'] or '(none)'}")
+    if not rows:
+        typer.echo("no decisions yet: run `redistill cycle` or `make demo`")
+    for r in rows:
+        when = datetime.fromtimestamp(r["created"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+        typer.echo(f"  v{r['version']:<4} {r['gate'] or '?':<9} {when}  trigger={r['trigger']}  "
+                   f"method={r['method']}  steps={r['steps']}  key={r['key']}")
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., "--out", help="Folder to write (must not exist)."),
+    alias_name: Optional[str] = typer.Option(None, "--alias", help="Registry alias, e.g. champion or previous."),
+    version: Optional[int] = typer.Option(None, "--version", help="Registry version number."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Write a registered student as a diffusers pipeline folder (DiffusionPipeline.from_pretrained loads it)."""
+    import shutil
+    import tempfile
+
+    from redistill.registry import alias
+    from redistill.teacher import PipelineError, check_pipeline_folder
+
+    root, p = _settings(ws, params)
+    if (alias_name is None) == (version is None):
+        fail("pass exactly one of --alias A or --version N")
+    if out.exists():
+        fail(f"{out} already exists; exports never overwrite, pick a new --out")
+    c = _registry_client(root)
+    name = p.registry.student_name
+    try:
+        mv = alias(c, name, alias_name) if alias_name else c.get_model_version(name, str(version))
+    except Exception:
+        mv = None
+    if mv is None:
+        what = f"alias {alias_name!r}" if alias_name else f"version {version}"
+        fail(f"{name} has no {what}; `redistill status` lists the versions")
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        local = Path(c.download_artifacts(mv.run_id, "student", tmp))
+        try:
+            check_pipeline_folder(local)
+        except PipelineError as e:
+            fail(f"version {mv.version}'s student is not a usable pipeline: {e}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(local, out)
+    steps = mv.tags.get("redistill.num_inference_steps")
+    typer.echo(f"wrote version {mv.version} of {name} to {out}; sample it with "
+               f"DiffusionPipeline.from_pretrained('{out}')(num_inference_steps={steps})")
+
+
+def _version_metrics(root: Path, run_id: str) -> dict | None:
+    import tempfile
+
+    c = _registry_client(root)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return json.loads(Path(c.download_artifacts(run_id, "evaluation/metrics.json", tmp)).read_text())
+        except Exception:  # a rejected-before-evaluation run has none
+            return None
+
+
+def _comparison_table(m: dict) -> str:
+    q, f, s, mem = m["quality"], m["fidelity"], m["speed"], m["memory"]
+    ref, cand = f"teacher@{m['reference']['steps']}", f"student@{m['steps']}"
+    psnr = "identical" if f["psnr_db"] is None else f"{f['psnr_db']:.2f} dB"
+    rows = [
+        ("FID (95% CI)", f"{q['reference_fid']:.3f} [{q['reference_fid_ci95'][0]:.3f}, {q['reference_fid_ci95'][1]:.3f}]",
+         f"{q['fid']:.3f} [{q['fid_ci95'][0]:.3f}, {q['fid_ci95'][1]:.3f}]"),
+        ("KID", f"{q['reference_kid']:.4f}", f"{q['kid']:.4f}"),
+        ("recognisable", f"{q.get('reference_recognisable_share', float('nan')):.3f}", f"{q.get('recognisable_share', float('nan')):.3f}"),
+        ("PSNR / SSIM to teacher", "—", f"{psnr} / {f['ssim']:.3f}"),
+        ("latency p50 (batch 1)", f"{s['reference_latency_ms_p50']:.1f} ms", f"{s['latency_ms_p50']:.1f} ms"),
+        (f"throughput (batch {s['throughput_batch']})", f"{s['reference_throughput_img_s']:.0f} img/s",
+         f"{s['throughput_img_s']:.0f} img/s (×{s['speedup_throughput']:.1f})"),
+        ("peak sampling memory", "—" if mem["reference_peak_sampling_mb"] is None else f"{mem['reference_peak_sampling_mb']:.0f} MB",
+         f"{mem['peak_sampling_mb']:.0f} MB"),
+        ("parameters", f"{mem['reference_params']:,}", f"{mem['params']:,}"),
+    ]
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows + [("", ref, "")])
+    lines = [f"{'':<{w0}}  {ref:<{w1}}  {cand}"]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
 
 
 def main() -> None:  # pragma: no cover - console entry point

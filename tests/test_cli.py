@@ -17,7 +17,7 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("cmd", [[], ["prepare"], ["features"], ["teacher"], ["teacher", "train"], ["evaluate"], ["cycle"]])
+@pytest.mark.parametrize("cmd", [[], ["prepare"], ["features"], ["teacher"], ["teacher", "train"], ["evaluate"], ["cycle"], ["demo"], ["status"], ["export"]])
 def test_every_command_has_help(cmd):
     r = invoke(*cmd, "--help")
     assert r.exit_code == 0 and "Usage" in r.output

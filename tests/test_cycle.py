@@ -126,3 +126,24 @@ def test_an_empty_data_folder_is_recorded_and_stops(ws, tmp_path):
     (tmp_path / "empty").mkdir()
     r, _ = cycle(ws, "--data", tmp_path / "empty")
     assert r.exit_code == 2 and "holds no PNG images" in r.output
+
+
+def test_status_and_export_of_the_champion(ws, tmp_path):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    r = runner.invoke(app, ["status", "--workspace", str(ws), "--json"])
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.stdout)
+    assert st["champion"] == "1" and st["last_decisions"][0]["gate"] in ("passed", "rejected")
+    out = tmp_path / "exported"
+    r = runner.invoke(app, ["export", "--alias", "champion", "--out", str(out), "--workspace", str(ws)])
+    assert r.exit_code == 0, r.output
+    pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(batch_size=2, num_inference_steps=2, output_type="pt").images
+    assert img.shape == (2, 1, 8, 8) and torch.isfinite(img).all()
+    r = runner.invoke(app, ["export", "--alias", "champion", "--out", str(out), "--workspace", str(ws)])
+    assert r.exit_code == 2 and "already exists" in r.output
+    r = runner.invoke(app, ["export", "--version", "99", "--out", str(tmp_path / "x"), "--workspace", str(ws)])
+    assert r.exit_code == 2 and "has no version 99" in r.output
