@@ -22,14 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# The foundation demo: data, feature classifier, the committed teacher (trained only if missing),
-# then the evaluation suite on the teacher at 4 steps against itself at 50: the quality/speed trade-off
-# that distillation exists to beat.
+# The main job on the embedded digits: data, the committed teacher (trained only if missing), one
+# re-distillation cycle as a Prefect flow, and the decision with its teacher-vs-student table.
 demo: install
-	$(BIN)/redistill prepare
-	test -f data/features/classifier.safetensors || $(BIN)/redistill features
-	test -f data/teachers/digits-ddpm/model_index.json || $(BIN)/redistill teacher train
-	$(BIN)/redistill evaluate data/teachers/digits-ddpm --steps 4
+	$(BIN)/redistill demo
 
 test: install
 	$(BIN)/pytest -q
