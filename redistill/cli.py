@@ -314,9 +314,16 @@ def demo(
         typer.echo(_comparison_table(metrics))
     typer.echo("")
     typer.echo("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    typer.echo(f"look: mlflow ui --backend-store-uri {uri}  →  Models → {p.registry.student_name}, alias champion")
-    typer.echo("      redistill export --alias champion --out student/  (a stock diffusers pipeline folder)")
+    from redistill.registry import champion
+
+    name = p.registry.student_name
+    champ = champion(_registry_client(root), name)
+    typer.echo(f"look: mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}  →  Models → {name}")
+    if champ is not None:
+        typer.echo(f"      champion is version {champ.version}: "
+                   "redistill export --alias champion --out student/  (a stock diffusers pipeline folder)")
+    else:
+        typer.echo(f"      no champion yet: version {result['version']} was rejected; its reasons are the gate line above")
 
 
 def _registry_client(root: Path):

@@ -147,3 +147,40 @@ def test_status_and_export_of_the_champion(ws, tmp_path):
     assert r.exit_code == 2 and "already exists" in r.output
     r = runner.invoke(app, ["export", "--version", "99", "--out", str(tmp_path / "x"), "--workspace", str(ws)])
     assert r.exit_code == 2 and "has no version 99" in r.output
+
+
+def test_a_killed_cycle_resumes_and_registers_exactly_once(digits_ws, tmp_path):
+    """SIGKILL the `redistill cycle` process mid-distillation; the rerun resumes and registers one version."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import make_tiny_pipeline
+
+    root = tmp_path / "ws"
+    shutil.copytree(digits_ws / "data", root / "data")
+    make_tiny_pipeline(root / "data" / "teachers" / "tiny")
+    (root / "params.yaml").write_text(
+        TINY.replace("steps_per_round: 3", "steps_per_round: 1500").replace("checkpoint_every: 2", "checkpoint_every: 100")
+        + "teacher: {name: tiny}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # own ephemeral server
+    env.update(OMP_NUM_THREADS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    cmd = [sys.executable, "-m", "redistill", "cycle", "--workspace", str(root), "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(
+            (root / "runs" / "cycles").glob("*/checkpoints/*/meta.json")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the cycle ended before it could be killed; raise steps_per_round"
+    c = client(f"sqlite:///{root / 'mlflow.db'}")
+    assert c.search_model_versions(f"name='{NAME}'") == []
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from checkpoint-" in again.stdout + again.stderr
+    out = json.loads(again.stdout.strip().splitlines()[-1])
+    assert out["decision"] == "promoted"
+    assert len(c.search_model_versions(f"name='{NAME}'")) == 1
