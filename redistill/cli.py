@@ -195,6 +195,81 @@ def evaluate(
     typer.echo(f"  wrote {_relative(str(out / 'metrics.json'), root)} and {result['grid']}  ({result['wall_time_s']:.0f} s)")
 
 
+@app.command()
+def validate(
+    folder: Optional[Path] = typer.Argument(None, help="Image folder to validate. Default: data/reference."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for suite.json, result.json and the GX data docs. Default: runs/validation/<name>-<time>."),
+    metrics_out: Optional[Path] = typer.Option(None, "--metrics-out", help="Also write a JSON summary here (for DVC)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Validate an image folder with the great_expectations suite learnt from data/reference; exit 1 if it fails."""
+    from datetime import datetime, timezone
+
+    from redistill.data import DataError, safe_name
+    from redistill.tasks.validate import validate_folder
+
+    root, p = _settings(ws, params)
+    folder = folder or root / "data" / "reference"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    out = out or root / "runs" / "validation" / f"{safe_name(Path(folder).resolve().name)}-{stamp}"
+    try:
+        report = validate_folder(folder, root / "data" / "reference", p.validate, out)
+    except (DataError, ValueError) as e:
+        fail(str(e))
+    summary = {"success": report.success, "num_images": report.num_images, "failed": report.failed,
+               "data_docs": str(report.data_docs) if report.data_docs else None}
+    if metrics_out:
+        metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        metrics_out.write_text(json.dumps(summary, indent=2) + "\n")
+    typer.echo(json.dumps(summary) if as_json else report.message())
+    if not report.success:
+        raise typer.Exit(1)
+
+
+@app.command()
+def distill(
+    out: Path = typer.Option(..., "--out", help="Student pipeline folder to write (must not exist)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Training images. Default: data/reference."),
+    method: Optional[str] = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Distil a student with the `distill` settings, without the registry (the DVC distill stage); resumes if killed."""
+    import dataclasses
+
+    import torch
+
+    from redistill.data import DataError, load_image_folder, safe_name
+    from redistill.methods.progressive import ProgressiveConfig
+    from redistill.methods.progressive import distill as progressive
+    from redistill.teacher import (
+        PipelineError,
+        load_pipeline,
+        save_pipeline,
+        validate_teacher,
+    )
+
+    root, p = _settings(ws, params)
+    p = _with_method(p, method)
+    if out.exists():
+        fail(f"{out} already exists; a student is never overwritten, pick a new --out")
+    teacher = teacher or root / "data" / "teachers" / p.teacher.name
+    try:
+        images = load_image_folder(data or root / "data" / "reference")
+        validate_teacher(teacher, images.channels, images.size)
+        cfg = ProgressiveConfig(**{f.name: getattr(p.distill, f.name) for f in dataclasses.fields(ProgressiveConfig)})
+        student, summary = progressive(load_pipeline(teacher), torch.from_numpy(images.images), cfg,
+                                       root / "runs" / "distill" / safe_name(out.name) / "checkpoints",
+                                       log=lambda m: typer.echo(m, err=True))
+    except (DataError, PipelineError, ValueError) as e:
+        fail(str(e))
+    save_pipeline(student, out, extra={"redistill_distill.json": summary})
+    typer.echo(f"student saved to {out} ({cfg.target_steps} steps, {summary['wall_time_s']:.0f} s)")
+
+
 def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bool) -> dict:
     """Resolve the inputs, return an earlier decision for the same key, else run the flow."""
     import os

@@ -92,6 +92,7 @@ def validate_folder(folder: Path, reference: Path, p: ValidateParams, out_dir: P
 def validate_table(table, profile: dict, p: ValidateParams, out_dir: Path) -> ValidationReport:
     """Run the suite for `profile` over a per-image table; writes suite, result, profile and data docs."""
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     out_dir = Path(out_dir)
@@ -99,6 +100,8 @@ def validate_table(table, profile: dict, p: ValidateParams, out_dir: Path) -> Va
     suite = build_suite(profile, p)
     with tempfile.TemporaryDirectory() as tmp:
         ctx = gx.get_context(mode="file", project_root_dir=tmp)
+        # no "Calculating Metrics" bars on stderr: the report lists what failed
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
         batch = ctx.data_sources.add_pandas("images").add_dataframe_asset("table").add_batch_definition_whole_dataframe("all")
         suite = ctx.suites.add(suite)
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="images", data=batch, suite=suite))

@@ -17,7 +17,7 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("cmd", [[], ["prepare"], ["features"], ["teacher"], ["teacher", "train"], ["evaluate"], ["cycle"], ["demo"], ["status"], ["export"]])
+@pytest.mark.parametrize("cmd", [[], ["prepare"], ["features"], ["teacher"], ["teacher", "train"], ["evaluate"], ["cycle"], ["demo"], ["status"], ["export"], ["validate"], ["distill"]])
 def test_every_command_has_help(cmd):
     r = invoke(*cmd, "--help")
     assert r.exit_code == 0 and "Usage" in r.output
@@ -100,3 +100,28 @@ def test_unknown_params_key_fails_with_the_key(digits_ws, tiny_pipeline, tmp_pat
     bad.write_text("evaluate: {num_sampels: 10}\n")
     r = invoke("evaluate", tiny_pipeline, "--steps", 2, "--params", bad, "--workspace", digits_ws)
     assert r.exit_code == 2 and "evaluate.num_sampels" in r.output and "num_samples" in r.output
+
+
+def test_validate_command_exit_codes(digits_ws, tmp_path):
+    r = invoke("validate", digits_ws / "data" / "incoming" / "nodrift", "--workspace", digits_ws,
+               "--out", tmp_path / "ok", "--metrics-out", tmp_path / "ok.json")
+    assert r.exit_code == 0 and "passed" in r.output
+    assert json.loads((tmp_path / "ok.json").read_text())["success"] is True
+    assert (tmp_path / "ok" / "data_docs" / "index.html").is_file()
+    # thicker strokes push 13% of the style batch above the reference's mean-intensity band
+    r = invoke("validate", digits_ws / "data" / "incoming" / "style", "--workspace", digits_ws, "--out", tmp_path / "bad")
+    assert r.exit_code == 1 and "data validation failed" in r.output and "column=mean" in r.output
+
+
+def test_distill_command_writes_a_stock_student(digits_ws, tiny_pipeline, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    params = tmp_path / "params.yaml"
+    params.write_text("distill: {teacher_steps: 4, target_steps: 2, steps_per_round: 3, batch_size: 8}\n")
+    out = tmp_path / "student"
+    r = invoke("distill", "--out", out, "--teacher", tiny_pipeline, "--params", params, "--workspace", digits_ws)
+    assert r.exit_code == 0, r.output
+    pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    r = invoke("distill", "--out", out, "--teacher", tiny_pipeline, "--params", params, "--workspace", digits_ws)
+    assert r.exit_code == 2 and "never overwritten" in r.output
