@@ -219,7 +219,7 @@ def validate(
     except (DataError, ValueError) as e:
         fail(str(e))
     summary = {"success": report.success, "num_images": report.num_images, "failed": report.failed,
-               "data_docs": str(report.data_docs) if report.data_docs else None}
+               "data_docs": _relative(str(report.data_docs), root) if report.data_docs else None}
     if metrics_out:
         metrics_out.parent.mkdir(parents=True, exist_ok=True)
         metrics_out.write_text(json.dumps(summary, indent=2) + "\n")
