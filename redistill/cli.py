@@ -276,7 +276,7 @@ def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bo
 
     from redistill.cycle import earlier_decision, resolve_inputs
     from redistill.data import DataError
-    from redistill.registry import client
+    from redistill.registry import client, tracking_uri
     from redistill.teacher import PipelineError
 
     if trigger not in ("manual", "schedule", "drift", "teacher"):
@@ -285,7 +285,7 @@ def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bo
         inputs = resolve_inputs(teacher, data, p)
     except (PipelineError, DataError) as e:
         fail(str(e))
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    uri = tracking_uri(root)
     c = client(uri)
     try:
         c.search_experiments(max_results=1)
@@ -389,11 +389,11 @@ def demo(
         typer.echo(_comparison_table(metrics))
     typer.echo("")
     typer.echo("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    from redistill.registry import champion
+    from redistill.registry import champion, tracking_uri
 
     name = p.registry.student_name
     champ = champion(_registry_client(root), name)
-    typer.echo(f"look: mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}  →  Models → {name}")
+    typer.echo(f"look: mlflow ui --backend-store-uri {tracking_uri(root)}  →  Models → {name}")
     if champ is not None:
         typer.echo(f"      champion is version {champ.version}: "
                    "redistill export --alias champion --out student/  (a stock diffusers pipeline folder)")
@@ -402,11 +402,9 @@ def demo(
 
 
 def _registry_client(root: Path):
-    import os
+    from redistill.registry import client, tracking_uri
 
-    from redistill.registry import client
-
-    return client(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}")
+    return client(tracking_uri(root))
 
 
 @app.command()

@@ -33,6 +33,14 @@ class Registered:
     replaced: str | None  # the champion it replaced, when promoted
 
 
+def tracking_uri(root) -> str:
+    """MLFLOW_TRACKING_URI when set, else the workspace's SQLite store (`<root>/mlflow.db`)."""
+    import os
+    from pathlib import Path
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root) / 'mlflow.db'}"
+
+
 def client(tracking_uri: str | None = None):
     from mlflow import MlflowClient
 

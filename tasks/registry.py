@@ -14,13 +14,9 @@ from pathlib import Path
 from prefect import task
 
 from redistill import registry
+from redistill.registry import tracking_uri
 
 IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])
-
-
-def tracking_uri(root: Path) -> str:
-    """MLFLOW_TRACKING_URI when set, else the workspace's SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root) / 'mlflow.db'}"
 
 
 def _experiment(c, name: str, root: Path) -> str:
