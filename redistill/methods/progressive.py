@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from redistill import checkpoint
 from redistill.prediction import alpha_sigma, to_x0_eps
@@ -142,6 +143,9 @@ def distill(
             gen.set_state(state["generator"])
             step = start_step
         losses = []
+        # a bar on a terminal only (disable=None): logs and CI get the log lines below instead
+        bar = tqdm(total=cfg.steps_per_round, initial=step, desc=f"round {r + 1}/{len(rounds)} ({2 * n}→{n} steps)",
+                   disable=None, leave=False)
         while step < cfg.steps_per_round:
             # 2. Data and a student timestep: x ~ D, i ~ U{0..n−1}, t = grid[i]; z_t = α_t·x + σ_t·ε.
             x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)]
@@ -165,6 +169,8 @@ def distill(
             checkpoint.update(loss, student, opt, ema)
             step += 1
             losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if step % 100 == 0 or step == cfg.steps_per_round:
                 log(f"round {r + 1}/{len(rounds)} ({2 * n}→{n} steps) step {step}/{cfg.steps_per_round} "
                     f"loss {np.mean(losses[-100:]):.4f} {time.perf_counter() - t0:.0f}s")
@@ -178,6 +184,7 @@ def distill(
                      "teacher_prediction": sched_cfg.prediction_type, "elapsed_s": time.perf_counter() - t0},
                 )
                 checkpoint.prune(ckpt_dir, keep_checkpoints)
+        bar.close()
         # 8. θ ← η: the EMA student teaches the next round, at half the steps.
         ema.copy_to(student.parameters())
         teacher_unet = student.eval().requires_grad_(False)
