@@ -34,6 +34,26 @@ def _relative(path: str, root: Path) -> str:
     return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
 
 
+def _train_classifier(root: Path, p, log) -> dict:
+    """Train and save the feature classifier of the workspace (the `features` stage); returns its metrics."""
+    from redistill.data import load_image_folder
+    from redistill.features import save_classifier, train_classifier
+
+    model, metrics = train_classifier(p.features, load_image_folder(root / "data" / "reference"),
+                                      load_image_folder(root / "data" / "holdout"), log=log)
+    save_classifier(model, root / "data" / "features", {"params": vars(p.features), "metrics": metrics})
+    return metrics
+
+
+def _train_teacher(root: Path, p, out: Path, data: Path) -> dict:
+    """Train a teacher into `out` with the `teacher` recipe; checkpoints resume under runs/teacher/<name>."""
+    from redistill.data import load_image_folder, safe_name
+    from redistill.teacher_train import train_teacher
+
+    ckpt = root / "runs" / "teacher" / safe_name(out.name) / "checkpoints"
+    return train_teacher(p.teacher, load_image_folder(data), out, ckpt, log=lambda m: typer.echo(m, err=True))
+
+
 def _settings(ws: Optional[Path], params: Optional[Path]):
     root = workspace(ws)
     try:
@@ -71,17 +91,13 @@ def features(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Train the FID/KID feature classifier on data/reference; test it on data/holdout."""
-    from redistill.data import DataError, load_image_folder
-    from redistill.features import save_classifier, train_classifier
+    from redistill.data import DataError
 
     root, p = _settings(ws, params)
     try:
-        train = load_image_folder(root / "data" / "reference")
-        test = load_image_folder(root / "data" / "holdout")
-        model, metrics = train_classifier(p.features, train, test, log=lambda m: typer.echo(m, err=True))
+        metrics = _train_classifier(root, p, log=lambda m: typer.echo(m, err=True))
     except (DataError, ValueError) as e:
         fail(str(e))
-    save_classifier(model, root / "data" / "features", {"params": vars(p.features), "metrics": metrics})
     (root / "metrics").mkdir(exist_ok=True)
     (root / "metrics" / "features.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if as_json:
@@ -99,16 +115,13 @@ def teacher_train(
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Train a DDPM teacher (UNet2DModel + DDPMScheduler, ε, EMA) with the `teacher` recipe; resumes if killed."""
-    from redistill.data import DataError, load_image_folder, safe_name
+    from redistill.data import DataError
     from redistill.teacher import PipelineError
-    from redistill.teacher_train import train_teacher
 
     root, p = _settings(ws, params)
     out = out or root / "data" / "teachers" / p.teacher.name
     try:
-        images = load_image_folder(data or root / "data" / "reference")
-        ckpt = root / "runs" / "teacher" / safe_name(out.name) / "checkpoints"
-        summary = train_teacher(p.teacher, images, out, ckpt, log=lambda m: typer.echo(m, err=True))
+        summary = _train_teacher(root, p, out, data or root / "data" / "reference")
     except (DataError, PipelineError) as e:
         fail(str(e))
     typer.echo(f"teacher saved to {out} ({summary['train_steps']} steps in {summary['train_time_s']:.0f}s)")
@@ -238,13 +251,10 @@ def distill(
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Distil a student with the `distill` settings, without the registry (the DVC distill stage); resumes if killed."""
-    import dataclasses
-
     import torch
 
     from redistill.data import DataError, load_image_folder, safe_name
-    from redistill.methods.progressive import ProgressiveConfig
-    from redistill.methods.progressive import distill as progressive
+    from redistill.methods import distill as run_method
     from redistill.teacher import (
         PipelineError,
         load_pipeline,
@@ -260,14 +270,13 @@ def distill(
     try:
         images = load_image_folder(data or root / "data" / "reference")
         validate_teacher(teacher, images.channels, images.size)
-        cfg = ProgressiveConfig(**{f.name: getattr(p.distill, f.name) for f in dataclasses.fields(ProgressiveConfig)})
-        student, summary = progressive(load_pipeline(teacher), torch.from_numpy(images.images), cfg,
-                                       root / "runs" / "distill" / safe_name(out.name) / "checkpoints",
-                                       log=lambda m: typer.echo(m, err=True))
+        student, summary = run_method(p.distill, load_pipeline(teacher), torch.from_numpy(images.images),
+                                      root / "runs" / "distill" / safe_name(out.name) / "checkpoints",
+                                      log=lambda m: typer.echo(m, err=True))
     except (DataError, PipelineError, ValueError) as e:
         fail(str(e))
     save_pipeline(student, out, extra={"redistill_distill.json": summary})
-    typer.echo(f"student saved to {out} ({cfg.target_steps} steps, {summary['wall_time_s']:.0f} s)")
+    typer.echo(f"student saved to {out} ({summary['num_inference_steps']} steps, {summary['wall_time_s']:.0f} s)")
 
 
 def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bool) -> dict:
@@ -354,9 +363,7 @@ def demo(
     """The main job on the embedded digits: data, the committed teacher, one cycle, the decision and its table."""
     import time
 
-    from redistill.data import load_image_folder
     from redistill.data import prepare as build
-    from redistill.features import save_classifier, train_classifier
 
     root, p = _settings(ws, params)
     timings = {}
@@ -366,18 +373,13 @@ def demo(
     timings["prepare"] = time.perf_counter() - t
     t = time.perf_counter()
     if not (root / "data" / "features" / "classifier.safetensors").is_file():
-        model, m = train_classifier(p.features, load_image_folder(root / "data" / "reference"),
-                                    load_image_folder(root / "data" / "holdout"), log=lambda _: None)
-        save_classifier(model, root / "data" / "features", {"params": vars(p.features), "metrics": m})
+        _train_classifier(root, p, log=lambda _: None)
     timings["features"] = time.perf_counter() - t
     teacher = root / "data" / "teachers" / p.teacher.name
     t = time.perf_counter()
     if not (teacher / "model_index.json").is_file():
         typer.echo(f"no teacher at {teacher}: training one with the `teacher` recipe (about 30 min on 2 cores)")
-        from redistill.teacher_train import train_teacher
-
-        train_teacher(p.teacher, load_image_folder(root / "data" / "reference"), teacher,
-                      root / "runs" / "teacher" / p.teacher.name / "checkpoints", log=lambda m: typer.echo(m, err=True))
+        _train_teacher(root, p, teacher, root / "data" / "reference")
     timings["teacher"] = time.perf_counter() - t
     t = time.perf_counter()
     result = _run_cycle(root, p, teacher, root / "data" / "reference", "manual", False)

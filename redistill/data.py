@@ -182,6 +182,13 @@ def safe_name(name: str) -> str:
     return cleaned[:100]
 
 
+def read_png(path: Path) -> np.ndarray:
+    """One image as uint8 (H, W) for grayscale or (H, W, 3) for colour; PIL errors propagate."""
+    with Image.open(path) as im:
+        mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+        return np.asarray(im.convert(mode))
+
+
 def load_image_folder(folder: Path, min_count: int = 1) -> ImageSet:
     """Read an image folder (PNG, one size, optional labels.csv) into float32 (N, C, H, W) in [0, 1]."""
     folder = Path(folder)
@@ -194,9 +201,7 @@ def load_image_folder(folder: Path, min_count: int = 1) -> ImageSet:
     first_shape = None
     for name in files:
         try:
-            with Image.open(folder / name) as im:
-                mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
-                arr = np.asarray(im.convert(mode))
+            arr = read_png(folder / name)
         except Exception as e:  # PIL raises many types for a broken file
             raise DataError(f"{folder / name} is not a readable PNG image ({e}); remove or replace it") from e
         if first_shape is None:

@@ -13,18 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from redistill.config import ValidateParams
-from redistill.data import IMAGE_SUFFIXES, read_label_map
+from redistill.data import IMAGE_SUFFIXES, read_label_map, read_png
 
 TABLE_COLUMNS = ("file", "readable", "height", "width", "channels", "min", "max", "mean", "std",
                  "nan_count", "inf_count", "pixel_sha256", "label")
-
-
-def _decode(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
-        return np.asarray(im.convert(mode)).astype(np.float32) / 255.0
 
 
 def image_table(folder: Path):
@@ -37,7 +29,7 @@ def image_table(folder: Path):
     rows = []
     for name in files:
         try:
-            x = _decode(folder / name)
+            x = read_png(folder / name).astype(np.float32) / 255.0
         except Exception:  # any decoder error: the row records it, the expectation on `readable` fails
             rows.append({"file": name, "readable": False, **{c: None for c in TABLE_COLUMNS[2:]}})
             continue

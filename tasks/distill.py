@@ -6,7 +6,6 @@ key, because the run folder is named by the key.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -23,15 +22,14 @@ def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path) 
     import torch
 
     from redistill.data import load_image_folder
-    from redistill.methods.progressive import ProgressiveConfig, distill
+    from redistill.methods import distill
     from redistill.teacher import load_pipeline, save_pipeline
 
     out = Path(run_dir) / "student"
     if (out / SUMMARY).is_file():  # finished earlier (e.g. the cycle died while registering): reuse it
         return json.loads((out / SUMMARY).read_text())
     logger = get_run_logger()
-    cfg = ProgressiveConfig(**{f.name: getattr(p, f.name) for f in dataclasses.fields(ProgressiveConfig)})
     images = torch.from_numpy(load_image_folder(data).images)
-    student, summary = distill(load_pipeline(teacher), images, cfg, Path(run_dir) / "checkpoints", log=logger.info)
+    student, summary = distill(p, load_pipeline(teacher), images, Path(run_dir) / "checkpoints", log=logger.info)
     save_pipeline(student, out, extra={SUMMARY: summary})
     return summary
