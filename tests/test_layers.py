@@ -32,3 +32,15 @@ def test_flows_and_tasks_install_namespaced():
     for bare in ("tasks", "flows"):
         spec = importlib.util.find_spec(bare)
         assert spec is None or "site-packages" not in (spec.origin or ""), spec
+
+
+def test_every_library_subpackage_is_in_the_wheel():
+    """An editable install finds any subpackage; a wheel only those listed in pyproject.toml."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(redistill.__file__).parent
+    listed = set(tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"redistill." + ".".join(p.parent.relative_to(root).parts) for p in root.rglob("__init__.py")
+             if p.parent != root and "__pycache__" not in p.parts}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
