@@ -12,17 +12,13 @@ correctly at the target step count.
 from __future__ import annotations
 
 import copy
-import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
-from redistill import checkpoint
+from redistill.methods.training import Phase, Trainer, frozen, new_ema, student_like
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 STUDENT_PREDICTION = "v_prediction"
@@ -40,6 +36,7 @@ class ProgressiveConfig:
     ema_decay: float = 0.999  # the EMA weights are exported and teach the next round
     seed: int = 0
     checkpoint_every: int = 200  # optimiser steps between resumable checkpoints
+    mixed_precision: str = "no"  # accelerate: no, fp16 or bf16
 
 
 def halving_schedule(teacher_steps: int, target_steps: int) -> list[int]:
@@ -89,7 +86,6 @@ def distill(
     cfg: ProgressiveConfig,
     ckpt_dir: Path,
     log: Callable[[str], None] = print,
-    keep_checkpoints: int = 2,
 ):
     """Progressively distil `teacher` (a pipeline with unet + scheduler) on images `data` in [0, 1].
 
@@ -97,105 +93,71 @@ def distill(
     summary. Resumes from the latest checkpoint in `ckpt_dir`.
     """
     from diffusers import DDIMScheduler, DDPMPipeline
-    from diffusers.training_utils import EMAModel
 
     sched_cfg = teacher.scheduler.config
     T = sched_cfg.num_train_timesteps
-    alphas_cumprod = teacher.scheduler.alphas_cumprod.float()
     rounds = halving_schedule(cfg.teacher_steps, cfg.target_steps)
-    x_all = data.float() * 2.0 - 1.0
-    teacher_unet = copy.deepcopy(teacher.unet).eval().requires_grad_(False)
+    run = Trainer(ckpt_dir, {"method": "progressive", "config": asdict(cfg), "teacher_prediction": sched_cfg.prediction_type},
+                  cfg.checkpoint_every, log, cfg.mixed_precision)
+    dev = run.device
+    alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
+    x_all = (data.float() * 2.0 - 1.0).to(dev)
+    teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
     teacher_type = sched_cfg.prediction_type
-    start_round, start_step, elapsed = 0, 0, 0.0
+    if run.resume_phase > 0 and run.resume_path is not None:  # the round being resumed has an earlier student as teacher
+        teacher_unet.load_state_dict(run.resumed_weights("teacher"))
+        teacher_type = STUDENT_PREDICTION
 
-    ckpt_dir = Path(ckpt_dir)
-    resume = None
-    found = checkpoint.latest(ckpt_dir)
-    if found:
-        last, meta = found
-        if meta["config"] == asdict(cfg) and meta["teacher_prediction"] == teacher_type:
-            resume = last
-            start_round, start_step, elapsed = meta["round"], meta["step"], meta["elapsed_s"]
-            if start_round > 0:
-                teacher_unet.load_state_dict(checkpoint.load_weights(resume, "teacher"))
-                teacher_type = STUDENT_PREDICTION
-            log(f"resumed from {resume.name}: round {start_round + 1}/{len(rounds)}, step {start_step}")
-        else:
-            shutil.rmtree(ckpt_dir)
-
-    t0 = time.perf_counter() - elapsed
     history = []
-    for r in range(start_round, len(rounds)):
-        n = rounds[r]
-        grid = ddim_grid(n, T)  # the student's steps; the teacher's 2n grid adds the midpoints
-        mid = ddim_grid(2 * n, T)[1::2]
+    for r, n in enumerate(rounds):
+        if run.skips(r):
+            continue
+        grid = ddim_grid(n, T).to(dev)  # the student's steps; the teacher's 2n grid adds the midpoints
+        mid = ddim_grid(2 * n, T)[1::2].to(dev)
         # 1. The student starts as a copy of its teacher (Alg. 2: η ← θ).
-        student = copy.deepcopy(teacher_unet).train().requires_grad_(True)
+        student = student_like(teacher_unet)
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-        ema = EMAModel(student.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
+        ema = new_ema(student, cfg.ema_decay)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + r)
-        step = 0
-        if resume is not None and r == start_round:
-            student.load_state_dict(checkpoint.load_weights(resume, "student"))
-            state = checkpoint.load_state(resume)
-            opt.load_state_dict(state["optimizer"])
-            ema.load_state_dict(state["ema"])
-            gen.set_state(state["generator"])
-            step = start_step
-        losses = []
-        # a bar on a terminal only (disable=None): logs and CI get the log lines below instead
-        bar = tqdm(total=cfg.steps_per_round, initial=step, desc=f"round {r + 1}/{len(rounds)} ({2 * n}→{n} steps)",
-                   disable=None, leave=False)
-        while step < cfg.steps_per_round:
+        ph = Phase(r, f"round {r + 1}/{len(rounds)} ({2 * n}→{n} steps)", cfg.steps_per_round,
+                   {"student": student, **({"teacher": teacher_unet} if r > 0 else {})}, {"student": opt},
+                   {"student": ema}, gen)
+
+        def step(student=student, opt=opt, ema=ema, gen=gen, grid=grid, mid=mid, n=n, teacher_type=teacher_type):
             # 2. Data and a student timestep: x ~ D, i ~ U{0..n−1}, t = grid[i]; z_t = α_t·x + σ_t·ε.
-            x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)]
-            i = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+            x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(dev)]
+            i = torch.randint(0, n, (cfg.batch_size,), generator=gen).to(dev)
             t, t_mid, t_next = grid[i], mid[i], grid[i + 1]
             a_t, s_t = alpha_sigma(alphas_cumprod, t)
-            z_t = a_t * x + s_t * torch.randn(x.shape, generator=gen)
-            with torch.no_grad():
+            z_t = a_t * x + s_t * torch.randn(x.shape, generator=gen).to(dev)
+            with torch.no_grad(), run.autocast():
                 # 3. Two DDIM steps of the teacher: t → t′ → t″ (its sampler clips x̂₀ to [−1, 1]).
                 a_m, s_m = alpha_sigma(alphas_cumprod, t_mid)
                 a_n, s_n = alpha_sigma(alphas_cumprod, t_next)
                 z_mid = ddim_step(_x0(teacher_unet, z_t, t, teacher_type, alphas_cumprod, True), z_t, a_t, s_t, a_m, s_m)
                 z_next = ddim_step(_x0(teacher_unet, z_mid, t_mid, teacher_type, alphas_cumprod, True), z_mid, a_m, s_m, a_n, s_n)
                 # 4. The target x̃ that makes one student step land on the teacher's two-step result.
-                x_target = distillation_target(z_t, z_next, a_t, s_t, a_n, s_n)
+                x_target = distillation_target(z_t, z_next.float(), a_t, s_t, a_n, s_n)
             # 5. Truncated-SNR weighted loss in x-space: max(α²/σ², 1)·‖x̃ − x̂_η(z_t)‖².
-            x_student = _x0(student, z_t, t, STUDENT_PREDICTION, alphas_cumprod, False)
+            with run.autocast():
+                x_student = _x0(student, z_t, t, STUDENT_PREDICTION, alphas_cumprod, False).float()
             weight = torch.clamp(a_t**2 / s_t**2, min=1.0).view(-1)
             loss = (weight * (x_student - x_target).pow(2).mean(dim=(1, 2, 3))).mean()
             # 6. Update, then the EMA that becomes the next teacher.
-            checkpoint.update(loss, student, opt, ema)
-            step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if step % 100 == 0 or step == cfg.steps_per_round:
-                log(f"round {r + 1}/{len(rounds)} ({2 * n}→{n} steps) step {step}/{cfg.steps_per_round} "
-                    f"loss {np.mean(losses[-100:]):.4f} {time.perf_counter() - t0:.0f}s")
-            # 7. Snapshot: everything needed to resume mid-round.
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps_per_round:
-                checkpoint.save(
-                    ckpt_dir / f"checkpoint-{r:02d}-{step:06d}",
-                    {"student": student.state_dict(), **({"teacher": teacher_unet.state_dict()} if r > 0 else {})},
-                    {"optimizer": opt.state_dict(), "ema": ema.state_dict(), "generator": gen.get_state()},
-                    {"round": r, "step": step, "order": r * 10**9 + step, "config": asdict(cfg),
-                     "teacher_prediction": sched_cfg.prediction_type, "elapsed_s": time.perf_counter() - t0},
-                )
-                checkpoint.prune(ckpt_dir, keep_checkpoints)
-        bar.close()
-        # 8. θ ← η: the EMA student teaches the next round, at half the steps.
+            run.backward(loss, student, opt, ema)
+            return {"loss": loss.item()}
+
+        losses = run.phase(ph, step)
+        # 7. θ ← η: the EMA student teaches the next round, at half the steps.
         ema.copy_to(student.parameters())
-        teacher_unet = student.eval().requires_grad_(False)
+        teacher_unet = frozen(student)
         teacher_type = STUDENT_PREDICTION
-        history.append({"round": r + 1, "student_steps": n, "final_loss": float(np.mean(losses[-100:])) if losses else None})
+        history.append({"round": r + 1, "student_steps": n, "final_loss": losses.get("loss")})
 
     scheduler = DDIMScheduler.from_config(
         sched_cfg, prediction_type=STUDENT_PREDICTION, timestep_spacing="trailing", clip_sample=True,
         set_alpha_to_one=True,
     )
     summary = {"method": "progressive", "config": asdict(cfg), "rounds": history,
-               "wall_time_s": round(time.perf_counter() - t0, 1), "num_inference_steps": cfg.target_steps}
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return DDPMPipeline(unet=teacher_unet, scheduler=scheduler), summary
+               "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
+    return DDPMPipeline(unet=teacher_unet.cpu(), scheduler=scheduler), summary

@@ -1,0 +1,161 @@
+"""What every distillation method shares, so no method file repeats it.
+
+- `Trainer`: one resumable training run. It owns the checkpoint folder, the device and mixed-precision
+  placement (accelerate: `Accelerator(mixed_precision=...)`, and `accelerate launch` for several GPUs),
+  the progress bar, the log lines and the wall clock.
+- `Trainer.phase`: one loop of optimiser steps (a progressive round, a consistency run, ...). Each
+  checkpoint holds the full state of the phase: every model's weights (student, EMA/target, fake score,
+  discriminator, the round's teacher), every optimiser and EMA, and the RNG, so a killed run resumes
+  mid-phase and continues exactly where it stopped.
+- `new_ema`: diffusers' `EMAModel` with the warm-up the recipes use.
+- `student_like`: a copy of the teacher's UNet to start the student from.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from redistill import checkpoint
+
+
+def new_ema(model: torch.nn.Module, decay: float, warmup: bool = True):
+    """diffusers' EMAModel over `model`'s parameters; `warmup` ramps the decay up as the diffusers training
+    scripts do; without it the decay is fixed (a consistency target network, whose μ is part of the method)."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(model.parameters(), decay=decay, use_ema_warmup=warmup, power=3 / 4,
+                    min_decay=0.0 if warmup else decay)
+
+
+def student_like(unet: torch.nn.Module) -> torch.nn.Module:
+    """A trainable copy of `unet`."""
+    return copy.deepcopy(unet).train().requires_grad_(True)
+
+
+def frozen(unet: torch.nn.Module) -> torch.nn.Module:
+    """`unet` in eval mode without gradients (a teacher or a target network)."""
+    return unet.eval().requires_grad_(False)
+
+
+@dataclass
+class Phase:
+    """The state of one training phase that a checkpoint must hold to resume it."""
+
+    index: int  # phase number, 0-based; checkpoints order by (index, step)
+    name: str  # for the progress bar and log lines, e.g. "round 1/2 (16→8 steps)"
+    steps: int  # optimiser steps in the phase
+    models: dict[str, torch.nn.Module]  # every network whose weights the phase changes or depends on
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    emas: dict = field(default_factory=dict)  # name → EMAModel
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+
+class Trainer:
+    """A resumable run of one method. Checkpoints in `ckpt_dir` count only when their `fingerprint` (the
+    method's settings and the teacher's prediction type) matches; others are discarded."""
+
+    def __init__(self, ckpt_dir: Path, fingerprint: dict, checkpoint_every: int, log: Callable[[str], None] = print,
+                 mixed_precision: str = "no", keep: int = 2):
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(mixed_precision=mixed_precision)
+        self.device = self.accelerator.device
+        self.ckpt_dir, self.fingerprint, self.every, self.log, self.keep = Path(ckpt_dir), fingerprint, checkpoint_every, log, keep
+        self.resume_path: Path | None = None
+        self.resume_phase, self.resume_step, elapsed = 0, 0, 0.0
+        found = checkpoint.latest(self.ckpt_dir)
+        if found and found[1].get("fingerprint") == fingerprint:
+            self.resume_path, meta = found
+            self.resume_phase, self.resume_step, elapsed = meta["phase"], meta["step"], meta["elapsed_s"]
+            log(f"resumed from {self.resume_path.name}: phase {self.resume_phase + 1}, step {self.resume_step}")
+        elif found:
+            shutil.rmtree(self.ckpt_dir)
+        self.t0 = time.perf_counter() - elapsed
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def skips(self, index: int) -> bool:
+        """True when a resumed run already finished phase `index`."""
+        return self.resume_path is not None and index < self.resume_phase
+
+    def resumed_weights(self, name: str) -> dict[str, torch.Tensor] | None:
+        """Weights `name` of the checkpoint being resumed, if it holds them (e.g. a round's teacher)."""
+        if self.resume_path is None or not (self.resume_path / f"{name}.safetensors").is_file():
+            return None
+        return checkpoint.load_weights(self.resume_path, name)
+
+    def backward(self, loss: torch.Tensor, model: torch.nn.Module, optimizer, ema=None, max_grad_norm: float = 1.0):
+        """One optimiser step through accelerate: backward (scaled under fp16), clip, step, then the EMA."""
+        optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        if ema is not None:
+            ema.step(model.parameters())
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def phase(self, ph: Phase, step_fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """Run `step_fn` (one optimiser step; returns its losses) until `ph.steps`, with checkpoints, a
+        progress bar on a terminal and a log line every 100 steps. Returns the mean of the last 100 losses."""
+        for m in ph.models.values():
+            m.to(self.device)
+        for e in ph.emas.values():
+            e.to(self.device)
+        step = 0
+        if self.resume_path is not None and ph.index == self.resume_phase:
+            for name, m in ph.models.items():
+                m.load_state_dict(checkpoint.load_weights(self.resume_path, name))
+            state = checkpoint.load_state(self.resume_path)
+            for name, o in ph.optimizers.items():
+                o.load_state_dict(state["optimizers"][name])
+            for name, e in ph.emas.items():
+                e.load_state_dict(state["emas"][name])
+            ph.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            step = self.resume_step
+        history: dict[str, list[float]] = {}
+        bar = tqdm(total=ph.steps, initial=step, desc=ph.name, disable=None, leave=False)
+        while step < ph.steps:
+            losses = step_fn()
+            step += 1
+            for k, v in losses.items():
+                history.setdefault(k, []).append(v)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()}, refresh=False)
+            if step % 100 == 0 or step == ph.steps:
+                shown = " ".join(f"{k} {np.mean(v[-100:]):.4f}" for k, v in history.items())
+                self.log(f"{ph.name} step {step}/{ph.steps} {shown} {self.elapsed:.0f}s")
+            if step % self.every == 0 and step < ph.steps and self.accelerator.is_main_process:
+                self._save(ph, step)
+        bar.close()
+        return {k: float(np.mean(v[-100:])) for k, v in history.items()}
+
+    def _save(self, ph: Phase, step: int) -> None:
+        checkpoint.save(
+            self.ckpt_dir / f"checkpoint-{ph.index:02d}-{step:07d}",
+            {name: self.accelerator.unwrap_model(m).state_dict() for name, m in ph.models.items()},
+            {"optimizers": {n: o.state_dict() for n, o in ph.optimizers.items()},
+             "emas": {n: e.state_dict() for n, e in ph.emas.items()},
+             "generator": ph.generator.get_state(), "torch_rng": torch.get_rng_state()},
+            {"phase": ph.index, "step": step, "order": ph.index * 10**9 + step, "fingerprint": self.fingerprint,
+             "elapsed_s": self.elapsed},
+        )
+        checkpoint.prune(self.ckpt_dir, self.keep)
+
+    def finish(self) -> float:
+        """Remove the checkpoints of a finished run; returns the wall time."""
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        return round(self.elapsed, 1)
