@@ -113,26 +113,50 @@ class GateParams:
             raise ConfigError(f"gate.first_run must be 'absolute' or 'reject', got {self.first_run!r}")
 
 
-METHODS = ("progressive",)  # distillation methods with a file in redistill/methods/
+METHODS = ("progressive", "consistency")  # distillation methods with a file in redistill/methods/
+MIN_STEPS = {"progressive": 1, "consistency": 1}  # the fewest sampling steps each method can serve
+
+
+@dataclass
+class ProgressiveParams:
+    """`distill.progressive`: halving rounds (Salimans & Ho 2022)."""
+
+    teacher_steps: int = 16  # the teacher's DDIM step count where halving starts
+    steps_per_round: int = 1500  # optimiser steps per halving round
+
+
+@dataclass
+class ConsistencyParams:
+    """`distill.consistency`: LCM-style consistency distillation (Song et al. 2023; Luo et al. 2023)."""
+
+    steps: int = 3000  # optimiser steps
+    solver_steps: int = 48  # N, the teacher's DDIM solver grid; skip k = 1000 // N (48: starts at t=959)
+    target_ema: float = 0.95  # μ of the target network θ⁻
+    huber_c: float = 0.001  # pseudo-Huber constant; 0 gives L2
 
 
 @dataclass
 class DistillParams:
-    """`distill`: the method and its budget (progressive distillation, Salimans & Ho 2022)."""
+    """`distill`: the method, the shared budget, and one subsection of settings per method."""
 
     method: str = "progressive"  # one of METHODS
-    teacher_steps: int = 16  # the teacher's DDIM step count where halving starts
-    target_steps: int = 4  # the student's step count
-    steps_per_round: int = 1500  # optimiser steps per halving round
+    target_steps: int = 4  # the student's sampling step count
     batch_size: int = 64
     lr: float = 3.0e-4
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # the exported EMA of the student
     seed: int = 0
     checkpoint_every: int = 200  # steps between resumable checkpoints
+    mixed_precision: str = "no"  # accelerate mixed precision: no, fp16 or bf16 (bf16 on GPUs)
+    progressive: ProgressiveParams = field(default_factory=ProgressiveParams)
+    consistency: ConsistencyParams = field(default_factory=ConsistencyParams)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"unknown distill.method {self.method!r}; valid methods are: {', '.join(METHODS)}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"distill.mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.target_steps < MIN_STEPS[self.method]:
+            raise ConfigError(f"distill.target_steps must be at least {MIN_STEPS[self.method]} for {self.method}")
 
 
 @dataclass

@@ -117,7 +117,7 @@ def test_distill_command_writes_a_stock_student(digits_ws, tiny_pipeline, tmp_pa
     from diffusers import DiffusionPipeline
 
     params = tmp_path / "params.yaml"
-    params.write_text("distill: {teacher_steps: 4, target_steps: 2, steps_per_round: 3, batch_size: 8}\n")
+    params.write_text("distill: {target_steps: 2, batch_size: 8, progressive: {teacher_steps: 4, steps_per_round: 3}}\n")
     out = tmp_path / "student"
     r = invoke("distill", "--out", out, "--teacher", tiny_pipeline, "--params", params, "--workspace", digits_ws)
     assert r.exit_code == 0, r.output

@@ -18,7 +18,7 @@ runner = CliRunner()
 NAME = "digits-student"
 
 TINY = """
-distill: {teacher_steps: 4, target_steps: 2, steps_per_round: 3, batch_size: 8, checkpoint_every: 2}
+distill: {target_steps: 2, batch_size: 8, checkpoint_every: 2, progressive: {teacher_steps: 4, steps_per_round: 3}}
 evaluate: {num_samples: 120, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60, latency_repeats: 2,
            throughput_repeats: 1, throughput_batch: 8}
 features: {epochs: 12}

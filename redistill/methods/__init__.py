@@ -1,4 +1,8 @@
-"""Distillation methods, one file each, each reading like its paper; `distill` picks one by name."""
+"""Distillation methods, one file each, each reading like its paper; `distill` picks one by name.
+
+`method_config` turns the `distill` settings into the chosen method's config and refuses, before any
+training, a step count or shape that the method cannot serve.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,33 @@ from typing import Callable
 from redistill.config import DistillParams
 
 
+def _fill(cls, p: DistillParams, section):
+    """The method's config from the shared `distill` keys plus its own subsection."""
+    values = {**{f.name: getattr(p, f.name) for f in dataclasses.fields(p) if not dataclasses.is_dataclass(getattr(p, f.name))},
+              **dataclasses.asdict(section)}
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+def method_config(p: DistillParams):
+    """(config, distill function) of method `p.method`; ValueError when the settings cannot work."""
+    if p.method == "progressive":
+        from redistill.methods.progressive import ProgressiveConfig, distill, halving_schedule
+
+        cfg = _fill(ProgressiveConfig, p, p.progressive)
+        halving_schedule(cfg.teacher_steps, cfg.target_steps)  # raises on a grid that cannot halve to the target
+        return cfg, distill
+    if p.method == "consistency":
+        from redistill.methods.consistency import ConsistencyConfig, distill
+
+        cfg = _fill(ConsistencyConfig, p, p.consistency)
+        if not 1 <= cfg.target_steps <= cfg.solver_steps:
+            raise ValueError(f"consistency serves 1 to solver_steps ({cfg.solver_steps}) sampling steps, "
+                             f"not target_steps={cfg.target_steps}")
+        return cfg, distill
+    raise ValueError(f"unknown distillation method {p.method!r}")  # DistillParams already refuses these
+
+
 def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[str], None] = print):
     """Run the method `p.method` with its settings from `p`; returns (student pipeline, summary)."""
-    if p.method == "progressive":
-        from redistill.methods.progressive import ProgressiveConfig
-        from redistill.methods.progressive import distill as progressive
-
-        cfg = ProgressiveConfig(**{f.name: getattr(p, f.name) for f in dataclasses.fields(ProgressiveConfig)})
-        return progressive(teacher, images, cfg, ckpt_dir, log=log)
-    raise ValueError(f"unknown distillation method {p.method!r}")  # DistillParams already refuses these
+    cfg, run = method_config(p)
+    return run(teacher, images, cfg, ckpt_dir, log=log)

@@ -1,0 +1,146 @@
+"""Consistency distillation, latent-consistency-model style (Song et al. 2023, "Consistency Models",
+arXiv:2303.01469, Algorithm 2; Luo et al. 2023, "Latent Consistency Models", arXiv:2310.04378, Algorithm 1).
+
+The student f_θ(z_t, t) = c_skip(t)·z_t + c_out(t)·x̂₀,θ(z_t, t) learns to map every point of the
+teacher's probability-flow trajectory to that trajectory's clean end. Training pairs are two adjacent
+points on the teacher's trajectory: one DDIM step of the teacher, skipping k timesteps (LCM's "skipping-step
+solver"), links z_{t} to ẑ_{t−k}, and the student at z_t is pulled towards an EMA target network θ⁻ at
+ẑ_{t−k}. The boundary f(z, 0) = z comes from c_skip(0) = 1, c_out(0) = 0.
+
+The student keeps the teacher's prediction type and starts as an exact copy of it, as LCM does, so
+at step 0 f_θ is already the teacher's one-step x̂₀. Its training timesteps are LCM's
+{k−1, 2k−1, …, N·k−1} with k = ⌊T/N⌋, the grid that `LCMScheduler(original_inference_steps=N)`
+samples from, so the export is a stock `DDPMPipeline` + `LCMScheduler` that samples in 1 to 4 steps.
+For a cosine-schedule ε teacher, choose N so that N·k < T: at t = T−1 the signal α_t is ~5e-5 and an ε
+model cannot recover x̂₀ there (N = 48 starts at t = 959, much as DDIM's "leading" 50 steps start at 980).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from redistill.methods.training import Phase, Trainer, frozen, new_ema, student_like
+from redistill.prediction import alpha_sigma, to_x0_eps
+
+SIGMA_DATA = 0.5  # LCM's σ_data in the boundary scalings
+TIMESTEP_SCALING = 10.0  # LCMScheduler's default: c_skip(t) falls to ~0 after the first few timesteps
+
+
+@dataclass
+class ConsistencyConfig:
+    """Settings of one consistency distillation run (params.yaml `distill` and `distill.consistency`)."""
+
+    steps: int = 3000  # optimiser steps
+    solver_steps: int = 48  # N: the teacher's DDIM solver grid (LCM's original_inference_steps); k = T // N
+    target_ema: float = 0.95  # μ: θ⁻ ← μ·θ⁻ + (1 − μ)·θ, the target network
+    huber_c: float = 0.001  # pseudo-Huber constant c; 0 gives the L2 loss
+    target_steps: int = 4  # the step count the student is registered with (1 to 4 suit LCMScheduler)
+    batch_size: int = 64
+    lr: float = 2.0e-4
+    ema_decay: float = 0.999  # the EMA of θ that is exported (θ⁻ moves too fast to be a good export)
+    seed: int = 0
+    checkpoint_every: int = 200
+    mixed_precision: str = "no"
+
+
+def solver_grid(solver_steps: int, num_train_timesteps: int) -> tuple[torch.Tensor, int]:
+    """LCM's training timesteps {k−1, 2k−1, …, N·k−1} and the skip k = T // N."""
+    k = num_train_timesteps // solver_steps
+    if k < 1:
+        raise ValueError(f"solver_steps ({solver_steps}) must not exceed the teacher's {num_train_timesteps} timesteps")
+    return torch.arange(1, solver_steps + 1) * k - 1, k
+
+
+def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """c_skip(t), c_out(t) as `LCMScheduler.get_scalings_for_boundary_condition_discrete` computes them;
+    t = −1 (the clean end) counts as 0: c_skip = 1, c_out = 0."""
+    st = t.float().clamp(min=0) * TIMESTEP_SCALING
+    c_skip = SIGMA_DATA**2 / (st**2 + SIGMA_DATA**2)
+    c_out = st / (st**2 + SIGMA_DATA**2).sqrt()
+    return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
+
+
+def consistency_fn(unet, z, t, prediction_type, alphas_cumprod) -> torch.Tensor:
+    """f(z_t, t) = c_skip(t)·z_t + c_out(t)·x̂₀(z_t, t)."""
+    a, s = alpha_sigma(alphas_cumprod, t)
+    x0, _ = to_x0_eps(unet(z, t.clamp(min=0)).sample, z, a, s, prediction_type)
+    c_skip, c_out = boundary_scalings(t)
+    return c_skip * z + c_out * x0
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """√(‖a − b‖² + c²) − c per element, averaged (LCM's loss); plain squared error when c = 0."""
+    if c == 0:
+        return (a - b).pow(2).mean()
+    return (torch.sqrt((a - b).pow(2) + c**2) - c).mean()
+
+
+def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path, log: Callable[[str], None] = print):
+    """Consistency-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline with an
+    LCMScheduler, summary). Resumes from the latest checkpoint in `ckpt_dir`."""
+    from diffusers import DDPMPipeline, LCMScheduler
+
+    sched_cfg = teacher.scheduler.config
+    ptype = sched_cfg.prediction_type
+    T = sched_cfg.num_train_timesteps
+    grid, k = solver_grid(cfg.solver_steps, T)
+    if cfg.target_steps > cfg.solver_steps:
+        raise ValueError(f"target_steps ({cfg.target_steps}) cannot exceed solver_steps ({cfg.solver_steps})")
+    run = Trainer(ckpt_dir, {"method": "consistency", "config": asdict(cfg), "teacher_prediction": ptype},
+                  cfg.checkpoint_every, log, cfg.mixed_precision)
+    dev = run.device
+    alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
+    grid = grid.to(dev)
+    x_all = (data.float() * 2.0 - 1.0).to(dev)
+    teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
+    # 1. θ and θ⁻ both start as the teacher (LCM: initialise from the pre-trained model).
+    student = student_like(teacher_unet)
+    target = frozen(copy.deepcopy(teacher_unet))
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = new_ema(student, cfg.ema_decay)
+    ema_target = new_ema(student, cfg.target_ema, warmup=False)  # θ⁻ as diffusers' EMAModel with a fixed μ
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ph = Phase(0, f"consistency (N={cfg.solver_steps}, k={k})", cfg.steps,
+               {"student": student, "target": target}, {"student": opt}, {"student": ema, "target": ema_target}, gen)
+
+    def step():
+        # 2. x ~ D, n ~ U{1..N}: t = t_n and its neighbour s = t − k on the solver grid; z_t = α_t·x + σ_t·ε.
+        x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(dev)]
+        t = grid[torch.randint(0, cfg.solver_steps, (cfg.batch_size,), generator=gen).to(dev)]
+        s = t - k  # −1 for the first grid point: the clean end
+        a_t, s_t = alpha_sigma(alphas_cumprod, t)
+        a_s, s_s = alpha_sigma(alphas_cumprod, s)
+        z_t = a_t * x + s_t * torch.randn(x.shape, generator=gen).to(dev)
+        with torch.no_grad(), run.autocast():
+            # 3. One DDIM step of the teacher along its ODE: ẑ_s = α_s·x̂₀ + σ_s·ε̂ (x̂₀ clipped, as its sampler does).
+            x0, _ = to_x0_eps(teacher_unet(z_t, t).sample.float(), z_t, a_t, s_t, ptype)
+            x0 = x0.clamp(-1, 1)
+            eps = (z_t - a_t * x0) / s_t
+            z_s = a_s * x0 + s_s * eps
+            # 4. The target f_θ⁻(ẑ_s, s); at the clean end the boundary condition makes it ẑ_s itself.
+            f_target = consistency_fn(target, z_s, s, ptype, alphas_cumprod).float()
+        # 5. The student at z_t, and the pseudo-Huber distance to the target.
+        with run.autocast():
+            f_student = consistency_fn(student, z_t, t, ptype, alphas_cumprod).float()
+        loss = pseudo_huber(f_student, f_target, cfg.huber_c)
+        # 6. Gradient step on θ (and its export EMA), then θ⁻ ← μ·θ⁻ + (1 − μ)·θ.
+        run.backward(loss, student, opt, ema)
+        ema_target.step(student.parameters())
+        ema_target.copy_to(target.parameters())
+        return {"loss": loss.item()}
+
+    losses = run.phase(ph, step)
+    # 7. Export the EMA of θ with the scheduler that samples it: LCM multistep consistency sampling.
+    ema.copy_to(student.parameters())
+    scheduler = LCMScheduler.from_config(
+        sched_cfg, original_inference_steps=cfg.solver_steps, timestep_scaling=TIMESTEP_SCALING,
+        clip_sample=True, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0,
+    )
+    summary = {"method": "consistency", "config": asdict(cfg), "final_loss": losses.get("loss"),
+               "solver_skip": k, "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
+    return DDPMPipeline(unet=frozen(student).cpu(), scheduler=scheduler), summary
