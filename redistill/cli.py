@@ -266,6 +266,7 @@ def distill(
     p = _with_method(p, method)
     if out.exists():
         fail(f"{out} already exists; a student is never overwritten, pick a new --out")
+    _check_method(p)
     teacher = teacher or root / "data" / "teachers" / p.teacher.name
     try:
         images = load_image_folder(data or root / "data" / "reference")
@@ -290,6 +291,7 @@ def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bo
 
     if trigger not in ("manual", "schedule", "drift", "teacher"):
         fail(f"--trigger must be manual, schedule, drift or teacher, got {trigger!r}")
+    _check_method(p)
     try:
         inputs = resolve_inputs(teacher, data, p)
     except (PipelineError, DataError) as e:
@@ -324,6 +326,16 @@ def _with_method(p, method: Optional[str]):
         except ConfigError as e:
             fail(str(e))
     return p
+
+
+def _check_method(p) -> None:
+    """Refuse settings the method cannot serve before anything runs."""
+    from redistill.methods import method_config
+
+    try:
+        method_config(p.distill)
+    except ValueError as e:
+        fail(f"distill settings: {e}")
 
 
 def _print_decision(result: dict, name: str) -> None:
@@ -401,6 +413,63 @@ def demo(
                    "redistill export --alias champion --out student/  (a stock diffusers pipeline folder)")
     else:
         typer.echo(f"      no champion yet: version {result['version']} was rejected; its reasons are the gate line above")
+
+
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="CI-sized smoke run: 200 samples, a few dozen optimiser steps per method, no DDPM row."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole result as one JSON object."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for bench.json, bench.md and quality_vs_nfe.png. Default: runs/bench/<full|quick>."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
+    device: str = typer.Option("cpu", "--device", help="torch device for sampling and timing, e.g. cpu or cuda."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Benchmark the teacher (DDIM 10/25/50/100, DDPM 1000) and every method at 1/2/4/8 steps; logs to MLflow."""
+    from redistill.bench import run_bench
+    from redistill.data import DataError
+    from redistill.teacher import PipelineError
+
+    root, p = _settings(ws, params)
+    teacher = teacher or root / "data" / "teachers" / p.teacher.name
+    out = out or root / "runs" / "bench" / ("quick" if quick else "full")
+    for needed in (root / "data" / "reference", root / "data" / "features", teacher):
+        if not needed.exists():
+            fail(f"{needed} does not exist; run `redistill demo` (or `dvc repro evaluate`) first")
+    try:
+        result = run_bench(root, p, teacher, out, quick=quick, device=device, log=lambda m: typer.echo(m, err=True))
+    except (DataError, PipelineError, ValueError) as e:
+        fail(str(e))
+    run_id = _log_bench(root, result, out)
+    result["mlflow_run_id"] = run_id
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo((out / "bench.md").read_text())
+    typer.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'quality_vs_nfe.png'}; "
+               f"MLflow run {run_id} in experiment redistill-bench ({result['wall_time_s']:.0f} s)")
+
+
+def _log_bench(root: Path, result: dict, out: Path) -> str:
+    """Log the bench's figures and its three files to MLflow (experiment `redistill-bench`)."""
+    from redistill.registry import client, tracking_uri
+
+    c = client(tracking_uri(root))
+    exp = c.get_experiment_by_name("redistill-bench")
+    exp_id = exp.experiment_id if exp else c.create_experiment("redistill-bench")
+    run = c.create_run(exp_id, tags={"redistill.bench": "quick" if result["quick"] else "full"})
+    rid = run.info.run_id
+    for k in ("quick", "num_samples", "reference_steps", "seed", "device", "threads"):
+        c.log_param(rid, k, result[k])
+    for r in result["rows"]:
+        name = ("teacher_" + r["sampler"] if r["kind"] == "teacher" else r["method"]) + f"_{r['steps']}"
+        for m in ("fid", "kid", "psnr_db", "ssim", "latency_ms_p50", "throughput_img_s", "speedup", "peak_mb", "distill_wall_s"):
+            if r[m] is not None:
+                c.log_metric(rid, f"{name}.{m}", float(r[m]))
+    for f in ("bench.json", "bench.md", "quality_vs_nfe.png"):
+        c.log_artifact(rid, str(out / f))
+    c.set_terminated(rid)
+    return rid
 
 
 def _registry_client(root: Path):

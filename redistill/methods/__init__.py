@@ -39,7 +39,8 @@ def method_config(p: DistillParams):
     raise ValueError(f"unknown distillation method {p.method!r}")  # DistillParams already refuses these
 
 
-def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[str], None] = print):
-    """Run the method `p.method` with its settings from `p`; returns (student pipeline, summary)."""
+def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[str], None] = print, on_round=None):
+    """Run the method `p.method` with its settings from `p`; returns (student pipeline, summary).
+    `on_round(steps, pipeline)` receives intermediate students of methods that make them (progressive)."""
     cfg, run = method_config(p)
-    return run(teacher, images, cfg, ckpt_dir, log=log)
+    return run(teacher, images, cfg, ckpt_dir, log=log, **({"on_round": on_round} if on_round else {}))

@@ -18,6 +18,7 @@ model cannot recover x̂₀ there (N = 48 starts at t = 959, much as DDIM's "lea
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -137,8 +138,9 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     losses = run.phase(ph, step)
     # 7. Export the EMA of θ with the scheduler that samples it: LCM multistep consistency sampling.
     ema.copy_to(student.parameters())
+    known = inspect.signature(LCMScheduler.__init__).parameters  # DDPM-only keys (variance_type) would only warn
     scheduler = LCMScheduler.from_config(
-        sched_cfg, original_inference_steps=cfg.solver_steps, timestep_scaling=TIMESTEP_SCALING,
+        {k: v for k, v in sched_cfg.items() if k in known}, original_inference_steps=cfg.solver_steps, timestep_scaling=TIMESTEP_SCALING,
         clip_sample=True, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0,
     )
     summary = {"method": "consistency", "config": asdict(cfg), "final_loss": losses.get("loss"),

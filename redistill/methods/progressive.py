@@ -86,13 +86,14 @@ def distill(
     cfg: ProgressiveConfig,
     ckpt_dir: Path,
     log: Callable[[str], None] = print,
+    on_round: Callable[[int, object], None] | None = None,
 ):
     """Progressively distil `teacher` (a pipeline with unet + scheduler) on images `data` in [0, 1].
 
     Returns the stock DDPMPipeline of the final student (EMA weights, DDIM trailing, v-prediction) and a
-    summary. Resumes from the latest checkpoint in `ckpt_dir`.
+    summary. Resumes from the latest checkpoint in `ckpt_dir`. `on_round(n, pipeline)` receives each
+    round's student (the bench samples every round's step count from one run).
     """
-    from diffusers import DDIMScheduler, DDPMPipeline
 
     sched_cfg = teacher.scheduler.config
     T = sched_cfg.num_train_timesteps
@@ -153,11 +154,20 @@ def distill(
         teacher_unet = frozen(student)
         teacher_type = STUDENT_PREDICTION
         history.append({"round": r + 1, "student_steps": n, "final_loss": losses.get("loss")})
+        if on_round is not None:
+            on_round(n, student_pipeline(copy.deepcopy(teacher_unet).cpu(), sched_cfg))
 
-    scheduler = DDIMScheduler.from_config(
-        sched_cfg, prediction_type=STUDENT_PREDICTION, timestep_spacing="trailing", clip_sample=True,
-        set_alpha_to_one=True,
-    )
     summary = {"method": "progressive", "config": asdict(cfg), "rounds": history,
                "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
-    return DDPMPipeline(unet=teacher_unet.cpu(), scheduler=scheduler), summary
+    return student_pipeline(teacher_unet.cpu(), sched_cfg), summary
+
+
+def student_pipeline(unet, teacher_scheduler_config):
+    """The stock pipeline that samples a progressive student: DDIM, "trailing" spacing, v-prediction."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    scheduler = DDIMScheduler.from_config(
+        teacher_scheduler_config, prediction_type=STUDENT_PREDICTION, timestep_spacing="trailing", clip_sample=True,
+        set_alpha_to_one=True,
+    )
+    return DDPMPipeline(unet=unet, scheduler=scheduler)

@@ -1,0 +1,171 @@
+"""`redistill bench`: every method side by side on one teacher, with fixed seeds.
+
+Rows:
+- the teacher with DDIM at 10, 25, 50 and 100 steps, and DDPM at its full 1,000 (full run only);
+- each method at 1, 2, 4 and 8 steps where it applies: one progressive run halves down to 1 step and
+  keeps every round's student (8, 4, 2, 1); one consistency student is sampled at each step count.
+
+Every row is measured by the same suite as `redistill evaluate` against the teacher at
+`evaluate.reference_steps` (FID/KID with CIs, PSNR/SSIM on shared noise, latency, throughput, speedup,
+parameters, peak memory), plus the method's distillation wall time. Writes bench.json, bench.md and
+quality_vs_nfe.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from redistill.config import METHODS, EvaluateParams, Params
+
+TEACHER_STEPS = (10, 25, 50, 100)
+METHOD_STEPS = (1, 2, 4, 8)
+
+
+def quick_params(p: Params) -> Params:
+    """CI-sized settings: few samples and repeats, a handful of optimiser steps per method."""
+    ev = dataclasses.replace(p.evaluate, num_samples=200, bootstrap=20, kid_subset_size=100, sample_batch_size=200,
+                             latency_repeats=3, throughput_repeats=1, throughput_batch=16)
+    d = p.distill
+    d = dataclasses.replace(d, batch_size=16, checkpoint_every=10**6,
+                            progressive=dataclasses.replace(d.progressive, steps_per_round=20),
+                            consistency=dataclasses.replace(d.consistency, steps=40))
+    return dataclasses.replace(p, evaluate=ev, distill=d)
+
+
+def _row(kind: str, method: str, steps: int, result: dict, distill_s: float | None, sampler: str) -> dict:
+    q, f, s, m = result["quality"], result["fidelity"], result["speed"], result["memory"]
+    return {
+        "kind": kind, "method": method, "steps": steps, "sampler": sampler,
+        "fid": q["fid"], "fid_ci95": q["fid_ci95"], "fid_ratio": q["fid_ratio"], "kid": q["kid"],
+        "recognisable_share": q.get("recognisable_share"),
+        "psnr_db": f["psnr_db"], "ssim": f["ssim"],
+        "latency_ms_p50": s["latency_ms_p50"], "throughput_img_s": s["throughput_img_s"],
+        "speedup": s["speedup_throughput"], "params": m["params"], "peak_mb": m["peak_sampling_mb"],
+        "distill_wall_s": distill_s,
+    }
+
+
+def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = False, device: str = "cpu",
+              log: Callable[[str], None] = print) -> dict:
+    """Run the bench in `out`; returns {"rows": [...], ...} and writes bench.json, bench.md, the plot."""
+    import torch
+
+    from redistill.data import load_image_folder
+    from redistill.features import FeatureExtractor, load_classifier
+    from redistill.methods import distill
+    from redistill.metrics import Side, evaluate
+    from redistill.teacher import load_pipeline, save_pipeline
+
+    t0 = time.perf_counter()
+    if quick:
+        p = quick_params(p)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_image_folder(root / "data" / "reference")
+    classifier = load_classifier(root / "data" / "features")
+    extractor = FeatureExtractor(classifier)
+    ref = Side(teacher, p.evaluate.reference_steps)
+    cache = root / "runs" / "cache" / "samples"
+
+    def measure(path: Path, steps: int, scheduler: str, ep: EvaluateParams = p.evaluate) -> dict:
+        return evaluate(Side(path, steps, scheduler), ref, data, extractor, ep, classifier=classifier,
+                        confidence=p.features.confidence, device=device, cache_dir=cache, data_path=root / "data" / "reference")
+
+    rows = []
+    for steps in TEACHER_STEPS:
+        log(f"teacher, DDIM {steps} steps")
+        rows.append(_row("teacher", "teacher (DDIM)", steps, measure(teacher, steps, "ddim"), None, "ddim"))
+    if not quick:  # DDPM at 1,000 steps: ~9 minutes for 2,000 samples on 2 CPU cores
+        ddpm_steps = load_pipeline(teacher).scheduler.config.num_train_timesteps
+        log(f"teacher, DDPM {ddpm_steps} steps")
+        rows.append(_row("teacher", "teacher (DDPM)", ddpm_steps, measure(teacher, ddpm_steps, "ddpm"), None, "ddpm"))
+
+    images = torch.from_numpy(data.images)
+    for method in METHODS:
+        folder = out / "students" / method
+        if method == "progressive":
+            # one halving run down to 1 step serves every row: each round's student is kept
+            d = dataclasses.replace(p.distill, method=method, target_steps=1)
+            snaps: dict[int, Path] = {}
+
+            def keep(n, pipe, folder=folder, snaps=snaps):
+                if n in METHOD_STEPS:
+                    snaps[n] = folder / f"steps-{n}"
+                    save_pipeline(pipe, snaps[n])
+
+            log("distilling progressive (halving down to 1 step)")
+            t = time.perf_counter()
+            _, summary = distill(d, load_pipeline(teacher), images, out / "checkpoints" / method, log=log, on_round=keep)
+            wall = time.perf_counter() - t
+            targets = [(n, snaps[n]) for n in sorted(snaps)]
+        else:
+            d = dataclasses.replace(p.distill, method=method)
+            log(f"distilling {method}")
+            t = time.perf_counter()
+            student, summary = distill(d, load_pipeline(teacher), images, out / "checkpoints" / method, log=log)
+            wall = time.perf_counter() - t
+            save_pipeline(student, folder / "student")
+            targets = [(n, folder / "student") for n in METHOD_STEPS]
+        for n, path in targets:
+            log(f"{method} at {n} steps")
+            rows.append(_row("method", method, n, measure(path, n, "saved"), round(wall, 1), "saved"))
+
+    result = {"quick": quick, "teacher": str(teacher), "reference_steps": p.evaluate.reference_steps,
+              "num_samples": p.evaluate.num_samples, "seed": p.evaluate.seed, "device": device,
+              "threads": torch.get_num_threads(), "rows": rows, "wall_time_s": round(time.perf_counter() - t0, 1)}
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown_table(result) + "\n")
+    plot(result, out / "quality_vs_nfe.png")
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    """The bench as a Markdown table, one row per (pipeline, steps)."""
+    head = ("| pipeline | steps | FID [95% CI] | FID ÷ teacher@{r} | KID | recognisable | PSNR dB | SSIM | latency p50 ms (b=1) "
+            "| img/s (b={b}) | speedup | params | peak MB | distil s |")
+    lines = [head.format(r=result["reference_steps"], b="64" if not result["quick"] else "16"),
+             "|" + "---|" * 14]
+
+    def num(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    for r in result["rows"]:
+        lo, hi = r["fid_ci95"]
+        lines.append(
+            f"| {r['method']} | {r['steps']} | {r['fid']:.3f} [{lo:.3f}, {hi:.3f}] | {num(r['fid_ratio'], '.2f')}× "
+            f"| {r['kid']:.4f} | {num(r['recognisable_share'], '.3f')} | {num(r['psnr_db'], '.2f')} | {r['ssim']:.3f} "
+            f"| {r['latency_ms_p50']:.1f} | {r['throughput_img_s']:.0f} | ×{r['speedup']:.1f} | {r['params']:,} "
+            f"| {num(r['peak_mb'], '.0f')} | {num(r['distill_wall_s'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """FID against the number of network evaluations: the teacher's DDIM curve and one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    series: dict[str, list[dict]] = {}
+    for r in result["rows"]:
+        series.setdefault(r["method"], []).append(r)
+    for name, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["steps"])
+        x = [r["steps"] for r in rs]
+        y = [r["fid"] for r in rs]
+        err = [[r["fid"] - r["fid_ci95"][0] for r in rs], [r["fid_ci95"][1] - r["fid"] for r in rs]]
+        style = "k-o" if name.startswith("teacher") else "-s"
+        ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations (sampling steps)")
+    ax.set_ylabel("FID (classifier features)")
+    ax.set_title("quality against steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,46 @@
+"""`redistill bench --quick` end to end on a tiny real teacher: every row, the three files, and the MLflow run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from typer.testing import CliRunner
+
+from redistill.cli import app
+
+
+def test_quick_bench_has_every_row_and_logs_its_files(digits_ws, tmp_path):
+    from conftest import make_tiny_pipeline
+    from mlflow import MlflowClient
+
+    root = tmp_path / "ws"
+    shutil.copytree(digits_ws / "data", root / "data")
+    shutil.copy(digits_ws / "params.yaml", root / "params.yaml")
+    teacher = make_tiny_pipeline(root / "data" / "teachers" / "tiny")
+    r = CliRunner().invoke(app, ["bench", "--quick", "--json", "--workspace", str(root), "--teacher", str(teacher)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = {(row["method"], row["steps"]) for row in result["rows"]}
+    assert {("teacher (DDIM)", s) for s in (10, 25, 50, 100)} <= rows
+    for method in ("progressive", "consistency"):
+        assert {(method, s) for s in (1, 2, 4, 8)} <= rows
+    for row in result["rows"]:
+        assert row["fid_ci95"][0] <= row["fid"] <= row["fid_ci95"][1] or row["fid"] < 1e-9
+        assert row["throughput_img_s"] > 0 and row["params"] > 0
+        assert (row["distill_wall_s"] is None) == (row["kind"] == "teacher")
+    # the teacher at the reference steps is the reference itself
+    ref = next(row for row in result["rows"] if row["method"] == "teacher (DDIM)" and row["steps"] == 50)
+    assert ref["fid_ratio"] == 1.0 and ref["ssim"] == 1.0
+    out = root / "runs" / "bench" / "quick"
+    assert "| progressive | 4 |" in (out / "bench.md").read_text()
+    assert (out / "quality_vs_nfe.png").read_bytes()[:4] == b"\x89PNG"
+    c = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = c.get_run(result["mlflow_run_id"])
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} == {"bench.json", "bench.md", "quality_vs_nfe.png"}
+    assert "progressive_4.fid" in run.data.metrics
+
+
+def test_bench_without_data_says_what_to_run(tmp_path):
+    r = CliRunner().invoke(app, ["bench", "--quick", "--workspace", str(tmp_path)])
+    assert r.exit_code != 0 and "redistill demo" in r.output
