@@ -46,7 +46,7 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual") -> dict:
         record_failure(root, run_id, "teacher", facts["error"])
         raise CycleStopped(facts["error"])
 
-    summary = distill_student(teacher, data, p.distill, run_dir)
+    summary = distill_student(teacher, data, p.distill, run_dir, root)
     student = run_dir / "student"
     result = evaluate_student(student, p.distill.target_steps, teacher, data, root / "data" / "features", p,
                               run_dir / "evaluation", root / "runs" / "cache" / "samples")

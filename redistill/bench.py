@@ -32,7 +32,8 @@ def quick_params(p: Params) -> Params:
     d = p.distill
     d = dataclasses.replace(d, batch_size=16, checkpoint_every=10**6,
                             progressive=dataclasses.replace(d.progressive, steps_per_round=20),
-                            consistency=dataclasses.replace(d.consistency, steps=40))
+                            consistency=dataclasses.replace(d.consistency, steps=40),
+                            output=dataclasses.replace(d.output, pairs=64, pairs_steps=10, steps=40))
     return dataclasses.replace(p, evaluate=ev, distill=d)
 
 
@@ -102,13 +103,15 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
             wall = time.perf_counter() - t
             targets = [(n, snaps[n]) for n in sorted(snaps)]
         else:
-            d = dataclasses.replace(p.distill, method=method)
+            one_step = method == "output"  # serves exactly 1 step
+            d = dataclasses.replace(p.distill, method=method, **({"target_steps": 1} if one_step else {}))
             log(f"distilling {method}")
             t = time.perf_counter()
-            student, summary = distill(d, load_pipeline(teacher), images, out / "checkpoints" / method, log=log)
+            student, summary = distill(d, load_pipeline(teacher), images, out / "checkpoints" / method, log=log,
+                                       teacher_path=teacher, workspace=root)
             wall = time.perf_counter() - t
             save_pipeline(student, folder / "student")
-            targets = [(n, folder / "student") for n in METHOD_STEPS]
+            targets = [(n, folder / "student") for n in (METHOD_STEPS[:1] if one_step else METHOD_STEPS)]
         for n, path in targets:
             log(f"{method} at {n} steps")
             rows.append(_row("method", method, n, measure(path, n, "saved"), round(wall, 1), "saved"))

@@ -113,8 +113,8 @@ class GateParams:
             raise ConfigError(f"gate.first_run must be 'absolute' or 'reject', got {self.first_run!r}")
 
 
-METHODS = ("progressive", "consistency")  # distillation methods with a file in redistill/methods/
-MIN_STEPS = {"progressive": 1, "consistency": 1}  # the fewest sampling steps each method can serve
+METHODS = ("progressive", "consistency", "output")  # distillation methods with a file in redistill/methods/
+MIN_STEPS = {"progressive": 1, "consistency": 1, "output": 1}  # the fewest sampling steps each method can serve
 
 
 @dataclass
@@ -136,6 +136,15 @@ class ConsistencyParams:
 
 
 @dataclass
+class OutputParams:
+    """`distill.output`: one-step output distillation on cached teacher pairs (Luhman & Luhman 2021)."""
+
+    pairs: int = 8000  # (noise, teacher output) pairs, generated once per teacher into data/pairs/
+    pairs_steps: int = 50  # the teacher's DDIM steps per pair
+    steps: int = 3000  # optimiser steps
+
+
+@dataclass
 class DistillParams:
     """`distill`: the method, the shared budget, and one subsection of settings per method."""
 
@@ -149,6 +158,7 @@ class DistillParams:
     mixed_precision: str = "no"  # accelerate mixed precision: no, fp16 or bf16 (bf16 on GPUs)
     progressive: ProgressiveParams = field(default_factory=ProgressiveParams)
     consistency: ConsistencyParams = field(default_factory=ConsistencyParams)
+    output: OutputParams = field(default_factory=OutputParams)
 
     def __post_init__(self):
         if self.method not in METHODS:

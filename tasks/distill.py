@@ -17,7 +17,7 @@ SUMMARY = "redistill_distill.json"
 
 
 @task(name="distill-student", task_run_name="distill {p.method}")
-def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path) -> dict:
+def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path, root: Path | None = None) -> dict:
     """Distil `teacher` on `data` into `run_dir/student` (a stock diffusers pipeline folder)."""
     import torch
 
@@ -30,6 +30,7 @@ def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path) 
         return json.loads((out / SUMMARY).read_text())
     logger = get_run_logger()
     images = torch.from_numpy(load_image_folder(data).images)
-    student, summary = distill(p, load_pipeline(teacher), images, Path(run_dir) / "checkpoints", log=logger.info)
+    student, summary = distill(p, load_pipeline(teacher), images, Path(run_dir) / "checkpoints", log=logger.info,
+                               teacher_path=Path(teacher), workspace=root)
     save_pipeline(student, out, extra={SUMMARY: summary})
     return summary

@@ -36,11 +36,31 @@ def method_config(p: DistillParams):
             raise ValueError(f"consistency serves 1 to solver_steps ({cfg.solver_steps}) sampling steps, "
                              f"not target_steps={cfg.target_steps}")
         return cfg, distill
+    if p.method == "output":
+        from redistill.methods.output import OutputConfig, distill
+
+        cfg = _fill(OutputConfig, p, p.output)
+        if cfg.target_steps != 1:
+            raise ValueError(f"the output method serves exactly 1 sampling step, not target_steps={cfg.target_steps}; "
+                             "set distill.target_steps: 1 or choose progressive or consistency")
+        return cfg, distill
     raise ValueError(f"unknown distillation method {p.method!r}")  # DistillParams already refuses these
 
 
-def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[str], None] = print, on_round=None):
+def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[str], None] = print, on_round=None,
+            teacher_path: Path | None = None, workspace: Path | None = None):
     """Run the method `p.method` with its settings from `p`; returns (student pipeline, summary).
-    `on_round(steps, pipeline)` receives intermediate students of methods that make them (progressive)."""
+
+    `on_round(steps, pipeline)` receives intermediate students of methods that make them (progressive).
+    `teacher_path` and `workspace` key and place the output method's pair cache (`<workspace>/data/pairs`).
+    """
     cfg, run = method_config(p)
-    return run(teacher, images, cfg, ckpt_dir, log=log, **({"on_round": on_round} if on_round else {}))
+    extra = {}
+    if on_round is not None and p.method == "progressive":
+        extra["on_round"] = on_round
+    if p.method == "output":
+        from redistill.teacher import pipeline_sha256
+
+        extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None
+        extra["pairs_dir"] = (Path(workspace) if workspace is not None else Path.cwd()) / "data" / "pairs"
+    return run(teacher, images, cfg, ckpt_dir, log=log, **extra)

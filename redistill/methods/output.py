@@ -1,0 +1,136 @@
+"""One-step output (fidelity) distillation (Luhman & Luhman 2021, "Knowledge Distillation in Iterative
+Generative Models for Improved Sampling Speed", arXiv:2101.02388).
+
+1. Run the teacher's deterministic DDIM sampler once over a fixed set of initial noises, keeping each
+   (noise x_T, teacher output x₀) pair. The pairs depend only on the teacher, its sampler step count,
+   their number and the seed, so they are cached under `data/pairs/` in a file named by the teacher's
+   sha256 and reused by every later cycle (`data/pairs` is a DVC-tracked output).
+2. Train the student, a copy of the teacher's UNet, to map x_T to x₀ in one network call:
+   x̂₀ = s_θ(x_T, T−1), with the L2 loss ‖x̂₀ − x₀‖².
+3. Export it as a stock `DDPMPipeline` whose `DDIMScheduler` ("trailing", prediction_type "sample",
+   final α = 1) runs exactly that call at 1 step: the first and only timestep is T−1 and the step
+   returns the model's output.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from redistill.methods.training import Phase, Trainer, frozen, new_ema, student_like
+
+STUDENT_PREDICTION = "sample"
+
+
+@dataclass
+class OutputConfig:
+    """Settings of one output-distillation run (params.yaml `distill` and `distill.output`)."""
+
+    pairs: int = 8000  # (noise, teacher output) pairs generated once per teacher
+    pairs_steps: int = 50  # the teacher's DDIM steps for each pair
+    steps: int = 3000  # optimiser steps
+    target_steps: int = 1  # the method serves exactly one step
+    batch_size: int = 64
+    lr: float = 3.0e-4
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 200
+    mixed_precision: str = "no"
+
+
+def pairs_file(pairs_dir: Path, teacher_sha256: str, cfg: OutputConfig) -> Path:
+    """The cache file of the pairs: named by the teacher's sha256 and what else fixes the pairs."""
+    what = f"{teacher_sha256}|{cfg.pairs_steps}|{cfg.pairs}|{cfg.seed}"
+    return Path(pairs_dir) / f"{teacher_sha256[:16]}-ddim{cfg.pairs_steps}-n{cfg.pairs}-s{cfg.seed}-{hashlib.sha256(what.encode()).hexdigest()[:8]}.safetensors"
+
+
+@torch.no_grad()
+def teacher_pairs(teacher, cfg: OutputConfig, shape: tuple[int, ...], device, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: (x_T, x₀) pairs from the teacher's DDIM sampler (η = 0, the teacher's own spacing)."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(teacher.scheduler.config)
+    sched.set_timesteps(cfg.pairs_steps)
+    unet = teacher.unet.to(device).eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn((cfg.pairs, *shape), generator=gen)
+    outs = []
+    for i in range(0, cfg.pairs, batch):
+        x = noise[i : i + batch].to(device)
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x).prev_sample
+        outs.append(x.clamp(-1, 1).cpu())
+    return noise, torch.cat(outs)
+
+
+def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, device, pairs_dir: Path,
+                       log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor, Path, bool]:
+    """The cached pairs of this teacher, or new ones written atomically to the cache; (x_T, x₀, file, reused)."""
+    from safetensors.torch import load_file, save_file
+
+    f = pairs_file(pairs_dir, teacher_sha256, cfg)
+    if f.is_file():
+        d = load_file(f)
+        log(f"reusing {len(d['noise'])} teacher pairs from {f}")
+        return d["noise"], d["x0"], f, True
+    log(f"generating {cfg.pairs} teacher pairs (DDIM {cfg.pairs_steps} steps) into {f}")
+    noise, x0 = teacher_pairs(teacher, cfg, shape, device)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    save_file({"noise": noise.contiguous(), "x0": x0.contiguous()}, tmp,
+              metadata={"teacher_sha256": teacher_sha256, "pairs_steps": str(cfg.pairs_steps), "seed": str(cfg.seed)})
+    tmp.replace(f)
+    return noise, x0, f, False
+
+
+def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
+            teacher_sha256: str | None = None, pairs_dir: Path | None = None):
+    """Output-distil `teacher` into a one-step student; `data` only fixes the image shape (the pairs are the
+    training set). Returns (stock DDPMPipeline, summary)."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    if cfg.target_steps != 1:
+        raise ValueError(f"the output method serves exactly 1 step, not target_steps={cfg.target_steps}")
+    sched_cfg = teacher.scheduler.config
+    T = sched_cfg.num_train_timesteps
+    run = Trainer(ckpt_dir, {"method": "output", "config": asdict(cfg), "teacher": teacher_sha256},
+                  cfg.checkpoint_every, log, cfg.mixed_precision)
+    dev = run.device
+    if teacher_sha256 is None:  # a teacher not loaded from a folder: key the cache on its weights
+        h = hashlib.sha256()
+        for k, v in sorted(teacher.unet.state_dict().items()):
+            h.update(k.encode()), h.update(v.cpu().numpy().tobytes())
+        teacher_sha256 = h.hexdigest()
+    noise, x0, pfile, reused = load_or_make_pairs(teacher, teacher_sha256, cfg, tuple(data.shape[1:]), dev,
+                                                  Path(pairs_dir or "data/pairs"), log)
+    noise, x0 = noise.to(dev), x0.to(dev)
+    student = student_like(frozen(copy.deepcopy(teacher.unet)).to(dev))
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = new_ema(student, cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    t_last = torch.full((cfg.batch_size,), T - 1, device=dev, dtype=torch.long)
+
+    def step():
+        # 2. A batch of pairs; the student maps x_T to x₀ in one call at t = T−1; L2 loss.
+        idx = torch.randint(0, len(noise), (cfg.batch_size,), generator=gen).to(dev)
+        with run.autocast():
+            pred = student(noise[idx], t_last).sample.float()
+        loss = (pred - x0[idx]).pow(2).mean()
+        run.backward(loss, student, opt, ema)
+        return {"loss": loss.item()}
+
+    losses = run.phase(Phase(0, "output distillation (1 step)", cfg.steps, {"student": student}, {"student": opt},
+                             {"student": ema}, gen), step)
+    # 3. Export: DDIM "trailing" at 1 step calls the student once at T−1 and returns its x₀.
+    ema.copy_to(student.parameters())
+    scheduler = DDIMScheduler.from_config(sched_cfg, prediction_type=STUDENT_PREDICTION, timestep_spacing="trailing",
+                                          clip_sample=True, set_alpha_to_one=True)
+    summary = {"method": "output", "config": asdict(cfg), "final_loss": losses.get("loss"),
+               "pairs_file": str(pfile), "pairs_reused": reused, "wall_time_s": run.finish(),
+               "num_inference_steps": 1}
+    return DDPMPipeline(unet=frozen(student).cpu(), scheduler=scheduler), summary
