@@ -123,6 +123,7 @@ class ProgressiveParams:
 
     teacher_steps: int = 16  # the teacher's DDIM step count where halving starts
     steps_per_round: int = 1500  # optimiser steps per halving round
+    first_timestep: int = 959  # the student's first timestep: 959 keeps the teacher's ε; 999 = trailing, v student
 
 
 @dataclass

@@ -29,13 +29,27 @@ def test_distilled_student_exports_and_samples_in_stock_diffusers(digits_ws, tmp
     save_pipeline(student, tmp_path / "student")
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "student", use_safetensors=True)
     assert isinstance(pipe.scheduler, DDIMScheduler)
-    assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    # the default first timestep 959 keeps the teacher's prediction type
+    assert pipe.scheduler.config.prediction_type == prediction_type
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler.set_timesteps(4)
-    assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]  # the grid the last round trained on
+    assert pipe.scheduler.timesteps.tolist() == [959, 709, 459, 209]  # the grid the last round trained on
     img = pipe(batch_size=3, num_inference_steps=4, output_type="pt").images
     assert img.shape == (3, 1, 8, 8) and torch.isfinite(img).all()
+
+
+def test_trailing_grid_gives_a_v_student(digits_ws, tmp_path):
+    from conftest import make_tiny_pipeline
+
+    teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
+    data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
+    cfg = ProgressiveConfig(teacher_steps=4, target_steps=2, steps_per_round=2, batch_size=4, first_timestep=999)
+    student, _ = distill(teacher, data, cfg, tmp_path / "ckpt", log=lambda m: None)
+    assert student.scheduler.config.prediction_type == "v_prediction"
+    student.scheduler.set_timesteps(2)
+    assert student.scheduler.timesteps.tolist() == [999, 499]
+    with pytest.raises(ValueError, match="must divide 1000"):
+        distill(teacher, data, ProgressiveConfig(teacher_steps=24, target_steps=3), tmp_path / "c2", log=lambda m: None)
 
 
 def test_distillation_resumes_from_its_checkpoint(digits_ws, tmp_path):

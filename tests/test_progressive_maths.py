@@ -7,6 +7,8 @@ import torch
 
 from redistill.methods.progressive import (
     ddim_grid,
+    student_grid,
+    student_pipeline,
     ddim_step,
     distillation_target,
     halving_schedule,
@@ -77,3 +79,18 @@ def test_v_is_not_epsilon():
     assert not torch.allclose(to_x0_eps(v, z, a, s, "epsilon")[0], x0, atol=1e-2)
     with pytest.raises(ValueError, match="unknown prediction_type"):
         to_x0_eps(v, z, a, s, "velocity")
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_student_grid_is_what_the_exported_scheduler_samples_and_nests(n):
+    """The exported DDIM scheduler (leading + steps_offset) reproduces the training grid; grids nest across rounds."""
+    from diffusers import DDIMScheduler
+
+    grid = student_grid(n, 1000, 959)
+    assert grid[0].item() == 959 and grid[-1].item() == -1
+    assert torch.equal(student_grid(2 * n, 1000, 959)[::2], grid)
+    cfg = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").config
+    sched = student_pipeline(torch.nn.Identity(), cfg, "epsilon", 959, n).scheduler
+    sched.set_timesteps(n)
+    assert sched.timesteps.tolist() == grid[:-1].tolist()
+    assert sched.config.prediction_type == "epsilon"

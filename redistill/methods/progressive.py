@@ -3,10 +3,18 @@ Diffusion Models", arXiv:2202.00512), Algorithm 2.
 
 Each round trains a student to match, in one DDIM step, two DDIM steps of its teacher. The student is
 then the next round's teacher and the step count halves, from the teacher's DDIM step count down to the
-target. The student predicts v rather than ε (the paper's section 4): at few steps the first step starts
-at almost pure noise, where an x₀ recovered from ε divides by α ≈ 0. The export is a stock
-`DDPMPipeline` whose saved `DDIMScheduler` ("trailing" spacing, v-prediction) samples the student
-correctly at the target step count.
+target.
+
+Where the sampling grid starts decides the student's parametrisation (the paper's section 4):
+- `first_timestep` below T−1 (default 959): the grid is first − ⌊j·T/n⌋, j = 0..n−1, then the clean end.
+  The student keeps the teacher's prediction type and starts as an exact copy of it. At t = 959 of a
+  cosine schedule α ≈ 0.08, so even an ε model recovers x₀ (DDIM's "leading" 50 steps start at 980).
+  Measured on the digits teacher: FID ratio 1.88 against 2.05 for the v/999 variant below, with round
+  losses 4× lower, because the student no longer has to re-learn its output parametrisation.
+- `first_timestep` = T−1: DDIM's "trailing" grid, which starts at pure noise, where α ≈ 5e-5 and an x₀
+  recovered from ε divides by almost 0, so the student predicts v, as the paper recommends.
+The export is a stock `DDPMPipeline` whose saved `DDIMScheduler` samples the student on exactly the grid
+it was trained on at the target step count ("leading" spacing with `steps_offset`, or "trailing").
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import torch
 from redistill.methods.training import Phase, Trainer, frozen, new_ema, student_like
 from redistill.prediction import alpha_sigma, to_x0_eps
 
-STUDENT_PREDICTION = "v_prediction"
+V_PREDICTION = "v_prediction"
 
 
 @dataclass
@@ -37,6 +45,7 @@ class ProgressiveConfig:
     seed: int = 0
     checkpoint_every: int = 200  # optimiser steps between resumable checkpoints
     mixed_precision: str = "no"  # accelerate: no, fp16 or bf16
+    first_timestep: int = 959  # the student's first sampling timestep; T−1 means "trailing" and a v student
 
 
 def halving_schedule(teacher_steps: int, target_steps: int) -> list[int]:
@@ -60,6 +69,33 @@ def ddim_grid(n: int, num_train_timesteps: int) -> torch.Tensor:
     """DDIM's "trailing" timesteps for n steps, then −1 (the clean end): [999, 749, 499, 249, −1] for n=4."""
     t = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / n)).astype(np.int64) - 1
     return torch.from_numpy(np.append(t, -1))
+
+
+def student_grid(n: int, num_train_timesteps: int, first_timestep: int) -> torch.Tensor:
+    """The n-step grid the student samples on, then −1: "trailing" from T−1, else first − ⌊j·T/n⌋.
+    Both nest: the 2n grid holds the n grid at its even positions."""
+    if first_timestep == num_train_timesteps - 1:
+        return ddim_grid(n, num_train_timesteps)
+    t = first_timestep - np.floor(np.arange(n) * num_train_timesteps / n).astype(np.int64)
+    return torch.from_numpy(np.append(t, -1))
+
+
+def student_prediction(teacher_prediction: str, first_timestep: int, num_train_timesteps: int) -> str:
+    """v from pure noise (trailing grid); otherwise the teacher's own prediction type."""
+    return V_PREDICTION if first_timestep == num_train_timesteps - 1 else teacher_prediction
+
+
+def check_grid(target_steps: int, num_train_timesteps: int, first_timestep: int) -> None:
+    """Refuse a first timestep or step count whose grid stock DDIMScheduler cannot reproduce."""
+    T = num_train_timesteps
+    if not 0 < first_timestep < T:
+        raise ValueError(f"first_timestep must be between 1 and {T - 1}, got {first_timestep}")
+    if first_timestep < T - 1:
+        if T % target_steps:
+            raise ValueError(f"with first_timestep < {T - 1}, target_steps must divide {T} (DDIM's leading grid), "
+                             f"got {target_steps}")
+        if first_timestep - (target_steps - 1) * (T // target_steps) < 0:
+            raise ValueError(f"first_timestep {first_timestep} is too low for {target_steps} steps")
 
 
 def ddim_step(x0: torch.Tensor, z: torch.Tensor, a_t, s_t, a_s, s_s) -> torch.Tensor:
@@ -98,6 +134,8 @@ def distill(
     sched_cfg = teacher.scheduler.config
     T = sched_cfg.num_train_timesteps
     rounds = halving_schedule(cfg.teacher_steps, cfg.target_steps)
+    check_grid(cfg.target_steps, T, cfg.first_timestep)
+    s_type = student_prediction(sched_cfg.prediction_type, cfg.first_timestep, T)
     run = Trainer(ckpt_dir, {"method": "progressive", "config": asdict(cfg), "teacher_prediction": sched_cfg.prediction_type},
                   cfg.checkpoint_every, log, cfg.mixed_precision)
     dev = run.device
@@ -107,14 +145,14 @@ def distill(
     teacher_type = sched_cfg.prediction_type
     if run.resume_phase > 0 and run.resume_path is not None:  # the round being resumed has an earlier student as teacher
         teacher_unet.load_state_dict(run.resumed_weights("teacher"))
-        teacher_type = STUDENT_PREDICTION
+        teacher_type = s_type
 
     history = []
     for r, n in enumerate(rounds):
         if run.skips(r):
             continue
-        grid = ddim_grid(n, T).to(dev)  # the student's steps; the teacher's 2n grid adds the midpoints
-        mid = ddim_grid(2 * n, T)[1::2].to(dev)
+        grid = student_grid(n, T, cfg.first_timestep).to(dev)  # the student's steps; the 2n grid adds midpoints
+        mid = student_grid(2 * n, T, cfg.first_timestep)[1::2].to(dev)
         # 1. The student starts as a copy of its teacher (Alg. 2: η ← θ).
         student = student_like(teacher_unet)
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -141,7 +179,7 @@ def distill(
                 x_target = distillation_target(z_t, z_next.float(), a_t, s_t, a_n, s_n)
             # 5. Truncated-SNR weighted loss in x-space: max(α²/σ², 1)·‖x̃ − x̂_η(z_t)‖².
             with run.autocast():
-                x_student = _x0(student, z_t, t, STUDENT_PREDICTION, alphas_cumprod, False).float()
+                x_student = _x0(student, z_t, t, s_type, alphas_cumprod, False).float()
             weight = torch.clamp(a_t**2 / s_t**2, min=1.0).view(-1)
             loss = (weight * (x_student - x_target).pow(2).mean(dim=(1, 2, 3))).mean()
             # 6. Update, then the EMA that becomes the next teacher.
@@ -152,22 +190,26 @@ def distill(
         # 7. θ ← η: the EMA student teaches the next round, at half the steps.
         ema.copy_to(student.parameters())
         teacher_unet = frozen(student)
-        teacher_type = STUDENT_PREDICTION
+        teacher_type = s_type
         history.append({"round": r + 1, "student_steps": n, "final_loss": losses.get("loss")})
         if on_round is not None:
-            on_round(n, student_pipeline(copy.deepcopy(teacher_unet).cpu(), sched_cfg))
+            on_round(n, student_pipeline(copy.deepcopy(teacher_unet).cpu(), sched_cfg, s_type, cfg.first_timestep, n))
 
     summary = {"method": "progressive", "config": asdict(cfg), "rounds": history,
                "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
-    return student_pipeline(teacher_unet.cpu(), sched_cfg), summary
+    return student_pipeline(teacher_unet.cpu(), sched_cfg, s_type, cfg.first_timestep, cfg.target_steps), summary
 
 
-def student_pipeline(unet, teacher_scheduler_config):
-    """The stock pipeline that samples a progressive student: DDIM, "trailing" spacing, v-prediction."""
+def student_pipeline(unet, teacher_scheduler_config, prediction_type: str, first_timestep: int, steps: int):
+    """The stock pipeline that samples a progressive student at `steps` on its training grid: DDIM with
+    "trailing" spacing from T−1, else "leading" spacing shifted by `steps_offset` to start at first_timestep."""
     from diffusers import DDIMScheduler, DDPMPipeline
 
-    scheduler = DDIMScheduler.from_config(
-        teacher_scheduler_config, prediction_type=STUDENT_PREDICTION, timestep_spacing="trailing", clip_sample=True,
-        set_alpha_to_one=True,
-    )
+    T = teacher_scheduler_config.num_train_timesteps
+    if first_timestep == T - 1:
+        spacing = {"timestep_spacing": "trailing", "steps_offset": 0}
+    else:
+        spacing = {"timestep_spacing": "leading", "steps_offset": first_timestep - (steps - 1) * (T // steps)}
+    scheduler = DDIMScheduler.from_config(teacher_scheduler_config, prediction_type=prediction_type, clip_sample=True,
+                                          set_alpha_to_one=True, **spacing)
     return DDPMPipeline(unet=unet, scheduler=scheduler)
