@@ -267,6 +267,7 @@ def distill(
     if out.exists():
         fail(f"{out} already exists; a student is never overwritten, pick a new --out")
     _check_method(p)
+    (root / "data" / "pairs").mkdir(parents=True, exist_ok=True)  # the output method's pair cache (a DVC output)
     teacher = teacher or root / "data" / "teachers" / p.teacher.name
     try:
         images = load_image_folder(data or root / "data" / "reference")
