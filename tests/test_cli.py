@@ -122,6 +122,12 @@ def test_distill_command_writes_a_stock_student(digits_ws, tiny_pipeline, tmp_pa
     r = invoke("distill", "--out", out, "--teacher", tiny_pipeline, "--params", params, "--workspace", digits_ws)
     assert r.exit_code == 0, r.output
     pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)
-    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.prediction_type == "epsilon"  # the tiny teacher's own type (grid from t=959)
+    pipe.scheduler.set_timesteps(2)
+    assert pipe.scheduler.timesteps.tolist() == [959, 459]
     r = invoke("distill", "--out", out, "--teacher", tiny_pipeline, "--params", params, "--workspace", digits_ws)
     assert r.exit_code == 2 and "never overwritten" in r.output
+    # a method that cannot serve the step count is refused before anything is trained
+    r = invoke("distill", "--out", tmp_path / "s2", "--method", "output", "--teacher", tiny_pipeline, "--params", params,
+               "--workspace", digits_ws)
+    assert r.exit_code == 2 and "exactly 1 sampling step" in r.output and not (tmp_path / "s2").exists()
