@@ -146,6 +146,15 @@ class OutputParams:
 
 
 @dataclass
+class StudentParams:
+    """`distill.student`: a smaller student (BK-SDM style) for any method; empty / 0 keep the teacher's shape."""
+
+    block_out_channels: list[int] = field(default_factory=list)  # one entry per UNet level, e.g. [16, 32]
+    layers_per_block: int = 0  # e.g. 1 where the teacher has 2
+    feature_loss: float = 0.0  # weight of block-output feature matching to the teacher (0: off)
+
+
+@dataclass
 class DistillParams:
     """`distill`: the method, the shared budget, and one subsection of settings per method."""
 
@@ -160,6 +169,7 @@ class DistillParams:
     progressive: ProgressiveParams = field(default_factory=ProgressiveParams)
     consistency: ConsistencyParams = field(default_factory=ConsistencyParams)
     output: OutputParams = field(default_factory=OutputParams)
+    student: StudentParams = field(default_factory=StudentParams)
 
     def __post_init__(self):
         if self.method not in METHODS:

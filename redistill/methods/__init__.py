@@ -16,12 +16,15 @@ from redistill.config import DistillParams
 def _fill(cls, p: DistillParams, section):
     """The method's config from the shared `distill` keys plus its own subsection."""
     values = {**{f.name: getattr(p, f.name) for f in dataclasses.fields(p) if not dataclasses.is_dataclass(getattr(p, f.name))},
-              **dataclasses.asdict(section)}
+              **dataclasses.asdict(section), "student_channels": tuple(p.student.block_out_channels),
+              "student_layers": p.student.layers_per_block, "feature_loss": p.student.feature_loss}
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
 def method_config(p: DistillParams):
     """(config, distill function) of method `p.method`; ValueError when the settings cannot work."""
+    if p.student.feature_loss < 0:
+        raise ValueError(f"distill.student.feature_loss must be ≥ 0, got {p.student.feature_loss}")
     if p.method == "progressive":
         from redistill.methods.progressive import ProgressiveConfig, distill, halving_schedule
 

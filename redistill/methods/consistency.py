@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from redistill.methods.training import Phase, Trainer, frozen, new_ema, student_like
+from redistill.methods.student_shape import FeatureMatch
+from redistill.methods.training import Phase, Trainer, frozen, new_ema, sizes, student_like
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 SIGMA_DATA = 0.5  # LCM's σ_data in the boundary scalings
@@ -47,6 +48,9 @@ class ConsistencyConfig:
     seed: int = 0
     checkpoint_every: int = 200
     mixed_precision: str = "no"
+    student_channels: tuple = ()  # a smaller student (methods/student_shape.py); () keeps the teacher's shape
+    student_layers: int = 0
+    feature_loss: float = 0.0  # weight of block-output feature matching to the teacher
 
 
 def solver_grid(solver_steps: int, num_train_timesteps: int) -> tuple[torch.Tensor, int]:
@@ -99,9 +103,11 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     grid = grid.to(dev)
     x_all = (data.float() * 2.0 - 1.0).to(dev)
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
-    # 1. θ and θ⁻ both start as the teacher (LCM: initialise from the pre-trained model).
-    student = student_like(teacher_unet)
-    target = frozen(copy.deepcopy(teacher_unet))
+    # 1. θ and θ⁻ both start as the teacher (LCM: initialise from the pre-trained model), or as a smaller
+    #    student initialised from it.
+    student = student_like(teacher_unet, cfg.student_channels, cfg.student_layers)
+    target = frozen(copy.deepcopy(student))
+    fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     ema = new_ema(student, cfg.ema_decay)
     ema_target = new_ema(student, cfg.target_ema, warmup=False)  # θ⁻ as diffusers' EMAModel with a fixed μ
@@ -119,16 +125,17 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
         z_t = a_t * x + s_t * torch.randn(x.shape, generator=gen).to(dev)
         with torch.no_grad(), run.autocast():
             # 3. One DDIM step of the teacher along its ODE: ẑ_s = α_s·x̂₀ + σ_s·ε̂ (x̂₀ clipped, as its sampler does).
-            x0, _ = to_x0_eps(teacher_unet(z_t, t).sample.float(), z_t, a_t, s_t, ptype)
+            with fm.teacher():
+                x0, _ = to_x0_eps(teacher_unet(z_t, t).sample.float(), z_t, a_t, s_t, ptype)
             x0 = x0.clamp(-1, 1)
             eps = (z_t - a_t * x0) / s_t
             z_s = a_s * x0 + s_s * eps
             # 4. The target f_θ⁻(ẑ_s, s); at the clean end the boundary condition makes it ẑ_s itself.
             f_target = consistency_fn(target, z_s, s, ptype, alphas_cumprod).float()
         # 5. The student at z_t, and the pseudo-Huber distance to the target.
-        with run.autocast():
+        with run.autocast(), fm.student():
             f_student = consistency_fn(student, z_t, t, ptype, alphas_cumprod).float()
-        loss = pseudo_huber(f_student, f_target, cfg.huber_c)
+        loss = pseudo_huber(f_student, f_target, cfg.huber_c) + fm.loss()
         # 6. Gradient step on θ (and its export EMA), then θ⁻ ← μ·θ⁻ + (1 − μ)·θ.
         run.backward(loss, student, opt, ema)
         ema_target.step(student.parameters())
@@ -136,6 +143,7 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
         return {"loss": loss.item()}
 
     losses = run.phase(ph, step)
+    fm.remove()
     # 7. Export the EMA of θ with the scheduler that samples it: LCM multistep consistency sampling.
     ema.copy_to(student.parameters())
     known = inspect.signature(LCMScheduler.__init__).parameters  # DDPM-only keys (variance_type) would only warn
@@ -144,5 +152,6 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
         clip_sample=True, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0,
     )
     summary = {"method": "consistency", "config": asdict(cfg), "final_loss": losses.get("loss"),
+               **sizes(teacher_unet, student),
                "solver_skip": k, "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
     return DDPMPipeline(unet=frozen(student).cpu(), scheduler=scheduler), summary

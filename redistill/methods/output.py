@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from redistill.methods.training import Phase, Trainer, frozen, new_ema, student_like
+from redistill.methods.student_shape import FeatureMatch
+from redistill.methods.training import Phase, Trainer, frozen, new_ema, sizes, student_like
 
 STUDENT_PREDICTION = "sample"
 
@@ -41,6 +42,9 @@ class OutputConfig:
     seed: int = 0
     checkpoint_every: int = 200
     mixed_precision: str = "no"
+    student_channels: tuple = ()  # a smaller student (methods/student_shape.py); () keeps the teacher's shape
+    student_layers: int = 0
+    feature_loss: float = 0.0  # weight of block-output feature matching to the teacher
 
 
 def pairs_file(pairs_dir: Path, teacher_sha256: str, cfg: OutputConfig) -> Path:
@@ -109,7 +113,9 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
     noise, x0, pfile, reused = load_or_make_pairs(teacher, teacher_sha256, cfg, tuple(data.shape[1:]), dev,
                                                   Path(pairs_dir or "data/pairs"), log)
     noise, x0 = noise.to(dev), x0.to(dev)
-    student = student_like(frozen(copy.deepcopy(teacher.unet)).to(dev))
+    teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
+    student = student_like(teacher_unet, cfg.student_channels, cfg.student_layers)
+    fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     ema = new_ema(student, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -118,19 +124,24 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
     def step():
         # 2. A batch of pairs; the student maps x_T to x₀ in one call at t = T−1; L2 loss.
         idx = torch.randint(0, len(noise), (cfg.batch_size,), generator=gen).to(dev)
-        with run.autocast():
+        if cfg.feature_loss > 0:  # the teacher's block features on the same input, for feature matching
+            with torch.no_grad(), fm.teacher():
+                teacher_unet(noise[idx], t_last)
+        with run.autocast(), fm.student():
             pred = student(noise[idx], t_last).sample.float()
-        loss = (pred - x0[idx]).pow(2).mean()
+        loss = (pred - x0[idx]).pow(2).mean() + fm.loss()
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
 
     losses = run.phase(Phase(0, "output distillation (1 step)", cfg.steps, {"student": student}, {"student": opt},
                              {"student": ema}, gen), step)
+    fm.remove()
     # 3. Export: DDIM "trailing" at 1 step calls the student once at T−1 and returns its x₀.
     ema.copy_to(student.parameters())
     scheduler = DDIMScheduler.from_config(sched_cfg, prediction_type=STUDENT_PREDICTION, timestep_spacing="trailing",
                                           clip_sample=True, set_alpha_to_one=True)
     summary = {"method": "output", "config": asdict(cfg), "final_loss": losses.get("loss"),
+               **sizes(teacher_unet, student),
                "pairs_file": str(pfile), "pairs_reused": reused, "wall_time_s": run.finish(),
                "num_inference_steps": 1}
     return DDPMPipeline(unet=frozen(student).cpu(), scheduler=scheduler), summary

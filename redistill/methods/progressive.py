@@ -26,7 +26,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from redistill.methods.training import Phase, Trainer, frozen, new_ema, student_like
+from redistill.methods.student_shape import FeatureMatch
+from redistill.methods.training import Phase, Trainer, frozen, new_ema, sizes, student_like
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 V_PREDICTION = "v_prediction"
@@ -46,6 +47,9 @@ class ProgressiveConfig:
     checkpoint_every: int = 200  # optimiser steps between resumable checkpoints
     mixed_precision: str = "no"  # accelerate: no, fp16 or bf16
     first_timestep: int = 959  # the student's first sampling timestep; T−1 means "trailing" and a v student
+    student_channels: tuple = ()  # a smaller student (methods/student_shape.py); () keeps the teacher's shape
+    student_layers: int = 0
+    feature_loss: float = 0.0  # weight of block-output feature matching to the teacher
 
 
 def halving_schedule(teacher_steps: int, target_steps: int) -> list[int]:
@@ -154,7 +158,10 @@ def distill(
         grid = student_grid(n, T, cfg.first_timestep).to(dev)  # the student's steps; the 2n grid adds midpoints
         mid = student_grid(2 * n, T, cfg.first_timestep)[1::2].to(dev)
         # 1. The student starts as a copy of its teacher (Alg. 2: η ← θ).
-        student = student_like(teacher_unet)
+        # (a smaller student, when configured, is built in the first round and initialised from the teacher)
+        shape = (cfg.student_channels, cfg.student_layers) if r == 0 else ((), 0)
+        student = student_like(teacher_unet, *shape)
+        fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
         ema = new_ema(student, cfg.ema_decay)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + r)
@@ -162,7 +169,7 @@ def distill(
                    {"student": student, **({"teacher": teacher_unet} if r > 0 else {})}, {"student": opt},
                    {"student": ema}, gen)
 
-        def step(student=student, opt=opt, ema=ema, gen=gen, grid=grid, mid=mid, n=n, teacher_type=teacher_type):
+        def step(student=student, opt=opt, ema=ema, gen=gen, grid=grid, mid=mid, n=n, teacher_type=teacher_type, fm=fm):
             # 2. Data and a student timestep: x ~ D, i ~ U{0..n−1}, t = grid[i]; z_t = α_t·x + σ_t·ε.
             x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(dev)]
             i = torch.randint(0, n, (cfg.batch_size,), generator=gen).to(dev)
@@ -173,20 +180,23 @@ def distill(
                 # 3. Two DDIM steps of the teacher: t → t′ → t″ (its sampler clips x̂₀ to [−1, 1]).
                 a_m, s_m = alpha_sigma(alphas_cumprod, t_mid)
                 a_n, s_n = alpha_sigma(alphas_cumprod, t_next)
-                z_mid = ddim_step(_x0(teacher_unet, z_t, t, teacher_type, alphas_cumprod, True), z_t, a_t, s_t, a_m, s_m)
+                with fm.teacher():
+                    x0_t = _x0(teacher_unet, z_t, t, teacher_type, alphas_cumprod, True)
+                z_mid = ddim_step(x0_t, z_t, a_t, s_t, a_m, s_m)
                 z_next = ddim_step(_x0(teacher_unet, z_mid, t_mid, teacher_type, alphas_cumprod, True), z_mid, a_m, s_m, a_n, s_n)
                 # 4. The target x̃ that makes one student step land on the teacher's two-step result.
                 x_target = distillation_target(z_t, z_next.float(), a_t, s_t, a_n, s_n)
             # 5. Truncated-SNR weighted loss in x-space: max(α²/σ², 1)·‖x̃ − x̂_η(z_t)‖².
-            with run.autocast():
+            with run.autocast(), fm.student():
                 x_student = _x0(student, z_t, t, s_type, alphas_cumprod, False).float()
             weight = torch.clamp(a_t**2 / s_t**2, min=1.0).view(-1)
-            loss = (weight * (x_student - x_target).pow(2).mean(dim=(1, 2, 3))).mean()
+            loss = (weight * (x_student - x_target).pow(2).mean(dim=(1, 2, 3))).mean() + fm.loss()
             # 6. Update, then the EMA that becomes the next teacher.
             run.backward(loss, student, opt, ema)
             return {"loss": loss.item()}
 
         losses = run.phase(ph, step)
+        fm.remove()
         # 7. θ ← η: the EMA student teaches the next round, at half the steps.
         ema.copy_to(student.parameters())
         teacher_unet = frozen(student)
@@ -195,7 +205,7 @@ def distill(
         if on_round is not None:
             on_round(n, student_pipeline(copy.deepcopy(teacher_unet).cpu(), sched_cfg, s_type, cfg.first_timestep, n))
 
-    summary = {"method": "progressive", "config": asdict(cfg), "rounds": history,
+    summary = {"method": "progressive", "config": asdict(cfg), "rounds": history, **sizes(teacher.unet, teacher_unet),
                "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
     return student_pipeline(teacher_unet.cpu(), sched_cfg, s_type, cfg.first_timestep, cfg.target_steps), summary
 

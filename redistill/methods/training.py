@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,9 +37,21 @@ def new_ema(model: torch.nn.Module, decay: float, warmup: bool = True):
                     min_decay=0.0 if warmup else decay)
 
 
-def student_like(unet: torch.nn.Module) -> torch.nn.Module:
-    """A trainable copy of `unet`."""
-    return copy.deepcopy(unet).train().requires_grad_(True)
+def student_like(unet: torch.nn.Module, channels: tuple = (), layers: int = 0) -> torch.nn.Module:
+    """A trainable copy of `unet`, or, with `channels`/`layers`, a smaller student initialised from it
+    where shapes allow (methods/student_shape.py)."""
+    if not channels and not layers:
+        return copy.deepcopy(unet).train().requires_grad_(True)
+    from redistill.methods.student_shape import build_student
+
+    return build_student(unet, list(channels), layers)[0].to(next(unet.parameters()).device)
+
+
+def sizes(teacher_unet: torch.nn.Module, student_unet: torch.nn.Module) -> dict:
+    """Parameter counts of teacher and student (smaller students report how much smaller)."""
+    t = sum(p.numel() for p in teacher_unet.parameters())
+    s = sum(p.numel() for p in student_unet.parameters())
+    return {"teacher_params": t, "student_params": s, "student_param_ratio": round(s / t, 4)}
 
 
 def frozen(unet: torch.nn.Module) -> torch.nn.Module:
@@ -69,6 +82,7 @@ class Trainer:
 
         self.accelerator = Accelerator(mixed_precision=mixed_precision)
         self.device = self.accelerator.device
+        fingerprint = json.loads(json.dumps(fingerprint))  # as meta.json holds it (tuples become lists)
         self.ckpt_dir, self.fingerprint, self.every, self.log, self.keep = Path(ckpt_dir), fingerprint, checkpoint_every, log, keep
         self.resume_path: Path | None = None
         self.resume_phase, self.resume_step, elapsed = 0, 0, 0.0
