@@ -3,7 +3,8 @@
 Rows:
 - the teacher with DDIM at 10, 25, 50 and 100 steps, and DDPM at its full 1,000 (full run only);
 - each method at 1, 2, 4 and 8 steps where it applies: one progressive run halves down to 1 step and
-  keeps every round's student (8, 4, 2, 1); one consistency student is sampled at each step count.
+  keeps every round's student (8, 4, 2, 1); one consistency student is sampled at each step count; the
+  output student at 1; the adversarial student at the step counts its trained grid covers (1, 2, 4).
 
 Every row is measured by the same suite as `redistill evaluate` against the teacher at
 `evaluate.reference_steps` (FID/KID with CIs, PSNR/SSIM on shared noise, latency, throughput, speedup,
@@ -33,7 +34,8 @@ def quick_params(p: Params) -> Params:
     d = dataclasses.replace(d, batch_size=16, checkpoint_every=10**6,
                             progressive=dataclasses.replace(d.progressive, steps_per_round=20),
                             consistency=dataclasses.replace(d.consistency, steps=40),
-                            output=dataclasses.replace(d.output, pairs=64, pairs_steps=10, steps=40))
+                            output=dataclasses.replace(d.output, pairs=64, pairs_steps=10, steps=40),
+                            adversarial=dataclasses.replace(d.adversarial, steps=20))
     return dataclasses.replace(p, evaluate=ev, distill=d)
 
 
@@ -111,7 +113,9 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
                                        teacher_path=teacher, workspace=root)
             wall = time.perf_counter() - t
             save_pipeline(student, folder / "student")
-            targets = [(n, folder / "student") for n in (METHOD_STEPS[:1] if one_step else METHOD_STEPS)]
+            # output serves 1 step; adversarial the subsets of its trained 4-step grid; consistency any
+            served = {"output": (1,), "adversarial": tuple(n for n in METHOD_STEPS if n <= d.target_steps)}
+            targets = [(n, folder / "student") for n in served.get(method, METHOD_STEPS)]
         for n, path in targets:
             log(f"{method} at {n} steps")
             rows.append(_row("method", method, n, measure(path, n, "saved"), round(wall, 1), "saved"))

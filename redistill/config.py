@@ -113,8 +113,8 @@ class GateParams:
             raise ConfigError(f"gate.first_run must be 'absolute' or 'reject', got {self.first_run!r}")
 
 
-METHODS = ("progressive", "consistency", "output")  # distillation methods with a file in redistill/methods/
-MIN_STEPS = {"progressive": 1, "consistency": 1, "output": 1}  # the fewest sampling steps each method can serve
+METHODS = ("progressive", "consistency", "output", "adversarial")  # one file each in redistill/methods/
+MIN_STEPS = {"progressive": 1, "consistency": 1, "output": 1, "adversarial": 1}  # the fewest steps each can serve
 
 
 @dataclass
@@ -146,6 +146,17 @@ class OutputParams:
 
 
 @dataclass
+class AdversarialParams:
+    """`distill.adversarial`: ADD-style adversarial distillation (Sauer et al. 2023)."""
+
+    steps: int = 1500  # student steps, one discriminator step each (~4× a progressive step's cost)
+    distill_weight: float = 2.5  # λ of the distillation loss next to the adversarial one
+    disc_lr: float = 0.0002
+    disc_max_t: int = 500  # the discriminator sees images noised at t < this
+    solver_steps: int = 48  # the LCMScheduler grid of the student's timesteps (starts at 959)
+
+
+@dataclass
 class StudentParams:
     """`distill.student`: a smaller student (BK-SDM style) for any method; empty / 0 keep the teacher's shape."""
 
@@ -169,6 +180,7 @@ class DistillParams:
     progressive: ProgressiveParams = field(default_factory=ProgressiveParams)
     consistency: ConsistencyParams = field(default_factory=ConsistencyParams)
     output: OutputParams = field(default_factory=OutputParams)
+    adversarial: AdversarialParams = field(default_factory=AdversarialParams)
     student: StudentParams = field(default_factory=StudentParams)
 
     def __post_init__(self):

@@ -73,6 +73,7 @@ def test_feature_matching_pulls_student_blocks_towards_the_teacher():
     ("progressive", 2, {"progressive": {"teacher_steps": 4, "steps_per_round": 3}}),
     ("consistency", 2, {"consistency": {"steps": 4, "solver_steps": 10}}),
     ("output", 1, {"output": {"pairs": 16, "pairs_steps": 4, "steps": 4}}),
+    ("adversarial", 2, {"adversarial": {"steps": 3}}),
 ])
 def test_every_method_distils_into_a_smaller_stock_student(digits_ws, tmp_path, method, steps, section):
     from conftest import make_tiny_pipeline

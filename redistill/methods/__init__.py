@@ -47,6 +47,14 @@ def method_config(p: DistillParams):
             raise ValueError(f"the output method serves exactly 1 sampling step, not target_steps={cfg.target_steps}; "
                              "set distill.target_steps: 1 or choose progressive or consistency")
         return cfg, distill
+    if p.method == "adversarial":
+        from redistill.methods.adversarial import AdversarialConfig, distill
+
+        cfg = _fill(AdversarialConfig, p, p.adversarial)
+        if not 1 <= cfg.target_steps <= cfg.solver_steps:
+            raise ValueError(f"adversarial serves 1 to solver_steps ({cfg.solver_steps}) sampling steps, "
+                             f"not target_steps={cfg.target_steps}")
+        return cfg, distill
     raise ValueError(f"unknown distillation method {p.method!r}")  # DistillParams already refuses these
 
 

@@ -88,8 +88,6 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
 def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path, log: Callable[[str], None] = print):
     """Consistency-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline with an
     LCMScheduler, summary). Resumes from the latest checkpoint in `ckpt_dir`."""
-    from diffusers import DDPMPipeline, LCMScheduler
-
     sched_cfg = teacher.scheduler.config
     ptype = sched_cfg.prediction_type
     T = sched_cfg.num_train_timesteps
@@ -97,7 +95,7 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     if cfg.target_steps > cfg.solver_steps:
         raise ValueError(f"target_steps ({cfg.target_steps}) cannot exceed solver_steps ({cfg.solver_steps})")
     run = Trainer(ckpt_dir, {"method": "consistency", "config": asdict(cfg), "teacher_prediction": ptype},
-                  cfg.checkpoint_every, log, cfg.mixed_precision)
+                  cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     dev = run.device
     alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
     grid = grid.to(dev)
@@ -146,12 +144,27 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     fm.remove()
     # 7. Export the EMA of θ with the scheduler that samples it: LCM multistep consistency sampling.
     ema.copy_to(student.parameters())
-    known = inspect.signature(LCMScheduler.__init__).parameters  # DDPM-only keys (variance_type) would only warn
-    scheduler = LCMScheduler.from_config(
-        {k: v for k, v in sched_cfg.items() if k in known}, original_inference_steps=cfg.solver_steps, timestep_scaling=TIMESTEP_SCALING,
-        clip_sample=True, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0,
-    )
     summary = {"method": "consistency", "config": asdict(cfg), "final_loss": losses.get("loss"),
                **sizes(teacher_unet, student),
                "solver_skip": k, "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
-    return DDPMPipeline(unet=frozen(student).cpu(), scheduler=scheduler), summary
+    return lcm_pipeline(frozen(student).cpu(), sched_cfg, cfg.solver_steps), summary
+
+
+def lcm_scheduler(teacher_scheduler_config, solver_steps: int):
+    """The stock `LCMScheduler` over the grid {k−1, …, N·k−1}: it applies c_skip/c_out and re-noises
+    between steps (multistep consistency sampling)."""
+    from diffusers import LCMScheduler
+
+    known = inspect.signature(LCMScheduler.__init__).parameters  # DDPM-only keys (variance_type) would only warn
+    return LCMScheduler.from_config(
+        {k: v for k, v in teacher_scheduler_config.items() if k in known}, original_inference_steps=solver_steps,
+        timestep_scaling=TIMESTEP_SCALING, clip_sample=True, set_alpha_to_one=True, timestep_spacing="leading",
+        steps_offset=0,
+    )
+
+
+def lcm_pipeline(unet, teacher_scheduler_config, solver_steps: int):
+    """A stock `DDPMPipeline` that samples `unet` with `lcm_scheduler`."""
+    from diffusers import DDPMPipeline
+
+    return DDPMPipeline(unet=unet, scheduler=lcm_scheduler(teacher_scheduler_config, solver_steps))

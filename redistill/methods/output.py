@@ -103,7 +103,7 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
     sched_cfg = teacher.scheduler.config
     T = sched_cfg.num_train_timesteps
     run = Trainer(ckpt_dir, {"method": "output", "config": asdict(cfg), "teacher": teacher_sha256},
-                  cfg.checkpoint_every, log, cfg.mixed_precision)
+                  cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     dev = run.device
     if teacher_sha256 is None:  # a teacher not loaded from a folder: key the cache on its weights
         h = hashlib.sha256()

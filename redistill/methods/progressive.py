@@ -141,7 +141,7 @@ def distill(
     check_grid(cfg.target_steps, T, cfg.first_timestep)
     s_type = student_prediction(sched_cfg.prediction_type, cfg.first_timestep, T)
     run = Trainer(ckpt_dir, {"method": "progressive", "config": asdict(cfg), "teacher_prediction": sched_cfg.prediction_type},
-                  cfg.checkpoint_every, log, cfg.mixed_precision)
+                  cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     dev = run.device
     alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
     x_all = (data.float() * 2.0 - 1.0).to(dev)

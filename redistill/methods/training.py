@@ -77,9 +77,12 @@ class Trainer:
     method's settings and the teacher's prediction type) matches; others are discarded."""
 
     def __init__(self, ckpt_dir: Path, fingerprint: dict, checkpoint_every: int, log: Callable[[str], None] = print,
-                 mixed_precision: str = "no", keep: int = 2):
+                 mixed_precision: str = "no", keep: int = 2, seed: int = 0):
         from accelerate import Accelerator
 
+        # fresh weights (a smaller student's new layers, discriminator heads) come from the global RNG:
+        # seed it so an unbroken run and a resumed one start from the same networks
+        torch.manual_seed(seed)
         self.accelerator = Accelerator(mixed_precision=mixed_precision)
         self.device = self.accelerator.device
         fingerprint = json.loads(json.dumps(fingerprint))  # as meta.json holds it (tuples become lists)

@@ -1,0 +1,147 @@
+"""Adversarial diffusion distillation, ADD style (Sauer et al. 2023, "Adversarial Diffusion Distillation",
+arXiv:2311.17042), with the teacher as the discriminator's frozen feature network as in its latent
+follow-up (LADD, Sauer et al. 2024, arXiv:2403.12015).
+
+The student x̂_θ(x_s, s) generates a clean image from a noised real image at one of its few sampling
+timesteps s. Two losses train it (ADD's eq. 4, L = L_adv + λ·L_distill):
+- adversarial: a discriminator, small trainable heads on the frozen teacher UNet's block features of
+  lightly noised images, tells real images from the student's; hinge loss (ADD section 3.2);
+- distillation: the student's image, re-noised to a random t, is denoised by the teacher, and the
+  student is pulled towards the teacher's x̂₀ with weight c(t) = ᾱ_t (ADD section 3.3, the
+  "exponential" weighting).
+
+The student keeps the teacher's prediction type and its output passes through LCM's c_skip/c_out
+boundary scalings, so the export is a stock `DDPMPipeline` + `LCMScheduler`: each step predicts the clean
+image and re-noises it to the next timestep, which is ADD's multistep sampler. It is trained on exactly
+the timesteps that `LCMScheduler` uses for `target_steps` (and therefore for every power of two below it).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from redistill.methods.consistency import consistency_fn, lcm_pipeline, lcm_scheduler
+from redistill.methods.student_shape import FeatureMatch
+from redistill.methods.training import Phase, Trainer, frozen, new_ema, sizes, student_like
+from redistill.prediction import alpha_sigma, to_x0_eps
+
+
+@dataclass
+class AdversarialConfig:
+    """Settings of one ADD run (params.yaml `distill` and `distill.adversarial`)."""
+
+    steps: int = 1500  # generator (student) steps; one discriminator step each
+    distill_weight: float = 2.5  # λ in L = L_adv + λ·L_distill (ADD uses 2.5)
+    disc_lr: float = 2.0e-4
+    disc_max_t: int = 500  # the discriminator sees images noised at t ~ U{0..disc_max_t−1}
+    solver_steps: int = 48  # the LCMScheduler grid the student's timesteps are taken from (first: 959)
+    target_steps: int = 4
+    batch_size: int = 64
+    lr: float = 3.0e-4
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 200
+    mixed_precision: str = "no"
+    student_channels: tuple = ()
+    student_layers: int = 0
+    feature_loss: float = 0.0
+
+
+class Discriminator(nn.Module):
+    """Trainable heads on the frozen teacher's down, mid and up block features; one logit per image."""
+
+    def __init__(self, teacher_unet):
+        super().__init__()
+        self.features = FeatureMatch(teacher_unet, teacher_unet, weight=1.0)  # reuses its block hooks
+        widths = [b.resnets[-1].conv2.out_channels for b in teacher_unet.down_blocks]
+        widths += [teacher_unet.mid_block.resnets[-1].conv2.out_channels]
+        widths += [b.resnets[-1].conv2.out_channels for b in teacher_unet.up_blocks]
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(min(8, c), c), nn.SiLU(), nn.Conv2d(c, 1, 1))
+            for c in widths
+        )
+        self.teacher = teacher_unet
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with self.features.teacher():
+            self.teacher(x_t, t)
+        feats = self.features.feats["teacher"]
+        return sum(head(f).mean(dim=(1, 2, 3)) for head, f in zip(self.heads, feats))
+
+
+def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path, log: Callable[[str], None] = print):
+    """ADD-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline + LCMScheduler, summary)."""
+    sched_cfg = teacher.scheduler.config
+    ptype = sched_cfg.prediction_type
+    T = sched_cfg.num_train_timesteps
+    sampler = lcm_scheduler(sched_cfg, cfg.solver_steps)
+    sampler.set_timesteps(cfg.target_steps)
+    run = Trainer(ckpt_dir, {"method": "adversarial", "config": asdict(cfg), "teacher_prediction": ptype},
+                  cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
+    dev = run.device
+    student_t = sampler.timesteps.to(dev)  # the student's sampling timesteps, e.g. 959, 719, 479, 239
+    alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
+    x_all = (data.float() * 2.0 - 1.0).to(dev)
+    teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
+    # 1. The student starts from the teacher; the discriminator's heads start fresh on the frozen teacher.
+    student = student_like(teacher_unet, cfg.student_channels, cfg.student_layers)
+    disc = Discriminator(teacher_unet).to(dev)
+    fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99), weight_decay=0.0)
+    ema = new_ema(student, cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ph = Phase(0, f"adversarial (steps at {student_t.tolist()})", cfg.steps,
+               {"student": student, "discriminator": disc.heads}, {"student": opt, "discriminator": opt_d},
+               {"student": ema}, gen)
+
+    def noised(x, t):
+        a, s = alpha_sigma(alphas_cumprod, t)
+        return a * x + s * torch.randn(x.shape, generator=gen).to(dev)
+
+    def randint(high, low=0):
+        return torch.randint(low, high, (cfg.batch_size,), generator=gen).to(dev)
+
+    def step():
+        # 2. A real batch x₀, noised to a student timestep s; the student's clean image x̂_θ(x_s, s).
+        x = x_all[randint(len(x_all))]
+        s = student_t[randint(len(student_t))]
+        with run.autocast(), fm.student():
+            x_fake = consistency_fn(student, noised(x, s), s, ptype, alphas_cumprod).float()
+        # 3. Distillation: re-noise x̂ to t, the teacher's x̂₀ there (no gradient), weight c(t) = ᾱ_t.
+        t = randint(T)
+        x_fake_t = noised(x_fake, t)
+        with torch.no_grad(), run.autocast(), fm.teacher():
+            a_t, s_t = alpha_sigma(alphas_cumprod, t)
+            x_teacher, _ = to_x0_eps(teacher_unet(x_fake_t, t).sample.float(), x_fake_t, a_t, s_t, ptype)
+            x_teacher = x_teacher.clamp(-1, 1)
+        c = (a_t**2).view(-1)
+        l_distill = (c * (x_fake - x_teacher).pow(2).mean(dim=(1, 2, 3))).mean()
+        # 4. Adversarial generator loss on lightly noised student images: −D(x̂_t′).
+        t_d = randint(cfg.disc_max_t)
+        l_adv = -disc(noised(x_fake, t_d), t_d).mean()
+        loss = l_adv + cfg.distill_weight * l_distill + fm.loss()
+        run.backward(loss, student, opt, ema)
+        # 5. Discriminator step, hinge loss: real images against the (detached) student images.
+        t_d = randint(cfg.disc_max_t)
+        real = disc(noised(x, t_d), t_d)
+        fake = disc(noised(x_fake.detach(), t_d), t_d)
+        l_disc = torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
+        run.backward(l_disc, disc.heads, opt_d)
+        return {"distill": l_distill.item(), "adv": l_adv.item(), "disc": l_disc.item()}
+
+    losses = run.phase(ph, step)
+    fm.remove()
+    disc.features.remove()
+    # 6. Export the EMA student with the stock multistep sampler (predict x₀, re-noise, repeat).
+    ema.copy_to(student.parameters())
+    summary = {"method": "adversarial", "config": asdict(cfg), "final_losses": losses,
+               **sizes(teacher_unet, student), "student_timesteps": student_t.tolist(),
+               "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
+    return lcm_pipeline(frozen(student).cpu(), sched_cfg, cfg.solver_steps), summary
