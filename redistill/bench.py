@@ -4,7 +4,8 @@ Rows:
 - the teacher with DDIM at 10, 25, 50 and 100 steps, and DDPM at its full 1,000 (full run only);
 - each method at 1, 2, 4 and 8 steps where it applies: one progressive run halves down to 1 step and
   keeps every round's student (8, 4, 2, 1); one consistency student is sampled at each step count; the
-  output student at 1; the adversarial student at the step counts its trained grid covers (1, 2, 4).
+  output student at 1; the adversarial and DMD students at the step counts their trained grid covers
+  (1, 2, 4).
 
 Every row is measured by the same suite as `redistill evaluate` against the teacher at
 `evaluate.reference_steps` (FID/KID with CIs, PSNR/SSIM on shared noise, latency, throughput, speedup,
@@ -35,7 +36,8 @@ def quick_params(p: Params) -> Params:
                             progressive=dataclasses.replace(d.progressive, steps_per_round=20),
                             consistency=dataclasses.replace(d.consistency, steps=40),
                             output=dataclasses.replace(d.output, pairs=64, pairs_steps=10, steps=40),
-                            adversarial=dataclasses.replace(d.adversarial, steps=20))
+                            adversarial=dataclasses.replace(d.adversarial, steps=20),
+                            dmd=dataclasses.replace(d.dmd, steps=10, fake_updates=1))
     return dataclasses.replace(p, evaluate=ev, distill=d)
 
 
@@ -114,7 +116,8 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
             wall = time.perf_counter() - t
             save_pipeline(student, folder / "student")
             # output serves 1 step; adversarial the subsets of its trained 4-step grid; consistency any
-            served = {"output": (1,), "adversarial": tuple(n for n in METHOD_STEPS if n <= d.target_steps)}
+            trained = tuple(n for n in METHOD_STEPS if n <= d.target_steps)
+            served = {"output": (1,), "adversarial": trained, "dmd": trained}
             targets = [(n, folder / "student") for n in served.get(method, METHOD_STEPS)]
         for n, path in targets:
             log(f"{method} at {n} steps")

@@ -99,7 +99,7 @@ def test_settings_a_method_cannot_serve_fail_before_training():
     from redistill.config import ConfigError, parse_params
     from redistill.methods import method_config
 
-    with pytest.raises(ConfigError, match="valid methods are: progressive, consistency"):
+    with pytest.raises(ConfigError, match="valid methods are: progressive, consistency, output, adversarial, dmd"):
         parse_params({"distill": {"method": "dmd3"}})
     with pytest.raises(ValueError, match="1 to solver_steps"):
         method_config(parse_params({"distill": {"method": "consistency", "target_steps": 8,

@@ -74,6 +74,7 @@ def test_feature_matching_pulls_student_blocks_towards_the_teacher():
     ("consistency", 2, {"consistency": {"steps": 4, "solver_steps": 10}}),
     ("output", 1, {"output": {"pairs": 16, "pairs_steps": 4, "steps": 4}}),
     ("adversarial", 2, {"adversarial": {"steps": 3}}),
+    ("dmd", 2, {"dmd": {"steps": 2, "fake_updates": 1}}),
 ])
 def test_every_method_distils_into_a_smaller_stock_student(digits_ws, tmp_path, method, steps, section):
     from conftest import make_tiny_pipeline

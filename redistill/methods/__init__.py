@@ -47,13 +47,19 @@ def method_config(p: DistillParams):
             raise ValueError(f"the output method serves exactly 1 sampling step, not target_steps={cfg.target_steps}; "
                              "set distill.target_steps: 1 or choose progressive or consistency")
         return cfg, distill
-    if p.method == "adversarial":
-        from redistill.methods.adversarial import AdversarialConfig, distill
-
-        cfg = _fill(AdversarialConfig, p, p.adversarial)
+    if p.method in ("adversarial", "dmd"):
+        if p.method == "adversarial":
+            from redistill.methods.adversarial import AdversarialConfig as Config
+            from redistill.methods.adversarial import distill
+        else:
+            from redistill.methods.dmd import DMDConfig as Config
+            from redistill.methods.dmd import distill
+        cfg = _fill(Config, p, getattr(p, p.method))
         if not 1 <= cfg.target_steps <= cfg.solver_steps:
-            raise ValueError(f"adversarial serves 1 to solver_steps ({cfg.solver_steps}) sampling steps, "
+            raise ValueError(f"{p.method} serves 1 to solver_steps ({cfg.solver_steps}) sampling steps, "
                              f"not target_steps={cfg.target_steps}")
+        if p.method == "dmd" and not 0 <= cfg.t_min < cfg.t_max <= 1000:
+            raise ValueError(f"distill.dmd needs 0 ≤ t_min < t_max ≤ 1000, got {cfg.t_min} and {cfg.t_max}")
         return cfg, distill
     raise ValueError(f"unknown distillation method {p.method!r}")  # DistillParams already refuses these
 
