@@ -55,7 +55,7 @@ def _row(kind: str, method: str, steps: int, result: dict, distill_s: float | No
 
 
 def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = False, device: str = "cpu",
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, methods: tuple[str, ...] = METHODS, teacher_rows: bool = True) -> dict:
     """Run the bench in `out`; returns {"rows": [...], ...} and writes bench.json, bench.md, the plot."""
     import torch
 
@@ -79,17 +79,20 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         return evaluate(Side(path, steps, scheduler), ref, data, extractor, ep, classifier=classifier,
                         confidence=p.features.confidence, device=device, cache_dir=cache, data_path=root / "data" / "reference")
 
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; valid methods are: {', '.join(METHODS)}")
     rows = []
-    for steps in TEACHER_STEPS:
+    for steps in TEACHER_STEPS if teacher_rows else ():
         log(f"teacher, DDIM {steps} steps")
         rows.append(_row("teacher", "teacher (DDIM)", steps, measure(teacher, steps, "ddim"), None, "ddim"))
-    if not quick:  # DDPM at 1,000 steps: ~9 minutes for 2,000 samples on 2 CPU cores
+    if teacher_rows and not quick:  # DDPM at 1,000 steps: ~9 minutes for 2,000 samples on 2 CPU cores
         ddpm_steps = load_pipeline(teacher).scheduler.config.num_train_timesteps
         log(f"teacher, DDPM {ddpm_steps} steps")
         rows.append(_row("teacher", "teacher (DDPM)", ddpm_steps, measure(teacher, ddpm_steps, "ddpm"), None, "ddpm"))
 
     images = torch.from_numpy(data.images)
-    for method in METHODS:
+    for method in methods:
         folder = out / "students" / method
         if method == "progressive":
             # one halving run down to 1 step serves every row: each round's student is kept
@@ -123,7 +126,7 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
             log(f"{method} at {n} steps")
             rows.append(_row("method", method, n, measure(path, n, "saved"), round(wall, 1), "saved"))
 
-    result = {"quick": quick, "teacher": str(teacher), "reference_steps": p.evaluate.reference_steps,
+    result = {"quick": quick, "methods": list(methods), "teacher": str(teacher), "reference_steps": p.evaluate.reference_steps,
               "num_samples": p.evaluate.num_samples, "seed": p.evaluate.seed, "device": device,
               "threads": torch.get_num_threads(), "rows": rows, "wall_time_s": round(time.perf_counter() - t0, 1)}
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

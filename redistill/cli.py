@@ -423,6 +423,8 @@ def bench(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for bench.json, bench.md and quality_vs_nfe.png. Default: runs/bench/<full|quick>."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
     device: str = typer.Option("cpu", "--device", help="torch device for sampling and timing, e.g. cpu or cuda."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods to bench. Default: all (progressive,consistency,output,adversarial,dmd)."),
+    teacher_rows: bool = typer.Option(True, "--teacher-rows/--no-teacher-rows", help="Include the teacher's DDIM/DDPM rows."),
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -438,7 +440,11 @@ def bench(
         if not needed.exists():
             fail(f"{needed} does not exist; run `redistill demo` (or `dvc repro evaluate`) first")
     try:
-        result = run_bench(root, p, teacher, out, quick=quick, device=device, log=lambda m: typer.echo(m, err=True))
+        from redistill.config import METHODS
+
+        chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else METHODS
+        result = run_bench(root, p, teacher, out, quick=quick, device=device, log=lambda m: typer.echo(m, err=True),
+                           methods=chosen, teacher_rows=teacher_rows)
     except (DataError, PipelineError, ValueError) as e:
         fail(str(e))
     run_id = _log_bench(root, result, out)
@@ -462,6 +468,7 @@ def _log_bench(root: Path, result: dict, out: Path) -> str:
     rid = run.info.run_id
     for k in ("quick", "num_samples", "reference_steps", "seed", "device", "threads"):
         c.log_param(rid, k, result[k])
+    c.log_param(rid, "methods", ",".join(result["methods"]))
     for r in result["rows"]:
         name = ("teacher_" + r["sampler"] if r["kind"] == "teacher" else r["method"]) + f"_{r['steps']}"
         for m in ("fid", "kid", "psnr_db", "ssim", "latency_ms_p50", "throughput_img_s", "speedup", "peak_mb", "distill_wall_s"):

@@ -47,3 +47,9 @@ def test_quick_bench_has_every_row_and_logs_its_files(digits_ws, tmp_path):
 def test_bench_without_data_says_what_to_run(tmp_path):
     r = CliRunner().invoke(app, ["bench", "--quick", "--workspace", str(tmp_path)])
     assert r.exit_code != 0 and "redistill demo" in r.output
+
+
+def test_bench_refuses_an_unknown_method(digits_ws):
+    r = CliRunner().invoke(app, ["bench", "--quick", "--methods", "progressive,lcm2", "--workspace", str(digits_ws),
+                                 "--teacher", str(digits_ws)])
+    assert r.exit_code != 0 and "valid methods are" in r.output
