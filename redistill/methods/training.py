@@ -116,6 +116,10 @@ class Trainer:
         """One optimiser step through accelerate: backward (scaled under fp16), clip, step, then the EMA."""
         optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
+        if self.accelerator.num_processes > 1:  # data parallel under `accelerate launch`: average the gradients
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
         self.accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         if ema is not None:
@@ -143,6 +147,8 @@ class Trainer:
             ph.generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             step = self.resume_step
+        if self.accelerator.process_index > 0:  # each process draws its own batches from the same seed
+            torch.rand(1000 * self.accelerator.process_index, generator=ph.generator)
         history: dict[str, list[float]] = {}
         bar = tqdm(total=ph.steps, initial=step, desc=ph.name, disable=None, leave=False)
         while step < ph.steps:
