@@ -146,6 +146,8 @@ class Trainer:
                 e.load_state_dict(state["emas"][name])
             ph.generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
+            if "cuda_rng" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
             step = self.resume_step
         if self.accelerator.process_index > 0:  # each process draws its own batches from the same seed
             torch.rand(1000 * self.accelerator.process_index, generator=ph.generator)
@@ -172,7 +174,8 @@ class Trainer:
             {name: self.accelerator.unwrap_model(m).state_dict() for name, m in ph.models.items()},
             {"optimizers": {n: o.state_dict() for n, o in ph.optimizers.items()},
              "emas": {n: e.state_dict() for n, e in ph.emas.items()},
-             "generator": ph.generator.get_state(), "torch_rng": torch.get_rng_state()},
+             "generator": ph.generator.get_state(), "torch_rng": torch.get_rng_state(),
+             **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
             {"phase": ph.index, "step": step, "order": ph.index * 10**9 + step, "fingerprint": self.fingerprint,
              "elapsed_s": self.elapsed},
         )
