@@ -75,6 +75,11 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
     ref = Side(teacher, p.evaluate.reference_steps)
     cache = root / "runs" / "cache" / "samples"
 
+    rows: list[dict] = []
+
+    def save_partial() -> None:  # a bench that dies part-way keeps the rows it measured
+        (out / "bench.partial.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+
     def measure(path: Path, steps: int, scheduler: str, ep: EvaluateParams = p.evaluate) -> dict:
         return evaluate(Side(path, steps, scheduler), ref, data, extractor, ep, classifier=classifier,
                         confidence=p.features.confidence, device=device, cache_dir=cache, data_path=root / "data" / "reference")
@@ -82,14 +87,15 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; valid methods are: {', '.join(METHODS)}")
-    rows = []
     for steps in TEACHER_STEPS if teacher_rows else ():
         log(f"teacher, DDIM {steps} steps")
         rows.append(_row("teacher", "teacher (DDIM)", steps, measure(teacher, steps, "ddim"), None, "ddim"))
+        save_partial()
     if teacher_rows and not quick:  # DDPM at 1,000 steps: ~9 minutes for 2,000 samples on 2 CPU cores
         ddpm_steps = load_pipeline(teacher).scheduler.config.num_train_timesteps
         log(f"teacher, DDPM {ddpm_steps} steps")
         rows.append(_row("teacher", "teacher (DDPM)", ddpm_steps, measure(teacher, ddpm_steps, "ddpm"), None, "ddpm"))
+        save_partial()
 
     images = torch.from_numpy(data.images)
     for method in methods:
@@ -125,11 +131,13 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         for n, path in targets:
             log(f"{method} at {n} steps")
             rows.append(_row("method", method, n, measure(path, n, "saved"), round(wall, 1), "saved"))
+            save_partial()
 
     result = {"quick": quick, "methods": list(methods), "teacher": str(teacher), "reference_steps": p.evaluate.reference_steps,
               "num_samples": p.evaluate.num_samples, "seed": p.evaluate.seed, "device": device,
               "threads": torch.get_num_threads(), "rows": rows, "wall_time_s": round(time.perf_counter() - t0, 1)}
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "bench.partial.json").unlink(missing_ok=True)
     (out / "bench.md").write_text(markdown_table(result) + "\n")
     plot(result, out / "quality_vs_nfe.png")
     return result
