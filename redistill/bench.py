@@ -55,7 +55,8 @@ def _row(kind: str, method: str, steps: int, result: dict, distill_s: float | No
 
 
 def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = False, device: str = "cpu",
-              log: Callable[[str], None] = print, methods: tuple[str, ...] = METHODS, teacher_rows: bool = True) -> dict:
+              log: Callable[[str], None] = print, methods: tuple[str, ...] = METHODS, teacher_rows: bool = True,
+              ddpm: bool = True) -> dict:
     """Run the bench in `out`; returns {"rows": [...], ...} and writes bench.json, bench.md, the plot."""
     import torch
 
@@ -91,7 +92,7 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         log(f"teacher, DDIM {steps} steps")
         rows.append(_row("teacher", "teacher (DDIM)", steps, measure(teacher, steps, "ddim"), None, "ddim"))
         save_partial()
-    if teacher_rows and not quick:  # DDPM at 1,000 steps: ~9 minutes for 2,000 samples on 2 CPU cores
+    if teacher_rows and ddpm and not quick:  # DDPM at 1,000 steps: ~9 minutes for 2,000 samples on 2 CPU cores
         ddpm_steps = load_pipeline(teacher).scheduler.config.num_train_timesteps
         log(f"teacher, DDPM {ddpm_steps} steps")
         rows.append(_row("teacher", "teacher (DDPM)", ddpm_steps, measure(teacher, ddpm_steps, "ddpm"), None, "ddpm"))

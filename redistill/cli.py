@@ -425,6 +425,7 @@ def bench(
     device: str = typer.Option("cpu", "--device", help="torch device for sampling and timing, e.g. cpu or cuda."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods to bench. Default: all (progressive,consistency,output,adversarial,dmd)."),
     teacher_rows: bool = typer.Option(True, "--teacher-rows/--no-teacher-rows", help="Include the teacher's DDIM/DDPM rows."),
+    ddpm: bool = typer.Option(True, "--ddpm/--no-ddpm", help="Include the teacher's DDPM row at its full training steps (about 9 minutes on 2 CPU cores)."),
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -444,7 +445,7 @@ def bench(
 
         chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else METHODS
         result = run_bench(root, p, teacher, out, quick=quick, device=device, log=lambda m: typer.echo(m, err=True),
-                           methods=chosen, teacher_rows=teacher_rows)
+                           methods=chosen, teacher_rows=teacher_rows, ddpm=ddpm)
     except (DataError, PipelineError, ValueError) as e:
         fail(str(e))
     run_id = _log_bench(root, result, out)
