@@ -11,12 +11,26 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML with YAML 1.2 booleans (only true/false), as DVC's ruamel writes params.yaml: `dvc exp run -S`
+    rewrites `"no"` as a bare `no`, which YAML 1.1 would read as false."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 class ConfigError(ValueError):
@@ -322,7 +336,7 @@ def load_params(path: str | os.PathLike | None = None, ws: Path | None = None) -
             raise ConfigError(f"settings file {p} does not exist; pass an existing params.yaml")
         return Params()
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.load(p.read_text(), Loader=_Yaml12Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p} is not valid YAML: {e}") from e
     try:

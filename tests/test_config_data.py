@@ -109,3 +109,13 @@ def test_image_folder_errors_say_what_is_wrong(tmp_path):
     (bad / "labels.csv").write_text("file,label\n../../etc/passwd,1\n")
     with pytest.raises(DataError, match="not a plain file name"):
         load_image_folder(bad)
+
+
+def test_params_yaml_reads_yaml_1_2_booleans_as_dvc_writes_them(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml and drops the quotes of "no"; it must still read as the string."""
+    f = tmp_path / "params.yaml"
+    f.write_text("distill:\n  mixed_precision: no\n")
+    assert load_params(f).distill.mixed_precision == "no"
+    f.write_text("distill:\n  method: 7\n")
+    with pytest.raises(ConfigError):
+        load_params(f)
