@@ -28,12 +28,12 @@ from torch import nn
 
 from redistill.methods.consistency import consistency_fn, lcm_pipeline, lcm_scheduler
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, frozen, new_ema, sizes, student_like
+from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 
 @dataclass
-class AdversarialConfig:
+class AdversarialConfig(TrainingConfig):
     """Settings of one ADD run (params.yaml `distill` and `distill.adversarial`)."""
 
     steps: int = 1500  # generator (student) steps; one discriminator step each
@@ -41,16 +41,6 @@ class AdversarialConfig:
     disc_lr: float = 2.0e-4
     disc_max_t: int = 500  # the discriminator sees images noised at t ~ U{0..disc_max_t−1}
     solver_steps: int = 48  # the LCMScheduler grid the student's timesteps are taken from (first: 959)
-    target_steps: int = 4
-    batch_size: int = 64
-    lr: float = 3.0e-4
-    ema_decay: float = 0.999
-    seed: int = 0
-    checkpoint_every: int = 200
-    mixed_precision: str = "no"
-    student_channels: tuple = ()
-    student_layers: int = 0
-    feature_loss: float = 0.0
 
 
 class Discriminator(nn.Module):

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, frozen, new_ema, sizes, student_like
+from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 SIGMA_DATA = 0.5  # LCM's σ_data in the boundary scalings
@@ -34,23 +34,14 @@ TIMESTEP_SCALING = 10.0  # LCMScheduler's default: c_skip(t) falls to ~0 after t
 
 
 @dataclass
-class ConsistencyConfig:
+class ConsistencyConfig(TrainingConfig):
     """Settings of one consistency distillation run (params.yaml `distill` and `distill.consistency`)."""
 
     steps: int = 3000  # optimiser steps
     solver_steps: int = 48  # N: the teacher's DDIM solver grid (LCM's original_inference_steps); k = T // N
     target_ema: float = 0.95  # μ: θ⁻ ← μ·θ⁻ + (1 − μ)·θ, the target network
     huber_c: float = 0.001  # pseudo-Huber constant c; 0 gives the L2 loss
-    target_steps: int = 4  # the step count the student is registered with (1 to 4 suit LCMScheduler)
-    batch_size: int = 64
     lr: float = 2.0e-4
-    ema_decay: float = 0.999  # the EMA of θ that is exported (θ⁻ moves too fast to be a good export)
-    seed: int = 0
-    checkpoint_every: int = 200
-    mixed_precision: str = "no"
-    student_channels: tuple = ()  # a smaller student (methods/student_shape.py); () keeps the teacher's shape
-    student_layers: int = 0
-    feature_loss: float = 0.0  # weight of block-output feature matching to the teacher
 
 
 def solver_grid(solver_steps: int, num_train_timesteps: int) -> tuple[torch.Tensor, int]:

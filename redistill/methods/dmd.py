@@ -28,12 +28,12 @@ import torch
 from redistill.methods.adversarial import Discriminator
 from redistill.methods.consistency import consistency_fn, lcm_pipeline, lcm_scheduler
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, frozen, new_ema, sizes, student_like
+from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 
 @dataclass
-class DMDConfig:
+class DMDConfig(TrainingConfig):
     """Settings of one DMD2 run (params.yaml `distill` and `distill.dmd`)."""
 
     steps: int = 1000  # generator steps
@@ -43,16 +43,6 @@ class DMDConfig:
     t_min: int = 20  # the DMD loss noises the generator output at t ~ U{t_min..t_max}
     t_max: int = 980
     solver_steps: int = 48  # the LCMScheduler grid of the generator's timesteps (starts at 959)
-    target_steps: int = 4
-    batch_size: int = 64
-    lr: float = 3.0e-4
-    ema_decay: float = 0.999
-    seed: int = 0
-    checkpoint_every: int = 200
-    mixed_precision: str = "no"
-    student_channels: tuple = ()
-    student_layers: int = 0
-    feature_loss: float = 0.0
 
 
 def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Callable[[str], None] = print):

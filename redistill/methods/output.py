@@ -23,28 +23,19 @@ from typing import Callable
 import torch
 
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, frozen, new_ema, sizes, student_like
+from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
 
 STUDENT_PREDICTION = "sample"
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(TrainingConfig):
     """Settings of one output-distillation run (params.yaml `distill` and `distill.output`)."""
 
     pairs: int = 8000  # (noise, teacher output) pairs generated once per teacher
     pairs_steps: int = 50  # the teacher's DDIM steps for each pair
     steps: int = 3000  # optimiser steps
     target_steps: int = 1  # the method serves exactly one step
-    batch_size: int = 64
-    lr: float = 3.0e-4
-    ema_decay: float = 0.999
-    seed: int = 0
-    checkpoint_every: int = 200
-    mixed_precision: str = "no"
-    student_channels: tuple = ()  # a smaller student (methods/student_shape.py); () keeps the teacher's shape
-    student_layers: int = 0
-    feature_loss: float = 0.0  # weight of block-output feature matching to the teacher
 
 
 def pairs_file(pairs_dir: Path, teacher_sha256: str, cfg: OutputConfig) -> Path:

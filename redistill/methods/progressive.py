@@ -27,29 +27,20 @@ from typing import Callable
 import numpy as np
 import torch
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, frozen, new_ema, sizes, student_like
+from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 V_PREDICTION = "v_prediction"
 
 
 @dataclass
-class ProgressiveConfig:
+class ProgressiveConfig(TrainingConfig):
     """Settings of one progressive distillation run (from params.yaml `distill`)."""
 
     teacher_steps: int = 64  # the teacher's DDIM step count where halving starts
-    target_steps: int = 4  # the student's step count after the last round
     steps_per_round: int = 400  # optimiser steps in each halving round
-    batch_size: int = 64
     lr: float = 2.0e-4
-    ema_decay: float = 0.999  # the EMA weights are exported and teach the next round
-    seed: int = 0
-    checkpoint_every: int = 200  # optimiser steps between resumable checkpoints
-    mixed_precision: str = "no"  # accelerate: no, fp16 or bf16
     first_timestep: int = 959  # the student's first sampling timestep; T−1 means "trailing" and a v student
-    student_channels: tuple = ()  # a smaller student (methods/student_shape.py); () keeps the teacher's shape
-    student_layers: int = 0
-    feature_loss: float = 0.0  # weight of block-output feature matching to the teacher
 
 
 def halving_schedule(teacher_steps: int, target_steps: int) -> list[int]:

@@ -28,6 +28,23 @@ from tqdm import tqdm
 from redistill import checkpoint
 
 
+@dataclass
+class TrainingConfig:
+    """The settings every method shares (params.yaml `distill` and `distill.student`); each method's config
+    adds its own fields and overrides a default where the method needs another."""
+
+    target_steps: int = 4  # the student's sampling step count
+    batch_size: int = 64
+    lr: float = 3.0e-4
+    ema_decay: float = 0.999  # the exported EMA of the student
+    seed: int = 0
+    checkpoint_every: int = 200  # optimiser steps between resumable checkpoints
+    mixed_precision: str = "no"  # accelerate: no, fp16 or bf16
+    student_channels: tuple = ()  # a smaller student (methods/student_shape.py); () keeps the teacher's shape
+    student_layers: int = 0
+    feature_loss: float = 0.0  # weight of block-output feature matching to the teacher
+
+
 def new_ema(model: torch.nn.Module, decay: float, warmup: bool = True):
     """diffusers' EMAModel over `model`'s parameters; `warmup` ramps the decay up as the diffusers training
     scripts do; without it the decay is fixed (a consistency target network, whose μ is part of the method)."""
