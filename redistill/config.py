@@ -228,6 +228,43 @@ class RegistryParams:
 
 
 @dataclass
+class DriftParams:
+    """`drift`: is a new batch in data/incoming/ drawn like the representative set? (redistill/drift.py)"""
+
+    alpha: float = 0.02  # family-wise false-alarm level: MMD and the Holm-corrected KS family get alpha/2 each
+    permutations: int = 1000  # MMD permutations; the smallest reachable p is 1/(1 + this)
+    seed: int = 0
+    calibration_splits: int = 200  # reference-against-reference splits for `redistill drift calibrate` (≥ 50)
+    clear_batches: int = 2  # hysteresis: clean batches in a row that close a drift episode
+    cooldown_hours: float = 24.0  # a new episode re-distils at most once per this window
+
+    def __post_init__(self):
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"drift.alpha must be between 0 and 1, got {self.alpha}")
+        if self.permutations < 99:
+            raise ConfigError(f"drift.permutations must be at least 99, got {self.permutations}")
+        if self.calibration_splits < 50:
+            raise ConfigError(f"drift.calibration_splits must be at least 50, got {self.calibration_splits}")
+
+
+@dataclass
+class WatchParams:
+    """`watch`: the new-teacher watch and its schedule (redistill/watch.py, `redistill watch` / `serve`)."""
+
+    settle_seconds: float = 60.0  # a teacher folder is taken only after no file in it changed for this long
+    interval_minutes: float = 10.0  # `redistill serve`: how often the watch deployment runs
+    nightly_cron: str = "0 2 * * *"  # `redistill serve`: the nightly cycle (keep prefect.yaml in step)
+    timezone: str = "UTC"
+
+    def __post_init__(self):
+        if self.settle_seconds < 0 or self.interval_minutes <= 0:
+            raise ConfigError("watch.settle_seconds must be ≥ 0 and watch.interval_minutes > 0")
+        if len(self.nightly_cron.split()) != 5:
+            raise ConfigError(f"watch.nightly_cron must be a 5-field cron expression like '0 2 * * *', "
+                              f"got {self.nightly_cron!r}")
+
+
+@dataclass
 class Params:
     """Every setting of the project, one section per stage."""
 
@@ -239,6 +276,8 @@ class Params:
     gate: GateParams = field(default_factory=GateParams)
     distill: DistillParams = field(default_factory=DistillParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
+    drift: DriftParams = field(default_factory=DriftParams)
+    watch: WatchParams = field(default_factory=WatchParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
