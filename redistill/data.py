@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -268,3 +269,39 @@ def dir_md5(folder: Path) -> str:
     ]
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def merge_batch(base: Path, batch: Path, out: Path, batch_name: str) -> int:
+    """Write `base` plus the images of `batch` to `out` (replaced atomically); returns the image count.
+
+    Files of `base` keep their names; the batch's get the prefix `<batch_name>__`, so batches never clash.
+    `labels.csv` is merged when both sides have labels, and dropped (with both sides' images kept) when
+    only one has. Used to grow the representative set after drift.
+    """
+    base, batch, out = Path(base), Path(batch), Path(out)
+    prefix = safe_name(batch_name) + "__"
+    base_labels, batch_labels = read_label_map(base), read_label_map(batch)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    rows = []
+    for src, labels, pre in ((base, base_labels, ""), (batch, batch_labels, prefix)):
+        for f in sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+            if pre and f.name.startswith(prefix):
+                raise DataError(f"batch {batch} already holds prefixed file {f.name}")
+            shutil.copy2(f, tmp / (pre + f.name))
+            if labels and f.name in labels:
+                rows.append((pre + f.name, labels[f.name]))
+    if base_labels and batch_labels:
+        with open(tmp / "labels.csv", "w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(["file", "label"])
+            w.writerows(sorted(rows))
+    count = sum(1 for p in tmp.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    old = out.with_name(out.name + f".old{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return count
