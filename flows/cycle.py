@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
+from redistill.tasks.concurrency import one_at_a_time
 from redistill.tasks.distill import distill_student
 from redistill.tasks.evaluate import evaluate_student
 from redistill.tasks.gate import gate_student
@@ -18,9 +20,10 @@ from redistill.tasks.registry import (
     record_failure,
     register,
 )
+from redistill.tasks.events import emit
 from redistill.tasks.validate import check_teacher, validate_data
 
-from redistill.config import Params
+from redistill.config import Params, load_params, workspace
 
 
 class CycleStopped(RuntimeError):
@@ -28,13 +31,22 @@ class CycleStopped(RuntimeError):
 
 
 @flow(name="redistill-cycle")
-def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual") -> dict:
-    """Validate → distil → evaluate → gate → register. `inputs` comes from `redistill.cycle.resolve_inputs`."""
+def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_info: dict | None = None) -> dict:
+    """Validate → distil → evaluate → gate → register. `inputs` comes from `redistill.cycle.resolve_inputs`.
+
+    `trigger_info` says what started it (the drift report or the new teacher); its files are logged under
+    the run's `trigger/` folder and its summary in the tag `redistill.trigger_detail`.
+    """
     teacher, data, key = Path(inputs["teacher_uri"]), Path(inputs["data_uri"]), inputs["key"]
     run_dir = root / "runs" / "cycles" / key
     tags = {"redistill.key": key, "redistill.trigger": trigger, "redistill.prefect_flow_run_id": str(flow_run.id),
             "redistill.method": p.distill.method, **{f"redistill.{k}": str(v) for k, v in inputs.items() if k != "key"}}
+    if trigger_info:
+        tags["redistill.trigger_detail"] = json.dumps({k: v for k, v in trigger_info.items() if k != "report_dir"},
+                                                      default=str)[:5000]
     run_id = open_run(root, p.registry.experiment, tags, p.to_dict())
+    if trigger_info and trigger_info.get("report_dir"):
+        log_artifacts(root, run_id, Path(trigger_info["report_dir"]), "trigger")
 
     report = validate_data(data, root / "data" / "reference", p.validate, run_dir / "validation")
     log_artifacts(root, run_id, run_dir / "validation", "validation")
@@ -62,6 +74,43 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual") -> dict:
         "gate": "passed" if decision["passed"] else "rejected",
         "gate_reasons": decision["reasons"][:5000],
     }, promote=decision["passed"])
+    name = p.registry.student_name
+    emit("redistill.student.promoted" if reg["promoted"] else "redistill.student.rejected",
+         f"redistill.model.{name}", {"version": reg["version"], "key": key, "trigger": trigger, "run_id": run_id,
+                                     "replaced": reg["replaced"], "reasons": decision["reasons"][:2000]}, name)
     return {"key": key, "decision": "promoted" if reg["promoted"] else "rejected", "version": reg["version"],
             "replaced": reg["replaced"], "run_id": run_id,
             "reasons": decision["reasons"], "metrics": result, "distill": summary, "deduplicated": False}
+
+
+def locked_cycle(inputs: dict, p: Params, root: Path, trigger: str, force: bool = False,
+                 trigger_info: dict | None = None) -> dict:
+    """The cycle under the one-distillation-at-a-time slot, checking the key again once the slot is held.
+
+    Simultaneous triggers with the same key queue on the slot; the first distils and registers, the
+    others find its decision when their turn comes and return it.
+    """
+    from redistill.cycle import earlier_decision
+    from redistill.registry import client, tracking_uri
+
+    with one_at_a_time(root):
+        if not force:
+            earlier = earlier_decision(client(tracking_uri(root)), p.registry.student_name, inputs["key"])
+            if earlier is not None:
+                return earlier
+        return cycle(inputs, p, root, trigger, trigger_info)
+
+
+@flow(name="redistill-nightly")
+def nightly(workspace_dir: str | None = None, params_file: str | None = None) -> dict:
+    """The scheduled cycle (trigger=schedule) on the current teacher and representative set.
+
+    Identical inputs return the earlier decision in seconds, so a night with nothing new costs nothing.
+    """
+    from redistill.cycle import resolve_inputs
+    from redistill.watch import current_data, current_teacher
+
+    root = workspace(workspace_dir)
+    p = load_params(params_file, root)
+    inputs = resolve_inputs(current_teacher(root, p.teacher.name), current_data(root), p)
+    return locked_cycle(inputs, p, root, "schedule")  # a stopped cycle fails the flow run, with its reason

@@ -67,6 +67,10 @@ def test_first_cycle_promotes_and_an_identical_second_dedupes(ws):
     assert "quality.fid" in run.data.metrics and run.info.status == "FINISHED"
     arts = {a.path for a in c.list_artifacts(mv.run_id)}
     assert {"student", "evaluation", "validation", "gate"} <= arts
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as pc:  # with a Prefect server, the one-at-a-time slot is a global limit
+        assert pc.read_global_concurrency_limit_by_name("redistill-distill").limit == 1
 
     t = time.perf_counter()
     r, second = cycle(ws)

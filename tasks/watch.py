@@ -1,0 +1,160 @@
+"""The watch's units of work: teacher integrity, drift tests, the champion's fit check, the representative set.
+
+Each returns a plain dict (a result, not an exception, for a broken teacher or a drifted batch), so the watch
+flow records the outcome and keeps going. MLflow I/O retries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from redistill import registry
+from redistill.config import DriftParams, GateParams, Params
+from redistill.registry import PREFIX, tracking_uri
+
+IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])
+
+
+@task(name="inspect-teacher", task_run_name="inspect teacher {path}")
+def inspect_teacher(path: Path, data: Path) -> dict:
+    """Content hash plus the integrity checks: loads from safetensors, fits the data, finite probe outputs."""
+    from redistill.data import DataError, load_image_folder
+    from redistill.teacher import PipelineError, pipeline_sha256, validate_teacher
+
+    try:
+        sha = pipeline_sha256(path)
+        images = load_image_folder(data)
+        facts = validate_teacher(path, images.channels, images.size, data_path=data)
+        return {"ok": True, **facts, "sha256": sha}
+    except (PipelineError, DataError, OSError) as e:
+        return {"ok": False, "error": str(e)}
+
+
+@task(name="known-teachers", **IO_RETRIES)
+def known_teacher_shas(root: Path, name: str) -> list[str]:
+    """Teacher hashes the registry already has students of (so an old teacher never re-triggers)."""
+    from mlflow.exceptions import MlflowException
+
+    c = registry.client(tracking_uri(root))
+    try:
+        versions = c.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return []
+    return sorted({v.tags.get(PREFIX + "teacher_sha256") for v in versions} - {None})
+
+
+@task(name="drift-test", task_run_name="drift test {batch}")
+def drift_test(batch: Path, reference: Path, features: Path, p: DriftParams, out_dir: Path) -> dict:
+    """MMD permutation test on the embeddings and Holm-corrected KS tests; writes drift.json and drift.png."""
+    import torch
+
+    from redistill.data import load_image_folder
+    from redistill.drift import detect, image_stats, plot_report
+    from redistill.features import FeatureExtractor, load_classifier
+
+    extractor = FeatureExtractor(load_classifier(features))
+    ref, new = load_image_folder(reference), load_image_folder(batch)
+    if ref.channels != new.channels or ref.size != new.size:
+        return {"batch": Path(batch).name, "drifted": True, "error": True,
+                "reasons": [f"batch images are {new.channels}×{new.size[0]}×{new.size[1]}, the representative set's "
+                            f"{ref.channels}×{ref.size[0]}×{ref.size[1]}"]}
+    ref_stats, new_stats = image_stats(ref.images), image_stats(new.images)
+    report = detect(Path(batch).name, extractor(torch.from_numpy(ref.images)), ref_stats,
+                    extractor(torch.from_numpy(new.images)), new_stats, p.alpha, p.permutations, p.seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {**report.to_dict(), "reference": str(reference), "batch_path": str(batch)}
+    (out_dir / "drift.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_report(report, ref_stats, new_stats, out_dir / "drift.png")
+    return {**result, "report_dir": str(out_dir)}
+
+
+@task(name="log-watch-run", **IO_RETRIES)
+def log_watch_run(root: Path, experiment: str, run_name: str, tags: dict[str, str], metrics: dict[str, float],
+                  folder: Path | None = None, failed: bool = False) -> str:
+    """One MLflow run recording what the watch saw and decided (drift checks, refused teachers, fit checks)."""
+    from redistill.tasks.registry import _experiment
+
+    c = registry.client(tracking_uri(root))
+    run = c.create_run(_experiment(c, experiment, root), run_name=run_name, tags=tags)
+    rid = run.info.run_id
+    for k, v in metrics.items():
+        c.log_metric(rid, k, float(v))
+    if folder is not None and Path(folder).is_dir():
+        c.log_artifacts(rid, str(folder))
+    c.set_terminated(rid, status="FAILED" if failed else "FINISHED")
+    return rid
+
+
+@task(name="champion-fit-check", **IO_RETRIES)
+def champion_fit(root: Path, p: Params, batch: Path, out_dir: Path) -> dict | None:
+    """Re-evaluate the champion on the new batch and gate it on the absolute thresholds.
+
+    Returns None when there is no champion. The champion is sampled at its registered step count against
+    its own teacher at `evaluate.reference_steps`, with the batch as the real images, so the ratios say
+    whether it still matches its teacher on the data that now arrives.
+    """
+    import dataclasses
+
+    from redistill.data import load_image_folder
+    from redistill.features import FeatureExtractor, load_classifier
+    from redistill.gate import judge
+    from redistill.metrics import Side, evaluate
+
+    c = registry.client(tracking_uri(root))
+    champ = registry.champion(c, p.registry.student_name)
+    if champ is None:
+        return None
+    teacher = Path(champ.tags.get(PREFIX + "teacher_uri", ""))
+    if not (teacher / "model_index.json").is_file():
+        return {"version": str(champ.version), "passed": False,
+                "reasons": f"the champion's teacher {teacher} is no longer there; cannot re-check it"}
+    steps = int(champ.tags.get(PREFIX + "num_inference_steps", p.distill.target_steps))
+    with tempfile.TemporaryDirectory() as tmp:
+        student = Path(c.download_artifacts(champ.run_id, "student", tmp))
+        classifier = load_classifier(Path(root) / "data" / "features")
+        result = evaluate(Side(student, steps, "saved"), Side(teacher, p.evaluate.reference_steps),
+                          load_image_folder(batch), FeatureExtractor(classifier), p.evaluate, classifier=classifier,
+                          confidence=p.features.confidence, out_dir=Path(out_dir),
+                          cache_dir=Path(root) / "runs" / "cache" / "samples")
+    gate: GateParams = dataclasses.replace(p.gate, first_run="absolute")
+    decision = judge(result, None, gate)
+    checks = [c for c in decision.checks if c.kind == "absolute"]
+    passed = all(c.passed for c in checks)
+    reasons = "; ".join(f"{'pass' if c.passed else 'FAIL'} {c.name} {c.value if c.value is None else round(c.value, 4)} "
+                        f"{c.op} {c.bound}" for c in checks)
+    (Path(out_dir) / "fit.json").write_text(json.dumps({"version": str(champ.version), "passed": passed,
+                                                        "reasons": reasons, "metrics": result}, indent=2) + "\n")
+    create_markdown_artifact(key="redistill-champion-fit", description="champion re-checked after drift",
+                             markdown=f"# Champion v{champ.version} {'still fit' if passed else 'no longer fit'} "
+                                      f"on batch {Path(batch).name}\n\n" + "\n".join(f"- {r}" for r in reasons.split("; ")))
+    return {"version": str(champ.version), "passed": passed, "reasons": reasons,
+            "fid_ratio": result["quality"]["fid_ratio"], "run_dir": str(out_dir)}
+
+
+@task(name="tag-version", **IO_RETRIES)
+def tag_version(root: Path, name: str, version: str, tags: dict[str, str]) -> None:
+    c = registry.client(tracking_uri(root))
+    for k, v in tags.items():
+        c.set_model_version_tag(name, version, k, v)
+
+
+@task(name="update-representative-set")
+def update_representative(root: Path, base: Path, batch: Path, batch_name: str) -> dict:
+    """data/representative = the current representative set + the batch, versioned with `dvc add`."""
+    from redistill.data import dir_md5, merge_batch
+    from redistill.lineage import dvc_add
+
+    out = Path(root) / "data" / "representative"
+    count = merge_batch(base, batch, out, batch_name)
+    dvc = dvc_add(root, out)
+    md5 = dir_md5(out)
+    if dvc.get("dvc") and dvc["md5"] != md5:
+        raise RuntimeError(f"DVC recorded {dvc['md5']} for {out} but redistill computes {md5}")
+    return {"path": str(out), "md5": md5, "images": count, **dvc, "pid": os.getpid()}
