@@ -18,6 +18,8 @@ app = typer.Typer(
 )
 teacher_app = typer.Typer(help="The teacher: train the embedded default DDPM teacher.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
+drift_app = typer.Typer(help="Drift detection: test a batch, or calibrate the false-alarm rate.", no_args_is_help=True)
+app.add_typer(drift_app, name="drift")
 
 WorkspaceOpt = typer.Option(None, "--workspace", help="Workspace folder (data/, MLflow store, runs). Default: $REDISTILL_HOME or the current folder.")
 ParamsOpt = typer.Option(None, "--params", help="Settings file. Default: params.yaml in the workspace.")
@@ -282,7 +284,11 @@ def distill(
 
 
 def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bool) -> dict:
-    """Resolve the inputs, return an earlier decision for the same key, else run the flow."""
+    """Resolve the inputs, return an earlier decision for the same key, else run the flow.
+
+    The fast path (same key, already decided) starts no Prefect server. Otherwise the cycle waits for the
+    one-distillation slot and checks the key again, so simultaneous identical triggers give one run.
+    """
     import os
 
     from redistill.cycle import earlier_decision, resolve_inputs
@@ -300,7 +306,7 @@ def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bo
     uri = tracking_uri(root)
     c = client(uri)
     try:
-        c.search_experiments(max_results=1)
+        _first_store_access(root, uri, lambda: c.search_experiments(max_results=1))
     except Exception as e:  # any transport or store error: say which URI and stop before any work
         fail(f"MLflow tracking URI {uri} cannot be reached ({type(e).__name__}: {str(e)[:200]}); "
              "start the server or unset MLFLOW_TRACKING_URI to use the workspace's SQLite store")
@@ -309,13 +315,25 @@ def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bo
         return earlier
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    from redistill.flows.cycle import CycleStopped
-    from redistill.flows.cycle import cycle as cycle_flow
+    from redistill.flows.cycle import CycleStopped, locked_cycle
 
     try:
-        return cycle_flow(inputs, p, root, trigger)
+        return locked_cycle(inputs, p, root, trigger, force)
     except CycleStopped as e:
         fail(f"cycle stopped: {e}")
+
+
+def _first_store_access(root: Path, uri: str, probe) -> None:
+    """Run `probe`; the first touch of a new SQLite store holds a file lock, so that processes starting
+    together do not race to create its tables."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        from filelock import FileLock
+
+        (root / "runs" / "locks").mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / "runs" / "locks" / "mlflow-store.lock")):
+            probe()
+        return
+    probe()
 
 
 def _with_method(p, method: Optional[str]):
@@ -348,8 +366,8 @@ def _print_decision(result: dict, name: str) -> None:
 
 @app.command()
 def cycle(
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Representative images. Default: data/reference."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: the newest teacher `redistill watch` accepted, else data/teachers/<teacher.name>."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Representative images. Default: data/representative once drift has grown it, else data/reference."),
     trigger: str = typer.Option("manual", "--trigger", help="Why this cycle runs: manual, schedule, drift or teacher."),
     method: Optional[str] = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
     force: bool = typer.Option(False, "--force", help="Run even if these exact inputs already have a decision."),
@@ -360,8 +378,13 @@ def cycle(
     """One re-distillation cycle as a Prefect flow: validate, distil, evaluate, gate, register."""
     root, p = _settings(ws, params)
     p = _with_method(p, method)
-    result = _run_cycle(root, p, teacher or root / "data" / "teachers" / p.teacher.name,
-                        data or root / "data" / "reference", trigger, force)
+    from redistill.watch import current_data, current_teacher
+
+    try:
+        default_teacher = current_teacher(root, p.teacher.name)
+    except ValueError as e:  # a damaged watch state
+        fail(str(e))
+    result = _run_cycle(root, p, teacher or default_teacher, data or current_data(root), trigger, force)
     if as_json:
         typer.echo(json.dumps(result, default=str))
     else:
@@ -481,6 +504,245 @@ def _log_bench(root: Path, result: dict, out: Path) -> str:
     return rid
 
 
+def _prefect_env() -> None:
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _watch_once(root: Path, p, params: Optional[Path]) -> dict:
+    """One look. With nothing new it only lists folders: no model, no Prefect server."""
+    import time
+
+    from redistill.watch import due_episode, load_state, scan
+
+    t0 = time.perf_counter()
+    try:
+        state = load_state(root)
+    except ValueError as e:
+        fail(str(e))
+    found = scan(root, p.watch.settle_seconds, state)
+    due = due_episode(state, time.time(), p.drift.cooldown_hours)
+    if not found.actionable and due is None:
+        return {"changed": False, "pending": [f.to_dict() for f in found.pending],
+                "episode": state.get("episode"), "wall_time_s": round(time.perf_counter() - t0, 3)}
+    _prefect_env()
+    from redistill.flows.watch import watch as watch_flow
+
+    out = watch_flow(str(root), str(params) if params else None)
+    return {"changed": True, **out, "wall_time_s": round(time.perf_counter() - t0, 3)}
+
+
+def _print_watch(r: dict) -> None:
+    if not r["changed"]:
+        typer.echo(f"nothing changed ({r['wall_time_s']:.2f} s)")
+    for t in r.get("teachers", []):
+        line = f"teacher {t['teacher']}: {t['status']}"
+        if t.get("reason"):
+            line += f" ({t['reason']})"
+        if t.get("cycle"):
+            c = t["cycle"]
+            line += f" → cycle {c['decision']}" + (f", version {c['version']}" if c.get("version") else "")
+        typer.echo(line)
+    for b in r.get("batches", []):
+        line = f"batch {b['batch']}: {'DRIFT' if b['drifted'] else 'no drift'}, {b['action']}"
+        o = b.get("outcome")
+        if o:
+            line += f" → {o['decision']}" + (f", version {o['version']}" if o.get("version") else "")
+        typer.echo(line)
+        for reason in b.get("reasons", [])[:3]:
+            typer.echo(f"    {reason}")
+    if r.get("deferred"):
+        typer.echo(f"deferred drift episode → {r['deferred']['decision']}")
+    for f in r.get("pending", []):
+        typer.echo(f"pending {f['kind']} {f['name']}: {f['reason']}")
+    if r.get("episode"):
+        e = r["episode"]
+        typer.echo(f"drift episode open since batch {e['id']} ({len(e['batches'])} drifted batch(es), "
+                   f"{e.get('clean_streak', 0)} clean since; action: {e.get('action') or 'deferred by cooldown'})")
+
+
+@app.command()
+def watch(
+    once: bool = typer.Option(False, "--once", help="Look once and exit (default: look every watch.interval_minutes)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per look."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Look for new teachers in data/teachers/ and new batches in data/incoming/; start cycles when needed.
+
+    A new teacher (new content hash, complete and settled, passing its integrity checks) starts one cycle
+    with trigger=teacher. A batch that drifts opens a drift episode: the champion is re-checked on it and,
+    only if it no longer passes the gate, the student is re-distilled on the representative set grown by
+    the batch. Nothing new: done in well under a second, with no model loaded and no Prefect server.
+    """
+    import time
+
+    root, p = _settings(ws, params)
+    while True:
+        r = _watch_once(root, p, params)
+        if as_json:
+            typer.echo(json.dumps(r, default=str))
+        else:
+            _print_watch(r)
+        if once:
+            return
+        time.sleep(p.watch.interval_minutes * 60)
+
+
+@app.command()
+def serve(
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Serve two Prefect deployments in this process: `nightly` (cron watch.nightly_cron) and `watch` (every
+    watch.interval_minutes). Against a Prefect server when PREFECT_API_URL is set; Ctrl-C stops."""
+    from datetime import timedelta
+
+    root, p = _settings(ws, params)
+    _prefect_env()
+    from prefect import serve as prefect_serve
+    from prefect.schedules import Cron, Interval
+
+    from redistill.flows.cycle import nightly
+    from redistill.flows.watch import watch as watch_flow
+
+    parameters = {"workspace_dir": str(root), "params_file": str(params.resolve()) if params else None}
+    from redistill.tasks.concurrency import server_configured
+
+    if server_configured():
+        taken = _worker_deployments(["redistill-nightly/nightly", "redistill-watch/watch"])
+        if taken:
+            fail(f"{', '.join(taken)} already exist on this Prefect server for a work pool (from `prefect deploy`), "
+                 "where a worker runs them. Use one or the other: delete them (`prefect deployment delete NAME`) "
+                 "to serve from this process, or keep the worker and skip `redistill serve`")
+    prefect_serve(
+        nightly.to_deployment(name="nightly", schedule=Cron(p.watch.nightly_cron, timezone=p.watch.timezone),
+                              parameters=parameters, tags=["redistill"],
+                              description="The nightly re-distillation cycle (trigger=schedule)."),
+        watch_flow.to_deployment(name="watch", schedule=Interval(timedelta(minutes=p.watch.interval_minutes)),
+                                 parameters=parameters, tags=["redistill"],
+                                 description="New teachers and drifted batches."),
+    )
+
+
+def _worker_deployments(names: list[str]) -> list[str]:
+    """Those of `names` that exist on the Prefect server with a work pool."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    taken = []
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                d = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if d.work_pool_name:
+                taken.append(name)
+    return taken
+
+
+@drift_app.command("check")
+def drift_check(
+    batch: Path = typer.Argument(..., help="A folder of PNG images (one incoming batch)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Representative set. Default: data/representative, else data/reference."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for drift.json and drift.png. Default: runs/drift/<batch>."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Test one batch for drift (MMD permutation test + Holm-corrected KS tests); exit 1 when it drifted."""
+    import torch
+
+    from redistill.data import DataError, load_image_folder, safe_name
+    from redistill.drift import detect, image_stats, plot_report
+    from redistill.features import FeatureExtractor, load_classifier
+    from redistill.watch import current_data
+
+    root, p = _settings(ws, params)
+    reference = reference or current_data(root)
+    out = out or root / "runs" / "drift" / safe_name(Path(batch).resolve().name)
+    try:
+        ext = FeatureExtractor(load_classifier(root / "data" / "features"))
+        ref, new = load_image_folder(reference), load_image_folder(batch)
+        if (ref.channels, ref.size) != (new.channels, new.size):
+            fail(f"{batch} holds {new.channels}×{new.size[0]}×{new.size[1]} images, {reference} "
+                 f"{ref.channels}×{ref.size[0]}×{ref.size[1]}; drift is tested between sets of one shape")
+        rs, bs = image_stats(ref.images), image_stats(new.images)
+        rep = detect(Path(batch).name, ext(torch.from_numpy(ref.images)), rs, ext(torch.from_numpy(new.images)), bs,
+                     p.drift.alpha, p.drift.permutations, p.drift.seed)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "drift.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+    plot_report(rep, rs, bs, out / "drift.png")
+    if as_json:
+        typer.echo(json.dumps(rep.to_dict()))
+    else:
+        typer.echo(f"{rep.batch}: {'DRIFT' if rep.drifted else 'no drift'} (MMD p {rep.mmd_p:.4g}; "
+                   f"min Holm KS p {min(v['p_holm'] for v in rep.ks.values()):.4g}; alpha {rep.alpha:g})")
+        for r in rep.reasons:
+            typer.echo(f"  {r}")
+        typer.echo(f"  wrote {out / 'drift.json'} and {out / 'drift.png'}")
+    if rep.drifted:
+        raise typer.Exit(1)
+
+
+@drift_app.command("calibrate")
+def drift_calibrate(
+    splits: Optional[int] = typer.Option(None, "--splits", min=50, help="Reference-against-reference splits (≥ 50). Default: drift.calibration_splits."),
+    batches: bool = typer.Option(True, "--batches/--no-batches", help="Also test every batch under data/incoming/ (the detection rate)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON file to write. Default: metrics/drift.json."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Measure the drift tests' false-alarm rate on reference splits, and which incoming batches they flag."""
+    import time
+
+    import torch
+
+    from redistill.data import DataError, load_image_folder
+    from redistill.drift import calibrate, detect, image_stats
+    from redistill.features import FeatureExtractor, load_classifier
+
+    root, p = _settings(ws, params)
+    t0 = time.perf_counter()
+    try:
+        ext = FeatureExtractor(load_classifier(root / "data" / "features"))
+        ref = load_image_folder(root / "data" / "reference")
+        feats, stats = ext(torch.from_numpy(ref.images)), image_stats(ref.images)
+        result = calibrate(feats, stats, p.prepare.batch_size, splits or p.drift.calibration_splits,
+                           p.drift.alpha, p.drift.permutations, p.drift.seed)
+        result["batches"] = {}
+        if batches and (root / "data" / "incoming").is_dir():
+            for b in sorted(x for x in (root / "data" / "incoming").iterdir() if x.is_dir()):
+                im = load_image_folder(b)
+                rep = detect(b.name, feats, stats, ext(torch.from_numpy(im.images)), image_stats(im.images),
+                             p.drift.alpha, p.drift.permutations, p.drift.seed)
+                result["batches"][b.name] = {"drifted": rep.drifted, "mmd_p": rep.mmd_p,
+                                             "ks_min_p_holm": min(v["p_holm"] for v in rep.ks.values())}
+    except (DataError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    result["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    out = out or root / "metrics" / "drift.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    slim = {k: v for k, v in result.items() if k != "per_split"}
+    out.write_text(json.dumps(slim, indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(slim))
+        return
+    lo, hi = result["false_alarm_ci95"]
+    typer.echo(f"false alarms: {result['false_alarms']} of {result['splits']} reference splits "
+               f"(rate {result['false_alarm_rate']:.3f}, 95% CI {lo:.3f}–{hi:.3f}) at alpha {result['alpha']:g}")
+    for name, b in result["batches"].items():
+        typer.echo(f"  batch {name}: {'DRIFT' if b['drifted'] else 'no drift'} (MMD p {b['mmd_p']:.4g}, "
+                   f"min Holm KS p {b['ks_min_p_holm']:.3g})")
+    typer.echo(f"wrote {out} ({result['wall_time_s']:.0f} s)")
+
+
 def _registry_client(root: Path):
     from redistill.registry import client, tracking_uri
 
@@ -493,7 +755,7 @@ def status(
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
-    """The champion and the last ten decisions (reads the MLflow registry; starts nothing)."""
+    """The champion, the last ten decisions and the pending triggers (reads the registry and the watch state; starts nothing)."""
     from redistill.registry import CHAMPION, PREFIX, PREVIOUS, alias
 
     root, p = _settings(ws, params)
@@ -509,8 +771,17 @@ def status(
         "method": v.tags.get(PREFIX + "method"), "steps": v.tags.get(PREFIX + "num_inference_steps"),
         "created": v.creation_timestamp, "key": v.tags.get(PREFIX + "key"),
     } for v in sorted(versions, key=lambda v: int(v.version), reverse=True)[:10]]
+    from redistill.watch import load_state, scan
+
+    try:
+        state = load_state(root)
+        pending = [f.to_dict() for f in scan(root, p.watch.settle_seconds, state).findings]
+    except ValueError as e:
+        state, pending = {}, [{"kind": "state", "name": "watch", "status": "bad", "reason": str(e)}]
     out = {"model": name, "champion": str(champ.version) if champ else None,
-           "previous": str(prev.version) if prev else None, "last_decisions": rows}
+           "previous": str(prev.version) if prev else None, "last_decisions": rows,
+           "pending_triggers": pending, "drift_episode": state.get("episode"),
+           "current_teacher": state.get("current_teacher")}
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -523,6 +794,13 @@ def status(
         when = datetime.fromtimestamp(r["created"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
         typer.echo(f"  v{r['version']:<4} {r['gate'] or '?':<9} {when}  trigger={r['trigger']}  "
                    f"method={r['method']}  steps={r['steps']}  key={r['key']}")
+    if pending:
+        typer.echo("pending triggers (`redistill watch --once` handles them):")
+        for f in pending:
+            typer.echo(f"  {f['kind']} {f['name']}: {f['status']}" + (f" ({f['reason']})" if f["reason"] else ""))
+    if out["drift_episode"]:
+        e = out["drift_episode"]
+        typer.echo(f"drift episode open since batch {e['id']}: {e.get('action') or 'deferred by cooldown'}")
 
 
 @app.command()
