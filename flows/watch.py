@@ -16,6 +16,7 @@ from redistill.tasks.events import emit
 from redistill.tasks.watch import (
     champion_fit,
     drift_test,
+    fetch_registered_teacher,
     inspect_teacher,
     known_teacher_shas,
     log_watch_run,
@@ -29,10 +30,12 @@ from redistill.watch import (
     current_teacher,
     due_episode,
     load_state,
+    Finding,
     note,
     on_batch,
     save_state,
     scan,
+    signature,
 )
 
 
@@ -99,12 +102,25 @@ def watch(workspace_dir: str | None = None, params_file: str | None = None) -> d
     found = scan(root, p.watch.settle_seconds, state)
     out = {"teachers": [], "batches": [], "pending": [f.to_dict() for f in found.pending]}
 
+    # 0. A teacher registered in MLflow (watch.teacher_model@teacher_alias), fetched into data/teachers/.
+    teacher_findings = [f for f in found.actionable if f.kind == "teacher"]
+    if p.watch.teacher_model:
+        model = p.watch.teacher_model
+        got = fetch_registered_teacher(root, model, p.watch.teacher_alias, state["registry_teachers"].get(model))
+        if got is not None:
+            state["registry_teachers"][model] = got["version"]
+            note(state, "registered-teacher", model=model, version=got["version"], path=got["path"])
+            if not any(f.name == got["name"] for f in teacher_findings):
+                # written whole by the download, so it need not settle
+                teacher_findings.append(Finding("teacher", got["name"], got["path"], "ready", signature(Path(got["path"]))[0],
+                                                f"registered {model} v{got['version']}"))
+
     # 1. Teachers: integrity first; the newest genuinely new one triggers one cycle.
     known = set(known_teacher_shas(root, p.registry.student_name))
     known |= {t["sha256"] for t in state["teachers"].values() if t.get("sha256")}
     data = current_data(root)
     new = []
-    for f in (f for f in found.actionable if f.kind == "teacher"):
+    for f in teacher_findings:
         if f.status == "bad":
             out["teachers"].append(_refuse_teacher(root, p, state, f.name, f.path, f.signature, f.reason))
             continue

@@ -524,7 +524,8 @@ def _watch_once(root: Path, p, params: Optional[Path]) -> dict:
         fail(str(e))
     found = scan(root, p.watch.settle_seconds, state)
     due = due_episode(state, time.time(), p.drift.cooldown_hours)
-    if not found.actionable and due is None:
+    registered = p.watch.teacher_model and _registered_teacher_changed(root, p, state)
+    if not found.actionable and due is None and not registered:
         return {"changed": False, "pending": [f.to_dict() for f in found.pending],
                 "episode": state.get("episode"), "wall_time_s": round(time.perf_counter() - t0, 3)}
     _prefect_env()
@@ -532,6 +533,17 @@ def _watch_once(root: Path, p, params: Optional[Path]) -> dict:
 
     out = watch_flow(str(root), str(params) if params else None)
     return {"changed": True, **out, "wall_time_s": round(time.perf_counter() - t0, 3)}
+
+
+def _registered_teacher_changed(root: Path, p, state: dict) -> bool:
+    """Whether watch.teacher_model@teacher_alias points at a version the watch has not handled yet."""
+    from redistill.registry import registered_teacher
+
+    try:
+        mv = registered_teacher(_registry_client(root), p.watch.teacher_model, p.watch.teacher_alias)
+    except Exception as e:  # an unreachable tracking server: say so, do not guess
+        fail(f"cannot read the registered teacher {p.watch.teacher_model}@{p.watch.teacher_alias}: {e}")
+    return mv is not None and str(mv.version) != state["registry_teachers"].get(p.watch.teacher_model)
 
 
 def _print_watch(r: dict) -> None:

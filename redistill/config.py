@@ -255,6 +255,8 @@ class WatchParams:
     interval_minutes: float = 10.0  # `redistill serve`: how often the watch deployment runs
     nightly_cron: str = "0 2 * * *"  # `redistill serve`: the nightly cycle (keep prefect.yaml in step)
     timezone: str = "UTC"
+    teacher_model: str = ""  # also watch this registered MLflow model for new teacher versions ("" = folders only)
+    teacher_alias: str = "champion"  # ... at this alias
 
     def __post_init__(self):
         if self.settle_seconds < 0 or self.interval_minutes <= 0:

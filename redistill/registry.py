@@ -102,3 +102,8 @@ def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[s
         c.set_registered_model_alias(name, PREVIOUS, old.version)
     c.set_registered_model_alias(name, CHAMPION, mv.version)
     return Registered(str(mv.version), True, str(old.version) if old is not None else None)
+
+
+def registered_teacher(c, model: str, which: str):
+    """The version of a registered teacher model behind an alias, or None (no such model or alias)."""
+    return alias(c, model, which)

@@ -158,3 +158,29 @@ def update_representative(root: Path, base: Path, batch: Path, batch_name: str) 
     if dvc.get("dvc") and dvc["md5"] != md5:
         raise RuntimeError(f"DVC recorded {dvc['md5']} for {out} but redistill computes {md5}")
     return {"path": str(out), "md5": md5, "images": count, **dvc, "pid": os.getpid()}
+
+
+@task(name="fetch-registered-teacher", **IO_RETRIES)
+def fetch_registered_teacher(root: Path, model: str, which: str, seen: str | None) -> dict | None:
+    """The teacher registered as `model@which`, downloaded to data/teachers/<model>-v<N> when it is a
+    version not seen before; None when there is no such alias or nothing changed."""
+    import shutil
+
+    from mlflow.artifacts import download_artifacts
+
+    from redistill.data import safe_name
+
+    c = registry.client(tracking_uri(root))
+    mv = registry.registered_teacher(c, model, which)
+    if mv is None or str(mv.version) == seen:
+        return None
+    out = Path(root) / "data" / "teachers" / f"{safe_name(model)}-v{mv.version}"
+    if not out.exists():
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            uri = c.get_model_version_download_uri(model, str(mv.version))  # where the version's files are
+            local = Path(download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri(root)))
+            if not (local / "model_index.json").is_file():  # the pipeline folder may sit one level down
+                inner = [p.parent for p in local.rglob("model_index.json")]
+                local = inner[0] if len(inner) == 1 else local
+            shutil.move(str(local), str(out))
+    return {"name": out.name, "path": str(out), "version": str(mv.version), "model": model, "alias": which}

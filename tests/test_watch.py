@@ -74,6 +74,7 @@ def ws(digits_ws, tmp_path_factory, harness):
     (root / "params.yaml").write_text(BASE + LENIENT + "watch: {settle_seconds: 0}\n")
     (root / "strict.yaml").write_text(BASE + STRICT + "watch: {settle_seconds: 0}\n")
     (root / "settle.yaml").write_text(BASE + LENIENT + "watch: {settle_seconds: 3600}\n")
+    (root / "registry.yaml").write_text(BASE + LENIENT + "watch: {settle_seconds: 0, teacher_model: digits-teacher}\n")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     for cmd in (["git", "init", "-q"], [str(Path(sys.executable).with_name("dvc")), "init", "-q"]):
         subprocess.run(cmd, cwd=root, check=True, env=env, capture_output=True)
@@ -185,6 +186,25 @@ def test_broken_teachers_are_recorded_and_skipped_and_the_champion_stays(ws, eve
     assert watch(ws)["changed"] is False  # recorded once, skipped until their contents change
     for name in ("truncated", "nan", "rgb"):
         shutil.rmtree(ws / "data" / "teachers" / name)
+
+
+def test_a_teacher_registered_in_mlflow_is_fetched_and_triggers_one_cycle(ws, tmp_path):
+    from conftest import make_tiny_pipeline
+
+    n = len(versions(ws))
+    c = client(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = c.create_experiment("teachers", artifact_location=(ws / "mlartifacts" / "teachers").as_uri())
+    run = c.create_run(exp)
+    c.log_artifacts(run.info.run_id, str(make_tiny_pipeline(tmp_path / "t", seed=7)), "teacher")
+    c.create_registered_model("digits-teacher")
+    mv = c.create_model_version("digits-teacher", source=f"{run.info.artifact_uri}/teacher", run_id=run.info.run_id)
+    c.set_registered_model_alias("digits-teacher", "champion", mv.version)
+
+    (t,) = watch(ws, "--params", ws / "registry.yaml")["teachers"]
+    assert t["teacher"] == "digits-teacher-v1" and t["status"] == "new" and t["cycle"]["decision"] == "promoted"
+    assert (ws / "data" / "teachers" / "digits-teacher-v1" / "model_index.json").is_file()
+    assert len(versions(ws)) == n + 1 and versions(ws)[-1].tags[PREFIX + "trigger"] == "teacher"
+    assert watch(ws, "--params", ws / "registry.yaml")["changed"] is False  # same version: nothing to do
 
 
 def arrive(ws, batch: str, as_name: str | None = None) -> None:
