@@ -100,6 +100,7 @@ def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[s
     old = champion(c, name)
     if old is not None:
         c.set_registered_model_alias(name, PREVIOUS, old.version)
+        c.set_model_version_tag(name, mv.version, PREFIX + "replaced", str(old.version))
     c.set_registered_model_alias(name, CHAMPION, mv.version)
     return Registered(str(mv.version), True, str(old.version) if old is not None else None)
 
@@ -107,3 +108,41 @@ def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[s
 def registered_teacher(c, model: str, which: str):
     """The version of a registered teacher model behind an alias, or None (no such model or alias)."""
     return alias(c, model, which)
+
+
+def rollback(c, name: str, to: str | None, who: str, why: str) -> dict:
+    """Move `champion` to `previous` (or to version `to`) and `previous` to the old champion.
+
+    Only a version whose gate passed may become champion. `previous` moves first, so a crash between the
+    two moves leaves `champion` where it was. Rolling back twice returns to where it started. Returns what
+    was done; the caller records it as a run. Raises RegistryError, changing nothing, when refused.
+    """
+    import json
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    current = champion(c, name)
+    if current is None:
+        raise RegistryError(f"{name} has no champion, so there is nothing to roll back")
+    if to is None:
+        target = alias(c, name, PREVIOUS)
+        if target is None:
+            raise RegistryError(f"{name} has no `previous` version to roll back to; pass --to N")
+    else:
+        try:
+            target = c.get_model_version(name, str(to))
+        except MlflowException:
+            raise RegistryError(f"{name} has no version {to}; `redistill status` lists them") from None
+    if str(target.version) == str(current.version):
+        raise RegistryError(f"version {target.version} is already the champion of {name}")
+    if target.tags.get(PREFIX + "gate") != "passed":
+        reasons = target.tags.get(PREFIX + "gate_reasons", "")[:300]
+        raise RegistryError(f"version {target.version} did not pass its gate ({target.tags.get(PREFIX + 'gate')}: "
+                            f"{reasons}); only a version that passed may become champion")
+    record = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": who, "reason": why,
+              "from": str(current.version), "to": str(target.version)}
+    c.set_registered_model_alias(name, PREVIOUS, current.version)
+    c.set_registered_model_alias(name, CHAMPION, target.version)
+    c.set_model_version_tag(name, target.version, PREFIX + "rollback", json.dumps(record))
+    return record

@@ -36,6 +36,7 @@ def open_run(root: Path, experiment: str, tags: dict[str, str], params: dict) ->
     flat = _flatten(params)
     for k, v in flat.items():
         c.log_param(run.info.run_id, k, v)
+    c.log_dict(run.info.run_id, params, "params.json")  # the exact settings, for `redistill reproduce`
     return run.info.run_id
 
 
@@ -66,11 +67,25 @@ def log_evaluation(root: Path, run_id: str, result: dict, decision: dict) -> Non
         c.set_tag(run_id, f"redistill.gate.{check['name']}", "pass" if check["passed"] else "FAIL")
 
 
-@task(name="register-student", **IO_RETRIES)
-def register(root: Path, name: str, run_id: str, tags: dict[str, str], promote: bool) -> dict:
-    """Register the logged student with its tags; move the aliases only when it passed."""
+@task(name="log-pyfunc-model", **IO_RETRIES)
+def log_pyfunc(root: Path, run_id: str, student: Path) -> str:
+    """Log the student as an MLflow pyfunc model under the run's `model/` (what the version points at)."""
+    import tempfile
+
+    from redistill.serving import save_pyfunc
+
     c = registry.client(tracking_uri(root))
-    r = registry.register_student(c, name, run_id, "student", tags, promote)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pyfunc(Path(student), Path(tmp) / "model")
+        c.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
+    return "model"
+
+
+@task(name="register-student", **IO_RETRIES)
+def register(root: Path, name: str, run_id: str, tags: dict[str, str], promote: bool, artifact_path: str = "model") -> dict:
+    """Register the run's pyfunc model with its tags; move the aliases only when it passed."""
+    c = registry.client(tracking_uri(root))
+    r = registry.register_student(c, name, run_id, artifact_path, tags, promote)
     c.set_terminated(run_id, status="FINISHED")
     return {"version": r.version, "promoted": r.promoted, "replaced": r.replaced}
 
@@ -97,3 +112,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+@task(name="publish-reports", **IO_RETRIES)
+def publish_reports(root: Path, run_id: str, decision: str, version: str) -> str:
+    """A Prefect markdown artifact linking the run's reports: sample grid, quality-vs-steps, GX data docs, drift."""
+    from prefect.artifacts import create_markdown_artifact
+
+    c = registry.client(tracking_uri(root))
+    base = c.get_run(run_id).info.artifact_uri
+    have = {a.path for a in c.list_artifacts(run_id, "evaluation")} | {a.path for a in c.list_artifacts(run_id, "trigger")}
+    links = [("teacher and student samples on the same noise", "evaluation/grid.png"),
+             ("quality against steps", "evaluation/quality_vs_steps.png"),
+             ("great_expectations data docs", "validation/data_docs/index.html"),
+             ("drift report (the trigger)", "trigger/drift.png"),
+             ("metrics", "evaluation/metrics.json")]
+    lines = [f"- [{label}]({base}/{path})" for label, path in links
+             if path in have or path.startswith("validation/")]
+    md = (f"# redistill: version {version} {decision}\n\nMLflow run `{run_id}`.\n\n" + "\n".join(lines) + "\n")
+    create_markdown_artifact(key="redistill-reports", markdown=md, description="links to the cycle's reports")
+    return md

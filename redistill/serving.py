@@ -1,0 +1,94 @@
+"""The student as an MLflow pyfunc model, so the registry serves what it registers.
+
+The model is saved with MLflow's loader-module flavour: the student's diffusers pipeline folder is the
+model's data, and this module's `_load_pyfunc` loads it from safetensors. Nothing is pickled. So:
+
+    mlflow.pyfunc.load_model("models:/digits-student@champion").predict(
+        pd.DataFrame([{"seed": 0, "num_images": 4}]))
+    mlflow models serve -m models:/digits-student@champion --env-manager local
+    curl -X POST 127.0.0.1:5000/invocations -H 'Content-Type: application/json' \\
+         -d '{"dataframe_records": [{"seed": 0, "num_images": 4}]}'
+
+Input: one row per request, `seed` and `num_images` (at most MAX_IMAGES), optionally
+`num_inference_steps` (default: the step count the student was distilled for). Output: one row per image,
+`seed`, `index` and `image_png_base64` (a PNG, base64), plus `height` and `width`. Images of one row come
+from one generator seeded with `seed`, so the same request gives the same images.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+MAX_IMAGES = 64
+DISTILL_SUMMARY = "redistill_distill.json"
+
+
+class StudentModel:
+    """What `mlflow.pyfunc.load_model` wraps: a loaded pipeline and its default step count."""
+
+    def __init__(self, path: str | Path):
+        from redistill.teacher import load_pipeline
+
+        path = Path(path)
+        self.pipe = load_pipeline(path)
+        summary = path / DISTILL_SUMMARY
+        self.steps = int(json.loads(summary.read_text())["num_inference_steps"]) if summary.is_file() else 4
+
+    def predict(self, model_input, params=None):
+        import numpy as np
+        import pandas as pd
+        import torch
+        from PIL import Image
+
+        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        missing = {"seed", "num_images"} - set(df.columns)
+        if missing:
+            raise ValueError(f"each request row needs `seed` and `num_images`; missing {sorted(missing)}")
+        rows = []
+        for _, r in df.iterrows():
+            n = int(r["num_images"])
+            if not 1 <= n <= MAX_IMAGES:
+                raise ValueError(f"num_images must be between 1 and {MAX_IMAGES}, got {n}")
+            steps = r.get("num_inference_steps")
+            steps = self.steps if steps is None or pd.isna(steps) else int(steps)
+            g = torch.Generator(device=self.pipe.device).manual_seed(int(r["seed"]))
+            with torch.no_grad():
+                images = self.pipe(batch_size=n, generator=g, num_inference_steps=steps, output_type="np").images
+            for i, img in enumerate(images):
+                arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+                arr = arr[..., 0] if arr.shape[-1] == 1 else arr
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG")
+                rows.append({"seed": int(r["seed"]), "index": i, "height": int(arr.shape[0]),
+                             "width": int(arr.shape[1]), "image_png_base64": base64.b64encode(buf.getvalue()).decode()})
+        return pd.DataFrame(rows, columns=["seed", "index", "height", "width", "image_png_base64"])
+
+
+def _load_pyfunc(data_path: str) -> StudentModel:
+    """MLflow's loader-module entry point: `data_path` is the pipeline folder saved with the model."""
+    return StudentModel(data_path)
+
+
+def save_pyfunc(student: Path, out: Path) -> Path:
+    """Write the student as an MLflow pyfunc model folder (MLmodel, signature, input example) at `out`."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("long", "seed"), ColSpec("long", "num_images"),
+                       ColSpec("long", "num_inference_steps", required=False)]),
+        outputs=Schema([ColSpec("long", "seed"), ColSpec("long", "index"), ColSpec("long", "height"),
+                        ColSpec("long", "width"), ColSpec("string", "image_png_base64")]),
+    )
+    mlflow.pyfunc.save_model(
+        path=str(out), loader_module="redistill.serving", data_path=str(student), signature=signature,
+        input_example=pd.DataFrame([{"seed": 0, "num_images": 2}]),
+        # the serving environment needs redistill itself (`--env-manager local` uses the current one)
+        pip_requirements=["redistill", "torch>=2.4", "diffusers>=0.30", "safetensors>=0.4", "pillow>=10", "pandas"],
+    )
+    return Path(out)
