@@ -54,3 +54,134 @@ def dvc_add(root: Path, path: Path, timeout: float = 300) -> dict:
     dvc_file = path.with_name(path.name + ".dvc")
     out = yaml.safe_load(dvc_file.read_text())["outs"][0]
     return {"dvc": True, "dvc_file": str(dvc_file.relative_to(root)), "md5": out["md5"], "nfiles": out.get("nfiles")}
+
+
+class LineageError(LookupError):
+    """The version (or alias) asked for does not exist; the message says what does."""
+
+
+def _artifact_json(c, run_id: str, path: str) -> dict | None:
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return json.loads(Path(c.download_artifacts(run_id, path, tmp)).read_text())
+        except Exception:  # not logged (a run stopped early, or older than this artifact)
+            return None
+
+
+def resolve_version(c, name: str, version: str | int | None = None, alias: str | None = None):
+    """The model version for `--version N` or `--alias A`, or LineageError naming what exists."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, str(version))
+    except MlflowException:
+        try:
+            existing = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
+        except MlflowException:
+            existing = []
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        have = f"versions {existing[0]}–{existing[-1]}" if existing else "no versions yet"
+        raise LineageError(f"{name} has no {what} ({have}); `redistill status` lists them") from None
+
+
+def lineage(c, name: str, mv, root: Path | None = None) -> dict:
+    """The audit chain of one registered version: teacher, data, params, code, flow run, trigger, gate."""
+    import json
+    from datetime import datetime, timezone
+
+    tag = lambda k: mv.tags.get("redistill." + k)  # noqa: E731
+    run = c.get_run(mv.run_id)
+    art = run.info.artifact_uri
+    decision = _artifact_json(c, mv.run_id, "gate/decision.json") or {}
+    metrics = _artifact_json(c, mv.run_id, "evaluation/metrics.json") or {}
+    gx = _artifact_json(c, mv.run_id, "validation/result.json") or {}
+    params = _artifact_json(c, mv.run_id, "params.json")
+    try:
+        detail = json.loads(tag("trigger_detail") or "null")
+    except json.JSONDecodeError:
+        detail = tag("trigger_detail")
+    teacher_uri, teacher_sha = tag("teacher_uri"), tag("teacher_sha256")
+    registered = (detail or {}).get("teacher_registry") if isinstance(detail, dict) else None
+    if registered is None and root is not None:
+        from redistill.watch import load_state
+
+        try:
+            for t in load_state(root)["teachers"].values():
+                if t.get("sha256") == teacher_sha and t.get("registry"):
+                    registered = t["registry"]
+        except ValueError:
+            pass
+    trigger_files = [a.path for a in c.list_artifacts(mv.run_id, "trigger")]
+    commit = tag("git_commit") or ""
+    return {
+        "model": name,
+        "version": str(mv.version),
+        "aliases": list(mv.aliases or []),
+        "run_id": mv.run_id,
+        "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
+        "key": tag("key"),
+        "method": tag("method"),
+        "num_inference_steps": tag("num_inference_steps"),
+        "teacher": {"uri": teacher_uri, "sha256": teacher_sha, "registered": registered,
+                    "present": bool(teacher_uri) and (Path(teacher_uri) / "model_index.json").is_file()},
+        "data": {"uri": tag("data_uri"), "md5": tag("data_md5"), "num_images": metrics.get("num_real"),
+                 "validation": {"success": gx.get("success"),
+                                "expectations": len(gx.get("results", [])) or None,
+                                "failed": sum(1 for r in gx.get("results", []) if not r.get("success")),
+                                "data_docs": f"{art}/validation/data_docs/index.html"}},
+        "params": {"sha256": tag("params_sha256"), "values": params},
+        "code": {"git_commit": commit.removesuffix("-dirty"), "dirty": commit.endswith("-dirty")},
+        "prefect": {"flow_run_id": tag("prefect_flow_run_id"), "url": tag("prefect_flow_run_url")},
+        "trigger": {"kind": tag("trigger"), "detail": detail,
+                    "report": [f"{art}/{p}" for p in trigger_files] or None},
+        "gate": {"verdict": tag("gate"), "reasons": tag("gate_reasons"), "checks": decision.get("checks", [])},
+        "replaced": tag("replaced"),
+        "rollbacks": tag("rollback"),
+        "metrics": {k: metrics.get("quality", {}).get(k) for k in ("fid", "fid_ci95", "kid", "kid_ci95", "fid_ratio")},
+    }
+
+
+def format_lineage(d: dict) -> str:
+    """The lineage as a terminal page."""
+    def line(label: str, value) -> str:
+        return f"  {label:<12} {value}"
+
+    t, data, code, pf, tr, g = d["teacher"], d["data"], d["code"], d["prefect"], d["trigger"], d["gate"]
+    v = data["validation"]
+    out = [f"{d['model']} version {d['version']}  aliases: {', '.join(d['aliases']) or '(none)'}  "
+           f"created {d['created']}",
+           line("run", d["run_id"]), line("key", d["key"]),
+           line("method", f"{d['method']} at {d['num_inference_steps']} steps"),
+           "teacher",
+           line("uri", t["uri"] + ("" if t["present"] else "  (no longer there)")),
+           line("sha256", t["sha256"]),
+           line("registered", t["registered"] or "no (a folder)"),
+           "data",
+           line("uri", data["uri"]), line("DVC md5", data["md5"]), line("images", data["num_images"]),
+           line("validation", f"{'passed' if v['success'] else 'FAILED' if v['success'] is False else '?'}"
+                              f" ({v['expectations']} expectations, {v['failed']} failed)"),
+           line("data docs", v["data_docs"]),
+           "params",
+           line("sha256", d["params"]["sha256"]),
+           "code",
+           line("git commit", code["git_commit"] + ("  (tree was DIRTY)" if code["dirty"] else "  (clean tree)")),
+           "prefect",
+           line("flow run", pf["flow_run_id"]), line("url", pf["url"] or "(ephemeral server: no UI)"),
+           "trigger",
+           line("kind", tr["kind"])]
+    if tr["detail"]:
+        out.append(line("detail", tr["detail"]))
+    for r in tr["report"] or []:
+        out.append(line("report", r))
+    out.append(f"gate: {g['verdict']}")
+    for c in g["checks"]:
+        value = "n/a" if c.get("value") is None else f"{c['value']:.4g}"
+        bound = "" if c.get("bound") is None else f"{c['bound']:.4g}"
+        out.append(f"  {'pass' if c['passed'] else 'FAIL':<4} {c['kind']:<8} {c['name']:<22} {value:>10} {c['op']} {bound}")
+    out.append(f"replaced     {('version ' + d['replaced']) if d['replaced'] else '(nothing: no champion before it, or not promoted)'}")
+    if d.get("rollbacks"):
+        out.append(f"rollbacks    {d['rollbacks']}")
+    return "\n".join(out)
