@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -10,13 +11,15 @@ from prefect import flow
 from prefect.runtime import flow_run
 from redistill.tasks.concurrency import one_at_a_time
 from redistill.tasks.distill import distill_student
-from redistill.tasks.evaluate import evaluate_student
+from redistill.tasks.evaluate import evaluate_student, quality_vs_steps
 from redistill.tasks.gate import gate_student
 from redistill.tasks.registry import (
     champion_evaluation,
     log_artifacts,
     log_evaluation,
+    log_pyfunc,
     open_run,
+    publish_reports,
     record_failure,
     register,
 )
@@ -41,6 +44,8 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
     run_dir = root / "runs" / "cycles" / key
     tags = {"redistill.key": key, "redistill.trigger": trigger, "redistill.prefect_flow_run_id": str(flow_run.id),
             "redistill.method": p.distill.method, **{f"redistill.{k}": str(v) for k, v in inputs.items() if k != "key"}}
+    if os.environ.get("PREFECT_API_URL") and flow_run.ui_url:  # a real server: the run can be looked at later
+        tags["redistill.prefect_flow_run_url"] = str(flow_run.ui_url)
     if trigger_info:
         tags["redistill.trigger_detail"] = json.dumps({k: v for k, v in trigger_info.items() if k != "report_dir"},
                                                       default=str)[:5000]
@@ -62,18 +67,23 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
     student = run_dir / "student"
     result = evaluate_student(student, p.distill.target_steps, teacher, data, root / "data" / "features", p,
                               run_dir / "evaluation", root / "runs" / "cache" / "samples")
+    curve = quality_vs_steps(result, teacher, data, root / "data" / "features", p, run_dir / "evaluation",
+                             root / "runs" / "cache" / "samples")
+    result["teacher_fid_by_steps"] = curve["teacher_fid_by_steps"]
     with tempfile.TemporaryDirectory() as tmp:
         _, champ_result = champion_evaluation(root, p.registry.student_name, Path(tmp))
     decision = gate_student(result, champ_result, p.gate)
     log_evaluation(root, run_id, result, decision)
     log_artifacts(root, run_id, student, "student")
+    model_path = log_pyfunc(root, run_id, student)
     log_artifacts(root, run_id, run_dir / "evaluation", "evaluation")
     reg = register(root, p.registry.student_name, run_id, {
         **{k.removeprefix("redistill."): v for k, v in tags.items()},
         "num_inference_steps": str(p.distill.target_steps),
         "gate": "passed" if decision["passed"] else "rejected",
         "gate_reasons": decision["reasons"][:5000],
-    }, promote=decision["passed"])
+    }, promote=decision["passed"], artifact_path=model_path)
+    publish_reports(root, run_id, "promoted" if reg["promoted"] else "rejected", reg["version"])
     name = p.registry.student_name
     emit("redistill.student.promoted" if reg["promoted"] else "redistill.student.rejected",
          f"redistill.model.{name}", {"version": reg["version"], "key": key, "trigger": trigger, "run_id": run_id,

@@ -138,15 +138,17 @@ def watch(workspace_dir: str | None = None, params_file: str | None = None) -> d
         out["teachers"].append({"teacher": f.name, "status": "superseded", "sha256": facts["sha256"]})
     if new:
         f, facts = new[-1]
+        reg = f.reason.removeprefix("registered ") if f.reason.startswith("registered ") else None
         state["teachers"][f.name] = {"signature": f.signature, "sha256": facts["sha256"], "status": "accepted",
-                                     "at": time.time()}
+                                     "at": time.time(), "registry": reg}
         state["current_teacher"] = f.path
         note(state, "teacher-new", teacher=f.name, sha256=facts["sha256"])
         save_state(root, state)
         emit("redistill.teacher.new", f"redistill.teacher.{facts['sha256'][:16]}",
              {"path": f.path, "sha256": facts["sha256"], "params": facts.get("params")}, f.name)
         result = _cycle(root, p, Path(f.path), data, "teacher",
-                        {"teacher": f.name, "teacher_sha256": facts["sha256"], "event": "redistill.teacher.new"})
+                        {"teacher": f.name, "teacher_sha256": facts["sha256"], "event": "redistill.teacher.new",
+                         **({"teacher_registry": reg} if reg else {})})
         state["teachers"][f.name]["decision"] = result
         out["teachers"].append({"teacher": f.name, "status": "new", "sha256": facts["sha256"], "cycle": result})
     save_state(root, state)

@@ -802,10 +802,13 @@ def status(
     typer.echo(f"{name}: champion {out['champion'] or '(none)'}, previous {out['previous'] or '(none)'}")
     if not rows:
         typer.echo("no decisions yet: run `redistill cycle` or `make demo`")
+    if rows:
+        typer.echo(f"  {'version':<8} {'gate':<9} {'created (UTC)':<17} {'trigger':<9} {'method':<12} {'steps':<5} key")
     for r in rows:
         when = datetime.fromtimestamp(r["created"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
-        typer.echo(f"  v{r['version']:<4} {r['gate'] or '?':<9} {when}  trigger={r['trigger']}  "
-                   f"method={r['method']}  steps={r['steps']}  key={r['key']}")
+        mark = " *" if r["version"] == out["champion"] else ""
+        typer.echo(f"  {'v' + r['version'] + mark:<8} {r['gate'] or '?':<9} {when:<17} {r['trigger'] or '?':<9} "
+                   f"{r['method'] or '?':<12} {r['steps'] or '?':<5} {r['key']}")
     if pending:
         typer.echo("pending triggers (`redistill watch --once` handles them):")
         for f in pending:
@@ -855,6 +858,113 @@ def export(
     steps = mv.tags.get("redistill.num_inference_steps")
     typer.echo(f"wrote version {mv.version} of {name} to {out}; sample it with "
                f"DiffusionPipeline.from_pretrained('{out}')(num_inference_steps={steps})")
+
+
+def _one_version(c, name: str, alias_name: Optional[str], version: Optional[int]):
+    from redistill.lineage import LineageError, resolve_version
+
+    if (alias_name is None) == (version is None):
+        fail("pass exactly one of --alias A or --version N")
+    try:
+        return resolve_version(c, name, version, alias_name)
+    except LineageError as e:
+        fail(str(e))
+
+
+@app.command()
+def lineage(
+    alias_name: Optional[str] = typer.Option(None, "--alias", help="Registry alias, e.g. champion or previous."),
+    version: Optional[int] = typer.Option(None, "--version", help="Registry version number."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole chain as one JSON object."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Which teacher, data, settings, code and flow run made a student, why it ran, and how the gate judged it."""
+    from redistill.lineage import format_lineage
+    from redistill.lineage import lineage as chain
+
+    root, p = _settings(ws, params)
+    c = _registry_client(root)
+    mv = _one_version(c, p.registry.student_name, alias_name, version)
+    d = chain(c, p.registry.student_name, mv, root)
+    typer.echo(json.dumps(d, default=str) if as_json else format_lineage(d))
+
+
+@app.command()
+def rollback(
+    to: Optional[int] = typer.Option(None, "--to", help="Version to make champion (it must have passed its gate). Default: `previous`."),
+    reason: str = typer.Option("", "--reason", help="Why; recorded with who and when."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Move `champion` back to `previous` (or to --to N), and `previous` to the old champion; recorded as a tag and a run.
+
+    Rolling back twice returns to where it started. A version that was rejected by its gate is refused."""
+    import getpass
+    import socket
+
+    from redistill.registry import RegistryError
+    from redistill.registry import rollback as move
+
+    root, p = _settings(ws, params)
+    c = _registry_client(root)
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    try:
+        record = move(c, p.registry.student_name, None if to is None else str(to), who, reason or "(no reason given)")
+    except RegistryError as e:
+        fail(str(e))
+    from redistill.tasks.registry import _experiment
+
+    run = c.create_run(_experiment(c, p.registry.experiment, root), run_name=f"rollback-v{record['from']}-to-v{record['to']}",
+                       tags={"redistill.kind": "rollback", **{f"redistill.rollback.{k}": v for k, v in record.items()}})
+    c.set_terminated(run.info.run_id)
+    record["run_id"] = run.info.run_id
+    if as_json:
+        typer.echo(json.dumps(record))
+    else:
+        typer.echo(f"champion of {p.registry.student_name}: version {record['from']} → {record['to']} "
+                   f"(previous is now {record['from']}); recorded by {who} in MLflow run {run.info.run_id}")
+
+
+@app.command()
+def reproduce(
+    version: int = typer.Option(..., "--version", help="Registry version to rebuild."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Work folder. Default: runs/reproduce/v<N>."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Re-run a version's distillation and evaluation from its recorded lineage; each figure next to its record."""
+    from redistill.data import DataError
+    from redistill.reproduce import ReproduceError
+    from redistill.reproduce import reproduce as rebuild
+    from redistill.teacher import PipelineError
+
+    root, p = _settings(ws, params)
+    c = _registry_client(root)
+    mv = _one_version(c, p.registry.student_name, None, version)
+    try:
+        r = rebuild(c, p.registry.student_name, mv, root, out or root / "runs" / "reproduce" / f"v{mv.version}",
+                    log=lambda m: typer.echo(m, err=True))
+    except (ReproduceError, DataError, PipelineError, FileNotFoundError) as e:
+        fail(f"cannot reproduce version {mv.version}: {e}")
+    if as_json:
+        typer.echo(json.dumps(r, default=str))
+        return
+    typer.echo(f"version {r['version']} rebuilt from its lineage in {r['wall_time_s']:.0f} s "
+               f"(teacher {r['teacher']}; data from the {r['data_source']})")
+    if not r["same_code"]:
+        typer.echo(f"  note: recorded code {r['code_then']}, running {r['code_now']}")
+    typer.echo(f"  {'metric':<20} {'recorded':>12} {'now':>12}  recorded 95% CI       verdict")
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    for row in r["rows"]:
+        ci = row["recorded_ci95"]
+        verdict = "no CI recorded" if row["within_ci"] is None else ("within CI" if row["within_ci"] else "OUTSIDE CI")
+        ci_s = "" if ci is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
+        typer.echo(f"  {row['metric']:<20} {fmt(row['recorded']):>12} {fmt(row['new']):>12}  {ci_s:<20}  {verdict}")
+    typer.echo(f"  {'all recorded CIs hold' if r['all_within_ci'] else 'SOME FIGURES FELL OUTSIDE THEIR RECORDED CI'}; "
+               f"wrote {r['out_dir']}/reproduce.json")
 
 
 def _version_metrics(root: Path, run_id: str) -> dict | None:

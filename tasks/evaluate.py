@@ -23,3 +23,51 @@ def evaluate_student(student: Path, steps: int, teacher: Path, data: Path, featu
         FeatureExtractor(classifier), p.evaluate, classifier=classifier, confidence=p.features.confidence,
         out_dir=out_dir, cache_dir=cache_dir,
     )
+
+
+@task(name="quality-vs-steps")
+def quality_vs_steps(result: dict, teacher: Path, data: Path, features: Path, p: Params, out_dir: Path,
+                     cache_dir: Path, steps: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict:
+    """The teacher's FID at several DDIM step counts (cached by teacher bytes) and the student's point, as a plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from redistill.data import load_image_folder
+    from redistill.features import FeatureExtractor, load_classifier
+    from redistill.metrics import configure_scheduler, fid, sample_cached
+    from redistill.teacher import load_pipeline
+
+    ext = FeatureExtractor(load_classifier(features))
+    real = ext(torch.from_numpy(load_image_folder(data).images)).double()
+    pipe = load_pipeline(teacher)
+    curve = {}
+    ref_steps = result["reference"]["steps"]
+    for k in sorted(set(steps) - {ref_steps}):
+        sched = configure_scheduler(pipe, k, "auto")
+        images, _ = sample_cached(pipe, teacher, sched, p.evaluate.num_samples, k, p.evaluate.seed,
+                                  p.evaluate.sample_batch_size, cache_dir)
+        curve[k] = fid(real, ext(images).double())
+    curve[ref_steps] = result["quality"]["reference_fid"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = sorted(curve)
+    ax.plot(ks, [curve[k] for k in ks], "o-", color="0.4", label="teacher (DDIM)")
+    ax.plot([result["steps"]], [result["quality"]["fid"]], "*", color="crimson", markersize=14,
+            label=f"student @ {result['steps']}")
+    lo, hi = result["quality"]["fid_ci95"]
+    ax.vlines(result["steps"], lo, hi, color="crimson")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("denoising steps")
+    ax.set_ylabel("FID (classifier features)")
+    ax.set_title("quality against steps")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "quality_vs_steps.png", dpi=90)
+    plt.close(fig)
+    return {"teacher_fid_by_steps": {str(k): v for k, v in curve.items()}, "student_steps": result["steps"],
+            "student_fid": result["quality"]["fid"], "plot": str(out_dir / "quality_vs_steps.png")}
