@@ -151,13 +151,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_champion_loads_as_pyfunc_and_is_served_over_http(ws):
+def test_the_champion_loads_as_pyfunc_and_is_served_over_http(ws, monkeypatch):
     import mlflow.pyfunc
     import pandas as pd
 
     uri = f"sqlite:///{ws / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as a user would; undone after the test
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     assert model.metadata.signature is not None
     out = model.predict(pd.DataFrame([{"seed": 3, "num_images": 2}]))

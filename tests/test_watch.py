@@ -303,3 +303,25 @@ def test_prefect_yaml_matches_the_settings_and_serve_registers_both_deployments(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_prefect_deploy_creates_both_deployments_from_prefect_yaml(ws, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect")}
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    with get_client(sync_client=True) as c:  # the served ones from the test above share the names
+        for d in c.read_deployments():
+            c.delete_deployment(d.id)
+    for cmd in ([prefect, "work-pool", "create", "redistill", "--type", "process"],
+                [prefect, "--no-prompt", "deploy", "--all"]):
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with get_client(sync_client=True) as c:
+        deps = {f"{c.read_flow(d.flow_id).name}/{d.name}": d for d in c.read_deployments()}
+    assert set(deps) == {"redistill-nightly/nightly", "redistill-watch/watch"}
+    assert all(d.work_pool_name == "redistill" for d in deps.values())
+    assert deps["redistill-watch/watch"].schedules[0].schedule.interval.total_seconds() == 600
+    r = runner.invoke(app, ["serve", "--workspace", str(ws)])  # a worker owns them now: serve refuses clearly
+    assert r.exit_code == 2 and "prefect deploy" in r.output
