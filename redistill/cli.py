@@ -756,7 +756,11 @@ def drift_calibrate(
 
 
 def _registry_client(root: Path):
+    import os
+
     from redistill.registry import client, tracking_uri
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars in our output
 
     return client(tracking_uri(root))
 

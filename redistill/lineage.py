@@ -83,7 +83,8 @@ def resolve_version(c, name: str, version: str | int | None = None, alias: str |
         except MlflowException:
             existing = []
         what = f"alias {alias!r}" if alias else f"version {version}"
-        have = f"versions {existing[0]}–{existing[-1]}" if existing else "no versions yet"
+        have = (f"versions {existing[0]}–{existing[-1]}" if len(existing) > 1 else
+                f"only version {existing[0]}" if existing else "no versions yet")
         raise LineageError(f"{name} has no {what} ({have}); `redistill status` lists them") from None
 
 
