@@ -432,6 +432,7 @@ def demo(
     name = p.registry.student_name
     champ = champion(_registry_client(root), name)
     typer.echo(f"look: mlflow ui --backend-store-uri {tracking_uri(root)}  →  Models → {name}")
+    typer.echo(f"      redistill lineage --version {result['version']}  (what made it, and how the gate judged it)")
     if champ is not None:
         typer.echo(f"      champion is version {champ.version}: "
                    "redistill export --alias champion --out student/  (a stock diffusers pipeline folder)")

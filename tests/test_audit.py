@@ -139,6 +139,13 @@ def test_reports_are_logged_with_the_cycle(ws):
     have = {a.path for a in c.list_artifacts(mv.run_id, "evaluation")}
     assert {"evaluation/grid.png", "evaluation/quality_vs_steps.png", "evaluation/metrics.json"} <= have
     assert "validation/data_docs" in {a.path for a in c.list_artifacts(mv.run_id, "validation")}
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as pc:  # the run's Prefect markdown artifact links to the reports
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["redistill-reports"])))
+    assert len(arts) == 3 and any(mv.run_id in a.data and "quality_vs_steps.png" in a.data and "data_docs" in a.data
+                                  for a in arts)
     r = cli(ws, "status")
     assert r.exit_code == 0 and "version" in r.output and "v2 *" in r.output
     assert [line.split()[0] for line in r.output.splitlines() if line.startswith("  v") and line[3].isdigit()] == [
