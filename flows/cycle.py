@@ -63,7 +63,11 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
         record_failure(root, run_id, "teacher", facts["error"])
         raise CycleStopped(facts["error"])
 
-    summary = distill_student(teacher, data, p.distill, run_dir, root)
+    try:
+        summary = distill_student(teacher, data, p.distill, run_dir, root)
+    except ValueError as e:  # settings the method cannot serve with this teacher (known once it is loaded)
+        record_failure(root, run_id, "distill", str(e))
+        raise CycleStopped(f"distillation refused: {e}") from e
     student = run_dir / "student"
     result = evaluate_student(student, p.distill.target_steps, teacher, data, root / "data" / "features", p,
                               run_dir / "evaluation", root / "runs" / "cache" / "samples")

@@ -108,6 +108,20 @@ def test_corrupted_data_stops_before_distillation_and_is_recorded(ws, tmp_path):
     assert not any((ws / "runs" / "cycles").glob("*/checkpoints"))  # nothing was distilled
 
 
+def test_settings_the_method_cannot_serve_with_this_teacher_stop_the_cycle_and_are_recorded(ws, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ws / "params.yaml").read_text().replace(
+        "progressive: {teacher_steps: 4, steps_per_round: 3}",
+        "progressive: {teacher_steps: 16, steps_per_round: 3, first_timestep: 929}"))
+    c = client(f"sqlite:///{ws / 'mlflow.db'}")
+    versions = len(c.search_model_versions(f"name='{NAME}'"))
+    r, _ = cycle(ws, "--params", params)
+    assert r.exit_code == 2 and "too low for teacher_steps 16" in r.output, r.output
+    assert len(c.search_model_versions(f"name='{NAME}'")) == versions
+    failed = c.search_runs([c.get_experiment_by_name("redistill").experiment_id], "attributes.status = 'FAILED'")
+    assert any(run.data.tags.get("redistill.failed_stage") == "distill" for run in failed)
+
+
 def test_a_teacher_that_does_not_fit_the_data_is_refused(ws, tmp_path):
     from conftest import make_tiny_pipeline
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from redistill.methods.progressive import (
+    check_grid,
     ddim_grid,
     student_grid,
     student_pipeline,
@@ -94,3 +95,10 @@ def test_student_grid_is_what_the_exported_scheduler_samples_and_nests(n):
     sched.set_timesteps(n)
     assert sched.timesteps.tolist() == grid[:-1].tolist()
     assert sched.config.prediction_type == "epsilon"
+
+
+def test_a_first_timestep_whose_teacher_grid_goes_below_zero_is_refused():
+    check_grid(4, 1000, 959, 16)  # the default: the 16-step teacher grid ends at t=22
+    with pytest.raises(ValueError, match=r"too low for teacher_steps 16: the teacher's last step would be at t=-8.*≥ 937"):
+        check_grid(4, 1000, 929, 16)
+    check_grid(4, 1000, 929, 8)  # fewer teacher steps fit: 929 − 7·125 = 54

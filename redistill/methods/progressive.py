@@ -80,8 +80,9 @@ def student_prediction(teacher_prediction: str, first_timestep: int, num_train_t
     return V_PREDICTION if first_timestep == num_train_timesteps - 1 else teacher_prediction
 
 
-def check_grid(target_steps: int, num_train_timesteps: int, first_timestep: int) -> None:
-    """Refuse a first timestep or step count whose grid stock DDIMScheduler cannot reproduce."""
+def check_grid(target_steps: int, num_train_timesteps: int, first_timestep: int, teacher_steps: int | None = None) -> None:
+    """Refuse a first timestep or step count whose grid stock DDIMScheduler cannot reproduce, or whose
+    finest grid (the first round's teacher, `teacher_steps`) would step below t = 0."""
     T = num_train_timesteps
     if not 0 < first_timestep < T:
         raise ValueError(f"first_timestep must be between 1 and {T - 1}, got {first_timestep}")
@@ -91,6 +92,12 @@ def check_grid(target_steps: int, num_train_timesteps: int, first_timestep: int)
                              f"got {target_steps}")
         if first_timestep - (target_steps - 1) * (T // target_steps) < 0:
             raise ValueError(f"first_timestep {first_timestep} is too low for {target_steps} steps")
+        finest = int(student_grid(teacher_steps or target_steps, T, first_timestep)[-2])
+        if finest < 0:
+            lowest = int(np.floor((teacher_steps - 1) * T / teacher_steps))
+            raise ValueError(f"distill.progressive.first_timestep {first_timestep} is too low for teacher_steps "
+                             f"{teacher_steps}: the teacher's last step would be at t={finest}. Use first_timestep "
+                             f"≥ {lowest} or fewer teacher_steps")
 
 
 def ddim_step(x0: torch.Tensor, z: torch.Tensor, a_t, s_t, a_s, s_s) -> torch.Tensor:
@@ -129,7 +136,7 @@ def distill(
     sched_cfg = teacher.scheduler.config
     T = sched_cfg.num_train_timesteps
     rounds = halving_schedule(cfg.teacher_steps, cfg.target_steps)
-    check_grid(cfg.target_steps, T, cfg.first_timestep)
+    check_grid(cfg.target_steps, T, cfg.first_timestep, cfg.teacher_steps)
     s_type = student_prediction(sched_cfg.prediction_type, cfg.first_timestep, T)
     run = Trainer(ckpt_dir, {"method": "progressive", "config": asdict(cfg), "teacher_prediction": sched_cfg.prediction_type},
                   cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
