@@ -538,10 +538,10 @@ def _watch_once(root: Path, p, params: Optional[Path]) -> dict:
 
 def _registered_teacher_changed(root: Path, p, state: dict) -> bool:
     """Whether watch.teacher_model@teacher_alias points at a version the watch has not handled yet."""
-    from redistill.registry import registered_teacher
+    from redistill.registry import alias
 
     try:
-        mv = registered_teacher(_registry_client(root), p.watch.teacher_model, p.watch.teacher_alias)
+        mv = alias(_registry_client(root), p.watch.teacher_model, p.watch.teacher_alias)
     except Exception as e:  # an unreachable tracking server: say so, do not guess
         fail(f"cannot read the registered teacher {p.watch.teacher_model}@{p.watch.teacher_alias}: {e}")
     return mv is not None and str(mv.version) != state["registry_teachers"].get(p.watch.teacher_model)
@@ -667,10 +667,8 @@ def drift_check(
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Test one batch for drift (MMD permutation test + Holm-corrected KS tests); exit 1 when it drifted."""
-    import torch
-
-    from redistill.data import DataError, load_image_folder, safe_name
-    from redistill.drift import detect, image_stats, plot_report
+    from redistill.data import DataError, safe_name
+    from redistill.drift import check_folder
     from redistill.features import FeatureExtractor, load_classifier
     from redistill.watch import current_data
 
@@ -679,18 +677,9 @@ def drift_check(
     out = out or root / "runs" / "drift" / safe_name(Path(batch).resolve().name)
     try:
         ext = FeatureExtractor(load_classifier(root / "data" / "features"))
-        ref, new = load_image_folder(reference), load_image_folder(batch)
-        if (ref.channels, ref.size) != (new.channels, new.size):
-            fail(f"{batch} holds {new.channels}×{new.size[0]}×{new.size[1]} images, {reference} "
-                 f"{ref.channels}×{ref.size[0]}×{ref.size[1]}; drift is tested between sets of one shape")
-        rs, bs = image_stats(ref.images), image_stats(new.images)
-        rep = detect(Path(batch).name, ext(torch.from_numpy(ref.images)), rs, ext(torch.from_numpy(new.images)), bs,
-                     p.drift.alpha, p.drift.permutations, p.drift.seed)
+        rep = check_folder(batch, reference, ext, p.drift.alpha, p.drift.permutations, p.drift.seed, out)
     except (DataError, FileNotFoundError, ValueError) as e:
         fail(str(e))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "drift.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
-    plot_report(rep, rs, bs, out / "drift.png")
     if as_json:
         typer.echo(json.dumps(rep.to_dict()))
     else:
@@ -715,26 +704,22 @@ def drift_calibrate(
     """Measure the drift tests' false-alarm rate on reference splits, and which incoming batches they flag."""
     import time
 
-    import torch
-
-    from redistill.data import DataError, load_image_folder
-    from redistill.drift import calibrate, detect, image_stats
+    from redistill.data import DataError
+    from redistill.drift import calibrate, detect, embed_folder
     from redistill.features import FeatureExtractor, load_classifier
 
     root, p = _settings(ws, params)
     t0 = time.perf_counter()
     try:
         ext = FeatureExtractor(load_classifier(root / "data" / "features"))
-        ref = load_image_folder(root / "data" / "reference")
-        feats, stats = ext(torch.from_numpy(ref.images)), image_stats(ref.images)
+        feats, stats, _ = embed_folder(root / "data" / "reference", ext)
         result = calibrate(feats, stats, p.prepare.batch_size, splits or p.drift.calibration_splits,
                            p.drift.alpha, p.drift.permutations, p.drift.seed)
         result["batches"] = {}
         if batches and (root / "data" / "incoming").is_dir():
             for b in sorted(x for x in (root / "data" / "incoming").iterdir() if x.is_dir()):
-                im = load_image_folder(b)
-                rep = detect(b.name, feats, stats, ext(torch.from_numpy(im.images)), image_stats(im.images),
-                             p.drift.alpha, p.drift.permutations, p.drift.seed)
+                b_feats, b_stats, _ = embed_folder(b, ext)
+                rep = detect(b.name, feats, stats, b_feats, b_stats, p.drift.alpha, p.drift.permutations, p.drift.seed)
                 result["batches"][b.name] = {"drifted": rep.drifted, "mmd_p": rep.mmd_p,
                                              "ks_min_p_holm": min(v["p_holm"] for v in rep.ks.values())}
     except (DataError, FileNotFoundError, ValueError) as e:
@@ -973,14 +958,9 @@ def reproduce(
 
 
 def _version_metrics(root: Path, run_id: str) -> dict | None:
-    import tempfile
+    from redistill.lineage import artifact_json
 
-    c = _registry_client(root)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            return json.loads(Path(c.download_artifacts(run_id, "evaluation/metrics.json", tmp)).read_text())
-        except Exception:  # a rejected-before-evaluation run has none
-            return None
+    return artifact_json(_registry_client(root), run_id, "evaluation/metrics.json")  # None before evaluation
 
 
 def _comparison_table(m: dict) -> str:

@@ -9,14 +9,16 @@ rate of "drift" at or below `alpha`:
 2. Two-sample Kolmogorov–Smirnov tests on per-image statistics (mean and spread of intensity, ink share,
    centre of mass, edge energy), Holm–Bonferroni corrected across the statistics.
 
-`calibrate` measures the false-alarm rate on reference-against-reference splits. Only torch, numpy and
-scipy: no model is loaded here; the caller passes embeddings.
+`calibrate` measures the false-alarm rate on reference-against-reference splits. The tests take
+embeddings; `embed_folder` and `check_folder` read image folders through the caller's feature extractor.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import json
 
 import numpy as np
 import torch
@@ -207,3 +209,31 @@ def plot_report(report: DriftReport, ref_stats: dict[str, np.ndarray], batch_sta
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
+
+
+def embed_folder(folder: Path, extractor) -> tuple[torch.Tensor, dict[str, np.ndarray], tuple[int, tuple[int, int]]]:
+    """An image folder's embeddings, its per-image statistics, and its (channels, size)."""
+    from redistill.data import load_image_folder
+
+    im = load_image_folder(folder)
+    return extractor(torch.from_numpy(im.images)), image_stats(im.images), (im.channels, im.size)
+
+
+def check_folder(batch: Path, reference: Path, extractor, alpha: float, permutations: int, seed: int,
+                 out_dir: Path | None = None) -> DriftReport:
+    """Both tests on the image folder `batch` against `reference`; with `out_dir`, writes drift.json and
+    drift.png there. ValueError when the two folders hold images of different shapes."""
+    ref_f, ref_s, ref_shape = embed_folder(reference, extractor)
+    new_f, new_s, new_shape = embed_folder(batch, extractor)
+    if ref_shape != new_shape:
+        (rc, (rh, rw)), (bc, (bh, bw)) = ref_shape, new_shape
+        raise ValueError(f"{batch} holds {bc}×{bh}×{bw} images, {reference} {rc}×{rh}×{rw}; drift is tested "
+                         "between sets of one shape")
+    report = detect(Path(batch).name, ref_f, ref_s, new_f, new_s, alpha, permutations, seed)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = {**report.to_dict(), "reference": str(reference), "batch_path": str(batch)}
+        (out_dir / "drift.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_report(report, ref_s, new_s, out_dir / "drift.png")
+    return report

@@ -30,6 +30,14 @@ def idempotency_key(teacher_sha256: str, data_md5: str, params_sha256: str, code
     return hashlib.sha256("\n".join([teacher_sha256, data_md5, params_sha256, code]).encode()).hexdigest()[:24]
 
 
+def dvc_exe() -> str:
+    """The `dvc` on PATH, else the one installed beside this Python (a venv used without activating it)."""
+    import shutil
+    import sys
+
+    return shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+
+
 def dvc_add(root: Path, path: Path, timeout: float = 300) -> dict:
     """Version `path` with `dvc add` when the workspace is a DVC repository; returns what was recorded.
 
@@ -37,17 +45,14 @@ def dvc_add(root: Path, path: Path, timeout: float = 300) -> dict:
     a DVC repository nothing is run and `{"dvc": False}` says so; a failing `dvc add` raises with its output.
     """
     import os
-    import shutil
-    import sys
 
     import yaml
 
     root, path = Path(root), Path(path)
     if not (root / ".dvc").is_dir():
         return {"dvc": False, "reason": f"{root} is not a DVC repository (no .dvc/); run `dvc init` to version data"}
-    exe = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    r = subprocess.run([exe, "add", "-q", str(path.relative_to(root))], cwd=root, capture_output=True, text=True,
+    r = subprocess.run([dvc_exe(), "add", "-q", str(path.relative_to(root))], cwd=root, capture_output=True, text=True,
                        timeout=timeout, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"`dvc add {path.relative_to(root)}` failed: {(r.stderr or r.stdout).strip()[:500]}")
@@ -60,7 +65,8 @@ class LineageError(LookupError):
     """The version (or alias) asked for does not exist; the message says what does."""
 
 
-def _artifact_json(c, run_id: str, path: str) -> dict | None:
+def artifact_json(c, run_id: str, path: str) -> dict | None:
+    """A JSON artifact of a run, or None when the run has none (it stopped early, or predates it)."""
     import json
     import tempfile
 
@@ -96,10 +102,10 @@ def lineage(c, name: str, mv, root: Path | None = None) -> dict:
     tag = lambda k: mv.tags.get("redistill." + k)  # noqa: E731
     run = c.get_run(mv.run_id)
     art = run.info.artifact_uri
-    decision = _artifact_json(c, mv.run_id, "gate/decision.json") or {}
-    metrics = _artifact_json(c, mv.run_id, "evaluation/metrics.json") or {}
-    gx = _artifact_json(c, mv.run_id, "validation/result.json") or {}
-    params = _artifact_json(c, mv.run_id, "params.json")
+    decision = artifact_json(c, mv.run_id, "gate/decision.json") or {}
+    metrics = artifact_json(c, mv.run_id, "evaluation/metrics.json") or {}
+    gx = artifact_json(c, mv.run_id, "validation/result.json") or {}
+    params = artifact_json(c, mv.run_id, "params.json")
     try:
         detail = json.loads(tag("trigger_detail") or "null")
     except json.JSONDecodeError:

@@ -472,3 +472,23 @@ def evaluate(
     if out_dir is not None:
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def evaluate_student(student: Path, steps: int, teacher: Path, data: Path, features: Path, p,
+                     out_dir: Path | None = None, cache_dir: Path | None = None,
+                     log: Callable[[str], None] = lambda m: None) -> dict:
+    """The suite on a student folder (its saved scheduler, `steps`) against its teacher at
+    `evaluate.reference_steps`, with the workspace's feature classifier; `p` is the whole `Params`.
+
+    The one way a cycle, the champion's fit check and `reproduce` evaluate a student, so their figures
+    stay comparable.
+    """
+    from redistill.data import load_image_folder
+    from redistill.features import FeatureExtractor, load_classifier
+
+    classifier = load_classifier(features)
+    return evaluate(
+        Side(student, steps, "saved"), Side(teacher, p.evaluate.reference_steps), load_image_folder(data),
+        FeatureExtractor(classifier), p.evaluate, classifier=classifier, confidence=p.features.confidence,
+        out_dir=out_dir, cache_dir=cache_dir, log=log,
+    )

@@ -105,11 +105,6 @@ def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[s
     return Registered(str(mv.version), True, str(old.version) if old is not None else None)
 
 
-def registered_teacher(c, model: str, which: str):
-    """The version of a registered teacher model behind an alias, or None (no such model or alias)."""
-    return alias(c, model, which)
-
-
 def rollback(c, name: str, to: str | None, who: str, why: str) -> dict:
     """Move `champion` to `previous` (or to version `to`) and `previous` to the old champion.
 

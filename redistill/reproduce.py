@@ -35,8 +35,10 @@ def locate_teacher(root: Path, uri: str | None, sha: str) -> Path:
 
 def _dvc_remotes(root: Path) -> list[Path]:
     """Local-path DVC remotes of the workspace (their layout is the cache's)."""
+    from redistill.lineage import dvc_exe
+
     try:
-        out = subprocess.run(["dvc", "remote", "list"], cwd=root, capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run([dvc_exe(), "remote", "list"], cwd=root, capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     remotes = []
@@ -109,16 +111,15 @@ def reproduce(c, name: str, mv, root: Path, out_dir: Path, log: Callable[[str], 
 
     from redistill.config import ConfigError, parse_params
     from redistill.data import load_image_folder
-    from redistill.features import FeatureExtractor, load_classifier
-    from redistill.lineage import _artifact_json, code_version
+    from redistill.lineage import artifact_json, code_version
     from redistill.methods import distill
-    from redistill.metrics import Side, evaluate
+    from redistill.metrics import evaluate_student
     from redistill.teacher import load_pipeline, save_pipeline
 
     t0 = time.perf_counter()
     tag = lambda k: mv.tags.get("redistill." + k)  # noqa: E731
-    raw = _artifact_json(c, mv.run_id, "params.json")
-    recorded = _artifact_json(c, mv.run_id, "evaluation/metrics.json")
+    raw = artifact_json(c, mv.run_id, "params.json")
+    recorded = artifact_json(c, mv.run_id, "evaluation/metrics.json")
     if raw is None or recorded is None:
         raise ReproduceError(f"version {mv.version}'s run {mv.run_id} has no params.json or evaluation/metrics.json; "
                              "it predates reproducible runs or stopped before evaluation")
@@ -140,10 +141,8 @@ def reproduce(c, name: str, mv, root: Path, out_dir: Path, log: Callable[[str], 
     student, summary = distill(p.distill, load_pipeline(teacher), torch.from_numpy(images.images),
                                out_dir / "checkpoints", log=log, teacher_path=teacher, workspace=root)
     save_pipeline(student, student_dir, extra={"redistill_distill.json": summary})
-    classifier = load_classifier(Path(root) / "data" / "features")
-    new = evaluate(Side(student_dir, p.distill.target_steps, "saved"), Side(teacher, p.evaluate.reference_steps),
-                   images, FeatureExtractor(classifier), p.evaluate, classifier=classifier,
-                   confidence=p.features.confidence, out_dir=out_dir / "evaluation", log=log)
+    new = evaluate_student(student_dir, p.distill.target_steps, teacher, data, Path(root) / "data" / "features", p,
+                           out_dir / "evaluation", log=log)
     rows = compare(recorded, new)
     result = {"model": name, "version": str(mv.version), "teacher": str(teacher), "data": str(data),
               "data_source": source, "code_then": code_then, "code_now": code_now["git_commit"],

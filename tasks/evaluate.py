@@ -13,16 +13,9 @@ from redistill.config import Params
 def evaluate_student(student: Path, steps: int, teacher: Path, data: Path, features: Path, p: Params,
                      out_dir: Path, cache_dir: Path) -> dict:
     """The metric suite on the student (its saved scheduler) against the teacher at reference_steps."""
-    from redistill.data import load_image_folder
-    from redistill.features import FeatureExtractor, load_classifier
-    from redistill.metrics import Side, evaluate
+    from redistill.metrics import evaluate_student as suite
 
-    classifier = load_classifier(features)
-    return evaluate(
-        Side(student, steps, "saved"), Side(teacher, p.evaluate.reference_steps), load_image_folder(data),
-        FeatureExtractor(classifier), p.evaluate, classifier=classifier, confidence=p.features.confidence,
-        out_dir=out_dir, cache_dir=cache_dir,
-    )
+    return suite(student, steps, teacher, data, features, p, out_dir, cache_dir)
 
 
 @task(name="quality-vs-steps")

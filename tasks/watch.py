@@ -52,27 +52,15 @@ def known_teacher_shas(root: Path, name: str) -> list[str]:
 @task(name="drift-test", task_run_name="drift test {batch}")
 def drift_test(batch: Path, reference: Path, features: Path, p: DriftParams, out_dir: Path) -> dict:
     """MMD permutation test on the embeddings and Holm-corrected KS tests; writes drift.json and drift.png."""
-    import torch
-
-    from redistill.data import load_image_folder
-    from redistill.drift import detect, image_stats, plot_report
+    from redistill.drift import check_folder
     from redistill.features import FeatureExtractor, load_classifier
 
-    extractor = FeatureExtractor(load_classifier(features))
-    ref, new = load_image_folder(reference), load_image_folder(batch)
-    if ref.channels != new.channels or ref.size != new.size:
-        return {"batch": Path(batch).name, "drifted": True, "error": True,
-                "reasons": [f"batch images are {new.channels}×{new.size[0]}×{new.size[1]}, the representative set's "
-                            f"{ref.channels}×{ref.size[0]}×{ref.size[1]}"]}
-    ref_stats, new_stats = image_stats(ref.images), image_stats(new.images)
-    report = detect(Path(batch).name, extractor(torch.from_numpy(ref.images)), ref_stats,
-                    extractor(torch.from_numpy(new.images)), new_stats, p.alpha, p.permutations, p.seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {**report.to_dict(), "reference": str(reference), "batch_path": str(batch)}
-    (out_dir / "drift.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_report(report, ref_stats, new_stats, out_dir / "drift.png")
-    return {**result, "report_dir": str(out_dir)}
+    try:
+        report = check_folder(batch, reference, FeatureExtractor(load_classifier(features)), p.alpha, p.permutations,
+                              p.seed, out_dir)
+    except ValueError as e:  # a batch of another shape: drift by definition, recorded with the reason
+        return {"batch": Path(batch).name, "drifted": True, "error": True, "reasons": [str(e)]}
+    return {**report.to_dict(), "reference": str(reference), "batch_path": str(batch), "report_dir": str(out_dir)}
 
 
 @task(name="log-watch-run", **IO_RETRIES)
@@ -102,10 +90,8 @@ def champion_fit(root: Path, p: Params, batch: Path, out_dir: Path) -> dict | No
     """
     import dataclasses
 
-    from redistill.data import load_image_folder
-    from redistill.features import FeatureExtractor, load_classifier
     from redistill.gate import judge
-    from redistill.metrics import Side, evaluate
+    from redistill.metrics import evaluate_student
 
     c = registry.client(tracking_uri(root))
     champ = registry.champion(c, p.registry.student_name)
@@ -118,11 +104,8 @@ def champion_fit(root: Path, p: Params, batch: Path, out_dir: Path) -> dict | No
     steps = int(champ.tags.get(PREFIX + "num_inference_steps", p.distill.target_steps))
     with tempfile.TemporaryDirectory() as tmp:
         student = Path(c.download_artifacts(champ.run_id, "student", tmp))
-        classifier = load_classifier(Path(root) / "data" / "features")
-        result = evaluate(Side(student, steps, "saved"), Side(teacher, p.evaluate.reference_steps),
-                          load_image_folder(batch), FeatureExtractor(classifier), p.evaluate, classifier=classifier,
-                          confidence=p.features.confidence, out_dir=Path(out_dir),
-                          cache_dir=Path(root) / "runs" / "cache" / "samples")
+        result = evaluate_student(student, steps, teacher, batch, Path(root) / "data" / "features", p,
+                                  Path(out_dir), Path(root) / "runs" / "cache" / "samples")
     gate: GateParams = dataclasses.replace(p.gate, first_run="absolute")
     decision = judge(result, None, gate)
     checks = [c for c in decision.checks if c.kind == "absolute"]
@@ -171,7 +154,7 @@ def fetch_registered_teacher(root: Path, model: str, which: str, seen: str | Non
     from redistill.data import safe_name
 
     c = registry.client(tracking_uri(root))
-    mv = registry.registered_teacher(c, model, which)
+    mv = registry.alias(c, model, which)
     if mv is None or str(mv.version) == seen:
         return None
     out = Path(root) / "data" / "teachers" / f"{safe_name(model)}-v{mv.version}"
