@@ -13,6 +13,26 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Settings of the end-to-end tests: a cycle of seconds on a tiny teacher, and a gate every student passes.
+TINY_CYCLE = """
+distill: {target_steps: 2, batch_size: 8, checkpoint_every: 2, progressive: {teacher_steps: 4, steps_per_round: 3}}
+evaluate: {num_samples: 120, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60, latency_repeats: 2,
+           throughput_repeats: 1, throughput_batch: 8}
+features: {epochs: 12}
+"""
+LENIENT_GATE = """gate: {fid_ratio_max: 1000000000.0, speedup_min: 0.0, psnr_min: 0.0, recognisable_min: 0.0,
+       fid_change_max: 1000000000.0, kid_change_max: 1000000000.0}
+"""
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """The real Prefect engine on a temporary server, for one test module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
 
 def make_tiny_pipeline(out: Path, channels: int = 1, size: int = 8, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """A ~40k-parameter DDPMPipeline saved with safetensors: untrained, but a real diffusers pipeline."""
@@ -28,6 +48,33 @@ def make_tiny_pipeline(out: Path, channels: int = 1, size: int = 8, seed: int = 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
     DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(out, safe_serialization=True)
     return out
+
+
+def crash_when(distill, teacher, data, cfg, ckpt: Path, marker: str) -> None:
+    """Run a method's `distill` until a log line contains `marker`, and stop it there, as a kill would."""
+
+    class Stop(Exception):
+        pass
+
+    def log(msg: str) -> None:
+        if marker in msg:
+            raise Stop
+
+    with pytest.raises(Stop):
+        distill(teacher, data, cfg, ckpt, log=log)
+
+
+def resume_matches_unbroken(distill, teacher, data, cfg, ckpt: Path, fresh: Path) -> list[str]:
+    """Resume the stopped run in `ckpt`; assert it ends with the weights of an unbroken run in `fresh`.
+    Returns the resumed run's log lines."""
+    import torch
+
+    logs: list[str] = []
+    resumed, _ = distill(teacher, data, cfg, ckpt, log=logs.append)
+    unbroken, _ = distill(teacher, data, cfg, fresh, log=lambda m: None)
+    for a, b in zip(resumed.unet.parameters(), unbroken.unet.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    return logs
 
 
 @pytest.fixture(scope="session")

@@ -47,24 +47,11 @@ def test_discriminator_scores_each_image_from_the_teachers_features(tiny_pipelin
 
 
 def test_adversarial_resumes_exactly(digits_ws, tmp_path):
-    from conftest import make_tiny_pipeline
+    from conftest import crash_when, make_tiny_pipeline, resume_matches_unbroken
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
     cfg = AdversarialConfig(steps=6, batch_size=4, checkpoint_every=3)
-
-    class Stop(Exception):
-        pass
-
-    def crash(msg):
-        if "step 6/6" in msg:
-            raise Stop
-
-    with pytest.raises(Stop):
-        distill(teacher, data, cfg, tmp_path / "ck", log=crash)
-    logs = []
-    resumed, _ = distill(teacher, data, cfg, tmp_path / "ck", log=logs.append)
+    crash_when(distill, teacher, data, cfg, tmp_path / "ck", "step 6/6")
+    logs = resume_matches_unbroken(distill, teacher, data, cfg, tmp_path / "ck", tmp_path / "ck2")
     assert any("resumed from checkpoint-00-0000003" in m for m in logs)
-    unbroken, _ = distill(teacher, data, cfg, tmp_path / "ck2", log=lambda m: None)
-    for a, b in zip(resumed.unet.parameters(), unbroken.unet.parameters()):
-        assert torch.allclose(a, b, atol=1e-5)

@@ -22,21 +22,15 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import LENIENT_GATE, TINY_CYCLE
+
 from redistill.cli import app
 from redistill.registry import PREFIX, alias, client
 
 runner = CliRunner()
 NAME = "digits-student"
 
-TINY = """
-distill: {target_steps: 2, batch_size: 8, checkpoint_every: 2, progressive: {teacher_steps: 4, steps_per_round: 3}}
-evaluate: {num_samples: 120, bootstrap: 20, kid_subset_size: 50, sample_batch_size: 60, latency_repeats: 2,
-           throughput_repeats: 1, throughput_batch: 8}
-features: {epochs: 12}
-teacher: {name: tiny}
-gate: {fid_ratio_max: 1000000000.0, speedup_min: 0.0, psnr_min: 0.0, recognisable_min: 0.0,
-       fid_change_max: 1000000000.0, kid_change_max: 1000000000.0}
-"""
+TINY = (TINY_CYCLE + "teacher: {name: tiny}\n" + LENIENT_GATE).replace("bootstrap: 10", "bootstrap: 20")
 
 
 def cli(ws, *args):
@@ -44,10 +38,9 @@ def cli(ws, *args):
 
 
 @pytest.fixture(scope="module")
-def ws(digits_ws, tmp_path_factory):
+def ws(digits_ws, tmp_path_factory, prefect_harness):
     """Three versions: v1 (promoted, on its own copy of the data), v2 (promoted), v3 (rejected)."""
     from conftest import make_tiny_pipeline
-    from prefect.testing.utilities import prefect_test_harness
 
     root = tmp_path_factory.mktemp("auditws")
     for sub in ("reference", "holdout", "features"):
@@ -60,12 +53,11 @@ def ws(digits_ws, tmp_path_factory):
                                       .replace("batch_size: 8,", "batch_size: 8, seed: 2,"))
     subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "--no-scm", "-q"], cwd=root, check=True,
                    env={**os.environ, "DVC_NO_ANALYTICS": "1"})
-    with prefect_test_harness():
-        for args in (["--data", root / "data" / "ref-copy"], ["--params", root / "seed1.yaml"],
-                     ["--params", root / "strict.yaml"]):
-            r = cli(root, "cycle", "--json", *args)
-            assert r.exit_code == 0, r.output
-        yield root
+    for args in (["--data", root / "data" / "ref-copy"], ["--params", root / "seed1.yaml"],
+                 ["--params", root / "strict.yaml"]):
+        r = cli(root, "cycle", "--json", *args)
+        assert r.exit_code == 0, r.output
+    return root
 
 
 def test_lineage_of_the_champion_holds_the_whole_chain_and_round_trips(ws):

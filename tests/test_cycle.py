@@ -11,32 +11,19 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import LENIENT_GATE, TINY_CYCLE
+
 from redistill.cli import app
 from redistill.registry import PREFIX, alias, client
 
 runner = CliRunner()
 NAME = "digits-student"
 
-TINY = """
-distill: {target_steps: 2, batch_size: 8, checkpoint_every: 2, progressive: {teacher_steps: 4, steps_per_round: 3}}
-evaluate: {num_samples: 120, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60, latency_repeats: 2,
-           throughput_repeats: 1, throughput_batch: 8}
-features: {epochs: 12}
-gate: {fid_ratio_max: 1000000000.0, speedup_min: 0.0, psnr_min: 0.0, recognisable_min: 0.0,
-       fid_change_max: 1000000000.0, kid_change_max: 1000000000.0}
-"""
+TINY = TINY_CYCLE + LENIENT_GATE
 
 
 @pytest.fixture(scope="module")
-def prefect():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
-@pytest.fixture(scope="module")
-def ws(digits_ws, tmp_path_factory, prefect):
+def ws(digits_ws, tmp_path_factory, prefect_harness):
     """A workspace of its own (data, classifier, a tiny teacher, tiny settings, its own MLflow store)."""
     from conftest import make_tiny_pipeline
 

@@ -36,27 +36,15 @@ def test_dmd_student_exports_and_samples(digits_ws, tmp_path, prediction_type, g
 
 
 def test_dmd_resumes_exactly_with_fake_score_and_discriminator(digits_ws, tmp_path):
-    from conftest import make_tiny_pipeline
+    from conftest import crash_when, make_tiny_pipeline, resume_matches_unbroken
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
     cfg = DMDConfig(steps=4, fake_updates=1, gan_weight=0.1, batch_size=4, checkpoint_every=2)
-
-    class Stop(Exception):
-        pass
-
-    def crash(msg):
-        if "step 4/4" in msg:
-            raise Stop
-
-    with pytest.raises(Stop):
-        distill(teacher, data, cfg, tmp_path / "ck", log=crash)
+    crash_when(distill, teacher, data, cfg, tmp_path / "ck", "step 4/4")
     assert {p.name for p in next((tmp_path / "ck").glob("checkpoint-*")).glob("*.safetensors")} == {
         "student.safetensors", "fake_score.safetensors", "discriminator.safetensors"}
-    resumed, _ = distill(teacher, data, cfg, tmp_path / "ck", log=lambda m: None)
-    unbroken, _ = distill(teacher, data, cfg, tmp_path / "ck2", log=lambda m: None)
-    for a, b in zip(resumed.unet.parameters(), unbroken.unet.parameters()):
-        assert torch.allclose(a, b, atol=1e-5)
+    resume_matches_unbroken(distill, teacher, data, cfg, tmp_path / "ck", tmp_path / "ck2")
 
 
 def test_dmd_settings_are_checked_before_training():

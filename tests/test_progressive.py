@@ -54,27 +54,14 @@ def test_trailing_grid_gives_a_v_student(digits_ws, tmp_path):
 
 def test_distillation_resumes_from_its_checkpoint(digits_ws, tmp_path):
     """A run stopped part-way resumes mid-round from its checkpoint and ends like an unbroken run."""
-    from conftest import make_tiny_pipeline
+    from conftest import crash_when, make_tiny_pipeline, resume_matches_unbroken
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:256])
     cfg = ProgressiveConfig(teacher_steps=8, target_steps=2, steps_per_round=10, batch_size=8, checkpoint_every=5)
-
-    class Stop(Exception):
-        pass
-
-    def crash_late_in_round_two(msg):
-        # the log line at round 2's last step comes after its step-5 checkpoint: crash there
-        if "round 2/2" in msg:
-            raise Stop
-
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(Stop):
-        distill(teacher, data, cfg, ckpt, log=crash_late_in_round_two)
+    # the log line at round 2's last step comes after its step-5 checkpoint: crash there
+    crash_when(distill, teacher, data, cfg, ckpt, "round 2/2")
     assert any(ckpt.glob("checkpoint-01-*/meta.json")), "a round-2 checkpoint should exist before the crash"
-    logs = []
-    resumed, _ = distill(teacher, data, cfg, ckpt, log=logs.append)
+    logs = resume_matches_unbroken(distill, teacher, data, cfg, ckpt, tmp_path / "ckpt2")
     assert any("resumed from checkpoint-01" in m for m in logs)
-    unbroken, _ = distill(teacher, data, cfg, tmp_path / "ckpt2", log=lambda m: None)
-    for a, b in zip(resumed.unet.parameters(), unbroken.unet.parameters()):
-        assert torch.allclose(a, b, atol=1e-5)

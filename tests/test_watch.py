@@ -18,6 +18,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import LENIENT_GATE, TINY_CYCLE
+
 from redistill.cli import app
 from redistill.registry import PREFIX, alias, client
 
@@ -25,26 +27,9 @@ runner = CliRunner()
 NAME = "digits-student"
 REPO = Path(__file__).resolve().parents[1]
 
-BASE = """
-distill: {target_steps: 2, batch_size: 8, checkpoint_every: 2, progressive: {teacher_steps: 4, steps_per_round: 3}}
-evaluate: {num_samples: 120, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60, latency_repeats: 2,
-           throughput_repeats: 1, throughput_batch: 8}
-features: {epochs: 12}
-teacher: {name: tiny}
-drift: {permutations: 300}
-"""
-LENIENT = """gate: {fid_ratio_max: 1000000000.0, speedup_min: 0.0, psnr_min: 0.0, recognisable_min: 0.0,
-       fid_change_max: 1000000000.0, kid_change_max: 1000000000.0}
-"""
+BASE = TINY_CYCLE + "teacher: {name: tiny}\ndrift: {permutations: 300}\n"
+LENIENT = LENIENT_GATE
 STRICT = LENIENT.replace("fid_ratio_max: 1000000000.0", "fid_ratio_max: 0.000001")
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
 
 
 @pytest.fixture()
@@ -61,7 +46,7 @@ def events(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ws(digits_ws, tmp_path_factory, harness):
+def ws(digits_ws, tmp_path_factory, prefect_harness):
     """A git + DVC workspace: data, classifier, teacher `tiny`, tiny settings; batches wait in staged/."""
     from conftest import make_tiny_pipeline
 
