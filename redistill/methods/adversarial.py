@@ -102,12 +102,16 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
         # 2. A real batch x₀, noised to a student timestep s; the student's clean image x̂_θ(x_s, s).
         x = x_all[randint(len(x_all))]
         s = student_t[randint(len(student_t))]
+        x_s = noised(x, s)
         with run.autocast(), fm.student():
-            x_fake = consistency_fn(student, noised(x, s), s, ptype, alphas_cumprod).float()
+            x_fake = consistency_fn(student, x_s, s, ptype, alphas_cumprod).float()
+        if cfg.feature_loss > 0:  # the teacher's block features on the same (x_s, s) as the student's
+            with torch.no_grad(), run.autocast(), fm.teacher():
+                teacher_unet(x_s, s)
         # 3. Distillation: re-noise x̂ to t, the teacher's x̂₀ there (no gradient), weight c(t) = ᾱ_t.
         t = randint(T)
         x_fake_t = noised(x_fake, t)
-        with torch.no_grad(), run.autocast(), fm.teacher():
+        with torch.no_grad(), run.autocast():
             a_t, s_t = alpha_sigma(alphas_cumprod, t)
             x_teacher, _ = to_x0_eps(teacher_unet(x_fake_t, t).sample.float(), x_fake_t, a_t, s_t, ptype)
             x_teacher = x_teacher.clamp(-1, 1)
@@ -116,7 +120,8 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
         # 4. Adversarial generator loss on lightly noised student images: −D(x̂_t′).
         t_d = randint(cfg.disc_max_t)
         l_adv = -disc(noised(x_fake, t_d), t_d).mean()
-        loss = l_adv + cfg.distill_weight * l_distill + fm.loss()
+        l_feat = fm.loss()
+        loss = l_adv + cfg.distill_weight * l_distill + l_feat
         run.backward(loss, student, opt, ema)
         # 5. Discriminator step, hinge loss: real images against the (detached) student images.
         t_d = randint(cfg.disc_max_t)
@@ -124,7 +129,8 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
         fake = disc(noised(x_fake.detach(), t_d), t_d)
         l_disc = torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
         run.backward(l_disc, disc.heads, opt_d)
-        return {"distill": l_distill.item(), "adv": l_adv.item(), "disc": l_disc.item()}
+        return {"distill": l_distill.item(), "adv": l_adv.item(), "disc": l_disc.item(),
+                **({"feature": float(l_feat.detach() if torch.is_tensor(l_feat) else l_feat)} if cfg.feature_loss > 0 else {})}
 
     losses = run.phase(ph, step)
     fm.remove()

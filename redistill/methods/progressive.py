@@ -146,6 +146,8 @@ def distill(
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
     teacher_type = sched_cfg.prediction_type
     if run.resume_phase > 0 and run.resume_path is not None:  # the round being resumed has an earlier student as teacher
+        if cfg.student_channels or cfg.student_layers:  # ... of the smaller student's shape, built from round 1's recipe
+            teacher_unet = frozen(student_like(teacher_unet, cfg.student_channels, cfg.student_layers))
         teacher_unet.load_state_dict(run.resumed_weights("teacher"))
         teacher_type = s_type
 

@@ -1,8 +1,12 @@
 """What every distillation method shares, so no method file repeats it.
 
-- `Trainer`: one resumable training run. It owns the checkpoint folder, the device and mixed-precision
-  placement (accelerate: `Accelerator(mixed_precision=...)`, and `accelerate launch` for several GPUs),
-  the progress bar, the log lines and the wall clock.
+- `Trainer`: one resumable training run. It owns the checkpoint folder, the device and the processes
+  (accelerate: `accelerate launch` for several GPUs), mixed precision, the progress bar, the log lines and
+  the wall clock.
+- Mixed precision is torch's own AMP: `autocast` to bf16 or fp16 around the forward passes, fp32 master
+  weights, and for fp16 one `GradScaler` per optimiser, so the gradient is unscaled before it is clipped,
+  and a step whose gradient overflowed is skipped (the optimiser and the EMA do not move, the scale halves).
+  accelerate's own fp16 needs `accelerator.prepare` on a GPU and silently does nothing on a CPU.
 - `Trainer.phase`: one loop of optimiser steps (a progressive round, a consistency run, ...). Each
   checkpoint holds the full state of the phase: every model's weights (student, EMA/target, fake score,
   discriminator, the round's teacher), every optimiser and EMA, and the RNG, so a killed run resumes
@@ -26,6 +30,9 @@ import torch
 from tqdm import tqdm
 
 from redistill import checkpoint
+
+
+AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -100,8 +107,15 @@ class Trainer:
         # fresh weights (a smaller student's new layers, discriminator heads) come from the global RNG:
         # seed it so an unbroken run and a resumed one start from the same networks
         torch.manual_seed(seed)
-        self.accelerator = Accelerator(mixed_precision=mixed_precision)
+        # AMP is done here (see the module docstring), so accelerate only places devices and processes; one
+        # setting for every run also keeps accelerate's process-wide state from clashing between runs
+        self.accelerator = Accelerator(mixed_precision="no")
         self.device = self.accelerator.device
+        if mixed_precision not in AMP_DTYPES:
+            raise ValueError(f"distill.mixed_precision must be one of {', '.join(AMP_DTYPES)}, got {mixed_precision!r}")
+        self.amp_dtype = AMP_DTYPES[mixed_precision]
+        self.scalers: dict[int, torch.amp.GradScaler] = {}  # fp16: one per optimiser, keyed by id
+        self.skipped_steps = 0  # fp16 steps skipped because the gradient overflowed
         fingerprint = json.loads(json.dumps(fingerprint))  # as meta.json holds it (tuples become lists)
         self.ckpt_dir, self.fingerprint, self.every, self.log, self.keep = Path(ckpt_dir), fingerprint, checkpoint_every, log, keep
         self.resume_path: Path | None = None
@@ -129,21 +143,44 @@ class Trainer:
             return None
         return checkpoint.load_weights(self.resume_path, name)
 
-    def backward(self, loss: torch.Tensor, model: torch.nn.Module, optimizer, ema=None, max_grad_norm: float = 1.0):
-        """One optimiser step through accelerate: backward (scaled under fp16), clip, step, then the EMA."""
+    def scaler(self, optimizer) -> torch.amp.GradScaler | None:
+        """The fp16 loss scaler of `optimizer` (None under no/bf16, which need none)."""
+        if self.amp_dtype is not torch.float16:
+            return None
+        if id(optimizer) not in self.scalers:
+            self.scalers[id(optimizer)] = torch.amp.GradScaler(self.device.type)
+        return self.scalers[id(optimizer)]
+
+    def backward(self, loss: torch.Tensor, model: torch.nn.Module, optimizer, ema=None, max_grad_norm: float = 1.0) -> bool:
+        """One optimiser step: backward (scaled under fp16), unscale, clip, step, then the EMA.
+
+        Returns False when fp16 found an inf/NaN gradient: then neither the weights nor the EMA move."""
         optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
+        scaler = self.scaler(optimizer)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         if self.accelerator.num_processes > 1:  # data parallel under `accelerate launch`: average the gradients
             for p in model.parameters():
                 if p.grad is not None:
                     p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-        self.accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-        if ema is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        stepped = True
+        if scaler is not None:
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skips the step when the unscaled gradient holds inf/NaN
+            scaler.update()
+            stepped = scaler.get_scale() >= scale  # the scale only falls after an overflow
+            self.skipped_steps += not stepped
+        else:
+            optimizer.step()
+        if ema is not None and stepped:
             ema.step(model.parameters())
+        return stepped
 
     def autocast(self):
-        return self.accelerator.autocast()
+        """Forward passes in the run's mixed precision (a no-op without it)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
     def phase(self, ph: Phase, step_fn: Callable[[], dict[str, float]]) -> dict[str, float]:
         """Run `step_fn` (one optimiser step; returns its losses) until `ph.steps`, with checkpoints, a
@@ -161,6 +198,9 @@ class Trainer:
                 o.load_state_dict(state["optimizers"][name])
             for name, e in ph.emas.items():
                 e.load_state_dict(state["emas"][name])
+            for name, o in ph.optimizers.items():
+                if self.scaler(o) is not None and name in state.get("scalers", {}):
+                    self.scaler(o).load_state_dict(state["scalers"][name])
             ph.generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             if "cuda_rng" in state and torch.cuda.is_available():
@@ -191,6 +231,7 @@ class Trainer:
             {name: self.accelerator.unwrap_model(m).state_dict() for name, m in ph.models.items()},
             {"optimizers": {n: o.state_dict() for n, o in ph.optimizers.items()},
              "emas": {n: e.state_dict() for n, e in ph.emas.items()},
+             "scalers": {n: self.scaler(o).state_dict() for n, o in ph.optimizers.items() if self.scaler(o) is not None},
              "generator": ph.generator.get_state(), "torch_rng": torch.get_rng_state(),
              **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
             {"phase": ph.index, "step": step, "order": ph.index * 10**9 + step, "fingerprint": self.fingerprint,
