@@ -22,7 +22,7 @@ def test_dmd_student_exports_and_samples(digits_ws, tmp_path, prediction_type, g
     logs = []
     student, summary = distill(teacher, data, DMDConfig(steps=3, fake_updates=2, gan_weight=gan, batch_size=4),
                                tmp_path / "ck", log=logs.append)
-    assert set(summary["final_losses"]) == ({"dmd", "fake", "gan"} if gan else {"dmd", "fake"})
+    assert set(summary["final_losses"]) == ({"dmd", "fake", "gan", "disc"} if gan else {"dmd", "fake"})
     assert all(torch.equal(v, teacher.unet.state_dict()[k]) for k, v in before.items())  # real score frozen
     moved = max((a - b).abs().max().item() for a, b in zip(student.unet.parameters(), teacher.unet.parameters()))
     assert moved > 0
@@ -53,3 +53,17 @@ def test_dmd_settings_are_checked_before_training():
 
     with pytest.raises(ValueError, match="t_min < t_max"):
         method_config(parse_params({"distill": {"method": "dmd", "dmd": {"t_min": 900, "t_max": 100}}}).distill)
+
+
+def test_dmd_regression_on_cached_teacher_pairs_is_for_one_step_generators(digits_ws, tmp_path):
+    from conftest import make_tiny_pipeline
+
+    teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
+    data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
+    cfg = DMDConfig(steps=2, fake_updates=1, batch_size=4, target_steps=1, regression_weight=0.5, pairs=8, pairs_steps=3)
+    _, summary = distill(teacher, data, cfg, tmp_path / "ck", log=lambda m: None, teacher_sha256="ab" * 32,
+                         pairs_dir=tmp_path / "pairs")
+    assert "reg" in summary["final_losses"] and summary["student_timesteps"] == [959]
+    (cached,) = (tmp_path / "pairs").glob("abababababababab-*.safetensors")  # reused by the next run and by `output`
+    with pytest.raises(ValueError, match="needs a 1-step generator"):
+        distill(teacher, data, DMDConfig(steps=1, target_steps=2, regression_weight=0.5), tmp_path / "ck2", log=lambda m: None)

@@ -75,7 +75,7 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
     extra = {}
     if on_round is not None and p.method == "progressive":
         extra["on_round"] = on_round
-    if p.method == "output":
+    if p.method == "output" or (p.method == "dmd" and p.dmd.regression_weight > 0):
         from redistill.teacher import pipeline_sha256
 
         extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None

@@ -7,13 +7,19 @@ scores on the noised generator output (DMD eq. 7):
 - the real score: the frozen teacher;
 - the fake score: a copy of the teacher trained online, with the ordinary denoising loss, on the
   generator's own samples, so it tracks the generator's distribution.
-DMD2's changes, all here: no regression loss; two time-scale updates (`fake_updates` fake-score steps
-per generator step, 5 in the paper); an optional GAN term whose discriminator is a head on the fake
-score's block features (`gan_weight`); multi-step generation with "backward simulation" replaced by the
-simpler real-data noising of the generator's input timesteps (as in its few-step ImageNet setting).
+
+DMD2's changes, all here:
+- two time-scale updates: `fake_updates` fake-score steps per generator step;
+- the generator's inputs are what it meets when sampling: its first step starts from pure noise, and the
+  input of step i is made by running the generator itself through steps 0..i−1 ("backward simulation",
+  DMD2 section 4.3), re-noising each clean estimate with fresh noise as `LCMScheduler` does;
+- an optional GAN term on **real** images (DMD2 section 4.2): a discriminator head on the fake score's
+  block features tells noised real images from noised generator images (`gan_weight`);
+- optionally DMD1's regression loss on cached (noise, teacher output) pairs (`regression_weight`, one-step
+  generators only: the first of several steps estimates a mean, not the teacher's ODE end point).
 
 The generator keeps the teacher's prediction type and its output passes through LCM's boundary scalings,
-so the export is a stock `DDPMPipeline` + `LCMScheduler` at the timesteps it was trained on.
+so the export is a stock `DDPMPipeline` + `LCMScheduler` on the timesteps it was trained on.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from redistill.methods.adversarial import Discriminator
 from redistill.methods.consistency import consistency_fn, lcm_pipeline, lcm_scheduler
@@ -39,24 +46,48 @@ class DMDConfig(TrainingConfig):
     steps: int = 1000  # generator steps
     fake_updates: int = 5  # fake-score (and discriminator) steps per generator step: the two time-scale rule
     fake_lr: float = 3.0e-4
-    gan_weight: float = 0.0  # 0 turns the GAN term off (DMD2 uses it; it costs a discriminator step)
+    gan_weight: float = 0.0  # 0 turns the GAN term on real images off
+    regression_weight: float = 0.0  # DMD1's regression loss on cached teacher pairs (1-step generators only)
+    pairs: int = 4000  # regression pairs (shared with the output method's cache in data/pairs/)
+    pairs_steps: int = 50  # the teacher's DDIM steps per pair
     t_min: int = 20  # the DMD loss noises the generator output at t ~ U{t_min..t_max}
     t_max: int = 980
     solver_steps: int = 48  # the LCMScheduler grid of the generator's timesteps (starts at 959)
 
 
-def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Callable[[str], None] = print):
+def dmd_gradient(x_gen: torch.Tensor, p_real: torch.Tensor, p_fake: torch.Tensor) -> torch.Tensor:
+    """DMD's KL gradient in x-space, normalised per image (DMD eq. 8): (p_fake − p_real) / mean|x − p_real|."""
+    norm = (x_gen - p_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-4)
+    return (p_fake - p_real) / norm
+
+
+def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
+            teacher_sha256: str | None = None, pairs_dir: Path | None = None):
     """DMD2-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline + LCMScheduler, summary)."""
     sched_cfg = teacher.scheduler.config
     ptype = sched_cfg.prediction_type
+    if cfg.regression_weight > 0 and cfg.target_steps != 1:
+        raise ValueError(f"distill.dmd.regression_weight needs a 1-step generator (target_steps: 1), got "
+                         f"target_steps={cfg.target_steps}: the first of several steps estimates a mean image, "
+                         "not the teacher's output")
     sampler = lcm_scheduler(sched_cfg, cfg.solver_steps)
     sampler.set_timesteps(cfg.target_steps)
-    run = Trainer(ckpt_dir, {"method": "dmd", "config": asdict(cfg), "teacher_prediction": ptype},
+    run = Trainer(ckpt_dir, {"method": "dmd", "config": asdict(cfg), "teacher_prediction": ptype,
+                             **({"teacher": teacher_sha256} if cfg.regression_weight > 0 else {})},
                   cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     dev = run.device
-    gen_t = sampler.timesteps.to(dev)
+    gen_t = sampler.timesteps.to(dev)  # the generator's sampling timesteps, e.g. 959, 719, 479, 239
     alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
     x_all = (data.float() * 2.0 - 1.0).to(dev)
+    shape = tuple(x_all.shape[1:])
+    pairs = None
+    if cfg.regression_weight > 0:
+        from redistill.methods.output import OutputConfig, load_or_make_pairs
+
+        pcfg = OutputConfig(pairs=cfg.pairs, pairs_steps=cfg.pairs_steps, seed=cfg.seed)
+        noise, x0, _, _ = load_or_make_pairs(teacher, teacher_sha256 or "unkeyed", pcfg, shape, dev,
+                                             Path(pairs_dir or "data/pairs"), log)
+        pairs = (noise.to(dev), x0.to(dev))
     real_score = frozen(copy.deepcopy(teacher.unet)).to(dev)
     # 1. Generator and fake score both start as the teacher (DMD section 3.1).
     student = student_like(real_score, cfg.student_channels, cfg.student_layers)
@@ -75,32 +106,55 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     ph = Phase(0, f"dmd (steps at {gen_t.tolist()}, {cfg.fake_updates} fake updates)", cfg.steps, models,
                optimizers, {"student": ema}, gen)
 
-    def randint(high, low=0):
-        return torch.randint(low, high, (cfg.batch_size,), generator=gen).to(dev)
+    def randint(high, low=0, n=cfg.batch_size):
+        return torch.randint(low, high, (n,), generator=gen).to(dev)
+
+    def randn(n=cfg.batch_size):
+        return torch.randn((n, *shape), generator=gen).to(dev)
 
     def noised(x, t):
         a, s = alpha_sigma(alphas_cumprod, t)
-        eps = torch.randn(x.shape, generator=gen).to(dev)
+        eps = randn(len(x))
         return a * x + s * eps, eps
 
     def x0_of(unet, z, t):
         a, s = alpha_sigma(alphas_cumprod, t)
         return to_x0_eps(unet(z, t).sample.float(), z, a, s, ptype)[0]
 
-    def generate(x_real):
-        # the generator's input: a real image noised to one of its timesteps (few-step DMD2)
-        s = gen_t[randint(len(gen_t))]
-        z, _ = noised(x_real, s)
-        with run.autocast(), fm.student():
-            return consistency_fn(student, z, s, ptype, alphas_cumprod).float()
+    def g(z, i):
+        """The generator's clean image at its i-th sampling step."""
+        t = gen_t[i].expand(len(z))
+        with run.autocast():
+            return consistency_fn(student, z, t, ptype, alphas_cumprod).float()
+
+    def generate(grad: bool):
+        # 2. Backward simulation: pure noise, then the generator's own steps 0..i−1 (no gradient), each
+        #    clean estimate re-noised with fresh noise to the next timestep; step i is the one trained.
+        i = int(randint(len(gen_t), n=1))
+        z = randn()
+        with torch.no_grad():
+            for j in range(i):
+                z, _ = noised(g(z, j), gen_t[j + 1].expand(len(z)))
+        if not grad:
+            with torch.no_grad():
+                return g(z, i)
+        with fm.student():
+            x = g(z, i)
+        if cfg.feature_loss > 0:  # the teacher's block features on the same (z, t) as the student's
+            with torch.no_grad(), run.autocast(), fm.teacher():
+                real_score(z, gen_t[i].expand(len(z)))
+        return x
+
+    def disc_logits(x, t):
+        with run.autocast():
+            return disc(noised(x, t)[0], t).float()
 
     def step():
         x_real = x_all[randint(len(x_all))]
-        # 2. Two time-scale rule: the fake score (and discriminator) take `fake_updates` steps on fresh
-        #    generator samples: denoising loss ‖ε̂_fake(x̂_t, t) − ε‖² in the teacher's parametrisation.
+        # 3. Two time-scale rule: the fake score (and the discriminator) take `fake_updates` steps on fresh
+        #    generator samples: the denoising loss in the teacher's parametrisation.
         for _ in range(cfg.fake_updates):
-            with torch.no_grad():
-                x_gen = generate(x_real)
+            x_gen = generate(grad=False)
             t = randint(sched_cfg.num_train_timesteps)
             z, eps = noised(x_gen, t)
             a, s = alpha_sigma(alphas_cumprod, t)
@@ -109,31 +163,33 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
             target = {"epsilon": eps, "v_prediction": a * eps - s * x_gen, "sample": x_gen}[ptype]
             l_fake = (pred - target).pow(2).mean()
             run.backward(l_fake, fake_score, opt_fake)
-            if disc is not None:
+            if disc is not None:  # real images against generated ones, both noised to t ~ U{t_min..t_max}
                 t_d = randint(cfg.t_max, cfg.t_min)
-                l_disc = (torch.nn.functional.softplus(-disc(noised(x_real, t_d)[0], t_d)).mean()
-                          + torch.nn.functional.softplus(disc(noised(x_gen, t_d)[0], t_d)).mean())
+                l_disc = (F.softplus(-disc_logits(x_real, t_d)).mean() + F.softplus(disc_logits(x_gen, t_d)).mean())
                 run.backward(l_disc, disc.heads, opt_disc)
-        # 3. Generator step: the distribution-matching gradient (p_fake − p_real) / mean|x̂ − p_real|,
+        # 4. Generator step: the distribution-matching gradient (p_fake − p_real) / mean|x̂ − p_real|,
         #    applied through the stop-gradient surrogate ½‖x̂ − sg(x̂ − grad)‖² (DMD eq. 7 and 8).
-        x_gen = generate(x_real)
+        x_gen = generate(grad=True)
         t = randint(cfg.t_max, cfg.t_min)
-        z, _ = noised(x_gen, t)
+        z, _ = noised(x_gen.detach(), t)
         with torch.no_grad(), run.autocast():
-            with fm.teacher():
-                p_real = x0_of(real_score, z, t).clamp(-1, 1)
-            p_fake = x0_of(fake_score, z, t).clamp(-1, 1)
-            norm = (x_gen - p_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-4)
-            grad = (p_fake - p_real) / norm
+            grad = dmd_gradient(x_gen.detach(), x0_of(real_score, z, t).clamp(-1, 1), x0_of(fake_score, z, t).clamp(-1, 1))
         l_dmd = 0.5 * (x_gen - (x_gen - grad).detach()).pow(2).mean()
-        loss = l_dmd + fm.loss()
-        losses = {"dmd": l_dmd.item(), "fake": l_fake.item()}
-        # 4. Optional GAN term (DMD2 section 4.2): the generator fools the fake score's discriminator head.
+        l_feat = fm.loss()
+        loss = l_dmd + l_feat
+        losses = {"dmd": l_dmd.item(), "fake": l_fake.item(), **({"feature": float(l_feat.detach() if torch.is_tensor(l_feat) else l_feat)} if cfg.feature_loss > 0 else {})}
+        # 5. GAN term on real images: the generator's noised samples should pass the discriminator as real.
         if disc is not None:
             t_d = randint(cfg.t_max, cfg.t_min)
-            l_gan = torch.nn.functional.softplus(-disc(noised(x_gen, t_d)[0], t_d)).mean()
+            l_gan = F.softplus(-disc_logits(x_gen, t_d)).mean()
             loss = loss + cfg.gan_weight * l_gan
-            losses["gan"] = l_gan.item()
+            losses["gan"], losses["disc"] = l_gan.item(), l_disc.item()
+        # 6. DMD1's regression: from a cached noise, one generator step should land on the teacher's output.
+        if pairs is not None:
+            idx = randint(len(pairs[0]))
+            l_reg = (g(pairs[0][idx], 0) - pairs[1][idx]).pow(2).mean()
+            loss = loss + cfg.regression_weight * l_reg
+            losses["reg"] = l_reg.item()
         run.backward(loss, student, opt, ema)
         return losses
 
@@ -141,7 +197,7 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     fm.remove()
     if disc is not None:
         disc.features.remove()
-    # 5. Export the EMA generator with the stock multistep sampler.
+    # 7. Export the EMA generator with the stock multistep sampler.
     ema.copy_to(student.parameters())
     summary = {"method": "dmd", "config": asdict(cfg), "final_losses": losses, **sizes(real_score, student),
                "student_timesteps": gen_t.tolist(), "wall_time_s": run.finish(),
