@@ -42,7 +42,7 @@ from redistill.watch import (
 def _cycle(root: Path, p: Params, teacher: Path, data: Path, trigger: str, info: dict) -> dict:
     from redistill.cycle import resolve_inputs
 
-    inputs = resolve_inputs(teacher, data, p)
+    inputs = resolve_inputs(teacher, data, p, root)
     try:
         r = locked_cycle(inputs, p, root, trigger, trigger_info=info)
     except CycleStopped as e:

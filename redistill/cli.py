@@ -16,13 +16,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-teacher_app = typer.Typer(help="The teacher: train the embedded default DDPM teacher.", no_args_is_help=True)
+teacher_app = typer.Typer(help="The teacher: train the embedded default DDPM teacher, or fine-tune one into a new teacher.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
 drift_app = typer.Typer(help="Drift detection: test a batch, or calibrate the false-alarm rate.", no_args_is_help=True)
 app.add_typer(drift_app, name="drift")
 
 WorkspaceOpt = typer.Option(None, "--workspace", help="Workspace folder (data/, MLflow store, runs). Default: $REDISTILL_HOME or the current folder.")
 ParamsOpt = typer.Option(None, "--params", help="Settings file. Default: params.yaml in the workspace.")
+StepsOpt = typer.Option(None, "--steps", help="The student's sampling steps (overrides distill.target_steps).")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -36,15 +37,20 @@ def _relative(path: str, root: Path) -> str:
     return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
 
 
-def _train_classifier(root: Path, p, log) -> dict:
-    """Train and save the feature classifier of the workspace (the `features` stage); returns its metrics."""
+def _train_features(root: Path, p, log) -> dict:
+    """Train and save the workspace's feature spaces (the `features` stage): the digit classifier and the
+    label-free encoder; returns their metrics."""
     from redistill.data import load_image_folder
+    from redistill.encoder import save_encoder, train_encoder
     from redistill.features import save_classifier, train_classifier
 
-    model, metrics = train_classifier(p.features, load_image_folder(root / "data" / "reference"),
-                                      load_image_folder(root / "data" / "holdout"), log=log)
+    reference = load_image_folder(root / "data" / "reference")
+    model, metrics = train_classifier(p.features, reference, load_image_folder(root / "data" / "holdout"), log=log)
     save_classifier(model, root / "data" / "features", {"params": vars(p.features), "metrics": metrics})
-    return metrics
+    encoder, enc_metrics = train_encoder(reference.images, epochs=p.features.encoder_epochs, dim=p.features.encoder_dim,
+                                         seed=p.features.seed, log=log)
+    save_encoder(encoder, root / "data" / "features", {"params": vars(p.features), "metrics": enc_metrics})
+    return {**metrics, "encoder": enc_metrics}
 
 
 def _train_teacher(root: Path, p, out: Path, data: Path) -> dict:
@@ -54,6 +60,17 @@ def _train_teacher(root: Path, p, out: Path, data: Path) -> dict:
 
     ckpt = root / "runs" / "teacher" / safe_name(out.name) / "checkpoints"
     return train_teacher(p.teacher, load_image_folder(data), out, ckpt, log=lambda m: typer.echo(m, err=True))
+
+
+def _num(v, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _floors(q: dict) -> str:
+    """The FID gap in floor units with its CI half-width, e.g. '0.21 ± 0.06'."""
+    if q.get("fid_gap_floors") is None:
+        return "n/a"
+    return f"{q['fid_gap_floors']:.2f} ± {q['fid_gap_halfwidth_floors']:.2f}"
 
 
 def _settings(ws: Optional[Path], params: Optional[Path]):
@@ -92,12 +109,12 @@ def features(
     params: Optional[Path] = ParamsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Train the FID/KID feature classifier on data/reference; test it on data/holdout."""
+    """Train the FID/KID feature spaces on data/reference: the digit classifier (tested on data/holdout) and the label-free encoder."""
     from redistill.data import DataError
 
     root, p = _settings(ws, params)
     try:
-        metrics = _train_classifier(root, p, log=lambda m: typer.echo(m, err=True))
+        metrics = _train_features(root, p, log=lambda m: typer.echo(m, err=True))
     except (DataError, ValueError) as e:
         fail(str(e))
     (root / "metrics").mkdir(exist_ok=True)
@@ -129,6 +146,36 @@ def teacher_train(
     typer.echo(f"teacher saved to {out} ({summary['train_steps']} steps in {summary['train_time_s']:.0f}s)")
 
 
+@teacher_app.command("finetune")
+def teacher_finetune(
+    start: Optional[Path] = typer.Option(None, "--from", help="Teacher to fine-tune. Default: data/teachers/<teacher.name>."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/teachers/<finetune.name>. Must not exist."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Training images. Default: data/reference."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Make a new teacher by training an existing one `finetune.steps` more steps (the teacher recipe, another seed)."""
+    import dataclasses
+
+    from redistill.data import DataError, load_image_folder, safe_name
+    from redistill.teacher import PipelineError
+    from redistill.teacher_train import train_teacher
+
+    root, p = _settings(ws, params)
+    start = start or root / "data" / "teachers" / p.teacher.name
+    out = out or root / "data" / "teachers" / p.finetune.name
+    f = p.finetune
+    recipe = dataclasses.replace(p.teacher, train_steps=f.steps, lr=f.lr, warmup_steps=f.warmup_steps, seed=f.seed,
+                                 name=out.name, checkpoint_every=max(1, min(p.teacher.checkpoint_every, f.steps // 3)))
+    try:
+        summary = train_teacher(recipe, load_image_folder(data or root / "data" / "reference"), out,
+                                root / "runs" / "teacher" / safe_name(out.name) / "checkpoints",
+                                log=lambda m: typer.echo(m, err=True), init=start)
+    except (DataError, PipelineError) as e:
+        fail(str(e))
+    typer.echo(f"fine-tuned teacher saved to {out} ({f.steps} steps from {start}, {summary['train_time_s']:.0f}s)")
+
+
 @app.command()
 def evaluate(
     pipeline: Path = typer.Argument(..., help="A diffusers pipeline folder (save_pretrained layout, safetensors weights)."),
@@ -138,8 +185,8 @@ def evaluate(
     scheduler: str = typer.Option("auto", "--scheduler", help="Candidate sampler: auto (saved one; DDPM below its training steps → DDIM), saved, ddim, ddpm."),
     reference_scheduler: str = typer.Option("auto", "--reference-scheduler", help="Reference sampler, as --scheduler."),
     data: Optional[Path] = typer.Option(None, "--data", help="Real images for FID/KID. Default: data/reference."),
-    features_dir: Optional[Path] = typer.Option(None, "--features", help="Feature classifier folder. Default: data/features."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception-v3 .safetensors file: FID/KID in Inception space instead of the classifier's."),
+    features_dir: Optional[Path] = typer.Option(None, "--features", help="Folder of the feature classifier and encoder. Default: data/features."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception-v3 .safetensors file: FID/KID in Inception space instead of evaluate.features."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2, help="Generated samples. Default: evaluate.num_samples (2000)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder for metrics.json and grid.png. Default: runs/evaluate/<name>-<steps>-<time>."),
     metrics_out: Optional[Path] = typer.Option(None, "--metrics-out", help="Also write the JSON here (for `dvc metrics show`)."),
@@ -154,7 +201,8 @@ def evaluate(
     from datetime import datetime, timezone
 
     from redistill.data import DataError, load_image_folder, safe_name
-    from redistill.features import FeatureExtractor, InceptionFeatures, load_classifier
+    from redistill import feature_spaces
+    from redistill.features import load_classifier
     from redistill.metrics import SCHEDULER_CHOICES, Side
     from redistill.metrics import evaluate as run_suite
     from redistill.teacher import PipelineError, check_pipeline_folder
@@ -170,8 +218,10 @@ def evaluate(
         check_pipeline_folder(pipeline)
         check_pipeline_folder(reference)
         images = load_image_folder(data)
-        classifier = load_classifier(features_dir or root / "data" / "features")
-        extractor = InceptionFeatures(inception_weights) if inception_weights else FeatureExtractor(classifier)
+        features_dir = features_dir or root / "data" / "features"
+        classifier = load_classifier(features_dir)
+        names = [f"inception:{inception_weights}"] if inception_weights else p.evaluate.features
+        extractor = feature_spaces.load_all(names, features_dir)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         out = out or root / "runs" / "evaluate" / f"{safe_name(Path(pipeline).resolve().name)}-{steps}steps-{stamp}"
         result = run_suite(
@@ -197,8 +247,10 @@ def evaluate(
     ci = lambda v: f"[{v[0]:.3g}, {v[1]:.3g}]"  # noqa: E731
     typer.echo(f"{result['pipeline']} @ {result['steps']} steps ({result['scheduler']}) vs "
                f"{result['reference']['pipeline']} @ {result['reference']['steps']} ({result['reference']['scheduler']})")
-    typer.echo(f"  FID          {q['fid']:.4g}  95% CI {ci(q['fid_ci95'])}   (reference {q['reference_fid']:.4g})")
-    typer.echo(f"  KID          {q['kid']:.4g}  95% CI {ci(q['kid_ci95'])}")
+    for name, sq in q["spaces"].items():
+        typer.echo(f"  [{name}] FID {sq['fid']:.4g} {ci(sq['fid_ci95'])}, reference {sq['reference_fid']:.4g}; "
+                   f"gap {sq['fid_gap']:+.4g} {ci(sq['fid_gap_ci95'])} = {_floors(sq)} floors "
+                   f"(real-vs-real floor {sq['fid_floor']:.4g}); ratio {_num(sq['fid_ratio'], '.3f')}; KID {sq['kid']:.4g}")
     if "recognisable_share" in q:
         typer.echo(f"  recognisable {q['recognisable_share']:.3f}  all classes: {q['all_classes_present']}")
     psnr = "identical" if f["psnr_db"] is None else f"{f['psnr_db']:.2f} dB"
@@ -249,6 +301,7 @@ def distill(
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
     data: Optional[Path] = typer.Option(None, "--data", help="Training images. Default: data/reference."),
     method: Optional[str] = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
+    steps: Optional[int] = StepsOpt,
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -265,7 +318,7 @@ def distill(
     )
 
     root, p = _settings(ws, params)
-    p = _with_method(p, method)
+    p = _with_method(p, method, steps)
     if out.exists():
         fail(f"{out} already exists; a student is never overwritten, pick a new --out")
     _check_method(p)
@@ -300,8 +353,8 @@ def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bo
         fail(f"--trigger must be manual, schedule, drift or teacher, got {trigger!r}")
     _check_method(p)
     try:
-        inputs = resolve_inputs(teacher, data, p)
-    except (PipelineError, DataError) as e:
+        inputs = resolve_inputs(teacher, data, p, root)
+    except (PipelineError, DataError, FileNotFoundError) as e:
         fail(str(e))
     uri = tracking_uri(root)
     c = client(uri)
@@ -336,15 +389,18 @@ def _first_store_access(root: Path, uri: str, probe) -> None:
     probe()
 
 
-def _with_method(p, method: Optional[str]):
+def _with_method(p, method: Optional[str], steps: Optional[int] = None):
+    """The settings with --method and --steps (distill.target_steps) applied."""
     import dataclasses
 
-    if method is not None:
+    changes = {k: v for k, v in (("method", method), ("target_steps", steps)) if v is not None}
+    if changes:
         try:
-            p.distill = dataclasses.replace(p.distill, method=method)
+            p.distill = dataclasses.replace(p.distill, **changes)
         except ConfigError as e:
             fail(str(e))
     return p
+
 
 
 def _check_method(p) -> None:
@@ -370,6 +426,7 @@ def cycle(
     data: Optional[Path] = typer.Option(None, "--data", help="Representative images. Default: data/representative once drift has grown it, else data/reference."),
     trigger: str = typer.Option("manual", "--trigger", help="Why this cycle runs: manual, schedule, drift or teacher."),
     method: Optional[str] = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
+    steps: Optional[int] = StepsOpt,
     force: bool = typer.Option(False, "--force", help="Run even if these exact inputs already have a decision."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ws: Optional[Path] = WorkspaceOpt,
@@ -377,7 +434,7 @@ def cycle(
 ) -> None:
     """One re-distillation cycle as a Prefect flow: validate, distil, evaluate, gate, register."""
     root, p = _settings(ws, params)
-    p = _with_method(p, method)
+    p = _with_method(p, method, steps)
     from redistill.watch import current_data, current_teacher
 
     try:
@@ -408,8 +465,8 @@ def demo(
         build(p.prepare, root / "data")
     timings["prepare"] = time.perf_counter() - t
     t = time.perf_counter()
-    if not (root / "data" / "features" / "classifier.safetensors").is_file():
-        _train_classifier(root, p, log=lambda _: None)
+    if not all((root / "data" / "features" / f).is_file() for f in ("classifier.safetensors", "encoder.safetensors")):
+        _train_features(root, p, log=lambda _: None)
     timings["features"] = time.perf_counter() - t
     teacher = root / "data" / "teachers" / p.teacher.name
     t = time.perf_counter()
@@ -444,7 +501,7 @@ def demo(
 def bench(
     quick: bool = typer.Option(False, "--quick", help="CI-sized smoke run: 200 samples, a few dozen optimiser steps per method, no DDPM row."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole result as one JSON object."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for bench.json, bench.md and quality_vs_nfe.png. Default: runs/bench/<full|quick>."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for bench.json, bench.md, quality_vs_nfe.png and one student folder per row (<method>-<steps>/). Default: runs/bench (runs/bench/quick with --quick)."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
     device: str = typer.Option("cpu", "--device", help="torch device for sampling and timing, e.g. cpu or cuda."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods to bench. Default: all (progressive,consistency,output,adversarial,dmd)."),
@@ -460,7 +517,7 @@ def bench(
 
     root, p = _settings(ws, params)
     teacher = teacher or root / "data" / "teachers" / p.teacher.name
-    out = out or root / "runs" / "bench" / ("quick" if quick else "full")
+    out = out or root / "runs" / "bench" / ("quick" if quick else "")
     for needed in (root / "data" / "reference", root / "data" / "features", teacher):
         if not needed.exists():
             fail(f"{needed} does not exist; run `redistill demo` (or `dvc repro evaluate`) first")
@@ -496,9 +553,15 @@ def _log_bench(root: Path, result: dict, out: Path) -> str:
     c.log_param(rid, "methods", ",".join(result["methods"]))
     for r in result["rows"]:
         name = ("teacher_" + r["sampler"] if r["kind"] == "teacher" else r["method"]) + f"_{r['steps']}"
-        for m in ("fid", "kid", "psnr_db", "ssim", "latency_ms_p50", "throughput_img_s", "speedup", "peak_mb", "distill_wall_s"):
+        for m in ("fid", "fid_ratio", "kid", "recognisable_share", "psnr_db", "ssim", "latency_ms_p50", "throughput_img_s",
+                  "speedup", "peak_mb", "distill_wall_s"):
             if r[m] is not None:
                 c.log_metric(rid, f"{name}.{m}", float(r[m]))
+        for space, gap in (r.get("fid_gap_floors") or {}).items():
+            if gap is not None:
+                c.log_metric(rid, f"{name}.fid_gap_floors.{space}", float(gap))
+        if r.get("student"):  # the row's student, so it can be judged again or served later
+            c.log_artifacts(rid, r["student"], f"students/{Path(r['student']).name}")
     for f in ("bench.json", "bench.md", "quality_vs_nfe.png"):
         c.log_artifact(rid, str(out / f))
     c.set_terminated(rid)
@@ -971,6 +1034,9 @@ def _comparison_table(m: dict) -> str:
         ("FID (95% CI)", f"{q['reference_fid']:.3f} [{q['reference_fid_ci95'][0]:.3f}, {q['reference_fid_ci95'][1]:.3f}]",
          f"{q['fid']:.3f} [{q['fid_ci95'][0]:.3f}, {q['fid_ci95'][1]:.3f}]"),
         ("KID", f"{q['reference_kid']:.4f}", f"{q['kid']:.4f}"),
+        *[(f"FID gap [{name}]", f"floor {sq['fid_floor']:.3f}",
+           f"{sq['fid_gap']:+.3f} [{sq['fid_gap_ci95'][0]:+.3f}, {sq['fid_gap_ci95'][1]:+.3f}] = {_floors(sq)} floors")
+          for name, sq in q.get("spaces", {}).items()],
         ("recognisable", f"{q.get('reference_recognisable_share', float('nan')):.3f}", f"{q.get('recognisable_share', float('nan')):.3f}"),
         ("PSNR / SSIM to teacher", "—", f"{psnr} / {f['ssim']:.3f}"),
         ("latency p50 (batch 1)", f"{s['reference_latency_ms_p50']:.1f} ms", f"{s['latency_ms_p50']:.1f} ms"),

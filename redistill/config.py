@@ -62,6 +62,8 @@ class FeaturesParams:
     lr: float = 2.0e-3
     not_digit_ratio: float = 0.5  # "not a digit" examples per digit example (noise, shuffles, blends)
     confidence: float = 0.9  # a sample is "recognisable" when max-prob over the 10 digits is ≥ this
+    encoder_epochs: int = 150  # the label-free SimCLR encoder (redistill/encoder.py), trained on the reference too
+    encoder_dim: int = 128  # its representation width: the `encoder` feature space
 
 
 @dataclass
@@ -84,6 +86,24 @@ class TeacherParams:
     checkpoint_every: int = 1000  # steps between resumable checkpoints
 
 
+FEATURE_SPACES = ("classifier", "encoder")  # built-in FID/KID feature spaces (redistill/feature_spaces.py)
+
+
+@dataclass
+class FinetuneParams:
+    """`finetune` stage: a new teacher made by training the committed one a little longer (the warm-start figure)."""
+
+    name: str = "digits-ddpm-ft"  # folder under data/teachers/
+    steps: int = 300  # optimiser steps on top of the teacher's own
+    lr: float = 2.0e-4
+    warmup_steps: int = 20
+    seed: int = 1  # another seed than the teacher's: new batches and noise, so the weights really move
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError(f"finetune.steps must be at least 1, got {self.steps}")
+
+
 @dataclass
 class EvaluateParams:
     """`evaluate`: the metric suite (quality, fidelity, speed, memory)."""
@@ -97,6 +117,18 @@ class EvaluateParams:
     latency_repeats: int = 20  # timed batch-1 calls per pipeline, after warm-up
     throughput_repeats: int = 3  # timed batch-64 calls per pipeline, after warm-up
     throughput_batch: int = 64
+    features: list[str] = field(default_factory=lambda: ["classifier", "encoder"])  # FID/KID spaces; the gate checks each; the first one's figures head the report
+    floor_splits: int = 20  # random split-halves of the real set behind the real-against-real FID floor
+
+    def __post_init__(self):
+        if not self.features:
+            raise ConfigError("evaluate.features must name at least one feature space, e.g. [classifier, encoder]")
+        for name in self.features:
+            if name not in FEATURE_SPACES and not name.startswith("inception:"):
+                raise ConfigError(f"unknown feature space {name!r} in evaluate.features; valid are: "
+                                  f"{', '.join(FEATURE_SPACES)}, or inception:/path/to/inception.safetensors")
+        if self.floor_splits < 2:
+            raise ConfigError(f"evaluate.floor_splits must be at least 2, got {self.floor_splits}")
 
 
 @dataclass
@@ -110,13 +142,27 @@ class ValidateParams:
     label_kl_max: float = 0.25  # KL(batch labels ‖ reference labels) allowed, when labels exist
 
 
+# the survey's three families (Fan et al. 2025): what each method promises decides which fidelity bound applies
+METHOD_FAMILY = {"output": "fidelity", "progressive": "trajectory", "consistency": "trajectory",
+                 "adversarial": "distribution", "dmd": "distribution"}
+
+
+@dataclass
+class PsnrMinParams:
+    """`gate.psnr_min`: PSNR (dB) to the teacher on the same noise, at least, per method family; 0 = not gated."""
+
+    fidelity: float = 20.0  # output distillation: matching the teacher's outputs is the method's promise
+    trajectory: float = 20.0  # progressive, consistency: they keep the teacher's noise-to-image map
+    distribution: float = 0.0  # dmd, adversarial: they match the data distribution, not the map
+
+
 @dataclass
 class GateParams:
     """`gate`: when a distilled student may replace the champion."""
 
-    fid_ratio_max: float = 1.5  # student FID ÷ teacher@reference_steps FID, at most
+    fid_gap_max: float = 0.25  # (student FID − teacher FID) ÷ the real-vs-real split-half floor, at most, in every evaluate.features space
     speedup_min: float = 8.0  # throughput speedup over the teacher at batch 64, at least
-    psnr_min: float = 20.0  # PSNR (dB) to the teacher on the same noise, at least
+    psnr_min: PsnrMinParams = field(default_factory=PsnrMinParams)
     recognisable_min: float = 0.85  # share of samples recognised as a digit, at least
     fid_change_max: float = 0.10  # relative: the student's FID CI must reach below champion FID × (1 + this)
     kid_change_max: float = 0.01  # absolute: the student's KID CI must reach below champion KID + this
@@ -147,6 +193,14 @@ class ConsistencyParams:
     solver_steps: int = 48  # N, the teacher's DDIM solver grid; skip k = 1000 // N (48: starts at t=959)
     target_ema: float = 0.95  # μ of the target network θ⁻
     huber_c: float = 0.001  # pseudo-Huber constant; 0 gives L2
+    export: str = "ema"  # the exported weights: ema (of θ, distill.ema_decay) or target (θ⁻, as diffusers' LCM script)
+    sampler: str = "lcm"  # lcm (stock LCMScheduler: re-noise with fresh noise) or ddim (deterministic, stock DDIMScheduler)
+
+    def __post_init__(self):
+        if self.export not in ("ema", "target"):
+            raise ConfigError(f"distill.consistency.export must be ema or target, got {self.export!r}")
+        if self.sampler not in ("lcm", "ddim"):
+            raise ConfigError(f"distill.consistency.sampler must be lcm or ddim, got {self.sampler!r}")
 
 
 @dataclass
@@ -176,7 +230,13 @@ class DMDParams:
     steps: int = 1000  # generator steps
     fake_updates: int = 5  # fake-score steps per generator step (two time-scale rule)
     fake_lr: float = 0.0003
-    gan_weight: float = 0.0  # > 0 adds DMD2's GAN term on the fake score's features
+    gan_weight: float = 0.0  # > 0 adds DMD2's GAN term on real images (a head on the fake score's features)
+    regression_weight: float = 0.0  # > 0 adds DMD1's regression loss on cached teacher pairs (1-step only)
+    from_output: bool = False  # 1-step: start the generator from the output-distilled student, not the teacher
+    output_steps: int = 3000  # that output distillation's optimiser steps
+    pairs: int = 8000  # teacher pairs for the regression and the output start, cached in data/pairs/ (shared with `output`)
+    pairs_steps: int = 50  # the teacher's DDIM steps per pair
+    backward_simulation: bool = False  # later steps' inputs: the generator's own re-noised outputs (true) or noised real images
     t_min: int = 20
     t_max: int = 980
     solver_steps: int = 48  # the LCMScheduler grid of the generator's timesteps
@@ -202,7 +262,9 @@ class DistillParams:
     ema_decay: float = 0.999  # the exported EMA of the student
     seed: int = 0
     checkpoint_every: int = 200  # steps between resumable checkpoints
-    mixed_precision: str = "no"  # accelerate mixed precision: no, fp16 or bf16 (bf16 on GPUs)
+    mixed_precision: str = "no"  # torch AMP: no, fp16 (loss-scaled, overflowed steps skipped) or bf16
+    init: str = "auto"  # cold: from the teacher; warm: from the champion (refused when it does not fit); auto: warm when it fits, else cold
+    warm_fraction: float = 0.33  # a warm start trains this share of the method's optimiser steps
     progressive: ProgressiveParams = field(default_factory=ProgressiveParams)
     consistency: ConsistencyParams = field(default_factory=ConsistencyParams)
     output: OutputParams = field(default_factory=OutputParams)
@@ -217,6 +279,10 @@ class DistillParams:
             raise ConfigError(f"distill.mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.target_steps < 1:
             raise ConfigError(f"distill.target_steps must be at least 1, got {self.target_steps}")
+        if self.init not in ("cold", "warm", "auto"):
+            raise ConfigError(f"distill.init must be cold, warm or auto, got {self.init!r}")
+        if not 0 < self.warm_fraction <= 1:
+            raise ConfigError(f"distill.warm_fraction must be in (0, 1], got {self.warm_fraction}")
 
 
 @dataclass
@@ -273,6 +339,7 @@ class Params:
     prepare: PrepareParams = field(default_factory=PrepareParams)
     features: FeaturesParams = field(default_factory=FeaturesParams)
     teacher: TeacherParams = field(default_factory=TeacherParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     gate: GateParams = field(default_factory=GateParams)

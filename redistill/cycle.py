@@ -17,8 +17,13 @@ from redistill.validation import image_table
 KEYED_SECTIONS = ["distill", "evaluate", "gate"]
 
 
-def resolve_inputs(teacher: Path, data: Path, p: Params) -> dict:
-    """Teacher sha256, data md5, settings hash, code version and the key they make."""
+def resolve_inputs(teacher: Path, data: Path, p: Params, root: Path) -> dict:
+    """Teacher sha256, data md5, the feature spaces' sha256, settings hash, code version and the key they make."""
+    import hashlib
+    import json
+
+    from redistill.feature_spaces import sha256s
+
     check_pipeline_folder(teacher)
     if not Path(data).is_dir():
         raise DataError(f"data folder {data} does not exist; run `redistill prepare` or pass --data DIR")
@@ -33,12 +38,15 @@ def resolve_inputs(teacher: Path, data: Path, p: Params) -> dict:
         "data_uri": str(Path(data).resolve()),
         "data_md5": dir_md5(data),
         "params_sha256": p.sha256(KEYED_SECTIONS),
+        # a retrained classifier or encoder measures in another space: its figures must not be reused
+        "features_sha256": json.dumps(sha256s(p.evaluate.features, Path(root) / "data" / "features"), sort_keys=True),
         "git_commit": code["git_commit"] + ("-dirty" if code["dirty"] else ""),
         "channels": int(ok["channels"].mode()[0]) if len(ok) else None,
         "size": [int(ok["height"].mode()[0]), int(ok["width"].mode()[0])] if len(ok) else None,
     }
+    features = hashlib.sha256(inputs["features_sha256"].encode()).hexdigest()
     inputs["key"] = idempotency_key(inputs["teacher_sha256"], inputs["data_md5"], inputs["params_sha256"],
-                                    inputs["git_commit"])
+                                    inputs["git_commit"], features)
     return inputs
 
 

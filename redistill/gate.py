@@ -1,8 +1,18 @@
 """The gate: does a distilled student pass, on its own and against the current champion?
 
-- **Absolute** thresholds (FID ratio to the teacher, speedup, PSNR to the teacher, recognisability) are
-  judged by MLflow's own `validate_evaluation_results` with one `MetricThreshold` per metric, so a value
-  exactly at its bound passes as MLflow defines it.
+- **Quality, floor-aware**, in every feature space the evaluation measured (`evaluate.features`): the FID
+  gap to the teacher (student FID − teacher FID on the same real set and the same noise) in units of the
+  real-against-real floor (FID between two random halves of the real set). The student passes when
+  `gap ≤ gate.fid_gap_max` floors: its samples are as close to the data as the teacher's, give or take a
+  fraction of what resampling the data itself moves. A ratio of two FIDs near that floor is mostly noise;
+  the gap is not, because what both share (the real sample, the noise) cancels, and its paired-bootstrap
+  interval is reported next to it, with whether it is within a third of the bound (the precision target).
+- **Fidelity per family** (`gate.psnr_min`): PSNR to the teacher on the same noise. Fidelity and trajectory
+  methods promise the teacher's noise-to-image map and are held to it; distribution-matching and
+  adversarial methods do not promise it, and their bound is 0 (not gated) by default.
+- **Speed and recognisability**: throughput speedup and the share of recognisable samples.
+- The absolute checks are judged by MLflow's own `validate_evaluation_results` with one `MetricThreshold`
+  per metric, so a value exactly at its bound passes as MLflow defines it.
 - **Change** thresholds against the champion ("no worse by more than Δ") cannot be written as a
   `MetricThreshold`: its `min_absolute_change` / `min_relative_change` must be positive ("better by at
   least"). They are judged here on the candidate's bootstrap CI, not its point value: the candidate fails
@@ -19,13 +29,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from redistill.config import GateParams
+from redistill.config import METHOD_FAMILY, GateParams
 
 # metric name in the evaluation JSON → (params field with its bound, greater is better)
 ABSOLUTE = {
-    "fid_ratio": ("fid_ratio_max", False),
     "speedup_throughput": ("speedup_min", True),
-    "psnr_db": ("psnr_min", True),
     "recognisable_share": ("recognisable_min", True),
 }
 
@@ -71,12 +79,32 @@ def flat_metrics(result: dict) -> dict[str, float]:
     q, f, s = result["quality"], result["fidelity"], result["speed"]
     psnr = f["psnr_db"]
     return {
-        "fid_ratio": q["fid_ratio"] if q["fid_ratio"] is not None else math.inf,
         "speedup_throughput": s["speedup_throughput"],
         # identical to the teacher: PSNR is unbounded, which passes any PSNR floor
         "psnr_db": math.inf if psnr is None else psnr,
         "recognisable_share": q.get("recognisable_share", math.nan),
     }
+
+
+def _gap_checks(result: dict, p: GateParams) -> list[Check]:
+    """One floor-aware FID-gap check per feature space."""
+    spaces = result["quality"].get("spaces") or {result["quality"].get("feature_space", "features"): result["quality"]}
+    checks = []
+    for name, q in spaces.items():
+        value = q.get("fid_gap_floors")
+        check_name = f"fid_gap.{name}"
+        if value is None or not math.isfinite(value):
+            checks.append(Check(check_name, "absolute", None, p.fid_gap_max, "<=", False,
+                                "not measured (no FID gap or a zero floor)"))
+            continue
+        half = q.get("fid_gap_halfwidth_floors")
+        precise = half is not None and half <= p.fid_gap_max / 3
+        note = (f"gap {q['fid_gap']:+.4g} (CI {q['fid_gap_ci95'][0]:+.4g}…{q['fid_gap_ci95'][1]:+.4g}) over a real-vs-real "
+                f"floor of {q['fid_floor']:.4g}; CI ±{half:.2g} floors, precision target ±{p.fid_gap_max / 3:.2g} "
+                f"{'met' if precise else 'NOT met: raise evaluate.num_samples'}") if half is not None else ""
+        checks.append(Check(check_name, "absolute", value, p.fid_gap_max, "<=",
+                            _mlflow_verdict("fid_gap_floors", value, p.fid_gap_max, False), note))
+    return checks
 
 
 def _mlflow_verdict(name: str, value: float, bound: float, greater_is_better: bool) -> bool:
@@ -94,17 +122,27 @@ def _mlflow_verdict(name: str, value: float, bound: float, greater_is_better: bo
         return False
 
 
-def judge(candidate: dict, champion: dict | None, p: GateParams) -> Decision:
-    """Gate an evaluation result against `p`, and against the champion's result when there is one."""
-    checks: list[Check] = []
+def judge(candidate: dict, champion: dict | None, p: GateParams, method: str | None = None) -> Decision:
+    """Gate an evaluation result against `p`, and against the champion's result when there is one.
+
+    `method` (a `distill.method`) picks the fidelity bound of its family; without it the strictest applies."""
+    checks = _gap_checks(candidate, p)
     metrics = flat_metrics(candidate)
-    for name, (param, greater) in ABSOLUTE.items():
-        value, bound = metrics[name], getattr(p, param)
+    family = METHOD_FAMILY.get(method or "", None)
+    psnr_bound = getattr(p.psnr_min, family) if family else max(vars(p.psnr_min).values())
+    for name, (param, greater) in {**ABSOLUTE, "psnr_db": (None, True)}.items():
+        value = metrics[name]
+        bound = psnr_bound if name == "psnr_db" else getattr(p, param)
+        note = ""
+        if name == "psnr_db":
+            note = (f"{family} family" if family else "method unknown: the strictest family bound") + (
+                ": fidelity to the teacher is not gated" if bound <= 0 else "")
         if math.isnan(value):
             checks.append(Check(name, "absolute", None, bound, ">=" if greater else "<=", False, "not measured"))
             continue
-        ok = math.isinf(value) and (value > 0) == greater or _mlflow_verdict(name, value, bound, greater)
-        checks.append(Check(name, "absolute", value, bound, ">=" if greater else "<=", ok))
+        ok = bound <= 0 and name == "psnr_db" or (math.isinf(value) and (value > 0) == greater) or \
+            _mlflow_verdict(name, value, bound, greater)
+        checks.append(Check(name, "absolute", value, bound, ">=" if greater else "<=", ok, note))
 
     if champion is None:
         if p.first_run == "reject":

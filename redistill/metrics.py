@@ -64,6 +64,77 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(m.compute())
 
 
+def gaussian_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance of a feature set, in double precision (as torchmetrics' FID keeps them)."""
+    f = f.double()
+    mu = f.mean(0)
+    d = f - mu
+    return mu, d.t() @ d / (len(f) - 1)
+
+
+def fid_from_stats(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> float:
+    """‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½), with the trace of the root from the eigenvalues (torchmetrics' formula)."""
+    root = torch.linalg.eigvals(s1 @ s2).sqrt().real.sum()
+    return float((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * root)
+
+
+def fid_fast(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """`fid` without torchmetrics' module overhead: the same number, cheap enough to bootstrap thousands of times."""
+    return fid_from_stats(*gaussian_stats(real), *gaussian_stats(fake))
+
+
+def _recentred(values: list[float], point: float, level: float = 0.95) -> list[float]:
+    # the spread of the bootstrap distribution around its median, placed around the point estimate (see bootstrap_ci)
+    lo, med, hi = np.percentile(values, [100 * (1 - level) / 2, 50, 100 * (1 + level) / 2])
+    return [float(point - (med - lo)), float(point + (hi - med))]
+
+
+def paired_fid(real: torch.Tensor, cand: torch.Tensor, ref: torch.Tensor, resamples: int, seed: int,
+               level: float = 0.95) -> dict:
+    """FIDs of a candidate and a reference against the same real set, their gap and ratio, with a paired bootstrap.
+
+    Candidate and reference were sampled from the same initial noises (row i of each shares its noise), so
+    each bootstrap replicate resamples the real set once for both, and the generated rows with the same
+    indices for both. What they share (the real sample, the noise) then cancels in the gap, and its interval
+    is several times narrower than one built from two independent intervals. Each side's replicates are
+    ordinary bootstrap replicates of its own FID, so its own interval comes from the same loop.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    paired = len(cand) == len(ref)
+    point_c, point_r = fid_fast(real, cand), fid_fast(real, ref)
+    cs, rs = [], []
+    for _ in range(resamples):
+        ir = torch.randint(0, len(real), (len(real),), generator=gen)
+        ic = torch.randint(0, len(cand), (len(cand),), generator=gen)
+        jr = ic if paired else torch.randint(0, len(ref), (len(ref),), generator=gen)
+        cs.append(fid_fast(real[ir], cand[ic]))
+        rs.append(fid_fast(real[ir], ref[jr]))
+    cs, rs = np.array(cs), np.array(rs)
+    out = {"fid": point_c, "fid_ci95": _recentred(cs, point_c, level), "reference_fid": point_r,
+           "reference_fid_ci95": _recentred(rs, point_r, level), "fid_gap": point_c - point_r,
+           "fid_gap_ci95": _recentred(cs - rs, point_c - point_r, level), "paired": paired}
+    if point_r > 0:
+        out["fid_ratio"] = point_c / point_r
+        out["fid_ratio_ci95"] = _recentred(cs / np.maximum(rs, 1e-12), point_c / point_r, level)
+    else:
+        out["fid_ratio"], out["fid_ratio_ci95"] = None, None
+    return out
+
+
+def fid_floor(real: torch.Tensor, splits: int, seed: int) -> tuple[float, float]:
+    """The real-against-real floor: FID between two random halves of the real set, mean and sd over `splits`.
+
+    Two samples of the same data are this far apart at this sample size, so a gap between two pipelines
+    that is small next to it is within what resampling the data itself does."""
+    gen = torch.Generator().manual_seed(seed)
+    half = len(real) // 2
+    vals = []
+    for _ in range(splits):
+        perm = torch.randperm(len(real), generator=gen)
+        vals.append(fid_fast(real[perm[:half]], real[perm[half:2 * half]]))
+    return float(np.mean(vals)), float(np.std(vals))
+
+
 def kid_subsets(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int, seed: int) -> list[float]:
     """KID of `subsets` seeded random subsets drawn without replacement (torchmetrics' `poly_mmd`).
 
@@ -347,11 +418,50 @@ class Side:
     scheduler: str = "auto"
 
 
+@dataclass
+class _Unnamed:
+    """A bare feature module passed to `evaluate` (tests, one-off checks): one space named "features"."""
+
+    extractor: nn.Module
+    name: str = "features"
+    sha256: str = ""
+
+
+def quality_in_space(extractor: nn.Module, real_images: np.ndarray, fake: torch.Tensor, ref_fake: torch.Tensor,
+                     identical: bool, p: EvaluateParams) -> dict:
+    """FID of candidate and reference, their gap and ratio (paired bootstrap CIs), KID, and the split-half
+    floor, all in one feature space."""
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([extractor(x[i : i + 1000].float()) for i in range(0, len(x), 1000)]).double()
+
+    real_f = embed(torch.from_numpy(real_images))
+    fake_f = embed(fake)
+    ref_f = fake_f if identical else embed(ref_fake)
+    q = paired_fid(real_f, fake_f, ref_f, p.bootstrap, p.seed)
+    kids = kid_subsets(real_f, fake_f, p.kid_subset_size, p.bootstrap, p.seed)
+    ref_kids = kids if identical else kid_subsets(real_f, ref_f, p.kid_subset_size, p.bootstrap, p.seed)
+    floor, floor_sd = fid_floor(real_f, p.floor_splits, p.seed)
+    lo, hi = q["fid_gap_ci95"]
+    q.update({
+        "kid": float(np.mean(kids)), "kid_ci95": list(kid_ci(kids)),
+        "reference_kid": float(np.mean(ref_kids)), "reference_kid_ci95": list(kid_ci(ref_kids)),
+        "fid_floor": floor, "fid_floor_sd": floor_sd,
+        # the gated figure: how much further from the data than the teacher, in units of the floor
+        "fid_gap_floors": q["fid_gap"] / floor if floor > 0 else None,
+        "fid_gap_halfwidth": (hi - lo) / 2,
+        "fid_gap_halfwidth_floors": (hi - lo) / 2 / floor if floor > 0 else None,
+        "num_features": int(real_f.shape[1]),
+        "dead_features": int((real_f.std(0) < 1e-8).sum()),
+    })
+    return q
+
+
 def evaluate(
     candidate: Side,
     reference: Side,
     data: ImageSet,
-    extractor: nn.Module,
+    extractor,
     p: EvaluateParams,
     classifier: nn.Module | None = None,
     confidence: float = 0.9,
@@ -363,8 +473,10 @@ def evaluate(
 ) -> dict:
     """Run the whole suite on `candidate` against `reference` and `data`; returns one JSON-able dict.
 
-    With `cache_dir`, the reference's samples are reused across runs (same bytes, same draw), so
-    evaluating many candidates against the teacher at 50 steps samples the teacher once.
+    `extractor` is a list of `feature_spaces.FeatureSpace` (the first one's figures also sit at the top of
+    `quality`), or one bare feature module. With `cache_dir`, the reference's samples are reused across runs
+    (same bytes, same draw), so evaluating many candidates against the teacher at 50 steps samples the
+    teacher once.
     """
     from redistill.features import classify
 
@@ -402,23 +514,17 @@ def evaluate(
     if not torch.isfinite(fake).all():
         raise PipelineError(f"pipeline at {candidate.path} produced non-finite images; its weights are broken")
 
-    # 2. Quality in the feature space, with bootstrap CIs.
-    log("computing FID/KID with bootstrap CIs")
-    with torch.no_grad():
-        real_f = torch.cat([extractor(torch.from_numpy(data.images[i : i + 1000])) for i in range(0, len(data), 1000)]).double()
-        fake_f = torch.cat([extractor(fake[i : i + 1000]) for i in range(0, len(fake), 1000)]).double()
-        ref_f = fake_f if identical else torch.cat([extractor(ref_fake[i : i + 1000]) for i in range(0, len(ref_fake), 1000)]).double()
-
-    def quality(f: torch.Tensor, images: torch.Tensor, seed: int) -> dict:
-        kids = kid_subsets(real_f, f, p.kid_subset_size, p.bootstrap, seed)
-        q = {"fid": fid(real_f, f), "kid": float(np.mean(kids)), "kid_ci95": list(kid_ci(kids))}
-        q["fid_ci95"] = list(bootstrap_ci(fid, real_f, f, p.bootstrap, seed, point=q["fid"]))
-        if classifier is not None:
-            q.update(classify(classifier, images, confidence))
-        return q
-
-    q_cand = quality(fake_f, fake, p.seed)
-    q_ref = q_cand if identical else quality(ref_f, ref_fake, p.seed)
+    # 2. Quality in each feature space: FIDs with a paired bootstrap (gap, ratio), KID, the real-data floor.
+    log("computing FID/KID with paired bootstrap CIs")
+    spaces = list(extractor) if isinstance(extractor, (list, tuple)) else [_Unnamed(extractor)]
+    per_space = {name: quality_in_space(ext, data.images, fake, ref_fake, identical, p)
+                 for name, ext in ((sp.name, sp.extractor) for sp in spaces)}
+    primary = spaces[0].name
+    recog = {}
+    if classifier is not None:
+        c = classify(classifier, fake, confidence)
+        r = c if identical else classify(classifier, ref_fake, confidence)
+        recog = {**c, "reference_recognisable_share": r["recognisable_share"]}
 
     # 3. Fidelity to the reference on the same noise.
     psnr, ssim = psnr_ssim(fake, ref_fake)
@@ -442,16 +548,9 @@ def evaluate(
         "num_samples": p.num_samples,
         "num_real": len(data),
         "seed": p.seed,
-        "feature_extractor": type(extractor).__name__,
-        "quality": {
-            **q_cand,
-            "reference_fid": q_ref["fid"],
-            "reference_fid_ci95": q_ref["fid_ci95"],
-            "reference_kid": q_ref["kid"],
-            "reference_kid_ci95": q_ref["kid_ci95"],
-            **({"reference_recognisable_share": q_ref["recognisable_share"]} if classifier is not None else {}),
-            "fid_ratio": q_cand["fid"] / q_ref["fid"] if q_ref["fid"] > 0 else None,
-        },
+        "feature_spaces": {sp.name: sp.sha256 for sp in spaces},
+        # the first space's figures at the top level (the bench's FID ratio), every space's under "spaces"
+        "quality": {**per_space[primary], "feature_space": primary, **recog, "spaces": per_space},
         "fidelity": {"psnr_db": psnr, "ssim": ssim, "identical_to_reference": psnr is None},
         "speed": speed,
         "memory": {
@@ -483,12 +582,13 @@ def evaluate_student(student: Path, steps: int, teacher: Path, data: Path, featu
     The one way a cycle, the champion's fit check and `reproduce` evaluate a student, so their figures
     stay comparable.
     """
+    from redistill import feature_spaces
     from redistill.data import load_image_folder
-    from redistill.features import FeatureExtractor, load_classifier
+    from redistill.features import load_classifier
 
     classifier = load_classifier(features)
     return evaluate(
         Side(student, steps, "saved"), Side(teacher, p.evaluate.reference_steps), load_image_folder(data),
-        FeatureExtractor(classifier), p.evaluate, classifier=classifier, confidence=p.features.confidence,
-        out_dir=out_dir, cache_dir=cache_dir, log=log,
+        feature_spaces.load_all(p.evaluate.features, features), p.evaluate, classifier=classifier,
+        confidence=p.features.confidence, out_dir=out_dir, cache_dir=cache_dir, log=log,
     )

@@ -10,9 +10,9 @@ from redistill.gate import judge
 
 
 @task(name="gate-student")
-def gate_student(result: dict, champion: dict | None, p: GateParams) -> dict:
-    """Judge the evaluation against the thresholds and the champion; returns the decision as a dict."""
-    decision = judge(result, champion, p)
+def gate_student(result: dict, champion: dict | None, p: GateParams, method: str | None = None) -> dict:
+    """Judge the evaluation against the thresholds (the fidelity bound of `method`'s family) and the champion."""
+    decision = judge(result, champion, p, method)
     rows = "\n".join(
         f"| {c.kind} | {c.name} | {'n/a' if c.value is None else f'{c.value:.4g}'} | {c.op} "
         f"{'' if c.bound is None else f'{c.bound:.4g}'} | {'pass' if c.passed else '**FAIL**'} |"
@@ -27,6 +27,9 @@ def gate_student(result: dict, champion: dict | None, p: GateParams) -> dict:
             f"| kind | check | value | bound | verdict |\n|---|---|---|---|---|\n{rows}\n\n"
             f"| | teacher@{result['reference']['steps']} | student@{result['steps']} |\n|---|---|---|\n"
             f"| FID | {q['reference_fid']:.4g} | {q['fid']:.4g} [{q['fid_ci95'][0]:.3g}, {q['fid_ci95'][1]:.3g}] |\n"
+            + "".join(f"| FID gap [{n}] (floors) | floor {sq['fid_floor']:.4g} | {sq['fid_gap']:+.4g} = "
+                      f"{sq['fid_gap_floors']:.3g} ± {sq['fid_gap_halfwidth_floors']:.2g} |\n"
+                      for n, sq in q.get("spaces", {}).items() if sq.get("fid_gap_floors") is not None) +
             f"| KID | {q['reference_kid']:.4g} | {q['kid']:.4g} |\n"
             f"| latency p50 (ms) | {s['reference_latency_ms_p50']:.1f} | {s['latency_ms_p50']:.1f} |\n"
             f"| throughput (img/s) | {s['reference_throughput_img_s']:.1f} | {s['throughput_img_s']:.1f} |\n"

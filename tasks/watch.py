@@ -107,7 +107,7 @@ def champion_fit(root: Path, p: Params, batch: Path, out_dir: Path) -> dict | No
         result = evaluate_student(student, steps, teacher, batch, Path(root) / "data" / "features", p,
                                   Path(out_dir), Path(root) / "runs" / "cache" / "samples")
     gate: GateParams = dataclasses.replace(p.gate, first_run="absolute")
-    decision = judge(result, None, gate)
+    decision = judge(result, None, gate, method=champ.tags.get(PREFIX + "method"))
     checks = [c for c in decision.checks if c.kind == "absolute"]
     passed = all(c.passed for c in checks)
     reasons = "; ".join(f"{'pass' if c.passed else 'FAIL'} {c.name} {c.value if c.value is None else round(c.value, 4)} "
@@ -118,7 +118,8 @@ def champion_fit(root: Path, p: Params, batch: Path, out_dir: Path) -> dict | No
                              markdown=f"# Champion v{champ.version} {'still fit' if passed else 'no longer fit'} "
                                       f"on batch {Path(batch).name}\n\n" + "\n".join(f"- {r}" for r in reasons.split("; ")))
     return {"version": str(champ.version), "passed": passed, "reasons": reasons,
-            "fid_ratio": result["quality"]["fid_ratio"], "run_dir": str(out_dir)}
+            "fid_ratio": result["quality"]["fid_ratio"], "fid_gap_floors": result["quality"]["fid_gap_floors"],
+            "run_dir": str(out_dir)}
 
 
 @task(name="tag-version", **IO_RETRIES)

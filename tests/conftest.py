@@ -18,11 +18,14 @@ TINY_CYCLE = """
 distill: {target_steps: 2, batch_size: 8, checkpoint_every: 2, progressive: {teacher_steps: 4, steps_per_round: 3}}
 evaluate: {num_samples: 120, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60, latency_repeats: 2,
            throughput_repeats: 1, throughput_batch: 8}
-features: {epochs: 12}
+features: {epochs: 12, encoder_epochs: 8}
 """
-LENIENT_GATE = """gate: {fid_ratio_max: 1000000000.0, speedup_min: 0.0, psnr_min: 0.0, recognisable_min: 0.0,
+ENCODER_EPOCHS = 8  # the label-free encoder of the test workspaces: seconds, not the stage's 150 epochs
+LENIENT_GATE = """gate: {fid_gap_max: 1000000000.0, speedup_min: 0.0, recognisable_min: 0.0,
+       psnr_min: {fidelity: 0.0, trajectory: 0.0, distribution: 0.0},
        fid_change_max: 1000000000.0, kid_change_max: 1000000000.0}
 """
+UNMEETABLE_GAP = "fid_gap_max: -1000000000.0"  # replaces LENIENT_GATE's gap bound: no student can pass
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +85,19 @@ def digits_ws(tmp_path_factory) -> Path:
     """A workspace with the real embedded data (prepare) and a briefly trained feature classifier."""
     from redistill.config import FeaturesParams, Params
     from redistill.data import load_image_folder, prepare
+    from redistill.encoder import save_encoder, train_encoder
     from redistill.features import save_classifier, train_classifier
 
     ws = tmp_path_factory.mktemp("ws")
     prepare(Params().prepare, ws / "data")
     fp = FeaturesParams(epochs=12)
-    model, metrics = train_classifier(fp, load_image_folder(ws / "data/reference"), load_image_folder(ws / "data/holdout"), log=lambda m: None)
+    reference = load_image_folder(ws / "data/reference")
+    model, metrics = train_classifier(fp, reference, load_image_folder(ws / "data/holdout"), log=lambda m: None)
     save_classifier(model, ws / "data" / "features", {"metrics": metrics})
+    encoder, enc_metrics = train_encoder(reference.images, epochs=ENCODER_EPOCHS, log=lambda m: None)
+    save_encoder(encoder, ws / "data" / "features", {"metrics": enc_metrics})
     (ws / "params.yaml").write_text(
-        "features: {epochs: 12}\n"
+        f"features: {{epochs: 12, encoder_epochs: {ENCODER_EPOCHS}}}\n"
         "evaluate: {num_samples: 120, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60,"
         " latency_repeats: 3, throughput_repeats: 1, throughput_batch: 8}\n"
     )

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import LENIENT_GATE, TINY_CYCLE
+from conftest import LENIENT_GATE, TINY_CYCLE, UNMEETABLE_GAP
 
 from redistill.cli import app
 from redistill.registry import PREFIX, alias, client
@@ -49,7 +49,7 @@ def ws(digits_ws, tmp_path_factory, prefect_harness):
     make_tiny_pipeline(root / "data" / "teachers" / "tiny")
     (root / "params.yaml").write_text(TINY)
     (root / "seed1.yaml").write_text(TINY.replace("batch_size: 8,", "batch_size: 8, seed: 1,"))
-    (root / "strict.yaml").write_text(TINY.replace("fid_ratio_max: 1000000000.0", "fid_ratio_max: 0.000001")
+    (root / "strict.yaml").write_text(TINY.replace("fid_gap_max: 1000000000.0", UNMEETABLE_GAP)
                                       .replace("batch_size: 8,", "batch_size: 8, seed: 2,"))
     subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "--no-scm", "-q"], cwd=root, check=True,
                    env={**os.environ, "DVC_NO_ANALYTICS": "1"})
@@ -73,7 +73,7 @@ def test_lineage_of_the_champion_holds_the_whole_chain_and_round_trips(ws):
     assert len(d["code"]["git_commit"]) >= 7 and isinstance(d["code"]["dirty"], bool)
     assert d["prefect"]["flow_run_id"]
     assert d["trigger"]["kind"] == "manual"
-    assert {c["name"] for c in d["gate"]["checks"]} >= {"fid_ratio", "speedup_throughput", "psnr_db",
+    assert {c["name"] for c in d["gate"]["checks"]} >= {"fid_gap.classifier", "fid_gap.encoder", "speedup_throughput", "psnr_db",
                                                         "fid_vs_champion", "kid_vs_champion"}
     assert all({"value", "bound", "passed"} <= set(c) for c in d["gate"]["checks"])
     assert d["replaced"] == "1"

@@ -133,3 +133,24 @@ def test_a_reference_evaluated_as_candidate_fills_the_cache(suite, tiny_pipeline
                      classifier=clf, cache_dir=cache)
     assert later["quality"]["reference_fid"] == first["quality"]["fid"]
     assert later["memory"]["reference_peak_sampling_mb"] is None  # reused, so not re-measured
+
+
+def test_every_feature_space_reports_a_floor_aware_gap(suite, tiny_pipeline, digits_ws):
+    import hashlib
+
+    from redistill import feature_spaces
+
+    p, clf, data = suite
+    spaces = feature_spaces.load_all(["classifier", "encoder"], digits_ws / "data" / "features")
+    r = evaluate(Side(tiny_pipeline, 2), Side(tiny_pipeline, 8), data, spaces, p.evaluate, classifier=clf)
+    q = r["quality"]
+    assert q["feature_space"] == "classifier" and list(q["spaces"]) == ["classifier", "encoder"]
+    assert q["fid"] == q["spaces"]["classifier"]["fid"]  # the first space's figures head the report
+    for name, sq in q["spaces"].items():
+        weights = (digits_ws / "data" / "features" / f"{name}.safetensors").read_bytes()
+        assert r["feature_spaces"][name] == hashlib.sha256(weights).hexdigest()
+        assert sq["fid_floor"] > 0 and sq["fid_gap"] == pytest.approx(sq["fid"] - sq["reference_fid"])
+        assert sq["fid_gap_floors"] == pytest.approx(sq["fid_gap"] / sq["fid_floor"])
+        lo, hi = sq["fid_gap_ci95"]
+        assert lo <= sq["fid_gap"] <= hi and sq["fid_gap_halfwidth"] == pytest.approx((hi - lo) / 2)
+    assert q["spaces"]["encoder"]["dead_features"] == 0

@@ -48,6 +48,25 @@ def tiny_recipe(**kw) -> TeacherParams:
     return TeacherParams(**base)
 
 
+def test_label_free_encoder_tells_digits_from_non_digits(digits_ws, tmp_path):
+    # trained on the reference images alone (no labels): held-out digits sit closer to the reference in its
+    # space than not-a-digit images do, every unit is alive, and the features are standardised
+    from redistill.encoder import EncoderFeatures, load_encoder, save_encoder, train_encoder
+    from redistill.features import not_a_digit_examples
+    from redistill.metrics import fid_fast
+
+    ref = load_image_folder(digits_ws / "data" / "reference")
+    hold = torch.from_numpy(load_image_folder(digits_ws / "data" / "holdout").images)
+    enc, metrics = train_encoder(ref.images, epochs=8, log=lambda m: None)
+    save_encoder(enc, tmp_path / "f", {"metrics": metrics})
+    ext = EncoderFeatures(load_encoder(tmp_path / "f"))
+    f_ref = ext(torch.from_numpy(ref.images)).double()
+    assert torch.allclose(f_ref.mean(0), torch.zeros(128, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(f_ref.std(0), torch.ones(128, dtype=torch.float64), atol=1e-3)
+    noise = not_a_digit_examples(hold, len(hold), torch.Generator().manual_seed(0))
+    assert fid_fast(f_ref, ext(hold).double()) < fid_fast(f_ref, ext(noise).double()) / 3
+
+
 def test_teacher_trains_and_saves_a_stock_safetensors_pipeline(digits_ws, tmp_path):
     from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 

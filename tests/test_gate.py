@@ -1,4 +1,5 @@
-"""Tier 1: the gate's verdicts, absolute (MLflow's MetricThreshold semantics) and against the champion (on the CI)."""
+"""Tier 1: the gate's verdicts: floor-aware FID gaps in every feature space, fidelity per method family,
+MLflow's MetricThreshold semantics, and the change against the champion (judged on the CI)."""
 
 from __future__ import annotations
 
@@ -10,36 +11,69 @@ from redistill.config import ConfigError, GateParams, parse_params
 from redistill.gate import judge
 
 
-def result(fid=0.40, ci=(0.30, 0.55), kid=0.010, kid_ci=(0.0, 0.03), ratio=1.2, speedup=12.0, psnr=25.0, recog=0.9):
+def space(gap_floors=0.1, floor=0.4, half=0.05):
+    gap = gap_floors * floor
+    return {"fid_gap_floors": gap_floors, "fid_gap": gap, "fid_gap_ci95": [gap - half * floor, gap + half * floor],
+            "fid_floor": floor, "fid_gap_halfwidth_floors": half}
+
+
+def result(fid=0.40, ci=(0.30, 0.55), kid=0.010, kid_ci=(0.0, 0.03), gaps=(0.1, 0.1), speedup=12.0, psnr=25.0,
+           recog=0.9, half=0.05):
+    spaces = {name: space(g, half=half) for name, g in zip(("classifier", "encoder"), gaps)}
     return {
-        "quality": {"fid": fid, "fid_ci95": list(ci), "kid": kid, "kid_ci95": list(kid_ci), "fid_ratio": ratio,
-                    "recognisable_share": recog},
+        "quality": {"fid": fid, "fid_ci95": list(ci), "kid": kid, "kid_ci95": list(kid_ci), "fid_ratio": 1.2,
+                    "recognisable_share": recog, "spaces": spaces},
         "fidelity": {"psnr_db": psnr, "ssim": 0.95},
         "speed": {"speedup_throughput": speedup},
     }
 
 
 def test_first_student_passing_every_absolute_threshold_is_promoted():
-    d = judge(result(), None, GateParams())
+    d = judge(result(), None, GateParams(), "progressive")
     assert d.passed, d.reasons()
     names = [c.name for c in d.checks]
-    assert names == ["fid_ratio", "speedup_throughput", "psnr_db", "recognisable_share", "champion"]
+    assert names == ["fid_gap.classifier", "fid_gap.encoder", "speedup_throughput", "recognisable_share", "psnr_db",
+                     "champion"]
     assert "no champion yet" in d.reasons()
+    assert "precision target ±0.083 met" in d.reasons()
 
 
 @pytest.mark.parametrize("field,value,name", [
-    ("ratio", 1.51, "fid_ratio"), ("speedup", 7.9, "speedup_throughput"),
-    ("psnr", 19.9, "psnr_db"), ("recog", 0.84, "recognisable_share"),
+    ("speedup", 7.9, "speedup_throughput"), ("psnr", 19.9, "psnr_db"), ("recog", 0.84, "recognisable_share"),
 ])
 def test_each_absolute_threshold_can_reject(field, value, name):
-    d = judge(result(**{field: value}), None, GateParams())
+    d = judge(result(**{field: value}), None, GateParams(), "progressive")
     assert not d.passed
     assert [c.name for c in d.failed()] == [name]
     assert f"FAIL absolute {name}: {value:.4g}" in d.reasons()
 
 
+@pytest.mark.parametrize("gaps,failed", [((0.3, 0.1), ["fid_gap.classifier"]), ((0.1, 0.26), ["fid_gap.encoder"]),
+                                          ((0.5, 0.5), ["fid_gap.classifier", "fid_gap.encoder"])])
+def test_the_fid_gap_is_gated_in_every_feature_space(gaps, failed):
+    d = judge(result(gaps=gaps), None, GateParams(), "dmd")
+    assert [c.name for c in d.failed()] == failed
+
+
+def test_an_imprecise_gap_is_flagged_in_the_reasons():
+    d = judge(result(half=0.2), None, GateParams(), "dmd")
+    assert "NOT met: raise evaluate.num_samples" in d.reasons()
+
+
+def test_fidelity_is_gated_per_method_family():
+    low_psnr = result(psnr=12.0)
+    for method in ("progressive", "consistency", "output"):  # they promise the teacher's noise-to-image map
+        assert [c.name for c in judge(low_psnr, None, GateParams(), method).failed()] == ["psnr_db"]
+    for method in ("dmd", "adversarial"):  # they promise the distribution, not the map
+        d = judge(low_psnr, None, GateParams(), method)
+        assert d.passed and "distribution family: fidelity to the teacher is not gated" in d.reasons()
+    assert not judge(low_psnr, None, GateParams(), None).passed  # unknown method: the strictest bound
+    strict = parse_params({"gate": {"psnr_min": {"distribution": 15.0}}}).gate
+    assert not judge(low_psnr, None, strict, "dmd").passed
+
+
 def test_a_value_exactly_at_its_bound_passes_as_mlflow_defines_it():
-    assert judge(result(ratio=1.5, speedup=8.0), None, GateParams()).passed
+    assert judge(result(gaps=(0.25, 0.25), speedup=8.0), None, GateParams(), "dmd").passed
 
 
 def test_first_run_policy_reject():
@@ -55,29 +89,32 @@ def test_change_is_judged_on_the_candidates_ci_not_its_point():
     # point estimate worse than champion + 10%, but the CI reaches below the bound: noise, so it passes
     noisy = result(fid=0.47, ci=(0.40, 0.60))
     assert noisy["quality"]["fid"] > bound
-    assert judge(noisy, champion, GateParams()).passed
+    assert judge(noisy, champion, GateParams(), "progressive").passed
     # the whole CI above the bound: really worse, rejected
     worse = result(fid=0.60, ci=(0.50, 0.75))
-    d = judge(worse, champion, GateParams())
+    d = judge(worse, champion, GateParams(), "progressive")
     assert not d.passed and [c.name for c in d.failed()] == ["fid_vs_champion"]
     assert "FAIL change fid_vs_champion: 0.5 <= 0.44" in d.reasons()
 
 
 def test_kid_change_and_identical_psnr():
     champion = result(kid=0.005)
-    d = judge(result(kid=0.05, kid_ci=(0.03, 0.07), psnr=None), champion, GateParams())
+    d = judge(result(kid=0.05, kid_ci=(0.03, 0.07), psnr=None), champion, GateParams(), "progressive")
     assert [c.name for c in d.failed()] == ["kid_vs_champion"]  # PSNR None (identical) passes the floor
 
 
 def test_reasons_record_every_value_bound_and_verdict():
-    d = judge(result(), result(), GateParams())
+    d = judge(result(), result(), GateParams(), "progressive")
     text = d.reasons()
     for c in d.checks:
         assert c.name in text
-    assert copy.deepcopy(d.to_dict())["checks"][0] == {"name": "fid_ratio", "kind": "absolute", "value": 1.2,
-                                                        "bound": 1.5, "op": "<=", "passed": True, "note": ""}
+    first = copy.deepcopy(d.to_dict())["checks"][0]
+    assert {k: first[k] for k in ("name", "kind", "value", "bound", "op", "passed")} == {
+        "name": "fid_gap.classifier", "kind": "absolute", "value": 0.1, "bound": 0.25, "op": "<=", "passed": True}
 
 
 def test_thresholds_that_are_not_numbers_are_a_settings_error():
     with pytest.raises(ConfigError, match="gate.speedup_min must be a number"):
         parse_params({"gate": {"speedup_min": "fast"}})
+    with pytest.raises(ConfigError, match="unknown key gate.fid_ratio_max"):
+        parse_params({"gate": {"fid_ratio_max": 1.5}})

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from redistill.metrics import bootstrap_ci, fid, kid, kid_ci, kid_subsets, psnr_ssim
+from redistill.metrics import bootstrap_ci, fid, fid_fast, fid_floor, kid, kid_ci, kid_subsets, paired_fid, psnr_ssim
 from redistill.teacher_train import min_snr_weight
 
 
@@ -45,6 +45,50 @@ def test_bootstrap_ci_contains_the_point_estimate_even_when_biased():
     point = fid(a, b)
     lo, hi = bootstrap_ci(fid, a, b, resamples=60, seed=1, point=point)
     assert lo < point < hi
+
+
+def test_fast_fid_is_torchmetrics_fid():
+    a, b = gaussian(600, [0.0] * 6, 11), gaussian(400, [0.5, 0, 0, 0, 0, 0.2], 12) * 1.3
+    assert fid_fast(a, b) == pytest.approx(fid(a, b), rel=1e-6, abs=1e-9)
+
+
+def test_paired_gap_of_two_shared_noise_samples_is_tighter_than_independent_intervals():
+    # generated features cluster by digit, as the real ones do; a "teacher" and a "student" drawn from the
+    # same noises land in the same clusters, the student a little broader within each. Which clusters a
+    # sample happens to hit moves each FID a lot, and that cancels in the paired bootstrap of the gap.
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 8, generator=g, dtype=torch.float64) * 3
+
+    def draw(n):
+        return centres[torch.randint(0, 10, (n,), generator=g)], torch.randn(n, 8, generator=g, dtype=torch.float64)
+
+    c, e = draw(1500)
+    real = c + e
+    c, e = draw(2000)
+    teacher, student = c + e, c + 1.15 * e
+    q = paired_fid(real, student, teacher, resamples=100, seed=0)
+    assert q["paired"] and q["fid_gap"] == pytest.approx(q["fid"] - q["reference_fid"])
+    lo, hi = q["fid_gap_ci95"]
+    assert lo < q["fid_gap"] < hi
+    r_lo, r_hi = q["fid_ratio_ci95"]
+    assert r_lo < q["fid_ratio"] < r_hi
+    # the same two sets with the row pairing broken: each side's cluster draw now varies on its own
+    shuffled = student[torch.randperm(len(student), generator=g)]
+    u_lo, u_hi = paired_fid(real, shuffled, teacher, resamples=100, seed=0)["fid_gap_ci95"]
+    assert hi - lo < (u_hi - u_lo) / 4
+
+
+def test_paired_gap_of_a_pipeline_against_itself_is_exactly_zero():
+    real, x = gaussian(300, [0.0] * 3, 15), gaussian(300, [0.1, 0, 0], 16)
+    q = paired_fid(real, x, x, resamples=20, seed=0)
+    assert q["fid_gap"] == 0 and q["fid_gap_ci95"] == [0.0, 0.0] and q["fid_ratio"] == 1.0
+
+
+def test_real_against_real_floor_shrinks_with_more_data():
+    # two halves of one distribution are only finite-sample apart: the floor falls as the set grows
+    small, _ = fid_floor(gaussian(200, [0.0] * 8, 17), splits=10, seed=0)
+    large, sd = fid_floor(gaussian(4000, [0.0] * 8, 18), splits=10, seed=0)
+    assert 0 < large < small / 5 and sd >= 0
 
 
 def test_kid_separates_equal_and_shifted_distributions():

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import LENIENT_GATE, TINY_CYCLE
+from conftest import LENIENT_GATE, TINY_CYCLE, UNMEETABLE_GAP
 
 from redistill.cli import app
 from redistill.registry import PREFIX, alias, client
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 BASE = TINY_CYCLE + "teacher: {name: tiny}\ndrift: {permutations: 300}\n"
 LENIENT = LENIENT_GATE
-STRICT = LENIENT.replace("fid_ratio_max: 1000000000.0", "fid_ratio_max: 0.000001")
+STRICT = LENIENT.replace("fid_gap_max: 1000000000.0", UNMEETABLE_GAP)
 
 
 @pytest.fixture()
