@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 from redistill.tasks.concurrency import one_at_a_time
-from redistill.tasks.distill import distill_student
+from redistill.tasks.distill import distill_student, warm_start
 from redistill.tasks.evaluate import evaluate_student, quality_vs_steps
 from redistill.tasks.gate import gate_student
 from redistill.tasks.registry import (
@@ -22,6 +22,7 @@ from redistill.tasks.registry import (
     publish_reports,
     record_failure,
     register,
+    set_tags,
 )
 from redistill.tasks.events import emit
 from redistill.tasks.validate import check_teacher, validate_data
@@ -63,8 +64,14 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
         record_failure(root, run_id, "teacher", facts["error"])
         raise CycleStopped(facts["error"])
 
+    start = warm_start(root, p, teacher, run_dir)
+    if "refused" in start:
+        record_failure(root, run_id, "warm-start", start["refused"])
+        raise CycleStopped(start["refused"])
+    tags["redistill.init"] = start["init"]
+    set_tags(root, run_id, {"redistill.init": start["init"], "redistill.init_note": start["note"][:5000]})
     try:
-        summary = distill_student(teacher, data, p.distill, run_dir, root)
+        summary = distill_student(teacher, data, p.distill, run_dir, root, start)
     except ValueError as e:  # settings the method cannot serve with this teacher (known once it is loaded)
         record_failure(root, run_id, "distill", str(e))
         raise CycleStopped(f"distillation refused: {e}") from e
@@ -76,7 +83,7 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
     result["teacher_fid_by_steps"] = curve["teacher_fid_by_steps"]
     with tempfile.TemporaryDirectory() as tmp:
         _, champ_result = champion_evaluation(root, p.registry.student_name, Path(tmp))
-    decision = gate_student(result, champ_result, p.gate)
+    decision = gate_student(result, champ_result, p.gate, p.distill.method)
     log_evaluation(root, run_id, result, decision)
     log_artifacts(root, run_id, student, "student")
     model_path = log_pyfunc(root, run_id, student)
@@ -126,5 +133,5 @@ def nightly(workspace_dir: str | None = None, params_file: str | None = None) ->
 
     root = workspace(workspace_dir)
     p = load_params(params_file, root)
-    inputs = resolve_inputs(current_teacher(root, p.teacher.name), current_data(root), p)
+    inputs = resolve_inputs(current_teacher(root, p.teacher.name), current_data(root), p, root)
     return locked_cycle(inputs, p, root, "schedule")  # a stopped cycle fails the flow run, with its reason

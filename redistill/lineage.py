@@ -25,9 +25,11 @@ def code_version(repo: Path | None = None) -> dict:
             return {"git_commit": "unknown", "dirty": True}
 
 
-def idempotency_key(teacher_sha256: str, data_md5: str, params_sha256: str, code: str) -> str:
-    """The cycle's key: same teacher bytes, data, distill/evaluate/gate settings and code ⇒ same key."""
-    return hashlib.sha256("\n".join([teacher_sha256, data_md5, params_sha256, code]).encode()).hexdigest()[:24]
+def idempotency_key(teacher_sha256: str, data_md5: str, params_sha256: str, code: str, features: str = "") -> str:
+    """The cycle's key: same teacher bytes, data, distill/evaluate/gate settings, code and feature-space
+    weights ⇒ same key."""
+    parts = [teacher_sha256, data_md5, params_sha256, code] + ([features] if features else [])
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
 def dvc_exe() -> str:
@@ -140,6 +142,9 @@ def lineage(c, name: str, mv, root: Path | None = None) -> dict:
                                 "failed": sum(1 for r in gx.get("results", []) if not r.get("success")),
                                 "data_docs": f"{art}/validation/data_docs/index.html"}},
         "params": {"sha256": tag("params_sha256"), "values": params},
+        "features": _json_tag(tag("features_sha256")),  # the FID/KID feature spaces' weights, by sha256
+        "init": {"kind": (tag("init") or "cold").split(":")[0],
+                 "from_version": (tag("init") or "").split(":", 1)[1] if ":" in (tag("init") or "") else None},
         "code": {"git_commit": commit.removesuffix("-dirty"), "dirty": commit.endswith("-dirty")},
         "prefect": {"flow_run_id": tag("prefect_flow_run_id"), "url": tag("prefect_flow_run_url")},
         "trigger": {"kind": tag("trigger"), "detail": detail,
@@ -149,6 +154,15 @@ def lineage(c, name: str, mv, root: Path | None = None) -> dict:
         "rollbacks": tag("rollback"),
         "metrics": {k: metrics.get("quality", {}).get(k) for k in ("fid", "fid_ci95", "kid", "kid_ci95", "fid_ratio")},
     }
+
+
+def _json_tag(value: str | None):
+    import json
+
+    try:
+        return json.loads(value) if value else None
+    except json.JSONDecodeError:
+        return value
 
 
 def format_lineage(d: dict) -> str:
@@ -162,6 +176,8 @@ def format_lineage(d: dict) -> str:
            f"created {d['created']}",
            line("run", d["run_id"]), line("key", d["key"]),
            line("method", f"{d['method']} at {d['num_inference_steps']} steps"),
+           line("started", "from the teacher (cold)" if d["init"]["kind"] == "cold"
+                else f"from champion version {d['init']['from_version']} (warm)"),
            "teacher",
            line("uri", t["uri"] + ("" if t["present"] else "  (no longer there)")),
            line("sha256", t["sha256"]),
@@ -173,6 +189,7 @@ def format_lineage(d: dict) -> str:
            line("data docs", v["data_docs"]),
            "params",
            line("sha256", d["params"]["sha256"]),
+           *[line(f"features {k}", v) for k, v in (d["features"] or {}).items()],
            "code",
            line("git commit", code["git_commit"] + ("  (tree was DIRTY)" if code["dirty"] else "  (clean tree)")),
            "prefect",

@@ -16,7 +16,7 @@ PREFIX = "redistill."
 CHAMPION, PREVIOUS = "champion", "previous"
 REQUIRED_TAGS = (
     "key", "teacher_sha256", "teacher_uri", "data_md5", "data_uri", "params_sha256", "git_commit",
-    "trigger", "method", "num_inference_steps", "prefect_flow_run_id", "gate", "gate_reasons",
+    "trigger", "method", "num_inference_steps", "prefect_flow_run_id", "gate", "gate_reasons", "init",
 )
 
 

@@ -21,7 +21,7 @@ import torch
 from redistill import checkpoint
 from redistill.config import TeacherParams
 from redistill.data import ImageSet
-from redistill.teacher import PipelineError, save_pipeline
+from redistill.teacher import PipelineError, pipeline_sha256, save_pipeline
 
 # ---------------------------------------------------------------------------------------------------
 
@@ -54,6 +54,18 @@ def build_scheduler(p: TeacherParams):
     )
 
 
+def _fine_tune_start(teacher: Path, data: ImageSet):
+    """The UNet and scheduler of an existing ε teacher, to train on (safetensors only)."""
+    from redistill.teacher import check_fits, load_pipeline
+
+    pipe = load_pipeline(teacher)
+    check_fits(pipe, teacher, data.channels, data.size)
+    if pipe.scheduler.config.prediction_type != "epsilon":
+        raise PipelineError(f"{teacher} predicts {pipe.scheduler.config.prediction_type}; the teacher recipe fine-tunes "
+                            "ε-prediction teachers only")
+    return pipe.unet.train().requires_grad_(True), pipe.scheduler
+
+
 def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-γ weights for an ε-prediction loss: min(SNR, γ) / SNR (Hang et al. 2023)."""
     abar = alphas_cumprod[timesteps]
@@ -77,11 +89,14 @@ def train_teacher(
     ckpt_dir: Path,
     log: Callable[[str], None] = print,
     keep_checkpoints: int = 2,
+    init: Path | None = None,
 ) -> dict:
     """Train the DDPM teacher on `data` and save it as a DDPMPipeline folder at `out`.
 
-    Resumes from the latest checkpoint in `ckpt_dir` when its recipe matches. Returns a summary with
-    the wall time. `out` must not exist yet: a teacher is an input of later stages and is never
+    With `init` (a teacher folder), fine-tune that teacher instead of starting from fresh weights: its UNet
+    and scheduler are trained on for `p.train_steps` more steps (the `finetune` stage makes a new teacher
+    this way). Resumes from the latest checkpoint in `ckpt_dir` when its recipe matches. Returns a summary
+    with the wall time. `out` must not exist yet: a teacher is an input of later stages and is never
     overwritten.
     """
     from diffusers import DDPMPipeline
@@ -93,8 +108,10 @@ def train_teacher(
         raise PipelineError(f"{out} already exists; a teacher is never overwritten. Pick a new --out name")
     torch.manual_seed(p.seed)
     x_all = torch.from_numpy(data.images) * 2.0 - 1.0  # [0,1] → [-1,1], the range the scheduler assumes
-    unet = build_unet(p, data.channels, data.size[0])
-    scheduler = build_scheduler(p)
+    if init is None:
+        unet, scheduler = build_unet(p, data.channels, data.size[0]), build_scheduler(p)
+    else:
+        unet, scheduler = _fine_tune_start(Path(init), data)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=0.0)
     lr_sched = get_cosine_schedule_with_warmup(optimizer, p.warmup_steps, p.train_steps)
     ema = EMAModel(unet.parameters(), decay=p.ema_decay, use_ema_warmup=True, power=2 / 3)
@@ -102,7 +119,7 @@ def train_teacher(
     alphas_cumprod = scheduler.alphas_cumprod
 
     # Resume: the latest checkpoint of the same recipe (a changed recipe starts afresh).
-    recipe = _recipe_hash(p, data)
+    recipe = _recipe_hash(p, data) + ("" if init is None else "-" + pipeline_sha256(Path(init))[:16])
     ckpt_dir = Path(ckpt_dir)
     step, elapsed = 0, 0.0
     found = checkpoint.latest(ckpt_dir)
@@ -157,6 +174,7 @@ def train_teacher(
     unet.eval()
     summary = {
         "recipe": dict(vars(p)),
+        **({"fine_tuned_from": {"path": str(init), "sha256": pipeline_sha256(Path(init))}} if init is not None else {}),
         "train_time_s": round(train_time, 1),
         "train_steps": p.train_steps,
         "final_loss": float(np.mean(losses[-200:])) if losses else None,

@@ -1,36 +1,79 @@
-"""Distil the student with the configured method, in the cycle's run folder.
+"""Distil the student with the configured method, in the cycle's run folder, cold or warm from the champion.
 
-No retries: a crashed distillation resumes from its last checkpoint when the cycle runs again with the same
-key, because the run folder is named by the key.
+No retries on the distillation: a crashed distillation resumes from its last checkpoint when the cycle runs
+again with the same key, because the run folder is named by the key.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from redistill.config import DistillParams
+from redistill.config import DistillParams, Params
 
 SUMMARY = "redistill_distill.json"
 
 
+@task(name="warm-start", retries=3, retry_delay_seconds=[2, 5, 15])
+def warm_start(root: Path, p: Params, teacher: Path, run_dir: Path) -> dict:
+    """Where the student starts (`distill.init`): {"init": "cold" | "warm:<version>", "note", and for a warm
+    start the champion's student folder and sha256}; {"refused": reason} when `warm` cannot be honoured."""
+    from redistill import registry
+    from redistill.registry import tracking_uri
+    from redistill.teacher import pipeline_sha256
+    from redistill.warm import why_not
+
+    mode, name = p.distill.init, p.registry.student_name
+    if mode == "cold":
+        return {"init": "cold", "note": "distill.init is cold"}
+    c = registry.client(tracking_uri(root))
+    champ = registry.champion(c, name)
+    if champ is None:
+        note = f"{name} has no champion yet"
+        return {"refused": f"distill.init is warm, but {note}; the first cycle must start cold (distill.init: auto or cold)"} \
+            if mode == "warm" else {"init": "cold", "note": note}
+    dst = Path(run_dir) / "init" / f"v{champ.version}"
+    if not (dst / "student" / "model_index.json").is_file():
+        dst.mkdir(parents=True, exist_ok=True)
+        c.download_artifacts(champ.run_id, "student", str(dst))
+    reason = why_not(champ.tags, dst / "student", Path(teacher), p)
+    if reason is not None:
+        if mode == "warm":
+            return {"refused": f"distill.init is warm, but the champion (version {champ.version}) does not fit this "
+                               f"cycle: {reason}. Set distill.init: auto to fall back to a cold start, or cold"}
+        return {"init": "cold", "note": f"champion version {champ.version} does not fit: {reason}"}
+    return {"init": f"warm:{champ.version}", "version": str(champ.version), "student": str(dst / "student"),
+            "sha256": pipeline_sha256(dst / "student"), "note": f"from champion version {champ.version}"}
+
+
 @task(name="distill-student", task_run_name="distill {p.method}")
-def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path, root: Path | None = None) -> dict:
-    """Distil `teacher` on `data` into `run_dir/student` (a stock diffusers pipeline folder)."""
+def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path, root: Path | None = None,
+                    start: dict | None = None) -> dict:
+    """Distil `teacher` on `data` into `run_dir/student` (a stock diffusers pipeline folder), from the
+    champion when `start` (from `warm_start`) says so."""
     import torch
 
     from redistill.data import load_image_folder
     from redistill.methods import distill
     from redistill.teacher import load_pipeline, save_pipeline
+    from redistill.warm import load_init
 
     out = Path(run_dir) / "student"
-    if (out / SUMMARY).is_file():  # finished earlier (e.g. the cycle died while registering): reuse it
-        return json.loads((out / SUMMARY).read_text())
+    init_tag = (start or {}).get("init", "cold")
+    if (out / SUMMARY).is_file():  # finished earlier (e.g. the cycle died while registering): reuse it ...
+        done = json.loads((out / SUMMARY).read_text())
+        if done.get("init", "cold") == init_tag:
+            return done
+        shutil.rmtree(out)  # ... unless it started elsewhere (a forced re-run that now starts warm)
     logger = get_run_logger()
     images = torch.from_numpy(load_image_folder(data).images)
+    init = load_init(Path(start["student"])) if start and start.get("student") else None
     student, summary = distill(p, load_pipeline(teacher), images, Path(run_dir) / "checkpoints", log=logger.info,
-                               teacher_path=Path(teacher), workspace=root)
+                               teacher_path=Path(teacher), workspace=root, init=init,
+                               init_sha256=(start or {}).get("sha256", ""))
+    summary["init"] = init_tag
     save_pipeline(student, out, extra={SUMMARY: summary})
     return summary

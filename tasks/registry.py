@@ -49,6 +49,13 @@ def record_failure(root: Path, run_id: str, stage: str, reason: str) -> None:
     c.set_terminated(run_id, status="FAILED")
 
 
+@task(name="set-run-tags", **IO_RETRIES)
+def set_tags(root: Path, run_id: str, tags: dict[str, str]) -> None:
+    c = registry.client(tracking_uri(root))
+    for k, v in tags.items():
+        c.set_tag(run_id, k, v)
+
+
 @task(name="log-artifacts", **IO_RETRIES)
 def log_artifacts(root: Path, run_id: str, folder: Path, artifact_path: str) -> None:
     registry.client(tracking_uri(root)).log_artifacts(run_id, str(folder), artifact_path)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import LENIENT_GATE, TINY_CYCLE
+from conftest import LENIENT_GATE, TINY_CYCLE, UNMEETABLE_GAP
 
 from redistill.cli import app
 from redistill.registry import PREFIX, alias, client
@@ -69,7 +69,7 @@ def test_first_cycle_promotes_and_an_identical_second_dedupes(ws):
 
 def test_unmeetable_thresholds_reject_and_champion_stays(ws, tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text((ws / "params.yaml").read_text().replace("fid_ratio_max: 1000000000.0", "fid_ratio_max: 0.000000001"))
+    params.write_text((ws / "params.yaml").read_text().replace("fid_gap_max: 1000000000.0", UNMEETABLE_GAP))
     c = client(f"sqlite:///{ws / 'mlflow.db'}")
     before = str(alias(c, NAME, "champion").version)
     r, out = cycle(ws, "--params", params)
@@ -77,7 +77,7 @@ def test_unmeetable_thresholds_reject_and_champion_stays(ws, tmp_path):
     assert out["decision"] == "rejected"
     assert str(alias(c, NAME, "champion").version) == before
     mv = c.get_model_version(NAME, out["version"])
-    assert mv.tags[PREFIX + "gate"] == "rejected" and "FAIL absolute fid_ratio" in mv.tags[PREFIX + "gate_reasons"]
+    assert mv.tags[PREFIX + "gate"] == "rejected" and "FAIL absolute fid_gap.classifier" in mv.tags[PREFIX + "gate_reasons"]
 
 
 def test_corrupted_data_stops_before_distillation_and_is_recorded(ws, tmp_path):
@@ -189,3 +189,44 @@ def test_a_killed_cycle_resumes_and_registers_exactly_once(digits_ws, tmp_path):
     out = json.loads(again.stdout.strip().splitlines()[-1])
     assert out["decision"] == "promoted"
     assert len(c.search_model_versions(f"name='{NAME}'")) == 1
+
+
+def test_warm_start_from_the_champion_is_recorded_and_refused_when_it_does_not_fit(digits_ws, tmp_path):
+    from conftest import make_tiny_pipeline
+
+    root = tmp_path / "warmws"
+    shutil.copytree(digits_ws / "data", root / "data")
+    make_tiny_pipeline(root / "data" / "teachers" / "tiny")
+    dmd = TINY.replace("distill: {", "distill: {method: dmd, dmd: {steps: 6, fake_updates: 1}, ")
+    (root / "params.yaml").write_text(dmd + "teacher: {name: tiny}\n")
+    c = client(f"sqlite:///{root / 'mlflow.db'}")
+
+    r, first = cycle(root)  # distill.init: auto, no champion yet → cold
+    assert r.exit_code == 0 and first["decision"] == "promoted", r.output
+    assert c.get_model_version(NAME, "1").tags[PREFIX + "init"] == "cold"
+    assert first["distill"]["config"]["steps"] == 6
+
+    r, warm = cycle(root, "--force")  # the champion fits this teacher → starts from it, a third of the steps
+    assert r.exit_code == 0, r.output
+    assert c.get_model_version(NAME, warm["version"]).tags[PREFIX + "init"] == "warm:1"
+    assert warm["distill"]["init"] == "warm:1" and warm["distill"]["config"]["steps"] == 2
+    d = json.loads(runner.invoke(app, ["lineage", "--workspace", str(root), "--version", warm["version"], "--json"]).stdout)
+    assert d["init"] == {"kind": "warm", "from_version": "1"}
+
+    # a v-prediction teacher: the champion (an ε generator) cannot be its student's start
+    vpred = make_tiny_pipeline(tmp_path / "vpred", prediction_type="v_prediction")
+    strict = tmp_path / "warm.yaml"
+    strict.write_text(dmd.replace("distill: {", "distill: {init: warm, ") + "teacher: {name: tiny}\n")
+    versions = len(c.search_model_versions(f"name='{NAME}'"))
+    champion_before = str(alias(c, NAME, "champion").version)
+    r, _ = cycle(root, "--teacher", vpred, "--params", strict)
+    assert r.exit_code == 2 and "does not fit" in r.output and "predicts epsilon" in r.output, r.output
+    assert len(c.search_model_versions(f"name='{NAME}'")) == versions
+    assert str(alias(c, NAME, "champion").version) == champion_before
+    failed = c.search_runs([c.get_experiment_by_name("redistill").experiment_id], "attributes.status = 'FAILED'")
+    assert any(run.data.tags.get("redistill.failed_stage") == "warm-start" for run in failed)
+
+    r, auto = cycle(root, "--teacher", vpred)  # distill.init: auto falls back to a cold start, and says why
+    assert r.exit_code == 0, r.output
+    run = c.get_run(auto["run_id"])
+    assert run.data.tags[PREFIX + "init"] == "cold" and "predicts epsilon" in run.data.tags[PREFIX + "init_note"]

@@ -50,6 +50,7 @@ class TrainingConfig:
     student_channels: tuple = ()  # a smaller student (methods/student_shape.py); () keeps the teacher's shape
     student_layers: int = 0
     feature_loss: float = 0.0  # weight of block-output feature matching to the teacher
+    init_from: str = ""  # sha256 of the champion a warm start begins from ("" = from the teacher); redistill/warm.py
 
 
 def new_ema(model: torch.nn.Module, decay: float, warmup: bool = True):
@@ -69,6 +70,13 @@ def student_like(unet: torch.nn.Module, channels: tuple = (), layers: int = 0) -
     from redistill.methods.student_shape import build_student
 
     return build_student(unet, list(channels), layers)[0].to(next(unet.parameters()).device)
+
+
+def warm(student: torch.nn.Module, init: dict | None) -> torch.nn.Module:
+    """Load a warm start's weights (the champion's UNet) into a freshly built student; a no-op without one."""
+    if init is not None:
+        student.load_state_dict(init)
+    return student
 
 
 def sizes(teacher_unet: torch.nn.Module, student_unet: torch.nn.Module) -> dict:
