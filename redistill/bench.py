@@ -4,12 +4,14 @@ Rows:
 - the teacher with DDIM at 10, 25, 50 and 100 steps, and DDPM at its full 1,000 (full run only);
 - each method at 1, 2, 4 and 8 steps where it applies: one progressive run halves down to 1 step and
   keeps every round's student (8, 4, 2, 1); one consistency student is sampled at each step count; the
-  output student at 1; the adversarial and DMD students at the step counts their trained grid covers
-  (1, 2, 4).
+  output student at 1; the adversarial student at the step counts its trained grid covers (1, 2, 4); DMD
+  trains one generator per step count (1, 2, 4), because each generator learns its own sampling grid.
 
 Every row is measured by the same suite as `redistill evaluate` against the teacher at
-`evaluate.reference_steps` (FID/KID with CIs, PSNR/SSIM on shared noise, latency, throughput, speedup,
-parameters, peak memory), plus the method's distillation wall time. Writes bench.json, bench.md and
+`evaluate.reference_steps` (FID/KID with CIs and the floor-aware FID gap in every feature space, PSNR/SSIM
+on shared noise, latency, throughput, speedup, parameters, peak memory), plus the distillation wall time
+of its student. Each row's student is kept as a stock pipeline folder `<out>/<method>-<steps>/`, so any row
+can be judged again or served later. Writes bench.json, bench.md (the table and the goals) and
 quality_vs_nfe.png.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,6 +28,11 @@ from redistill.config import METHODS, EvaluateParams, Params
 
 TEACHER_STEPS = (10, 25, 50, 100)
 METHOD_STEPS = (1, 2, 4, 8)
+PER_STEP_METHODS = {"dmd": (1, 2, 4)}  # trained once per step count
+# issue 11's goals for the best student at each step count: (FID ratio to teacher@50 at most,
+# recognisable share at least); every row also needs ≥ 0.8 × the step ratio in throughput speedup
+GOALS = {4: (1.2, 0.90), 2: (1.5, None), 1: (2.0, 0.85)}
+SPEEDUP_SHARE = 0.8
 
 
 def quick_params(p: Params) -> Params:
@@ -41,11 +49,15 @@ def quick_params(p: Params) -> Params:
     return dataclasses.replace(p, evaluate=ev, distill=d)
 
 
-def _row(kind: str, method: str, steps: int, result: dict, distill_s: float | None, sampler: str) -> dict:
+def _row(kind: str, method: str, steps: int, result: dict, distill_s: float | None, sampler: str,
+         student: Path | None = None) -> dict:
     q, f, s, m = result["quality"], result["fidelity"], result["speed"], result["memory"]
     return {
         "kind": kind, "method": method, "steps": steps, "sampler": sampler,
-        "fid": q["fid"], "fid_ci95": q["fid_ci95"], "fid_ratio": q["fid_ratio"], "kid": q["kid"],
+        "student": str(student) if student else None,
+        "fid": q["fid"], "fid_ci95": q["fid_ci95"], "fid_ratio": q["fid_ratio"], "fid_ratio_ci95": q.get("fid_ratio_ci95"),
+        "fid_gap_floors": {n: sq.get("fid_gap_floors") for n, sq in q.get("spaces", {}).items()},
+        "kid": q["kid"],
         "recognisable_share": q.get("recognisable_share"),
         "psnr_db": f["psnr_db"], "ssim": f["ssim"],
         "latency_ms_p50": s["latency_ms_p50"], "throughput_img_s": s["throughput_img_s"],
@@ -61,7 +73,8 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
     import torch
 
     from redistill.data import load_image_folder
-    from redistill.features import FeatureExtractor, load_classifier
+    from redistill import feature_spaces
+    from redistill.features import load_classifier
     from redistill.methods import distill
     from redistill.metrics import Side, evaluate
     from redistill.teacher import load_pipeline, save_pipeline
@@ -72,7 +85,7 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
     out.mkdir(parents=True, exist_ok=True)
     data = load_image_folder(root / "data" / "reference")
     classifier = load_classifier(root / "data" / "features")
-    extractor = FeatureExtractor(classifier)
+    extractor = feature_spaces.load_all(p.evaluate.features, root / "data" / "features")
     ref = Side(teacher, p.evaluate.reference_steps)
     cache = root / "runs" / "cache" / "samples"
 
@@ -99,57 +112,61 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         save_partial()
 
     images = torch.from_numpy(data.images)
+
+    def train(method: str, steps: int, **extra) -> tuple[object, dict, float]:
+        d = dataclasses.replace(p.distill, method=method, target_steps=steps)
+        log(f"distilling {method} for {steps} steps")
+        t = time.perf_counter()
+        student, summary = distill(d, load_pipeline(teacher), images, out / "checkpoints" / f"{method}-{steps}",
+                                   log=log, teacher_path=teacher, workspace=root, **extra)
+        return student, summary, round(time.perf_counter() - t, 1)
+
+    def keep(pipe, summary: dict, method: str, steps: int) -> Path:
+        folder = out / f"{method}-{steps}"
+        shutil.rmtree(folder, ignore_errors=True)
+        save_pipeline(pipe, folder, extra={"redistill_distill.json": summary})
+        return folder
+
     for method in methods:
-        folder = out / "students" / method
+        targets: list[tuple[int, Path, float]] = []  # (steps, student folder, its distillation seconds)
         if method == "progressive":
             # one halving run down to 1 step serves every row: each round's student is kept
-            d = dataclasses.replace(p.distill, method=method, target_steps=1)
-            snaps: dict[int, Path] = {}
-
-            def keep(n, pipe, folder=folder, snaps=snaps):
-                if n in METHOD_STEPS:
-                    snaps[n] = folder / f"steps-{n}"
-                    save_pipeline(pipe, snaps[n])
-
-            log("distilling progressive (halving down to 1 step)")
-            t = time.perf_counter()
-            _, summary = distill(d, load_pipeline(teacher), images, out / "checkpoints" / method, log=log, on_round=keep)
-            wall = time.perf_counter() - t
-            targets = [(n, snaps[n]) for n in sorted(snaps)]
+            rounds: dict[int, object] = {}
+            _, summary, wall = train(method, 1, on_round=lambda n, pipe: rounds.__setitem__(n, pipe))
+            targets = [(n, keep(rounds[n], summary, method, n), wall) for n in sorted(rounds) if n in METHOD_STEPS]
+        elif method in PER_STEP_METHODS:
+            for n in PER_STEP_METHODS[method]:
+                student, summary, wall = train(method, n)
+                targets.append((n, keep(student, summary, method, n), wall))
         else:
-            one_step = method == "output"  # serves exactly 1 step
-            d = dataclasses.replace(p.distill, method=method, **({"target_steps": 1} if one_step else {}))
-            log(f"distilling {method}")
-            t = time.perf_counter()
-            student, summary = distill(d, load_pipeline(teacher), images, out / "checkpoints" / method, log=log,
-                                       teacher_path=teacher, workspace=root)
-            wall = time.perf_counter() - t
-            save_pipeline(student, folder / "student")
-            # output serves 1 step; adversarial the subsets of its trained 4-step grid; consistency any
-            trained = tuple(n for n in METHOD_STEPS if n <= d.target_steps)
-            served = {"output": (1,), "adversarial": trained, "dmd": trained}
-            targets = [(n, folder / "student") for n in served.get(method, METHOD_STEPS)]
-        for n, path in targets:
+            trained = 1 if method == "output" else p.distill.target_steps
+            student, summary, wall = train(method, trained)
+            # output serves 1 step; adversarial the subsets of its trained grid; consistency any count
+            served = {"output": (1,), "adversarial": tuple(n for n in METHOD_STEPS if n <= trained)}
+            targets = [(n, keep(student, summary, method, n), wall) for n in served.get(method, METHOD_STEPS)]
+        for n, path, wall in targets:
             log(f"{method} at {n} steps")
-            rows.append(_row("method", method, n, measure(path, n, "saved"), round(wall, 1), "saved"))
+            rows.append(_row("method", method, n, measure(path, n, "saved"), wall, "saved", path))
             save_partial()
 
-    result = {"quick": quick, "methods": list(methods), "teacher": str(teacher), "reference_steps": p.evaluate.reference_steps,
+    result = {"quick": quick, "methods": list(methods), "feature_spaces": list(p.evaluate.features), "teacher": str(teacher), "reference_steps": p.evaluate.reference_steps,
               "num_samples": p.evaluate.num_samples, "seed": p.evaluate.seed, "device": device,
               "threads": torch.get_num_threads(), "rows": rows, "wall_time_s": round(time.perf_counter() - t0, 1)}
+    result["goals"] = goals(result)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.partial.json").unlink(missing_ok=True)
-    (out / "bench.md").write_text(markdown_table(result) + "\n")
+    (out / "bench.md").write_text(markdown_table(result) + "\n\n" + goals_table(result) + "\n")
     plot(result, out / "quality_vs_nfe.png")
     return result
 
 
 def markdown_table(result: dict) -> str:
     """The bench as a Markdown table, one row per (pipeline, steps)."""
-    head = ("| pipeline | steps | FID [95% CI] | FID ÷ teacher@{r} | KID | recognisable | PSNR dB | SSIM | latency p50 ms (b=1) "
-            "| img/s (b={b}) | speedup | params | peak MB | distil s |")
-    lines = [head.format(r=result["reference_steps"], b="64" if not result["quick"] else "16"),
-             "|" + "---|" * 14]
+    spaces = result.get("feature_spaces") or []
+    head = ("| pipeline | steps | FID [95% CI] | FID ÷ teacher@{r} | FID gap in floors ({sp}) | KID | recognisable | PSNR dB "
+            "| SSIM | latency p50 ms (b=1) | img/s (b={b}) | speedup | params | peak MB | distil s |")
+    lines = [head.format(r=result["reference_steps"], b="64" if not result["quick"] else "16", sp=" / ".join(spaces)),
+             "|" + "---|" * 15]
 
     def num(v, fmt):
         return "–" if v is None else format(v, fmt)
@@ -158,9 +175,43 @@ def markdown_table(result: dict) -> str:
         lo, hi = r["fid_ci95"]
         lines.append(
             f"| {r['method']} | {r['steps']} | {r['fid']:.3f} [{lo:.3f}, {hi:.3f}] | {num(r['fid_ratio'], '.2f')}× "
+            f"| {' / '.join(num((r.get('fid_gap_floors') or {}).get(n), '.2f') for n in spaces)} "
             f"| {r['kid']:.4f} | {num(r['recognisable_share'], '.3f')} | {num(r['psnr_db'], '.2f')} | {r['ssim']:.3f} "
             f"| {r['latency_ms_p50']:.1f} | {r['throughput_img_s']:.0f} | ×{r['speedup']:.1f} | {r['params']:,} "
             f"| {num(r['peak_mb'], '.0f')} | {num(r['distill_wall_s'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def goals(result: dict) -> list[dict]:
+    """The best student at each goal's step count against issue 11's goals, and every row's speedup goal."""
+    ref = result["reference_steps"]
+    out = []
+    students = [r for r in result["rows"] if r["kind"] == "method" and r["fid_ratio"] is not None]
+    for steps, (ratio_max, recog_min) in sorted(GOALS.items(), reverse=True):
+        at = [r for r in students if r["steps"] == steps]
+        if not at:
+            continue
+        best = min(at, key=lambda r: r["fid_ratio"])
+        speedup_min = SPEEDUP_SHARE * ref / steps
+        met = best["fid_ratio"] <= ratio_max and (recog_min is None or (best["recognisable_share"] or 0) >= recog_min)
+        out.append({"steps": steps, "best": best["method"], "fid_ratio": best["fid_ratio"], "fid_ratio_max": ratio_max,
+                    "recognisable_share": best["recognisable_share"], "recognisable_min": recog_min,
+                    "speedup": best["speedup"], "speedup_min": speedup_min,
+                    "met": bool(met and best["speedup"] >= speedup_min),
+                    "rows_below_speedup": [r["method"] for r in at if r["speedup"] < speedup_min]})
+    return out
+
+
+def goals_table(result: dict) -> str:
+    """The goals as Markdown: the best student per step count, and whether it meets them."""
+    lines = ["| steps | best student | FID ratio (goal) | recognisable (goal) | speedup (goal ≥ 0.8 × step ratio) | met |",
+             "|---|---|---|---|---|---|"]
+    for g in goals(result):
+        recog = "–" if g["recognisable_share"] is None else f"{g['recognisable_share']:.3f}"
+        recog_goal = "" if g["recognisable_min"] is None else f" (≥ {g['recognisable_min']:.2f})"
+        slow = f"; below the speedup goal: {', '.join(g['rows_below_speedup'])}" if g["rows_below_speedup"] else ""
+        lines.append(f"| {g['steps']} | {g['best']} | {g['fid_ratio']:.2f}× (≤ {g['fid_ratio_max']}×) | {recog}{recog_goal} "
+                     f"| ×{g['speedup']:.1f} (≥ ×{g['speedup_min']:.0f}) | {'yes' if g['met'] else 'NO'}{slow} |")
     return "\n".join(lines)
 
 

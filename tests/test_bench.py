@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -36,12 +37,25 @@ def test_quick_bench_has_every_row_and_logs_its_files(digits_ws, tmp_path):
     ref = next(row for row in result["rows"] if row["method"] == "teacher (DDIM)" and row["steps"] == 50)
     assert ref["fid_ratio"] == 1.0 and ref["ssim"] == 1.0
     out = root / "runs" / "bench" / "quick"
-    assert "| progressive | 4 |" in (out / "bench.md").read_text()
+    md = (out / "bench.md").read_text()
+    assert "| progressive | 4 |" in md and "| steps | best student | FID ratio (goal)" in md
+    assert [g["steps"] for g in result["goals"]] == [4, 2, 1]
     assert (out / "quality_vs_nfe.png").read_bytes()[:4] == b"\x89PNG"
+    # every method row keeps its student as a stock pipeline folder <method>-<steps>/; DMD trains one per step count
+    from diffusers import DiffusionPipeline
+
+    students = {row["student"] for row in result["rows"] if row["kind"] == "method"}
+    assert {Path(s).name for s in students} >= {"progressive-1", "dmd-1", "dmd-2", "dmd-4", "output-1", "consistency-8"}
+    dmd = {row["steps"]: json.loads((Path(row["student"]) / "redistill_distill.json").read_text())
+           for row in result["rows"] if row["method"] == "dmd"}
+    assert {n: d["num_inference_steps"] for n, d in dmd.items()} == {1: 1, 2: 2, 4: 4}
+    pipe = DiffusionPipeline.from_pretrained(out / "dmd-2", use_safetensors=True)
+    assert pipe.unet is not None
     c = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     run = c.get_run(result["mlflow_run_id"])
-    assert {a.path for a in c.list_artifacts(run.info.run_id)} == {"bench.json", "bench.md", "quality_vs_nfe.png"}
-    assert "progressive_4.fid" in run.data.metrics
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} == {"bench.json", "bench.md", "quality_vs_nfe.png", "students"}
+    assert "students/dmd-2" in {a.path for a in c.list_artifacts(run.info.run_id, "students")}
+    assert "progressive_4.fid" in run.data.metrics and "dmd_1.fid_gap_floors.encoder" in run.data.metrics
 
 
 def test_bench_without_data_says_what_to_run(tmp_path):

@@ -67,3 +67,33 @@ def test_dmd_regression_on_cached_teacher_pairs_is_for_one_step_generators(digit
     (cached,) = (tmp_path / "pairs").glob("abababababababab-*.safetensors")  # reused by the next run and by `output`
     with pytest.raises(ValueError, match="needs a 1-step generator"):
         distill(teacher, data, DMDConfig(steps=1, target_steps=2, regression_weight=0.5), tmp_path / "ck2", log=lambda m: None)
+
+
+def test_a_one_step_generator_can_start_from_the_output_distilled_student(digits_ws, tmp_path):
+    # DMD1's start: the regression-trained noise → image map (methods/output.py), exported as its one DDIM
+    # x₀ step; the DMD gradient then moves it, and the output run's files are cleaned up with the checkpoints
+    from conftest import make_tiny_pipeline
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from redistill.methods.output import OutputConfig
+    from redistill.methods.output import distill as output_distill
+
+    teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
+    data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
+    kw = dict(batch_size=4, pairs=8, pairs_steps=3)
+    cfg = DMDConfig(steps=2, fake_updates=1, target_steps=1, from_output=True, output_steps=3, **kw)
+    student, summary = distill(teacher, data, cfg, tmp_path / "ck", log=lambda m: None, teacher_sha256="cd" * 32,
+                               pairs_dir=tmp_path / "pairs")
+    assert summary["student_timesteps"] == [999]
+    assert not (tmp_path / "ck-output").exists()
+    start, _ = output_distill(teacher, data, OutputConfig(steps=3, **kw), tmp_path / "o", log=lambda m: None,
+                              teacher_sha256="cd" * 32, pairs_dir=tmp_path / "pairs")
+    moved = max((a - b).abs().max().item() for a, b in zip(student.unet.parameters(), start.unet.parameters()))
+    assert moved > 0
+    save_pipeline(student, tmp_path / "student")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "student", use_safetensors=True)
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.prediction_type == "sample"
+    pipe.set_progress_bar_config(disable=True)
+    assert torch.isfinite(torch.as_tensor(pipe(batch_size=2, num_inference_steps=1, output_type="pt").images)).all()
+    with pytest.raises(ValueError, match="from_output needs a 1-step generator"):
+        distill(teacher, data, DMDConfig(steps=1, target_steps=4, from_output=True), tmp_path / "ck2", log=lambda m: None)

@@ -65,19 +65,31 @@ def method_config(p: DistillParams):
 
 
 def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[str], None] = print, on_round=None,
-            teacher_path: Path | None = None, workspace: Path | None = None):
+            teacher_path: Path | None = None, workspace: Path | None = None, init: dict | None = None,
+            init_sha256: str = ""):
     """Run the method `p.method` with its settings from `p`; returns (student pipeline, summary).
 
     `on_round(steps, pipeline)` receives intermediate students of methods that make them (progressive).
-    `teacher_path` and `workspace` key and place the output method's pair cache (`<workspace>/data/pairs`).
+    `teacher_path` and `workspace` key and place the teacher-pair cache (`<workspace>/data/pairs`).
+    `init` (a warm start: the champion's UNet weights, `init_sha256` its folder's hash) starts the student
+    from those weights and trains `p.warm_fraction` of the method's steps (redistill/warm.py).
     """
     cfg, run = method_config(p)
     extra = {}
+    if init is not None:
+        from redistill.warm import WARM_METHODS
+
+        if p.method not in WARM_METHODS:
+            raise ValueError(f"{p.method} cannot start warm; warm starts serve {', '.join(WARM_METHODS)}")
+        cfg = dataclasses.replace(cfg, steps=max(1, round(cfg.steps * p.warm_fraction)), init_from=init_sha256)
+        extra["init"] = init
     if on_round is not None and p.method == "progressive":
         extra["on_round"] = on_round
-    if p.method == "output" or (p.method == "dmd" and p.dmd.regression_weight > 0):
+    if p.method == "output" or (p.method == "dmd" and (p.dmd.regression_weight > 0 or p.dmd.from_output)):
         from redistill.teacher import pipeline_sha256
 
         extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None
         extra["pairs_dir"] = (Path(workspace) if workspace is not None else Path.cwd()) / "data" / "pairs"
-    return run(teacher, images, cfg, ckpt_dir, log=log, **extra)
+    student, summary = run(teacher, images, cfg, ckpt_dir, log=log, **extra)
+    summary["init"] = "warm" if init is not None else "cold"
+    return student, summary

@@ -28,7 +28,7 @@ from torch import nn
 
 from redistill.methods.consistency import consistency_fn, lcm_pipeline, lcm_scheduler
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
+from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 
@@ -65,7 +65,8 @@ class Discriminator(nn.Module):
         return sum(head(f).mean(dim=(1, 2, 3)) for head, f in zip(self.heads, feats))
 
 
-def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path, log: Callable[[str], None] = print):
+def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
+            init: dict | None = None):
     """ADD-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline + LCMScheduler, summary)."""
     sched_cfg = teacher.scheduler.config
     ptype = sched_cfg.prediction_type
@@ -80,7 +81,7 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
     x_all = (data.float() * 2.0 - 1.0).to(dev)
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
     # 1. The student starts from the teacher; the discriminator's heads start fresh on the frozen teacher.
-    student = student_like(teacher_unet, cfg.student_channels, cfg.student_layers)
+    student = warm(student_like(teacher_unet, cfg.student_channels, cfg.student_layers), init)  # or the champion
     disc = Discriminator(teacher_unet).to(dev)
     fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)

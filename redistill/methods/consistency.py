@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
+from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 SIGMA_DATA = 0.5  # LCM's σ_data in the boundary scalings
@@ -42,6 +42,8 @@ class ConsistencyConfig(TrainingConfig):
     target_ema: float = 0.95  # μ: θ⁻ ← μ·θ⁻ + (1 − μ)·θ, the target network
     huber_c: float = 0.001  # pseudo-Huber constant c; 0 gives the L2 loss
     lr: float = 2.0e-4
+    export: str = "ema"  # what is exported: "ema" (θ's EMA, ema_decay) or "target" (θ⁻, as diffusers' LCM script)
+    sampler: str = "lcm"  # "lcm" (stock LCMScheduler, re-noises) or "ddim" (deterministic, stock DDIMScheduler)
 
 
 def solver_grid(solver_steps: int, num_train_timesteps: int) -> tuple[torch.Tensor, int]:
@@ -76,7 +78,8 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (torch.sqrt((a - b).pow(2) + c**2) - c).mean()
 
 
-def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path, log: Callable[[str], None] = print):
+def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
+            init: dict | None = None):
     """Consistency-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline with an
     LCMScheduler, summary). Resumes from the latest checkpoint in `ckpt_dir`."""
     sched_cfg = teacher.scheduler.config
@@ -94,7 +97,7 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
     # 1. θ and θ⁻ both start as the teacher (LCM: initialise from the pre-trained model), or as a smaller
     #    student initialised from it.
-    student = student_like(teacher_unet, cfg.student_channels, cfg.student_layers)
+    student = warm(student_like(teacher_unet, cfg.student_channels, cfg.student_layers), init)  # or the champion
     target = frozen(copy.deepcopy(student))
     fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -133,12 +136,29 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
 
     losses = run.phase(ph, step)
     fm.remove()
-    # 7. Export the EMA of θ with the scheduler that samples it: LCM multistep consistency sampling.
-    ema.copy_to(student.parameters())
+    # 7. Export θ's EMA (or θ⁻ itself, as diffusers' LCM script does) with the scheduler that samples it:
+    #    LCM's multistep sampling (re-noise each clean estimate with fresh noise) or the deterministic one.
+    (ema_target if cfg.export == "target" else ema).copy_to(student.parameters())
     summary = {"method": "consistency", "config": asdict(cfg), "final_loss": losses.get("loss"),
                **sizes(teacher_unet, student),
                "solver_skip": k, "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
+    if cfg.sampler == "ddim":
+        return deterministic_pipeline(frozen(student).cpu(), sched_cfg, cfg.solver_steps, cfg.target_steps), summary
     return lcm_pipeline(frozen(student).cpu(), sched_cfg, cfg.solver_steps), summary
+
+
+def deterministic_pipeline(unet, teacher_scheduler_config, solver_steps: int, steps: int):
+    """A stock `DDPMPipeline` + `DDIMScheduler` that samples a consistency model deterministically: each clean
+    estimate moves to the next timestep along the ε it implies instead of fresh noise. The grid starts where
+    LCM's does (the top of the solver grid) and is spaced T/steps ("leading" with `steps_offset`). The
+    boundary scalings are left out: past the first timesteps c_skip(t) is below 1e-5."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    T = teacher_scheduler_config.num_train_timesteps
+    first = int(solver_grid(solver_steps, T)[0][-1])
+    scheduler = DDIMScheduler.from_config(teacher_scheduler_config, clip_sample=True, set_alpha_to_one=True,
+                                          timestep_spacing="leading", steps_offset=first - (steps - 1) * (T // steps))
+    return DDPMPipeline(unet=unet, scheduler=scheduler)
 
 
 def lcm_scheduler(teacher_scheduler_config, solver_steps: int):

@@ -10,9 +10,12 @@ scores on the noised generator output (DMD eq. 7):
 
 DMD2's changes, all here:
 - two time-scale updates: `fake_updates` fake-score steps per generator step;
-- the generator's inputs are what it meets when sampling: its first step starts from pure noise, and the
-  input of step i is made by running the generator itself through steps 0..i−1 ("backward simulation",
-  DMD2 section 4.3), re-noising each clean estimate with fresh noise as `LCMScheduler` does;
+- the generator's first step starts from pure noise, as it does when sampling; the input of a later step
+  i is either made by running the generator itself through steps 0..i−1 ("backward simulation", DMD2
+  section 4.3, `backward_simulation: true`), re-noising each clean estimate with fresh noise as
+  `LCMScheduler` does, or a real image noised to step i's timestep (DMD2's few-step ImageNet setting, the
+  default: measured on the digits teacher it keeps the class mix, where backward simulation on a CPU
+  budget drifted to 3× more sixes than eights, README "Measured figures");
 - an optional GAN term on **real** images (DMD2 section 4.2): a discriminator head on the fake score's
   block features tells noised real images from noised generator images (`gan_weight`);
 - optionally DMD1's regression loss on cached (noise, teacher output) pairs (`regression_weight`, one-step
@@ -25,6 +28,7 @@ so the export is a stock `DDPMPipeline` + `LCMScheduler` on the timesteps it was
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 from redistill.methods.adversarial import Discriminator
 from redistill.methods.consistency import consistency_fn, lcm_pipeline, lcm_scheduler
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
+from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 
@@ -48,8 +52,11 @@ class DMDConfig(TrainingConfig):
     fake_lr: float = 3.0e-4
     gan_weight: float = 0.0  # 0 turns the GAN term on real images off
     regression_weight: float = 0.0  # DMD1's regression loss on cached teacher pairs (1-step generators only)
-    pairs: int = 4000  # regression pairs (shared with the output method's cache in data/pairs/)
+    from_output: bool = False  # 1-step: start from the output-distilled student (x₀ at T−1) instead of the teacher
+    output_steps: int = 3000  # its optimiser steps (methods/output.py)
+    pairs: int = 8000  # teacher pairs for both (shared with the output method's cache in data/pairs/)
     pairs_steps: int = 50  # the teacher's DDIM steps per pair
+    backward_simulation: bool = False  # inputs of steps after the first: the generator's own (True) or noised real images
     t_min: int = 20  # the DMD loss noises the generator output at t ~ U{t_min..t_max}
     t_max: int = 980
     solver_steps: int = 48  # the LCMScheduler grid of the generator's timesteps (starts at 959)
@@ -62,21 +69,25 @@ def dmd_gradient(x_gen: torch.Tensor, p_real: torch.Tensor, p_fake: torch.Tensor
 
 
 def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
+            init: dict | None = None,
             teacher_sha256: str | None = None, pairs_dir: Path | None = None):
     """DMD2-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline + LCMScheduler, summary)."""
     sched_cfg = teacher.scheduler.config
     ptype = sched_cfg.prediction_type
-    if cfg.regression_weight > 0 and cfg.target_steps != 1:
-        raise ValueError(f"distill.dmd.regression_weight needs a 1-step generator (target_steps: 1), got "
-                         f"target_steps={cfg.target_steps}: the first of several steps estimates a mean image, "
-                         "not the teacher's output")
+    for what, on in (("regression_weight", cfg.regression_weight > 0), ("from_output", cfg.from_output)):
+        if on and cfg.target_steps != 1:
+            raise ValueError(f"distill.dmd.{what} needs a 1-step generator (target_steps: 1), got target_steps="
+                             f"{cfg.target_steps}: the first of several steps estimates a mean image, not the teacher's output")
+    T = sched_cfg.num_train_timesteps
     sampler = lcm_scheduler(sched_cfg, cfg.solver_steps)
     sampler.set_timesteps(cfg.target_steps)
+    keyed = cfg.regression_weight > 0 or cfg.from_output  # the teacher's pairs enter the run
     run = Trainer(ckpt_dir, {"method": "dmd", "config": asdict(cfg), "teacher_prediction": ptype,
-                             **({"teacher": teacher_sha256} if cfg.regression_weight > 0 else {})},
+                             **({"teacher": teacher_sha256} if keyed else {})},
                   cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     dev = run.device
-    gen_t = sampler.timesteps.to(dev)  # the generator's sampling timesteps, e.g. 959, 719, 479, 239
+    # the generator's sampling timesteps, e.g. 959, 719, 479, 239; from_output: one x₀ call at T−1
+    gen_t = torch.tensor([T - 1], device=dev) if cfg.from_output else sampler.timesteps.to(dev)
     alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
     x_all = (data.float() * 2.0 - 1.0).to(dev)
     shape = tuple(x_all.shape[1:])
@@ -89,8 +100,11 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
                                              Path(pairs_dir or "data/pairs"), log)
         pairs = (noise.to(dev), x0.to(dev))
     real_score = frozen(copy.deepcopy(teacher.unet)).to(dev)
-    # 1. Generator and fake score both start as the teacher (DMD section 3.1).
-    student = student_like(real_score, cfg.student_channels, cfg.student_layers)
+    # 1. Generator and fake score both start as the teacher (DMD section 3.1); a 1-step generator may instead
+    #    start from the output-distilled student, DMD1's regression-trained start (`from_output`).
+    if cfg.from_output and init is None and not run.resume_path:
+        init = _output_student(teacher, data, cfg, ckpt_dir, log, teacher_sha256, pairs_dir)
+    student = warm(student_like(real_score, cfg.student_channels, cfg.student_layers), init)  # or the champion
     fake_score = student_like(real_score)
     disc = Discriminator(fake_score).to(dev) if cfg.gan_weight > 0 else None
     fm = FeatureMatch(real_score, student, cfg.feature_loss)
@@ -125,16 +139,23 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         """The generator's clean image at its i-th sampling step."""
         t = gen_t[i].expand(len(z))
         with run.autocast():
+            if cfg.from_output:  # x₀ directly, as the output method's student predicts it
+                return student(z, t).sample.float()
             return consistency_fn(student, z, t, ptype, alphas_cumprod).float()
 
-    def generate(grad: bool):
-        # 2. Backward simulation: pure noise, then the generator's own steps 0..i−1 (no gradient), each
-        #    clean estimate re-noised with fresh noise to the next timestep; step i is the one trained.
+    def generate(grad: bool, x_real: torch.Tensor):
+        # 2. The input of a random sampling step i. Step 0 starts from pure noise, as sampling does. Later
+        #    steps start either from the generator's own earlier steps, re-noised with fresh noise to the
+        #    step's timestep (DMD2's backward simulation), or from real images noised to it (DMD2's
+        #    few-step ImageNet setting).
         i = int(randint(len(gen_t), n=1))
-        z = randn()
-        with torch.no_grad():
-            for j in range(i):
-                z, _ = noised(g(z, j), gen_t[j + 1].expand(len(z)))
+        if i == 0 or cfg.backward_simulation:
+            z = randn()
+            with torch.no_grad():
+                for j in range(i):
+                    z, _ = noised(g(z, j), gen_t[j + 1].expand(len(z)))
+        else:
+            z, _ = noised(x_real, gen_t[i].expand(len(x_real)))
         if not grad:
             with torch.no_grad():
                 return g(z, i)
@@ -154,7 +175,7 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         # 3. Two time-scale rule: the fake score (and the discriminator) take `fake_updates` steps on fresh
         #    generator samples: the denoising loss in the teacher's parametrisation.
         for _ in range(cfg.fake_updates):
-            x_gen = generate(grad=False)
+            x_gen = generate(False, x_real)
             t = randint(sched_cfg.num_train_timesteps)
             z, eps = noised(x_gen, t)
             a, s = alpha_sigma(alphas_cumprod, t)
@@ -169,10 +190,12 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
                 run.backward(l_disc, disc.heads, opt_disc)
         # 4. Generator step: the distribution-matching gradient (p_fake − p_real) / mean|x̂ − p_real|,
         #    applied through the stop-gradient surrogate ½‖x̂ − sg(x̂ − grad)‖² (DMD eq. 7 and 8).
-        x_gen = generate(grad=True)
+        x_gen = generate(True, x_real)
         t = randint(cfg.t_max, cfg.t_min)
         z, _ = noised(x_gen.detach(), t)
         with torch.no_grad(), run.autocast():
+            # both x̂₀ clipped to the data range, as the teacher's sampler clips them: unclipped, the ε models'
+            # x̂₀ at high t (÷ α_t ≈ 0.03) made the gradient noisy and the class mix drifted (README "Measured figures")
             grad = dmd_gradient(x_gen.detach(), x0_of(real_score, z, t).clamp(-1, 1), x0_of(fake_score, z, t).clamp(-1, 1))
         l_dmd = 0.5 * (x_gen - (x_gen - grad).detach()).pow(2).mean()
         l_feat = fm.loss()
@@ -197,9 +220,44 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     fm.remove()
     if disc is not None:
         disc.features.remove()
-    # 7. Export the EMA generator with the stock multistep sampler.
+    # 7. Export the EMA generator with the stock sampler: LCM's multistep sampler, or for a from_output
+    #    generator the output method's one DDIM step that returns the x₀ it predicts.
     ema.copy_to(student.parameters())
     summary = {"method": "dmd", "config": asdict(cfg), "final_losses": losses, **sizes(real_score, student),
                "student_timesteps": gen_t.tolist(), "wall_time_s": run.finish(),
                "num_inference_steps": cfg.target_steps}
+    shutil.rmtree(_output_dir(ckpt_dir), ignore_errors=True)
+    if cfg.from_output:
+        from redistill.methods.output import one_step_pipeline
+
+        return one_step_pipeline(frozen(student).cpu(), sched_cfg), summary
     return lcm_pipeline(frozen(student).cpu(), sched_cfg, cfg.solver_steps), summary
+
+
+def _output_dir(ckpt_dir: Path) -> Path:
+    return Path(ckpt_dir).parent / (Path(ckpt_dir).name + "-output")
+
+
+def _output_student(teacher, data, cfg: DMDConfig, ckpt_dir: Path, log, teacher_sha256, pairs_dir) -> dict:
+    """The output-distilled 1-step student's weights (methods/output.py, on the shared pair cache); kept
+    beside the checkpoints until the DMD run ends, so a resumed run does not train it again."""
+    from safetensors.torch import load_file, save_file
+
+    from redistill.methods.output import OutputConfig
+    from redistill.methods.output import distill as output_distill
+
+    folder = _output_dir(ckpt_dir)
+    done = folder / f"student-{teacher_sha256 or 'unkeyed'}-{cfg.pairs}-{cfg.pairs_steps}-{cfg.output_steps}-{cfg.seed}.safetensors"
+    if done.is_file():
+        return load_file(done)
+    ocfg = OutputConfig(pairs=cfg.pairs, pairs_steps=cfg.pairs_steps, steps=cfg.output_steps, batch_size=cfg.batch_size,
+                        lr=cfg.lr, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
+                        mixed_precision=cfg.mixed_precision, student_channels=cfg.student_channels,
+                        student_layers=cfg.student_layers)
+    log(f"dmd: training the output-distilled start ({cfg.output_steps} steps)")
+    pipe, _ = output_distill(teacher, data, ocfg, folder / "checkpoints", log=log, teacher_sha256=teacher_sha256,
+                             pairs_dir=pairs_dir)
+    weights = {k: v.contiguous() for k, v in pipe.unet.state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, done)
+    return weights

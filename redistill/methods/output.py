@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
+from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 
 STUDENT_PREDICTION = "sample"
 
@@ -84,11 +84,10 @@ def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, d
 
 
 def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
+            init: dict | None = None,
             teacher_sha256: str | None = None, pairs_dir: Path | None = None):
     """Output-distil `teacher` into a one-step student; `data` only fixes the image shape (the pairs are the
     training set). Returns (stock DDPMPipeline, summary)."""
-    from diffusers import DDIMScheduler, DDPMPipeline
-
     if cfg.target_steps != 1:
         raise ValueError(f"the output method serves exactly 1 step, not target_steps={cfg.target_steps}")
     sched_cfg = teacher.scheduler.config
@@ -105,7 +104,7 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
                                                   Path(pairs_dir or "data/pairs"), log)
     noise, x0 = noise.to(dev), x0.to(dev)
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
-    student = student_like(teacher_unet, cfg.student_channels, cfg.student_layers)
+    student = warm(student_like(teacher_unet, cfg.student_channels, cfg.student_layers), init)  # or the champion
     fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     ema = new_ema(student, cfg.ema_decay)
@@ -129,10 +128,18 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
     fm.remove()
     # 3. Export: DDIM "trailing" at 1 step calls the student once at T−1 and returns its x₀.
     ema.copy_to(student.parameters())
-    scheduler = DDIMScheduler.from_config(sched_cfg, prediction_type=STUDENT_PREDICTION, timestep_spacing="trailing",
-                                          clip_sample=True, set_alpha_to_one=True)
     summary = {"method": "output", "config": asdict(cfg), "final_loss": losses.get("loss"),
                **sizes(teacher_unet, student),
                "pairs_file": str(pfile), "pairs_reused": reused, "wall_time_s": run.finish(),
                "num_inference_steps": 1}
-    return DDPMPipeline(unet=frozen(student).cpu(), scheduler=scheduler), summary
+    return one_step_pipeline(frozen(student).cpu(), sched_cfg), summary
+
+
+def one_step_pipeline(unet, teacher_scheduler_config):
+    """A stock `DDPMPipeline` whose DDIM ("trailing", x₀ prediction) at 1 step calls `unet` once at T−1 and
+    returns its output."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    scheduler = DDIMScheduler.from_config(teacher_scheduler_config, prediction_type=STUDENT_PREDICTION,
+                                          timestep_spacing="trailing", clip_sample=True, set_alpha_to_one=True)
+    return DDPMPipeline(unet=unet, scheduler=scheduler)
