@@ -37,7 +37,7 @@ SPEEDUP_SHARE = 0.8
 
 def quick_params(p: Params) -> Params:
     """CI-sized settings: few samples and repeats, a handful of optimiser steps per method."""
-    ev = dataclasses.replace(p.evaluate, num_samples=200, bootstrap=20, kid_subset_size=100, sample_batch_size=200,
+    ev = dataclasses.replace(p.evaluate, num_samples=200, max_samples=200, bootstrap=20, kid_subset_size=100, sample_batch_size=200,
                              latency_repeats=3, throughput_repeats=1, throughput_batch=16)
     d = p.distill
     d = dataclasses.replace(d, batch_size=16, checkpoint_every=10**6,
@@ -76,7 +76,7 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
     from redistill import feature_spaces
     from redistill.features import load_classifier
     from redistill.methods import distill
-    from redistill.metrics import Side, evaluate
+    from redistill.metrics import Side, evaluate, precision_target
     from redistill.teacher import load_pipeline, save_pipeline
 
     t0 = time.perf_counter()
@@ -96,7 +96,8 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
 
     def measure(path: Path, steps: int, scheduler: str, ep: EvaluateParams = p.evaluate) -> dict:
         return evaluate(Side(path, steps, scheduler), ref, data, extractor, ep, classifier=classifier,
-                        confidence=p.features.confidence, device=device, cache_dir=cache, data_path=root / "data" / "reference")
+                        confidence=p.features.confidence, device=device, cache_dir=cache, data_path=root / "data" / "reference",
+                        precision=precision_target(p))
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

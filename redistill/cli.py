@@ -187,7 +187,7 @@ def evaluate(
     data: Optional[Path] = typer.Option(None, "--data", help="Real images for FID/KID. Default: data/reference."),
     features_dir: Optional[Path] = typer.Option(None, "--features", help="Folder of the feature classifier and encoder. Default: data/features."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception-v3 .safetensors file: FID/KID in Inception space instead of evaluate.features."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2, help="Generated samples. Default: evaluate.num_samples (2000)."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2, help="Generated samples, exactly. Default: evaluate.num_samples, doubled up to evaluate.max_samples until the FID gap meets the gate's precision target."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder for metrics.json and grid.png. Default: runs/evaluate/<name>-<steps>-<time>."),
     metrics_out: Optional[Path] = typer.Option(None, "--metrics-out", help="Also write the JSON here (for `dvc metrics show`)."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
@@ -203,7 +203,7 @@ def evaluate(
     from redistill.data import DataError, load_image_folder, safe_name
     from redistill import feature_spaces
     from redistill.features import load_classifier
-    from redistill.metrics import SCHEDULER_CHOICES, Side
+    from redistill.metrics import SCHEDULER_CHOICES, Side, precision_target
     from redistill.metrics import evaluate as run_suite
     from redistill.teacher import PipelineError, check_pipeline_folder
 
@@ -211,7 +211,9 @@ def evaluate(
     for name, choice in (("--scheduler", scheduler), ("--reference-scheduler", reference_scheduler)):
         if choice not in SCHEDULER_CHOICES:
             fail(f"{name} must be one of {', '.join(SCHEDULER_CHOICES)}, got {choice!r}")
-    ep = p.evaluate if num_samples is None else dataclasses.replace(p.evaluate, num_samples=num_samples)
+    # --num-samples fixes the sample (no growth towards the gate's precision target)
+    ep = p.evaluate if num_samples is None else dataclasses.replace(p.evaluate, num_samples=num_samples,
+                                                                     max_samples=num_samples)
     reference = reference or root / "data" / "teachers" / p.teacher.name
     data = data or root / "data" / "reference"
     try:
@@ -229,7 +231,7 @@ def evaluate(
             Side(reference, reference_steps or ep.reference_steps, reference_scheduler),
             images, extractor, ep, classifier=classifier, confidence=p.features.confidence,
             out_dir=out, device=device, data_path=data, log=lambda m: typer.echo(m, err=True),
-            cache_dir=None if no_cache else root / "runs" / "cache" / "samples",
+            cache_dir=None if no_cache else root / "runs" / "cache" / "samples", precision=precision_target(p),
         )
     except (PipelineError, DataError, FileNotFoundError, ValueError) as e:
         fail(str(e))

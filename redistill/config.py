@@ -109,7 +109,8 @@ class EvaluateParams:
     """`evaluate`: the metric suite (quality, fidelity, speed, memory)."""
 
     seed: int = 0
-    num_samples: int = 2000  # generated samples for FID/KID (≥ 2000)
+    num_samples: int = 8000  # generated samples for FID/KID to start with
+    max_samples: int = 32000  # ... doubled up to this until the FID-gap CI meets the gate's precision target
     reference_steps: int = 50  # steps of the reference pipeline (the teacher) for fidelity and speedup
     bootstrap: int = 200  # bootstrap resamples for the 95% CIs
     kid_subset_size: int = 500
@@ -127,6 +128,9 @@ class EvaluateParams:
             if name not in FEATURE_SPACES and not name.startswith("inception:"):
                 raise ConfigError(f"unknown feature space {name!r} in evaluate.features; valid are: "
                                   f"{', '.join(FEATURE_SPACES)}, or inception:/path/to/inception.safetensors")
+        if self.max_samples < self.num_samples:
+            raise ConfigError(f"evaluate.max_samples ({self.max_samples}) must be at least evaluate.num_samples "
+                              f"({self.num_samples})")
         if self.floor_splits < 2:
             raise ConfigError(f"evaluate.floor_splits must be at least 2, got {self.floor_splits}")
 

@@ -101,7 +101,7 @@ def _gap_checks(result: dict, p: GateParams) -> list[Check]:
         precise = half is not None and half <= p.fid_gap_max / 3
         note = (f"gap {q['fid_gap']:+.4g} (CI {q['fid_gap_ci95'][0]:+.4g}…{q['fid_gap_ci95'][1]:+.4g}) over a real-vs-real "
                 f"floor of {q['fid_floor']:.4g}; CI ±{half:.2g} floors, precision target ±{p.fid_gap_max / 3:.2g} "
-                f"{'met' if precise else 'NOT met: raise evaluate.num_samples'}") if half is not None else ""
+                f"{'met' if precise else 'NOT met: raise evaluate.max_samples'}") if half is not None else ""
         checks.append(Check(check_name, "absolute", value, p.fid_gap_max, "<=",
                             _mlflow_verdict("fid_gap_floors", value, p.fid_gap_max, False), note))
     return checks

@@ -94,25 +94,36 @@ def paired_fid(real: torch.Tensor, cand: torch.Tensor, ref: torch.Tensor, resamp
     """FIDs of a candidate and a reference against the same real set, their gap and ratio, with a paired bootstrap.
 
     Candidate and reference were sampled from the same initial noises (row i of each shares its noise), so
-    each bootstrap replicate resamples the real set once for both, and the generated rows with the same
-    indices for both. What they share (the real sample, the noise) then cancels in the gap, and its interval
-    is several times narrower than one built from two independent intervals. Each side's replicates are
-    ordinary bootstrap replicates of its own FID, so its own interval comes from the same loop.
+    each bootstrap replicate resamples the generated rows with the same indices for both: what they share
+    cancels in the gap. Two intervals come out:
+    - `fid_gap_ci95`: the generated samples resampled, the real set held fixed. The gate compares two models
+      against one versioned reference set, so this is the precision of the gated figure, and it narrows
+      as more samples are drawn;
+    - `fid_gap_ci95_data`: the real set resampled as well (once per replicate, for both sides): how far the
+      gap would move with another draw of reference data of the same size. Generating more samples does not
+      narrow this part.
+    Each side's own interval comes from the data-resampled replicates (ordinary bootstrap replicates).
     """
     gen = torch.Generator().manual_seed(seed)
     paired = len(cand) == len(ref)
     point_c, point_r = fid_fast(real, cand), fid_fast(real, ref)
-    cs, rs = [], []
+    real_stats = gaussian_stats(real)
+    cs, rs, gaps = [], [], []
     for _ in range(resamples):
-        ir = torch.randint(0, len(real), (len(real),), generator=gen)
         ic = torch.randint(0, len(cand), (len(cand),), generator=gen)
         jr = ic if paired else torch.randint(0, len(ref), (len(ref),), generator=gen)
+        # the real set held fixed
+        gaps.append(fid_from_stats(*real_stats, *gaussian_stats(cand[ic])) - fid_from_stats(*real_stats, *gaussian_stats(ref[jr])))
+        # and resampled too
+        ir = torch.randint(0, len(real), (len(real),), generator=gen)
         cs.append(fid_fast(real[ir], cand[ic]))
         rs.append(fid_fast(real[ir], ref[jr]))
     cs, rs = np.array(cs), np.array(rs)
+    gap = point_c - point_r
     out = {"fid": point_c, "fid_ci95": _recentred(cs, point_c, level), "reference_fid": point_r,
-           "reference_fid_ci95": _recentred(rs, point_r, level), "fid_gap": point_c - point_r,
-           "fid_gap_ci95": _recentred(cs - rs, point_c - point_r, level), "paired": paired}
+           "reference_fid_ci95": _recentred(rs, point_r, level), "fid_gap": gap,
+           "fid_gap_ci95": _recentred(gaps, gap, level), "fid_gap_ci95_data": _recentred(cs - rs, gap, level),
+           "paired": paired}
     if point_r > 0:
         out["fid_ratio"] = point_c / point_r
         out["fid_ratio_ci95"] = _recentred(cs / np.maximum(rs, 1e-12), point_c / point_r, level)
@@ -252,41 +263,57 @@ def sample(pipe, n: int, steps: int, seed: int, batch: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _cache_file(cache_dir: Path, pipe, path: Path, scheduler: str, n: int, steps: int, seed: int, batch: int) -> tuple[Path, str]:
-    # The key covers the folder's bytes (weights and configs), the sampler and the draw.
-    key = json.dumps([pipeline_sha256(path), scheduler, steps, seed, batch, n, pipe.device.type, str(pipe.unet.dtype)])
+def _cache_file(cache_dir: Path, pipe, sha256: str, scheduler: str, steps: int, seed: int, size: int) -> tuple[Path, str]:
+    # One file per generation batch: the key covers the folder's bytes (weights and configs), the sampler and
+    # the batch's draw (its seed and size), so a larger sample reuses every batch a smaller one drew.
+    key = json.dumps([sha256, scheduler, steps, seed, size, pipe.device.type, str(pipe.unet.dtype)])
     return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors", key
+
+
+def _batches(n: int, seed: int, batch: int) -> list[tuple[int, int]]:
+    """(seed, size) of each generation batch of an n-image sample: batch i uses seed `seed + i`."""
+    return [(seed + i, min(batch, n - start)) for i, start in enumerate(range(0, n, batch))]
 
 
 def cache_samples(images: torch.Tensor, cache_dir: Path | None, pipe, path: Path, scheduler: str, n: int,
                   steps: int, seed: int, batch: int) -> None:
-    """Store samples under their content key (written to a temporary name, then renamed)."""
+    """Store samples drawn by `sample(pipe, n, steps, seed, batch)`, one file per batch under its content key."""
     from safetensors.torch import save_file
 
     if cache_dir is None:
         return
-    f, key = _cache_file(cache_dir, pipe, path, scheduler, n, steps, seed, batch)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(f".tmp{os.getpid()}")
-    save_file({"images": images.contiguous()}, tmp, metadata={"key": key})
-    os.replace(tmp, f)
+    sha, start = pipeline_sha256(path), 0
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    for b_seed, size in _batches(n, seed, batch):
+        f, key = _cache_file(cache_dir, pipe, sha, scheduler, steps, b_seed, size)
+        if not f.is_file():
+            tmp = f.with_suffix(f".tmp{os.getpid()}")  # written aside, then renamed: never half a file
+            save_file({"images": images[start:start + size].contiguous()}, tmp, metadata={"key": key})
+            os.replace(tmp, f)
+        start += size
 
 
 def sample_cached(pipe, path: Path, scheduler: str, n: int, steps: int, seed: int, batch: int,
                   cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
-    """`sample`, reusing an earlier run's images when the pipeline's bytes and the draw are the same.
+    """`sample`, reusing the batches an earlier run drew when the pipeline's bytes and the draw are the same.
 
-    The cache holds safetensors written by `cache_samples`, nothing else. Returns (images, cached?).
+    The cache holds safetensors written by `cache_samples`, nothing else. Returns (images, all cached?).
     """
     from safetensors.torch import load_file
 
-    if cache_dir is not None:
-        f, _ = _cache_file(cache_dir, pipe, path, scheduler, n, steps, seed, batch)
+    if cache_dir is None:
+        return sample(pipe, n, steps, seed, batch), False
+    sha, out, all_cached = pipeline_sha256(path), [], True
+    for b_seed, size in _batches(n, seed, batch):
+        f, _ = _cache_file(cache_dir, pipe, sha, scheduler, steps, b_seed, size)
         if f.is_file():
-            return load_file(f)["images"], True
-    images = sample(pipe, n, steps, seed, batch)
-    cache_samples(images, cache_dir, pipe, path, scheduler, n, steps, seed, batch)
-    return images, False
+            out.append(load_file(f)["images"])
+            continue
+        all_cached = False
+        images = sample(pipe, size, steps, b_seed, size)
+        cache_samples(images, cache_dir, pipe, path, scheduler, size, steps, b_seed, size)
+        out.append(images)
+    return torch.cat(out), all_cached
 
 
 def _rss_bytes() -> int:
@@ -470,6 +497,7 @@ def evaluate(
     log: Callable[[str], None] = lambda m: None,
     data_path: Path | None = None,
     cache_dir: Path | None = None,
+    precision: float | None = None,
 ) -> dict:
     """Run the whole suite on `candidate` against `reference` and `data`; returns one JSON-able dict.
 
@@ -496,29 +524,43 @@ def evaluate(
     identical = ref is cand
 
     # 1. Samples from the same initial noise; memory measured while the candidate samples.
-    log(f"sampling {p.num_samples} images from the candidate at {candidate.steps} steps ({cand_sched})")
-    with PeakMemory(dev) as mem:
-        fake = sample(cand, p.num_samples, candidate.steps, p.seed, p.sample_batch_size)
-    ref_cached = False
-    if identical:
-        ref_fake, ref_mem = fake, mem
-        cache_samples(fake, cache_dir, cand, candidate.path, cand_sched, p.num_samples, candidate.steps, p.seed,
-                      p.sample_batch_size)
-    else:
-        log(f"sampling {p.num_samples} images from the reference at {reference.steps} steps ({ref_sched})")
-        with PeakMemory(dev) as ref_mem:
-            ref_fake, ref_cached = sample_cached(ref, reference.path, ref_sched, p.num_samples, reference.steps,
-                                                 p.seed, p.sample_batch_size, cache_dir)
-        if ref_cached:
-            log("  (reused cached reference samples; reference peak memory not re-measured)")
-    if not torch.isfinite(fake).all():
-        raise PipelineError(f"pipeline at {candidate.path} produced non-finite images; its weights are broken")
-
     # 2. Quality in each feature space: FIDs with a paired bootstrap (gap, ratio), KID, the real-data floor.
-    log("computing FID/KID with paired bootstrap CIs")
+    #    With a `precision` target (in floors), the sample grows (doubling, up to evaluate.max_samples)
+    #    until every space's FID-gap interval is that narrow: a deterministic student paired with its
+    #    teacher gets there with few samples, a stochastic sampler needs many more.
     spaces = list(extractor) if isinstance(extractor, (list, tuple)) else [_Unnamed(extractor)]
-    per_space = {name: quality_in_space(ext, data.images, fake, ref_fake, identical, p)
-                 for name, ext in ((sp.name, sp.extractor) for sp in spaces)}
+    n, fake, ref_cached, ref_fake, ref_mem = p.num_samples, None, False, None, None
+    while True:
+        log(f"sampling {n} images from the candidate at {candidate.steps} steps ({cand_sched})")
+        if fake is None:
+            with PeakMemory(dev) as mem:
+                fake = sample(cand, n, candidate.steps, p.seed, p.sample_batch_size)
+        else:  # the first len(fake) images are the same draw: only the new batches are sampled
+            more = _batches(n, p.seed, p.sample_batch_size)[len(_batches(len(fake), p.seed, p.sample_batch_size)):]
+            fake = torch.cat([fake] + [sample(cand, size, candidate.steps, b_seed, size) for b_seed, size in more])
+        if not torch.isfinite(fake).all():
+            raise PipelineError(f"pipeline at {candidate.path} produced non-finite images; its weights are broken")
+        if identical:
+            ref_fake, ref_mem = fake, mem
+            cache_samples(fake, cache_dir, cand, candidate.path, cand_sched, n, candidate.steps, p.seed,
+                          p.sample_batch_size)
+        else:
+            log(f"sampling {n} images from the reference at {reference.steps} steps ({ref_sched})")
+            first = ref_fake is None
+            with PeakMemory(dev) as measured:
+                ref_fake, ref_cached = sample_cached(ref, reference.path, ref_sched, n, reference.steps,
+                                                     p.seed, p.sample_batch_size, cache_dir)
+            if first:  # the peak of the first draw, unless it came from the cache (then not measured)
+                ref_mem = None if ref_cached else measured
+            if ref_cached:
+                log("  (reused cached reference samples; reference peak memory not re-measured)")
+        log("computing FID/KID with paired bootstrap CIs")
+        per_space = {sp.name: quality_in_space(sp.extractor, data.images, fake, ref_fake, identical, p) for sp in spaces}
+        widths = [q["fid_gap_halfwidth_floors"] for q in per_space.values() if q["fid_gap_halfwidth_floors"] is not None]
+        if precision is None or not widths or max(widths) <= precision or n >= p.max_samples:
+            break
+        log(f"  FID-gap CI ±{max(widths):.3f} floors is wider than the precision target ±{precision:.3f}: more samples")
+        n = min(2 * n, p.max_samples)
     primary = spaces[0].name
     recog = {}
     if classifier is not None:
@@ -545,8 +587,10 @@ def evaluate(
             "steps": reference.steps,
             "scheduler": ref_sched,
         },
-        "num_samples": p.num_samples,
+        "num_samples": n,
         "num_real": len(data),
+        "precision_target_floors": precision,
+        "precision_met": precision is None or all((q["fid_gap_halfwidth_floors"] or 0) <= precision for q in per_space.values()),
         "seed": p.seed,
         "feature_spaces": {sp.name: sp.sha256 for sp in spaces},
         # the first space's figures at the top level (the bench's FID ratio), every space's under "spaces"
@@ -555,7 +599,7 @@ def evaluate(
         "speed": speed,
         "memory": {
             "peak_sampling_mb": mem.peak_mb,
-            "reference_peak_sampling_mb": None if not identical and ref_cached else ref_mem.peak_mb,
+            "reference_peak_sampling_mb": ref_mem.peak_mb if ref_mem is not None else None,
             "sampling_batch": p.sample_batch_size,
             "params": cand_params,
             "reference_params": sum(x.numel() for x in ref.unet.parameters()),
@@ -591,4 +635,10 @@ def evaluate_student(student: Path, steps: int, teacher: Path, data: Path, featu
         Side(student, steps, "saved"), Side(teacher, p.evaluate.reference_steps), load_image_folder(data),
         feature_spaces.load_all(p.evaluate.features, features), p.evaluate, classifier=classifier,
         confidence=p.features.confidence, out_dir=out_dir, cache_dir=cache_dir, log=log,
+        precision=precision_target(p),
     )
+
+
+def precision_target(p) -> float:
+    """The FID-gap precision the gate needs, in floors: a third of its margin (`gate.fid_gap_max`)."""
+    return p.gate.fid_gap_max / 3

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Settings of the end-to-end tests: a cycle of seconds on a tiny teacher, and a gate every student passes.
 TINY_CYCLE = """
 distill: {target_steps: 2, batch_size: 8, checkpoint_every: 2, progressive: {teacher_steps: 4, steps_per_round: 3}}
-evaluate: {num_samples: 120, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60, latency_repeats: 2,
+evaluate: {num_samples: 120, max_samples: 240, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60, latency_repeats: 2,
            throughput_repeats: 1, throughput_batch: 8}
 features: {epochs: 12, encoder_epochs: 8}
 """
@@ -98,7 +98,7 @@ def digits_ws(tmp_path_factory) -> Path:
     save_encoder(encoder, ws / "data" / "features", {"metrics": enc_metrics})
     (ws / "params.yaml").write_text(
         f"features: {{epochs: 12, encoder_epochs: {ENCODER_EPOCHS}}}\n"
-        "evaluate: {num_samples: 120, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60,"
+        "evaluate: {num_samples: 120, max_samples: 240, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60,"
         " latency_repeats: 3, throughput_repeats: 1, throughput_batch: 8}\n"
     )
     return ws

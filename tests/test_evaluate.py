@@ -109,17 +109,18 @@ def test_reference_samples_are_cached_by_content(suite, tiny_pipeline, tmp_path)
         return evaluate(Side(tiny_pipeline, 1), Side(ref, 4), data, FeatureExtractor(clf), p.evaluate,
                         classifier=clf, cache_dir=cache)
 
+    batches = -(-p.evaluate.num_samples // p.evaluate.sample_batch_size)  # one cache file per generation batch
     ref = tmp_path / "ref"
     shutil.copytree(tiny_pipeline, ref)
     first = go(ref)
-    assert len(list(cache.glob("*.safetensors"))) == 1
+    assert len(list(cache.glob("*.safetensors"))) == batches
     second = go(ref)  # same bytes, same draw: the cached samples give the same figures
     assert second["fidelity"] == first["fidelity"] and second["quality"]["reference_fid"] == first["quality"]["reference_fid"]
-    assert len(list(cache.glob("*.safetensors"))) == 1
+    assert len(list(cache.glob("*.safetensors"))) == batches
     shutil.rmtree(ref)
     make_tiny_pipeline(ref, seed=7)  # new weights under the same path: sampled afresh
     third = go(ref)
-    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert len(list(cache.glob("*.safetensors"))) == 2 * batches
     assert third["quality"]["reference_fid"] != first["quality"]["reference_fid"]
 
 
@@ -128,7 +129,7 @@ def test_a_reference_evaluated_as_candidate_fills_the_cache(suite, tiny_pipeline
     cache = tmp_path / "cache"
     first = evaluate(Side(tiny_pipeline, 4), Side(tiny_pipeline, 4), data, FeatureExtractor(clf), p.evaluate,
                      classifier=clf, cache_dir=cache)
-    assert len(list(cache.glob("*.safetensors"))) == 1
+    assert len(list(cache.glob("*.safetensors"))) == -(-p.evaluate.num_samples // p.evaluate.sample_batch_size)
     later = evaluate(Side(tiny_pipeline, 1), Side(tiny_pipeline, 4), data, FeatureExtractor(clf), p.evaluate,
                      classifier=clf, cache_dir=cache)
     assert later["quality"]["reference_fid"] == first["quality"]["fid"]
@@ -154,3 +155,19 @@ def test_every_feature_space_reports_a_floor_aware_gap(suite, tiny_pipeline, dig
         lo, hi = sq["fid_gap_ci95"]
         assert lo <= sq["fid_gap"] <= hi and sq["fid_gap_halfwidth"] == pytest.approx((hi - lo) / 2)
     assert q["spaces"]["encoder"]["dead_features"] == 0
+
+
+def test_the_sample_grows_until_the_gap_is_precise_enough(suite, tiny_pipeline, tmp_path):
+    # a precision no sample can reach grows the sample to evaluate.max_samples and says the target was
+    # missed; a loose one stops at evaluate.num_samples. The reference batches drawn first are cached and
+    # reused by the larger sample.
+    p, clf, data = suite
+    loose = evaluate(Side(tiny_pipeline, 2), Side(tiny_pipeline, 8), data, FeatureExtractor(clf), p.evaluate,
+                     classifier=clf, cache_dir=tmp_path / "cache", precision=1e9)
+    assert loose["num_samples"] == p.evaluate.num_samples and loose["precision_met"]
+    cached = len(list((tmp_path / "cache").glob("*.safetensors")))
+    tight = evaluate(Side(tiny_pipeline, 2), Side(tiny_pipeline, 8), data, FeatureExtractor(clf), p.evaluate,
+                     classifier=clf, cache_dir=tmp_path / "cache", precision=1e-9)
+    assert tight["num_samples"] == p.evaluate.max_samples > p.evaluate.num_samples and not tight["precision_met"]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2 * cached  # only the new batches were added
+    assert tight["memory"]["reference_peak_sampling_mb"] is None  # the first reference batches came from the cache

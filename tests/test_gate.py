@@ -57,7 +57,7 @@ def test_the_fid_gap_is_gated_in_every_feature_space(gaps, failed):
 
 def test_an_imprecise_gap_is_flagged_in_the_reasons():
     d = judge(result(half=0.2), None, GateParams(), "dmd")
-    assert "NOT met: raise evaluate.num_samples" in d.reasons()
+    assert "NOT met: raise evaluate.max_samples" in d.reasons()
 
 
 def test_fidelity_is_gated_per_method_family():
