@@ -4,8 +4,8 @@ Rows:
 - the teacher with DDIM at 10, 25, 50 and 100 steps, and DDPM at its full 1,000 (full run only);
 - each method at 1, 2, 4 and 8 steps where it applies: one progressive run halves down to 1 step and
   keeps every round's student (8, 4, 2, 1); one consistency student is sampled at each step count; the
-  output student at 1; the adversarial student at the step counts its trained grid covers (1, 2, 4); DMD
-  trains one generator per step count (1, 2, 4), because each generator learns its own sampling grid.
+  adversarial student at the step counts its trained grid covers (1, 2, 4); output and DMD train one
+  student per step count (1, 2, 4), because each learns its own sampler's grid.
 
 Every row is measured by the same suite as `redistill evaluate` against the teacher at
 `evaluate.reference_steps` (FID/KID with CIs and the floor-aware FID gap in every feature space, PSNR/SSIM
@@ -28,7 +28,7 @@ from redistill.config import METHODS, EvaluateParams, Params
 
 TEACHER_STEPS = (10, 25, 50, 100)
 METHOD_STEPS = (1, 2, 4, 8)
-PER_STEP_METHODS = {"dmd": (1, 2, 4)}  # trained once per step count
+PER_STEP_METHODS = {"dmd": (1, 2, 4), "output": (1, 2, 4)}  # trained once per step count
 # issue 11's goals for the best student at each step count: (FID ratio to teacher@50 at most,
 # recognisable share at least); every row also needs ≥ 0.8 × the step ratio in throughput speedup
 GOALS = {4: (1.2, 0.90), 2: (1.5, None), 1: (2.0, 0.85)}
@@ -140,10 +140,13 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
                 student, summary, wall = train(method, n)
                 targets.append((n, keep(student, summary, method, n), wall))
         else:
-            trained = 1 if method == "output" else p.distill.target_steps
+            trained = p.distill.target_steps
             student, summary, wall = train(method, trained)
-            # output serves 1 step; adversarial the subsets of its trained grid; consistency any count
-            served = {"output": (1,), "adversarial": tuple(n for n in METHOD_STEPS if n <= trained)}
+            # adversarial serves the subsets of its trained grid; a consistency model any count with LCM's
+            # sampler, its trained count with the deterministic one
+            served = {"adversarial": tuple(n for n in METHOD_STEPS if n <= trained)}
+            if method == "consistency" and p.distill.consistency.sampler == "ddim":
+                served["consistency"] = (trained,)
             targets = [(n, keep(student, summary, method, n), wall) for n in served.get(method, METHOD_STEPS)]
         for n, path, wall in targets:
             log(f"{method} at {n} steps")

@@ -214,6 +214,7 @@ class OutputParams:
     pairs: int = 8000  # (noise, teacher output) pairs, generated once per teacher into data/pairs/
     pairs_steps: int = 50  # the teacher's DDIM steps per pair
     steps: int = 3000  # optimiser steps
+    first_timestep: int = 959  # more than 1 step: the student's DDIM chain starts here, then T/steps apart
 
 
 @dataclass
@@ -235,8 +236,8 @@ class DMDParams:
     fake_updates: int = 5  # fake-score steps per generator step (two time-scale rule)
     fake_lr: float = 0.0003
     gan_weight: float = 0.0  # > 0 adds DMD2's GAN term on real images (a head on the fake score's features)
-    regression_weight: float = 0.0  # > 0 adds DMD1's regression loss on cached teacher pairs (1-step only)
-    from_output: bool = False  # 1-step: start the generator from the output-distilled student, not the teacher
+    regression_weight: float = 0.0  # > 0 adds DMD1's regression loss on cached teacher pairs (1-step generators only)
+    from_output: bool = False  # 1-step generators start from the output-distilled student, not the teacher
     output_steps: int = 3000  # that output distillation's optimiser steps
     pairs: int = 8000  # teacher pairs for the regression and the output start, cached in data/pairs/ (shared with `output`)
     pairs_steps: int = 50  # the teacher's DDIM steps per pair

@@ -1,4 +1,5 @@
-"""One-step output distillation: the pair cache keyed on the teacher's sha256, the stock 1-step export, ε and v."""
+"""Output distillation: the pair cache keyed on the teacher's sha256, the stock 1-step export, and few-step
+students trained through the chain their stock sampler runs, ε and v."""
 
 from __future__ import annotations
 
@@ -45,6 +46,49 @@ def test_output_student_samples_in_one_stock_step_and_reuses_the_pairs(digits_ws
     assert torch.allclose(img.permute(0, 3, 1, 2) if img.shape[-1] == 1 else img, (direct / 2 + 0.5).clamp(0, 1), atol=1e-5)
 
 
-def test_output_method_refuses_more_than_one_step():
-    with pytest.raises(ValueError, match="exactly 1 sampling step"):
-        method_config(parse_params({"distill": {"method": "output", "target_steps": 4}}).distill)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_a_few_step_output_student_is_trained_through_the_chain_the_stock_sampler_runs(digits_ws, tmp_path, prediction_type):
+    # K = 2: the stock DDIMScheduler export on the trained grid must reproduce the chain the loss went through
+    from conftest import make_tiny_pipeline
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from redistill.methods.output import OutputConfig
+    from redistill.methods.output import distill as output_distill
+
+    teacher_dir = make_tiny_pipeline(tmp_path / "teacher", prediction_type=prediction_type)
+    teacher = load_pipeline(teacher_dir)
+    data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
+    cfg = OutputConfig(target_steps=2, pairs=16, pairs_steps=4, steps=4, batch_size=4, lr=1e-3)
+    student, summary = output_distill(teacher, data, cfg, tmp_path / "ck", log=lambda m: None,
+                                      teacher_sha256="ef" * 32, pairs_dir=tmp_path / "pairs")
+    assert summary["num_inference_steps"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(student.unet.parameters(), teacher.unet.parameters()))
+    save_pipeline(student, tmp_path / "student")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "student", use_safetensors=True)
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.prediction_type == prediction_type
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(2)
+    assert pipe.scheduler.timesteps.tolist() == [959, 459]
+    img = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    # the training chain, by hand: DDIM with x̂₀ clipped and the model's own ε, then the clean end
+    from redistill.prediction import alpha_sigma, to_x0_eps
+
+    z = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+    ac = pipe.scheduler.alphas_cumprod.float()
+    with torch.no_grad():
+        for t, nxt in ((959, 459), (459, -1)):
+            tt, nn_ = torch.tensor([t, t]), torch.tensor([nxt, nxt])
+            (a, s), (a2, s2) = alpha_sigma(ac, tt), alpha_sigma(ac, nn_)
+            x0, eps = to_x0_eps(pipe.unet(z, tt).sample, z, a, s, prediction_type)
+            z = a2 * x0.clamp(-1, 1) + s2 * eps
+    assert torch.allclose(torch.as_tensor(img).reshape(2, 1, 8, 8), (z / 2 + 0.5).clamp(0, 1), atol=1e-4)
+
+
+def test_output_grid_that_steps_below_zero_is_refused(digits_ws, tmp_path):
+    from conftest import make_tiny_pipeline
+
+    teacher_dir = make_tiny_pipeline(tmp_path / "teacher")
+    data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:8])
+    p = parse_params({"distill": {"method": "output", "target_steps": 4, "output": {"first_timestep": 600}}}).distill
+    with pytest.raises(ValueError, match="too low for 4 steps"):
+        distill(p, load_pipeline(teacher_dir), data, tmp_path / "ck", teacher_path=teacher_dir, workspace=tmp_path)

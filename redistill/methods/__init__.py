@@ -43,9 +43,6 @@ def method_config(p: DistillParams):
         from redistill.methods.output import OutputConfig, distill
 
         cfg = _fill(OutputConfig, p, p.output)
-        if cfg.target_steps != 1:
-            raise ValueError(f"the output method serves exactly 1 sampling step, not target_steps={cfg.target_steps}; "
-                             "set distill.target_steps: 1 or choose progressive or consistency")
         return cfg, distill
     if p.method in ("adversarial", "dmd"):
         if p.method == "adversarial":

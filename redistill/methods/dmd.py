@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -51,8 +51,8 @@ class DMDConfig(TrainingConfig):
     fake_updates: int = 5  # fake-score (and discriminator) steps per generator step: the two time-scale rule
     fake_lr: float = 3.0e-4
     gan_weight: float = 0.0  # 0 turns the GAN term on real images off
-    regression_weight: float = 0.0  # DMD1's regression loss on cached teacher pairs (1-step generators only)
-    from_output: bool = False  # 1-step: start from the output-distilled student (x₀ at T−1) instead of the teacher
+    regression_weight: float = 0.0  # DMD1's regression loss on cached teacher pairs (1-step generators; 0 at more steps)
+    from_output: bool = False  # 1-step generators start from the output-distilled student (x₀ at T−1), not the teacher
     output_steps: int = 3000  # its optimiser steps (methods/output.py)
     pairs: int = 8000  # teacher pairs for both (shared with the output method's cache in data/pairs/)
     pairs_steps: int = 50  # the teacher's DDIM steps per pair
@@ -74,10 +74,10 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     """DMD2-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline + LCMScheduler, summary)."""
     sched_cfg = teacher.scheduler.config
     ptype = sched_cfg.prediction_type
-    for what, on in (("regression_weight", cfg.regression_weight > 0), ("from_output", cfg.from_output)):
-        if on and cfg.target_steps != 1:
-            raise ValueError(f"distill.dmd.{what} needs a 1-step generator (target_steps: 1), got target_steps="
-                             f"{cfg.target_steps}: the first of several steps estimates a mean image, not the teacher's output")
+    # the regression and the output start serve 1-step generators only: the first of several steps
+    # estimates a mean image, not the teacher's output
+    one_step = cfg.target_steps == 1
+    cfg = replace(cfg, regression_weight=cfg.regression_weight if one_step else 0.0, from_output=cfg.from_output and one_step)
     T = sched_cfg.num_train_timesteps
     sampler = lcm_scheduler(sched_cfg, cfg.solver_steps)
     sampler.set_timesteps(cfg.target_steps)

@@ -1,15 +1,20 @@
-"""One-step output (fidelity) distillation (Luhman & Luhman 2021, "Knowledge Distillation in Iterative
-Generative Models for Improved Sampling Speed", arXiv:2101.02388).
+"""Output (fidelity) distillation (Luhman & Luhman 2021, "Knowledge Distillation in Iterative Generative
+Models for Improved Sampling Speed", arXiv:2101.02388), in one step or through a few-step sampler.
 
 1. Run the teacher's deterministic DDIM sampler once over a fixed set of initial noises, keeping each
    (noise x_T, teacher output x₀) pair. The pairs depend only on the teacher, its sampler step count,
    their number and the seed, so they are cached under `data/pairs/` in a file named by the teacher's
    sha256 and reused by every later cycle (`data/pairs` is a DVC-tracked output).
-2. Train the student, a copy of the teacher's UNet, to map x_T to x₀ in one network call:
-   x̂₀ = s_θ(x_T, T−1), with the L2 loss ‖x̂₀ − x₀‖².
-3. Export it as a stock `DDPMPipeline` whose `DDIMScheduler` ("trailing", prediction_type "sample",
-   final α = 1) runs exactly that call at 1 step: the first and only timestep is T−1 and the step
-   returns the model's output.
+2. Train the student, a copy of the teacher's UNet, so that its sampler maps x_T to x₀:
+   - one step (the paper): x̂₀ = s_θ(x_T, T−1), with the L2 loss ‖x̂₀ − x₀‖²;
+   - K > 1 steps: the student runs DDIM on its own K-step grid (the progressive method's: first_timestep,
+     then T/K apart), keeping the teacher's prediction type and clipping x̂₀ as the stock scheduler does,
+     and the L2 loss on the chain's output is back-propagated through all K network calls. The paper's
+     objective, applied to the sampler the student will be used with: what the evaluation pairs with the
+     teacher on the same noise is exactly what is trained.
+3. Export a stock `DDPMPipeline`: for one step a `DDIMScheduler` ("trailing", prediction_type "sample",
+   final α = 1) that runs exactly that call; for K steps the `DDIMScheduler` ("leading" with
+   `steps_offset`) that runs exactly the trained chain.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
+from redistill.prediction import alpha_sigma, to_x0_eps
 
 STUDENT_PREDICTION = "sample"
 
@@ -35,7 +41,8 @@ class OutputConfig(TrainingConfig):
     pairs: int = 8000  # (noise, teacher output) pairs generated once per teacher
     pairs_steps: int = 50  # the teacher's DDIM steps for each pair
     steps: int = 3000  # optimiser steps
-    target_steps: int = 1  # the method serves exactly one step
+    target_steps: int = 1  # the student's steps: 1 (x₀ at T−1) or K through its own DDIM chain
+    first_timestep: int = 959  # K > 1: the chain's first timestep (as the progressive method's grid)
 
 
 def pairs_file(pairs_dir: Path, teacher_sha256: str, cfg: OutputConfig) -> Path:
@@ -86,12 +93,15 @@ def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, d
 def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
             init: dict | None = None,
             teacher_sha256: str | None = None, pairs_dir: Path | None = None):
-    """Output-distil `teacher` into a one-step student; `data` only fixes the image shape (the pairs are the
-    training set). Returns (stock DDPMPipeline, summary)."""
-    if cfg.target_steps != 1:
-        raise ValueError(f"the output method serves exactly 1 step, not target_steps={cfg.target_steps}")
+    """Output-distil `teacher` into a student of `cfg.target_steps` steps; `data` only fixes the image shape
+    (the pairs are the training set). Returns (stock DDPMPipeline, summary)."""
+    from redistill.methods.progressive import check_grid, student_grid, student_pipeline
+
     sched_cfg = teacher.scheduler.config
     T = sched_cfg.num_train_timesteps
+    K, ptype = cfg.target_steps, sched_cfg.prediction_type
+    if K > 1:
+        check_grid(K, T, cfg.first_timestep)
     run = Trainer(ckpt_dir, {"method": "output", "config": asdict(cfg), "teacher": teacher_sha256},
                   cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     dev = run.device
@@ -110,29 +120,45 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
     ema = new_ema(student, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     t_last = torch.full((cfg.batch_size,), T - 1, device=dev, dtype=torch.long)
+    grid = student_grid(K, T, cfg.first_timestep).to(dev)  # K > 1: e.g. 959, 709, 459, 209, then −1 (clean)
+    alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
+
+    def chain(z):
+        """The student's K-step DDIM sampler, as the exported DDIMScheduler runs it: x̂₀ clipped, the model's ε."""
+        for i in range(K):
+            t = grid[i].expand(len(z))
+            a, s = alpha_sigma(alphas_cumprod, t)
+            a_next, s_next = alpha_sigma(alphas_cumprod, grid[i + 1].expand(len(z)))
+            with run.autocast():
+                x0_hat, eps = to_x0_eps(student(z, t).sample.float(), z, a, s, ptype)
+            z = a_next * x0_hat.clamp(-1, 1) + s_next * eps
+        return z
 
     def step():
-        # 2. A batch of pairs; the student maps x_T to x₀ in one call at t = T−1; L2 loss.
+        # 2. A batch of pairs; the student's sampler maps x_T to x̂₀ (one call at T−1, or its K-step chain); L2.
         idx = torch.randint(0, len(noise), (cfg.batch_size,), generator=gen).to(dev)
         if cfg.feature_loss > 0:  # the teacher's block features on the same input, for feature matching
             with torch.no_grad(), fm.teacher():
-                teacher_unet(noise[idx], t_last)
+                teacher_unet(noise[idx], t_last if K == 1 else grid[0].expand(len(idx)))
         with run.autocast(), fm.student():
-            pred = student(noise[idx], t_last).sample.float()
+            pred = student(noise[idx], t_last).sample.float() if K == 1 else chain(noise[idx])
         loss = (pred - x0[idx]).pow(2).mean() + fm.loss()
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
 
-    losses = run.phase(Phase(0, "output distillation (1 step)", cfg.steps, {"student": student}, {"student": opt},
-                             {"student": ema}, gen), step)
+    losses = run.phase(Phase(0, f"output distillation ({K} step{'s' if K > 1 else ''})", cfg.steps,
+                             {"student": student}, {"student": opt}, {"student": ema}, gen), step)
     fm.remove()
-    # 3. Export: DDIM "trailing" at 1 step calls the student once at T−1 and returns its x₀.
+    # 3. Export: DDIM "trailing" at 1 step calls the student once at T−1 and returns its x₀; at K steps,
+    #    DDIM on the trained grid.
     ema.copy_to(student.parameters())
     summary = {"method": "output", "config": asdict(cfg), "final_loss": losses.get("loss"),
                **sizes(teacher_unet, student),
                "pairs_file": str(pfile), "pairs_reused": reused, "wall_time_s": run.finish(),
-               "num_inference_steps": 1}
-    return one_step_pipeline(frozen(student).cpu(), sched_cfg), summary
+               "num_inference_steps": K}
+    if K == 1:
+        return one_step_pipeline(frozen(student).cpu(), sched_cfg), summary
+    return student_pipeline(frozen(student).cpu(), sched_cfg, ptype, cfg.first_timestep, K), summary
 
 
 def one_step_pipeline(unet, teacher_scheduler_config):
