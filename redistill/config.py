@@ -232,13 +232,19 @@ class AdversarialParams:
 class DMDParams:
     """`distill.dmd`: DMD2-style distribution matching (Yin et al. 2024)."""
 
+    def __post_init__(self):
+        if self.start not in ("teacher", "output", "progressive"):
+            raise ConfigError(f"distill.dmd.start must be teacher, output or progressive, got {self.start!r}")
+
     steps: int = 1000  # generator steps
     fake_updates: int = 5  # fake-score steps per generator step (two time-scale rule)
     fake_lr: float = 0.0003
     gan_weight: float = 0.0  # > 0 adds DMD2's GAN term on real images (a head on the fake score's features)
-    regression_weight: float = 0.0  # > 0 adds DMD1's regression loss on cached teacher pairs (1-step generators only)
-    from_output: bool = False  # 1-step generators start from the output-distilled student, not the teacher
-    output_steps: int = 3000  # that output distillation's optimiser steps
+    start: str = "teacher"  # the generator: teacher (LCM multistep), or a deterministic sampler distilled first: output or progressive
+    regression_weight: float = 0.0  # > 0 adds DMD1's regression loss on cached teacher pairs (deterministic generators only)
+    output_steps: int = 3000  # start: output — its optimiser steps
+    progressive_steps: int = 1500  # start: progressive — optimiser steps per halving round (2 rounds)
+    first_timestep: int = 959  # a deterministic K-step generator's first timestep (then T/K apart)
     pairs: int = 8000  # teacher pairs for the regression and the output start, cached in data/pairs/ (shared with `output`)
     pairs_steps: int = 50  # the teacher's DDIM steps per pair
     backward_simulation: bool = False  # later steps' inputs: the generator's own re-noised outputs (true) or noised real images

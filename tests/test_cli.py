@@ -147,6 +147,8 @@ def test_distill_command_writes_a_stock_student(digits_ws, tiny_pipeline, tmp_pa
     r = invoke("distill", "--out", out, "--teacher", tiny_pipeline, "--params", params, "--workspace", digits_ws)
     assert r.exit_code == 2 and "never overwritten" in r.output
     # a method that cannot serve the step count is refused before anything is trained
-    r = invoke("distill", "--out", tmp_path / "s2", "--method", "output", "--teacher", tiny_pipeline, "--params", params,
-               "--workspace", digits_ws)
-    assert r.exit_code == 2 and "exactly 1 sampling step" in r.output and not (tmp_path / "s2").exists()
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text("distill: {target_steps: 2, batch_size: 8, consistency: {solver_steps: 1}}\n")
+    r = invoke("distill", "--out", tmp_path / "s2", "--method", "consistency", "--teacher", tiny_pipeline, "--params",
+               narrow, "--workspace", digits_ws)
+    assert r.exit_code == 2 and "serves 1 to solver_steps (1)" in r.output and not (tmp_path / "s2").exists()

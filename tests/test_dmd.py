@@ -60,12 +60,13 @@ def test_dmd_regression_on_cached_teacher_pairs_is_for_one_step_generators(digit
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
-    cfg = DMDConfig(steps=2, fake_updates=1, batch_size=4, target_steps=1, regression_weight=0.5, pairs=8, pairs_steps=3)
+    cfg = DMDConfig(steps=2, fake_updates=1, batch_size=4, target_steps=1, regression_weight=0.5, pairs=8, pairs_steps=3,
+                    start="output", output_steps=2)
     _, summary = distill(teacher, data, cfg, tmp_path / "ck", log=lambda m: None, teacher_sha256="ab" * 32,
                          pairs_dir=tmp_path / "pairs")
-    assert "reg" in summary["final_losses"] and summary["student_timesteps"] == [959]
+    assert "reg" in summary["final_losses"] and summary["student_timesteps"] == [999]
     (cached,) = (tmp_path / "pairs").glob("abababababababab-*.safetensors")  # reused by the next run and by `output`
-    # at more steps the regression does not apply (the first step estimates a mean, not the teacher's output)
+    # an LCM generator takes no regression (its first step estimates a mean, its later ones add fresh noise)
     _, two = distill(teacher, data, DMDConfig(steps=1, fake_updates=1, batch_size=4, target_steps=2, regression_weight=0.5),
                      tmp_path / "ck2", log=lambda m: None)
     assert "reg" not in two["final_losses"] and two["config"]["regression_weight"] == 0.0
@@ -83,7 +84,7 @@ def test_a_one_step_generator_can_start_from_the_output_distilled_student(digits
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
     kw = dict(batch_size=4, pairs=8, pairs_steps=3)
-    cfg = DMDConfig(steps=2, fake_updates=1, target_steps=1, from_output=True, output_steps=3, **kw)
+    cfg = DMDConfig(steps=2, fake_updates=1, target_steps=1, start="output", output_steps=3, **kw)
     student, summary = distill(teacher, data, cfg, tmp_path / "ck", log=lambda m: None, teacher_sha256="cd" * 32,
                                pairs_dir=tmp_path / "pairs")
     assert summary["student_timesteps"] == [999]
@@ -97,6 +98,27 @@ def test_a_one_step_generator_can_start_from_the_output_distilled_student(digits
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.prediction_type == "sample"
     pipe.set_progress_bar_config(disable=True)
     assert torch.isfinite(torch.as_tensor(pipe(batch_size=2, num_inference_steps=1, output_type="pt").images)).all()
-    _, four = distill(teacher, data, DMDConfig(steps=1, fake_updates=1, batch_size=4, target_steps=4, from_output=True),
-                      tmp_path / "ck2", log=lambda m: None)
-    assert four["config"]["from_output"] is False and four["student_timesteps"] == [959, 719, 479, 239]
+
+
+
+@pytest.mark.parametrize("start", ["output", "progressive"])
+def test_a_few_step_generator_can_be_a_deterministic_chain_started_from_another_method(digits_ws, tmp_path, start):
+    # K = 2 from a distilled deterministic student: DDIM on the progressive grid, regression through the
+    # chain, and the stock export runs the same chain
+    from conftest import make_tiny_pipeline
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
+    data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
+    cfg = DMDConfig(steps=2, fake_updates=1, batch_size=4, target_steps=2, start=start, regression_weight=0.5,
+                    output_steps=2, progressive_steps=2, pairs=8, pairs_steps=3)
+    student, summary = distill(teacher, data, cfg, tmp_path / "ck", log=lambda m: None, teacher_sha256="ab" * 32,
+                               pairs_dir=tmp_path / "pairs")
+    assert summary["student_timesteps"] == [959, 459] and "reg" in summary["final_losses"]
+    save_pipeline(student, tmp_path / "student")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "student", use_safetensors=True)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    pipe.scheduler.set_timesteps(2)
+    assert pipe.scheduler.timesteps.tolist() == [959, 459]
+    with pytest.raises(ValueError, match="start must be one of"):
+        distill(teacher, data, DMDConfig(steps=1, start="magic"), tmp_path / "ck3", log=lambda m: None)

@@ -82,7 +82,7 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
         extra["init"] = init
     if on_round is not None and p.method == "progressive":
         extra["on_round"] = on_round
-    if p.method == "output" or (p.method == "dmd" and (p.dmd.regression_weight > 0 or p.dmd.from_output)):
+    if p.method == "output" or (p.method == "dmd" and (p.dmd.regression_weight > 0 or p.dmd.start == "output")):
         from redistill.teacher import pipeline_sha256
 
         extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None

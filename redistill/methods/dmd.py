@@ -28,6 +28,7 @@ so the export is a stock `DDPMPipeline` + `LCMScheduler` on the timesteps it was
 from __future__ import annotations
 
 import copy
+import hashlib
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -43,6 +44,9 @@ from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, n
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 
+STARTS = ("teacher", "output", "progressive")
+
+
 @dataclass
 class DMDConfig(TrainingConfig):
     """Settings of one DMD2 run (params.yaml `distill` and `distill.dmd`)."""
@@ -51,9 +55,11 @@ class DMDConfig(TrainingConfig):
     fake_updates: int = 5  # fake-score (and discriminator) steps per generator step: the two time-scale rule
     fake_lr: float = 3.0e-4
     gan_weight: float = 0.0  # 0 turns the GAN term on real images off
-    regression_weight: float = 0.0  # DMD1's regression loss on cached teacher pairs (1-step generators; 0 at more steps)
-    from_output: bool = False  # 1-step generators start from the output-distilled student (x₀ at T−1), not the teacher
-    output_steps: int = 3000  # its optimiser steps (methods/output.py)
+    start: str = "teacher"  # the generator: "teacher" (LCM multistep) or a deterministic sampler from "output" / "progressive"
+    regression_weight: float = 0.0  # DMD1's regression loss on cached teacher pairs (deterministic generators only)
+    output_steps: int = 3000  # start "output": its optimiser steps (methods/output.py)
+    progressive_steps: int = 1500  # start "progressive": optimiser steps per halving round (methods/progressive.py)
+    first_timestep: int = 959  # a deterministic K-step generator's first timestep (the progressive grid)
     pairs: int = 8000  # teacher pairs for both (shared with the output method's cache in data/pairs/)
     pairs_steps: int = 50  # the teacher's DDIM steps per pair
     backward_simulation: bool = False  # inputs of steps after the first: the generator's own (True) or noised real images
@@ -74,20 +80,35 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     """DMD2-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline + LCMScheduler, summary)."""
     sched_cfg = teacher.scheduler.config
     ptype = sched_cfg.prediction_type
-    # the regression and the output start serve 1-step generators only: the first of several steps
-    # estimates a mean image, not the teacher's output
-    one_step = cfg.target_steps == 1
-    cfg = replace(cfg, regression_weight=cfg.regression_weight if one_step else 0.0, from_output=cfg.from_output and one_step)
-    T = sched_cfg.num_train_timesteps
+    T, K = sched_cfg.num_train_timesteps, cfg.target_steps
+    if cfg.start not in STARTS:
+        raise ValueError(f"distill.dmd.start must be one of {', '.join(STARTS)}, got {cfg.start!r}")
+    chain = cfg.start != "teacher"  # a deterministic sampler: noise → image, paired with the teacher's output
+    x0_call = chain and K == 1 and cfg.start == "output"  # the output method's 1-step student: x₀ at T−1
+    # the regression needs a deterministic generator: an LCM generator's first step estimates a mean image
+    # and its later steps add fresh noise, so no noise has one "teacher output" to regress onto
+    cfg = replace(cfg, regression_weight=cfg.regression_weight if chain else 0.0)
+    if chain and K > 1:
+        from redistill.methods.progressive import check_grid
+
+        check_grid(K, T, cfg.first_timestep)
     sampler = lcm_scheduler(sched_cfg, cfg.solver_steps)
-    sampler.set_timesteps(cfg.target_steps)
-    keyed = cfg.regression_weight > 0 or cfg.from_output  # the teacher's pairs enter the run
+    sampler.set_timesteps(K)
+    keyed = cfg.regression_weight > 0 or cfg.start == "output"  # the teacher's pairs enter the run
     run = Trainer(ckpt_dir, {"method": "dmd", "config": asdict(cfg), "teacher_prediction": ptype,
                              **({"teacher": teacher_sha256} if keyed else {})},
                   cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     dev = run.device
-    # the generator's sampling timesteps, e.g. 959, 719, 479, 239; from_output: one x₀ call at T−1
-    gen_t = torch.tensor([T - 1], device=dev) if cfg.from_output else sampler.timesteps.to(dev)
+    # the generator's timesteps: LCM's (e.g. 959, 719, 479, 239); a deterministic chain's grid (959, 709,
+    # 459, 209, then the clean end −1); one x₀ call at T−1 for a 1-step output start
+    from redistill.methods.progressive import student_grid
+
+    if not chain:
+        gen_t = sampler.timesteps.to(dev)
+    elif x0_call:
+        gen_t = torch.tensor([T - 1, -1], device=dev)
+    else:
+        gen_t = student_grid(K, T, cfg.first_timestep).to(dev)
     alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
     x_all = (data.float() * 2.0 - 1.0).to(dev)
     shape = tuple(x_all.shape[1:])
@@ -100,10 +121,11 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
                                              Path(pairs_dir or "data/pairs"), log)
         pairs = (noise.to(dev), x0.to(dev))
     real_score = frozen(copy.deepcopy(teacher.unet)).to(dev)
-    # 1. Generator and fake score both start as the teacher (DMD section 3.1); a 1-step generator may instead
-    #    start from the output-distilled student, DMD1's regression-trained start (`from_output`).
-    if cfg.from_output and init is None and not run.resume_path:
-        init = _output_student(teacher, data, cfg, ckpt_dir, log, teacher_sha256, pairs_dir)
+    # 1. Generator and fake score both start as the teacher (DMD section 3.1); or the generator starts as a
+    #    deterministic few-step student distilled first (DMD1 starts from a regression-trained generator):
+    #    the output-distilled one, or the progressive one.
+    if chain and init is None and not run.resume_path:
+        init = _first_student(teacher, data, cfg, ckpt_dir, log, teacher_sha256, pairs_dir)
     student = warm(student_like(real_score, cfg.student_channels, cfg.student_layers), init)  # or the champion
     fake_score = student_like(real_score)
     disc = Discriminator(fake_score).to(dev) if cfg.gan_weight > 0 else None
@@ -136,18 +158,38 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         return to_x0_eps(unet(z, t).sample.float(), z, a, s, ptype)[0]
 
     def g(z, i):
-        """The generator's clean image at its i-th sampling step."""
+        """The LCM generator's clean image at its i-th sampling step."""
         t = gen_t[i].expand(len(z))
         with run.autocast():
-            if cfg.from_output:  # x₀ directly, as the output method's student predicts it
-                return student(z, t).sample.float()
             return consistency_fn(student, z, t, ptype, alphas_cumprod).float()
 
+    def run_chain(z):
+        """A deterministic generator: one x₀ call at T−1, or DDIM on its grid as the stock scheduler runs it
+        (x̂₀ clipped, the model's ε), back-propagated through every call."""
+        if x0_call:
+            with run.autocast():
+                return student(z, gen_t[0].expand(len(z))).sample.float()
+        for i in range(K):
+            a, s = alpha_sigma(alphas_cumprod, gen_t[i].expand(len(z)))
+            a2, s2 = alpha_sigma(alphas_cumprod, gen_t[i + 1].expand(len(z)))
+            with run.autocast():
+                x0_hat, eps = to_x0_eps(student(z, gen_t[i].expand(len(z))).sample.float(), z, a, s, ptype)
+            z = a2 * x0_hat.clamp(-1, 1) + s2 * eps
+        return z
+
     def generate(grad: bool, x_real: torch.Tensor):
-        # 2. The input of a random sampling step i. Step 0 starts from pure noise, as sampling does. Later
-        #    steps start either from the generator's own earlier steps, re-noised with fresh noise to the
-        #    step's timestep (DMD2's backward simulation), or from real images noised to it (DMD2's
-        #    few-step ImageNet setting).
+        # 2. The generator's input. A deterministic generator runs from pure noise, as it samples. An LCM
+        #    generator trains a random sampling step i: step 0 starts from pure noise, later ones either from
+        #    the generator's own earlier steps re-noised with fresh noise (DMD2's backward simulation) or
+        #    from real images noised to step i's timestep (DMD2's few-step ImageNet setting).
+        if chain:
+            z = randn()
+            with torch.set_grad_enabled(grad), fm.student():
+                x = run_chain(z)
+            if grad and cfg.feature_loss > 0:  # the teacher's block features on the same (z, t) as the student's first call
+                with torch.no_grad(), run.autocast(), fm.teacher():
+                    real_score(z, gen_t[0].expand(len(z)))
+            return x
         i = int(randint(len(gen_t), n=1))
         if i == 0 or cfg.backward_simulation:
             z = randn()
@@ -207,10 +249,10 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
             l_gan = F.softplus(-disc_logits(x_gen, t_d)).mean()
             loss = loss + cfg.gan_weight * l_gan
             losses["gan"], losses["disc"] = l_gan.item(), l_disc.item()
-        # 6. DMD1's regression: from a cached noise, one generator step should land on the teacher's output.
+        # 6. DMD1's regression: from a cached noise, the deterministic generator should land on the teacher's output.
         if pairs is not None:
             idx = randint(len(pairs[0]))
-            l_reg = (g(pairs[0][idx], 0) - pairs[1][idx]).pow(2).mean()
+            l_reg = (run_chain(pairs[0][idx]) - pairs[1][idx]).pow(2).mean()
             loss = loss + cfg.regression_weight * l_reg
             losses["reg"] = l_reg.item()
         run.backward(loss, student, opt, ema)
@@ -220,43 +262,61 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     fm.remove()
     if disc is not None:
         disc.features.remove()
-    # 7. Export the EMA generator with the stock sampler: LCM's multistep sampler, or for a from_output
-    #    generator the output method's one DDIM step that returns the x₀ it predicts.
+    # 7. Export the EMA generator with the stock sampler that runs it: LCM's multistep sampler; the output
+    #    method's one DDIM step that returns its x₀; or DDIM on the deterministic chain's grid.
     ema.copy_to(student.parameters())
     summary = {"method": "dmd", "config": asdict(cfg), "final_losses": losses, **sizes(real_score, student),
-               "student_timesteps": gen_t.tolist(), "wall_time_s": run.finish(),
-               "num_inference_steps": cfg.target_steps}
+               "student_timesteps": [t for t in gen_t.tolist() if t >= 0], "wall_time_s": run.finish(),
+               "num_inference_steps": K}
     shutil.rmtree(_output_dir(ckpt_dir), ignore_errors=True)
-    if cfg.from_output:
+    student = frozen(student).cpu()
+    if not chain:
+        return lcm_pipeline(student, sched_cfg, cfg.solver_steps), summary
+    if x0_call:
         from redistill.methods.output import one_step_pipeline
 
-        return one_step_pipeline(frozen(student).cpu(), sched_cfg), summary
-    return lcm_pipeline(frozen(student).cpu(), sched_cfg, cfg.solver_steps), summary
+        return one_step_pipeline(student, sched_cfg), summary
+    from redistill.methods.progressive import student_pipeline
+
+    return student_pipeline(student, sched_cfg, ptype, cfg.first_timestep, K), summary
 
 
 def _output_dir(ckpt_dir: Path) -> Path:
     return Path(ckpt_dir).parent / (Path(ckpt_dir).name + "-output")
 
 
-def _output_student(teacher, data, cfg: DMDConfig, ckpt_dir: Path, log, teacher_sha256, pairs_dir) -> dict:
-    """The output-distilled 1-step student's weights (methods/output.py, on the shared pair cache); kept
-    beside the checkpoints until the DMD run ends, so a resumed run does not train it again."""
+def _first_student(teacher, data, cfg: DMDConfig, ckpt_dir: Path, log, teacher_sha256, pairs_dir) -> dict:
+    """The weights of the deterministic student the generator starts from: output-distilled (on the shared
+    pair cache) or progressive, at the generator's step count. Kept beside the checkpoints until the DMD run
+    ends, so a resumed run does not distil it again."""
     from safetensors.torch import load_file, save_file
 
-    from redistill.methods.output import OutputConfig
-    from redistill.methods.output import distill as output_distill
-
     folder = _output_dir(ckpt_dir)
-    done = folder / f"student-{teacher_sha256 or 'unkeyed'}-{cfg.pairs}-{cfg.pairs_steps}-{cfg.output_steps}-{cfg.seed}.safetensors"
+    key = (f"{cfg.start}-{teacher_sha256 or 'unkeyed'}-{cfg.target_steps}-{cfg.pairs}-{cfg.pairs_steps}-"
+           f"{cfg.output_steps if cfg.start == 'output' else cfg.progressive_steps}-{cfg.first_timestep}-{cfg.seed}")
+    done = folder / f"student-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if done.is_file():
         return load_file(done)
-    ocfg = OutputConfig(pairs=cfg.pairs, pairs_steps=cfg.pairs_steps, steps=cfg.output_steps, batch_size=cfg.batch_size,
-                        lr=cfg.lr, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
-                        mixed_precision=cfg.mixed_precision, student_channels=cfg.student_channels,
-                        student_layers=cfg.student_layers)
-    log(f"dmd: training the output-distilled start ({cfg.output_steps} steps)")
-    pipe, _ = output_distill(teacher, data, ocfg, folder / "checkpoints", log=log, teacher_sha256=teacher_sha256,
-                             pairs_dir=pairs_dir)
+    shared = dict(batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
+                  mixed_precision=cfg.mixed_precision, student_channels=cfg.student_channels,
+                  student_layers=cfg.student_layers, target_steps=cfg.target_steps)
+    if cfg.start == "output":
+        from redistill.methods.output import OutputConfig
+        from redistill.methods.output import distill as first
+
+        fcfg = OutputConfig(pairs=cfg.pairs, pairs_steps=cfg.pairs_steps, steps=cfg.output_steps, lr=cfg.lr,
+                            first_timestep=cfg.first_timestep, **shared)
+        extra = {"teacher_sha256": teacher_sha256, "pairs_dir": pairs_dir}
+    else:
+        from redistill.methods.progressive import ProgressiveConfig
+        from redistill.methods.progressive import distill as first
+
+        teacher_steps = cfg.target_steps * 4  # two halving rounds, as the progressive default (16 → 4)
+        fcfg = ProgressiveConfig(teacher_steps=teacher_steps, steps_per_round=cfg.progressive_steps,
+                                 first_timestep=cfg.first_timestep, lr=cfg.lr, **shared)
+        extra = {}
+    log(f"dmd: distilling the {cfg.start} student the generator starts from")
+    pipe, _ = first(teacher, data, fcfg, folder / "checkpoints", log=log, **extra)
     weights = {k: v.contiguous() for k, v in pipe.unet.state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(weights, done)
