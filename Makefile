@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test repro clean
+.PHONY: install demo test trials repro clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	$(BIN)/pytest -q
+
+# kill -9 at every stage of a real cycle, then the same command again (tests/test_kill.py)
+trials: install
+	$(BIN)/pytest -q -s -m trials tests/test_kill.py
 
 # Rebuild every stage whose inputs changed (dvc.yaml); the committed teacher is kept if unchanged.
 repro: install

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
+from redistill.failpoints import failpoint
 from redistill.tasks.concurrency import one_at_a_time
 from redistill.tasks.distill import distill_student, warm_start
 from redistill.tasks.evaluate import evaluate_student, quality_vs_steps
@@ -44,6 +46,7 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
     teacher, data, key = Path(inputs["teacher_uri"]), Path(inputs["data_uri"]), inputs["key"]
     run_dir = root / "runs" / "cycles" / key
     tags = {"redistill.key": key, "redistill.trigger": trigger, "redistill.prefect_flow_run_id": str(flow_run.id),
+            "redistill.pid": str(os.getpid()), "redistill.host": socket.gethostname(),  # to tell a dead run from a live one
             "redistill.method": p.distill.method, **{f"redistill.{k}": str(v) for k, v in inputs.items() if k != "key"}}
     if os.environ.get("PREFECT_API_URL") and flow_run.ui_url:  # a real server: the run can be looked at later
         tags["redistill.prefect_flow_run_url"] = str(flow_run.ui_url)
@@ -51,6 +54,7 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
         tags["redistill.trigger_detail"] = json.dumps({k: v for k, v in trigger_info.items() if k != "report_dir"},
                                                       default=str)[:5000]
     run_id = open_run(root, p.registry.experiment, tags, p.to_dict())
+    failpoint("run-opened")
     if trigger_info and trigger_info.get("report_dir"):
         log_artifacts(root, run_id, Path(trigger_info["report_dir"]), "trigger")
 
@@ -63,6 +67,7 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
     if "error" in facts:
         record_failure(root, run_id, "teacher", facts["error"])
         raise CycleStopped(facts["error"])
+    failpoint("validated")
 
     start = warm_start(root, p, teacher, run_dir)
     if "refused" in start:
@@ -75,6 +80,7 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
     except ValueError as e:  # settings the method cannot serve with this teacher (known once it is loaded)
         record_failure(root, run_id, "distill", str(e))
         raise CycleStopped(f"distillation refused: {e}") from e
+    failpoint("distilled")
     student = run_dir / "student"
     result = evaluate_student(student, p.distill.target_steps, teacher, data, root / "data" / "features", p,
                               run_dir / "evaluation", root / "runs" / "cache" / "samples")
@@ -82,12 +88,23 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
                              root / "runs" / "cache" / "samples")
     result["teacher_fid_by_steps"] = curve["teacher_fid_by_steps"]
     with tempfile.TemporaryDirectory() as tmp:
-        _, champ_result = champion_evaluation(root, p.registry.student_name, Path(tmp))
+        # the change thresholds compare like with like: the champion measured on this cycle's data, in this
+        # cycle's feature spaces, with these evaluate settings (its recorded figures when they are those)
+        champ_version, champ_result, champ_student, champ_steps = champion_evaluation(
+            root, p.registry.student_name, Path(tmp), inputs, p.to_dict()["evaluate"])
+        if champ_student is not None:
+            champ_result = evaluate_student(champ_student, champ_steps or p.distill.target_steps, teacher, data,
+                                            root / "data" / "features", p, run_dir / "champion-evaluation",
+                                            root / "runs" / "cache" / "samples")
+            champ_result["evaluated_on"] = f"champion v{champ_version} re-evaluated on this cycle's data"
     decision = gate_student(result, champ_result, p.gate, p.distill.method)
+    failpoint("evaluated")
     log_evaluation(root, run_id, result, decision)
     log_artifacts(root, run_id, student, "student")
     model_path = log_pyfunc(root, run_id, student)
     log_artifacts(root, run_id, run_dir / "evaluation", "evaluation")
+    if (run_dir / "champion-evaluation").is_dir():
+        log_artifacts(root, run_id, run_dir / "champion-evaluation", "champion-evaluation")
     reg = register(root, p.registry.student_name, run_id, {
         **{k.removeprefix("redistill."): v for k, v in tags.items()},
         "num_inference_steps": str(p.distill.target_steps),
@@ -111,12 +128,14 @@ def locked_cycle(inputs: dict, p: Params, root: Path, trigger: str, force: bool 
     Simultaneous triggers with the same key queue on the slot; the first distils and registers, the
     others find its decision when their turn comes and return it.
     """
-    from redistill.cycle import earlier_decision
+    from redistill.cycle import earlier_decision, recover
     from redistill.registry import client, tracking_uri
 
     with one_at_a_time(root):
+        c = client(tracking_uri(root))
+        recover(c, p.registry.student_name, p.registry.experiment, inputs["key"])  # the slot is ours: any RUNNING run of this key is dead
         if not force:
-            earlier = earlier_decision(client(tracking_uri(root)), p.registry.student_name, inputs["key"])
+            earlier = earlier_decision(c, p.registry.student_name, inputs["key"])
             if earlier is not None:
                 return earlier
         return cycle(inputs, p, root, trigger, trigger_info)

@@ -61,6 +61,21 @@ def _refuse_teacher(root: Path, p: Params, state: dict, name: str, path: str, si
     return {"teacher": name, "status": "refused", "reason": reason, "run_id": rid}
 
 
+def _refuse_batch(root: Path, p: Params, state: dict, name: str, path: str, sig: str, reason: str) -> dict:
+    """A batch that cannot be read as images like the representative set: recorded as bad, never acted on.
+
+    It is not drift (nothing about the data's distribution was measured), so it opens no episode and never
+    grows the representative set; it is skipped until its contents change, like a broken teacher."""
+    state["batches"][name] = {"signature": sig, "status": "bad", "reason": reason, "at": time.time()}
+    note(state, "batch-refused", batch=name, reason=reason)
+    rid = log_watch_run(root, p.registry.experiment, f"batch-refused-{name}",
+                        {"redistill.kind": "drift-check", "redistill.batch": name, "redistill.data_uri": path,
+                         "redistill.failed_stage": "batch-watch", "redistill.failure": reason[:5000]}, {},
+                        failed=True)
+    emit("redistill.batch.rejected", f"redistill.batch.{name}", {"path": path, "reason": reason, "run_id": rid}, name)
+    return {"batch": name, "status": "refused", "drifted": None, "action": "refused", "reason": reason, "run_id": rid}
+
+
 def _handle_drift(root: Path, p: Params, state: dict, batch: str, path: Path, report: dict) -> dict:
     """A new drift episode: the champion first; re-distil on the grown representative set only if it fails."""
     log = get_run_logger()
@@ -157,14 +172,17 @@ def watch(workspace_dir: str | None = None, params_file: str | None = None) -> d
     for f in (f for f in found.ready if f.kind == "batch"):
         report = drift_test(Path(f.path), current_data(root), root / "data" / "features", p.drift,
                             root / "runs" / "watch" / "drift" / f"{f.name}-{f.signature[:8]}")
-        if not report.get("error"):
-            log_watch_run(root, p.registry.experiment, f"drift-{f.name}",
-                          {"redistill.kind": "drift-check", "redistill.batch": f.name,
-                           "redistill.drifted": str(report["drifted"]).lower(),
-                           "redistill.drift_reasons": "; ".join(report["reasons"])[:5000] or "none"},
-                          {"mmd2": report["mmd2"], "mmd_p": report["mmd_p"],
-                           **{f"ks_p_holm.{k}": v["p_holm"] for k, v in report["ks"].items()}},
-                          folder=Path(report["report_dir"]))
+        if report.get("error"):
+            out["batches"].append(_refuse_batch(root, p, state, f.name, f.path, f.signature, "; ".join(report["reasons"])))
+            save_state(root, state)
+            continue
+        log_watch_run(root, p.registry.experiment, f"drift-{f.name}",
+                      {"redistill.kind": "drift-check", "redistill.batch": f.name,
+                       "redistill.drifted": str(report["drifted"]).lower(),
+                       "redistill.drift_reasons": "; ".join(report["reasons"])[:5000] or "none"},
+                      {"mmd2": report["mmd2"], "mmd_p": report["mmd_p"],
+                       **{f"ks_p_holm.{k}": v["p_holm"] for k, v in report["ks"].items()}},
+                      folder=Path(report["report_dir"]))
         now = time.time()
         action = on_batch(state, f.name, report["drifted"], now, p.drift.clear_batches, p.drift.cooldown_hours)
         entry = {"batch": f.name, "drifted": report["drifted"], "action": action, "reasons": report["reasons"],

@@ -346,7 +346,7 @@ def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bo
     """
     import os
 
-    from redistill.cycle import earlier_decision, resolve_inputs
+    from redistill.cycle import earlier_decision, recover, resolve_inputs
     from redistill.data import DataError
     from redistill.registry import client, tracking_uri
     from redistill.teacher import PipelineError
@@ -365,6 +365,7 @@ def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bo
     except Exception as e:  # any transport or store error: say which URI and stop before any work
         fail(f"MLflow tracking URI {uri} cannot be reached ({type(e).__name__}: {str(e)[:200]}); "
              "start the server or unset MLFLOW_TRACKING_URI to use the workspace's SQLite store")
+    recover(c, p.registry.student_name, p.registry.experiment, inputs["key"])  # what a killed run left behind
     earlier = None if force else earlier_decision(c, p.registry.student_name, inputs["key"])
     if earlier is not None:
         return earlier

@@ -14,7 +14,7 @@ from redistill.lineage import code_version, idempotency_key
 from redistill.teacher import check_pipeline_folder, pipeline_sha256
 from redistill.validation import image_table
 
-KEYED_SECTIONS = ["distill", "evaluate", "gate"]
+KEYED_SECTIONS = ["distill", "evaluate", "gate", "validate"]  # every section the cycle reads
 
 
 def resolve_inputs(teacher: Path, data: Path, p: Params, root: Path) -> dict:
@@ -40,14 +40,29 @@ def resolve_inputs(teacher: Path, data: Path, p: Params, root: Path) -> dict:
         "params_sha256": p.sha256(KEYED_SECTIONS),
         # a retrained classifier or encoder measures in another space: its figures must not be reused
         "features_sha256": json.dumps(sha256s(p.evaluate.features, Path(root) / "data" / "features"), sort_keys=True),
+        # the validation bands are learnt from data/reference: another reference is another validation
+        "validation_reference_md5": dir_md5(reference) if (reference := Path(root) / "data" / "reference").is_dir() else "",
         "git_commit": code["git_commit"] + ("-dirty" if code["dirty"] else ""),
         "channels": int(ok["channels"].mode()[0]) if len(ok) else None,
         "size": [int(ok["height"].mode()[0]), int(ok["width"].mode()[0])] if len(ok) else None,
     }
-    features = hashlib.sha256(inputs["features_sha256"].encode()).hexdigest()
+    features = hashlib.sha256((inputs["features_sha256"] + "\n" + inputs["validation_reference_md5"]).encode()).hexdigest()
     inputs["key"] = idempotency_key(inputs["teacher_sha256"], inputs["data_md5"], inputs["params_sha256"],
                                     inputs["git_commit"], features)
     return inputs
+
+
+def recover(c, name: str, experiment: str, key: str) -> dict:
+    """Undo what a killed cycle of `key` left half done, before anyone reads its decision: its RUNNING
+    MLflow run is closed as KILLED with the reason, and a passed version whose alias moves were cut short
+    is promoted as its gate decided (never over a later champion). Cheap: two registry queries."""
+    from redistill.registry import close_orphan_runs, find_by_key, finish_promotion
+
+    exp = c.get_experiment_by_name(experiment)
+    closed = close_orphan_runs(c, [exp.experiment_id], key, "a later run of the same inputs closed it") if exp else []
+    found = find_by_key(c, name, key)
+    finished = bool(found) and finish_promotion(c, name, found[0])
+    return {"closed_runs": closed, "finished_promotion": str(found[0].version) if finished else None}
 
 
 def earlier_decision(c, name: str, key: str) -> dict | None:

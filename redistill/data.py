@@ -183,10 +183,21 @@ def safe_name(name: str) -> str:
     return cleaned[:100]
 
 
+MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
+
+
 def read_png(path: Path) -> np.ndarray:
-    """One image as uint8 (H, W) for grayscale or (H, W, 3) for colour; PIL errors propagate."""
+    """One image as uint8 (H, W) for grayscale or (H, W, 3) for colour; PIL errors propagate.
+
+    Only 8-bit images are read (16-bit or float would be clipped silently), and the size in the header
+    is checked before any pixel is decoded."""
     with Image.open(path) as im:
-        mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise ValueError(f"{w}×{h} pixels is more than the {MAX_PIXELS} redistill decodes (a decompression bomb?)")
+        if im.mode not in ("L", "1", "RGB", "RGBA", "P", "LA"):
+            raise ValueError(f"mode {im.mode!r} is not 8-bit; save it as 8-bit grayscale (L) or RGB")
+        mode = "L" if im.mode in ("L", "1", "LA") else "RGB"
         return np.asarray(im.convert(mode))
 
 
@@ -248,6 +259,10 @@ def _read_labels(folder: Path, files: list[str]) -> np.ndarray | None:
     if missing:
         raise DataError(f"{folder / 'labels.csv'} has no label for {missing[0]} (and {len(missing) - 1} more); "
                         "add them or delete labels.csv")
+    unknown = sorted(set(by_file) - set(files))
+    if unknown:
+        raise DataError(f"{folder / 'labels.csv'} labels {unknown[0]}, which is not an image in {folder} "
+                        f"(and {len(unknown) - 1} more); remove those rows")
     return np.array([by_file[f] for f in files], dtype=np.int64)
 
 
@@ -280,24 +295,33 @@ def merge_batch(base: Path, batch: Path, out: Path, batch_name: str) -> int:
     """
     base, batch, out = Path(base), Path(batch), Path(out)
     prefix = safe_name(batch_name) + "__"
+    # both sides must read as images of one shape before anything is written: a bad batch never enters
+    base_shape, batch_shape = load_image_folder(base).images.shape[1:], load_image_folder(batch).images.shape[1:]
+    if base_shape != batch_shape:
+        raise DataError(f"batch {batch} holds images of shape {tuple(batch_shape)}, the representative set "
+                        f"{base} {tuple(base_shape)}; it cannot grow the set. Fix or remove the batch")
     base_labels, batch_labels = read_label_map(base), read_label_map(batch)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     rows = []
-    for src, labels, pre in ((base, base_labels, ""), (batch, batch_labels, prefix)):
-        for f in sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
-            if pre and f.name.startswith(prefix):
-                raise DataError(f"batch {batch} already holds prefixed file {f.name}")
-            shutil.copy2(f, tmp / (pre + f.name))
-            if labels and f.name in labels:
-                rows.append((pre + f.name, labels[f.name]))
-    if base_labels and batch_labels:
-        with open(tmp / "labels.csv", "w", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(["file", "label"])
-            w.writerows(sorted(rows))
+    try:
+        for src, labels, pre in ((base, base_labels, ""), (batch, batch_labels, prefix)):
+            for f in sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+                if pre and f.name.startswith(prefix):
+                    raise DataError(f"batch {batch} already holds prefixed file {f.name}")
+                shutil.copy2(f, tmp / (pre + f.name))
+                if labels and f.name in labels:
+                    rows.append((pre + f.name, labels[f.name]))
+        if base_labels and batch_labels:
+            with open(tmp / "labels.csv", "w", newline="") as fh:
+                w = csv.writer(fh, lineterminator="\n")
+                w.writerow(["file", "label"])
+                w.writerows(sorted(rows))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half written under data/
+        raise
     count = sum(1 for p in tmp.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     old = out.with_name(out.name + f".old{os.getpid()}")
     if out.exists():

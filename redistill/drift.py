@@ -223,12 +223,15 @@ def check_folder(batch: Path, reference: Path, extractor, alpha: float, permutat
                  out_dir: Path | None = None) -> DriftReport:
     """Both tests on the image folder `batch` against `reference`; with `out_dir`, writes drift.json and
     drift.png there. ValueError when the two folders hold images of different shapes."""
-    ref_f, ref_s, ref_shape = embed_folder(reference, extractor)
-    new_f, new_s, new_shape = embed_folder(batch, extractor)
-    if ref_shape != new_shape:
-        (rc, (rh, rw)), (bc, (bh, bw)) = ref_shape, new_shape
+    from redistill.data import load_image_folder
+
+    ref, new = load_image_folder(reference), load_image_folder(batch)  # DataError (a ValueError) when unreadable
+    if ref.images.shape[1:] != new.images.shape[1:]:
+        (rc, rh, rw), (bc, bh, bw) = ref.images.shape[1:], new.images.shape[1:]
         raise ValueError(f"{batch} holds {bc}×{bh}×{bw} images, {reference} {rc}×{rh}×{rw}; drift is tested "
                          "between sets of one shape")
+    ref_f, ref_s = extractor(torch.from_numpy(ref.images)), image_stats(ref.images)
+    new_f, new_s = extractor(torch.from_numpy(new.images)), image_stats(new.images)
     report = detect(Path(batch).name, ref_f, ref_s, new_f, new_s, alpha, permutations, seed)
     if out_dir is not None:
         out_dir = Path(out_dir)

@@ -153,12 +153,13 @@ def judge(candidate: dict, champion: dict | None, p: GateParams, method: str | N
                                 "no champion yet: absolute thresholds only (gate.first_run = 'absolute')"))
     else:
         cq, bq = candidate["quality"], champion["quality"]
+        source = champion.get("evaluated_on", "the champion's recorded evaluation (same data and feature spaces)")
         # favourable end of the candidate's CI against the champion's point value plus Δ
         fid_bound = bq["fid"] * (1.0 + p.fid_change_max)
         checks.append(Check("fid_vs_champion", "change", cq["fid_ci95"][0], fid_bound, "<=",
                             cq["fid_ci95"][0] <= fid_bound,
                             f"candidate FID {cq['fid']:.4g} CI {cq['fid_ci95'][0]:.4g}–{cq['fid_ci95'][1]:.4g}, "
-                            f"champion {bq['fid']:.4g} × (1 + {p.fid_change_max})"))
+                            f"champion {bq['fid']:.4g} × (1 + {p.fid_change_max}); {source}"))
         kid_bound = bq["kid"] + p.kid_change_max
         checks.append(Check("kid_vs_champion", "change", cq["kid_ci95"][0], kid_bound, "<=",
                             cq["kid_ci95"][0] <= kid_bound,

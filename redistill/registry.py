@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from redistill.failpoints import failpoint
+
 PREFIX = "redistill."
 CHAMPION, PREVIOUS = "champion", "previous"
 REQUIRED_TAGS = (
@@ -95,14 +97,78 @@ def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[s
     source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
     mv = c.create_model_version(name, source=source, run_id=run_id,
                                 tags={PREFIX + k: str(v) for k, v in tags.items()})
+    failpoint("version-created")
     if not promote:
         return Registered(str(mv.version), False, None)
+    old = _promote(c, name, str(mv.version))
+    return Registered(str(mv.version), True, old)
+
+
+def _promote(c, name: str, version: str) -> str | None:
+    """Move `previous` to the champion, then `champion` to `version`, then mark the promotion done (tag
+    `promoted`). A crash between the moves leaves `champion` where it was; `finish_promotion` completes it."""
     old = champion(c, name)
-    if old is not None:
+    if old is not None and str(old.version) != version:
         c.set_registered_model_alias(name, PREVIOUS, old.version)
-        c.set_model_version_tag(name, mv.version, PREFIX + "replaced", str(old.version))
-    c.set_registered_model_alias(name, CHAMPION, mv.version)
-    return Registered(str(mv.version), True, str(old.version) if old is not None else None)
+        c.set_model_version_tag(name, version, PREFIX + "replaced", str(old.version))
+        failpoint("previous-moved")
+    c.set_registered_model_alias(name, CHAMPION, version)
+    failpoint("champion-moved")
+    c.set_model_version_tag(name, version, PREFIX + "promoted", "done")
+    return str(old.version) if old is not None and str(old.version) != version else None
+
+
+def finish_promotion(c, name: str, mv) -> bool:
+    """Complete the promotion of a version whose gate passed but whose cycle died before its alias moves
+    were marked done (kill -9 between registering and promoting). Only while no later version became
+    champion: a newer champion is never displaced. True when it moved or marked anything."""
+    if mv.tags.get(PREFIX + "gate") != "passed" or mv.tags.get(PREFIX + "promoted") == "done":
+        return False
+    if PREFIX + "rollback" in mv.tags:  # rolled back from, on purpose
+        return False
+    current, prev = champion(c, name), alias(c, name, PREVIOUS)
+    if current is not None and int(current.version) > int(mv.version):
+        return False
+    if prev is not None and str(prev.version) == str(mv.version):  # it was champion, then rolled back from
+        return False
+    _promote(c, name, str(mv.version))  # from wherever it stopped: each move is idempotent
+    return True
+
+
+def close_orphan_runs(c, experiment_ids: list[str], key: str, note: str) -> list[str]:
+    """Mark the RUNNING runs of cycle `key` whose process is gone (same host, pid no longer alive) as KILLED,
+    with the reason in `redistill.failure`. Runs of live processes, or of other hosts, are left alone."""
+    import socket
+
+    closed = []
+    for run in c.search_runs(experiment_ids, f"tags.`{PREFIX}key` = '{key}' and attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get(PREFIX + "host") != socket.gethostname() or _alive(int(tags.get(PREFIX + "pid", "0") or 0)):
+            continue
+        c.set_tag(run.info.run_id, PREFIX + "failed_stage", "killed")
+        c.set_tag(run.info.run_id, PREFIX + "failure",
+                  f"the process running this cycle (pid {tags.get(PREFIX + 'pid')}) died before it finished; {note}")
+        c.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def rollback(c, name: str, to: str | None, who: str, why: str) -> dict:

@@ -22,7 +22,9 @@ import io
 import json
 from pathlib import Path
 
-MAX_IMAGES = 64
+MAX_IMAGES = 64  # per row
+MAX_ROWS = 64  # per request
+MAX_IMAGES_PER_REQUEST = 256
 DISTILL_SUMMARY = "redistill_distill.json"
 
 
@@ -36,6 +38,7 @@ class StudentModel:
         self.pipe = load_pipeline(path)
         summary = path / DISTILL_SUMMARY
         self.steps = int(json.loads(summary.read_text())["num_inference_steps"]) if summary.is_file() else 4
+        self.max_steps = int(self.pipe.scheduler.config.get("num_train_timesteps", 1000))
 
     def predict(self, model_input, params=None):
         import numpy as np
@@ -47,14 +50,15 @@ class StudentModel:
         missing = {"seed", "num_images"} - set(df.columns)
         if missing:
             raise ValueError(f"each request row needs `seed` and `num_images`; missing {sorted(missing)}")
+        if len(df) > MAX_ROWS:
+            raise ValueError(f"at most {MAX_ROWS} rows per request, got {len(df)}")
+        requests = [_check_row(r, self.steps, self.max_steps) for _, r in df.iterrows()]
+        total = sum(n for _, n, _ in requests)
+        if total > MAX_IMAGES_PER_REQUEST:
+            raise ValueError(f"at most {MAX_IMAGES_PER_REQUEST} images per request in all rows, got {total}")
         rows = []
-        for _, r in df.iterrows():
-            n = int(r["num_images"])
-            if not 1 <= n <= MAX_IMAGES:
-                raise ValueError(f"num_images must be between 1 and {MAX_IMAGES}, got {n}")
-            steps = r.get("num_inference_steps")
-            steps = self.steps if steps is None or pd.isna(steps) else int(steps)
-            g = torch.Generator(device=self.pipe.device).manual_seed(int(r["seed"]))
+        for seed, n, steps in requests:
+            g = torch.Generator(device=self.pipe.device).manual_seed(seed)
             with torch.no_grad():
                 images = self.pipe(batch_size=n, generator=g, num_inference_steps=steps, output_type="np").images
             for i, img in enumerate(images):
@@ -62,9 +66,38 @@ class StudentModel:
                 arr = arr[..., 0] if arr.shape[-1] == 1 else arr
                 buf = io.BytesIO()
                 Image.fromarray(arr).save(buf, format="PNG")
-                rows.append({"seed": int(r["seed"]), "index": i, "height": int(arr.shape[0]),
+                rows.append({"seed": seed, "index": i, "height": int(arr.shape[0]),
                              "width": int(arr.shape[1]), "image_png_base64": base64.b64encode(buf.getvalue()).decode()})
         return pd.DataFrame(rows, columns=["seed", "index", "height", "width", "image_png_base64"])
+
+
+def _whole(value, name: str, lo: int, hi: int) -> int:
+    """`value` as an int in [lo, hi], or ValueError naming the field (floats must be whole, no bools)."""
+    import math
+
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not lo <= int(f) <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {int(f)}")
+    return int(f)
+
+
+def _check_row(r, default_steps: int, max_steps: int) -> tuple[int, int, int]:
+    """(seed, num_images, steps) of one request row, validated before any work."""
+    import pandas as pd
+
+    seed = _whole(r["seed"], "seed", 0, 2**63 - 1)
+    n = _whole(r["num_images"], "num_images", 1, MAX_IMAGES)
+    steps = r.get("num_inference_steps")
+    steps = default_steps if steps is None or (not isinstance(steps, str) and pd.isna(steps)) else \
+        _whole(steps, "num_inference_steps", 1, max_steps)
+    return seed, n, steps
 
 
 def _load_pyfunc(data_path: str) -> StudentModel:

@@ -42,12 +42,16 @@ def check_pipeline_folder(path: Path) -> dict:
         model_index = json.loads(index.read_text())
     except json.JSONDecodeError as e:
         raise PipelineError(f"{index} is not valid JSON ({e}); the pipeline folder is damaged") from e
-    for comp in model_index:
-        if comp.startswith("_"):
+    _check_files(path)
+    for comp, spec in model_index.items():
+        if comp.startswith("_") or not isinstance(spec, list) or None in spec:
             continue
         sub = path / comp
         if not sub.is_dir():
-            continue
+            raise PipelineError(f"{sub} is missing: model_index.json lists the component {comp!r}. Copy the whole "
+                                "folder that `pipeline.save_pretrained(...)` wrote")
+        if not any((sub / c).is_file() for c in ("config.json", "scheduler_config.json")):
+            raise PipelineError(f"{sub} has no config.json or scheduler_config.json; copy the whole pipeline folder")
         pickles = [p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES]
         tensors = [p.name for p in sub.iterdir() if p.suffix == ".safetensors"]
         if pickles and not tensors:
@@ -57,6 +61,28 @@ def check_pipeline_folder(path: Path) -> dict:
                 "safe_serialization=True)` to get .safetensors weights"
             )
     return model_index
+
+
+def _check_files(path: Path) -> None:
+    """Every file of the folder: inside it (no symlink out), complete (no partial download), and every
+    .safetensors file as long as its header says. Raises PipelineError naming the file."""
+    from redistill.files import PARTIAL_SUFFIXES, safetensors_problem  # shared with the watch's readiness check
+
+    root = path.resolve()
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path).as_posix()
+        if f.is_symlink():
+            target = f.resolve()
+            if root not in target.parents:
+                raise PipelineError(f"{path}/{rel} is a symlink to {target}, outside the pipeline folder; "
+                                    "copy the file into the folder instead of linking to it")
+        if f.name.endswith(PARTIAL_SUFFIXES) or f.name.startswith(".~"):
+            raise PipelineError(f"{path}/{rel} looks like a file still being written (a partial download); "
+                                "wait until the copy has finished, then run again")
+        if f.suffix == ".safetensors" and f.is_file():
+            problem = safetensors_problem(f)
+            if problem:
+                raise PipelineError(f"{path}/{rel}: {problem}. Copy or save the weights again")
 
 
 def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -69,7 +95,8 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
     except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError/safetensors errors
-        raise PipelineError(f"could not load the pipeline at {path}: {e}") from e
+        raise PipelineError(f"could not load the pipeline at {path} (check that each component's config.json, "
+                            f"e.g. unet/config.json, matches its weights): {e}") from e
     if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
         raise PipelineError(
             f"{path} holds a {type(pipe).__name__} without a `unet` and a `scheduler`; redistill works on "

@@ -20,12 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PARTIAL_SUFFIXES = (".tmp", ".part", ".incomplete", ".lock", ".partial")
+from redistill.files import PARTIAL_SUFFIXES, safetensors_problem  # noqa: F401  (shared with teacher.py)
 STATE_VERSION = 1
 
 
@@ -120,27 +119,6 @@ def signature(folder: Path) -> tuple[str, float]:
         if p.is_file():
             h.update(f"{p.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:32], newest
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why a .safetensors file is not complete (shorter or longer than its header says), or None."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"{path.name} is {size} bytes, too short for a safetensors header"
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size, 100_000_000):
-                return f"{path.name} declares a {n}-byte header but the file is {size} bytes: truncated or not safetensors"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        return f"{path.name} has an unreadable safetensors header ({e})"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    expected = 8 + n + end
-    if size != expected:
-        return f"{path.name} is {size} bytes but its header describes {expected}: the file is truncated"
-    return None
 
 
 def folder_readiness(folder: Path, settle_seconds: float, now: float, teacher: bool) -> tuple[str, str, str]:

@@ -4,6 +4,7 @@
 |---|---|---|
 | `redistill.teacher.new` | the watch found a teacher with a new content hash that passed its checks | `redistill.teacher.<sha256[:16]>` |
 | `redistill.teacher.rejected` | a new teacher folder is broken (truncated, NaN weights, wrong channels) | `redistill.teacher.<folder>` |
+| `redistill.batch.rejected` | a batch in data/incoming/ cannot be read like the representative set; recorded and skipped | `redistill.batch.<batch>` |
 | `redistill.drift.detected` | a batch in data/incoming/ drifted from the representative set | `redistill.batch.<batch>` |
 | `redistill.champion.still-fit` | after drift, the champion still passes the gate on the new data | `redistill.model.<name>` |
 | `redistill.student.promoted` | a cycle's student passed the gate and became `champion` | `redistill.model.<name>` |
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from prefect import task
 
-EVENTS = ("redistill.teacher.new", "redistill.teacher.rejected", "redistill.drift.detected",
+EVENTS = ("redistill.teacher.new", "redistill.teacher.rejected", "redistill.batch.rejected", "redistill.drift.detected",
           "redistill.champion.still-fit", "redistill.student.promoted", "redistill.student.rejected")
 
 

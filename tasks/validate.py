@@ -72,12 +72,46 @@ def build_suite(profile: dict, p: ValidateParams):
     return gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations)
 
 
-def _describe(result) -> str:
+def _offending_files(table, cfg) -> list[str]:
+    """The files of `table` that break one column expectation, so the message can name them."""
+    import pandas as pd
+
+    col, kw = cfg.kwargs.get("column"), cfg.kwargs
+    if col not in getattr(table, "columns", []):
+        return []
+    values = table[col]
+    if cfg.type == "expect_column_values_to_be_in_set":
+        bad = ~values.isin(kw["value_set"]) & values.notna()
+    elif cfg.type == "expect_column_values_to_be_between":
+        v = pd.to_numeric(values, errors="coerce")
+        bad = v.notna() & ((v < kw.get("min_value", -float("inf"))) | (v > kw.get("max_value", float("inf"))))
+    elif cfg.type == "expect_column_values_to_not_be_null":
+        bad = values.isna() & table["readable"].astype(bool)
+    elif cfg.type == "expect_column_values_to_be_unique":
+        bad = values.duplicated(keep=False) & values.notna()
+    else:
+        return []
+    files = table.loc[bad, "file"].tolist()
+    if col == "readable" and "error" in table.columns:
+        errors = dict(zip(table["file"], table["error"]))
+        return [f"{f} ({errors[f]})" if errors.get(f) else f for f in files]
+    return files
+
+
+def _describe(result, table=None) -> str:
     cfg = result.expectation_config
     kw = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "partition_object")}
     observed = result.result.get("observed_value")
     unexpected = result.result.get("partial_unexpected_list") or result.result.get("unexpected_count")
     detail = f"observed {observed}" if observed is not None else f"unexpected {unexpected}"
+    files = _offending_files(table, cfg) if table is not None else []
+    if cfg.type == "expect_column_values_to_be_unique" and cfg.kwargs.get("column") == "pixel_sha256":
+        detail = f"{len(files) or result.result.get('unexpected_count')} images are pixel-for-pixel duplicates"
+    elif cfg.type == "expect_table_row_count_to_be_between":
+        detail += " images; validate.min_count asks for more: add images or lower validate.min_count"
+    if files:
+        detail += f" in {', '.join(files[:5])}" + (f" and {len(files) - 5} more" if len(files) > 5 else "") + \
+            "; fix or remove those files"
     return f"{cfg.type}({', '.join(f'{k}={v}' for k, v in kw.items())}): {detail}"
 
 
@@ -109,7 +143,7 @@ def validate_table(table, profile: dict, p: ValidateParams, out_dir: Path) -> Va
                                                actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")]))
         run = cp.run(batch_parameters={"dataframe": table})
         (result,) = run.run_results.values()
-        failed = [_describe(r) for r in result.results if not r.success]
+        failed = [_describe(r, table) for r in result.results if not r.success]
         docs_src = Path(tmp) / "gx" / "uncommitted" / "data_docs" / "local_site"
         docs = out_dir / "data_docs"
         shutil.rmtree(docs, ignore_errors=True)

@@ -58,8 +58,9 @@ def drift_test(batch: Path, reference: Path, features: Path, p: DriftParams, out
     try:
         report = check_folder(batch, reference, FeatureExtractor(load_classifier(features)), p.alpha, p.permutations,
                               p.seed, out_dir)
-    except ValueError as e:  # a batch of another shape: drift by definition, recorded with the reason
-        return {"batch": Path(batch).name, "drifted": True, "error": True, "reasons": [str(e)]}
+    except (ValueError, OSError) as e:  # unreadable, or images of another shape: a bad batch, not drift
+        return {"batch": Path(batch).name, "drifted": None, "error": True,
+                "reasons": [f"{e}. Fix or remove the batch folder {batch}: it is skipped until its contents change"]}
     return {**report.to_dict(), "reference": str(reference), "batch_path": str(batch), "report_dir": str(out_dir)}
 
 

@@ -107,3 +107,11 @@ def digits_ws(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> Path:
     return make_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "tiny")
+
+
+SUMMARY_LINES: list[str] = []  # lines a test module wants at the end of the run ("faults: N/N handled")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in SUMMARY_LINES:
+        terminalreporter.write_line(line)

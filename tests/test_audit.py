@@ -161,6 +161,14 @@ def test_the_champion_loads_as_pyfunc_and_is_served_over_http(ws, monkeypatch):
     assert model.metadata.signature is not None
     out = model.predict(pd.DataFrame([{"seed": 3, "num_images": 2}]))
     assert list(out["index"]) == [0, 1] and (out["height"] == 8).all()
+    # the input is validated before any work: each bad request names its field
+    for bad, field in ([{"seed": 0, "num_images": 65}, "num_images"], [{"seed": 0, "num_images": 2.5}, "num_images"],
+                       [{"seed": -1, "num_images": 1}, "seed"], [{"seed": "x", "num_images": 1}, "seed"],
+                       [{"seed": 0, "num_images": 1, "num_inference_steps": 10**6}, "num_inference_steps"]):
+        with pytest.raises(Exception, match=field):
+            model.predict(pd.DataFrame([bad]))
+    with pytest.raises(Exception, match="images per request"):
+        model.predict(pd.DataFrame([{"seed": i, "num_images": 64} for i in range(5)]))
 
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,  # uvicorn is in the venv's bin

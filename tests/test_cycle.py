@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,6 +155,34 @@ def test_status_and_export_of_the_champion(ws, tmp_path):
     assert r.exit_code == 2 and "has no version 99" in r.output
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; its (dead) parent cannot reap it
+
+
 def test_a_killed_cycle_resumes_and_registers_exactly_once(digits_ws, tmp_path):
     """SIGKILL the `redistill cycle` process mid-distillation; the rerun resumes and registers one version."""
     import os
@@ -177,9 +206,15 @@ def test_a_killed_cycle_resumes_and_registers_exactly_once(digits_ws, tmp_path):
     while time.time() < deadline and proc.poll() is None and not list(
             (root / "runs" / "cycles").glob("*/checkpoints/*/meta.json")):
         time.sleep(0.1)
+    servers = [pid for pid in _children(proc.pid) if b"prefect.server.api.server" in _cmdline(pid)]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the cycle ended before it could be killed; raise steps_per_round"
+    assert servers, "the killed cycle had started no ephemeral Prefect server"
+    deadline = time.time() + 20  # the server is told when its parent dies, and stops
+    while time.time() < deadline and any(_alive(pid) for pid in servers):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in servers), "a killed cycle left its Prefect server running"
     c = client(f"sqlite:///{root / 'mlflow.db'}")
     assert c.search_model_versions(f"name='{NAME}'") == []
 
@@ -230,3 +265,31 @@ def test_warm_start_from_the_champion_is_recorded_and_refused_when_it_does_not_f
     assert r.exit_code == 0, r.output
     run = c.get_run(auto["run_id"])
     assert run.data.tags[PREFIX + "init"] == "cold" and "predicts epsilon" in run.data.tags[PREFIX + "init_note"]
+
+
+def test_the_key_covers_everything_the_cycle_reads(digits_ws, tiny_pipeline, tmp_path):
+    """Same teacher, data, settings, code, feature spaces and validation reference ⇒ same key; any of them
+    changed ⇒ another key, so a cycle never returns a decision made on other inputs."""
+    import dataclasses
+
+    from redistill.config import parse_params
+    from redistill.cycle import resolve_inputs
+
+    root = tmp_path / "ws"
+    shutil.copytree(digits_ws / "data", root / "data")
+    data = root / "data" / "batch"
+    shutil.copytree(root / "data" / "reference", data)
+    p = parse_params({})
+    key = lambda q=p: resolve_inputs(tiny_pipeline, data, q, root)["key"]  # noqa: E731
+    k0 = key()
+    assert key() == k0
+    assert key(dataclasses.replace(p, validate=dataclasses.replace(p.validate, min_count=p.validate.min_count + 1))) != k0
+    assert key(dataclasses.replace(p, gate=dataclasses.replace(p.gate, fid_gap_max=0.5))) != k0
+    assert key(dataclasses.replace(p, registry=dataclasses.replace(p.registry, experiment="other"))) == k0
+    ref = sorted((root / "data" / "reference").glob("*.png"))[0]  # the bands' reference, not the cycle's data
+    ref.unlink()
+    k1 = key()
+    assert k1 != k0
+    with open(root / "data" / "features" / "classifier.safetensors", "ab") as f:  # a retrained classifier
+        f.write(b"\0")
+    assert key() != k1

@@ -104,6 +104,8 @@ def test_a_new_teacher_triggers_exactly_one_cycle(ws, events):
     assert t["status"] == "new" and t["cycle"]["version"] == "2"
     assert [v.tags[PREFIX + "trigger"] for v in versions(ws)] == ["teacher", "teacher"]
     assert Path(versions(ws)[1].tags[PREFIX + "teacher_uri"]).name == "tiny-v2"
+    # same data and feature spaces: the champion's recorded evaluation is the like-for-like comparison
+    assert "the champion's recorded evaluation" in versions(ws)[1].tags[PREFIX + "gate_reasons"]
 
 
 def test_nothing_changed_takes_no_model_and_no_prefect_server(ws):
@@ -230,10 +232,51 @@ def test_drift_the_champion_first_then_one_redistillation_per_episode(ws, events
     detail = json.loads(new.tags[PREFIX + "trigger_detail"])
     assert detail["batch"] == "style" and detail["data_md5"] == dvc["md5"]
     assert "trigger/drift.json" in {a.path for a in c.list_artifacts(new.run_id, "trigger")}
+    # the change thresholds compare with the champion measured on the grown set, not its older figures
+    assert f"champion v{champ} re-evaluated on this cycle's data" in new.tags[PREFIX + "gate_reasons"]
+    assert "champion-evaluation/metrics.json" in {a.path for a in c.list_artifacts(new.run_id, "champion-evaluation")}
 
     arrive(ws, "style", "style-2")  # the same episode: recorded, not re-distilled again
     (b,) = watch(ws, "--params", ws / "strict.yaml")["batches"]
     assert b["drifted"] and b["action"] == "absorbed" and len(versions(ws)) == n + 1
+
+
+def test_a_bad_batch_is_recorded_as_bad_and_never_acted_on(ws, events):
+    """A batch of another mode, or with an unreadable image, is not drift: it opens no episode, never grows
+    the representative set, and is skipped until its contents change (it used to be merged, then fail)."""
+    from PIL import Image
+
+    from redistill.data import dir_md5
+    from redistill.watch import load_state
+
+    n, champ = len(versions(ws)), champion(ws)
+    rep = ws / "data" / "representative"
+    rep_md5 = dir_md5(rep) if rep.is_dir() else None
+    episode = json.dumps(load_state(ws).get("episode"), sort_keys=True)
+    arrive(ws, "style", "rgb")
+    for f in (ws / "data" / "incoming" / "rgb").glob("*.png"):
+        Image.open(f).convert("RGB").save(f)
+    arrive(ws, "nodrift", "truncated")
+    png = sorted((ws / "data" / "incoming" / "truncated").glob("*.png"))[0]
+    png.write_bytes(png.read_bytes()[:20])
+
+    got = {b["batch"]: b for b in watch(ws, "--params", ws / "strict.yaml")["batches"]}
+    assert {k: b["status"] for k, b in got.items()} == {"rgb": "refused", "truncated": "refused"}
+    assert "3×8×8" in got["rgb"]["reason"] and "rgb" in got["rgb"]["reason"]
+    assert png.name in got["truncated"]["reason"] and "skipped until its contents change" in got["truncated"]["reason"]
+    assert len(versions(ws)) == n and champion(ws) == champ
+    assert (dir_md5(rep) if rep.is_dir() else None) == rep_md5
+    assert not list((ws / "data").glob("representative.tmp*"))
+    assert json.dumps(load_state(ws).get("episode"), sort_keys=True) == episode
+    c = client(f"sqlite:///{ws / 'mlflow.db'}")
+    failed = c.search_runs([c.get_experiment_by_name("redistill").experiment_id],
+                           "tags.`redistill.failed_stage` = 'batch-watch'")
+    assert {r.data.tags["redistill.batch"] for r in failed} == {"rgb", "truncated"}
+    assert all(r.info.status == "FAILED" for r in failed)
+    assert events().count("redistill.batch.rejected") == 2
+    assert watch(ws, "--params", ws / "strict.yaml")["changed"] is False  # skipped until their contents change
+    for name in ("rgb", "truncated"):
+        shutil.rmtree(ws / "data" / "incoming" / name)
 
 
 def test_three_simultaneous_cycles_give_one_distillation_and_one_version(ws, tmp_path):

@@ -23,6 +23,11 @@ def _fill(cls, p: DistillParams, section):
 
 def method_config(p: DistillParams):
     """(config, distill function) of method `p.method`; ValueError when the settings cannot work."""
+    for name in ("batch_size", "target_steps", "checkpoint_every"):
+        if getattr(p, name) < 1:
+            raise ValueError(f"distill.{name} must be ≥ 1, got {getattr(p, name)}")
+    if not p.lr > 0:
+        raise ValueError(f"distill.lr must be > 0, got {p.lr}")
     if p.student.feature_loss < 0:
         raise ValueError(f"distill.student.feature_loss must be ≥ 0, got {p.student.feature_loss}")
     if p.method == "progressive":

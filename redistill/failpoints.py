@@ -1,0 +1,22 @@
+"""Named points where a test can kill the process, to prove that every stage recovers from `kill -9`.
+
+`REDISTILL_KILL_AT=<name>[,<name>…]` makes the process SIGKILL itself on reaching one of those points:
+no cleanup, no `finally`, exactly what an out-of-memory kill or a pulled plug does. Unset (always, outside
+tests), a failpoint is one dictionary lookup. The points, in the order a cycle reaches them:
+
+  run-opened, validated, distilled, evaluated, version-created, previous-moved, champion-moved
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = ("run-opened", "validated", "distilled", "evaluated", "version-created", "previous-moved", "champion-moved")
+
+
+def failpoint(name: str) -> None:
+    """SIGKILL this process if `name` is listed in REDISTILL_KILL_AT."""
+    wanted = os.environ.get("REDISTILL_KILL_AT")
+    if wanted and name in wanted.split(","):
+        os.kill(os.getpid(), signal.SIGKILL)

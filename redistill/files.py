@@ -1,0 +1,31 @@
+"""Checks on files that need neither torch nor diffusers: shared by the watch's cheap scan and the
+teacher's folder check (so `redistill watch` with nothing new stays fast, and every stage sees one rule)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+PARTIAL_SUFFIXES = (".tmp", ".part", ".incomplete", ".lock", ".partial")  # downloads still being written
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not complete (shorter or longer than its header says), or None."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is {size} bytes, too short for a safetensors header"
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size, 100_000_000):
+                return f"{path.name} declares a {n}-byte header but the file is {size} bytes: truncated or not safetensors"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"{path.name} has an unreadable safetensors header ({e})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    expected = 8 + n + end
+    if size != expected:
+        return f"{path.name} is {size} bytes but its header describes {expected}: the file is truncated"
+    return None
