@@ -30,6 +30,7 @@ from redistill.tasks.events import emit
 from redistill.tasks.validate import check_teacher, validate_data
 
 from redistill.config import Params, load_params, workspace
+from redistill.cycle import inputs_changed
 
 
 class CycleStopped(RuntimeError):
@@ -55,6 +56,28 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
                                                       default=str)[:5000]
     run_id = open_run(root, p.registry.experiment, tags, p.to_dict())
     failpoint("run-opened")
+    try:
+        return _stages(inputs, p, root, trigger, trigger_info, run_id, tags, run_dir)
+    except CycleStopped:
+        raise
+    except Exception as e:  # anything unforeseen (a file that vanished, a folder that changed mid-read): the run
+        reason = f"{type(e).__name__}: {e}"  # says why, the registry is untouched, and the user gets one line
+        try:
+            reason = inputs_changed(inputs) or reason  # an input that changed mid-read is the cause to report
+        except Exception:
+            pass
+        try:
+            if not registry_version_for(root, p.registry.student_name, key):
+                record_failure(root, run_id, "cycle", reason)
+        except Exception:  # the tracking store itself is the problem: the original error is what matters
+            pass
+        raise CycleStopped(reason) from e
+
+
+def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dict | None, run_id: str, tags: dict,
+            run_dir: Path) -> dict:
+    """The cycle's stages after its run is open; see `cycle`."""
+    teacher, data, key = Path(inputs["teacher_uri"]), Path(inputs["data_uri"]), inputs["key"]
     if trigger_info and trigger_info.get("report_dir"):
         log_artifacts(root, run_id, Path(trigger_info["report_dir"]), "trigger")
 
@@ -99,6 +122,10 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
             champ_result["evaluated_on"] = f"champion v{champ_version} re-evaluated on this cycle's data"
     decision = gate_student(result, champ_result, p.gate, p.distill.method)
     failpoint("evaluated")
+    changed = inputs_changed(inputs)  # the version must record what it was trained and judged on
+    if changed:
+        record_failure(root, run_id, "inputs-changed", changed)
+        raise CycleStopped(changed)
     log_evaluation(root, run_id, result, decision)
     log_artifacts(root, run_id, student, "student")
     model_path = log_pyfunc(root, run_id, student)
@@ -119,6 +146,13 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
     return {"key": key, "decision": "promoted" if reg["promoted"] else "rejected", "version": reg["version"],
             "replaced": reg["replaced"], "run_id": run_id,
             "reasons": decision["reasons"], "metrics": result, "distill": summary, "deduplicated": False}
+
+
+def registry_version_for(root: Path, name: str, key: str) -> bool:
+    """Whether a version is registered for `key` (an error after registering must not mark the run FAILED)."""
+    from redistill.registry import client, find_by_key, tracking_uri
+
+    return bool(find_by_key(client(tracking_uri(root)), name, key))
 
 
 def locked_cycle(inputs: dict, p: Params, root: Path, trigger: str, force: bool = False,

@@ -52,6 +52,23 @@ def resolve_inputs(teacher: Path, data: Path, p: Params, root: Path) -> dict:
     return inputs
 
 
+def inputs_changed(inputs: dict) -> str | None:
+    """Why the teacher or the data no longer hash as they did when the cycle resolved them, or None.
+
+    A folder that changes while the cycle reads it would make the version's lineage lie (its recorded
+    md5 would not be what it was trained and judged on), so the cycle checks again before registering."""
+    data, teacher = Path(inputs["data_uri"]), Path(inputs["teacher_uri"])
+    now = dir_md5(data) if data.is_dir() else "missing"
+    if now != inputs["data_md5"]:
+        return (f"the data folder {data} changed while the cycle read it (md5 {inputs['data_md5']} at the start, "
+                f"{now} now); nothing was registered. Run the cycle again once the folder is complete")
+    sha = pipeline_sha256(teacher) if teacher.is_dir() else "missing"
+    if sha != inputs["teacher_sha256"]:
+        return (f"the teacher folder {teacher} changed while the cycle read it (sha256 {inputs['teacher_sha256'][:16]}… "
+                f"at the start, {sha[:16]}… now); nothing was registered. Run the cycle again once it is complete")
+    return None
+
+
 def recover(c, name: str, experiment: str, key: str) -> dict:
     """Undo what a killed cycle of `key` left half done, before anyone reads its decision: its RUNNING
     MLflow run is closed as KILLED with the reason, and a passed version whose alias moves were cut short
