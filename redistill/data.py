@@ -248,6 +248,10 @@ def read_label_map(folder: Path) -> dict[str, int]:
             by_file[name] = int(r["label"])
         except ValueError as e:
             raise DataError(f"{path}: label {r['label']!r} of {name} is not an integer") from e
+    unknown = sorted(n for n in by_file if Path(n).suffix.lower() not in IMAGE_SUFFIXES or not (Path(folder) / n).is_file())
+    if unknown:  # a label for an image that is not there: the labels belong to another folder
+        raise DataError(f"{path} labels {unknown[0]}, which is not an image in {folder} "
+                        f"(and {len(unknown) - 1} more); remove those rows")
     return by_file
 
 
@@ -259,10 +263,6 @@ def _read_labels(folder: Path, files: list[str]) -> np.ndarray | None:
     if missing:
         raise DataError(f"{folder / 'labels.csv'} has no label for {missing[0]} (and {len(missing) - 1} more); "
                         "add them or delete labels.csv")
-    unknown = sorted(set(by_file) - set(files))
-    if unknown:
-        raise DataError(f"{folder / 'labels.csv'} labels {unknown[0]}, which is not an image in {folder} "
-                        f"(and {len(unknown) - 1} more); remove those rows")
     return np.array([by_file[f] for f in files], dtype=np.int64)
 
 

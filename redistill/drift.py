@@ -216,7 +216,12 @@ def embed_folder(folder: Path, extractor) -> tuple[torch.Tensor, dict[str, np.nd
     from redistill.data import load_image_folder
 
     im = load_image_folder(folder)
-    return extractor(torch.from_numpy(im.images)), image_stats(im.images), (im.channels, im.size)
+    return (*_embed(im.images, extractor), (im.channels, im.size))
+
+
+def _embed(images: np.ndarray, extractor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """Embeddings and per-image statistics of images (N, C, H, W) in [0, 1]."""
+    return extractor(torch.from_numpy(images)), image_stats(images)
 
 
 def check_folder(batch: Path, reference: Path, extractor, alpha: float, permutations: int, seed: int,
@@ -230,8 +235,7 @@ def check_folder(batch: Path, reference: Path, extractor, alpha: float, permutat
         (rc, rh, rw), (bc, bh, bw) = ref.images.shape[1:], new.images.shape[1:]
         raise ValueError(f"{batch} holds {bc}×{bh}×{bw} images, {reference} {rc}×{rh}×{rw}; drift is tested "
                          "between sets of one shape")
-    ref_f, ref_s = extractor(torch.from_numpy(ref.images)), image_stats(ref.images)
-    new_f, new_s = extractor(torch.from_numpy(new.images)), image_stats(new.images)
+    (ref_f, ref_s), (new_f, new_s) = _embed(ref.images, extractor), _embed(new.images, extractor)
     report = detect(Path(batch).name, ref_f, ref_s, new_f, new_s, alpha, permutations, seed)
     if out_dir is not None:
         out_dir = Path(out_dir)

@@ -16,7 +16,7 @@ from redistill.config import ValidateParams
 from redistill.data import IMAGE_SUFFIXES, read_label_map, read_png
 
 TABLE_COLUMNS = ("file", "readable", "height", "width", "channels", "min", "max", "mean", "std",
-                 "nan_count", "inf_count", "pixel_sha256", "label")
+                 "nan_count", "inf_count", "pixel_sha256", "label", "error")  # error: why a file was unreadable
 
 
 def image_table(folder: Path):
@@ -26,18 +26,12 @@ def image_table(folder: Path):
     folder = Path(folder)
     files = sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     labels = read_label_map(folder) if files else {}  # a file without a label gets None: a failing row
-    unknown = sorted(set(labels) - set(files))
-    if unknown:  # a label for an image that is not there: the labels belong to another folder
-        from redistill.data import DataError
-
-        raise DataError(f"{folder / 'labels.csv'} labels {unknown[0]}, which is not an image in {folder} "
-                        f"(and {len(unknown) - 1} more); remove those rows")
     rows = []
     for name in files:
         try:
             x = read_png(folder / name).astype(np.float32) / 255.0
         except Exception as e:  # any decoder error: the row records it, the expectation on `readable` fails
-            rows.append({"file": name, "readable": False, **{c: None for c in TABLE_COLUMNS[2:]},
+            rows.append({"file": name, "readable": False, **{c: None for c in TABLE_COLUMNS[2:-1]},
                          "error": f"{type(e).__name__}: {e}"[:300]})
             continue
         finite = x[np.isfinite(x)]
@@ -57,7 +51,7 @@ def image_table(folder: Path):
             "label": labels.get(name) if labels else None,
             "error": "",
         })
-    return pd.DataFrame(rows, columns=[*TABLE_COLUMNS, "error"])  # error: why a file was unreadable
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
 def reference_profile(table, p: ValidateParams) -> dict:

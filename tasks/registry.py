@@ -98,8 +98,8 @@ def register(root: Path, name: str, run_id: str, tags: dict[str, str], promote: 
 
 
 @task(name="champion-evaluation", **IO_RETRIES)
-def champion_evaluation(root: Path, name: str, tmp: Path, inputs: dict | None = None,
-                        evaluate_settings: dict | None = None) -> tuple[str | None, dict | None, Path | None, int]:
+def champion_evaluation(root: Path, name: str, tmp: Path, inputs: dict,
+                        evaluate_settings: dict) -> tuple[str | None, dict | None, Path | None, int]:
     """The current champion: (version, its recorded evaluation, None) when that evaluation measured what
     the candidate's will (same data md5, feature spaces and evaluate settings), else (version, None, its
     student folder downloaded under `tmp`, its step count) so the flow re-evaluates it on the candidate's data;
@@ -109,16 +109,13 @@ def champion_evaluation(root: Path, name: str, tmp: Path, inputs: dict | None = 
     if champ is None:
         return None, None, None, 0
     steps = int(champ.tags.get(registry.PREFIX + "num_inference_steps", 0) or 0)
-    path = c.download_artifacts(champ.run_id, "evaluation/metrics.json", str(tmp))
-    recorded = json.loads(Path(path).read_text())
-    if inputs is None:
-        return str(champ.version), recorded, None, steps
     tags, params = champ.tags, c.get_run(champ.run_id).data.params
     same = (tags.get(registry.PREFIX + "data_md5") == inputs["data_md5"]
             and tags.get(registry.PREFIX + "features_sha256") == inputs["features_sha256"]
-            and all(params.get(k) == str(v) for k, v in _flatten({"evaluate": evaluate_settings or {}}).items()))
+            and all(params.get(k) == str(v) for k, v in _flatten({"evaluate": evaluate_settings}).items()))
     if same:
-        return str(champ.version), recorded, None, steps
+        recorded = c.download_artifacts(champ.run_id, "evaluation/metrics.json", str(tmp))
+        return str(champ.version), json.loads(Path(recorded).read_text()), None, steps
     student = Path(c.download_artifacts(champ.run_id, "student", str(tmp)))
     return str(champ.version), None, student, steps
 
