@@ -1,14 +1,16 @@
 """Rebuild a registered student from its recorded lineage alone, and compare the figures.
 
 The teacher is found by its sha256, the data by its DVC md5 (the recorded folder if it still hashes the
-same, else the DVC cache or a local DVC remote), the settings from the run's `params.json`. Then the
-distillation and the evaluation run again, and each figure is set next to its recorded value: inside or
-outside the recorded bootstrap CI where one was recorded.
+same, else restored with DVC's command line, `dvc checkout` of a temporary `.dvc` file naming that md5: from
+the DVC cache, or after `dvc fetch -r NAME` from any configured DVC remote), the settings from the run's
+`params.json`. Then the distillation and the evaluation run again, and each
+figure is set next to its recorded value: inside or outside the recorded bootstrap CI where one was recorded.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,56 +35,162 @@ def locate_teacher(root: Path, uri: str | None, sha: str) -> Path:
                          "has those bytes. Put the teacher checkpoint back (any folder name under data/teachers/)")
 
 
-def _dvc_remotes(root: Path) -> list[Path]:
-    """Local-path DVC remotes of the workspace (their layout is the cache's)."""
+DVC_TIMEOUT_S = 3600  # one `dvc fetch` / `dvc checkout` of a data folder; the listings take seconds
+
+
+def _dvc(root: Path, *args: str, timeout: float = DVC_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run the `dvc` command line in the workspace, output captured; ReproduceError when it cannot run at all."""
+    import os
+
     from redistill.lineage import dvc_exe
 
+    cmd = [dvc_exe(), *args]
     try:
-        out = subprocess.run([dvc_exe(), "remote", "list"], cwd=root, capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
+        return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    except subprocess.TimeoutExpired:
+        raise ReproduceError(f"`dvc {' '.join(args)}` in {root} ran past {timeout:.0f} s and was stopped; run it by "
+                             "hand to see why (an unreachable remote, or a very large folder), then run reproduce "
+                             "again") from None
+    except OSError as e:
+        raise ReproduceError(f"cannot run DVC ({cmd[0]}): {e}. Install it in this environment (`pip install dvc`), "
+                             "then run reproduce again") from e
+
+
+def _dvc_error(r: subprocess.CompletedProcess) -> str:
+    """The first error (else warning) line DVC printed, for a one-line report."""
+    lines = [ln.strip() for ln in (r.stderr + "\n" + r.stdout).splitlines() if ln.strip()]
+    for prefix in ("ERROR:", "WARNING:"):
+        for ln in lines:
+            if ln.startswith(prefix):
+                return ln[:200]
+    return (lines[0][:200] if lines else f"exit status {r.returncode}")
+
+
+def _dvc_remotes(root: Path) -> list[tuple[str, str]]:
+    """The configured DVC remotes as (name, url), the default first, as `dvc pull` would use them."""
+    r = _dvc(root, "remote", "list", timeout=120)
+    if r.returncode != 0:
+        raise ReproduceError(f"`dvc remote list` failed in {root}: {_dvc_error(r)}. Fix the DVC configuration "
+                             "(`dvc doctor` shows the setup), then run reproduce again")
     remotes = []
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and "://" not in parts[1]:
-            p = Path(parts[1])
-            remotes.append(p if p.is_absolute() else (Path(root) / ".dvc" / p).resolve())
-    return remotes
+    for line in r.stdout.splitlines():  # "NAME   URL   (default)", columns padded with spaces
+        m = re.match(r"^(\S+)\s+(.*?)(?:\s+\(default\))?\s*$", line)
+        if m:
+            remotes.append((m.group(1), m.group(2)))
+    d = _dvc(root, "remote", "default", timeout=120)
+    default = d.stdout.strip() if d.returncode == 0 else None
+    return sorted(remotes, key=lambda nu: nu[0] != default)  # stable: the others keep DVC's order
+
+
+def _restore_with_dvc(root: Path, md5: str, out: Path) -> tuple[str | None, list[str]]:
+    """Restore the DVC directory object `md5` into `out` with DVC's command line, the documented way to get
+    an object by its hash: a temporary `.dvc` file naming it, in a temporary folder inside the workspace,
+    then `dvc checkout` of it (from the cache), else `dvc fetch -r NAME` + `dvc checkout` for each configured
+    remote, the default first. The temporary folder (its `.dvc` file, the `.gitignore` DVC may write there,
+    what was checked out) is removed whatever happens.
+
+    Returns (where it came from, or None when nowhere had it; what was tried, one line each).
+    """
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".redistill-restore-", dir=root))
+    try:
+        dvc_file, restored = tmp / "data.dvc", tmp / "data"
+        target = str(dvc_file.relative_to(root))
+
+        def write(remote: str | None) -> None:
+            # what `dvc add` writes for a directory, less size/nfiles (optional). `remote:` pins the out to the
+            # remote being tried: DVC sets up the out's remote even for a checkout, and a default remote whose
+            # plugin is not installed (s3 without dvc-s3) would fail it
+            dvc_file.write_text(f"outs:\n- md5: {md5}\n  path: data\n  hash: md5\n"
+                                + (f"  remote: {json.dumps(remote)}\n" if remote else ""))
+
+        def checkout() -> subprocess.CompletedProcess:
+            shutil.rmtree(restored, ignore_errors=True)  # nothing half checked out from an earlier try
+            return _dvc(root, "checkout", "--force", target)
+
+        def lacking(r: subprocess.CompletedProcess) -> bool:  # DVC said some objects are not there
+            return any(s in r.stderr for s in ("Checkout failed", "do not exist", "Missing cache files"))
+
+        tried: list[str] = []
+        write(None)
+        r = checkout()
+        if r.returncode == 0 and restored.is_dir():
+            source = "DVC cache"
+        else:
+            source = None
+            c = _dvc(root, "cache", "dir", timeout=120)
+            where = c.stdout.strip() if c.returncode == 0 and c.stdout.strip() else str(root / ".dvc" / "cache")
+            cache_known = lacking(r)  # else the checkout failed before looking (e.g. the default remote unusable)
+            tried.append(f"DVC cache {where}: " + ("not every file of that directory is there" if cache_known
+                                                  else f"`dvc checkout` failed: {_dvc_error(r)}"))
+            remotes = _dvc_remotes(root)
+            if not remotes:
+                tried.append("no DVC remote is configured (`dvc remote list` is empty)")
+            for name, url in remotes:
+                write(name)
+                if not cache_known:
+                    r = checkout()
+                    if r.returncode == 0 and restored.is_dir():
+                        source = "DVC cache"
+                        break
+                    if lacking(r):  # the cache was looked in this time: say so instead of the earlier failure
+                        cache_known, tried[0] = True, f"DVC cache {where}: not every file of that directory is there"
+                label = f"DVC remote {name!r} ({url})"
+                f = _dvc(root, "fetch", "-r", name, target)  # remote → cache; fetches only what the cache lacks
+                r = checkout()
+                if r.returncode == 0 and restored.is_dir():
+                    source = label
+                    break
+                why = (f"`dvc fetch` failed: {_dvc_error(f)}" if f.returncode != 0 else
+                       "not every file of that directory is there" if lacking(f) else
+                       f"`dvc checkout` failed after `dvc fetch`: {_dvc_error(r)}")
+                tried.append(f"{label}: {why}")
+        if source is None:
+            return None, tried
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(restored), str(out))  # a rename on the same disk: links into the cache stay links
+        return source, tried
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def locate_data(root: Path, uri: str | None, md5: str, work: Path) -> tuple[Path, str]:
-    """The data folder with DVC md5 `md5`: (path, where it came from)."""
+    """The data folder with DVC md5 `md5`: (path, where it came from).
+
+    The recorded folder when it still hashes the same; else DVC's command line checks the directory object
+    out into `work/data`, from its cache or fetched from a configured remote, and the result must hash to `md5`.
+    """
     from redistill.data import dir_md5
 
     if uri and Path(uri).is_dir() and dir_md5(Path(uri)) == md5:
         return Path(uri), "recorded folder (unchanged)"
     if not md5.endswith(".dir"):
         raise ReproduceError(f"data md5 {md5} is not a DVC directory hash")
-    digest = md5.removesuffix(".dir")
-    stores = [(Path(root) / ".dvc" / "cache", "DVC cache")] + [(r, f"DVC remote {r}") for r in _dvc_remotes(root)]
-    for store, label in stores:
-        obj = lambda h: store / "files" / "md5" / h[:2] / h[2:]  # noqa: E731  (DVC 3 layout)
-        manifest = obj(digest).with_name(digest[2:] + ".dir")
-        if not manifest.is_file():
-            continue
-        entries = json.loads(manifest.read_text())
-        if not all(obj(e["md5"]).is_file() for e in entries):
-            continue
-        out = Path(work) / "data"
-        if out.exists():
-            shutil.rmtree(out)
-        for e in entries:
-            dest = out / e["relpath"]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(obj(e["md5"]), dest)
-        if dir_md5(out) != md5:
-            raise ReproduceError(f"the files restored from the {label} hash to {dir_md5(out)}, not {md5}")
-        return out, label
-    raise ReproduceError(
-        f"the data with DVC md5 {md5} is not retrievable: {uri} now holds different files (or is gone), and "
-        f"neither the DVC cache ({Path(root) / '.dvc' / 'cache'}) nor a local DVC remote has it. "
-        "Restore it with `dvc pull` / `dvc checkout` from the commit that made it, then run reproduce again"
-    )
+    recorded = f"{uri} now holds different files (or is gone)" if uri else "no data folder was recorded"
+    if not (Path(root) / ".dvc").is_dir():
+        raise ReproduceError(f"the data with DVC md5 {md5} is not retrievable: {recorded}, and {root} is not a DVC "
+                             "repository (no .dvc/), so DVC has no cache or remote to restore it from. Run reproduce "
+                             "in the workspace that versioned the data, or put the folder back at the recorded path")
+    out = Path(work) / "data"
+    try:
+        source, tried = _restore_with_dvc(Path(root), md5, out)
+    except OSError as e:  # the workspace not writable (the temporary .dvc file), the output folder not movable
+        raise ReproduceError(f"could not restore the data with DVC md5 {md5} in {root}: {e}. Make the workspace "
+                             "writable, then run reproduce again") from e
+    if source is None:
+        raise ReproduceError(
+            f"the data with DVC md5 {md5} is not retrievable: {recorded}, and DVC found it nowhere ("
+            + "; ".join(tried) + "). Add the remote that holds it (`dvc remote add -d NAME URL`) or restore the "
+            "cache (`dvc pull` / `dvc checkout` at the commit that versioned it), then run reproduce again"
+        )
+    if dir_md5(out) != md5:
+        raise ReproduceError(f"the files restored from the {source} hash to {dir_md5(out)}, not {md5}: that store is "
+                             "corrupt; push the data again from a good copy (`dvc push`)")
+    return out, source
 
 
 def compare(recorded: dict, new: dict) -> list[dict]:

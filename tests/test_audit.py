@@ -125,6 +125,42 @@ def test_reproduce_takes_data_from_the_dvc_cache_and_refuses_when_it_is_gone(ws)
     assert r.exit_code == 2 and "not retrievable" in r.output and "DVC cache" in r.output
 
 
+def test_reproduce_fetches_data_that_only_a_dvc_remote_holds(ws, tmp_path):
+    from redistill.data import dir_md5
+
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    dvc = lambda *a: subprocess.run([str(Path(sys.executable).with_name("dvc")), *a], cwd=ws, env=env,  # noqa: E731
+                                    check=True, capture_output=True, text=True)
+    md5 = client(f"sqlite:///{ws / 'mlflow.db'}").get_model_version(NAME, "1").tags[PREFIX + "data_md5"]
+    pristine = ws / "data" / "pristine"  # v1's data again (data/ref-copy began as a copy of data/reference)
+    shutil.copytree(ws / "data" / "reference", pristine)
+    assert dir_md5(pristine) == md5
+    remote, recorded, aside = tmp_path / "remote", ws / "data" / "ref-copy", ws / "data" / "ref-copy.aside"
+    dvc("add", "-q", "data/pristine")
+    dvc("remote", "add", "-d", "store", str(remote))
+    try:
+        dvc("push", "-q", "data/pristine.dvc")
+        shutil.rmtree(pristine)
+        (ws / "data" / "pristine.dvc").unlink()
+        shutil.rmtree(ws / ".dvc" / "cache")  # the data is now in the remote only: no folder, no cache, no .dvc file
+        recorded.rename(aside)
+        r = cli(ws, "reproduce", "--version", "1", "--json")
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["data_source"] == f"DVC remote 'store' ({remote})", out["data_source"]
+        assert Path(out["data"]) == ws / "runs" / "reproduce" / "v1" / "data" and dir_md5(Path(out["data"])) == md5
+        # with the remote emptied as well, the refusal names every place DVC looked and how to fix it
+        shutil.rmtree(ws / ".dvc" / "cache")
+        shutil.rmtree(remote)
+        r = cli(ws, "reproduce", "--version", "1")
+        assert r.exit_code == 2 and "not retrievable" in r.output, r.output
+        assert "DVC cache" in r.output and "DVC remote 'store'" in r.output and "dvc remote add" in r.output
+    finally:  # leave the module's workspace as the other tests expect it: the recorded folder back, no remote
+        if aside.exists():
+            aside.rename(recorded)
+        dvc("remote", "remove", "store")
+
+
 def test_reports_are_logged_with_the_cycle(ws):
     c = client(f"sqlite:///{ws / 'mlflow.db'}")
     mv = c.get_model_version(NAME, "2")
