@@ -25,6 +25,7 @@ from redistill.tasks.watch import (
 )
 
 from redistill.config import Params, load_params, workspace
+from redistill.data import DataError
 from redistill.watch import (
     current_data,
     current_teacher,
@@ -42,7 +43,10 @@ from redistill.watch import (
 def _cycle(root: Path, p: Params, teacher: Path, data: Path, trigger: str, info: dict) -> dict:
     from redistill.cycle import resolve_inputs
 
-    inputs = resolve_inputs(teacher, data, p, root)
+    try:
+        inputs = resolve_inputs(teacher, data, p, root)
+    except DataError as e:  # e.g. a grown set whose record is damaged: said, not a crash of the whole look
+        return {"decision": "stopped", "reasons": str(e), "key": None}
     try:
         r = locked_cycle(inputs, p, root, trigger, trigger_info=info)
     except CycleStopped as e:
@@ -98,7 +102,11 @@ def _handle_drift(root: Path, p: Params, state: dict, batch: str, path: Path, re
         return {"decision": "champion still fit", "version": fit["version"], "run_id": rid, "reasons": fit["reasons"]}
     why = "no champion yet" if fit is None else f"champion v{fit['version']} no longer fit: {fit['reasons']}"
     log.info(f"drift in {batch}: {why}; re-distilling on the representative set grown by {batch}")
-    grown = update_representative(root, current_data(root), path, batch)
+    try:
+        grown = update_representative(root, current_data(root), path, batch)
+    except DataError as e:  # e.g. a representative set with no record of what it grew from: said, never grown
+        ep["action"] = f"stopped: {e}"
+        return {"decision": "stopped", "reasons": str(e), "why": why}
     info = {"batch": batch, "drift_reasons": report["reasons"], "mmd_p": report["mmd_p"], "fit_check": why,
             "data_md5": grown["md5"], "dvc_file": grown.get("dvc_file"), "report_dir": report["report_dir"]}
     result = _cycle(root, p, current_teacher(root, p.teacher.name, state), Path(grown["path"]), "drift", info)

@@ -12,7 +12,7 @@ from redistill.config import Params
 from redistill.data import DataError, dir_md5
 from redistill.lineage import code_version, idempotency_key
 from redistill.teacher import check_pipeline_folder, pipeline_sha256
-from redistill.validation import image_table
+from redistill.validation import image_table, validation_basis
 
 KEYED_SECTIONS = ["distill", "evaluate", "gate", "validate"]  # every section the cycle reads
 
@@ -31,6 +31,9 @@ def resolve_inputs(teacher: Path, data: Path, p: Params, root: Path) -> dict:
     # the failed run with its reasons, instead of stopping here unrecorded
     table = image_table(data)
     ok = table[table["readable"].astype(bool)]
+    # the bands that validate the data: data/reference's, or for a grown representative set those of the
+    # reference it grew from widened by its accepted batches (recorded in the set, so covered by data_md5)
+    basis = validation_basis(data, Path(root) / "data" / "reference")
     code = code_version()
     inputs = {
         "teacher_uri": str(Path(teacher).resolve()),
@@ -40,8 +43,9 @@ def resolve_inputs(teacher: Path, data: Path, p: Params, root: Path) -> dict:
         "params_sha256": p.sha256(KEYED_SECTIONS),
         # a retrained classifier or encoder measures in another space: its figures must not be reused
         "features_sha256": json.dumps(sha256s(p.evaluate.features, Path(root) / "data" / "features"), sort_keys=True),
-        # the validation bands are learnt from data/reference: another reference is another validation
-        "validation_reference_md5": dir_md5(reference) if (reference := Path(root) / "data" / "reference").is_dir() else "",
+        # another reference is another validation; validate_data refuses one that is not this md5
+        "validation_reference_md5": basis["reference_md5"],
+        "validation_bands": basis["bands_from"],
         "git_commit": code["git_commit"] + ("-dirty" if code["dirty"] else ""),
         "channels": int(ok["channels"].mode()[0]) if len(ok) else None,
         "size": [int(ok["height"].mode()[0]), int(ok["width"].mode()[0])] if len(ok) else None,

@@ -3,18 +3,26 @@
 The great_expectations suite that runs over this table is built in `tasks/validate.py` (GX is not imported
 by the library). Every image file becomes one row, and a file that cannot be decoded still becomes a row
 (`readable = False`), so one broken image fails one expectation instead of stopping the table.
+
+Which bands validate a folder (`validation_basis`): `data/reference`'s, unless the folder is a representative set
+the watch grew. Such a set carries `grown_from.json` (versioned with it, part of its md5): the reference it
+grew from, by md5, and the drift batches the watch accepted into it. It is validated against that reference's
+bands widened to cover each accepted batch's own bands, and refused by name when `data/reference` is no
+longer the reference it grew from.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
 from redistill.config import ValidateParams
-from redistill.data import IMAGE_SUFFIXES, read_label_map, read_png
+from redistill.data import IMAGE_SUFFIXES, DataError, dir_md5, read_label_map, read_png
 
+GROWN_FROM = "grown_from.json"  # inside a grown representative set: the reference and batches it grew from
 TABLE_COLUMNS = ("file", "readable", "height", "width", "channels", "min", "max", "mean", "std",
                  "nan_count", "inf_count", "pixel_sha256", "label", "error")  # error: why a file was unreadable
 
@@ -75,6 +83,72 @@ def reference_profile(table, p: ValidateParams) -> dict:
     }
     if ok["label"].notna().all():
         counts = ok["label"].astype(int).value_counts().sort_index()
+        profile["label_values"] = [int(v) for v in counts.index]
+        profile["label_weights"] = [float(w) for w in counts / counts.sum()]
+    return profile
+
+
+def read_grown_from(folder: Path) -> dict | None:
+    """The record of what a grown representative set grew from (`grown_from.json`), or None for any other folder."""
+    f = Path(folder) / GROWN_FROM
+    if not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text())
+        whole = isinstance(record["reference"]["md5"], str) and all(
+            isinstance(b["name"], str) and isinstance(b["prefix"], str) and b["prefix"] for b in record["batches"])
+    except (ValueError, KeyError, TypeError):
+        whole = False
+    if not whole:
+        raise DataError(f"{f} is damaged: it must name the reference {folder} grew from (md5) and the batches it "
+                        f"accepted. Restore it with `dvc checkout {Path(folder).name}.dvc`, or remove the folder and "
+                        "its .dvc file so cycles use data/reference again")
+    return record
+
+
+def validation_basis(folder: Path, reference: Path) -> dict:
+    """What validates `folder`: the reference's md5, the accepted batches whose bands widen its bands, a
+    one-line description for the report and the MLflow tag, and `problem` when the set cannot be validated
+    honestly (it grew from another reference than the one on disk)."""
+    reference = Path(reference)
+    md5 = dir_md5(reference) if reference.is_dir() else ""
+    record = read_grown_from(folder)
+    if record is None:
+        return {"reference_md5": md5, "batches": [], "problem": None, "bands_from": f"{reference} {md5 or '(missing)'}"}
+    path, grew_md5 = record["reference"].get("path", "data/reference"), record["reference"]["md5"]
+    names = ", ".join(b["name"] for b in record["batches"]) or "(none)"
+    basis = {"reference_md5": md5, "batches": record["batches"], "problem": None,
+             "bands_from": f"{path} {grew_md5} widened by the accepted batches {names} ({GROWN_FROM})"}
+    if grew_md5 != md5:
+        basis["problem"] = (
+            f"{folder} grew from {path} at {grew_md5} (its {GROWN_FROM}), but {reference} is now {md5 or 'missing'}: "
+            f"the bands it would be validated against are not those of the reference it grew from. Restore that "
+            f"reference (`git checkout <commit> -- dvc.lock && dvc checkout {path}`), or start the representative "
+            f"set again from the new one: remove {folder} and its .dvc file")
+    return basis
+
+
+def grown_profile(reference_table, table, batches: list[dict], p: ValidateParams) -> dict:
+    """The reference's profile with its mean/std bands widened to cover each accepted batch's own bands (learnt
+    the same way, from the batch's images in the grown set) and its label mix learnt from the reference and
+    those batches together. Shape and channels stay the reference's."""
+    import pandas as pd
+
+    profile = reference_profile(reference_table, p)
+    parts = [reference_table[reference_table["readable"].astype(bool)]]
+    for b in batches:
+        rows = table[table["file"].str.startswith(b["prefix"]) & table["readable"].astype(bool)]
+        if rows.empty:
+            raise DataError(f"the accepted batch {b['name']} has no readable images ({b['prefix']}*) in the grown set; "
+                            "it was changed after the watch grew it: remove it and its .dvc file to start again")
+        own = reference_profile(rows, p)
+        for band in ("mean_band", "std_band"):
+            profile[band] = [min(profile[band][0], own[band][0]), max(profile[band][1], own[band][1])]
+        parts.append(rows)
+    profile = {k: v for k, v in profile.items() if k not in ("label_values", "label_weights")}
+    labelled = pd.concat(parts)
+    if labelled["label"].notna().all():  # merge_batch keeps labels only when the reference and every batch had them
+        counts = labelled["label"].astype(int).value_counts().sort_index()
         profile["label_values"] = [int(v) for v in counts.index]
         profile["label_weights"] = [float(w) for w in counts / counts.sum()]
     return profile

@@ -187,6 +187,27 @@ def current_data(root: Path) -> Path:
     return rep if (rep.is_dir() and any(rep.glob("*.png"))) else Path(root) / "data" / "reference"
 
 
+def grown_from(root: Path, base: Path, batch: Path, batch_name: str) -> dict:
+    """The record a representative set grown from `base` by `batch` carries (`grown_from.json`): the reference
+    it grew from, by md5 (that of `base` when `base` is the reference, else the one `base` grew from), and every
+    batch accepted into it since, with the file prefix its images have in the set. Validation reads it."""
+    from redistill.data import IMAGE_SUFFIXES, DataError, dir_md5, safe_name
+    from redistill.validation import GROWN_FROM, read_grown_from
+
+    root, base = Path(root), Path(base)
+    before = read_grown_from(base)
+    if before is None and base.resolve() != (root / "data" / "reference").resolve():
+        raise DataError(f"{base} has no {GROWN_FROM}: an older redistill grew it, so what it grew from is unknown and "
+                        f"it cannot be validated honestly. Remove it and {base.name}.dvc; the watch then grows the "
+                        "representative set from data/reference again")
+    before = before or {"reference": {"path": "data/reference", "md5": dir_md5(base)}, "batches": []}
+    entry = {"name": safe_name(batch_name), "prefix": safe_name(batch_name) + "__", "md5": dir_md5(batch),
+             "images": sum(1 for p in Path(batch).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)}
+    return {"reference": before["reference"], "batches": before["batches"] + [entry],
+            "note": "written by `redistill watch` when it grew this set: validation uses the bands of this reference "
+                    "widened by these batches' own bands, and refuses when the reference on disk has another md5"}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Drift episodes: hysteresis and cooldown
 # ---------------------------------------------------------------------------------------------------

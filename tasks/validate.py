@@ -2,7 +2,9 @@
 
 The suite is built in code from the reference's profile (`redistill.validation.reference_profile`) and
 saved as JSON with every run, next to the GX result and the data docs HTML. A failed validation names
-every failed expectation, so the cycle can stop before any distillation and say why.
+every failed expectation, so the cycle can stop before any distillation and say why. A representative set
+the watch grew is validated against the reference it grew from, widened by the batches it accepted
+(`redistill.validation.validation_basis`); the report, `profile.json` and `basis.json` say which.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 from prefect import task
 
 from redistill.config import ValidateParams
-from redistill.validation import image_table, reference_profile
+from redistill.data import DataError
+from redistill.validation import grown_profile, image_table, reference_profile, validation_basis
 
 SUITE_NAME = "redistill-images"
 
@@ -32,10 +35,11 @@ class ValidationReport:
     suite_json: Path | None = None
     result_json: Path | None = None
     data_docs: Path | None = None  # index.html of the GX data docs site
+    bands_from: str = ""  # the reference (and accepted batches) whose bands the suite was learnt from
 
     def message(self) -> str:
         if self.success:
-            return f"data validation passed ({self.num_images} images)"
+            return f"data validation passed ({self.num_images} images" + (f"; bands from {self.bands_from})" if self.bands_from else ")")
         return "data validation failed: " + "; ".join(self.failed)
 
 
@@ -115,12 +119,38 @@ def _describe(result, table=None) -> str:
     return f"{cfg.type}({', '.join(f'{k}={v}' for k, v in kw.items())}): {detail}"
 
 
-def validate_folder(folder: Path, reference: Path, p: ValidateParams, out_dir: Path) -> ValidationReport:
-    """Validate `folder` against the suite learnt from `reference`; GX files go under `out_dir`."""
+def validate_folder(folder: Path, reference: Path, p: ValidateParams, out_dir: Path,
+                    reference_md5: str | None = None) -> ValidationReport:
+    """Validate `folder` against the suite learnt from `reference`; GX files go under `out_dir`.
+
+    A representative set the watch grew (it holds `grown_from.json`) is validated against the reference it grew
+    from, widened by the batches it accepted, and refused when `reference` is no longer that reference.
+    `reference_md5`, when given, is the reference the cycle's key covers: any other one on disk is refused.
+    """
     table = image_table(folder)
     if table.empty:
         return ValidationReport(False, [f"{folder} holds no PNG images; point --data at a folder of PNGs"], 0)
-    return validate_table(table, reference_profile(image_table(reference), p), p, out_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        basis = validation_basis(folder, reference)
+    except DataError as e:
+        return ValidationReport(False, [str(e)], len(table))
+    if reference_md5 is not None and basis["reference_md5"] != reference_md5:
+        basis["problem"] = (f"{reference} changed since the cycle resolved its inputs (md5 {reference_md5} in its key, "
+                            f"{basis['reference_md5'] or 'missing'} now); run the cycle again")
+    (out_dir / "basis.json").write_text(json.dumps(basis, indent=2) + "\n")
+    if basis["problem"]:
+        return ValidationReport(False, [basis["problem"]], len(table), bands_from=basis["bands_from"])
+    try:
+        reference_table = image_table(reference)
+        profile = (grown_profile(reference_table, table, basis["batches"], p) if basis["batches"]
+                   else reference_profile(reference_table, p))
+    except DataError as e:
+        return ValidationReport(False, [str(e)], len(table), bands_from=basis["bands_from"])
+    report = validate_table(table, {**profile, "bands_from": basis["bands_from"]}, p, out_dir)
+    report.bands_from = basis["bands_from"]
+    return report
 
 
 def validate_table(table, profile: dict, p: ValidateParams, out_dir: Path) -> ValidationReport:
@@ -158,9 +188,10 @@ def validate_table(table, profile: dict, p: ValidateParams, out_dir: Path) -> Va
 
 
 @task(name="validate-data", retries=2, retry_delay_seconds=[2, 10], task_run_name="validate {folder}")
-def validate_data(folder: Path, reference: Path, p: ValidateParams, out_dir: Path) -> ValidationReport:
+def validate_data(folder: Path, reference: Path, p: ValidateParams, out_dir: Path,
+                  reference_md5: str | None = None) -> ValidationReport:
     """Prefect task: validate a data folder; retried on I/O errors (a failed validation is a result, not an error)."""
-    return validate_folder(folder, reference, p, out_dir)
+    return validate_folder(folder, reference, p, out_dir, reference_md5)
 
 
 @task(name="check-teacher", retries=2, retry_delay_seconds=[2, 10])

@@ -132,17 +132,35 @@ def tag_version(root: Path, name: str, version: str, tags: dict[str, str]) -> No
 
 @task(name="update-representative-set")
 def update_representative(root: Path, base: Path, batch: Path, batch_name: str) -> dict:
-    """data/representative = the current representative set + the batch, versioned with `dvc add`."""
+    """data/representative = the current representative set + the batch, with `grown_from.json` (the reference
+    it grew from and the batches it accepted, which validation reads), versioned with `dvc add`."""
+    import shutil
+
     from redistill.data import dir_md5, merge_batch
     from redistill.lineage import dvc_add
+    from redistill.validation import GROWN_FROM
+    from redistill.watch import grown_from
 
     out = Path(root) / "data" / "representative"
-    count = merge_batch(base, batch, out, batch_name)
+    record = grown_from(root, base, batch, batch_name)
+    # merged aside, recorded, then swapped in whole: the set is never on disk without its record
+    staged = out.with_name(out.name + f".grow{os.getpid()}")
+    old = out.with_name(out.name + f".old{os.getpid()}")
+    try:
+        count = merge_batch(base, batch, staged, batch_name)
+        (staged / GROWN_FROM).write_text(json.dumps(record, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)  # nothing half written under data/
+        raise
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staged, out)
+    shutil.rmtree(old, ignore_errors=True)
     dvc = dvc_add(root, out)
     md5 = dir_md5(out)
     if dvc.get("dvc") and dvc["md5"] != md5:
         raise RuntimeError(f"DVC recorded {dvc['md5']} for {out} but redistill computes {md5}")
-    return {"path": str(out), "md5": md5, "images": count, **dvc, "pid": os.getpid()}
+    return {"path": str(out), "md5": md5, "images": count, **dvc, "pid": os.getpid(), "grown_from": record}
 
 
 @task(name="fetch-registered-teacher", **IO_RETRIES)

@@ -279,6 +279,57 @@ def test_a_bad_batch_is_recorded_as_bad_and_never_acted_on(ws, events):
         shutil.rmtree(ws / "data" / "incoming" / name)
 
 
+def test_a_grown_set_is_validated_against_the_reference_it_grew_from_and_the_accepted_batches(ws, tmp_path):
+    """A batch at 0.6× contrast drifts and the champion fails on it, so the set grows by it. Its images lie
+    below data/reference's std band, so against those bands alone the grown set failed validation and the
+    re-distillation stopped (and so did every later cycle on data/representative). The set is validated
+    against the reference it grew from (recorded, md5 checked) widened by the batches the watch accepted,
+    and the run says so; a changed data/reference is refused by name."""
+    import numpy as np
+    from PIL import Image
+
+    from redistill.data import dir_md5
+
+    now = tmp_path / "now.yaml"  # no cooldown: a new episode acts at once
+    now.write_text(STRICT.join([BASE.replace("drift: {permutations: 300}", "drift: {permutations: 300, cooldown_hours: 0.0}"),
+                                "watch: {settle_seconds: 0}\n"]))
+    arrive(ws, "nodrift", "nodrift-4")
+    arrive(ws, "nodrift", "nodrift-5")
+    watch(ws, "--params", now)  # two clean batches in a row close any open episode
+    arrive(ws, "nodrift", "dim")
+    for f in (ws / "data" / "incoming" / "dim").glob("*.png"):
+        Image.fromarray((np.asarray(Image.open(f)) * 0.6).astype(np.uint8)).save(f)
+    n = len(versions(ws))
+
+    (b,) = watch(ws, "--params", now)["batches"]
+    assert b["drifted"] and b["action"] == "act", b
+    assert b["outcome"]["decision"] == "rejected", b["outcome"]  # validated, distilled, judged (unmeetable gate)
+    new = versions(ws)[-1]
+    assert len(versions(ws)) == n + 1 and new.tags[PREFIX + "trigger"] == "drift"
+    rep, ref = ws / "data" / "representative", ws / "data" / "reference"
+    origin = json.loads((rep / "grown_from.json").read_text())  # versioned with the set (part of its DVC md5)
+    assert origin["reference"] == {"path": "data/reference", "md5": dir_md5(ref)}
+    assert [x["name"] for x in origin["batches"]][-1] == "dim"
+    assert new.tags[PREFIX + "validation_reference_md5"] == dir_md5(ref)
+    bands = new.tags[PREFIX + "validation_bands"]
+    assert dir_md5(ref) in bands and "dim" in bands, bands
+    c = client(f"sqlite:///{ws / 'mlflow.db'}")
+    profile = json.loads(Path(c.download_artifacts(new.run_id, "validation/profile.json", str(tmp_path))).read_text())
+    assert profile["bands_from"] == bands and profile["std_band"][0] < 0.2
+
+    saved = tmp_path / "reference"  # data/reference replaced under the grown set: refused by name, then put back
+    shutil.copytree(ref, saved)
+    try:
+        (ref / sorted(p.name for p in ref.glob("*.png"))[0]).unlink()
+        r = runner.invoke(app, ["validate", str(rep), "--workspace", str(ws)])
+        assert r.exit_code == 1 and f"grew from data/reference at {origin['reference']['md5']}" in r.output, r.output
+        assert "dvc checkout" in r.output
+    finally:
+        shutil.rmtree(ref)
+        shutil.copytree(saved, ref)
+    shutil.rmtree(ws / "data" / "incoming" / "dim")
+
+
 def test_three_simultaneous_cycles_give_one_distillation_and_one_version(ws, tmp_path):
     params = tmp_path / "p.yaml"  # a setting never used before: a new key, so nothing to dedupe yet
     params.write_text(BASE.replace("batch_size: 8", "batch_size: 6") + LENIENT + "watch: {settle_seconds: 0}\n")
