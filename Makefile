@@ -30,9 +30,10 @@ demo: install
 test: install
 	$(BIN)/pytest -q
 
-# kill -9 at every stage of a real cycle, then the same command again (tests/test_kill.py)
+# kill -9 at every stage of a real cycle, then the same command again (tests/test_kill.py); the tracking
+# and Prefect servers going away mid-cycle (tests/test_servers.py); 12 processes at once (tests/test_load.py)
 trials: install
-	$(BIN)/pytest -q -s -m trials tests/test_kill.py
+	$(BIN)/pytest -q -s -m trials tests/test_kill.py tests/test_servers.py tests/test_load.py
 
 # Rebuild every stage whose inputs changed (dvc.yaml); the committed teacher is kept if unchanged.
 repro: install

@@ -8,10 +8,10 @@ import socket
 import tempfile
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from redistill.failpoints import failpoint
-from redistill.tasks.concurrency import one_at_a_time
+from redistill.tasks.concurrency import api_url, one_at_a_time
 from redistill.tasks.distill import distill_student, warm_start
 from redistill.tasks.evaluate import evaluate_student, quality_vs_steps
 from redistill.tasks.gate import gate_student
@@ -25,12 +25,14 @@ from redistill.tasks.registry import (
     record_failure,
     register,
     set_tags,
+    with_retries,
 )
 from redistill.tasks.events import emit
 from redistill.tasks.validate import check_teacher, validate_data
 
 from redistill.config import Params, load_params, workspace
-from redistill.cycle import inputs_changed
+from redistill.registry import configure_http
+from redistill.cycle import inputs_changed, note_unrecorded_failure, servers_in_trouble, stopped_by_servers
 
 
 class CycleStopped(RuntimeError):
@@ -54,56 +56,70 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
     if trigger_info:
         tags["redistill.trigger_detail"] = json.dumps({k: v for k, v in trigger_info.items() if k != "report_dir"},
                                                       default=str)[:5000]
-    run_id = open_run(root, p.registry.experiment, tags, p.to_dict())
+    run_id = with_retries(open_run, p.registry.retry_delays_s)(root, p.registry.experiment, tags, p.to_dict())
     failpoint("run-opened")
+    progress = {"stage": "validate"}
     try:
-        return _stages(inputs, p, root, trigger, trigger_info, run_id, tags, run_dir)
+        return _stages(inputs, p, root, trigger, trigger_info, run_id, tags, run_dir, progress)
     except CycleStopped:
         raise
-    except Exception as e:  # anything unforeseen (a file that vanished, a folder that changed mid-read): the run
-        reason = f"{type(e).__name__}: {e}"  # says why, the registry is untouched, and the user gets one line
-        try:
+    except Exception as e:  # anything unforeseen (a file that vanished, a folder that changed mid-read, a server
+        reason = f"{type(e).__name__}: {e}"  # that went away): the run says why, the registry is untouched,
+        try:  # and the user gets one line
             reason = inputs_changed(inputs) or reason  # an input that changed mid-read is the cause to report
         except Exception:
             pass
-        try:
-            if not registry_version_for(root, p.registry.student_name, key):
-                record_failure(root, run_id, "cycle", reason)
-        except Exception:  # the tracking store itself is the problem: the original error is what matters
-            pass
-        raise CycleStopped(reason) from e
+        trouble = servers_in_trouble(root, api_url())
+        if not trouble:
+            try:  # directly, not as a task: the retries are spent, and Prefect may be what failed
+                if not registry_version_for(root, p.registry.student_name, key):
+                    record_failure.fn(root, run_id, progress["stage"], reason)
+                raise CycleStopped(reason) from e
+            except CycleStopped:
+                raise
+            except Exception as store_error:  # the tracking store itself failed now
+                trouble = {"MLflow tracking store": f"failed ({type(store_error).__name__})"}
+        # a server is away: the run is closed with this reason by the next run of the same inputs
+        note_unrecorded_failure(run_dir, run_id, progress["stage"], reason)
+        raise CycleStopped(stopped_by_servers(trouble, progress["stage"], run_dir, reason)) from e
 
 
 def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dict | None, run_id: str, tags: dict,
-            run_dir: Path) -> dict:
-    """The cycle's stages after its run is open; see `cycle`."""
+            run_dir: Path, progress: dict) -> dict:
+    """The cycle's stages after its run is open; see `cycle`. `progress["stage"]` says where it is."""
     teacher, data, key = Path(inputs["teacher_uri"]), Path(inputs["data_uri"]), inputs["key"]
+    delays = p.registry.retry_delays_s  # every MLflow step is tried again after these pauses
+    log_artifacts_, record_failure_, set_tags_, warm_start_, champion_evaluation_ = (
+        with_retries(t, delays) for t in (log_artifacts, record_failure, set_tags, warm_start, champion_evaluation))
+    log_evaluation_, log_pyfunc_, register_ = (with_retries(t, delays) for t in (log_evaluation, log_pyfunc, register))
     if trigger_info and trigger_info.get("report_dir"):
-        log_artifacts(root, run_id, Path(trigger_info["report_dir"]), "trigger")
+        log_artifacts_(root, run_id, Path(trigger_info["report_dir"]), "trigger")
 
-    report = validate_data(data, root / "data" / "reference", p.validate, run_dir / "validation")
-    log_artifacts(root, run_id, run_dir / "validation", "validation")
+    report = validate_data(data, root / "data" / "reference", p.validate, run_dir / "validation", inputs["validation_reference_md5"])
+    log_artifacts_(root, run_id, run_dir / "validation", "validation")
     if not report.success:
-        record_failure(root, run_id, "validate", report.message())
+        record_failure_(root, run_id, "validate", report.message())
         raise CycleStopped(report.message())
     facts = check_teacher(teacher, inputs["channels"], tuple(inputs["size"]), data)
     if "error" in facts:
-        record_failure(root, run_id, "teacher", facts["error"])
+        record_failure_(root, run_id, "teacher", facts["error"])
         raise CycleStopped(facts["error"])
     failpoint("validated")
 
-    start = warm_start(root, p, teacher, run_dir)
+    progress["stage"] = "distill"
+    start = warm_start_(root, p, teacher, run_dir)
     if "refused" in start:
-        record_failure(root, run_id, "warm-start", start["refused"])
+        record_failure_(root, run_id, "warm-start", start["refused"])
         raise CycleStopped(start["refused"])
     tags["redistill.init"] = start["init"]
-    set_tags(root, run_id, {"redistill.init": start["init"], "redistill.init_note": start["note"][:5000]})
+    set_tags_(root, run_id, {"redistill.init": start["init"], "redistill.init_note": start["note"][:5000]})
     try:
         summary = distill_student(teacher, data, p.distill, run_dir, root, start)
     except ValueError as e:  # settings the method cannot serve with this teacher (known once it is loaded)
-        record_failure(root, run_id, "distill", str(e))
+        record_failure_(root, run_id, "distill", str(e))
         raise CycleStopped(f"distillation refused: {e}") from e
     failpoint("distilled")
+    progress["stage"] = "evaluate"
     student = run_dir / "student"
     result = evaluate_student(student, p.distill.target_steps, teacher, data, root / "data" / "features", p,
                               run_dir / "evaluation", root / "runs" / "cache" / "samples")
@@ -113,7 +129,7 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
     with tempfile.TemporaryDirectory() as tmp:
         # the change thresholds compare like with like: the champion measured on this cycle's data, in this
         # cycle's feature spaces, with these evaluate settings (its recorded figures when they are those)
-        champ_version, champ_result, champ_student, champ_steps = champion_evaluation(
+        champ_version, champ_result, champ_student, champ_steps = champion_evaluation_(
             root, p.registry.student_name, Path(tmp), inputs, p.to_dict()["evaluate"])
         if champ_student is not None:
             champ_result = evaluate_student(champ_student, champ_steps or p.distill.target_steps, teacher, data,
@@ -124,25 +140,30 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
     failpoint("evaluated")
     changed = inputs_changed(inputs)  # the version must record what it was trained and judged on
     if changed:
-        record_failure(root, run_id, "inputs-changed", changed)
+        record_failure_(root, run_id, "inputs-changed", changed)
         raise CycleStopped(changed)
-    log_evaluation(root, run_id, result, decision)
-    log_artifacts(root, run_id, student, "student")
-    model_path = log_pyfunc(root, run_id, student)
-    log_artifacts(root, run_id, run_dir / "evaluation", "evaluation")
+    progress["stage"] = "register"
+    log_evaluation_(root, run_id, result, decision)
+    log_artifacts_(root, run_id, student, "student")
+    model_path = log_pyfunc_(root, run_id, student)
+    log_artifacts_(root, run_id, run_dir / "evaluation", "evaluation")
     if (run_dir / "champion-evaluation").is_dir():
-        log_artifacts(root, run_id, run_dir / "champion-evaluation", "champion-evaluation")
-    reg = register(root, p.registry.student_name, run_id, {
+        log_artifacts_(root, run_id, run_dir / "champion-evaluation", "champion-evaluation")
+    reg = register_(root, p.registry.student_name, run_id, {
         **{k.removeprefix("redistill."): v for k, v in tags.items()},
         "num_inference_steps": str(p.distill.target_steps),
         "gate": "passed" if decision["passed"] else "rejected",
         "gate_reasons": decision["reasons"][:5000],
     }, promote=decision["passed"], artifact_path=model_path)
-    publish_reports(root, run_id, "promoted" if reg["promoted"] else "rejected", reg["version"])
     name = p.registry.student_name
-    emit("redistill.student.promoted" if reg["promoted"] else "redistill.student.rejected",
-         f"redistill.model.{name}", {"version": reg["version"], "key": key, "trigger": trigger, "run_id": run_id,
-                                     "replaced": reg["replaced"], "reasons": decision["reasons"][:2000]}, name)
+    try:  # the decision is registered: a report or an event that cannot be sent now does not undo it
+        publish_reports(root, run_id, "promoted" if reg["promoted"] else "rejected", reg["version"])
+        emit("redistill.student.promoted" if reg["promoted"] else "redistill.student.rejected",
+             f"redistill.model.{name}", {"version": reg["version"], "key": key, "trigger": trigger, "run_id": run_id,
+                                         "replaced": reg["replaced"], "reasons": decision["reasons"][:2000]}, name)
+    except Exception as e:
+        get_run_logger().warning(f"version {reg['version']} is registered, but its reports or event were not "
+                                 f"sent: {type(e).__name__}: {str(e)[:300]}")
     return {"key": key, "decision": "promoted" if reg["promoted"] else "rejected", "version": reg["version"],
             "replaced": reg["replaced"], "run_id": run_id,
             "reasons": decision["reasons"], "metrics": result, "distill": summary, "deduplicated": False}
@@ -167,7 +188,7 @@ def locked_cycle(inputs: dict, p: Params, root: Path, trigger: str, force: bool 
 
     with one_at_a_time(root):
         c = client(tracking_uri(root))
-        recover(c, p.registry.student_name, p.registry.experiment, inputs["key"])  # the slot is ours: any RUNNING run of this key is dead
+        recover(c, p.registry.student_name, p.registry.experiment, inputs["key"], root)  # the slot is ours: any RUNNING run of this key is dead
         if not force:
             earlier = earlier_decision(c, p.registry.student_name, inputs["key"])
             if earlier is not None:
@@ -186,5 +207,6 @@ def nightly(workspace_dir: str | None = None, params_file: str | None = None) ->
 
     root = workspace(workspace_dir)
     p = load_params(params_file, root)
+    configure_http(p.registry.http_retries, p.registry.http_timeout_s)  # as the CLI does: bounded MLflow retries
     inputs = resolve_inputs(current_teacher(root, p.teacher.name), current_data(root), p, root)
     return locked_cycle(inputs, p, root, "schedule")  # a stopped cycle fails the flow run, with its reason

@@ -25,6 +25,7 @@ from redistill.tasks.watch import (
 )
 
 from redistill.config import Params, load_params, workspace
+from redistill.registry import configure_http
 from redistill.data import DataError
 from redistill.watch import (
     current_data,
@@ -121,6 +122,7 @@ def watch(workspace_dir: str | None = None, params_file: str | None = None) -> d
     """One look: refuse broken teachers, cycle on the newest new teacher, test new batches for drift."""
     root = workspace(workspace_dir)
     p = load_params(params_file, root)
+    configure_http(p.registry.http_retries, p.registry.http_timeout_s)  # as the CLI does: bounded MLflow retries
     state = load_state(root)
     found = scan(root, p.watch.settle_seconds, state)
     out = {"teachers": [], "batches": [], "pending": [f.to_dict() for f in found.pending]}

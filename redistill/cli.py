@@ -76,9 +76,13 @@ def _floors(q: dict) -> str:
 def _settings(ws: Optional[Path], params: Optional[Path]):
     root = workspace(ws)
     try:
-        return root, load_params(params, root)
+        p = load_params(params, root)
     except ConfigError as e:
         fail(str(e))
+    from redistill.registry import configure_http
+
+    configure_http(p.registry.http_retries, p.registry.http_timeout_s)  # a tracking server that went away
+    return root, p  # costs bounded retries, not MLflow's minutes per request
 
 
 @app.command()
@@ -359,37 +363,60 @@ def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bo
     except (PipelineError, DataError, FileNotFoundError) as e:
         fail(str(e))
     uri = tracking_uri(root)
-    c = client(uri)
     try:
-        _first_store_access(root, uri, lambda: c.search_experiments(max_results=1))
+        c = client(uri)
+        c.search_experiments(max_results=1)
     except Exception as e:  # any transport or store error: say which URI and stop before any work
-        fail(f"MLflow tracking URI {uri} cannot be reached ({type(e).__name__}: {str(e)[:200]}); "
-             "start the server or unset MLFLOW_TRACKING_URI to use the workspace's SQLite store")
-    recover(c, p.registry.student_name, p.registry.experiment, inputs["key"])  # what a killed run left behind
+        from redistill.registry import server_trouble
+
+        trouble = server_trouble(uri)
+        why = f"it {trouble}" if trouble else f"{type(e).__name__}: {str(e)[:200]}"
+        fail(f"MLflow tracking URI {uri} cannot be reached: {why}, after {p.registry.http_retries} retries "
+             "(registry.http_retries); start the server or unset MLFLOW_TRACKING_URI to use the workspace's "
+             "SQLite store")
+    recover(c, p.registry.student_name, p.registry.experiment, inputs["key"], root)  # what a killed run left behind
     earlier = None if force else earlier_decision(c, p.registry.student_name, inputs["key"])
     if earlier is not None:
         return earlier
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    from redistill.cycle import servers_in_trouble
     from redistill.flows.cycle import CycleStopped, locked_cycle
+    from redistill.tasks.concurrency import api_url
 
+    prefect = api_url()
+    if prefect and (trouble := servers_in_trouble(root, prefect)):  # before any work, like the tracking server
+        fail(f"the Prefect API at {prefect} {next(iter(trouble.values()))}; start it (`prefect server start`) or "
+             "unset PREFECT_API_URL to let the cycle start a temporary one")
     try:
         return locked_cycle(inputs, p, root, trigger, force)
     except CycleStopped as e:
-        fail(f"cycle stopped: {e}")
+        _stop(f"cycle stopped: {e}", prefect)
+    except Exception as e:  # raised outside the cycle's stages (Prefect's own bookkeeping, the slot): a server
+        trouble = servers_in_trouble(root, prefect)  # that went away is the usual cause; say which
+        if not trouble:
+            raise
+        from redistill.cycle import stopped_by_servers
+
+        run_dir = root / "runs" / "cycles" / inputs["key"]
+        _stop(f"cycle stopped: {stopped_by_servers(trouble, 'orchestration', run_dir, f'{type(e).__name__}: {e}')}",
+              prefect)
 
 
-def _first_store_access(root: Path, uri: str, probe) -> None:
-    """Run `probe`; the first touch of a new SQLite store holds a file lock, so that processes starting
-    together do not race to create its tables."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        from filelock import FileLock
+def _stop(message: str, prefect_api: str | None) -> None:
+    """`fail`; but when the Prefect API is away, exit at once: at exit Prefect drains its queued logs and events
+    to the server, retrying each batch, which would keep a stopped cycle hanging for minutes."""
+    from redistill.registry import server_trouble
 
-        (root / "runs" / "locks").mkdir(parents=True, exist_ok=True)
-        with FileLock(str(root / "runs" / "locks" / "mlflow-store.lock")):
-            probe()
-        return
-    probe()
+    if prefect_api and server_trouble(prefect_api):
+        import os
+        import sys
+
+        typer.echo(f"error: {message}", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)  # nothing is lost: the run's failure is recorded (or kept for the next run) already
+    fail(message)
 
 
 def _with_method(p, method: Optional[str], steps: Optional[int] = None):

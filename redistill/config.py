@@ -302,6 +302,20 @@ class RegistryParams:
 
     student_name: str = "digits-student"  # registered model name
     experiment: str = "redistill"  # MLflow experiment of the cycle runs
+    # a tracking server that goes away: each MLflow step of a cycle is tried again after these pauses (one
+    # retry per entry), and each HTTP request inside a try is retried `http_retries` times with back-off and
+    # waits at most `http_timeout_s` for an answer (MLFLOW_HTTP_REQUEST_* environment variables win)
+    retry_delays_s: list[float] = field(default_factory=lambda: [5.0, 30.0, 120.0])
+    http_retries: int = 2
+    http_timeout_s: int = 60
+
+    def __post_init__(self):
+        if any(d < 0 for d in self.retry_delays_s) or len(self.retry_delays_s) > 10:
+            raise ConfigError(f"registry.retry_delays_s must be at most 10 pauses of 0 s or more, got {self.retry_delays_s}")
+        if not 0 <= self.http_retries <= 10:
+            raise ConfigError(f"registry.http_retries must be between 0 and 10, got {self.http_retries}")
+        if self.http_timeout_s < 1:
+            raise ConfigError(f"registry.http_timeout_s must be at least 1, got {self.http_timeout_s}")
 
 
 @dataclass

@@ -73,17 +73,88 @@ def inputs_changed(inputs: dict) -> str | None:
     return None
 
 
-def recover(c, name: str, experiment: str, key: str) -> dict:
-    """Undo what a killed cycle of `key` left half done, before anyone reads its decision: its RUNNING
-    MLflow run is closed as KILLED with the reason, and a passed version whose alias moves were cut short
-    is promoted as its gate decided (never over a later champion). Cheap: two registry queries."""
+UNRECORDED = "unrecorded-failure.json"  # in the cycle's run folder: a failure the tracking server was away for
+
+
+def servers_in_trouble(root: Path, prefect_api_url: str | None) -> dict[str, str]:
+    """The servers a cycle depends on that are down or failing now: {"MLflow tracking server <uri>": "does not
+    answer (…)", "Prefect API <url>": "answers HTTP 503"}; empty when all answer (or none is used)."""
+    from redistill.registry import server_trouble, tracking_uri
+
+    found = {}
+    for label, url in (("MLflow tracking server", tracking_uri(root)), ("Prefect API", prefect_api_url or "")):
+        trouble = server_trouble(url) if url else None
+        if trouble:
+            found[f"{label} {url}"] = trouble
+    return found
+
+
+def note_unrecorded_failure(run_dir: Path, run_id: str, stage: str, reason: str) -> None:
+    """Keep a failure that could not be recorded in MLflow (its server was away) next to the cycle's files;
+    `recover` records it on the run when the same inputs run again."""
+    import json
+    import time
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / UNRECORDED).write_text(json.dumps({
+        "run_id": run_id, "stage": stage, "reason": reason[:4000],
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+
+
+def stopped_by_servers(trouble: dict[str, str], stage: str, run_dir: Path, reason: str) -> str:
+    """The one line a user gets when a server went away during the cycle: which, where, what is kept, what to do."""
+    servers = "; ".join(f"the {what} {how}" for what, how in trouble.items())
+    student = Path(run_dir) / "student"
+    if (student / "redistill_distill.json").is_file():
+        kept = (f"the distilled student is kept in {student}, so running the same command again once the server is "
+                "back registers it without distilling again")
+    elif any((Path(run_dir) / "checkpoints").glob("*/meta.json")):
+        kept = (f"the distillation's checkpoints are kept in {Path(run_dir) / 'checkpoints'}; running the same command "
+                "again once the server is back resumes from the last one")
+    else:
+        kept = "nothing was distilled; run the same command again once the server is back"
+    return (f"{servers} (during the {stage} stage, after the retries in registry.retry_delays_s): nothing was "
+            f"registered and the champion is untouched; {kept}. The run is marked FAILED then. Cause: {reason[:300]}")
+
+
+def recover(c, name: str, experiment: str, key: str, root: Path | None = None) -> dict:
+    """Undo what a killed cycle of `key` left half done, before anyone reads its decision: a failure that
+    could not be recorded while a server was away is recorded on its run, a RUNNING MLflow run whose
+    process died is closed as KILLED with the reason, and a passed version whose alias moves were cut short
+    is promoted as its gate decided (never over a later champion). Cheap: a few registry queries."""
     from redistill.registry import close_orphan_runs, find_by_key, finish_promotion
 
+    found = find_by_key(c, name, key)
+    late = _record_late_failure(c, Path(root) / "runs" / "cycles" / key / UNRECORDED, found) if root else None
     exp = c.get_experiment_by_name(experiment)
     closed = close_orphan_runs(c, [exp.experiment_id], key, "a later run of the same inputs closed it") if exp else []
-    found = find_by_key(c, name, key)
     finished = bool(found) and finish_promotion(c, name, found[0])
-    return {"closed_runs": closed, "finished_promotion": str(found[0].version) if finished else None}
+    return {"closed_runs": closed, "finished_promotion": str(found[0].version) if finished else None,
+            "late_failure": late}
+
+
+def _record_late_failure(c, note: Path, versions: list) -> str | None:
+    """Record the failure kept in `note` on its run (FINISHED instead when its version did get registered)."""
+    import json
+
+    if not note.is_file():
+        return None
+    try:
+        rec = json.loads(note.read_text())
+        run = c.get_run(rec["run_id"])
+    except Exception:  # unreadable, or a run this store does not have: nothing to close
+        note.unlink(missing_ok=True)
+        return None
+    if run.info.status == "RUNNING":
+        if any(v.run_id == rec["run_id"] for v in versions):  # it registered before the server went away
+            c.set_terminated(rec["run_id"], status="FINISHED")
+        else:
+            c.set_tag(rec["run_id"], "redistill.failed_stage", rec.get("stage", "cycle"))
+            c.set_tag(rec["run_id"], "redistill.failure",
+                      f"{rec.get('reason', '')} (recorded late: a server was away when it failed at {rec.get('at')})"[:5000])
+            c.set_terminated(rec["run_id"], status="FAILED")
+    note.unlink(missing_ok=True)
+    return rec["run_id"]
 
 
 def earlier_decision(c, name: str, key: str) -> dict | None:

@@ -43,10 +43,59 @@ def tracking_uri(root) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root) / 'mlflow.db'}"
 
 
+def configure_http(retries: int, timeout_s: int) -> None:
+    """Bound how long one MLflow request may take against a server that went away: `retries` retries with
+    back-off (1 s, 2 s, 4 s, … plus jitter) and `timeout_s` per answer. MLflow's defaults (7 retries, back-off
+    factor 2, 120 s) can hang a cycle for minutes per request. Variables the user set are left alone."""
+    import os
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
+
+
+def server_trouble(url: str, timeout_s: float = 5.0) -> str | None:
+    """What is wrong with the HTTP server behind `url` (an MLflow tracking server or a Prefect API), from one
+    request to its health endpoint: "does not answer (…)" or "answers 503", or None when it is healthy
+    or `url` is not a server (a SQLite store)."""
+    import urllib.error
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError as e:
+        return f"answers HTTP {e.code}" if e.code >= 500 else None
+    except (OSError, ValueError) as e:  # refused, timed out, reset, unresolvable
+        return f"does not answer ({type(e).__name__}: {getattr(e, 'reason', e)})"
+
+
+_READY: set[str] = set()  # SQLite stores this process has opened (their schema is in place)
+
+
 def client(tracking_uri: str | None = None):
+    """An MlflowClient. The first time a process opens a SQLite store, it does so under a file lock next to
+    the database: MLflow creates and migrates the schema on first open, and processes that open a new store
+    together otherwise race through the migrations ("Online migration expected to match one row …")."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri)
+    uri = tracking_uri or ""
+    if not uri.startswith("sqlite:///") or uri in _READY:
+        return MlflowClient(tracking_uri)
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock"):  # the tracking and the registry store each check the schema on first open
+        c = MlflowClient(tracking_uri)
+        c.search_experiments(max_results=1)
+        c.search_registered_models(max_results=1)
+    _READY.add(uri)
+    return c
 
 
 def champion(c, name: str):

@@ -16,7 +16,12 @@ from prefect import task
 from redistill import registry
 from redistill.registry import tracking_uri
 
-IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])
+IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])  # the cycle applies `registry.retry_delays_s` instead
+
+
+def with_retries(t, delays: list[float]):
+    """Task `t` retried once after each pause in `delays` (the settings' `registry.retry_delays_s`)."""
+    return t.with_options(retries=len(delays), retry_delay_seconds=[float(d) for d in delays] or 0)
 
 
 def _experiment(c, name: str, root: Path) -> str:
