@@ -93,12 +93,14 @@ def note_unrecorded_failure(run_dir: Path, run_id: str, stage: str, reason: str)
     """Keep a failure that could not be recorded in MLflow (its server was away) next to the cycle's files;
     `recover` records it on the run when the same inputs run again."""
     import json
+    import os
     import time
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / UNRECORDED).write_text(json.dumps({
-        "run_id": run_id, "stage": stage, "reason": reason[:4000],
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+    tmp = Path(run_dir) / f".{UNRECORDED}.{os.getpid()}"
+    tmp.write_text(json.dumps({"run_id": run_id, "stage": stage, "reason": reason[:4000],
+                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+    os.replace(tmp, Path(run_dir) / UNRECORDED)  # whole or absent: `recover` may read it meanwhile
 
 
 def stopped_by_servers(trouble: dict[str, str], stage: str, run_dir: Path, reason: str) -> str:
@@ -113,8 +115,11 @@ def stopped_by_servers(trouble: dict[str, str], stage: str, run_dir: Path, reaso
                 "again once the server is back resumes from the last one")
     else:
         kept = "nothing was distilled; run the same command again once the server is back"
-    return (f"{servers} (during the {stage} stage, after the retries in registry.retry_delays_s): nothing was "
-            f"registered and the champion is untouched; {kept}. The run is marked FAILED then. Cause: {reason[:300]}")
+    registered = ("the registration may not have completed: the next run finishes it or registers afresh (one "
+                  "version per key), and only a passed gate moves the champion" if stage == "register" else
+                  "nothing was registered and the champion is untouched")
+    return (f"{servers} (during the {stage} stage, after the retries in registry.retry_delays_s): {registered}; "
+            f"{kept}. The run is marked FAILED then. Cause: {reason[:300]}")
 
 
 def recover(c, name: str, experiment: str, key: str, root: Path | None = None) -> dict:
@@ -139,12 +144,19 @@ def _record_late_failure(c, note: Path, versions: list) -> str | None:
 
     if not note.is_file():
         return None
+    from mlflow.exceptions import MlflowException
+
     try:
         rec = json.loads(note.read_text())
         run = c.get_run(rec["run_id"])
-    except Exception:  # unreadable, or a run this store does not have: nothing to close
+    except (ValueError, KeyError, TypeError):  # unreadable: nothing to close
         note.unlink(missing_ok=True)
         return None
+    except MlflowException as e:  # a run this store does not have; any other store error: keep the note
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            note.unlink(missing_ok=True)
+            return None
+        raise
     if run.info.status == "RUNNING":
         if any(v.run_id == rec["run_id"] for v in versions):  # it registered before the server went away
             c.set_terminated(rec["run_id"], status="FINISHED")

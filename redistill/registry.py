@@ -118,7 +118,9 @@ def find_by_key(c, name: str, key: str) -> list:
 
     try:
         found = c.search_model_versions(f"name='{name}' and tags.`{PREFIX}key`='{key}'")
-    except MlflowException:
+    except MlflowException as e:  # only "no such model" means none; a failing store must not read as "none"
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         return []
     return sorted(found, key=lambda v: int(v.version), reverse=True)
 
@@ -143,9 +145,15 @@ def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[s
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
-    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    mv = c.create_model_version(name, source=source, run_id=run_id,
-                                tags={PREFIX + k: str(v) for k, v in tags.items()})
+    # a retried registration (its first answer was lost to a timeout or a dropped connection) must not
+    # register the run twice: a version of this run means the first try got through
+    mine = c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if mine:
+        mv = max(mine, key=lambda v: int(v.version))
+    else:
+        source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        mv = c.create_model_version(name, source=source, run_id=run_id,
+                                    tags={PREFIX + k: str(v) for k, v in tags.items()})
     failpoint("version-created")
     if not promote:
         return Registered(str(mv.version), False, None)

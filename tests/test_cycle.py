@@ -293,3 +293,34 @@ def test_the_key_covers_everything_the_cycle_reads(digits_ws, tiny_pipeline, tmp
     with open(root / "data" / "features" / "classifier.safetensors", "ab") as f:  # a retrained classifier
         f.write(b"\0")
     assert key() != k1
+
+
+def test_the_prefect_slot_is_exclusive_and_one_orphaned_by_a_server_restart_is_freed(ws, tmp_path, monkeypatch):
+    """The slot against a real Prefect server (the harness's). A server restart loses its in-memory leases but
+    keeps the slot counted: that state is made here by counting a slot with no lease and no heartbeat."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    import redistill.tasks.concurrency as cc
+
+    monkeypatch.setattr(cc, "STALE_S", 3.0)
+    monkeypatch.setattr(cc, "WAIT_S", 0.2)
+    monkeypatch.setattr(cc, "BEAT_S", 0.5)
+    name = "redistill-slot-test"
+    cc.ensure_limit(name)
+    with get_client(sync_client=True) as pc:
+        pc.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=1))
+    t = time.monotonic()
+    with cc.one_at_a_time(tmp_path, name) as how:
+        assert how == "file+prefect" and time.monotonic() - t >= 3.0  # waited for the heartbeat to go stale
+        time.sleep(1.5)  # a few beats: the lease is renewed and the heartbeat moves
+        with get_client(sync_client=True) as pc:
+            assert pc.read_global_concurrency_limit_by_name(name).active_slots == 1
+            with pytest.raises(PrefectHTTPStatusError) as taken:  # nobody else gets it while it is held
+                pc.increment_concurrency_slots_with_lease([name], 1, "concurrency", 60)
+            assert taken.value.response.status_code == 423
+        assert cc._read_beat(name)["beat"] >= 1
+    with get_client(sync_client=True) as pc:
+        assert pc.read_global_concurrency_limit_by_name(name).active_slots == 0
+    assert cc._read_beat(name) is None
