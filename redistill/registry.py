@@ -108,7 +108,9 @@ def alias(c, name: str, which: str):
 
     try:
         return c.get_model_version_by_alias(name, which)
-    except MlflowException:  # no such model or alias
+    except MlflowException as e:  # no such model, or no such alias; a store that fails is not "no champion"
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
         return None
 
 

@@ -138,9 +138,15 @@ class Gateway:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                r = conn.getresponse()
-                data = r.read()
+                try:
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    r = conn.getresponse()
+                    data = r.read()
+                except OSError:  # the server behind is gone: what a gateway says then
+                    self.send_response(502)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self.send_response(r.status)
                 for k, v in r.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -253,6 +259,7 @@ def test_mlflow_server_gone_during_the_cycle_then_back(ws, tmp_path, how):
         line = one_error_line(first.stderr)
         assert "MLflow tracking server" in line and uri in line and "nothing was registered" in line, line
         assert ("does not answer" if how == "stopped" else "HTTP 503") in line, line
+        assert "during the evaluate stage" in line, line  # the champion could not be read: not "no champion"
         assert "registers it without distilling again" in line, line
         stamps = summary_stamp(ws)
         assert stamps, "the distilled student was not kept under runs/"
