@@ -109,6 +109,26 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     return make_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "tiny")
 
 
+def tiny_trial_workspace(digits_ws: Path, root: Path) -> Path:
+    """A workspace for trials that run `redistill` as processes: the embedded reference data and feature
+    spaces, and a tiny teacher at data/teachers/tiny."""
+    import shutil
+
+    for sub in ("reference", "features"):
+        shutil.copytree(digits_ws / "data" / sub, root / "data" / sub)
+    make_tiny_pipeline(root / "data" / "teachers" / "tiny")
+    return root
+
+
+def trial_env(**extra: str) -> dict:
+    """The environment for a `redistill` process a trial starts: none of the caller's servers, failpoints or
+    MLflow settings leak in; one thread each, so that many processes share 2 cores fairly."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_API", "MLFLOW_", "REDISTILL_KILL", "REDISTILL_PAUSE"))}
+    env.update(OMP_NUM_THREADS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", **extra)
+    return env
+
+
 SUMMARY_LINES: list[str] = []  # lines a test module wants at the end of the run ("faults: N/N handled")
 
 

@@ -13,7 +13,6 @@ The module prints "kill -9: N/N recovered".
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LENIENT_GATE, TINY_CYCLE, UNMEETABLE_GAP
+from conftest import LENIENT_GATE, TINY_CYCLE, UNMEETABLE_GAP, tiny_trial_workspace, trial_env
 
 from redistill.registry import PREFIX, alias, client
 
@@ -40,13 +39,7 @@ RECOVERED: list[str] = []
 
 @pytest.fixture(scope="module")
 def ws(digits_ws, tmp_path_factory):
-    from conftest import make_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("killws")
-    for sub in ("reference", "features"):
-        shutil.copytree(digits_ws / "data" / sub, root / "data" / sub)
-    make_tiny_pipeline(root / "data" / "teachers" / "tiny")
-    yield root
+    yield tiny_trial_workspace(digits_ws, tmp_path_factory.mktemp("killws"))
     import conftest
 
     conftest.SUMMARY_LINES.append(f"kill -9: {len(RECOVERED)}/{len(TRIALS)} recovered")
@@ -66,12 +59,6 @@ def _servers() -> set[int]:
     return out
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "REDISTILL_KILL_AT"}
-    env.update(OMP_NUM_THREADS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", **extra)
-    return env
-
-
 @pytest.mark.parametrize("trial", range(len(TRIALS)))
 def test_kill_9_then_run_again(ws, trial):
     stage, gate = TRIALS[trial]
@@ -89,7 +76,7 @@ def test_kill_9_then_run_again(ws, trial):
     servers_before = _servers()
 
     if slow:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=trial_env())
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not list(
                 (ws / "runs" / "cycles").glob("*/checkpoints/*/meta.json")):
@@ -97,13 +84,13 @@ def test_kill_9_then_run_again(ws, trial):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     else:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(REDISTILL_KILL_AT=stage), timeout=600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=trial_env(REDISTILL_KILL_AT=stage), timeout=600)
     assert proc.returncode == -signal.SIGKILL, f"{stage}: the cycle was not killed there (exit {proc.returncode})"
     if slow:
         for ckpt in (ws / "runs" / "cycles").glob("*/checkpoints"):  # later trials must not see this one's
             shutil.move(str(ckpt), str(ckpt) + f"-killed{trial}")
 
-    again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=trial_env(), timeout=900)
     assert again.returncode == 0, f"{stage}: the rerun failed\n{again.stderr[-3000:]}"
     out = json.loads(again.stdout.strip().splitlines()[-1])
 

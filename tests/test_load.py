@@ -12,15 +12,13 @@ What a user relies on:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
 
 import pytest
 
-from conftest import LENIENT_GATE, TINY_CYCLE
+from conftest import LENIENT_GATE, TINY_CYCLE, tiny_trial_workspace, trial_env
 
 from redistill.registry import PREFIX, client
 
@@ -30,21 +28,9 @@ NAME = "digits-student"
 
 @pytest.fixture(scope="module")
 def ws(digits_ws, tmp_path_factory):
-    from conftest import make_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("loadws")
-    for sub in ("reference", "features"):
-        shutil.copytree(digits_ws / "data" / sub, root / "data" / sub)
-    make_tiny_pipeline(root / "data" / "teachers" / "tiny")
+    root = tiny_trial_workspace(digits_ws, tmp_path_factory.mktemp("loadws"))
     (root / "params.yaml").write_text(TINY_CYCLE + "teacher: {name: tiny}\nwatch: {settle_seconds: 0.0}\n" + LENIENT_GATE)
     return root
-
-
-def env() -> dict:
-    out = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING", "REDISTILL_KILL", "REDISTILL_PAUSE"))}
-    out.update(OMP_NUM_THREADS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
-    return out
 
 
 def test_five_same_five_different_a_watch_and_the_nightly_at_once(ws):
@@ -63,7 +49,7 @@ def test_five_same_five_different_a_watch_and_the_nightly_at_once(ws):
     commands["nightly"] = [sys.executable, "-c", "import json, sys; from redistill.flows.cycle import nightly; "
                            "print(json.dumps(nightly(workspace_dir=sys.argv[1]), default=str))", str(ws)]
 
-    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trial_env())
              for name, cmd in commands.items()}
     results, failures = {}, []
     for name, proc in procs.items():

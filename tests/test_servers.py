@@ -18,7 +18,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LENIENT_GATE, TINY_CYCLE
+from conftest import LENIENT_GATE, TINY_CYCLE, tiny_trial_workspace, trial_env
 
 from redistill.registry import PREFIX, client
 
@@ -42,13 +41,7 @@ FAST_RETRIES = "registry: {retry_delays_s: [1, 2], http_retries: 1, http_timeout
 
 @pytest.fixture(scope="module")
 def ws(digits_ws, tmp_path_factory):
-    from conftest import make_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("serversws")
-    for sub in ("reference", "features"):
-        shutil.copytree(digits_ws / "data" / sub, root / "data" / sub)
-    make_tiny_pipeline(root / "data" / "teachers" / "tiny")
-    return root
+    return tiny_trial_workspace(digits_ws, tmp_path_factory.mktemp("serversws"))
 
 
 def free_port() -> int:
@@ -168,13 +161,6 @@ class Gateway:
         self.httpd.server_close()
 
 
-def env(**extra) -> dict:
-    out = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_API", "MLFLOW_", "REDISTILL_KILL", "REDISTILL_PAUSE"))}
-    out.update(OMP_NUM_THREADS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", **extra)
-    return out
-
-
 def params(ws: Path, seed: int) -> Path:
     f = ws / f"servers{seed}.yaml"
     f.write_text(TINY_CYCLE.replace("distill: {", f"distill: {{seed: {seed}, ") + "teacher: {name: tiny}\n"
@@ -211,11 +197,25 @@ def summary_stamp(ws: Path) -> dict[str, int]:
     return {str(f): f.stat().st_mtime_ns for f in (ws / "runs" / "cycles").glob("*/student/redistill_distill.json")}
 
 
+def rerun_registers_once_without_distilling(ws: Path, c, cmd: list[str], e: dict, stamps: dict) -> list:
+    """Run the same command again with the server back: exactly one version for the key, the student not
+    distilled again, the first attempt's run FAILED beside the new one FINISHED. The key's runs."""
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=e)
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary_stamp(ws) == stamps, "the student was distilled again"
+    assert len(c.search_model_versions(f"name='{NAME}' and tags.`{PREFIX}key`='{out['key']}'")) == 1
+    exp = c.get_experiment_by_name("redistill")
+    runs = c.search_runs([exp.experiment_id], f"tags.`{PREFIX}key` = '{out['key']}'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"], [r.info.status for r in runs]
+    return runs
+
+
 def test_mlflow_server_down_at_start_stops_before_any_work(ws, tmp_path):
     p = params(ws, 101)
     before = summary_stamp(ws)
     r = subprocess.run(cycle_cmd(ws, p), capture_output=True, text=True, timeout=300,
-                       env=env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}"))
+                       env=trial_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}"))
     assert r.returncode == 2
     line = one_error_line(r.stderr)
     assert "cannot be reached" in line and "MLFLOW_TRACKING_URI" in line
@@ -229,7 +229,7 @@ def test_a_gateway_answering_503_or_too_slowly_at_start_is_a_clear_error(ws, tmp
         for mode, needle in (("503", "503"), ("slow", "timed out")):
             gw.mode = mode
             r = subprocess.run(cycle_cmd(ws, params(ws, 102)), capture_output=True, text=True, timeout=300,
-                               env=env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{gw.port}"))
+                               env=trial_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{gw.port}"))
             assert r.returncode == 2, r.stderr[-2000:]
             line = one_error_line(r.stderr)
             assert "cannot be reached" in line and needle in line.lower(), line
@@ -246,7 +246,7 @@ def test_mlflow_server_gone_during_the_cycle_then_back(ws, tmp_path, how):
     uri = f"http://127.0.0.1:{gw.port if how == '503' else port}"
     seed = 110 if how == "stopped" else 111
     p, flag = params(ws, seed), tmp_path / "paused"
-    cmd, e = cycle_cmd(ws, p), env(MLFLOW_TRACKING_URI=uri)
+    cmd, e = cycle_cmd(ws, p), trial_env(MLFLOW_TRACKING_URI=uri)
     try:
         def go_away():
             if how == "stopped":
@@ -267,18 +267,10 @@ def test_mlflow_server_gone_during_the_cycle_then_back(ws, tmp_path, how):
         if how == "stopped":
             server.start()
         gw.mode = "pass"
-        c = client(uri)
-        again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=e)
-        assert again.returncode == 0, again.stderr[-3000:]
-        out = json.loads(again.stdout.strip().splitlines()[-1])
-        assert summary_stamp(ws) == stamps, "the student was distilled again"
-        assert len(c.search_model_versions(f"name='{NAME}' and tags.`{PREFIX}key`='{out['key']}'")) == 1
-        exp = c.get_experiment_by_name("redistill")
-        runs = c.search_runs([exp.experiment_id], f"tags.`{PREFIX}key` = '{out['key']}'")
-        assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"], [r.info.status for r in runs]
+        runs = rerun_registers_once_without_distilling(ws, client(uri), cmd, e, stamps)
         failed = next(r for r in runs if r.info.status == "FAILED")
         assert "recorded late" in failed.data.tags[PREFIX + "failure"]
-        assert not (ws / "runs" / "cycles" / out["key"] / "unrecorded-failure.json").exists()
+        assert not (ws / "runs" / "cycles" / failed.data.tags[PREFIX + "key"] / "unrecorded-failure.json").exists()
     finally:
         gw.close()
         server.stop()
@@ -292,7 +284,7 @@ def test_prefect_api_down_at_start_stops_before_any_work(ws, tmp_path):
         for url, needle in ((f"http://127.0.0.1:{free_port()}/api", "does not answer"),
                             (f"http://127.0.0.1:{gw.port}/api", "503")):
             r = subprocess.run(cycle_cmd(ws, params(ws, 120)), capture_output=True, text=True, timeout=300,
-                               env=env(PREFECT_API_URL=url))
+                               env=trial_env(PREFECT_API_URL=url))
             assert r.returncode == 2, r.stderr[-2000:]
             line = one_error_line(r.stderr)
             assert "Prefect API" in line and url in line and needle in line and "prefect server start" in line, line
@@ -305,7 +297,7 @@ def test_prefect_server_gone_during_the_cycle_then_back(ws, tmp_path):
     port = free_port()
     server = prefect_server(tmp_path, port).start()
     p, flag = params(ws, 130), tmp_path / "paused"
-    e = env(PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_CLIENT_MAX_RETRIES="1",
+    e = trial_env(PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_CLIENT_MAX_RETRIES="1",
             PREFECT_HOME=str(tmp_path / "client-home"))
     cmd = cycle_cmd(ws, p)
     c = client(f"sqlite:///{ws / 'mlflow.db'}")
@@ -317,13 +309,6 @@ def test_prefect_server_gone_during_the_cycle_then_back(ws, tmp_path):
         stamps = summary_stamp(ws)
         assert stamps
         server.start()
-        again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=e)
-        assert again.returncode == 0, again.stderr[-3000:]
-        out = json.loads(again.stdout.strip().splitlines()[-1])
-        assert summary_stamp(ws) == stamps, "the student was distilled again"
-        assert len(c.search_model_versions(f"name='{NAME}' and tags.`{PREFIX}key`='{out['key']}'")) == 1
-        exp = c.get_experiment_by_name("redistill")
-        runs = c.search_runs([exp.experiment_id], f"tags.`{PREFIX}key` = '{out['key']}'")
-        assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"], [r.info.status for r in runs]
+        rerun_registers_once_without_distilling(ws, c, cmd, e, stamps)
     finally:
         server.stop()
