@@ -251,15 +251,17 @@ def configure_scheduler(pipe, steps: int, choice: str = "auto") -> str:
 
 @torch.no_grad()
 def sample(pipe, n: int, steps: int, seed: int, batch: int) -> torch.Tensor:
-    """`n` images in [0, 1] from the stock pipeline call; batch i uses generator seed `seed + i`.
+    """`n` images in [0, 1] from the pipeline's own sampler (its adapter's `sample`); batch i uses generator seed `seed + i`.
 
     Two pipelines sampled with the same (n, seed, batch) start from the same initial noise.
     """
-    out = []
+    from redistill.models import adapter_for
+
+    model, out = adapter_for(pipe), []
     for i, start in enumerate(range(0, n, batch)):
         g = torch.Generator(device=pipe.device).manual_seed(seed + i)
         b = min(batch, n - start)
-        out.append(pipe(batch_size=b, generator=g, num_inference_steps=steps, output_type="pt").images.float().cpu())
+        out.append(model.sample(b, steps, g).cpu())
     return torch.cat(out)
 
 
@@ -377,9 +379,12 @@ def measure_speed(cand, cand_steps: int, ref, ref_steps: int, p: EvaluateParams,
     """Latency at batch 1 and throughput at batch `p.throughput_batch`, candidate and reference interleaved."""
     dev = cand.device
 
+    from redistill.models import adapter_for
+
     def run(pipe, steps, b, seed):
         g = torch.Generator(device=pipe.device).manual_seed(seed)
-        return lambda: pipe(batch_size=b, generator=g, num_inference_steps=steps, output_type="pt")
+        model = adapter_for(pipe)
+        return lambda: model.sample(b, steps, g)
 
     lat_c, lat_r, thr_c, thr_r = [], [], [], []
     for i in range(warmup + p.latency_repeats):
@@ -621,16 +626,15 @@ def evaluate_student(student: Path, steps: int, teacher: Path, data: Path, featu
                      out_dir: Path | None = None, cache_dir: Path | None = None,
                      log: Callable[[str], None] = lambda m: None) -> dict:
     """The suite on a student folder (its saved scheduler, `steps`) against its teacher at
-    `evaluate.reference_steps`, with the workspace's feature classifier; `p` is the whole `Params`.
+    `evaluate.reference_steps`, in the `evaluate.features` spaces; `p` is the whole `Params`.
 
     The one way a cycle, the champion's fit check and `reproduce` evaluate a student, so their figures
     stay comparable.
     """
     from redistill import feature_spaces
     from redistill.data import load_image_folder
-    from redistill.features import load_classifier
 
-    classifier = load_classifier(features)
+    classifier = feature_spaces.classifier_for(p.evaluate.features, features)  # recognisability: labelled data only
     return evaluate(
         Side(student, steps, "saved"), Side(teacher, p.evaluate.reference_steps), load_image_folder(data),
         feature_spaces.load_all(p.evaluate.features, features), p.evaluate, classifier=classifier,

@@ -35,7 +35,10 @@ class StudentModel:
         from redistill.teacher import load_pipeline
 
         path = Path(path)
+        from redistill.models import adapter_for
+
         self.pipe = load_pipeline(path)
+        self.model = adapter_for(self.pipe)  # how this kind of pipeline samples (and, if conditional, what it takes)
         summary = path / DISTILL_SUMMARY
         self.steps = int(json.loads(summary.read_text())["num_inference_steps"]) if summary.is_file() else 4
         self.max_steps = int(self.pipe.scheduler.config.get("num_train_timesteps", 1000))
@@ -60,7 +63,7 @@ class StudentModel:
         for seed, n, steps in requests:
             g = torch.Generator(device=self.pipe.device).manual_seed(seed)
             with torch.no_grad():
-                images = self.pipe(batch_size=n, generator=g, num_inference_steps=steps, output_type="np").images
+                images = self.model.sample(n, steps, g).permute(0, 2, 3, 1).cpu().numpy()
             for i, img in enumerate(images):
                 arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
                 arr = arr[..., 0] if arr.shape[-1] == 1 else arr

@@ -97,11 +97,12 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
     except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError/safetensors errors
         raise PipelineError(f"could not load the pipeline at {path} (check that each component's config.json, "
                             f"e.g. unet/config.json, matches its weights): {e}") from e
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
-        raise PipelineError(
-            f"{path} holds a {type(pipe).__name__} without a `unet` and a `scheduler`; redistill works on "
-            "unconditional image pipelines such as DDPMPipeline"
-        )
+    from redistill.models import UnsupportedPipeline, adapter_for
+
+    try:
+        adapter_for(pipe)  # every later step goes through the pipeline's adapter: refuse a kind none serves now
+    except UnsupportedPipeline as e:
+        raise PipelineError(f"{path}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if dtype is not None:
@@ -111,13 +112,15 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
 
 def check_fits(pipe, path: Path, channels: int, size: tuple[int, int], data_path: Path | None = None) -> None:
     """The pipeline's channels and sample size must match the data, else a message saying what to do."""
-    cfg = pipe.unet.config
-    own = tuple(cfg.sample_size) if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size, cfg.sample_size)
+    from redistill.models import adapter_for
+
+    model = adapter_for(pipe)
+    own, in_channels = model.sample_size, model.channels
     where = data_path or "the reference data"
-    if cfg.in_channels != channels:
+    if in_channels != channels:
         raise PipelineError(
-            f"pipeline at {path} has {cfg.in_channels} input channels but {where} has {channels}; "
-            f"pass --data with {'RGB' if cfg.in_channels == 3 else 'grayscale'} images or pick a pipeline "
+            f"pipeline at {path} has {in_channels} input channels but {where} has {channels}; "
+            f"pass --data with {'RGB' if in_channels == 3 else 'grayscale'} images or pick a pipeline "
             f"with {channels} channel(s)"
         )
     if own != tuple(size):
@@ -132,25 +135,27 @@ def validate_teacher(path: Path, channels: int, size: tuple[int, int], probe: in
                      data_path: Path | None = None) -> dict:
     """Check a teacher before anything uses it: it loads from safetensors, fits the data, has finite
     weights and gives finite outputs on a probe batch. Returns its sha256 and the facts checked."""
+    from redistill.models import adapter_for
+
     pipe = load_pipeline(path)
     check_fits(pipe, path, channels, size, data_path)
+    model = adapter_for(pipe)
     bad = [name for name, w in pipe.unet.named_parameters() if not torch.isfinite(w).all()]
     if bad:
         raise PipelineError(f"teacher at {path} has non-finite weights in {bad[0]} (and {len(bad) - 1} more); "
                             "the checkpoint is corrupt, re-export it")
     g = torch.Generator().manual_seed(0)
     x = torch.randn((probe, channels, *size), generator=g)
-    T = pipe.scheduler.config.num_train_timesteps
+    cond = model.conditions(probe, g)
+    T = model.num_train_timesteps
     for t in (T - 1, T // 2, 0):
-        out = pipe.unet(x, torch.full((probe,), t)).sample
+        out = model.teacher_output(pipe.unet, x, torch.full((probe,), t), cond)
         if out.shape != x.shape or not torch.isfinite(out).all():
             raise PipelineError(f"teacher at {path} gives {'non-finite' if out.shape == x.shape else 'mis-shaped'} "
                                 f"outputs on a probe batch at timestep {t}; it cannot be distilled")
     return {
         "sha256": pipeline_sha256(path),
-        "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
-        "num_train_timesteps": T,
-        "channels": channels,
+        **model.facts(),  # kind, prediction type, schedule length, channels, size, conditioning
         "sample_size": list(size),
         "params": sum(w.numel() for w in pipe.unet.parameters()),
     }

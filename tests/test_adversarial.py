@@ -36,8 +36,11 @@ def test_adversarial_student_exports_and_samples_on_its_trained_timesteps(digits
 
 
 def test_discriminator_scores_each_image_from_the_teachers_features(tiny_pipeline):
-    unet = load_pipeline(tiny_pipeline).unet.eval().requires_grad_(False)
-    d = Discriminator(unet)
+    from redistill.models import adapter_for
+
+    pipe = load_pipeline(tiny_pipeline)
+    unet = pipe.unet.eval().requires_grad_(False)
+    d = Discriminator(unet, adapter_for(pipe).output)
     x = torch.randn(3, 1, 8, 8, requires_grad=True)
     score = d(x, torch.tensor([1, 100, 400]))
     assert score.shape == (3,)

@@ -9,7 +9,7 @@ from redistill.methods.progressive import (
     check_grid,
     ddim_grid,
     student_grid,
-    student_pipeline,
+    student_scheduler,
     ddim_step,
     distillation_target,
     halving_schedule,
@@ -91,7 +91,7 @@ def test_student_grid_is_what_the_exported_scheduler_samples_and_nests(n):
     assert grid[0].item() == 959 and grid[-1].item() == -1
     assert torch.equal(student_grid(2 * n, 1000, 959)[::2], grid)
     cfg = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").config
-    sched = student_pipeline(torch.nn.Identity(), cfg, "epsilon", 959, n).scheduler
+    sched = student_scheduler(cfg, "epsilon", 959, n)
     sched.set_timesteps(n)
     assert sched.timesteps.tolist() == grid[:-1].tolist()
     assert sched.config.prediction_type == "epsilon"

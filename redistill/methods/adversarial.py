@@ -11,7 +11,7 @@ timesteps s. Two losses train it (ADD's eq. 4, L = L_adv + λ·L_distill):
   "exponential" weighting).
 
 The student keeps the teacher's prediction type and its output passes through LCM's c_skip/c_out
-boundary scalings, so the export is a stock `DDPMPipeline` + `LCMScheduler`: each step predicts the clean
+boundary scalings, so the export is the teacher kind's stock pipeline + `LCMScheduler`: each step predicts the clean
 image and re-noises it to the next timestep, which is ADD's multistep sampler. It is trained on exactly
 the timesteps that `LCMScheduler` uses for `target_steps` (and therefore for every power of two below it).
 """
@@ -26,9 +26,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from redistill.methods.consistency import consistency_fn, lcm_pipeline, lcm_scheduler
+from redistill.methods.consistency import consistency_fn, lcm_scheduler
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
+from redistill.models import adapter_for
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 
@@ -46,8 +47,9 @@ class AdversarialConfig(TrainingConfig):
 class Discriminator(nn.Module):
     """Trainable heads on the frozen teacher's down, mid and up block features; one logit per image."""
 
-    def __init__(self, teacher_unet):
+    def __init__(self, teacher_unet, call):
         super().__init__()
+        self.call = call  # the adapter's network call: the teacher under its conditioning
         self.features = FeatureMatch(teacher_unet, teacher_unet, weight=1.0)  # reuses its block hooks
         widths = [b.resnets[-1].conv2.out_channels for b in teacher_unet.down_blocks]
         widths += [teacher_unet.mid_block.resnets[-1].conv2.out_channels]
@@ -58,16 +60,18 @@ class Discriminator(nn.Module):
         )
         self.teacher = teacher_unet
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         with self.features.teacher():
-            self.teacher(x_t, t)
+            self.call(self.teacher, x_t, t, cond)
         feats = self.features.feats["teacher"]
         return sum(head(f).mean(dim=(1, 2, 3)) for head, f in zip(self.heads, feats))
 
 
 def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
             init: dict | None = None):
-    """ADD-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline + LCMScheduler, summary)."""
+    """ADD-distil `teacher` on images `data` in [0, 1]; returns (the teacher kind's stock pipeline + LCMScheduler,
+    summary)."""
+    model = adapter_for(teacher)  # every network call, condition and the export go through it
     sched_cfg = teacher.scheduler.config
     ptype = sched_cfg.prediction_type
     T = sched_cfg.num_train_timesteps
@@ -77,12 +81,12 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
                   cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     dev = run.device
     student_t = sampler.timesteps.to(dev)  # the student's sampling timesteps, e.g. 959, 719, 479, 239
-    alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
+    alphas_cumprod = model.alphas_cumprod.to(dev)
     x_all = (data.float() * 2.0 - 1.0).to(dev)
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
     # 1. The student starts from the teacher; the discriminator's heads start fresh on the frozen teacher.
     student = warm(student_like(teacher_unet, cfg.student_channels, cfg.student_layers), init)  # or the champion
-    disc = Discriminator(teacher_unet).to(dev)
+    disc = Discriminator(teacher_unet, model.output).to(dev)
     fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99), weight_decay=0.0)
@@ -102,32 +106,33 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
     def step():
         # 2. A real batch x₀, noised to a student timestep s; the student's clean image x̂_θ(x_s, s).
         x = x_all[randint(len(x_all))]
+        c = model.conditions(cfg.batch_size, gen, dev)  # a conditional teacher's batch of conditions (else None)
         s = student_t[randint(len(student_t))]
         x_s = noised(x, s)
         with run.autocast(), fm.student():
-            x_fake = consistency_fn(student, x_s, s, ptype, alphas_cumprod).float()
+            x_fake = consistency_fn(model, student, x_s, s, c, ptype, alphas_cumprod).float()
         if cfg.feature_loss > 0:  # the teacher's block features on the same (x_s, s) as the student's
             with torch.no_grad(), run.autocast(), fm.teacher():
-                teacher_unet(x_s, s)
+                model.output(teacher_unet, x_s, s, c)
         # 3. Distillation: re-noise x̂ to t, the teacher's x̂₀ there (no gradient), weight c(t) = ᾱ_t.
         t = randint(T)
         x_fake_t = noised(x_fake, t)
         with torch.no_grad(), run.autocast():
             a_t, s_t = alpha_sigma(alphas_cumprod, t)
-            x_teacher, _ = to_x0_eps(teacher_unet(x_fake_t, t).sample.float(), x_fake_t, a_t, s_t, ptype)
+            x_teacher, _ = to_x0_eps(model.teacher_output(teacher_unet, x_fake_t, t, c).float(), x_fake_t, a_t, s_t, ptype)
             x_teacher = x_teacher.clamp(-1, 1)
-        c = (a_t**2).view(-1)
-        l_distill = (c * (x_fake - x_teacher).pow(2).mean(dim=(1, 2, 3))).mean()
+        weight = (a_t**2).view(-1)
+        l_distill = (weight * (x_fake - x_teacher).pow(2).mean(dim=(1, 2, 3))).mean()
         # 4. Adversarial generator loss on lightly noised student images: −D(x̂_t′).
         t_d = randint(cfg.disc_max_t)
-        l_adv = -disc(noised(x_fake, t_d), t_d).mean()
+        l_adv = -disc(noised(x_fake, t_d), t_d, c).mean()
         l_feat = fm.loss()
         loss = l_adv + cfg.distill_weight * l_distill + l_feat
         run.backward(loss, student, opt, ema)
         # 5. Discriminator step, hinge loss: real images against the (detached) student images.
         t_d = randint(cfg.disc_max_t)
-        real = disc(noised(x, t_d), t_d)
-        fake = disc(noised(x_fake.detach(), t_d), t_d)
+        real = disc(noised(x, t_d), t_d, c)
+        fake = disc(noised(x_fake.detach(), t_d), t_d, c)
         l_disc = torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
         run.backward(l_disc, disc.heads, opt_d)
         return {"distill": l_distill.item(), "adv": l_adv.item(), "disc": l_disc.item(),
@@ -141,4 +146,4 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
     summary = {"method": "adversarial", "config": asdict(cfg), "final_losses": losses,
                **sizes(teacher_unet, student), "student_timesteps": student_t.tolist(),
                "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
-    return lcm_pipeline(frozen(student).cpu(), sched_cfg, cfg.solver_steps), summary
+    return model.export(frozen(student).cpu(), lcm_scheduler(sched_cfg, cfg.solver_steps)), summary

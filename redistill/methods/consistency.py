@@ -10,7 +10,7 @@ solver"), links z_{t} to ẑ_{t−k}, and the student at z_t is pulled towards a
 The student keeps the teacher's prediction type and starts as an exact copy of it, as LCM does, so
 at step 0 f_θ is already the teacher's one-step x̂₀. Its training timesteps are LCM's
 {k−1, 2k−1, …, N·k−1} with k = ⌊T/N⌋, the grid that `LCMScheduler(original_inference_steps=N)`
-samples from, so the export is a stock `DDPMPipeline` + `LCMScheduler` that samples in 1 to 4 steps.
+samples from, so the export is the teacher kind's stock pipeline + `LCMScheduler` that samples in 1 to 4 steps.
 For a cosine-schedule ε teacher, choose N so that N·k < T: at t = T−1 the signal α_t is ~5e-5 and an ε
 model cannot recover x̂₀ there (N = 48 starts at t = 959, much as DDIM's "leading" 50 steps start at 980).
 """
@@ -27,6 +27,7 @@ import torch
 
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
+from redistill.models import adapter_for
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 SIGMA_DATA = 0.5  # LCM's σ_data in the boundary scalings
@@ -63,10 +64,10 @@ def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
 
 
-def consistency_fn(unet, z, t, prediction_type, alphas_cumprod) -> torch.Tensor:
-    """f(z_t, t) = c_skip(t)·z_t + c_out(t)·x̂₀(z_t, t)."""
+def consistency_fn(model, unet, z, t, cond, prediction_type, alphas_cumprod) -> torch.Tensor:
+    """f(z_t, t) = c_skip(t)·z_t + c_out(t)·x̂₀(z_t, t), `unet` called through the adapter `model` under `cond`."""
     a, s = alpha_sigma(alphas_cumprod, t)
-    x0, _ = to_x0_eps(unet(z, t.clamp(min=0)).sample, z, a, s, prediction_type)
+    x0, _ = to_x0_eps(model.output(unet, z, t.clamp(min=0), cond), z, a, s, prediction_type)
     c_skip, c_out = boundary_scalings(t)
     return c_skip * z + c_out * x0
 
@@ -82,6 +83,7 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
             init: dict | None = None):
     """Consistency-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline with an
     LCMScheduler, summary). Resumes from the latest checkpoint in `ckpt_dir`."""
+    model = adapter_for(teacher)  # every network call, condition and the export go through it
     sched_cfg = teacher.scheduler.config
     ptype = sched_cfg.prediction_type
     T = sched_cfg.num_train_timesteps
@@ -91,7 +93,7 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     run = Trainer(ckpt_dir, {"method": "consistency", "config": asdict(cfg), "teacher_prediction": ptype},
                   cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     dev = run.device
-    alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
+    alphas_cumprod = model.alphas_cumprod.to(dev)
     grid = grid.to(dev)
     x_all = (data.float() * 2.0 - 1.0).to(dev)
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
@@ -110,6 +112,7 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     def step():
         # 2. x ~ D, n ~ U{1..N}: t = t_n and its neighbour s = t − k on the solver grid; z_t = α_t·x + σ_t·ε.
         x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(dev)]
+        c = model.conditions(cfg.batch_size, gen, dev)  # a conditional teacher's batch of conditions (else None)
         t = grid[torch.randint(0, cfg.solver_steps, (cfg.batch_size,), generator=gen).to(dev)]
         s = t - k  # −1 for the first grid point: the clean end
         a_t, s_t = alpha_sigma(alphas_cumprod, t)
@@ -118,15 +121,15 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
         with torch.no_grad(), run.autocast():
             # 3. One DDIM step of the teacher along its ODE: ẑ_s = α_s·x̂₀ + σ_s·ε̂ (x̂₀ clipped, as its sampler does).
             with fm.teacher():
-                x0, _ = to_x0_eps(teacher_unet(z_t, t).sample.float(), z_t, a_t, s_t, ptype)
+                x0, _ = to_x0_eps(model.teacher_output(teacher_unet, z_t, t, c).float(), z_t, a_t, s_t, ptype)
             x0 = x0.clamp(-1, 1)
             eps = (z_t - a_t * x0) / s_t
             z_s = a_s * x0 + s_s * eps
             # 4. The target f_θ⁻(ẑ_s, s); at the clean end the boundary condition makes it ẑ_s itself.
-            f_target = consistency_fn(target, z_s, s, ptype, alphas_cumprod).float()
+            f_target = consistency_fn(model, target, z_s, s, c, ptype, alphas_cumprod).float()
         # 5. The student at z_t, and the pseudo-Huber distance to the target.
         with run.autocast(), fm.student():
-            f_student = consistency_fn(student, z_t, t, ptype, alphas_cumprod).float()
+            f_student = consistency_fn(model, student, z_t, t, c, ptype, alphas_cumprod).float()
         loss = pseudo_huber(f_student, f_target, cfg.huber_c) + fm.loss()
         # 6. Gradient step on θ (and its export EMA), then θ⁻ ← μ·θ⁻ + (1 − μ)·θ.
         run.backward(loss, student, opt, ema)
@@ -143,22 +146,21 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
                **sizes(teacher_unet, student),
                "solver_skip": k, "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
     if cfg.sampler == "ddim":
-        return deterministic_pipeline(frozen(student).cpu(), sched_cfg, cfg.solver_steps, cfg.target_steps), summary
-    return lcm_pipeline(frozen(student).cpu(), sched_cfg, cfg.solver_steps), summary
+        return model.export(frozen(student).cpu(), deterministic_scheduler(sched_cfg, cfg.solver_steps, cfg.target_steps)), summary
+    return model.export(frozen(student).cpu(), lcm_scheduler(sched_cfg, cfg.solver_steps)), summary
 
 
-def deterministic_pipeline(unet, teacher_scheduler_config, solver_steps: int, steps: int):
-    """A stock `DDPMPipeline` + `DDIMScheduler` that samples a consistency model deterministically: each clean
+def deterministic_scheduler(teacher_scheduler_config, solver_steps: int, steps: int):
+    """The stock `DDIMScheduler` that samples a consistency model deterministically: each clean
     estimate moves to the next timestep along the ε it implies instead of fresh noise. The grid starts where
     LCM's does (the top of the solver grid) and is spaced T/steps ("leading" with `steps_offset`). The
     boundary scalings are left out: past the first timesteps c_skip(t) is below 1e-5."""
-    from diffusers import DDIMScheduler, DDPMPipeline
+    from diffusers import DDIMScheduler
 
     T = teacher_scheduler_config.num_train_timesteps
     first = int(solver_grid(solver_steps, T)[0][-1])
-    scheduler = DDIMScheduler.from_config(teacher_scheduler_config, clip_sample=True, set_alpha_to_one=True,
-                                          timestep_spacing="leading", steps_offset=first - (steps - 1) * (T // steps))
-    return DDPMPipeline(unet=unet, scheduler=scheduler)
+    return DDIMScheduler.from_config(teacher_scheduler_config, clip_sample=True, set_alpha_to_one=True,
+                                     timestep_spacing="leading", steps_offset=first - (steps - 1) * (T // steps))
 
 
 def lcm_scheduler(teacher_scheduler_config, solver_steps: int):
@@ -173,9 +175,3 @@ def lcm_scheduler(teacher_scheduler_config, solver_steps: int):
         steps_offset=0,
     )
 
-
-def lcm_pipeline(unet, teacher_scheduler_config, solver_steps: int):
-    """A stock `DDPMPipeline` that samples `unet` with `lcm_scheduler`."""
-    from diffusers import DDPMPipeline
-
-    return DDPMPipeline(unet=unet, scheduler=lcm_scheduler(teacher_scheduler_config, solver_steps))

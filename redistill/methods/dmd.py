@@ -22,7 +22,7 @@ DMD2's changes, all here:
   generators only: the first of several steps estimates a mean, not the teacher's ODE end point).
 
 The generator keeps the teacher's prediction type and its output passes through LCM's boundary scalings,
-so the export is a stock `DDPMPipeline` + `LCMScheduler` on the timesteps it was trained on.
+so the export is the teacher kind's stock pipeline + `LCMScheduler` on the timesteps it was trained on.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from redistill.methods.adversarial import Discriminator
-from redistill.methods.consistency import consistency_fn, lcm_pipeline, lcm_scheduler
+from redistill.methods.consistency import consistency_fn, lcm_scheduler
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
+from redistill.models import adapter_for
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 
@@ -77,7 +78,9 @@ def dmd_gradient(x_gen: torch.Tensor, p_real: torch.Tensor, p_fake: torch.Tensor
 def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
             init: dict | None = None,
             teacher_sha256: str | None = None, pairs_dir: Path | None = None):
-    """DMD2-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline + LCMScheduler, summary)."""
+    """DMD2-distil `teacher` on images `data` in [0, 1]; returns (the teacher kind's stock pipeline + its
+    scheduler, summary)."""
+    model = adapter_for(teacher)  # every network call, condition and the export go through it
     sched_cfg = teacher.scheduler.config
     ptype = sched_cfg.prediction_type
     T, K = sched_cfg.num_train_timesteps, cfg.target_steps
@@ -109,7 +112,7 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         gen_t = torch.tensor([T - 1, -1], device=dev)
     else:
         gen_t = student_grid(K, T, cfg.first_timestep).to(dev)
-    alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
+    alphas_cumprod = model.alphas_cumprod.to(dev)
     x_all = (data.float() * 2.0 - 1.0).to(dev)
     shape = tuple(x_all.shape[1:])
     pairs = None
@@ -117,9 +120,9 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         from redistill.methods.output import OutputConfig, load_or_make_pairs
 
         pcfg = OutputConfig(pairs=cfg.pairs, pairs_steps=cfg.pairs_steps, seed=cfg.seed)
-        noise, x0, _, _ = load_or_make_pairs(teacher, teacher_sha256 or "unkeyed", pcfg, shape, dev,
-                                             Path(pairs_dir or "data/pairs"), log)
-        pairs = (noise.to(dev), x0.to(dev))
+        noise, x0, cond, _, _ = load_or_make_pairs(teacher, teacher_sha256 or "unkeyed", pcfg, shape, dev,
+                                                   Path(pairs_dir or "data/pairs"), log)
+        pairs = (noise.to(dev), x0.to(dev), None if cond is None else cond.to(dev))
     real_score = frozen(copy.deepcopy(teacher.unet)).to(dev)
     # 1. Generator and fake score both start as the teacher (DMD section 3.1); or the generator starts as a
     #    deterministic few-step student distilled first (DMD1 starts from a regression-trained generator):
@@ -128,7 +131,7 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         init = _first_student(teacher, data, cfg, ckpt_dir, log, teacher_sha256, pairs_dir)
     student = warm(student_like(real_score, cfg.student_channels, cfg.student_layers), init)  # or the champion
     fake_score = student_like(real_score)
-    disc = Discriminator(fake_score).to(dev) if cfg.gan_weight > 0 else None
+    disc = Discriminator(fake_score, model.output).to(dev) if cfg.gan_weight > 0 else None
     fm = FeatureMatch(real_score, student, cfg.feature_loss)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     opt_fake = torch.optim.AdamW(fake_score.parameters(), lr=cfg.fake_lr, weight_decay=0.0)
@@ -153,31 +156,31 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         eps = randn(len(x))
         return a * x + s * eps, eps
 
-    def x0_of(unet, z, t):
+    def x0_of(call, unet, z, t, c):
         a, s = alpha_sigma(alphas_cumprod, t)
-        return to_x0_eps(unet(z, t).sample.float(), z, a, s, ptype)[0]
+        return to_x0_eps(call(unet, z, t, c).float(), z, a, s, ptype)[0]
 
-    def g(z, i):
+    def g(z, i, c):
         """The LCM generator's clean image at its i-th sampling step."""
         t = gen_t[i].expand(len(z))
         with run.autocast():
-            return consistency_fn(student, z, t, ptype, alphas_cumprod).float()
+            return consistency_fn(model, student, z, t, c, ptype, alphas_cumprod).float()
 
-    def run_chain(z):
+    def run_chain(z, c):
         """A deterministic generator: one x₀ call at T−1, or DDIM on its grid as the stock scheduler runs it
         (x̂₀ clipped, the model's ε), back-propagated through every call."""
         if x0_call:
             with run.autocast():
-                return student(z, gen_t[0].expand(len(z))).sample.float()
+                return model.output(student, z, gen_t[0].expand(len(z)), c).float()
         for i in range(K):
             a, s = alpha_sigma(alphas_cumprod, gen_t[i].expand(len(z)))
             a2, s2 = alpha_sigma(alphas_cumprod, gen_t[i + 1].expand(len(z)))
             with run.autocast():
-                x0_hat, eps = to_x0_eps(student(z, gen_t[i].expand(len(z))).sample.float(), z, a, s, ptype)
+                x0_hat, eps = to_x0_eps(model.output(student, z, gen_t[i].expand(len(z)), c).float(), z, a, s, ptype)
             z = a2 * x0_hat.clamp(-1, 1) + s2 * eps
         return z
 
-    def generate(grad: bool, x_real: torch.Tensor):
+    def generate(grad: bool, x_real: torch.Tensor, c):
         # 2. The generator's input. A deterministic generator runs from pure noise, as it samples. An LCM
         #    generator trains a random sampling step i: step 0 starts from pure noise, later ones either from
         #    the generator's own earlier steps re-noised with fresh noise (DMD2's backward simulation) or
@@ -185,60 +188,63 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         if chain:
             z = randn()
             with torch.set_grad_enabled(grad), fm.student():
-                x = run_chain(z)
+                x = run_chain(z, c)
             if grad and cfg.feature_loss > 0:  # the teacher's block features on the same (z, t) as the student's first call
                 with torch.no_grad(), run.autocast(), fm.teacher():
-                    real_score(z, gen_t[0].expand(len(z)))
+                    model.output(real_score, z, gen_t[0].expand(len(z)), c)
             return x
         i = int(randint(len(gen_t), n=1))
         if i == 0 or cfg.backward_simulation:
             z = randn()
             with torch.no_grad():
                 for j in range(i):
-                    z, _ = noised(g(z, j), gen_t[j + 1].expand(len(z)))
+                    z, _ = noised(g(z, j, c), gen_t[j + 1].expand(len(z)))
         else:
             z, _ = noised(x_real, gen_t[i].expand(len(x_real)))
         if not grad:
             with torch.no_grad():
-                return g(z, i)
+                return g(z, i, c)
         with fm.student():
-            x = g(z, i)
+            x = g(z, i, c)
         if cfg.feature_loss > 0:  # the teacher's block features on the same (z, t) as the student's
             with torch.no_grad(), run.autocast(), fm.teacher():
-                real_score(z, gen_t[i].expand(len(z)))
+                model.output(real_score, z, gen_t[i].expand(len(z)), c)
         return x
 
-    def disc_logits(x, t):
+    def disc_logits(x, t, c):
         with run.autocast():
-            return disc(noised(x, t)[0], t).float()
+            return disc(noised(x, t)[0], t, c).float()
 
     def step():
         x_real = x_all[randint(len(x_all))]
+        c = model.conditions(cfg.batch_size, gen, dev)  # a conditional teacher's batch of conditions (else None)
         # 3. Two time-scale rule: the fake score (and the discriminator) take `fake_updates` steps on fresh
         #    generator samples: the denoising loss in the teacher's parametrisation.
         for _ in range(cfg.fake_updates):
-            x_gen = generate(False, x_real)
+            x_gen = generate(False, x_real, c)
             t = randint(sched_cfg.num_train_timesteps)
             z, eps = noised(x_gen, t)
             a, s = alpha_sigma(alphas_cumprod, t)
             with run.autocast():
-                pred = fake_score(z, t).sample.float()
+                pred = model.output(fake_score, z, t, c).float()
             target = {"epsilon": eps, "v_prediction": a * eps - s * x_gen, "sample": x_gen}[ptype]
             l_fake = (pred - target).pow(2).mean()
             run.backward(l_fake, fake_score, opt_fake)
             if disc is not None:  # real images against generated ones, both noised to t ~ U{t_min..t_max}
                 t_d = randint(cfg.t_max, cfg.t_min)
-                l_disc = (F.softplus(-disc_logits(x_real, t_d)).mean() + F.softplus(disc_logits(x_gen, t_d)).mean())
+                l_disc = (F.softplus(-disc_logits(x_real, t_d, c)).mean() + F.softplus(disc_logits(x_gen, t_d, c)).mean())
                 run.backward(l_disc, disc.heads, opt_disc)
         # 4. Generator step: the distribution-matching gradient (p_fake − p_real) / mean|x̂ − p_real|,
         #    applied through the stop-gradient surrogate ½‖x̂ − sg(x̂ − grad)‖² (DMD eq. 7 and 8).
-        x_gen = generate(True, x_real)
+        x_gen = generate(True, x_real, c)
         t = randint(cfg.t_max, cfg.t_min)
         z, _ = noised(x_gen.detach(), t)
         with torch.no_grad(), run.autocast():
             # both x̂₀ clipped to the data range, as the teacher's sampler clips them: unclipped, the ε models'
             # x̂₀ at high t (÷ α_t ≈ 0.03) made the gradient noisy and the class mix drifted (README "Measured figures")
-            grad = dmd_gradient(x_gen.detach(), x0_of(real_score, z, t).clamp(-1, 1), x0_of(fake_score, z, t).clamp(-1, 1))
+            # the real score is the teacher as its sampler uses it (guidance folded in); the fake score is plain
+            grad = dmd_gradient(x_gen.detach(), x0_of(model.teacher_output, real_score, z, t, c).clamp(-1, 1),
+                                x0_of(model.output, fake_score, z, t, c).clamp(-1, 1))
         l_dmd = 0.5 * (x_gen - (x_gen - grad).detach()).pow(2).mean()
         l_feat = fm.loss()
         loss = l_dmd + l_feat
@@ -246,13 +252,13 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         # 5. GAN term on real images: the generator's noised samples should pass the discriminator as real.
         if disc is not None:
             t_d = randint(cfg.t_max, cfg.t_min)
-            l_gan = F.softplus(-disc_logits(x_gen, t_d)).mean()
+            l_gan = F.softplus(-disc_logits(x_gen, t_d, c)).mean()
             loss = loss + cfg.gan_weight * l_gan
             losses["gan"], losses["disc"] = l_gan.item(), l_disc.item()
         # 6. DMD1's regression: from a cached noise, the deterministic generator should land on the teacher's output.
         if pairs is not None:
             idx = randint(len(pairs[0]))
-            l_reg = (run_chain(pairs[0][idx]) - pairs[1][idx]).pow(2).mean()
+            l_reg = (run_chain(pairs[0][idx], None if pairs[2] is None else pairs[2][idx]) - pairs[1][idx]).pow(2).mean()
             loss = loss + cfg.regression_weight * l_reg
             losses["reg"] = l_reg.item()
         run.backward(loss, student, opt, ema)
@@ -271,14 +277,14 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     shutil.rmtree(_output_dir(ckpt_dir), ignore_errors=True)
     student = frozen(student).cpu()
     if not chain:
-        return lcm_pipeline(student, sched_cfg, cfg.solver_steps), summary
+        return model.export(student, lcm_scheduler(sched_cfg, cfg.solver_steps)), summary
     if x0_call:
-        from redistill.methods.output import one_step_pipeline
+        from redistill.methods.output import one_step_scheduler
 
-        return one_step_pipeline(student, sched_cfg), summary
-    from redistill.methods.progressive import student_pipeline
+        return model.export(student, one_step_scheduler(sched_cfg)), summary
+    from redistill.methods.progressive import student_scheduler
 
-    return student_pipeline(student, sched_cfg, ptype, cfg.first_timestep, K), summary
+    return model.export(student, student_scheduler(sched_cfg, ptype, cfg.first_timestep, K)), summary
 
 
 def _output_dir(ckpt_dir: Path) -> Path:

@@ -12,7 +12,7 @@ Models for Improved Sampling Speed", arXiv:2101.02388), in one step or through a
      and the L2 loss on the chain's output is back-propagated through all K network calls. The paper's
      objective, applied to the sampler the student will be used with: what the evaluation pairs with the
      teacher on the same noise is exactly what is trained.
-3. Export a stock `DDPMPipeline`: for one step a `DDIMScheduler` ("trailing", prediction_type "sample",
+3. Export the teacher kind's stock pipeline (a `DDPMPipeline` for pixel teachers): for one step a `DDIMScheduler` ("trailing", prediction_type "sample",
    final α = 1) that runs exactly that call; for K steps the `DDIMScheduler` ("leading" with
    `steps_offset`) that runs exactly the trained chain.
 """
@@ -29,6 +29,7 @@ import torch
 
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
+from redistill.models import adapter_for
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 STUDENT_PREDICTION = "sample"
@@ -52,22 +53,26 @@ def pairs_file(pairs_dir: Path, teacher_sha256: str, cfg: OutputConfig) -> Path:
 
 
 @torch.no_grad()
-def teacher_pairs(teacher, cfg: OutputConfig, shape: tuple[int, ...], device, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 1: (x_T, x₀) pairs from the teacher's DDIM sampler (η = 0, the teacher's own spacing)."""
+def teacher_pairs(teacher, cfg: OutputConfig, shape: tuple[int, ...], device, batch: int = 500):
+    """Step 1: (x_T, x₀, conditions) from the teacher's DDIM sampler (η = 0, the teacher's own spacing); the
+    conditions are None for an unconditional teacher, else one drawn per pair (guidance folded in)."""
     from diffusers import DDIMScheduler
 
+    model = adapter_for(teacher)
     sched = DDIMScheduler.from_config(teacher.scheduler.config)
     sched.set_timesteps(cfg.pairs_steps)
     unet = teacher.unet.to(device).eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn((cfg.pairs, *shape), generator=gen)
+    cond = model.conditions(cfg.pairs, gen)
     outs = []
     for i in range(0, cfg.pairs, batch):
         x = noise[i : i + batch].to(device)
+        c = None if cond is None else cond[i : i + batch].to(device)
         for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x).prev_sample
+            x = sched.step(model.teacher_output(unet, x, t.expand(len(x)).to(device), c), t, x).prev_sample
         outs.append(x.clamp(-1, 1).cpu())
-    return noise, torch.cat(outs)
+    return noise, torch.cat(outs), cond
 
 
 def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, device, pairs_dir: Path,
@@ -79,24 +84,25 @@ def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, d
     if f.is_file():
         d = load_file(f)
         log(f"reusing {len(d['noise'])} teacher pairs from {f}")
-        return d["noise"], d["x0"], f, True
+        return d["noise"], d["x0"], d.get("cond"), f, True
     log(f"generating {cfg.pairs} teacher pairs (DDIM {cfg.pairs_steps} steps) into {f}")
-    noise, x0 = teacher_pairs(teacher, cfg, shape, device)
+    noise, x0, cond = teacher_pairs(teacher, cfg, shape, device)
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")
-    save_file({"noise": noise.contiguous(), "x0": x0.contiguous()}, tmp,
-              metadata={"teacher_sha256": teacher_sha256, "pairs_steps": str(cfg.pairs_steps), "seed": str(cfg.seed)})
+    save_file({"noise": noise.contiguous(), "x0": x0.contiguous(), **({} if cond is None else {"cond": cond.contiguous()})},
+              tmp, metadata={"teacher_sha256": teacher_sha256, "pairs_steps": str(cfg.pairs_steps), "seed": str(cfg.seed)})
     tmp.replace(f)
-    return noise, x0, f, False
+    return noise, x0, cond, f, False
 
 
 def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
             init: dict | None = None,
             teacher_sha256: str | None = None, pairs_dir: Path | None = None):
     """Output-distil `teacher` into a student of `cfg.target_steps` steps; `data` only fixes the image shape
-    (the pairs are the training set). Returns (stock DDPMPipeline, summary)."""
-    from redistill.methods.progressive import check_grid, student_grid, student_pipeline
+    (the pairs are the training set). Returns (the teacher kind's stock pipeline, summary)."""
+    from redistill.methods.progressive import check_grid, student_grid, student_scheduler
 
+    model = adapter_for(teacher)  # every network call, condition and the export go through it
     sched_cfg = teacher.scheduler.config
     T = sched_cfg.num_train_timesteps
     K, ptype = cfg.target_steps, sched_cfg.prediction_type
@@ -110,9 +116,10 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
         for k, v in sorted(teacher.unet.state_dict().items()):
             h.update(k.encode()), h.update(v.cpu().numpy().tobytes())
         teacher_sha256 = h.hexdigest()
-    noise, x0, pfile, reused = load_or_make_pairs(teacher, teacher_sha256, cfg, tuple(data.shape[1:]), dev,
+    noise, x0, cond, pfile, reused = load_or_make_pairs(teacher, teacher_sha256, cfg, tuple(data.shape[1:]), dev,
                                                   Path(pairs_dir or "data/pairs"), log)
     noise, x0 = noise.to(dev), x0.to(dev)
+    cond = None if cond is None else cond.to(dev)
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
     student = warm(student_like(teacher_unet, cfg.student_channels, cfg.student_layers), init)  # or the champion
     fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
@@ -121,27 +128,28 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     t_last = torch.full((cfg.batch_size,), T - 1, device=dev, dtype=torch.long)
     grid = student_grid(K, T, cfg.first_timestep).to(dev)  # K > 1: e.g. 959, 709, 459, 209, then −1 (clean)
-    alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
+    alphas_cumprod = model.alphas_cumprod.to(dev)
 
-    def chain(z):
+    def chain(z, c):
         """The student's K-step DDIM sampler, as the exported DDIMScheduler runs it: x̂₀ clipped, the model's ε."""
         for i in range(K):
             t = grid[i].expand(len(z))
             a, s = alpha_sigma(alphas_cumprod, t)
             a_next, s_next = alpha_sigma(alphas_cumprod, grid[i + 1].expand(len(z)))
             with run.autocast():
-                x0_hat, eps = to_x0_eps(student(z, t).sample.float(), z, a, s, ptype)
+                x0_hat, eps = to_x0_eps(model.output(student, z, t, c).float(), z, a, s, ptype)
             z = a_next * x0_hat.clamp(-1, 1) + s_next * eps
         return z
 
     def step():
         # 2. A batch of pairs; the student's sampler maps x_T to x̂₀ (one call at T−1, or its K-step chain); L2.
         idx = torch.randint(0, len(noise), (cfg.batch_size,), generator=gen).to(dev)
+        c = None if cond is None else cond[idx]
         if cfg.feature_loss > 0:  # the teacher's block features on the same input, for feature matching
             with torch.no_grad(), fm.teacher():
-                teacher_unet(noise[idx], t_last if K == 1 else grid[0].expand(len(idx)))
+                model.output(teacher_unet, noise[idx], t_last if K == 1 else grid[0].expand(len(idx)), c)
         with run.autocast(), fm.student():
-            pred = student(noise[idx], t_last).sample.float() if K == 1 else chain(noise[idx])
+            pred = model.output(student, noise[idx], t_last, c).float() if K == 1 else chain(noise[idx], c)
         loss = (pred - x0[idx]).pow(2).mean() + fm.loss()
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
@@ -156,16 +164,15 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
                **sizes(teacher_unet, student),
                "pairs_file": str(pfile), "pairs_reused": reused, "wall_time_s": run.finish(),
                "num_inference_steps": K}
-    if K == 1:
-        return one_step_pipeline(frozen(student).cpu(), sched_cfg), summary
-    return student_pipeline(frozen(student).cpu(), sched_cfg, ptype, cfg.first_timestep, K), summary
+    scheduler = (one_step_scheduler(sched_cfg) if K == 1
+                 else student_scheduler(sched_cfg, ptype, cfg.first_timestep, K))
+    return model.export(frozen(student).cpu(), scheduler), summary
 
 
-def one_step_pipeline(unet, teacher_scheduler_config):
-    """A stock `DDPMPipeline` whose DDIM ("trailing", x₀ prediction) at 1 step calls `unet` once at T−1 and
-    returns its output."""
-    from diffusers import DDIMScheduler, DDPMPipeline
+def one_step_scheduler(teacher_scheduler_config):
+    """The stock DDIM ("trailing", x₀ prediction) that at 1 step calls the student once at T−1 and returns its
+    output."""
+    from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(teacher_scheduler_config, prediction_type=STUDENT_PREDICTION,
-                                          timestep_spacing="trailing", clip_sample=True, set_alpha_to_one=True)
-    return DDPMPipeline(unet=unet, scheduler=scheduler)
+    return DDIMScheduler.from_config(teacher_scheduler_config, prediction_type=STUDENT_PREDICTION,
+                                     timestep_spacing="trailing", clip_sample=True, set_alpha_to_one=True)

@@ -13,7 +13,7 @@ Where the sampling grid starts decides the student's parametrisation (the paper'
   losses 4× lower, because the student no longer has to re-learn its output parametrisation.
 - `first_timestep` = T−1: DDIM's "trailing" grid, which starts at pure noise, where α ≈ 5e-5 and an x₀
   recovered from ε divides by almost 0, so the student predicts v, as the paper recommends.
-The export is a stock `DDPMPipeline` whose saved `DDIMScheduler` samples the student on exactly the grid
+The export is the teacher kind's stock pipeline (a `DDPMPipeline` for pixel teachers) whose saved `DDIMScheduler` samples the student on exactly the grid
 it was trained on at the target step count ("leading" spacing with `steps_offset`, or "trailing").
 """
 
@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 from redistill.methods.student_shape import FeatureMatch
+from redistill.models import adapter_for
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
 from redistill.prediction import alpha_sigma, to_x0_eps
 
@@ -112,9 +113,11 @@ def distillation_target(z_t, z_tpp, a_t, s_t, a_tpp, s_tpp) -> torch.Tensor:
     return (z_tpp - r * z_t) / (a_tpp - r * a_t)
 
 
-def _x0(unet, z, t, prediction_type, alphas_cumprod, clip: bool):
+def _x0(call, unet, z, t, cond, prediction_type, alphas_cumprod, clip: bool):
+    """x̂₀ of `unet` at (z, t) under `cond`; `call` is the adapter's `teacher_output` (guidance folded in) or
+    its `output` (the student's own call)."""
     a, s = alpha_sigma(alphas_cumprod, t)
-    x0, _ = to_x0_eps(unet(z, t).sample, z, a, s, prediction_type)
+    x0, _ = to_x0_eps(call(unet, z, t, cond), z, a, s, prediction_type)
     return x0.clamp(-1, 1) if clip else x0
 
 
@@ -133,6 +136,7 @@ def distill(
     round's student (the bench samples every round's step count from one run).
     """
 
+    model = adapter_for(teacher)  # every network call, condition and the export go through it
     sched_cfg = teacher.scheduler.config
     T = sched_cfg.num_train_timesteps
     rounds = halving_schedule(cfg.teacher_steps, cfg.target_steps)
@@ -141,15 +145,16 @@ def distill(
     run = Trainer(ckpt_dir, {"method": "progressive", "config": asdict(cfg), "teacher_prediction": sched_cfg.prediction_type},
                   cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     dev = run.device
-    alphas_cumprod = teacher.scheduler.alphas_cumprod.float().to(dev)
+    alphas_cumprod = model.alphas_cumprod.to(dev)
     x_all = (data.float() * 2.0 - 1.0).to(dev)
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
     teacher_type = sched_cfg.prediction_type
+    teacher_call = model.teacher_output  # round 1's teacher is the guided one; later rounds' teachers are students
     if run.resume_phase > 0 and run.resume_path is not None:  # the round being resumed has an earlier student as teacher
         if cfg.student_channels or cfg.student_layers:  # ... of the smaller student's shape, built from round 1's recipe
             teacher_unet = frozen(student_like(teacher_unet, cfg.student_channels, cfg.student_layers))
         teacher_unet.load_state_dict(run.resumed_weights("teacher"))
-        teacher_type = s_type
+        teacher_type, teacher_call = s_type, model.output
 
     history = []
     for r, n in enumerate(rounds):
@@ -169,9 +174,12 @@ def distill(
                    {"student": student, **({"teacher": teacher_unet} if r > 0 else {})}, {"student": opt},
                    {"student": ema}, gen)
 
-        def step(student=student, opt=opt, ema=ema, gen=gen, grid=grid, mid=mid, n=n, teacher_type=teacher_type, fm=fm):
-            # 2. Data and a student timestep: x ~ D, i ~ U{0..n−1}, t = grid[i]; z_t = α_t·x + σ_t·ε.
+        def step(student=student, opt=opt, ema=ema, gen=gen, grid=grid, mid=mid, n=n, teacher_type=teacher_type, fm=fm,
+                 teacher_call=teacher_call):
+            # 2. Data and a student timestep: x ~ D, i ~ U{0..n−1}, t = grid[i]; z_t = α_t·x + σ_t·ε
+            #    (and, for a conditional teacher, a condition c for the batch).
             x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(dev)]
+            c = model.conditions(cfg.batch_size, gen, dev)
             i = torch.randint(0, n, (cfg.batch_size,), generator=gen).to(dev)
             t, t_mid, t_next = grid[i], mid[i], grid[i + 1]
             a_t, s_t = alpha_sigma(alphas_cumprod, t)
@@ -181,14 +189,15 @@ def distill(
                 a_m, s_m = alpha_sigma(alphas_cumprod, t_mid)
                 a_n, s_n = alpha_sigma(alphas_cumprod, t_next)
                 with fm.teacher():
-                    x0_t = _x0(teacher_unet, z_t, t, teacher_type, alphas_cumprod, True)
+                    x0_t = _x0(teacher_call, teacher_unet, z_t, t, c, teacher_type, alphas_cumprod, True)
                 z_mid = ddim_step(x0_t, z_t, a_t, s_t, a_m, s_m)
-                z_next = ddim_step(_x0(teacher_unet, z_mid, t_mid, teacher_type, alphas_cumprod, True), z_mid, a_m, s_m, a_n, s_n)
+                x0_mid = _x0(teacher_call, teacher_unet, z_mid, t_mid, c, teacher_type, alphas_cumprod, True)
+                z_next = ddim_step(x0_mid, z_mid, a_m, s_m, a_n, s_n)
                 # 4. The target x̃ that makes one student step land on the teacher's two-step result.
                 x_target = distillation_target(z_t, z_next.float(), a_t, s_t, a_n, s_n)
             # 5. Truncated-SNR weighted loss in x-space: max(α²/σ², 1)·‖x̃ − x̂_η(z_t)‖².
             with run.autocast(), fm.student():
-                x_student = _x0(student, z_t, t, s_type, alphas_cumprod, False).float()
+                x_student = _x0(model.output, student, z_t, t, c, s_type, alphas_cumprod, False).float()
             weight = torch.clamp(a_t**2 / s_t**2, min=1.0).view(-1)
             loss = (weight * (x_student - x_target).pow(2).mean(dim=(1, 2, 3))).mean() + fm.loss()
             # 6. Update, then the EMA that becomes the next teacher.
@@ -200,20 +209,22 @@ def distill(
         # 7. θ ← η: the EMA student teaches the next round, at half the steps.
         ema.copy_to(student.parameters())
         teacher_unet = frozen(student)
-        teacher_type = s_type
+        teacher_type, teacher_call = s_type, model.output
         history.append({"round": r + 1, "student_steps": n, "final_loss": losses.get("loss")})
         if on_round is not None:
-            on_round(n, student_pipeline(copy.deepcopy(teacher_unet).cpu(), sched_cfg, s_type, cfg.first_timestep, n))
+            on_round(n, model.export(copy.deepcopy(teacher_unet).cpu(),
+                                     student_scheduler(sched_cfg, s_type, cfg.first_timestep, n)))
 
     summary = {"method": "progressive", "config": asdict(cfg), "rounds": history, **sizes(teacher.unet, teacher_unet),
                "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
-    return student_pipeline(teacher_unet.cpu(), sched_cfg, s_type, cfg.first_timestep, cfg.target_steps), summary
+    scheduler = student_scheduler(sched_cfg, s_type, cfg.first_timestep, cfg.target_steps)
+    return model.export(teacher_unet.cpu(), scheduler), summary
 
 
-def student_pipeline(unet, teacher_scheduler_config, prediction_type: str, first_timestep: int, steps: int):
-    """The stock pipeline that samples a progressive student at `steps` on its training grid: DDIM with
+def student_scheduler(teacher_scheduler_config, prediction_type: str, first_timestep: int, steps: int):
+    """The stock scheduler that samples a progressive student at `steps` on its training grid: DDIM with
     "trailing" spacing from T−1, else "leading" spacing shifted by `steps_offset` to start at first_timestep."""
-    from diffusers import DDIMScheduler, DDPMPipeline
+    from diffusers import DDIMScheduler
 
     T = teacher_scheduler_config.num_train_timesteps
     if first_timestep == T - 1:
@@ -222,4 +233,4 @@ def student_pipeline(unet, teacher_scheduler_config, prediction_type: str, first
         spacing = {"timestep_spacing": "leading", "steps_offset": first_timestep - (steps - 1) * (T // steps)}
     scheduler = DDIMScheduler.from_config(teacher_scheduler_config, prediction_type=prediction_type, clip_sample=True,
                                           set_alpha_to_one=True, **spacing)
-    return DDPMPipeline(unet=unet, scheduler=scheduler)
+    return scheduler

@@ -1,0 +1,130 @@
+"""The model adapter: the one seam between redistill and a kind of diffusers pipeline (DESIGN.md).
+
+Methods, the teacher check, evaluation, drift embeddings and serving never call `unet(z, t)` or a
+pipeline directly. They ask the pipeline's adapter, which knows, for its kind of pipeline:
+- the facts: prediction type, the noise schedule (ᾱ_t), channels and image size;
+- how to noise (`add_noise`) and denoise with conditioning (`output`; `teacher_output` with guidance folded
+  in, for a conditional teacher);
+- how to draw a batch of conditions for training (`conditions`; None for an unconditional model);
+- how to sample a batch of images (`sample`);
+- how to export a student as a stock diffusers pipeline folder (`export`).
+
+One implementation per kind of pipeline, in its own file beside this one; `adapter_for(pipe)` picks the
+first kind that claims the pipeline. Adding a kind adds a file and a line to `KINDS` and touches no method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class UnsupportedPipeline(ValueError):
+    """A pipeline no adapter knows; the message lists the kinds that are supported."""
+
+
+class ModelAdapter:
+    """What every kind of pipeline offers. Subclasses set `kind` and implement `claims` and the methods below."""
+
+    kind = "abstract"
+    description = ""
+
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
+
+    # -- which pipelines this kind serves ---------------------------------------------------------------
+    @classmethod
+    def claims(cls, pipe: Any) -> bool:
+        raise NotImplementedError
+
+    # -- facts ----------------------------------------------------------------------------------------
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def scheduler_config(self):
+        return self.pipe.scheduler.config
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config.num_train_timesteps)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.pipe.scheduler.alphas_cumprod.float()
+
+    @property
+    def channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def sample_size(self) -> tuple[int, int]:
+        s = self.unet.config.sample_size
+        return (int(s[0]), int(s[1])) if isinstance(s, (list, tuple)) else (int(s), int(s))
+
+    @property
+    def conditional(self) -> bool:
+        return False
+
+    def facts(self) -> dict:
+        """What the lineage and the teacher check record about the model."""
+        return {"kind": self.kind, "prediction_type": self.prediction_type,
+                "num_train_timesteps": self.num_train_timesteps, "channels": self.channels,
+                "sample_size": list(self.sample_size), "conditional": self.conditional}
+
+    # -- the network ----------------------------------------------------------------------------------
+    def conditions(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Any:
+        """A training batch of `n` conditions (None for an unconditional model; draws nothing then)."""
+        return None
+
+    def output(self, net: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """One call of `net` (the teacher's network or a student of its shape) on noisy `z` at timesteps `t`."""
+        raise NotImplementedError
+
+    def teacher_output(self, net: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """The teacher's output as its sampler uses it: with classifier-free guidance folded in where the
+        teacher was trained for it (what a guided-distillation student learns); else `output`."""
+        return self.output(net, z, t, cond)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """z_t = α_t·x₀ + σ_t·ε with the model's own schedule."""
+        from redistill.prediction import alpha_sigma
+
+        a, s = alpha_sigma(self.alphas_cumprod.to(x0.device), t)
+        return a * x0 + s * noise
+
+    # -- sampling and export ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, steps: int, generator: torch.Generator, cond: Any = None) -> torch.Tensor:
+        """`n` images in [0, 1], float (N, C, H, W), from the pipeline's own sampler at `steps`."""
+        raise NotImplementedError
+
+    def export(self, unet: torch.nn.Module, scheduler) -> Any:
+        """A student (a network of the teacher's kind and its sampler) as a stock diffusers pipeline."""
+        raise NotImplementedError
+
+
+def _kinds() -> list[type[ModelAdapter]]:
+    from redistill.models.pixel import UnconditionalPixel
+
+    return [UnconditionalPixel]
+
+
+def adapter_for(pipe: Any) -> ModelAdapter:
+    """The adapter of the first kind that claims `pipe`; UnsupportedPipeline (naming the kinds) if none does."""
+    for kind in _kinds():
+        if kind.claims(pipe):
+            return kind(pipe)
+    kinds = "; ".join(f"{k.kind} ({k.description})" for k in _kinds())
+    raise UnsupportedPipeline(f"redistill has no adapter for a {type(pipe).__name__} "
+                              f"(unet: {type(getattr(pipe, 'unet', None)).__name__}); supported kinds: {kinds}")
+
+
+def supported_kinds() -> list[str]:
+    return [k.kind for k in _kinds()]
