@@ -86,7 +86,10 @@ class TeacherParams:
     checkpoint_every: int = 1000  # steps between resumable checkpoints
 
 
-FEATURE_SPACES = ("classifier", "encoder")  # built-in FID/KID feature spaces (redistill/feature_spaces.py)
+# built-in FID/KID feature spaces (redistill/feature_spaces.py); `auto`: the classifier where the workspace has one
+# (labelled data, `redistill features`), then the label-free encoder
+FEATURE_SPACES = ("auto", "classifier", "encoder")
+FEATURE_SPACE_KINDS = ("inception", "clip", "dinov2")  # spaces read from a local path: "<kind>:<path>"
 
 
 @dataclass
@@ -118,16 +121,18 @@ class EvaluateParams:
     latency_repeats: int = 20  # timed batch-1 calls per pipeline, after warm-up
     throughput_repeats: int = 3  # timed batch-64 calls per pipeline, after warm-up
     throughput_batch: int = 64
-    features: list[str] = field(default_factory=lambda: ["classifier", "encoder"])  # FID/KID spaces; the gate checks each; the first one's figures head the report
+    features: list[str] = field(default_factory=lambda: ["auto"])  # FID/KID spaces; the gate checks each; the first one's figures head the report
     floor_splits: int = 20  # random split-halves of the real set behind the real-against-real FID floor
 
     def __post_init__(self):
         if not self.features:
             raise ConfigError("evaluate.features must name at least one feature space, e.g. [classifier, encoder]")
         for name in self.features:
-            if name not in FEATURE_SPACES and not name.startswith("inception:"):
+            kind, colon, path = name.partition(":")  # inception: as before; a folder space needs its folder
+            if name not in FEATURE_SPACES and not (kind in FEATURE_SPACE_KINDS and colon and (path or kind == "inception")):
                 raise ConfigError(f"unknown feature space {name!r} in evaluate.features; valid are: "
-                                  f"{', '.join(FEATURE_SPACES)}, or inception:/path/to/inception.safetensors")
+                                  f"{', '.join(FEATURE_SPACES)}, inception:/path/to/inception.safetensors, "
+                                  "clip:/path/to/clip-folder or dinov2:/path/to/dinov2-folder")
         if self.max_samples < self.num_samples:
             raise ConfigError(f"evaluate.max_samples ({self.max_samples}) must be at least evaluate.num_samples "
                               f"({self.num_samples})")

@@ -18,6 +18,9 @@
   least"). They are judged here on the candidate's bootstrap CI, not its point value: the candidate fails
   only if even the favourable end of its CI is worse than the champion by more than Δ, so sampling noise
   alone does not reject a student.
+- FIDs in different feature spaces are different quantities: every evaluation records the sha256 of each
+  space it was measured in (`feature_spaces`), and when the champion's differ from the candidate's, the
+  change thresholds are not judged but fail, with both spaces named and what to do (re-evaluate the champion).
 - With no champion, `first_run` decides: `absolute` judges the absolute thresholds alone, `reject` never
   promotes without a champion.
 
@@ -107,6 +110,38 @@ def _gap_checks(result: dict, p: GateParams) -> list[Check]:
     return checks
 
 
+def _spaces(result: dict) -> tuple[str | None, dict[str, str] | None]:
+    """(primary space, {space: sha256}) of an evaluation result; the top-level figures are the primary's."""
+    return result["quality"].get("feature_space"), result.get("feature_spaces")
+
+
+def _describe(primary: str | None, spaces: dict[str, str] | None) -> str:
+    if spaces is None:
+        return "feature spaces that it does not record"
+    names = sorted(spaces, key=lambda n: n != primary)  # the primary, whose FID and KID are compared, first
+    return "feature space(s) " + ", ".join(f"{n} (sha256 {spaces[n][:12] + '…' if spaces[n] else 'not recorded'})"
+                                           for n in names)
+
+
+def space_mismatch(candidate: dict, champion: dict) -> str | None:
+    """Why the champion's figures cannot be compared with the candidate's (measured in other feature
+    spaces), or None when they can.
+
+    Spaces are the same when their weights' sha256s are (a space without one, a bare module, by its name),
+    the primary one included. Two results that record no spaces at all are compared as before."""
+    (cp, cs), (bp, bs) = _spaces(candidate), _spaces(champion)
+    if cs is None and bs is None:
+        return None
+    ident = lambda spaces, name: (spaces.get(name) or name) if name in spaces else name  # noqa: E731
+    if cs is not None and bs is not None and ident(cs, cp) == ident(bs, bp) and \
+            {ident(cs, n) for n in cs} == {ident(bs, n) for n in bs}:
+        return None
+    return (f"the champion's figures are in {_describe(bp, bs)} and the student's in {_describe(cp, cs)}, so "
+            "they are never compared; re-evaluate the champion in the student's feature spaces (`redistill "
+            "evaluate` on its student folder with this evaluate.features; a cycle does so itself when the "
+            "champion's features_sha256 tag differs) and gate again")
+
+
 def _mlflow_verdict(name: str, value: float, bound: float, greater_is_better: bool) -> bool:
     from mlflow.exceptions import MlflowException
     from mlflow.models import MetricThreshold
@@ -137,6 +172,11 @@ def judge(candidate: dict, champion: dict | None, p: GateParams, method: str | N
         if name == "psnr_db":
             note = (f"{family} family" if family else "method unknown: the strictest family bound") + (
                 ": fidelity to the teacher is not gated" if bound <= 0 else "")
+        if math.isnan(value) and name == "recognisable_share" and "classifier" not in (candidate.get("feature_spaces") or {}):
+            # recognisability needs a classifier of labelled data; label-free evaluation does not measure it
+            checks.append(Check(name, "absolute", None, bound, ">=", True,
+                                "not gated: no classifier in evaluate.features (label-free data)"))
+            continue
         if math.isnan(value):
             checks.append(Check(name, "absolute", None, bound, ">=" if greater else "<=", False, "not measured"))
             continue
@@ -151,6 +191,8 @@ def judge(candidate: dict, champion: dict | None, p: GateParams, method: str | N
         else:
             checks.append(Check("champion", "change", None, None, "exists", True,
                                 "no champion yet: absolute thresholds only (gate.first_run = 'absolute')"))
+    elif (mismatch := space_mismatch(candidate, champion)) is not None:
+        checks.append(Check("feature_spaces_vs_champion", "change", None, None, "==", False, mismatch))
     else:
         cq, bq = candidate["quality"], champion["quality"]
         source = champion.get("evaluated_on", "the champion's recorded evaluation (same data and feature spaces)")

@@ -18,6 +18,10 @@ def gate_student(result: dict, champion: dict | None, p: GateParams, method: str
         f"{'' if c.bound is None else f'{c.bound:.4g}'} | {'pass' if c.passed else '**FAIL**'} |"
         for c in decision.checks
     )
+    # a check refused without a value (figures in other feature spaces, a missing measurement) is explained
+    # only by its note, which the table has no room for
+    refusals = "".join(f"- **{c.name}**: {c.note}\n" for c in decision.failed() if c.value is None and c.note)
+    refusals += "\n" if refusals else ""
     q, s = result["quality"], result["speed"]
     create_markdown_artifact(
         key="redistill-decision",
@@ -25,6 +29,7 @@ def gate_student(result: dict, champion: dict | None, p: GateParams, method: str
         markdown=(
             f"# Student {'promoted' if decision.passed else 'rejected'}\n\n"
             f"| kind | check | value | bound | verdict |\n|---|---|---|---|---|\n{rows}\n\n"
+            f"{refusals}"
             f"| | teacher@{result['reference']['steps']} | student@{result['steps']} |\n|---|---|---|\n"
             f"| FID | {q['reference_fid']:.4g} | {q['fid']:.4g} [{q['fid_ci95'][0]:.3g}, {q['fid_ci95'][1]:.3g}] |\n"
             + "".join(f"| FID gap [{n}] (floors) | floor {sq['fid_floor']:.4g} | {sq['fid_gap']:+.4g} = "

@@ -118,3 +118,49 @@ def test_thresholds_that_are_not_numbers_are_a_settings_error():
         parse_params({"gate": {"speedup_min": "fast"}})
     with pytest.raises(ConfigError, match="unknown key gate.fid_ratio_max"):
         parse_params({"gate": {"fid_ratio_max": 1.5}})
+
+
+def measured_in(r, spaces):
+    """`r` with the feature spaces it records (name → sha256), the first one primary."""
+    r = copy.deepcopy(r)
+    r["feature_spaces"] = dict(spaces)
+    r["quality"]["feature_space"] = next(iter(spaces))
+    return r
+
+
+SPACES = {"classifier": "a" * 64, "encoder": "b" * 64}
+
+
+def test_same_space_results_are_compared_exactly_as_before():
+    for cand, champ in [(result(), result(fid=0.40)), (result(fid=0.60, ci=(0.50, 0.75)), result(fid=0.40)),
+                        (result(kid=0.05, kid_ci=(0.03, 0.07)), result(kid=0.005))]:
+        before = judge(cand, champ, GateParams(), "progressive")
+        recorded = judge(measured_in(cand, SPACES), measured_in(champ, SPACES), GateParams(), "progressive")
+        assert recorded.to_dict() == before.to_dict()
+
+
+@pytest.mark.parametrize("champion_spaces,described", [
+    ({"classifier": "c" * 64, "encoder": "b" * 64},  # a retrained classifier
+     "feature space(s) classifier (sha256 cccccccccccc…), encoder (sha256 bbbbbbbbbbbb…)"),
+    ({"encoder": "b" * 64, "classifier": "a" * 64},  # its top-level FID and KID are the encoder's
+     "feature space(s) encoder (sha256 bbbbbbbbbbbb…), classifier (sha256 aaaaaaaaaaaa…)"),
+    ({"classifier": "a" * 64}, "feature space(s) classifier (sha256 aaaaaaaaaaaa…)"),
+    (None, "feature spaces that it does not record"),
+])
+def test_a_champion_measured_in_other_feature_spaces_is_never_compared(champion_spaces, described):
+    # the champion is far worse: compared, the student would pass the change thresholds
+    champion = result(fid=2.0, ci=(1.8, 2.2), kid=0.5)
+    if champion_spaces is not None:
+        champion = measured_in(champion, champion_spaces)
+    d = judge(measured_in(result(), SPACES), champion, GateParams(), "progressive")
+    assert not d.passed
+    assert [c.name for c in d.failed()] == ["feature_spaces_vs_champion"]
+    assert "fid_vs_champion" not in d.reasons()
+    assert (f"FAIL change feature_spaces_vs_champion: n/a == n/a (the champion's figures are in {described} "
+            "and the student's in feature space(s) classifier (sha256 aaaaaaaaaaaa…), encoder (sha256 "
+            "bbbbbbbbbbbb…), so they are never compared; re-evaluate the champion in the student's feature "
+            "spaces") in d.reasons()
+    # the same space under another name (the same weights file at another path) is the same space
+    renamed = measured_in(result(fid=2.0, ci=(1.8, 2.2)), {"inception:/b/x.safetensors": "f" * 64})
+    assert judge(measured_in(result(), {"inception:/a/x.safetensors": "f" * 64}), renamed, GateParams(),
+                 "progressive").passed
