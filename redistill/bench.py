@@ -74,7 +74,6 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
 
     from redistill.data import load_image_folder
     from redistill import feature_spaces
-    from redistill.features import load_classifier
     from redistill.methods import distill
     from redistill.metrics import Side, evaluate, precision_target
     from redistill.teacher import load_pipeline, save_pipeline
@@ -84,7 +83,7 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         p = quick_params(p)
     out.mkdir(parents=True, exist_ok=True)
     data = load_image_folder(root / "data" / "reference")
-    classifier = load_classifier(root / "data" / "features")
+    classifier = feature_spaces.classifier_for(p.evaluate.features, root / "data" / "features")
     extractor = feature_spaces.load_all(p.evaluate.features, root / "data" / "features")
     ref = Side(teacher, p.evaluate.reference_steps)
     cache = root / "runs" / "cache" / "samples"
@@ -153,7 +152,7 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
             rows.append(_row("method", method, n, measure(path, n, "saved"), wall, "saved", path))
             save_partial()
 
-    result = {"quick": quick, "methods": list(methods), "feature_spaces": list(p.evaluate.features), "teacher": str(teacher), "reference_steps": p.evaluate.reference_steps,
+    result = {"quick": quick, "methods": list(methods), "feature_spaces": [sp.name for sp in extractor], "teacher": str(teacher), "reference_steps": p.evaluate.reference_steps,
               "num_samples": p.evaluate.num_samples, "seed": p.evaluate.seed, "device": device,
               "threads": torch.get_num_threads(), "rows": rows, "wall_time_s": round(time.perf_counter() - t0, 1)}
     result["goals"] = goals(result)

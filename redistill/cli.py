@@ -206,7 +206,6 @@ def evaluate(
 
     from redistill.data import DataError, load_image_folder, safe_name
     from redistill import feature_spaces
-    from redistill.features import load_classifier
     from redistill.metrics import SCHEDULER_CHOICES, Side, precision_target
     from redistill.metrics import evaluate as run_suite
     from redistill.teacher import PipelineError, check_pipeline_folder
@@ -225,7 +224,7 @@ def evaluate(
         check_pipeline_folder(reference)
         images = load_image_folder(data)
         features_dir = features_dir or root / "data" / "features"
-        classifier = load_classifier(features_dir)
+        classifier = feature_spaces.classifier_for(p.evaluate.features, features_dir)  # labelled data only
         names = [f"inception:{inception_weights}"] if inception_weights else p.evaluate.features
         extractor = feature_spaces.load_all(names, features_dir)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -358,6 +357,12 @@ def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bo
     if trigger not in ("manual", "schedule", "drift", "teacher"):
         fail(f"--trigger must be manual, schedule, drift or teacher, got {trigger!r}")
     _check_method(p)
+    from redistill.bootstrap import ensure_workspace
+
+    try:  # an empty workspace: the reference set and the label-free feature space come from --data
+        ensure_workspace(root, data, p, log=lambda m: typer.echo(m, err=True))
+    except (DataError, ValueError) as e:
+        fail(f"cannot set up the workspace from {data}: {e}")
     try:
         inputs = resolve_inputs(teacher, data, p, root)
     except (PipelineError, DataError, FileNotFoundError) as e:

@@ -28,12 +28,13 @@ def quality_vs_steps(result: dict, teacher: Path, data: Path, features: Path, p:
     import matplotlib.pyplot as plt
     import torch
 
+    from redistill import feature_spaces
     from redistill.data import load_image_folder
-    from redistill.features import FeatureExtractor, load_classifier
     from redistill.metrics import configure_scheduler, fid, sample_cached
     from redistill.teacher import load_pipeline
 
-    ext = FeatureExtractor(load_classifier(features))
+    space = feature_spaces.load_all(p.evaluate.features, features)[0]  # the primary space: the report's FID
+    ext = space.extractor
     real = ext(torch.from_numpy(load_image_folder(data).images)).double()
     pipe = load_pipeline(teacher)
     curve = {}
@@ -56,7 +57,7 @@ def quality_vs_steps(result: dict, teacher: Path, data: Path, features: Path, p:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("denoising steps")
-    ax.set_ylabel("FID (classifier features)")
+    ax.set_ylabel(f"FID ({space.name} features)")
     ax.set_title("quality against steps")
     ax.legend()
     fig.tight_layout()
