@@ -760,29 +760,36 @@ def drift_check(
     batch: Path = typer.Argument(..., help="A folder of PNG images (one incoming batch)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Representative set. Default: data/representative, else data/reference."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for drift.json and drift.png. Default: runs/drift/<batch>."),
+    features: str = typer.Option("classifier", "--features", help="Embedding for the MMD test: a feature space in data/features (classifier, encoder, inception:FILE), or pixels (no weights: any images)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Test one batch for drift (MMD permutation test + Holm-corrected KS tests); exit 1 when it drifted."""
+    from redistill import feature_spaces
     from redistill.data import DataError, safe_name
-    from redistill.drift import check_folder
-    from redistill.features import FeatureExtractor, load_classifier
+    from redistill.drift import PIXELS, check_folder, pixel_features
     from redistill.watch import current_data
 
     root, p = _settings(ws, params)
     reference = reference or current_data(root)
     out = out or root / "runs" / "drift" / safe_name(Path(batch).resolve().name)
     try:
-        ext = FeatureExtractor(load_classifier(root / "data" / "features"))
+        ext = pixel_features if features == PIXELS else feature_spaces.load(features, root / "data" / "features").extractor
+    except ValueError as e:
+        fail(f"{e}; drift also takes --features {PIXELS} (no weights: any images)")
+    except FileNotFoundError as e:
+        fail(str(e))
+    try:
         rep = check_folder(batch, reference, ext, p.drift.alpha, p.drift.permutations, p.drift.seed, out)
     except (DataError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     if as_json:
         typer.echo(json.dumps(rep.to_dict()))
     else:
-        typer.echo(f"{rep.batch}: {'DRIFT' if rep.drifted else 'no drift'} (MMD p {rep.mmd_p:.4g}; "
-                   f"min Holm KS p {min(v['p_holm'] for v in rep.ks.values()):.4g}; alpha {rep.alpha:g})")
+        typer.echo(f"{rep.batch}: {'DRIFT' if rep.drifted else 'no drift'} (MMD p {rep.mmd_p:.4g} on {features}; "
+                   f"min Holm KS p {min(v['p_holm'] for v in rep.ks.values()):.4g}; colour-histogram TV "
+                   f"{rep.histogram_tv:.3f}; alpha {rep.alpha:g})")
         for r in rep.reasons:
             typer.echo(f"  {r}")
         typer.echo(f"  wrote {out / 'drift.json'} and {out / 'drift.png'}")
@@ -793,7 +800,11 @@ def drift_check(
 @drift_app.command("calibrate")
 def drift_calibrate(
     splits: Optional[int] = typer.Option(None, "--splits", min=50, help="Reference-against-reference splits (≥ 50). Default: drift.calibration_splits."),
-    batches: bool = typer.Option(True, "--batches/--no-batches", help="Also test every batch under data/incoming/ (the detection rate)."),
+    batches: bool = typer.Option(True, "--batches/--no-batches", help="Also test every batch folder under --incoming (the detection rate)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Image folder split against itself (grey or RGB, any size). Default: data/reference."),
+    incoming: Optional[Path] = typer.Option(None, "--incoming", help="Folder of batch folders to test. Default: data/incoming."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Images per pseudo-batch; below half the reference. Default: prepare.batch_size."),
+    features: str = typer.Option("classifier", "--features", help="Embedding for the MMD test: a feature space in data/features (classifier, encoder, inception:FILE), or pixels (no weights: any images)."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON file to write. Default: metrics/drift.json."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ws: Optional[Path] = WorkspaceOpt,
@@ -802,24 +813,37 @@ def drift_calibrate(
     """Measure the drift tests' false-alarm rate on reference splits, and which incoming batches they flag."""
     import time
 
+    from redistill import feature_spaces
     from redistill.data import DataError
-    from redistill.drift import calibrate, detect, embed_folder
-    from redistill.features import FeatureExtractor, load_classifier
+    from redistill.drift import PIXELS, calibrate, detect, embed_folder, pixel_features
 
     root, p = _settings(ws, params)
+    reference = reference or root / "data" / "reference"
+    incoming = incoming or root / "data" / "incoming"
     t0 = time.perf_counter()
     try:
-        ext = FeatureExtractor(load_classifier(root / "data" / "features"))
-        feats, stats, _ = embed_folder(root / "data" / "reference", ext)
-        result = calibrate(feats, stats, p.prepare.batch_size, splits or p.drift.calibration_splits,
+        ext = pixel_features if features == PIXELS else feature_spaces.load(features, root / "data" / "features").extractor
+    except ValueError as e:
+        fail(f"{e}; drift also takes --features {PIXELS} (no weights: any images)")
+    except FileNotFoundError as e:
+        fail(str(e))
+    try:
+        feats, stats, shape = embed_folder(reference, ext)
+        result = calibrate(feats, stats, batch_size or p.prepare.batch_size, splits or p.drift.calibration_splits,
                            p.drift.alpha, p.drift.permutations, p.drift.seed)
-        result["batches"] = {}
-        if batches and (root / "data" / "incoming").is_dir():
-            for b in sorted(x for x in (root / "data" / "incoming").iterdir() if x.is_dir()):
-                b_feats, b_stats, _ = embed_folder(b, ext)
+        result.update({"reference": str(reference), "features": features, "batches": {}})
+        if batches and incoming.is_dir():
+            for b in sorted(x for x in incoming.iterdir() if x.is_dir()):
+                b_feats, b_stats, b_shape = embed_folder(b, ext)
+                if b_shape != shape:
+                    raise ValueError(f"batch {b} holds {b_shape[0]}-channel {b_shape[1]} images, the reference "
+                                     f"{shape[0]}-channel {shape[1]}; drift is tested between sets of one shape")
                 rep = detect(b.name, feats, stats, b_feats, b_stats, p.drift.alpha, p.drift.permutations, p.drift.seed)
                 result["batches"][b.name] = {"drifted": rep.drifted, "mmd_p": rep.mmd_p,
-                                             "ks_min_p_holm": min(v["p_holm"] for v in rep.ks.values())}
+                                             "ks_min_p_holm": min(v["p_holm"] for v in rep.ks.values()),
+                                             "reasons": rep.reasons}
+            flagged = [b["drifted"] for b in result["batches"].values()]
+            result["flagged_batches"] = f"{sum(flagged)} of {len(flagged)}"
     except (DataError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     result["wall_time_s"] = round(time.perf_counter() - t0, 1)
@@ -835,7 +859,9 @@ def drift_calibrate(
                f"(rate {result['false_alarm_rate']:.3f}, 95% CI {lo:.3f}–{hi:.3f}) at alpha {result['alpha']:g}")
     for name, b in result["batches"].items():
         typer.echo(f"  batch {name}: {'DRIFT' if b['drifted'] else 'no drift'} (MMD p {b['mmd_p']:.4g}, "
-                   f"min Holm KS p {b['ks_min_p_holm']:.3g})")
+                   f"min Holm KS p {b['ks_min_p_holm']:.3g})" + (f": {b['reasons'][0]}" if b["reasons"] else ""))
+    if result["batches"]:
+        typer.echo(f"flagged batches: {result['flagged_batches']}")
     typer.echo(f"wrote {out} ({result['wall_time_s']:.0f} s)")
 
 

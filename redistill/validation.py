@@ -23,13 +23,26 @@ from redistill.config import ValidateParams
 from redistill.data import IMAGE_SUFFIXES, DataError, dir_md5, read_label_map, read_png
 
 GROWN_FROM = "grown_from.json"  # inside a grown representative set: the reference and batches it grew from
+MAX_CHANNELS = 3  # read_png gives grey (1) or RGB (3) images
+CHANNEL_STATS = ("mean", "std")  # learnt per channel: columns mean_c0, std_c0, … (redistill.drift.image_stats)
 TABLE_COLUMNS = ("file", "readable", "height", "width", "channels", "min", "max", "mean", "std",
+                 *(f"{s}_c{k}" for s in CHANNEL_STATS for k in range(MAX_CHANNELS)), "sharpness", "saturation",
                  "nan_count", "inf_count", "pixel_sha256", "label", "error")  # error: why a file was unreadable
 
 
+def band_columns(channels: int) -> list[str]:
+    """The table columns whose bands are learnt from the reference, for images of `channels` channels:
+    per-channel mean and spread, sharpness, and saturation (colour only: grey images have none)."""
+    return [f"{s}_c{k}" for s in CHANNEL_STATS for k in range(channels)] + ["sharpness"] + \
+        (["saturation"] if channels == 3 else [])
+
+
 def image_table(folder: Path):
-    """One row per image file in `folder`: shape, value statistics, a pixel hash and the label."""
+    """One row per image file in `folder`: shape, value statistics (overall, per channel, sharpness and
+    saturation, as the drift tests measure them), a pixel hash and the label (None without labels.csv)."""
     import pandas as pd
+
+    from redistill.drift import image_stats
 
     folder = Path(folder)
     files = sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
@@ -43,6 +56,10 @@ def image_table(folder: Path):
                          "error": f"{type(e).__name__}: {e}"[:300]})
             continue
         finite = x[np.isfinite(x)]
+        chw = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+        stats = image_stats(chw[None])
+        per_channel = {f"{c}_c{k}": float(stats[f"{c}_c{k}"][0]) if k < chw.shape[0] else None
+                       for c in CHANNEL_STATS for k in range(MAX_CHANNELS)}
         rows.append({
             "file": name,
             "readable": True,
@@ -53,6 +70,9 @@ def image_table(folder: Path):
             "max": float(finite.max()) if finite.size else None,
             "mean": float(finite.mean()) if finite.size else None,
             "std": float(finite.std()) if finite.size else None,
+            **per_channel,
+            "sharpness": float(stats["sharpness"][0]),
+            "saturation": float(stats["saturation"][0]),
             "nan_count": int(np.isnan(x).sum()),
             "inf_count": int(np.isinf(x).sum()),
             "pixel_sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
@@ -63,22 +83,25 @@ def image_table(folder: Path):
 
 
 def reference_profile(table, p: ValidateParams) -> dict:
-    """What the reference looks like: its image shape, intensity bands, and label distribution."""
-    ok = table[table["readable"]]
+    """What the reference looks like: its image shape, the bands of every `band_columns` statistic (learnt per
+    channel), and its label distribution when every image has a label."""
+    ok = table[table["readable"].astype(bool)]
     if ok.empty:
         raise ValueError("the reference folder has no readable images; run `redistill prepare` or pass --data")
+    channels = int(ok["channels"].mode()[0])
+    shaped = ok[ok["channels"] == channels]  # a stray image of another channel count has no value in some columns
 
     def band(column: str) -> list[float]:
-        lo, hi = np.quantile(ok[column].astype(float), p.band_quantiles)
+        lo, hi = np.quantile(shaped[column].astype(float), p.band_quantiles)
         widen = p.band_widen * (hi - lo)
-        return [max(0.0, float(lo - widen)), min(1.0, float(hi + widen))]
+        top = np.sqrt(2.0) if column == "sharpness" else 1.0  # a gradient magnitude reaches √2, the rest 1
+        return [max(0.0, float(lo - widen)), min(top, float(hi + widen))]
 
     profile = {
         "height": int(ok["height"].mode()[0]),
         "width": int(ok["width"].mode()[0]),
-        "channels": int(ok["channels"].mode()[0]),
-        "mean_band": band("mean"),
-        "std_band": band("std"),
+        "channels": channels,
+        "bands": {column: band(column) for column in band_columns(channels)},
         "num_images": int(len(ok)),
     }
     if ok["label"].notna().all():
@@ -129,7 +152,7 @@ def validation_basis(folder: Path, reference: Path) -> dict:
 
 
 def grown_profile(reference_table, table, batches: list[dict], p: ValidateParams) -> dict:
-    """The reference's profile with its mean/std bands widened to cover each accepted batch's own bands (learnt
+    """The reference's profile with its bands widened to cover each accepted batch's own bands (learnt
     the same way, from the batch's images in the grown set) and its label mix learnt from the reference and
     those batches together. Shape and channels stay the reference's."""
     import pandas as pd
@@ -142,8 +165,9 @@ def grown_profile(reference_table, table, batches: list[dict], p: ValidateParams
             raise DataError(f"the accepted batch {b['name']} has no readable images ({b['prefix']}*) in the grown set; "
                             "it was changed after the watch grew it: remove it and its .dvc file to start again")
         own = reference_profile(rows, p)
-        for band in ("mean_band", "std_band"):
-            profile[band] = [min(profile[band][0], own[band][0]), max(profile[band][1], own[band][1])]
+        for column, (lo, hi) in profile["bands"].items():
+            if column in own["bands"]:  # a batch of another channel count fails the channels expectation instead
+                profile["bands"][column] = [min(lo, own["bands"][column][0]), max(hi, own["bands"][column][1])]
         parts.append(rows)
     profile = {k: v for k, v in profile.items() if k not in ("label_values", "label_weights")}
     labelled = pd.concat(parts)

@@ -1,6 +1,7 @@
 """Validate an image folder with a great_expectations 1.x suite over its per-image table.
 
-The suite is built in code from the reference's profile (`redistill.validation.reference_profile`) and
+The suite is built in code from the reference's profile (`redistill.validation.reference_profile`: bands per
+channel for grey or colour images of any size, labels only when both sides have them) and
 saved as JSON with every run, next to the GX result and the data docs HTML. A failed validation names
 every failed expectation, so the cycle can stop before any distillation and say why. A representative set
 the watch grew is validated against the reference it grew from, widened by the batches it accepted
@@ -43,8 +44,9 @@ class ValidationReport:
         return "data validation failed: " + "; ".join(self.failed)
 
 
-def build_suite(profile: dict, p: ValidateParams):
-    """The expectation suite: shape, value range, NaN/inf, intensity bands, duplicates, count, labels."""
+def build_suite(profile: dict, p: ValidateParams, labelled: bool = True):
+    """The expectation suite: shape, value range, NaN/inf, per-channel bands, duplicates, count, and labels when
+    both the reference (`profile`) and the validated folder (`labelled`) have them."""
     import great_expectations as gx
 
     E = gx.expectations
@@ -58,13 +60,11 @@ def build_suite(profile: dict, p: ValidateParams):
         E.ExpectColumnValuesToBeBetween(column="max", min_value=0.0, max_value=1.0),
         E.ExpectColumnValuesToBeInSet(column="nan_count", value_set=[0]),
         E.ExpectColumnValuesToBeInSet(column="inf_count", value_set=[0]),
-        E.ExpectColumnValuesToBeBetween(column="mean", min_value=profile["mean_band"][0],
-                                        max_value=profile["mean_band"][1], mostly=p.mostly),
-        E.ExpectColumnValuesToBeBetween(column="std", min_value=profile["std_band"][0],
-                                        max_value=profile["std_band"][1], mostly=p.mostly),
+        *(E.ExpectColumnValuesToBeBetween(column=column, min_value=lo, max_value=hi, mostly=p.mostly)
+          for column, (lo, hi) in profile["bands"].items()),
         E.ExpectColumnValuesToBeUnique(column="pixel_sha256"),
     ]
-    if "label_values" in profile:
+    if "label_values" in profile and labelled:  # labels are optional: without them on both sides, no label check
         expectations += [
             E.ExpectColumnValuesToNotBeNull(column="label"),
             E.ExpectColumnValuesToBeInSet(column="label", value_set=profile["label_values"]),
@@ -161,7 +161,9 @@ def validate_table(table, profile: dict, p: ValidateParams, out_dir: Path) -> Va
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    suite = build_suite(profile, p)
+    # a folder with no labels.csv is validated on its pixels alone; one whose labels.csv misses files still
+    # meets the not-null expectation
+    suite = build_suite(profile, p, labelled=bool(table["label"].notna().any()))
     with tempfile.TemporaryDirectory() as tmp:
         ctx = gx.get_context(mode="file", project_root_dir=tmp)
         # no "Calculating Metrics" bars on stderr: the report lists what failed

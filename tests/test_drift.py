@@ -40,7 +40,7 @@ def test_image_stats_see_thicker_strokes():
     thick = thin.copy()
     thick[:, :, 2:6, 4] = 1.0
     a, b = image_stats(thin), image_stats(thick)
-    assert (b["mean"] > a["mean"]).all() and (b["ink"] > a["ink"]).all()
+    assert (b["mean_c0"] > a["mean_c0"]).all() and (b["ink"] > a["ink"]).all()
     assert np.allclose(a["row_centre"], 0.5 * (2 + 5) / 7)
 
 

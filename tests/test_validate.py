@@ -134,8 +134,8 @@ def test_a_grown_set_is_validated_against_the_reference_it_grew_from_widened_by_
     assert r.bands_from in r.message()
     profile = json.loads((tmp_path / "out" / "profile.json").read_text())
     own = reference_profile(image_table(ref), ValidateParams())
-    assert profile["bands_from"] == r.bands_from and profile["std_band"][0] < own["std_band"][0]
-    assert profile["std_band"][1] == own["std_band"][1] and profile["height"] == own["height"]
+    assert profile["bands_from"] == r.bands_from and profile["bands"]["std_c0"][0] < own["bands"]["std_c0"][0]
+    assert profile["bands"]["std_c0"][1] == own["bands"]["std_c0"][1] and profile["height"] == own["height"]
     assert json.loads((tmp_path / "out" / "basis.json").read_text())["batches"] == record["batches"]
 
     inputs = resolve_inputs(tiny_pipeline, rep, Params(), root)  # the key covers the reference the bands come from

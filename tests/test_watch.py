@@ -315,7 +315,7 @@ def test_a_grown_set_is_validated_against_the_reference_it_grew_from_and_the_acc
     assert dir_md5(ref) in bands and "dim" in bands, bands
     c = client(f"sqlite:///{ws / 'mlflow.db'}")
     profile = json.loads(Path(c.download_artifacts(new.run_id, "validation/profile.json", str(tmp_path))).read_text())
-    assert profile["bands_from"] == bands and profile["std_band"][0] < 0.2
+    assert profile["bands_from"] == bands and profile["bands"]["std_c0"][0] < 0.2
 
     saved = tmp_path / "reference"  # data/reference replaced under the grown set: refused by name, then put back
     shutil.copytree(ref, saved)
