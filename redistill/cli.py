@@ -970,8 +970,11 @@ def export(
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(local, out)
     steps = mv.tags.get("redistill.num_inference_steps")
-    typer.echo(f"wrote version {mv.version} of {name} to {out}; sample it with "
-               f"DiffusionPipeline.from_pretrained('{out}')(num_inference_steps={steps})")
+    own_code = isinstance(json.loads((out / "model_index.json").read_text()).get("_class_name"), list)
+    load = f"DiffusionPipeline.from_pretrained('{out}'{', trust_remote_code=True' if own_code else ''})"
+    call = f"(class_labels=[0, 1], num_inference_steps={steps})" if own_code else f"(num_inference_steps={steps})"
+    typer.echo(f"wrote version {mv.version} of {name} to {out}; sample it with {load}{call}"
+               + (f" (its pipeline code is {out}/pipeline_redistill.py; read it before trusting it)" if own_code else ""))
 
 
 def _one_version(c, name: str, alias_name: Optional[str], version: Optional[int]):

@@ -418,16 +418,31 @@ def measure_speed(cand, cand_steps: int, ref, ref_steps: int, p: EvaluateParams,
     }
 
 
-def save_grid(candidate: torch.Tensor, reference: torch.Tensor, path: Path, per_row: int = 16, scale: int = 4) -> None:
-    """PNG: the candidate's samples (top rows) above the reference's on the same noise (bottom rows)."""
+def save_grid(candidate: torch.Tensor, reference: torch.Tensor, path: Path, per_row: int = 16, scale: int = 4,
+              max_width: int = 1024, max_tile: int = 256) -> None:
+    """PNG: the candidate's samples (top rows) above the reference's on the same noise (bottom rows).
+
+    A readable size at any resolution: tiles larger than `max_tile` are shrunk (area average), fewer tiles go
+    in a row as they grow, and small images are enlarged by up to `scale` (nearest), all within `max_width`."""
+    import torch.nn.functional as F
     from PIL import Image
+
+    h, w = candidate.shape[-2:]
+    shrink = max(h, w) / max_tile
+    if shrink > 1:
+        size = (max(1, round(h / shrink)), max(1, round(w / shrink)))
+        candidate, reference = (F.interpolate(x.float(), size=size, mode="area") for x in (candidate, reference))
+        h, w = size
+    per_row = max(1, min(per_row, max_width // w, len(candidate)))
+    scale = max(1, min(scale, max_width // (per_row * w)))
 
     def rows(x: torch.Tensor) -> np.ndarray:
         x = x[: 2 * per_row]
         img = (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()  # (N, C, H, W)
-        n, c, h, w = img.shape
-        img = img.reshape(-1, per_row, c, h, w).transpose(0, 3, 1, 4, 2).reshape(-1, per_row * w, c)
-        return img
+        n, c, hh, ww = img.shape
+        pad = -n % per_row  # a last row that is not full is padded black
+        img = np.concatenate([img, np.zeros((pad, c, hh, ww), np.uint8)]) if pad else img
+        return img.reshape(-1, per_row, c, hh, ww).transpose(0, 3, 1, 4, 2).reshape(-1, per_row * ww, c)
 
     top, bottom = rows(candidate), rows(reference)
     sep = np.full((2, top.shape[1], top.shape[2]), 128, dtype=np.uint8)

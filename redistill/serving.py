@@ -10,9 +10,12 @@ model's data, and this module's `_load_pyfunc` loads it from safetensors. Nothin
          -d '{"dataframe_records": [{"seed": 0, "num_images": 4}]}'
 
 Input: one row per request, `seed` and `num_images` (at most MAX_IMAGES), optionally
-`num_inference_steps` (default: the step count the student was distilled for). Output: one row per image,
-`seed`, `index` and `image_png_base64` (a PNG, base64), plus `height` and `width`. Images of one row come
-from one generator seeded with `seed`, so the same request gives the same images.
+`num_inference_steps` (default: the step count the student was distilled for). A class-conditional student
+also takes `class_label` (default: drawn with the row's seed, one per image) and `guidance_scale` (default
+1.0: the guidance distilled into it; above 1 adds classifier-free guidance on top, where it has a null class).
+Output: one row per image, `seed`, `index` and `image_png_base64` (a PNG, base64), plus `height` and `width`
+(and `class_label` for a conditional student). Images of one row come from one generator seeded with `seed`,
+so the same request gives the same images.
 """
 
 from __future__ import annotations
@@ -56,22 +59,29 @@ class StudentModel:
         if len(df) > MAX_ROWS:
             raise ValueError(f"at most {MAX_ROWS} rows per request, got {len(df)}")
         requests = [_check_row(r, self.steps, self.max_steps) for _, r in df.iterrows()]
+        conds = [_check_condition(r, self.model) for _, r in df.iterrows()]
         total = sum(n for _, n, _ in requests)
         if total > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"at most {MAX_IMAGES_PER_REQUEST} images per request in all rows, got {total}")
         rows = []
-        for seed, n, steps in requests:
+        for (seed, n, steps), (label, guidance) in zip(requests, conds):
             g = torch.Generator(device=self.pipe.device).manual_seed(seed)
+            labels = None
+            if self.model.conditional:
+                labels = (torch.full((n,), label, dtype=torch.long) if label is not None
+                          else self.model.conditions(n, g))
             with torch.no_grad():
-                images = self.model.sample(n, steps, g).permute(0, 2, 3, 1).cpu().numpy()
+                images = self.model.sample(n, steps, g, labels, guidance).permute(0, 2, 3, 1).cpu().numpy()
             for i, img in enumerate(images):
                 arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
                 arr = arr[..., 0] if arr.shape[-1] == 1 else arr
                 buf = io.BytesIO()
                 Image.fromarray(arr).save(buf, format="PNG")
                 rows.append({"seed": seed, "index": i, "height": int(arr.shape[0]),
-                             "width": int(arr.shape[1]), "image_png_base64": base64.b64encode(buf.getvalue()).decode()})
-        return pd.DataFrame(rows, columns=["seed", "index", "height", "width", "image_png_base64"])
+                             "width": int(arr.shape[1]), "image_png_base64": base64.b64encode(buf.getvalue()).decode(),
+                             **({"class_label": int(labels[i])} if labels is not None else {})})
+        columns = ["seed", "index", "height", "width", "image_png_base64"]
+        return pd.DataFrame(rows, columns=columns + (["class_label"] if self.model.conditional else []))
 
 
 def _whole(value, name: str, lo: int, hi: int) -> int:
@@ -103,6 +113,35 @@ def _check_row(r, default_steps: int, max_steps: int) -> tuple[int, int, int]:
     return seed, n, steps
 
 
+def _check_condition(r, model) -> tuple[int | None, float | None]:
+    """(class_label, guidance_scale) of one request row: only a conditional student takes them."""
+    import math
+
+    import pandas as pd
+
+    def given(key):
+        v = r.get(key)
+        return v is not None and (isinstance(v, str) or not pd.isna(v))
+
+    if not model.conditional:
+        extra = [k for k in ("class_label", "guidance_scale") if given(k)]
+        if extra:
+            raise ValueError(f"this student is unconditional: it takes no {' or '.join(extra)}; drop the column")
+        return None, None
+    label = _whole(r["class_label"], "class_label", 0, model.num_classes - 1) if given("class_label") else None
+    guidance = None
+    if given("guidance_scale"):
+        try:
+            guidance = float(r["guidance_scale"])
+        except (TypeError, ValueError):
+            raise ValueError(f"guidance_scale must be a number, got {r['guidance_scale']!r}") from None
+        if isinstance(r["guidance_scale"], bool) or not math.isfinite(guidance) or not 0.0 <= guidance <= 20.0:
+            raise ValueError(f"guidance_scale must be between 0 and 20, got {r['guidance_scale']!r}")
+        if guidance != 1.0 and model.null_class is None:
+            raise ValueError("this student has no null class, so it cannot be guided further; leave guidance_scale at 1")
+    return label, guidance
+
+
 def _load_pyfunc(data_path: str) -> StudentModel:
     """MLflow's loader-module entry point: `data_path` is the pipeline folder saved with the model."""
     return StudentModel(data_path)
@@ -117,7 +156,9 @@ def save_pyfunc(student: Path, out: Path) -> Path:
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("long", "seed"), ColSpec("long", "num_images"),
-                       ColSpec("long", "num_inference_steps", required=False)]),
+                       ColSpec("long", "num_inference_steps", required=False),
+                       ColSpec("long", "class_label", required=False),  # conditional students only
+                       ColSpec("double", "guidance_scale", required=False)]),
         outputs=Schema([ColSpec("long", "seed"), ColSpec("long", "index"), ColSpec("long", "height"),
                         ColSpec("long", "width"), ColSpec("string", "image_png_base64")]),
     )

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+OWN_PIPELINES = ("ClassConditionalPipeline",)  # pipeline classes redistill defines (redistill/models/class_pipeline.py)
+OWN_PIPELINE_FILE = "pipeline_redistill.py"  # their code, copied into an exported folder for loading without redistill
 
 
 class PipelineError(ValueError):
@@ -90,10 +92,18 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    check_pipeline_folder(path)
+    model_index = check_pipeline_folder(path)
     diffusers_logging.disable_progress_bar()  # the "Loading pipeline components" bar
+    name = model_index.get("_class_name")
+    own = (name[-1] if isinstance(name, list) else name) in OWN_PIPELINES
+    if isinstance(name, list) and not own:
+        raise PipelineError(f"{path} names custom pipeline code ({name[0]}.py); redistill never runs code from a "
+                            "model folder. Save the teacher as a stock diffusers pipeline (e.g. DDPMPipeline)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+        # a pipeline class of redistill's own (an exported class-conditional student) is assembled from its stock
+        # components; the copy of its code inside the folder (for users without redistill) is never run here
+        pipe = (_load_own(Path(path), model_index) if own else
+                DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True))
     except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError/safetensors errors
         raise PipelineError(f"could not load the pipeline at {path} (check that each component's config.json, "
                             f"e.g. unet/config.json, matches its weights): {e}") from e
@@ -188,6 +198,8 @@ def save_pipeline(pipe, out: Path, extra: dict[str, dict] | None = None) -> None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if type(pipe).__name__ in OWN_PIPELINES:  # loadable without redistill: DiffusionPipeline.from_pretrained(
+            _with_own_code(tmp, type(pipe).__name__)  # folder, trust_remote_code=True)
         for name, content in (extra or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; a pipeline folder is meant to be shared
@@ -196,3 +208,33 @@ def save_pipeline(pipe, out: Path, extra: dict[str, dict] | None = None) -> None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+
+
+def _load_own(path: Path, model_index: dict):
+    """A folder of one of redistill's own pipeline classes, from its stock diffusers components and its config."""
+    import diffusers
+
+    from redistill.models.class_pipeline import ClassConditionalPipeline
+
+    parts = {}
+    for comp in ("unet", "scheduler"):
+        library, cls_name = model_index[comp]
+        if library != "diffusers" or not hasattr(diffusers, cls_name):
+            raise PipelineError(f"{path}/{comp} is a {library}.{cls_name}; redistill's own pipelines hold diffusers components")
+        cls = getattr(diffusers, cls_name)
+        parts[comp] = (cls.from_pretrained(path / comp, use_safetensors=True, local_files_only=True) if comp == "unet"
+                       else cls.from_pretrained(path / comp))
+    extras = {k: model_index[k] for k in ("num_classes", "null_class", "guidance_scale", "distilled_guidance_scale")
+              if k in model_index}
+    return ClassConditionalPipeline(parts["unet"], parts["scheduler"], **extras)
+
+
+def _with_own_code(folder: Path, class_name: str) -> None:
+    """Copy the pipeline class's code into `folder` and point model_index.json at it (diffusers' custom-pipeline
+    layout), so `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it anywhere."""
+    from redistill.models import class_pipeline
+
+    shutil.copyfile(class_pipeline.__file__, folder / OWN_PIPELINE_FILE)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = [OWN_PIPELINE_FILE.removesuffix(".py"), class_name]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

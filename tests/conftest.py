@@ -53,6 +53,27 @@ def make_tiny_pipeline(out: Path, channels: int = 1, size: int = 8, seed: int = 
     return out
 
 
+def make_tiny_class_pipeline(out: Path, channels: int = 3, size: int = 16, num_classes: int = 5, seed: int = 0,
+                             guidance_scale: float = 2.0) -> Path:
+    """A tiny class-conditional teacher: a UNet2DModel with num_classes + 1 class embeddings (the last is the
+    null class of classifier-free guidance) in a ClassConditionalPipeline guided at `guidance_scale`."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from redistill.models.class_pipeline import ClassConditionalPipeline
+    from redistill.teacher import save_pipeline
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1, norm_num_groups=8, num_class_embeds=num_classes + 1,
+    )
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    save_pipeline(ClassConditionalPipeline(unet, sched, null_class=num_classes, guidance_scale=guidance_scale), out)
+    return out
+
+
 def crash_when(distill, teacher, data, cfg, ckpt: Path, marker: str) -> None:
     """Run a method's `distill` until a log line contains `marker`, and stop it there, as a kill would."""
 

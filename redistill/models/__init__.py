@@ -101,8 +101,10 @@ class ModelAdapter:
 
     # -- sampling and export ---------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, steps: int, generator: torch.Generator, cond: Any = None) -> torch.Tensor:
-        """`n` images in [0, 1], float (N, C, H, W), from the pipeline's own sampler at `steps`."""
+    def sample(self, n: int, steps: int, generator: torch.Generator, cond: Any = None,
+               guidance_scale: float | None = None) -> torch.Tensor:
+        """`n` images in [0, 1], float (N, C, H, W), from the pipeline's own sampler at `steps` (a conditional
+        model: under `cond`, drawn with `generator` when None, at `guidance_scale`, default its own)."""
         raise NotImplementedError
 
     def export(self, unet: torch.nn.Module, scheduler) -> Any:
@@ -111,9 +113,10 @@ class ModelAdapter:
 
 
 def _kinds() -> list[type[ModelAdapter]]:
+    from redistill.models.class_conditional import ClassConditionalPixel
     from redistill.models.pixel import UnconditionalPixel
 
-    return [UnconditionalPixel]
+    return [UnconditionalPixel, ClassConditionalPixel]
 
 
 def adapter_for(pipe: Any) -> ModelAdapter:

@@ -25,7 +25,7 @@ class UnconditionalPixel(ModelAdapter):
         return net(z, t).sample
 
     @torch.no_grad()
-    def sample(self, n, steps, generator, cond=None):
+    def sample(self, n, steps, generator, cond=None, guidance_scale=None):
         return self.pipe(batch_size=n, generator=generator, num_inference_steps=steps, output_type="pt").images.float()
 
     def export(self, unet, scheduler):
