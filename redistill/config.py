@@ -1,23 +1,27 @@
-"""Typed settings: `params.yaml` → dataclasses, one section per stage.
+"""Typed settings: `params.yaml` → one pydantic dataclass per section, the single model of every setting.
 
 `params.yaml` is the single source of settings; the DVC stages and the CLI both read it through
-`load_params`. An unknown or misspelt key is an error that names the key and lists the valid ones, so a
-typo never silently falls back to a default.
+`load_params`. The method configs (redistill/methods/) are built from these same classes, so a default is
+written once. An unknown or misspelt key is an error that names the key and lists the valid ones, and a
+value of the wrong type names the key, the value and what is allowed, so a typo never silently falls back
+to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import hashlib
 import json
 import os
 import re
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -37,53 +41,144 @@ class ConfigError(ValueError):
     """A settings file that cannot be used as written; the message says what to change."""
 
 
-@dataclass
+# strict: a quoted "5" is not read as a number, nor `true` as 1 (a whole number is still a valid float);
+# extra="forbid": an unknown key is an error, never ignored
+SETTINGS = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+_EXPECTED = {"int_type": "a whole number", "float_type": "a number", "finite_number": "a finite number",
+             "bool_type": "true or false", "string_type": "a string", "list_type": "a list", "tuple_type": "a list",
+             "dataclass_type": "its settings model", "dataclass_exact_type": "its settings model"}
+
+
+def unknown_key(where: str, key: Any, valid: list[str], source: str = "") -> str:
+    """The message for a key `where.key` that is not one of `valid`, with the closest valid key."""
+    near = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f" (did you mean {where}.{near[0]}?)" if near else ""
+    return (f"unknown key {where}.{key}{source}{hint}; valid keys of {where} are: {', '.join(valid)}. "
+            "Fix the spelling or remove the key.")
+
+
+def _explain(cls: type, error: ValidationError) -> str:
+    """One line per problem, each naming the key by its params.yaml path, the value and what is allowed."""
+    where = cls.__section__
+    fields = cls.__pydantic_fields__
+    lines = []
+    for e in error.errors(include_url=False):
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigError):  # a __post_init__ check: its message already says it all
+            lines.append(str(cause))
+            continue
+        loc = e["loc"]
+        key = where
+        for part in loc:
+            key = f"{key}[{part}]" if isinstance(part, int) else f"{key}.{part}" if key else str(part)
+        if e["type"] == "unexpected_keyword_argument":
+            lines.append(unknown_key(where, loc[0], list(fields)) if where else
+                         f"unknown section {loc[0]!r}; valid sections are: {', '.join(fields)}")
+            continue
+        what = _EXPECTED.get(e["type"])
+        info = fields.get(loc[0]) if loc else None
+        if what == "its settings model" and info is not None:  # params.yaml's mappings are built by parse_params
+            what = f"a {getattr(info.annotation, '__name__', info.annotation)} (parse_params reads it from a mapping)"
+        line = f"{key} must be {what}, got {e['input']!r}" if what else f"{key}: {e['msg']}, got {e['input']!r}"
+        if info is not None and info.description and not dataclasses.is_dataclass(info.annotation):
+            line += f" ({loc[0]}: {info.description})"
+        lines.append(line)
+    return "; ".join(lines)
+
+
+_UNSET = object()
+
+
+def settings(section: str):
+    """Make a class a settings model of the params.yaml section `section` ("distill.progressive"): a pydantic
+    dataclass (still a real dataclass, so `dataclasses.replace` and `asdict` work, and `replace` validates
+    again) whose bad keys and values raise ConfigError, at construction and at assignment."""
+
+    def make(cls: type) -> type:
+        cls = pydantic_dataclass(cls, config=SETTINGS)
+        cls.__section__ = section
+        init, setattr_ = cls.__init__, cls.__setattr__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            try:
+                init(self, *args, **kwargs)
+            except ValidationError as e:
+                raise ConfigError(_explain(type(self), e)) from None
+
+        def __setattr__(self, name, value):
+            old = self.__dict__.get(name, _UNSET)
+            try:
+                setattr_(self, name, value)
+                if hasattr(self, "__post_init__"):  # the cross-field checks hold after an assignment too
+                    self.__post_init__()
+            except (ValidationError, ConfigError) as e:
+                if old is not _UNSET:
+                    object.__setattr__(self, name, old)
+                raise ConfigError(_explain(type(self), e) if isinstance(e, ValidationError) else str(e)) from None
+
+        cls.__init__, cls.__setattr__ = __init__, __setattr__
+        return cls
+
+    return make
+
+
+def same_as(section: type, name: str, convert=None, **extra) -> Any:
+    """A field declared once in a section model and reused by another model (a method config): the same
+    default and description, so the two cannot disagree. `convert` maps the default (list → tuple)."""
+    info = section.__pydantic_fields__[name]
+    default = info.get_default(call_default_factory=True)
+    return Field(convert(default) if convert else default, description=info.description, **extra)
+
+
+@settings("prepare")
 class PrepareParams:
     """`prepare` stage: sklearn's bundled digits → PNG folders."""
 
-    seed: int = 0  # one seed fixes the split, the incoming batches and their drift
-    image_size: int = 8  # 8 = native digits resolution; 16 = nearest-upsampled (≈3× the training cost)
-    holdout: int = 450  # images kept out of the reference: the classifier's test split and the incoming pool
-    batch_size: int = 150  # images per incoming batch
-    class_mix_classes: list[int] = field(default_factory=lambda: [0, 1, 7])  # over-represented in batch `class_mix`
-    class_mix_share: float = 0.6  # share of batch `class_mix` drawn from those classes (the reference has ≈0.3)
-    style_rotation_deg: float = 12.0  # batch `style`: rotation magnitude, sign drawn per image
-    style_dilation: int = 2  # batch `style`: grey-dilation footprint in pixels (thicker strokes); 1 = off
+    seed: int = Field(0, description="one seed fixes the split, the incoming batches and their drift")
+    image_size: int = Field(8, description="8 = native digits resolution; 16 = nearest-upsampled (≈3× the training cost)")
+    holdout: int = Field(450, description="images kept out of the reference: the classifier's test split and the incoming pool")
+    batch_size: int = Field(150, description="images per incoming batch")
+    class_mix_classes: list[int] = Field(default_factory=lambda: [0, 1, 7], description="over-represented in batch `class_mix`")
+    class_mix_share: float = Field(0.6, description="share of batch `class_mix` drawn from those classes (the reference has ≈0.3)")
+    style_rotation_deg: float = Field(12.0, description="batch `style`: rotation magnitude, sign drawn per image")
+    style_dilation: int = Field(2, description="batch `style`: grey-dilation footprint in pixels (thicker strokes); 1 = off")
 
 
-@dataclass
+@settings("features")
 class FeaturesParams:
     """`features` stage: the digit classifier whose penultimate layer feeds FID/KID."""
 
-    seed: int = 0
-    feature_dim: int = 64  # width of the penultimate layer = FID feature dimension
-    epochs: int = 60
-    batch_size: int = 128
-    lr: float = 2.0e-3
-    not_digit_ratio: float = 0.5  # "not a digit" examples per digit example (noise, shuffles, blends)
-    confidence: float = 0.9  # a sample is "recognisable" when max-prob over the 10 digits is ≥ this
-    encoder_epochs: int = 150  # the label-free SimCLR encoder (redistill/encoder.py), trained on the reference too
-    encoder_dim: int = 128  # its representation width: the `encoder` feature space
+    seed: int = Field(0, description="seed of the classifier's initialisation and batches")
+    feature_dim: int = Field(64, description="width of the penultimate layer = FID feature dimension")
+    epochs: int = Field(60, description="classifier training epochs")
+    batch_size: int = Field(128, description="classifier batch size")
+    lr: float = Field(2.0e-3, description="classifier learning rate (Adam)")
+    not_digit_ratio: float = Field(0.5, description='"not a digit" examples per digit example (noise, shuffles, blends)')
+    confidence: float = Field(0.9, description='a sample is "recognisable" when max-prob over the 10 digits is ≥ this')
+    encoder_epochs: int = Field(150, description="the label-free SimCLR encoder (redistill/encoder.py), trained on the reference too")
+    encoder_dim: int = Field(128, description="its representation width: the `encoder` feature space")
 
 
-@dataclass
+@settings("teacher")
 class TeacherParams:
     """`teacher` stage: the DDPM teacher recipe (UNet2DModel + DDPMScheduler, ε-prediction, EMA)."""
 
-    seed: int = 0
-    name: str = "digits-ddpm"  # folder under data/teachers/
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
-    layers_per_block: int = 2
-    norm_num_groups: int = 32
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"  # cosine: the linear schedule wastes steps on tiny images
-    train_steps: int = 16000
-    batch_size: int = 128
-    lr: float = 6.0e-4
-    warmup_steps: int = 250
-    snr_gamma: float = 5.0  # Min-SNR-γ loss weighting (Hang et al. 2023); 0 disables it
-    ema_decay: float = 0.9995
-    checkpoint_every: int = 1000  # steps between resumable checkpoints
+    seed: int = Field(0, description="seed of the teacher's initialisation, batches and noise")
+    name: str = Field("digits-ddpm", description="folder under data/teachers/")
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64], description="UNet2DModel channels, one entry per level")
+    layers_per_block: int = Field(2, description="ResNet layers per UNet level")
+    norm_num_groups: int = Field(32, description="GroupNorm groups")
+    num_train_timesteps: int = Field(1000, description="DDPM timesteps T")
+    beta_schedule: str = Field("squaredcos_cap_v2", description="cosine: the linear schedule wastes steps on tiny images")
+    train_steps: int = Field(16000, description="optimiser steps")
+    batch_size: int = Field(128, description="images per optimiser step")
+    lr: float = Field(6.0e-4, description="peak learning rate (AdamW)")
+    warmup_steps: int = Field(250, description="linear learning-rate warm-up steps")
+    snr_gamma: float = Field(5.0, description="Min-SNR-γ loss weighting (Hang et al. 2023); 0 disables it")
+    ema_decay: float = Field(0.9995, description="decay of the exported EMA of the teacher")
+    checkpoint_every: int = Field(1000, description="steps between resumable checkpoints")
 
 
 # built-in FID/KID feature spaces (redistill/feature_spaces.py); `auto`: the classifier where the workspace has one
@@ -92,37 +187,37 @@ FEATURE_SPACES = ("auto", "classifier", "encoder")
 FEATURE_SPACE_KINDS = ("inception", "clip", "dinov2")  # spaces read from a local path: "<kind>:<path>"
 
 
-@dataclass
+@settings("finetune")
 class FinetuneParams:
     """`finetune` stage: a new teacher made by training the committed one a little longer (the warm-start figure)."""
 
-    name: str = "digits-ddpm-ft"  # folder under data/teachers/
-    steps: int = 300  # optimiser steps on top of the teacher's own
-    lr: float = 2.0e-4
-    warmup_steps: int = 20
-    seed: int = 1  # another seed than the teacher's: new batches and noise, so the weights really move
+    name: str = Field("digits-ddpm-ft", description="folder under data/teachers/")
+    steps: int = Field(300, description="optimiser steps on top of the teacher's own")
+    lr: float = Field(2.0e-4, description="peak learning rate of the extra steps")
+    warmup_steps: int = Field(20, description="linear learning-rate warm-up steps")
+    seed: int = Field(1, description="another seed than the teacher's: new batches and noise, so the weights really move")
 
     def __post_init__(self):
         if self.steps < 1:
             raise ConfigError(f"finetune.steps must be at least 1, got {self.steps}")
 
 
-@dataclass
+@settings("evaluate")
 class EvaluateParams:
     """`evaluate`: the metric suite (quality, fidelity, speed, memory)."""
 
-    seed: int = 0
-    num_samples: int = 8000  # generated samples for FID/KID to start with
-    max_samples: int = 32000  # ... doubled up to this until the FID-gap CI meets the gate's precision target
-    reference_steps: int = 50  # steps of the reference pipeline (the teacher) for fidelity and speedup
-    bootstrap: int = 200  # bootstrap resamples for the 95% CIs
-    kid_subset_size: int = 500
-    sample_batch_size: int = 500  # generation batch; fixed so candidate and reference share noise
-    latency_repeats: int = 20  # timed batch-1 calls per pipeline, after warm-up
-    throughput_repeats: int = 3  # timed batch-64 calls per pipeline, after warm-up
-    throughput_batch: int = 64
-    features: list[str] = field(default_factory=lambda: ["auto"])  # FID/KID spaces; the gate checks each; the first one's figures head the report
-    floor_splits: int = 20  # random split-halves of the real set behind the real-against-real FID floor
+    seed: int = Field(0, description="seed of the generation noise (shared by candidate and reference)")
+    num_samples: int = Field(8000, description="generated samples for FID/KID to start with")
+    max_samples: int = Field(32000, description="... doubled up to this until the FID-gap CI meets the gate's precision target")
+    reference_steps: int = Field(50, description="steps of the reference pipeline (the teacher) for fidelity and speedup")
+    bootstrap: int = Field(200, description="bootstrap resamples for the 95% CIs")
+    kid_subset_size: int = Field(500, description="KID subset size")
+    sample_batch_size: int = Field(500, description="generation batch; fixed so candidate and reference share noise")
+    latency_repeats: int = Field(20, description="timed batch-1 calls per pipeline, after warm-up")
+    throughput_repeats: int = Field(3, description="timed batch-64 calls per pipeline, after warm-up")
+    throughput_batch: int = Field(64, description="batch size of the throughput timing")
+    features: list[str] = Field(default_factory=lambda: ["auto"], description="FID/KID spaces; the gate checks each; the first one's figures head the report")
+    floor_splits: int = Field(20, description="random split-halves of the real set behind the real-against-real FID floor")
 
     def __post_init__(self):
         if not self.features:
@@ -140,15 +235,15 @@ class EvaluateParams:
             raise ConfigError(f"evaluate.floor_splits must be at least 2, got {self.floor_splits}")
 
 
-@dataclass
+@settings("validate")
 class ValidateParams:
     """`validate`: the great_expectations suite over the per-image table of a data folder."""
 
-    min_count: int = 100  # fewer images than this cannot represent the data
-    band_quantiles: list[float] = field(default_factory=lambda: [0.005, 0.995])  # reference quantiles that bound per-image mean/std
-    band_widen: float = 0.5  # each band is widened by this share of its width on both sides
-    mostly: float = 0.98  # share of images that must sit inside the intensity bands
-    label_kl_max: float = 0.25  # KL(batch labels ‖ reference labels) allowed, when labels exist
+    min_count: int = Field(100, description="fewer images than this cannot represent the data")
+    band_quantiles: list[float] = Field(default_factory=lambda: [0.005, 0.995], description="reference quantiles that bound per-image mean/std")
+    band_widen: float = Field(0.5, description="each band is widened by this share of its width on both sides")
+    mostly: float = Field(0.98, description="share of images that must sit inside the intensity bands")
+    label_kl_max: float = Field(0.25, description="KL(batch labels ‖ reference labels) allowed, when labels exist")
 
 
 # the survey's three families (Fan et al. 2025): what each method promises decides which fidelity bound applies
@@ -156,26 +251,26 @@ METHOD_FAMILY = {"output": "fidelity", "progressive": "trajectory", "consistency
                  "adversarial": "distribution", "dmd": "distribution"}
 
 
-@dataclass
+@settings("gate.psnr_min")
 class PsnrMinParams:
     """`gate.psnr_min`: PSNR (dB) to the teacher on the same noise, at least, per method family; 0 = not gated."""
 
-    fidelity: float = 20.0  # output distillation: matching the teacher's outputs is the method's promise
-    trajectory: float = 20.0  # progressive, consistency: they keep the teacher's noise-to-image map
-    distribution: float = 0.0  # dmd, adversarial: they match the data distribution, not the map
+    fidelity: float = Field(20.0, description="output distillation: matching the teacher's outputs is the method's promise")
+    trajectory: float = Field(20.0, description="progressive, consistency: they keep the teacher's noise-to-image map")
+    distribution: float = Field(0.0, description="dmd, adversarial: they match the data distribution, not the map")
 
 
-@dataclass
+@settings("gate")
 class GateParams:
     """`gate`: when a distilled student may replace the champion."""
 
-    fid_gap_max: float = 0.25  # (student FID − teacher FID) ÷ the real-vs-real split-half floor, at most, in every evaluate.features space
-    speedup_min: float = 8.0  # throughput speedup over the teacher at batch 64, at least
-    psnr_min: PsnrMinParams = field(default_factory=PsnrMinParams)
-    recognisable_min: float = 0.85  # share of samples recognised as a digit, at least
-    fid_change_max: float = 0.10  # relative: the student's FID CI must reach below champion FID × (1 + this)
-    kid_change_max: float = 0.01  # absolute: the student's KID CI must reach below champion KID + this
-    first_run: str = "absolute"  # with no champion: "absolute" (absolute thresholds alone) or "reject"
+    fid_gap_max: float = Field(0.25, description="(student FID − teacher FID) ÷ the real-vs-real split-half floor, at most, in every evaluate.features space")
+    speedup_min: float = Field(8.0, description="throughput speedup over the teacher at batch 64, at least")
+    psnr_min: PsnrMinParams = Field(default_factory=PsnrMinParams, description="PSNR to the teacher, at least, per method family")
+    recognisable_min: float = Field(0.85, description="share of samples recognised as a digit, at least")
+    fid_change_max: float = Field(0.10, description="relative: the student's FID CI must reach below champion FID × (1 + this)")
+    kid_change_max: float = Field(0.01, description="absolute: the student's KID CI must reach below champion KID + this")
+    first_run: str = Field("absolute", description='with no champion: "absolute" (absolute thresholds alone) or "reject"')
 
     def __post_init__(self):
         if self.first_run not in ("absolute", "reject"):
@@ -185,25 +280,25 @@ class GateParams:
 METHODS = ("progressive", "consistency", "output", "adversarial", "dmd")  # one file each in redistill/methods/
 
 
-@dataclass
+@settings("distill.progressive")
 class ProgressiveParams:
     """`distill.progressive`: halving rounds (Salimans & Ho 2022)."""
 
-    teacher_steps: int = 16  # the teacher's DDIM step count where halving starts
-    steps_per_round: int = 1500  # optimiser steps per halving round
-    first_timestep: int = 959  # the student's first timestep: 959 keeps the teacher's ε; 999 = trailing, v student
+    teacher_steps: int = Field(16, description="the teacher's DDIM step count where halving starts")
+    steps_per_round: int = Field(1500, description="optimiser steps per halving round")
+    first_timestep: int = Field(959, description="the student's first timestep: 959 keeps the teacher's ε; 999 = trailing, v student")
 
 
-@dataclass
+@settings("distill.consistency")
 class ConsistencyParams:
     """`distill.consistency`: LCM-style consistency distillation (Song et al. 2023; Luo et al. 2023)."""
 
-    steps: int = 3000  # optimiser steps
-    solver_steps: int = 48  # N, the teacher's DDIM solver grid; skip k = 1000 // N (48: starts at t=959)
-    target_ema: float = 0.95  # μ of the target network θ⁻
-    huber_c: float = 0.001  # pseudo-Huber constant; 0 gives L2
-    export: str = "ema"  # the exported weights: ema (of θ, distill.ema_decay) or target (θ⁻, as diffusers' LCM script)
-    sampler: str = "lcm"  # lcm (stock LCMScheduler: re-noise with fresh noise) or ddim (deterministic, stock DDIMScheduler)
+    steps: int = Field(3000, description="optimiser steps")
+    solver_steps: int = Field(48, description="N, the teacher's DDIM solver grid; skip k = 1000 // N (48: starts at t=959)")
+    target_ema: float = Field(0.95, description="μ of the target network θ⁻")
+    huber_c: float = Field(0.001, description="pseudo-Huber constant; 0 gives L2")
+    export: str = Field("ema", description="the exported weights: ema (of θ, distill.ema_decay) or target (θ⁻, as diffusers' LCM script)")
+    sampler: str = Field("lcm", description="lcm (stock LCMScheduler: re-noise with fresh noise) or ddim (deterministic, stock DDIMScheduler)")
 
     def __post_init__(self):
         if self.export not in ("ema", "target"):
@@ -212,81 +307,81 @@ class ConsistencyParams:
             raise ConfigError(f"distill.consistency.sampler must be lcm or ddim, got {self.sampler!r}")
 
 
-@dataclass
+@settings("distill.output")
 class OutputParams:
     """`distill.output`: one-step output distillation on cached teacher pairs (Luhman & Luhman 2021)."""
 
-    pairs: int = 8000  # (noise, teacher output) pairs, generated once per teacher into data/pairs/
-    pairs_steps: int = 50  # the teacher's DDIM steps per pair
-    steps: int = 3000  # optimiser steps
-    first_timestep: int = 959  # more than 1 step: the student's DDIM chain starts here, then T/steps apart
+    pairs: int = Field(8000, description="(noise, teacher output) pairs, generated once per teacher into data/pairs/")
+    pairs_steps: int = Field(50, description="the teacher's DDIM steps per pair")
+    steps: int = Field(3000, description="optimiser steps")
+    first_timestep: int = Field(959, description="more than 1 step: the student's DDIM chain starts here, then T/steps apart")
 
 
-@dataclass
+@settings("distill.adversarial")
 class AdversarialParams:
     """`distill.adversarial`: ADD-style adversarial distillation (Sauer et al. 2023)."""
 
-    steps: int = 1500  # student steps, one discriminator step each (~4× a progressive step's cost)
-    distill_weight: float = 2.5  # λ of the distillation loss next to the adversarial one
-    disc_lr: float = 0.0002
-    disc_max_t: int = 500  # the discriminator sees images noised at t < this
-    solver_steps: int = 48  # the LCMScheduler grid of the student's timesteps (starts at 959)
+    steps: int = Field(1500, description="student steps, one discriminator step each (~4× a progressive step's cost)")
+    distill_weight: float = Field(2.5, description="λ of the distillation loss next to the adversarial one")
+    disc_lr: float = Field(0.0002, description="the discriminator's learning rate")
+    disc_max_t: int = Field(500, description="the discriminator sees images noised at t < this")
+    solver_steps: int = Field(48, description="the LCMScheduler grid of the student's timesteps (starts at 959)")
 
 
-@dataclass
+@settings("distill.dmd")
 class DMDParams:
     """`distill.dmd`: DMD2-style distribution matching (Yin et al. 2024)."""
 
     def __post_init__(self):
         if self.start not in ("teacher", "output", "progressive"):
-            raise ConfigError(f"distill.dmd.start must be teacher, output or progressive, got {self.start!r}")
+            raise ConfigError(f"distill.dmd.start must be one of teacher, output, progressive, got {self.start!r}")
 
-    steps: int = 1000  # generator steps
-    fake_updates: int = 5  # fake-score steps per generator step (two time-scale rule)
-    fake_lr: float = 0.0003
-    gan_weight: float = 0.0  # > 0 adds DMD2's GAN term on real images (a head on the fake score's features)
-    start: str = "teacher"  # the generator: teacher (LCM multistep), or a deterministic sampler distilled first: output or progressive
-    regression_weight: float = 0.0  # > 0 adds DMD1's regression loss on cached teacher pairs (deterministic generators only)
-    output_steps: int = 3000  # start: output — its optimiser steps
-    progressive_steps: int = 1500  # start: progressive — optimiser steps per halving round (2 rounds)
-    first_timestep: int = 959  # a deterministic K-step generator's first timestep (then T/K apart)
-    pairs: int = 8000  # teacher pairs for the regression and the output start, cached in data/pairs/ (shared with `output`)
-    pairs_steps: int = 50  # the teacher's DDIM steps per pair
-    backward_simulation: bool = False  # later steps' inputs: the generator's own re-noised outputs (true) or noised real images
-    t_min: int = 20
-    t_max: int = 980
-    solver_steps: int = 48  # the LCMScheduler grid of the generator's timesteps
+    steps: int = Field(1000, description="generator steps")
+    fake_updates: int = Field(5, description="fake-score steps per generator step (two time-scale rule)")
+    fake_lr: float = Field(0.0003, description="the fake score's learning rate")
+    gan_weight: float = Field(0.0, description="> 0 adds DMD2's GAN term on real images (a head on the fake score's features)")
+    start: str = Field("teacher", description="the generator: teacher (LCM multistep), or a deterministic sampler distilled first: output or progressive")
+    regression_weight: float = Field(0.0, description="> 0 adds DMD1's regression loss on cached teacher pairs (deterministic generators only)")
+    output_steps: int = Field(3000, description="start: output — its optimiser steps")
+    progressive_steps: int = Field(1500, description="start: progressive — optimiser steps per halving round (2 rounds)")
+    first_timestep: int = Field(959, description="a deterministic K-step generator's first timestep (then T/K apart)")
+    pairs: int = Field(8000, description="teacher pairs for the regression and the output start, cached in data/pairs/ (shared with `output`)")
+    pairs_steps: int = Field(50, description="the teacher's DDIM steps per pair")
+    backward_simulation: bool = Field(False, description="later steps' inputs: the generator's own re-noised outputs (true) or noised real images")
+    t_min: int = Field(20, description="the DMD loss noises the generator output at t ~ U{t_min..t_max}")
+    t_max: int = Field(980, description="upper end of that range")
+    solver_steps: int = Field(48, description="the LCMScheduler grid of the generator's timesteps")
 
 
-@dataclass
+@settings("distill.student")
 class StudentParams:
     """`distill.student`: a smaller student (BK-SDM style) for any method; empty / 0 keep the teacher's shape."""
 
-    block_out_channels: list[int] = field(default_factory=list)  # one entry per UNet level, e.g. [16, 32]
-    layers_per_block: int = 0  # e.g. 1 where the teacher has 2
-    feature_loss: float = 0.0  # weight of block-output feature matching to the teacher (0: off)
+    block_out_channels: list[int] = Field(default_factory=list, description="one entry per UNet level, e.g. [16, 32]")
+    layers_per_block: int = Field(0, description="e.g. 1 where the teacher has 2")
+    feature_loss: float = Field(0.0, description="weight of block-output feature matching to the teacher (0: off)")
 
 
-@dataclass
+@settings("distill")
 class DistillParams:
     """`distill`: the method, the shared budget, and one subsection of settings per method."""
 
-    method: str = "progressive"  # one of METHODS
-    target_steps: int = 4  # the student's sampling step count
-    batch_size: int = 64
-    lr: float = 3.0e-4
-    ema_decay: float = 0.999  # the exported EMA of the student
-    seed: int = 0
-    checkpoint_every: int = 200  # steps between resumable checkpoints
-    mixed_precision: str = "no"  # torch AMP: no, fp16 (loss-scaled, overflowed steps skipped) or bf16
-    init: str = "auto"  # cold: from the teacher; warm: from the champion (refused when it does not fit); auto: warm when it fits, else cold
-    warm_fraction: float = 0.33  # a warm start trains this share of the method's optimiser steps
-    progressive: ProgressiveParams = field(default_factory=ProgressiveParams)
-    consistency: ConsistencyParams = field(default_factory=ConsistencyParams)
-    output: OutputParams = field(default_factory=OutputParams)
-    adversarial: AdversarialParams = field(default_factory=AdversarialParams)
-    dmd: DMDParams = field(default_factory=DMDParams)
-    student: StudentParams = field(default_factory=StudentParams)
+    method: str = Field("progressive", description="progressive, consistency, output, adversarial or dmd: one file each in redistill/methods/")
+    target_steps: int = Field(4, description="the student's sampling step count")
+    batch_size: int = Field(64, description="images per optimiser step")
+    lr: float = Field(3.0e-4, description="the student's learning rate")
+    ema_decay: float = Field(0.999, description="the exported EMA of the student")
+    seed: int = Field(0, description="seed of the student's batches and noise")
+    checkpoint_every: int = Field(200, description="steps between resumable checkpoints")
+    mixed_precision: str = Field("no", description="torch AMP: no, fp16 (loss-scaled, overflowed steps skipped) or bf16")
+    init: str = Field("auto", description="cold: from the teacher; warm: from the champion (refused when it does not fit); auto: warm when it fits, else cold")
+    warm_fraction: float = Field(0.33, description="a warm start trains this share of the method's optimiser steps")
+    progressive: ProgressiveParams = Field(default_factory=ProgressiveParams, description="settings of method progressive")
+    consistency: ConsistencyParams = Field(default_factory=ConsistencyParams, description="settings of method consistency")
+    output: OutputParams = Field(default_factory=OutputParams, description="settings of method output")
+    adversarial: AdversarialParams = Field(default_factory=AdversarialParams, description="settings of method adversarial")
+    dmd: DMDParams = Field(default_factory=DMDParams, description="settings of method dmd")
+    student: StudentParams = Field(default_factory=StudentParams, description="a smaller student's shape, for any method")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -301,18 +396,17 @@ class DistillParams:
             raise ConfigError(f"distill.warm_fraction must be in (0, 1], got {self.warm_fraction}")
 
 
-@dataclass
+@settings("registry")
 class RegistryParams:
     """`registry`: where students are registered in MLflow."""
 
-    student_name: str = "digits-student"  # registered model name
-    experiment: str = "redistill"  # MLflow experiment of the cycle runs
-    # a tracking server that goes away: each MLflow step of a cycle is tried again after these pauses (one
-    # retry per entry), and each HTTP request inside a try is retried `http_retries` times with back-off and
-    # waits at most `http_timeout_s` for an answer (MLFLOW_HTTP_REQUEST_* environment variables win)
-    retry_delays_s: list[float] = field(default_factory=lambda: [5.0, 30.0, 120.0])
-    http_retries: int = 2
-    http_timeout_s: int = 60
+    student_name: str = Field("digits-student", description="registered model name")
+    experiment: str = Field("redistill", description="MLflow experiment of the cycle runs")
+    # a tracking server that goes away: each MLflow step of a cycle is tried again after these pauses, and each
+    # HTTP request inside a try is retried with back-off (MLFLOW_HTTP_REQUEST_* environment variables win)
+    retry_delays_s: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0], description="pauses (s) before each retry of an MLflow step of a cycle, one retry per entry")
+    http_retries: int = Field(2, description="retries of each HTTP request within a try, with back-off")
+    http_timeout_s: int = Field(60, description="seconds each HTTP request waits for an answer")
 
     def __post_init__(self):
         if any(d < 0 for d in self.retry_delays_s) or len(self.retry_delays_s) > 10:
@@ -323,16 +417,16 @@ class RegistryParams:
             raise ConfigError(f"registry.http_timeout_s must be at least 1, got {self.http_timeout_s}")
 
 
-@dataclass
+@settings("drift")
 class DriftParams:
     """`drift`: is a new batch in data/incoming/ drawn like the representative set? (redistill/drift.py)"""
 
-    alpha: float = 0.02  # family-wise false-alarm level: MMD and the Holm-corrected KS family get alpha/2 each
-    permutations: int = 1000  # MMD permutations; the smallest reachable p is 1/(1 + this)
-    seed: int = 0
-    calibration_splits: int = 200  # reference-against-reference splits for `redistill drift calibrate` (≥ 50)
-    clear_batches: int = 2  # hysteresis: clean batches in a row that close a drift episode
-    cooldown_hours: float = 24.0  # a new episode re-distils at most once per this window
+    alpha: float = Field(0.02, description="family-wise false-alarm level: MMD and the Holm-corrected KS family get alpha/2 each")
+    permutations: int = Field(1000, description="MMD permutations; the smallest reachable p is 1/(1 + this)")
+    seed: int = Field(0, description="seed of the permutations and splits")
+    calibration_splits: int = Field(200, description="reference-against-reference splits for `redistill drift calibrate` (≥ 50)")
+    clear_batches: int = Field(2, description="hysteresis: clean batches in a row that close a drift episode")
+    cooldown_hours: float = Field(24.0, description="a new episode re-distils at most once per this window")
 
     def __post_init__(self):
         if not 0 < self.alpha < 1:
@@ -343,16 +437,16 @@ class DriftParams:
             raise ConfigError(f"drift.calibration_splits must be at least 50, got {self.calibration_splits}")
 
 
-@dataclass
+@settings("watch")
 class WatchParams:
     """`watch`: the new-teacher watch and its schedule (redistill/watch.py, `redistill watch` / `serve`)."""
 
-    settle_seconds: float = 60.0  # a teacher folder is taken only after no file in it changed for this long
-    interval_minutes: float = 10.0  # `redistill serve`: how often the watch deployment runs
-    nightly_cron: str = "0 2 * * *"  # `redistill serve`: the nightly cycle (keep prefect.yaml in step)
-    timezone: str = "UTC"
-    teacher_model: str = ""  # also watch this registered MLflow model for new teacher versions ("" = folders only)
-    teacher_alias: str = "champion"  # ... at this alias
+    settle_seconds: float = Field(60.0, description="a teacher folder is taken only after no file in it changed for this long")
+    interval_minutes: float = Field(10.0, description="`redistill serve`: how often the watch deployment runs")
+    nightly_cron: str = Field("0 2 * * *", description="`redistill serve`: the nightly cycle (keep prefect.yaml in step)")
+    timezone: str = Field("UTC", description="time zone of nightly_cron")
+    teacher_model: str = Field("", description='also watch this registered MLflow model for new teacher versions ("" = folders only)')
+    teacher_alias: str = Field("champion", description="... at this alias")
 
     def __post_init__(self):
         if self.settle_seconds < 0 or self.interval_minutes <= 0:
@@ -362,21 +456,21 @@ class WatchParams:
                               f"got {self.nightly_cron!r}")
 
 
-@dataclass
+@settings("")
 class Params:
     """Every setting of the project, one section per stage."""
 
-    prepare: PrepareParams = field(default_factory=PrepareParams)
-    features: FeaturesParams = field(default_factory=FeaturesParams)
-    teacher: TeacherParams = field(default_factory=TeacherParams)
-    finetune: FinetuneParams = field(default_factory=FinetuneParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    validate: ValidateParams = field(default_factory=ValidateParams)
-    gate: GateParams = field(default_factory=GateParams)
-    distill: DistillParams = field(default_factory=DistillParams)
-    registry: RegistryParams = field(default_factory=RegistryParams)
-    drift: DriftParams = field(default_factory=DriftParams)
-    watch: WatchParams = field(default_factory=WatchParams)
+    prepare: PrepareParams = Field(default_factory=PrepareParams, description="the `prepare` section")
+    features: FeaturesParams = Field(default_factory=FeaturesParams, description="the `features` section")
+    teacher: TeacherParams = Field(default_factory=TeacherParams, description="the `teacher` section")
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams, description="the `finetune` section")
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="the `evaluate` section")
+    validate: ValidateParams = Field(default_factory=ValidateParams, description="the `validate` section")
+    gate: GateParams = Field(default_factory=GateParams, description="the `gate` section")
+    distill: DistillParams = Field(default_factory=DistillParams, description="the `distill` section")
+    registry: RegistryParams = Field(default_factory=RegistryParams, description="the `registry` section")
+    drift: DriftParams = Field(default_factory=DriftParams, description="the `drift` section")
+    watch: WatchParams = Field(default_factory=WatchParams, description="the `watch` section")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -389,52 +483,21 @@ class Params:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be a whole number, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported settings type {tp!r} at {where}")
-
-
 def _build(cls: type, raw: Any, where: str) -> Any:
+    """`cls` from a parsed mapping: unknown keys are refused here, so the message can name the file; the
+    values are checked by the model itself."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping of settings, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown key {where}.{unknown[0]} in params.yaml; valid keys of {where} are: "
-            f"{', '.join(fields)}. Fix the spelling or remove the key."
-        )
+    fields = cls.__pydantic_fields__
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(unknown_key(where, key, list(fields), " in params.yaml"))
     kwargs = {}
     for name, value in raw.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{where}.{name}" if where else name)
-        else:
-            kwargs[name] = _coerce(value, tp, f"{where}.{name}" if where else name)
+        tp = fields[name].annotation
+        kwargs[name] = _build(tp, value, f"{where}.{name}") if dataclasses.is_dataclass(tp) else value
     return cls(**kwargs)
 
 
@@ -444,18 +507,20 @@ def parse_params(raw: Any) -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("params.yaml must be a mapping of sections (prepare, features, teacher, ...)")
-    fields = [f.name for f in dataclasses.fields(Params)]
-    unknown = sorted(set(raw) - set(fields))
+    fields = list(Params.__pydantic_fields__)
+    unknown = [k for k in raw if k not in fields]
     if unknown:
+        near = difflib.get_close_matches(str(unknown[0]), fields, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ConfigError(
-            f"unknown section {unknown[0]!r} in params.yaml; valid sections are: {', '.join(fields)}. "
+            f"unknown section {unknown[0]!r} in params.yaml{hint}; valid sections are: {', '.join(fields)}. "
             "Fix the spelling or remove the section."
         )
     return Params(**{name: _build(_section_type(name), raw.get(name), name) for name in fields})
 
 
 def _section_type(name: str) -> type:
-    return typing.get_type_hints(Params)[name]
+    return Params.__pydantic_fields__[name].annotation
 
 
 def workspace(path: str | os.PathLike | None = None) -> Path:

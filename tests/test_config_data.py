@@ -56,6 +56,113 @@ def test_load_params_reports_the_file(tmp_path):
         load_params(f)
 
 
+METHOD_CONFIGS = {"progressive": "ProgressiveConfig", "consistency": "ConsistencyConfig", "output": "OutputConfig",
+                  "adversarial": "AdversarialConfig", "dmd": "DMDConfig"}
+
+
+@pytest.mark.parametrize("method", list(METHOD_CONFIGS))
+def test_method_configs_have_the_params_yaml_defaults(method):
+    """One settings model: a method config built from the repository's params.yaml, one built from default
+    Params and the config's own defaults are the same, field by field (no second set of defaults)."""
+    import dataclasses
+    import importlib
+
+    from conftest import REPO
+
+    from redistill.methods import method_config
+
+    cls = getattr(importlib.import_module(f"redistill.methods.{method}"), METHOD_CONFIGS[method])
+    from_file = load_params(REPO / "params.yaml").distill
+    from_file, _ = method_config(dataclasses.replace(from_file, method=method))
+    from_defaults, _ = method_config(dataclasses.replace(Params().distill, method=method))
+    assert type(from_file) is cls and from_file == from_defaults == cls()
+    d, section = Params().distill, dataclasses.asdict(getattr(Params().distill, method))
+    own = dataclasses.asdict(cls())
+    for name, value in section.items():  # the method's own subsection, e.g. distill.progressive.teacher_steps
+        assert own[name] == value, name
+    for name in ("target_steps", "batch_size", "lr", "ema_decay", "seed", "checkpoint_every", "mixed_precision"):
+        assert own[name] == getattr(d, name), name
+    assert own["student_channels"] == tuple(d.student.block_out_channels)
+    assert own["student_layers"] == d.student.layers_per_block and own["feature_loss"] == d.student.feature_loss
+    assert set(own) == set(section) | {"target_steps", "batch_size", "lr", "ema_decay", "seed", "checkpoint_every",
+                                        "mixed_precision", "student_channels", "student_layers", "feature_loss",
+                                        "init_from"}
+
+
+def test_progressive_config_default_teacher_steps_is_params_yaml_s():
+    """The two trees once disagreed here (ProgressiveConfig said 64, params.yaml 16)."""
+    from redistill.methods.progressive import ProgressiveConfig
+
+    assert ProgressiveConfig().teacher_steps == Params().distill.progressive.teacher_steps == 16
+
+
+def test_every_setting_has_a_description():
+    import dataclasses
+
+    from redistill.methods.dmd import DMDConfig
+    from redistill.methods.training import TrainingConfig
+
+    def walk(cls):
+        for name, info in cls.__pydantic_fields__.items():
+            assert info.description, f"{cls.__name__}.{name} has no description"
+            if dataclasses.is_dataclass(info.annotation):
+                walk(info.annotation)
+
+    walk(Params)
+    walk(TrainingConfig)
+    walk(DMDConfig)
+
+
+def test_bad_key_names_its_path_the_valid_keys_and_the_closest():
+    with pytest.raises(ConfigError) as e:
+        parse_params({"distill": {"progressive": {"teacher_step": 8}}})
+    msg = str(e.value)
+    assert "distill.progressive.teacher_step " in msg and "did you mean distill.progressive.teacher_steps?" in msg
+    assert "valid keys of distill.progressive are: teacher_steps, steps_per_round, first_timestep" in msg
+
+
+def test_bad_value_names_the_key_the_value_and_what_is_allowed():
+    with pytest.raises(ConfigError, match=r"distill.progressive.teacher_steps must be a whole number, got 'many'"):
+        parse_params({"distill": {"progressive": {"teacher_steps": "many"}}})
+    with pytest.raises(ConfigError, match=r"validate.band_quantiles\[1\] must be a number, got 'x'"):
+        parse_params({"validate": {"band_quantiles": [0.005, "x"]}})
+    with pytest.raises(ConfigError, match=r"distill.dmd.backward_simulation must be true or false, got 1"):
+        parse_params({"distill": {"dmd": {"backward_simulation": 1}}})
+    with pytest.raises(ConfigError, match=r"distill.consistency.export must be ema or target, got 'best'"):
+        parse_params({"distill": {"consistency": {"export": "best"}}})
+    with pytest.raises(ConfigError, match=r"distill.dmd.start must be one of teacher, output, progressive, got 'x'"):
+        parse_params({"distill": {"dmd": {"start": "x"}}})
+    with pytest.raises(ConfigError, match="did you mean 'distill'"):
+        parse_params({"distil": {}})
+
+
+def test_settings_stay_dataclasses_and_revalidate_on_replace_and_assignment():
+    import dataclasses
+
+    from redistill.config import DistillParams
+    from redistill.methods.progressive import ProgressiveConfig
+
+    p = Params()
+    assert dataclasses.is_dataclass(p) and dataclasses.asdict(p) == p.to_dict()
+    assert vars(p.gate.psnr_min) == {"fidelity": 20.0, "trajectory": 20.0, "distribution": 0.0}
+    assert dataclasses.replace(p.distill, lr=1).lr == 1.0  # a whole number is a valid float
+    with pytest.raises(ConfigError, match="valid methods are"):
+        dataclasses.replace(p.distill, method="magic")
+    with pytest.raises(ConfigError, match="distill.lr must be a number, got 'fast'"):
+        dataclasses.replace(p.distill, lr="fast")
+    with pytest.raises(ConfigError, match="unknown key distill.lrr"):
+        DistillParams(lrr=1.0)
+    d = DistillParams()
+    with pytest.raises(ConfigError, match="distill.target_steps must be at least 1"):
+        d.target_steps = 0
+    assert d.target_steps == 4  # a refused assignment leaves the old value
+    with pytest.raises(ConfigError, match="unknown key ProgressiveConfig.teacher_step .*teacher_steps"):
+        ProgressiveConfig(teacher_step=4)
+    with pytest.raises(ConfigError, match="teacher_steps must be a whole number, got '4'"):
+        ProgressiveConfig(teacher_steps="4")
+    assert ProgressiveConfig(student_channels=[16, 32]).student_channels == (16, 32)
+
+
 def test_prepare_is_seeded_and_deterministic():
     a, b = build_digits(Params().prepare), build_digits(Params().prepare)
     for name in a:

@@ -89,7 +89,7 @@ def test_a_one_step_generator_can_start_from_the_output_distilled_student(digits
                                pairs_dir=tmp_path / "pairs")
     assert summary["student_timesteps"] == [999]
     assert not (tmp_path / "ck-output").exists()
-    start, _ = output_distill(teacher, data, OutputConfig(steps=3, **kw), tmp_path / "o", log=lambda m: None,
+    start, _ = output_distill(teacher, data, OutputConfig(steps=3, target_steps=1, **kw), tmp_path / "o", log=lambda m: None,
                               teacher_sha256="cd" * 32, pairs_dir=tmp_path / "pairs")
     moved = max((a - b).abs().max().item() for a, b in zip(student.unet.parameters(), start.unet.parameters()))
     assert moved > 0

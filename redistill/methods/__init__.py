@@ -14,11 +14,18 @@ from redistill.config import DistillParams
 
 
 def _fill(cls, p: DistillParams, section):
-    """The method's config from the shared `distill` keys plus its own subsection."""
-    values = {**{f.name: getattr(p, f.name) for f in dataclasses.fields(p) if not dataclasses.is_dataclass(getattr(p, f.name))},
+    """The method's config from the shared `distill` keys, `distill.student` and the method's own subsection.
+
+    Every field of the config comes from the settings (only `init_from` is set later, by a warm start), so a
+    config built from params.yaml cannot keep a default of its own."""
+    values = {**{name: getattr(p, name) for name in p.__pydantic_fields__ if not dataclasses.is_dataclass(getattr(p, name))},
               **dataclasses.asdict(section), "student_channels": tuple(p.student.block_out_channels),
               "student_layers": p.student.layers_per_block, "feature_loss": p.student.feature_loss}
-    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = sorted(set(names) - set(values) - {"init_from"})
+    if missing:
+        raise TypeError(f"{cls.__name__} fields {', '.join(missing)} have no params.yaml key to come from")
+    return cls(**{name: values[name] for name in names if name in values})
 
 
 def method_config(p: DistillParams):

@@ -19,13 +19,14 @@ the timesteps that `LCMScheduler` uses for `target_steps` (and therefore for eve
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from redistill.config import AdversarialParams, settings
 from redistill.methods.consistency import consistency_fn, lcm_scheduler
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
@@ -33,15 +34,10 @@ from redistill.models import adapter_for
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 
-@dataclass
-class AdversarialConfig(TrainingConfig):
-    """Settings of one ADD run (params.yaml `distill` and `distill.adversarial`)."""
-
-    steps: int = 1500  # generator (student) steps; one discriminator step each
-    distill_weight: float = 2.5  # λ in L = L_adv + λ·L_distill (ADD uses 2.5)
-    disc_lr: float = 2.0e-4
-    disc_max_t: int = 500  # the discriminator sees images noised at t ~ U{0..disc_max_t−1}
-    solver_steps: int = 48  # the LCMScheduler grid the student's timesteps are taken from (first: 959)
+@settings("AdversarialConfig")
+class AdversarialConfig(AdversarialParams, TrainingConfig):
+    """Settings of one ADD run: params.yaml `distill` (TrainingConfig) plus `distill.adversarial`
+    (AdversarialParams). Every field and its default is declared there, once; `method_config` fills it in."""
 
 
 class Discriminator(nn.Module):

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from redistill.config import ConsistencyParams, settings
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
@@ -34,17 +35,10 @@ SIGMA_DATA = 0.5  # LCM's σ_data in the boundary scalings
 TIMESTEP_SCALING = 10.0  # LCMScheduler's default: c_skip(t) falls to ~0 after the first few timesteps
 
 
-@dataclass
-class ConsistencyConfig(TrainingConfig):
-    """Settings of one consistency distillation run (params.yaml `distill` and `distill.consistency`)."""
-
-    steps: int = 3000  # optimiser steps
-    solver_steps: int = 48  # N: the teacher's DDIM solver grid (LCM's original_inference_steps); k = T // N
-    target_ema: float = 0.95  # μ: θ⁻ ← μ·θ⁻ + (1 − μ)·θ, the target network
-    huber_c: float = 0.001  # pseudo-Huber constant c; 0 gives the L2 loss
-    lr: float = 2.0e-4
-    export: str = "ema"  # what is exported: "ema" (θ's EMA, ema_decay) or "target" (θ⁻, as diffusers' LCM script)
-    sampler: str = "lcm"  # "lcm" (stock LCMScheduler, re-noises) or "ddim" (deterministic, stock DDIMScheduler)
+@settings("ConsistencyConfig")
+class ConsistencyConfig(ConsistencyParams, TrainingConfig):
+    """Settings of one consistency distillation run: params.yaml `distill` (TrainingConfig) plus `distill.consistency`
+    (ConsistencyParams). Every field and its default is declared there, once; `method_config` fills it in."""
 
 
 def solver_grid(solver_steps: int, num_train_timesteps: int) -> tuple[torch.Tensor, int]:

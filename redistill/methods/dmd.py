@@ -30,13 +30,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from redistill.config import DMDParams, settings
 from redistill.methods.adversarial import Discriminator
 from redistill.methods.consistency import consistency_fn, lcm_scheduler
 from redistill.methods.student_shape import FeatureMatch
@@ -48,25 +49,10 @@ from redistill.prediction import alpha_sigma, to_x0_eps
 STARTS = ("teacher", "output", "progressive")
 
 
-@dataclass
-class DMDConfig(TrainingConfig):
-    """Settings of one DMD2 run (params.yaml `distill` and `distill.dmd`)."""
-
-    steps: int = 1000  # generator steps
-    fake_updates: int = 5  # fake-score (and discriminator) steps per generator step: the two time-scale rule
-    fake_lr: float = 3.0e-4
-    gan_weight: float = 0.0  # 0 turns the GAN term on real images off
-    start: str = "teacher"  # the generator: "teacher" (LCM multistep) or a deterministic sampler from "output" / "progressive"
-    regression_weight: float = 0.0  # DMD1's regression loss on cached teacher pairs (deterministic generators only)
-    output_steps: int = 3000  # start "output": its optimiser steps (methods/output.py)
-    progressive_steps: int = 1500  # start "progressive": optimiser steps per halving round (methods/progressive.py)
-    first_timestep: int = 959  # a deterministic K-step generator's first timestep (the progressive grid)
-    pairs: int = 8000  # teacher pairs for both (shared with the output method's cache in data/pairs/)
-    pairs_steps: int = 50  # the teacher's DDIM steps per pair
-    backward_simulation: bool = False  # inputs of steps after the first: the generator's own (True) or noised real images
-    t_min: int = 20  # the DMD loss noises the generator output at t ~ U{t_min..t_max}
-    t_max: int = 980
-    solver_steps: int = 48  # the LCMScheduler grid of the generator's timesteps (starts at 959)
+@settings("DMDConfig")
+class DMDConfig(DMDParams, TrainingConfig):
+    """Settings of one DMD2 run: params.yaml `distill` (TrainingConfig) plus `distill.dmd`
+    (DMDParams). Every field and its default is declared there, once; `method_config` fills it in."""
 
 
 def dmd_gradient(x_gen: torch.Tensor, p_real: torch.Tensor, p_fake: torch.Tensor) -> torch.Tensor:

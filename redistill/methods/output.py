@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from redistill.config import OutputParams, settings
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
@@ -35,15 +36,10 @@ from redistill.prediction import alpha_sigma, to_x0_eps
 STUDENT_PREDICTION = "sample"
 
 
-@dataclass
-class OutputConfig(TrainingConfig):
-    """Settings of one output-distillation run (params.yaml `distill` and `distill.output`)."""
-
-    pairs: int = 8000  # (noise, teacher output) pairs generated once per teacher
-    pairs_steps: int = 50  # the teacher's DDIM steps for each pair
-    steps: int = 3000  # optimiser steps
-    target_steps: int = 1  # the student's steps: 1 (x₀ at T−1) or K through its own DDIM chain
-    first_timestep: int = 959  # K > 1: the chain's first timestep (as the progressive method's grid)
+@settings("OutputConfig")
+class OutputConfig(OutputParams, TrainingConfig):
+    """Settings of one output-distillation run: params.yaml `distill` (TrainingConfig) plus `distill.output`
+    (OutputParams). Every field and its default is declared there, once; `method_config` fills it in."""
 
 
 def pairs_file(pairs_dir: Path, teacher_sha256: str, cfg: OutputConfig) -> Path:

@@ -20,12 +20,13 @@ it was trained on at the target step count ("leading" spacing with `steps_offset
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from redistill.config import ProgressiveParams, settings
 from redistill.methods.student_shape import FeatureMatch
 from redistill.models import adapter_for
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
@@ -34,14 +35,10 @@ from redistill.prediction import alpha_sigma, to_x0_eps
 V_PREDICTION = "v_prediction"
 
 
-@dataclass
-class ProgressiveConfig(TrainingConfig):
-    """Settings of one progressive distillation run (from params.yaml `distill`)."""
-
-    teacher_steps: int = 64  # the teacher's DDIM step count where halving starts
-    steps_per_round: int = 400  # optimiser steps in each halving round
-    lr: float = 2.0e-4
-    first_timestep: int = 959  # the student's first sampling timestep; T−1 means "trailing" and a v student
+@settings("ProgressiveConfig")
+class ProgressiveConfig(ProgressiveParams, TrainingConfig):
+    """Settings of one progressive distillation run: params.yaml `distill` (TrainingConfig) plus `distill.progressive`
+    (ProgressiveParams). Every field and its default is declared there, once; `method_config` fills it in."""
 
 
 def halving_schedule(teacher_steps: int, target_steps: int) -> list[int]:

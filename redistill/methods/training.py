@@ -27,30 +27,35 @@ from typing import Callable
 
 import numpy as np
 import torch
+from pydantic import Field
 from tqdm import tqdm
 
 from redistill import checkpoint
+from redistill.config import DistillParams, StudentParams, same_as, settings
 
 
 AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass
+@settings("TrainingConfig")
 class TrainingConfig:
-    """The settings every method shares (params.yaml `distill` and `distill.student`); each method's config
-    adds its own fields and overrides a default where the method needs another."""
+    """The settings every method shares, declared once in params.yaml `distill` and `distill.student`
+    (redistill/config.py) and reused here with the same defaults; each method's config adds its own
+    subsection (`ProgressiveConfig(ProgressiveParams, TrainingConfig)`) and has no default of its own."""
 
-    target_steps: int = 4  # the student's sampling step count
-    batch_size: int = 64
-    lr: float = 3.0e-4
-    ema_decay: float = 0.999  # the exported EMA of the student
-    seed: int = 0
-    checkpoint_every: int = 200  # optimiser steps between resumable checkpoints
-    mixed_precision: str = "no"  # accelerate: no, fp16 or bf16
-    student_channels: tuple = ()  # a smaller student (methods/student_shape.py); () keeps the teacher's shape
-    student_layers: int = 0
-    feature_loss: float = 0.0  # weight of block-output feature matching to the teacher
-    init_from: str = ""  # sha256 of the champion a warm start begins from ("" = from the teacher); redistill/warm.py
+    target_steps: int = same_as(DistillParams, "target_steps")
+    batch_size: int = same_as(DistillParams, "batch_size")
+    lr: float = same_as(DistillParams, "lr")
+    ema_decay: float = same_as(DistillParams, "ema_decay")
+    seed: int = same_as(DistillParams, "seed")
+    checkpoint_every: int = same_as(DistillParams, "checkpoint_every")
+    mixed_precision: str = same_as(DistillParams, "mixed_precision")
+    # distill.student under the names the checkpoints' fingerprints have always used; a tuple, as it was
+    student_channels: tuple[int, ...] = same_as(StudentParams, "block_out_channels", convert=tuple, strict=False)
+    student_layers: int = same_as(StudentParams, "layers_per_block")
+    feature_loss: float = same_as(StudentParams, "feature_loss")
+    init_from: str = Field("", description='sha256 of the champion a warm start begins from ("" = from the '
+                           "teacher); redistill/warm.py")
 
 
 def new_ema(model: torch.nn.Module, decay: float, warmup: bool = True):
