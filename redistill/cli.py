@@ -760,7 +760,7 @@ def drift_check(
     batch: Path = typer.Argument(..., help="A folder of PNG images (one incoming batch)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Representative set. Default: data/representative, else data/reference."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for drift.json and drift.png. Default: runs/drift/<batch>."),
-    features: str = typer.Option("classifier", "--features", help="Embedding for the MMD test: a feature space in data/features (classifier, encoder, inception:FILE), or pixels (no weights: any images)."),
+    features: Optional[str] = typer.Option(None, "--features", help="Embedding for the MMD test: auto, a feature space in data/features (classifier, encoder, inception:FILE, clip:DIR, dinov2:DIR), or pixels (no weights: any images). Default: drift.features."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
@@ -768,14 +768,15 @@ def drift_check(
     """Test one batch for drift (MMD permutation test + Holm-corrected KS tests); exit 1 when it drifted."""
     from redistill import feature_spaces
     from redistill.data import DataError, safe_name
-    from redistill.drift import PIXELS, check_folder, pixel_features
+    from redistill.drift import PIXELS, check_folder, embedding
     from redistill.watch import current_data
 
     root, p = _settings(ws, params)
     reference = reference or current_data(root)
     out = out or root / "runs" / "drift" / safe_name(Path(batch).resolve().name)
     try:
-        ext = pixel_features if features == PIXELS else feature_spaces.load(features, root / "data" / "features").extractor
+        features = features or p.drift.features
+        ext = embedding(features, root / "data" / "features")
     except ValueError as e:
         fail(f"{e}; drift also takes --features {PIXELS} (no weights: any images)")
     except FileNotFoundError as e:
@@ -804,7 +805,7 @@ def drift_calibrate(
     reference: Optional[Path] = typer.Option(None, "--reference", help="Image folder split against itself (grey or RGB, any size). Default: data/reference."),
     incoming: Optional[Path] = typer.Option(None, "--incoming", help="Folder of batch folders to test. Default: data/incoming."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Images per pseudo-batch; below half the reference. Default: prepare.batch_size."),
-    features: str = typer.Option("classifier", "--features", help="Embedding for the MMD test: a feature space in data/features (classifier, encoder, inception:FILE), or pixels (no weights: any images)."),
+    features: Optional[str] = typer.Option(None, "--features", help="Embedding for the MMD test: auto, a feature space in data/features (classifier, encoder, inception:FILE, clip:DIR, dinov2:DIR), or pixels (no weights: any images). Default: drift.features."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON file to write. Default: metrics/drift.json."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ws: Optional[Path] = WorkspaceOpt,
@@ -815,14 +816,15 @@ def drift_calibrate(
 
     from redistill import feature_spaces
     from redistill.data import DataError
-    from redistill.drift import PIXELS, calibrate, detect, embed_folder, pixel_features
+    from redistill.drift import PIXELS, calibrate, detect, embed_folder, embedding
 
     root, p = _settings(ws, params)
     reference = reference or root / "data" / "reference"
     incoming = incoming or root / "data" / "incoming"
     t0 = time.perf_counter()
     try:
-        ext = pixel_features if features == PIXELS else feature_spaces.load(features, root / "data" / "features").extractor
+        features = features or p.drift.features
+        ext = embedding(features, root / "data" / "features")
     except ValueError as e:
         fail(f"{e}; drift also takes --features {PIXELS} (no weights: any images)")
     except FileNotFoundError as e:

@@ -427,8 +427,15 @@ class DriftParams:
     calibration_splits: int = Field(200, description="reference-against-reference splits for `redistill drift calibrate` (≥ 50)")
     clear_batches: int = Field(2, description="hysteresis: clean batches in a row that close a drift episode")
     cooldown_hours: float = Field(24.0, description="a new episode re-distils at most once per this window")
+    features: str = Field("auto", description="embedding of the MMD test: auto (the classifier where the workspace "
+                          "has one, else the label-free encoder), a feature space (classifier, encoder, inception:FILE, "
+                          "clip:DIR, dinov2:DIR), or pixels (no weights: any images)")
 
     def __post_init__(self):
+        kind, colon, path = self.features.partition(":")
+        if self.features not in (*FEATURE_SPACES, "pixels") and not (kind in FEATURE_SPACE_KINDS and colon and path):
+            raise ConfigError(f"drift.features must be auto, pixels, {', '.join(n for n in FEATURE_SPACES if n != 'auto')}, "
+                              f"inception:FILE, clip:DIR or dinov2:DIR; got {self.features!r}")
         if not 0 < self.alpha < 1:
             raise ConfigError(f"drift.alpha must be between 0 and 1, got {self.alpha}")
         if self.permutations < 99:

@@ -127,6 +127,16 @@ def pixel_features(images: torch.Tensor, grid: int = 4) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(x, min(grid, x.shape[-2], x.shape[-1])).flatten(1)
 
 
+def embedding(name: str, features_dir: Path):
+    """The MMD test's embedding `name` (drift.features): `pixels`, `auto` (the classifier where the workspace has
+    one, else the label-free encoder) or a feature space; ValueError/FileNotFoundError say what is missing."""
+    from redistill import feature_spaces
+
+    if name == PIXELS:
+        return pixel_features
+    return feature_spaces.load(feature_spaces.resolve([name], features_dir)[0], Path(features_dir)).extractor
+
+
 def median_bandwidth(z: torch.Tensor, max_points: int = 1000, seed: int = 0) -> float:
     """The median pairwise distance (a subsample of at most `max_points` points)."""
     g = torch.Generator().manual_seed(seed)

@@ -52,11 +52,10 @@ def known_teacher_shas(root: Path, name: str) -> list[str]:
 @task(name="drift-test", task_run_name="drift test {batch}")
 def drift_test(batch: Path, reference: Path, features: Path, p: DriftParams, out_dir: Path) -> dict:
     """MMD permutation test on the embeddings and Holm-corrected KS tests; writes drift.json and drift.png."""
-    from redistill.drift import check_folder
-    from redistill.features import FeatureExtractor, load_classifier
+    from redistill.drift import check_folder, embedding
 
     try:
-        report = check_folder(batch, reference, FeatureExtractor(load_classifier(features)), p.alpha, p.permutations,
+        report = check_folder(batch, reference, embedding(p.features, features), p.alpha, p.permutations,
                               p.seed, out_dir)
     except (ValueError, OSError) as e:  # unreadable, or images of another shape: a bad batch, not drift
         return {"batch": Path(batch).name, "drifted": None, "error": True,
