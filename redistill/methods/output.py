@@ -66,7 +66,10 @@ def teacher_pairs(teacher, cfg: OutputConfig, shape: tuple[int, ...], device, ba
         x = noise[i : i + batch].to(device)
         c = None if cond is None else cond[i : i + batch].to(device)
         for t in sched.timesteps:
-            x = sched.step(model.teacher_output(unet, x, t.expand(len(x)).to(device), c), t, x).prev_sample
+            # a guided teacher's clipped x̂₀ needs its ε (ClassConditionalPipeline samples so); the unconditional
+            # teachers keep the stock DDIM step, so their cached pairs stay what they were
+            x = sched.step(model.teacher_output(unet, x, t.expand(len(x)).to(device), c), t, x,
+                           use_clipped_model_output=model.conditional).prev_sample
         outs.append(x.clamp(-1, 1).cpu())
     return noise, torch.cat(outs), cond
 

@@ -17,6 +17,7 @@ its folder says `guidance_scale` 1.0 and `distilled_guidance_scale` w.
 
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Union
 
 import torch
@@ -65,9 +66,13 @@ class ClassConditionalPipeline(DiffusionPipeline):
         shape = (len(labels), self.unet.config.in_channels, *size)
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
+        # a clipping DDIM must move along the ε of the clipped x₀: with the model's own ε, every clipped step
+        # (frequent under guidance) leaves the sample off its trajectory and the images break up
+        extra = {"use_clipped_model_output": True} if "use_clipped_model_output" in inspect.signature(
+            self.scheduler.step).parameters else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             out = self.model_output(image, t, labels, w)
-            image = self.scheduler.step(out, t, image, generator=generator).prev_sample
+            image = self.scheduler.step(out, t, image, generator=generator, **extra).prev_sample
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).numpy()
