@@ -179,6 +179,21 @@ class TeacherParams:
     snr_gamma: float = Field(5.0, description="Min-SNR-γ loss weighting (Hang et al. 2023); 0 disables it")
     ema_decay: float = Field(0.9995, description="decay of the exported EMA of the teacher")
     checkpoint_every: int = Field(1000, description="steps between resumable checkpoints")
+    class_conditional: bool = Field(False, description="train on the data's labels (labels.csv): a UNet with class embeddings in a ClassConditionalPipeline")
+    label_dropout: float = Field(0.1, description="class-conditional: share of labels replaced by the null class, for classifier-free guidance (Ho & Salimans 2022)")
+    guidance_scale: float = Field(2.0, description="class-conditional: the guidance scale w the saved teacher samples with, u + w·(c − u)")
+
+    def __post_init__(self):
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ConfigError(f"teacher.label_dropout must be in [0, 1), got {self.label_dropout}; "
+                              "1 would never show the model a class")
+        if not 0.0 <= self.guidance_scale < float("inf"):  # NaN fails too
+            raise ConfigError(f"teacher.guidance_scale must be a finite number of at least 0 (1 = no guidance), "
+                              f"got {self.guidance_scale}")
+        if self.class_conditional and self.label_dropout == 0.0 and self.guidance_scale != 1.0:
+            raise ConfigError(f"teacher.label_dropout is 0, so the null class that guidance needs is never trained, but "
+                              f"teacher.guidance_scale is {self.guidance_scale}; set label_dropout above 0 (e.g. 0.1) "
+                              "or guidance_scale to 1.0")
 
 
 # built-in FID/KID feature spaces (redistill/feature_spaces.py); `auto`: the classifier where the workspace has one

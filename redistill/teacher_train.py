@@ -4,6 +4,11 @@ The teacher is a stock diffusers `DDPMPipeline` (UNet2DModel + DDPMScheduler, ε
 training timesteps) whose UNet holds the EMA weights, saved with safetensors weights. The recipe adds
 two well-known accelerations for a CPU budget: the cosine noise schedule (Nichol & Dhariwal 2021), which
 suits tiny images, and Min-SNR-γ loss weighting (Hang et al. 2023, arXiv:2303.09556).
+
+With `teacher.class_conditional` the UNet also takes the data's class labels (`num_class_embeds` = classes + 1)
+and is trained for classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598): each label is replaced by
+the extra null class with probability `label_dropout`, so one network learns both the conditional and the
+unconditional model. It is saved as a `ClassConditionalPipeline` that samples at `guidance_scale`.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from redistill.teacher import PipelineError, pipeline_sha256, save_pipeline
 # ---------------------------------------------------------------------------------------------------
 
 
-def build_unet(p: TeacherParams, channels: int, sample_size: int):
-    """The teacher's UNet2DModel: plain ResNet down/up blocks, sized for tiny images."""
+def build_unet(p: TeacherParams, channels: int, sample_size: int, num_classes: int | None = None):
+    """The teacher's UNet2DModel: plain ResNet down/up blocks, sized for tiny images; with `num_classes`, class
+    embeddings for those classes plus the null class `num_classes`."""
     from diffusers import UNet2DModel
 
     n = len(p.block_out_channels)
@@ -40,6 +46,7 @@ def build_unet(p: TeacherParams, channels: int, sample_size: int):
         up_block_types=("UpBlock2D",) * n,
         layers_per_block=p.layers_per_block,
         norm_num_groups=p.norm_num_groups,
+        **({} if num_classes is None else {"num_class_embeds": num_classes + 1}),
     )
 
 
@@ -52,6 +59,25 @@ def build_scheduler(p: TeacherParams):
         prediction_type="epsilon",
         clip_sample=True,
     )
+
+
+def class_labels(data: ImageSet) -> tuple[torch.Tensor, int]:
+    """The data's labels as a tensor, and the number of classes (max label + 1); refuses unlabelled data."""
+    from redistill.data import DataError
+
+    if data.labels is None:
+        raise DataError("teacher.class_conditional is true but the training images have no labels; add a labels.csv "
+                        "(file,label rows) beside the images, or set teacher.class_conditional to false")
+    if len(data.labels) and data.labels.min() < 0:
+        raise DataError(f"class labels must be 0 or more for teacher.class_conditional, got {int(data.labels.min())} "
+                        "in labels.csv")
+    return torch.from_numpy(data.labels).long(), int(data.labels.max()) + 1
+
+
+def cfg_labels(y: torch.Tensor, null_class: int, dropout: float, generator: torch.Generator) -> torch.Tensor:
+    """Classifier-free guidance training: each label replaced by `null_class` with probability `dropout`."""
+    drop = torch.rand(y.shape, generator=generator) < dropout
+    return torch.where(drop, torch.full_like(y, null_class), y)
 
 
 def _fine_tune_start(teacher: Path, data: ImageSet):
@@ -77,6 +103,11 @@ def _recipe_hash(p: TeacherParams, data: ImageSet) -> str:
     d = dict(vars(p))
     d.pop("checkpoint_every")
     d.pop("name")
+    if p.class_conditional:  # the labels are training data too
+        d["labels_sha"] = hashlib.sha256(np.ascontiguousarray(data.labels, dtype=np.int64).tobytes()).hexdigest()
+    else:  # unconditional: the fingerprint of before these settings existed, so its checkpoints still resume
+        for key in ("class_conditional", "label_dropout", "guidance_scale"):
+            d.pop(key)
     d["data_shape"] = list(data.images.shape)
     d["data_sum"] = float(data.images.sum())
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -108,10 +139,19 @@ def train_teacher(
         raise PipelineError(f"{out} already exists; a teacher is never overwritten. Pick a new --out name")
     torch.manual_seed(p.seed)
     x_all = torch.from_numpy(data.images) * 2.0 - 1.0  # [0,1] → [-1,1], the range the scheduler assumes
+    y_all, num_classes = class_labels(data) if p.class_conditional else (None, None)
     if init is None:
-        unet, scheduler = build_unet(p, data.channels, data.size[0]), build_scheduler(p)
+        unet, scheduler = build_unet(p, data.channels, data.size[0], num_classes), build_scheduler(p)
     else:
         unet, scheduler = _fine_tune_start(Path(init), data)
+        embeds = unet.config.num_class_embeds
+        if p.class_conditional and embeds != num_classes + 1:
+            raise PipelineError(f"{init} has {embeds or 'no'} class embeddings but the data's {num_classes} classes and "
+                                f"the null class need {num_classes + 1}; fine-tune a class-conditional teacher of "
+                                "these classes")
+        if not p.class_conditional and embeds is not None:
+            raise PipelineError(f"{init} is class-conditional ({embeds} class embeddings); set teacher.class_conditional "
+                                "to true and train on labelled data to fine-tune it")
     optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=0.0)
     lr_sched = get_cosine_schedule_with_warmup(optimizer, p.warmup_steps, p.train_steps)
     ema = EMAModel(unet.parameters(), decay=p.ema_decay, use_ema_warmup=True, power=2 / 3)
@@ -147,8 +187,11 @@ def train_teacher(
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, p.num_train_timesteps, (p.batch_size,), generator=gen)
         xt = scheduler.add_noise(x0, noise, t)
+        # 1b. Class-conditional: the batch's labels, some dropped to the null class (drawn after the
+        # unconditional draws, from the same generator, so the unconditional recipe and resume stay exact).
+        cond = {} if y_all is None else {"class_labels": cfg_labels(y_all[idx], num_classes, p.label_dropout, gen)}
         # 2. ε-prediction loss, Min-SNR-γ weighted so that the easy low-noise steps do not dominate.
-        per_example = (unet(xt, t).sample - noise).pow(2).mean(dim=(1, 2, 3))
+        per_example = (unet(xt, t, **cond).sample - noise).pow(2).mean(dim=(1, 2, 3))
         if p.snr_gamma > 0:
             per_example = per_example * min_snr_weight(alphas_cumprod, t, p.snr_gamma)
         loss = per_example.mean()
@@ -179,8 +222,15 @@ def train_teacher(
         "train_steps": p.train_steps,
         "final_loss": float(np.mean(losses[-200:])) if losses else None,
         "num_images": len(data),
+        **({"num_classes": num_classes} if p.class_conditional else {}),
         "threads": torch.get_num_threads(),
     }
-    save_pipeline(DDPMPipeline(unet=unet, scheduler=scheduler), out, extra={"redistill_teacher.json": summary})
+    if p.class_conditional:
+        from redistill.models.class_pipeline import ClassConditionalPipeline
+
+        pipe = ClassConditionalPipeline(unet, scheduler, null_class=num_classes, guidance_scale=p.guidance_scale)
+    else:
+        pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    save_pipeline(pipe, out, extra={"redistill_teacher.json": summary})
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary
