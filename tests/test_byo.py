@@ -175,9 +175,10 @@ def _cycle(ws: Path, teacher: Path, data: Path, method: str):
 
 
 def _check_cycle_from_empty_workspace(ws: Path, teacher: Path, data: Path, method: str, conditional: bool,
-                                      tmp_path: Path) -> None:
+                                      tmp_path: Path, reproduce: bool = False) -> None:
     """One cycle in an empty workspace: derives reference + encoder, decides, registers with every tag; the
-    export loads and samples; lineage names the derived feature space; the pyfunc model answers."""
+    export loads and samples; lineage names the derived feature space; the pyfunc model answers; with
+    `reproduce`, the version is rebuilt from its lineage and its figures land within the recorded CIs."""
     import mlflow
 
     from redistill.data import dir_md5
@@ -220,6 +221,11 @@ def _check_cycle_from_empty_workspace(ws: Path, teacher: Path, data: Path, metho
     else:
         with pytest.raises(ValueError, match="unconditional"):
             model.predict(pd.DataFrame([{**row, "class_label": 1}]))
+    if reproduce:
+        r = runner.invoke(app, ["reproduce", "--workspace", str(ws), "--version", str(result["version"]), "--json"])
+        assert r.exit_code == 0, r.output[-3000:]
+        rebuilt = json.loads(r.stdout.strip().splitlines()[-1])
+        assert Path(rebuilt["teacher"]) == teacher.resolve() and rebuilt["all_within_ci"] is True, rebuilt
     # the same inputs again: the earlier decision, nothing distilled
     again = _cycle(ws, teacher, data, method)
     assert again["deduplicated"] and again["version"] == result["version"]
@@ -237,7 +243,7 @@ def test_an_unlabelled_rgb_folder_runs_the_whole_cycle_in_an_empty_workspace(kin
                                          ("class16", "dmd")])
 def test_each_kind_runs_the_whole_cycle_in_an_empty_workspace(kinds, kind, method, tmp_path, prefect_harness):
     teacher, data = kinds[kind]
-    _check_cycle_from_empty_workspace(tmp_path / "ws", teacher, data, method, KINDS[kind][0], tmp_path)
+    _check_cycle_from_empty_workspace(tmp_path / "ws", teacher, data, method, KINDS[kind][0], tmp_path, reproduce=True)
 
 
 # --- reports at any resolution ------------------------------------------------------------------------------
