@@ -100,14 +100,14 @@ def ensure_workspace(root: Path, data: Path, p, log: Callable[[str], None] = pri
         features_dir = root / "data" / "features"
         if "encoder" in feature_spaces.resolve(p.evaluate.features, features_dir) and \
                 not (features_dir / encoder.WEIGHTS_FILE).is_file():
-            ref = load_image_folder(reference)
+            ref, ref_md5 = load_image_folder(reference), dir_md5(reference)
             log(f"workspace: training the label-free encoder on data/reference ({p.features.encoder_epochs} epochs)")
             model, metrics = encoder.train_encoder(ref.images, epochs=p.features.encoder_epochs,
                                                    dim=p.features.encoder_dim, seed=p.features.seed, log=log)
             encoder.save_encoder(model, features_dir, {"params": vars(p.features), "metrics": metrics,
-                                                       "trained_on": dir_md5(reference)})
+                                                       "trained_on": ref_md5})
             record["encoder"] = {"sha256": feature_spaces.sha256s(["encoder"], features_dir)["encoder"],
-                                 "metrics": metrics, "trained_on_md5": dir_md5(reference),
+                                 "metrics": metrics, "trained_on_md5": ref_md5,
                                  "dvc": _version(root, features_dir)}
         previous = json.loads((root / "data" / RECORD).read_text()) if (root / "data" / RECORD).is_file() else []
         history = previous if isinstance(previous, list) else [previous]

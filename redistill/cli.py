@@ -766,21 +766,14 @@ def drift_check(
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Test one batch for drift (MMD permutation test + Holm-corrected KS tests); exit 1 when it drifted."""
-    from redistill import feature_spaces
     from redistill.data import DataError, safe_name
-    from redistill.drift import PIXELS, check_folder, embedding
+    from redistill.drift import check_folder
     from redistill.watch import current_data
 
     root, p = _settings(ws, params)
     reference = reference or current_data(root)
     out = out or root / "runs" / "drift" / safe_name(Path(batch).resolve().name)
-    try:
-        features = features or p.drift.features
-        ext = embedding(features, root / "data" / "features")
-    except ValueError as e:
-        fail(f"{e}; drift also takes --features {PIXELS} (no weights: any images)")
-    except FileNotFoundError as e:
-        fail(str(e))
+    features, ext = _drift_embedding(root, p, features)
     try:
         rep = check_folder(batch, reference, ext, p.drift.alpha, p.drift.permutations, p.drift.seed, out)
     except (DataError, FileNotFoundError, ValueError) as e:
@@ -796,6 +789,19 @@ def drift_check(
         typer.echo(f"  wrote {out / 'drift.json'} and {out / 'drift.png'}")
     if rep.drifted:
         raise typer.Exit(1)
+
+
+def _drift_embedding(root: Path, p, features: Optional[str]):
+    """(name, embedding) of the drift commands' MMD test: --features, else drift.features; a clear error otherwise."""
+    from redistill.drift import PIXELS, embedding
+
+    features = features or p.drift.features
+    try:
+        return features, embedding(features, root / "data" / "features")
+    except ValueError as e:
+        fail(f"{e}; drift also takes --features {PIXELS} (no weights: any images)")
+    except FileNotFoundError as e:
+        fail(str(e))
 
 
 @drift_app.command("calibrate")
@@ -814,21 +820,14 @@ def drift_calibrate(
     """Measure the drift tests' false-alarm rate on reference splits, and which incoming batches they flag."""
     import time
 
-    from redistill import feature_spaces
     from redistill.data import DataError
-    from redistill.drift import PIXELS, calibrate, detect, embed_folder, embedding
+    from redistill.drift import calibrate, detect, embed_folder
 
     root, p = _settings(ws, params)
     reference = reference or root / "data" / "reference"
     incoming = incoming or root / "data" / "incoming"
     t0 = time.perf_counter()
-    try:
-        features = features or p.drift.features
-        ext = embedding(features, root / "data" / "features")
-    except ValueError as e:
-        fail(f"{e}; drift also takes --features {PIXELS} (no weights: any images)")
-    except FileNotFoundError as e:
-        fail(str(e))
+    features, ext = _drift_embedding(root, p, features)
     try:
         feats, stats, shape = embed_folder(reference, ext)
         result = calibrate(feats, stats, batch_size or p.prepare.batch_size, splits or p.drift.calibration_splits,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from redistill.models import ModelAdapter
-from redistill.models.class_pipeline import ClassConditionalPipeline
+from redistill.models.class_pipeline import ClassConditionalPipeline, guided_output
 
 
 class ClassConditionalPixel(ModelAdapter):
@@ -72,14 +72,10 @@ class ClassConditionalPixel(ModelAdapter):
         return net(z, t.expand(len(z)) if t.ndim == 0 else t, class_labels=cond).sample
 
     def teacher_output(self, net, z, t, cond=None):
-        w = self.guidance_scale
-        if self.null_class is None or w == 1.0:
-            return self.output(net, z, t, cond)
-        t = torch.as_tensor(t, device=z.device)
-        t = t.expand(len(z)) if t.ndim == 0 else t
-        both = self.output(net, torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, torch.full_like(cond, self.null_class)]))
-        c, u = both.chunk(2)
-        return u + w * (c - u)
+        if cond is None:
+            raise ValueError("a class-conditional model needs class labels for every call")
+        t = torch.as_tensor(t, device=z.device)  # one timestep per sample, as `output` passes them
+        return guided_output(net, z, t.expand(len(z)) if t.ndim == 0 else t, cond, self.null_class, self.guidance_scale)
 
     @torch.no_grad()
     def sample(self, n, steps, generator, cond=None, guidance_scale=None):

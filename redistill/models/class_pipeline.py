@@ -25,6 +25,20 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
+def guided_output(unet, sample: torch.Tensor, t, class_labels: torch.Tensor, null_class: Optional[int],
+                  guidance_scale: float) -> torch.Tensor:
+    """`unet`'s output for `class_labels` at `t` (one timestep, or one per sample), guided u + w·(c − u) when
+    `guidance_scale` w ≠ 1 and a null class is set: one call on the class and the null class together."""
+    if null_class is None or guidance_scale == 1.0:
+        return unet(sample, t, class_labels=class_labels).sample
+    if torch.is_tensor(t) and t.ndim == 1:  # a timestep per sample: one for each half
+        t = torch.cat([t, t])
+    both = unet(torch.cat([sample, sample]), t,
+                class_labels=torch.cat([class_labels, torch.full_like(class_labels, null_class)])).sample
+    cond, uncond = both.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 class ClassConditionalPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
 
@@ -39,13 +53,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     def model_output(self, sample: torch.Tensor, t, class_labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """The network's output at `t` for `class_labels`, guided when `guidance_scale` ≠ 1 and a null class is set."""
-        null = self.config.null_class
-        if null is None or guidance_scale == 1.0:
-            return self.unet(sample, t, class_labels=class_labels).sample
-        both = self.unet(torch.cat([sample, sample]), t,
-                         class_labels=torch.cat([class_labels, torch.full_like(class_labels, null)])).sample
-        cond, uncond = both.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        return guided_output(self.unet, sample, t, class_labels, self.config.null_class, guidance_scale)
 
     @torch.no_grad()
     def __call__(self, class_labels: Optional[Union[int, List[int], torch.Tensor]] = None, batch_size: int = 1,
