@@ -53,13 +53,13 @@ def _train_features(root: Path, p, log) -> dict:
     return {**metrics, "encoder": enc_metrics}
 
 
-def _train_teacher(root: Path, p, out: Path, data: Path) -> dict:
-    """Train a teacher into `out` with the `teacher` recipe; checkpoints resume under runs/teacher/<name>."""
+def _train_teacher(root: Path, recipe, out: Path, data: Path) -> dict:
+    """Train a teacher into `out` with `recipe` (TeacherParams); checkpoints resume under runs/teacher/<name>."""
     from redistill.data import load_image_folder, safe_name
     from redistill.teacher_train import train_teacher
 
     ckpt = root / "runs" / "teacher" / safe_name(out.name) / "checkpoints"
-    return train_teacher(p.teacher, load_image_folder(data), out, ckpt, log=lambda m: typer.echo(m, err=True))
+    return train_teacher(recipe, load_image_folder(data), out, ckpt, log=lambda m: typer.echo(m, err=True))
 
 
 def _num(v, fmt: str) -> str:
@@ -137,17 +137,44 @@ def teacher_train(
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
-    """Train a DDPM teacher (UNet2DModel + DDPMScheduler, ε, EMA) with the `teacher` recipe; resumes if killed."""
+    """Train a teacher with the `teacher` recipe: a DDPM (UNet2DModel + DDPMScheduler, ε, EMA) or, with
+    teacher.objective flow_matching, a flow-matching one; resumes if killed."""
     from redistill.data import DataError
     from redistill.teacher import PipelineError
 
     root, p = _settings(ws, params)
     out = out or root / "data" / "teachers" / p.teacher.name
     try:
-        summary = _train_teacher(root, p, out, data or root / "data" / "reference")
+        summary = _train_teacher(root, p.teacher, out, data or root / "data" / "reference")
     except (DataError, PipelineError) as e:
         fail(str(e))
     typer.echo(f"teacher saved to {out} ({summary['train_steps']} steps in {summary['train_time_s']:.0f}s)")
+
+
+@teacher_app.command("flow")
+def teacher_flow(
+    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/teachers/<flow_teacher.name>. Must not exist."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Training images. Default: data/reference."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Train the flow-matching teacher (velocity on the straight path, FlowMatchEulerDiscreteScheduler, saved as a
+    stock DDPMPipeline folder): the `teacher` recipe with the `flow_teacher` overrides; resumes if killed."""
+    import dataclasses
+
+    from redistill.data import DataError
+    from redistill.teacher import PipelineError
+
+    root, p = _settings(ws, params)
+    f = p.flow_teacher
+    out = out or root / "data" / "teachers" / f.name
+    recipe = dataclasses.replace(p.teacher, objective="flow_matching", name=f.name, train_steps=f.train_steps,
+                                 shift=f.shift, ema_decay=f.ema_decay, seed=f.seed, class_conditional=False)
+    try:
+        summary = _train_teacher(root, recipe, out, data or root / "data" / "reference")
+    except (DataError, PipelineError) as e:
+        fail(str(e))
+    typer.echo(f"flow-matching teacher saved to {out} ({summary['train_steps']} steps in {summary['train_time_s']:.0f}s)")
 
 
 @teacher_app.command("finetune")
@@ -507,7 +534,7 @@ def demo(
     t = time.perf_counter()
     if not (teacher / "model_index.json").is_file():
         typer.echo(f"no teacher at {teacher}: training one with the `teacher` recipe (about 30 min on 2 cores)")
-        _train_teacher(root, p, teacher, root / "data" / "reference")
+        _train_teacher(root, p.teacher, teacher, root / "data" / "reference")
     timings["teacher"] = time.perf_counter() - t
     t = time.perf_counter()
     result = _run_cycle(root, p, teacher, root / "data" / "reference", "manual", False)

@@ -161,6 +161,9 @@ class FeaturesParams:
     encoder_dim: int = Field(128, description="its representation width: the `encoder` feature space")
 
 
+TEACHER_OBJECTIVES = ("ddpm", "flow_matching")
+
+
 @settings("teacher")
 class TeacherParams:
     """`teacher` stage: the DDPM teacher recipe (UNet2DModel + DDPMScheduler, ε-prediction, EMA)."""
@@ -182,8 +185,14 @@ class TeacherParams:
     class_conditional: bool = Field(False, description="train on the data's labels (labels.csv): a UNet with class embeddings in a ClassConditionalPipeline")
     label_dropout: float = Field(0.1, description="class-conditional: share of labels replaced by the null class, for classifier-free guidance (Ho & Salimans 2022)")
     guidance_scale: float = Field(2.0, description="class-conditional: the guidance scale w the saved teacher samples with, u + w·(c − u)")
+    objective: str = Field("ddpm", description="ddpm: ε-prediction on the DDPM schedule (a DDPMScheduler); flow_matching: velocity on the straight path between data and noise (a FlowMatchEulerDiscreteScheduler)")
+    shift: float = Field(1.0, description="flow_matching: the FlowMatchEulerDiscreteScheduler's timestep shift, used in training and saved with the teacher (1 = none; SD3 uses 3)")
 
     def __post_init__(self):
+        if self.objective not in TEACHER_OBJECTIVES:
+            raise ConfigError(f"teacher.objective must be one of {', '.join(TEACHER_OBJECTIVES)}, got {self.objective!r}")
+        if not 0.0 < self.shift < float("inf"):
+            raise ConfigError(f"teacher.shift must be a finite number above 0 (1 = no shift), got {self.shift}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"teacher.label_dropout must be in [0, 1), got {self.label_dropout}; "
                               "1 would never show the model a class")
@@ -215,6 +224,22 @@ class FinetuneParams:
     def __post_init__(self):
         if self.steps < 1:
             raise ConfigError(f"finetune.steps must be at least 1, got {self.steps}")
+
+
+@settings("flow_teacher")
+class FlowTeacherParams:
+    """`flow_teacher` stage: the embedded flow-matching digits teacher (`redistill teacher flow`): the
+    `teacher` recipe with these overrides and `objective: flow_matching`."""
+
+    name: str = Field("digits-flow", description="folder under data/teachers/")
+    train_steps: int = Field(6000, description="optimiser steps")
+    shift: float = Field(1.0, description="the FlowMatchEulerDiscreteScheduler's timestep shift (1 = none)")
+    ema_decay: float = Field(0.999, description="decay of the exported EMA (shorter than the DDPM teacher's: fewer steps)")
+    seed: int = Field(0, description="seed of the initialisation, batches and noise")
+
+    def __post_init__(self):
+        if self.train_steps < 1:
+            raise ConfigError(f"flow_teacher.train_steps must be at least 1, got {self.train_steps}")
 
 
 @settings("evaluate")
@@ -486,6 +511,7 @@ class Params:
     features: FeaturesParams = Field(default_factory=FeaturesParams, description="the `features` section")
     teacher: TeacherParams = Field(default_factory=TeacherParams, description="the `teacher` section")
     finetune: FinetuneParams = Field(default_factory=FinetuneParams, description="the `finetune` section")
+    flow_teacher: FlowTeacherParams = Field(default_factory=FlowTeacherParams, description="the `flow_teacher` section")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="the `evaluate` section")
     validate: ValidateParams = Field(default_factory=ValidateParams, description="the `validate` section")
     gate: GateParams = Field(default_factory=GateParams, description="the `gate` section")

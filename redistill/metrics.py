@@ -240,6 +240,9 @@ def configure_scheduler(pipe, steps: int, choice: str = "auto") -> str:
     if choice not in SCHEDULER_CHOICES:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_CHOICES)}, got {choice!r}")
     current = pipe.scheduler
+    if choice in ("ddim", "ddpm") and not hasattr(current, "alphas_cumprod"):
+        raise ValueError(f"a {type(current).__name__} pipeline (flow matching) has no DDPM schedule to sample with "
+                         f"{choice}; use the scheduler it was saved with (auto or saved)")
     if choice == "ddim" or (
         choice == "auto" and isinstance(current, DDPMScheduler) and steps < current.config.num_train_timesteps
     ):

@@ -53,6 +53,23 @@ def make_tiny_pipeline(out: Path, channels: int = 1, size: int = 8, seed: int = 
     return out
 
 
+def make_tiny_flow_pipeline(out: Path, channels: int = 1, size: int = 8, seed: int = 0, shift: float = 1.0) -> Path:
+    """A tiny flow-matching teacher: the same UNet2DModel as `make_tiny_pipeline`, read as a velocity, with a
+    FlowMatchEulerDiscreteScheduler (`shift`) in a stock DDPMPipeline folder."""
+    import torch
+    from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1, norm_num_groups=8,
+    )
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def make_tiny_class_pipeline(out: Path, channels: int = 3, size: int = 16, num_classes: int = 5, seed: int = 0,
                              guidance_scale: float = 2.0) -> Path:
     """A tiny class-conditional teacher: a UNet2DModel with num_classes + 1 class embeddings (the last is the

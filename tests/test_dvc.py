@@ -57,6 +57,7 @@ STAGE_ENTRIES = {
     "features": ["redistill.features", "redistill.encoder"],
     "teacher": ["redistill.teacher_train"],
     "finetune": ["redistill.teacher_train"],
+    "teacher_flow": ["redistill.teacher_train"],
     "evaluate": ["redistill.metrics", "redistill.feature_spaces"],
     "validate": ["redistill.validation", "redistill.tasks.validate"],
     "distill": ["redistill.methods"],

@@ -6,7 +6,10 @@ pipeline directly. They ask the pipeline's adapter, which knows, for its kind of
 - how to noise (`add_noise`) and denoise with conditioning (`output`; `teacher_output` with guidance folded
   in, for a conditional teacher);
 - how to draw a batch of conditions for training (`conditions`; None for an unconditional model);
-- how to sample a batch of images (`sample`);
+- how to sample a batch of images (`sample`), and how to run its deterministic ODE sampler from given noise
+  (`ode_sample`: the teacher pairs and couplings of the output and rectified methods);
+- its velocity on the straight path between data and noise (`velocity`): a flow-matching model's own output,
+  a diffusion model's probability-flow ODE in those coordinates;
 - how to export a student as a stock diffusers pipeline folder (`export`).
 
 One implementation per kind of pipeline, in its own file beside this one; `adapter_for(pipe)` picks the
@@ -29,6 +32,8 @@ class ModelAdapter:
 
     kind = "abstract"
     description = ""
+    family = "diffusion"  # "diffusion": ε/v/x₀ on an ᾱ schedule; "flow": a velocity on the straight path (flow matching)
+    solver = "ddim"  # the deterministic sampler `ode_sample` runs; it names cached teacher pairs
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -99,6 +104,42 @@ class ModelAdapter:
         a, s = alpha_sigma(self.alphas_cumprod.to(x0.device), t)
         return a * x0 + s * noise
 
+    def velocity(self, net: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """dx/dσ of the model's ODE on the straight path x = (1 − σ)·x₀ + σ·ε at noise levels `sigma` (one per sample).
+
+        A diffusion model's probability-flow ODE in these coordinates (Liu et al. 2023, "Flow Straight and Fast",
+        section 3.3): x is z_t / (α_t + σ_t) at the t where σ_t / (α_t + σ_t) = σ (a fractional t, interpolated in
+        log-SNR), and its velocity is ε̂ − x̂₀ of the teacher's (guided) prediction there."""
+        from redistill.prediction import to_x0_eps
+
+        ac = self.alphas_cumprod.to(x.device).double()
+        lam = torch.log(ac) - torch.log1p(-ac)  # log-SNR of each timestep, decreasing in t
+        sig = sigma.to(x.device).double().clamp(1e-6, 1 - 1e-6)
+        target = (2 * (torch.log1p(-sig) - torch.log(sig))).clamp(float(lam.min()), float(lam.max()))
+        hi = torch.searchsorted(-lam, -target).clamp(1, len(lam) - 1)  # lam[hi − 1] ≥ target ≥ lam[hi]
+        frac = (lam[hi - 1] - target) / (lam[hi - 1] - lam[hi])
+        t = (hi - 1 + frac).float()
+        abar = torch.sigmoid(target).float().view(-1, 1, 1, 1)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        z = x * (a + s)
+        x0, eps = to_x0_eps(self.teacher_output(net, z, t, cond).float(), z, a, s, self.prediction_type)
+        return eps - x0
+
+    @torch.no_grad()
+    def ode_sample(self, net: torch.nn.Module, x: torch.Tensor, steps: int, cond: Any = None) -> torch.Tensor:
+        """The model's deterministic sampler from noise `x` at `steps` (DDIM, η = 0, the teacher's own spacing,
+        guidance folded in); its x₀, unclamped."""
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(steps)
+        for t in sched.timesteps:
+            # a guided teacher's clipped x̂₀ needs its ε (ClassConditionalPipeline samples so); the unconditional
+            # teachers keep the stock DDIM step, so their cached pairs stay what they were
+            x = sched.step(self.teacher_output(net, x, t.expand(len(x)).to(x.device), cond), t, x,
+                           use_clipped_model_output=self.conditional).prev_sample
+        return x
+
     # -- sampling and export ---------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, steps: int, generator: torch.Generator, cond: Any = None,
@@ -114,9 +155,10 @@ class ModelAdapter:
 
 def _kinds() -> list[type[ModelAdapter]]:
     from redistill.models.class_conditional import ClassConditionalPixel
+    from redistill.models.flow import FlowMatchingPixel
     from redistill.models.pixel import UnconditionalPixel
 
-    return [UnconditionalPixel, ClassConditionalPixel]
+    return [UnconditionalPixel, ClassConditionalPixel, FlowMatchingPixel]
 
 
 def adapter_for(pipe: Any) -> ModelAdapter:

@@ -1,0 +1,100 @@
+"""Flow-matching pixel-space teachers: a `UNet2DModel` that predicts a velocity, sampled with diffusers'
+`FlowMatchEulerDiscreteScheduler`, in a stock `DDPMPipeline` folder.
+
+diffusers' convention (Stable Diffusion 3, Flux): the path from data to noise is straight,
+x_σ = (1 − σ)·x₀ + σ·ε for σ ∈ [0, 1], the network sees timestep σ·T (T = `num_train_timesteps`) and predicts
+the velocity dx/dσ = ε − x₀; the sampler is Euler from σ = 1 to 0 on the scheduler's grid, with its `shift`
+(σ' = s·σ / (1 + (s − 1)·σ)) and its other settings as saved. `DDPMPipeline`'s loop (noise, then
+`scheduler.step(unet(x, t), t, x)` per timestep) runs this sampler unchanged, so the teacher and its students
+load and sample in plain diffusers.
+
+There is no ᾱ schedule and no ε/v/x₀ prediction type: the methods written for diffusion teachers refuse this
+kind (the `rectified` method serves it), and `velocity`, `ode_sample` and `add_noise` use the straight path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from redistill.models import ModelAdapter
+
+PREDICTION = "flow"  # what `facts` calls the output: the velocity ε − x₀
+
+
+class FlowMatchingPixel(ModelAdapter):
+    kind = "flow-matching-pixel"
+    description = ("a UNet2DModel without class embeddings that predicts a velocity, with a "
+                   "FlowMatchEulerDiscreteScheduler, e.g. a DDPMPipeline folder")
+    family = "flow"
+    solver = "euler"
+
+    @classmethod
+    def claims(cls, pipe) -> bool:
+        from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+        unet = getattr(pipe, "unet", None)
+        return (isinstance(unet, UNet2DModel) and getattr(unet, "class_embedding", None) is None
+                and isinstance(getattr(pipe, "scheduler", None), FlowMatchEulerDiscreteScheduler))
+
+    # -- facts ----------------------------------------------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return PREDICTION
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        raise ValueError(f"a {self.kind} model has no ᾱ schedule (it predicts a velocity on the straight path); "
+                         "this step serves diffusion models only")
+
+    @property
+    def shift(self) -> float:
+        return float(self.scheduler_config.get("shift", 1.0))
+
+    def facts(self) -> dict:
+        c = self.scheduler_config
+        return {**super().facts(), "shift": self.shift, "use_dynamic_shifting": bool(c.get("use_dynamic_shifting")),
+                "shift_terminal": c.get("shift_terminal")}
+
+    # -- the network ----------------------------------------------------------------------------------
+    def output(self, net, z, t, cond=None):
+        t = torch.as_tensor(t, device=z.device)
+        return net(z, t.expand(len(z)) if t.ndim == 0 else t).sample
+
+    def velocity(self, net, x, sigma, cond=None):
+        return self.output(net, x, sigma.to(x.device).float() * self.num_train_timesteps, cond)
+
+    def add_noise(self, x0, noise, t):
+        sigma = (t.float() / self.num_train_timesteps).view(-1, 1, 1, 1).to(x0.device)
+        return (1 - sigma) * x0 + sigma * noise
+
+    @torch.no_grad()
+    def ode_sample(self, net, x, steps, cond=None):
+        """The teacher's own sampler from noise `x`: Euler on its scheduler's grid at `steps` (shift included)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(steps)
+        for t in sched.timesteps:
+            x = sched.step(self.output(net, x, t.expand(len(x)).to(x.device)), t, x).prev_sample
+        return x
+
+    # -- sampling and export ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n, steps, generator, cond=None, guidance_scale=None):
+        return self.pipe(batch_size=n, generator=generator, num_inference_steps=steps, output_type="pt").images.float()
+
+    def export(self, unet, scheduler):
+        from diffusers import DDPMPipeline
+
+        return DDPMPipeline(unet=unet, scheduler=scheduler)
+
+
+def euler_scheduler(num_train_timesteps: int, steps: int):
+    """The stock `FlowMatchEulerDiscreteScheduler` whose grid at `steps` is σ = 1, (K−1)/K, …, 1/K, then 0: the
+    evenly spaced Euler steps a K-step student is trained on. (Its default grid ends at σ = 1/T, so a last step
+    would be spent at almost no noise; `shift_terminal` = 1/K stretches the grid to end at 1/K. One step needs no
+    setting: σ = 1, then 0.)"""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0,
+                                           shift_terminal=None if steps == 1 else 1.0 / steps)
