@@ -1,11 +1,14 @@
 """`redistill bench`: every method side by side on one teacher, with fixed seeds.
 
 Rows:
-- the teacher with DDIM at 10, 25, 50 and 100 steps, and DDPM at its full 1,000 (full run only);
+- the teacher with DDIM at 10, 25, 50 and 100 steps, and DDPM at its full 1,000 (full run only); a
+  flow-matching teacher with its own Euler sampler at 10, 25, 50 and 100 steps;
 - each method at 1, 2, 4 and 8 steps where it applies: one progressive run halves down to 1 step and
   keeps every round's student (8, 4, 2, 1); one consistency student is sampled at each step count; the
   adversarial student at the step counts its trained grid covers (1, 2, 4); output and DMD train one
-  student per step count (1, 2, 4), because each learns its own sampler's grid.
+  student per step count (1, 2, 4), because each learns its own sampler's grid; so does rectified, whose rows
+  also carry the straightness of the teacher's and the reflowed flow's paths. A method that does not serve the
+  teacher's kind (the diffusion methods on a flow-matching teacher) is listed under `skipped` with the reason.
 
 Every row is measured by the same suite as `redistill evaluate` against the teacher at
 `evaluate.reference_steps` (FID/KID with CIs and the floor-aware FID gap in every feature space, PSNR/SSIM
@@ -28,7 +31,7 @@ from redistill.config import METHODS, EvaluateParams, Params
 
 TEACHER_STEPS = (10, 25, 50, 100)
 METHOD_STEPS = (1, 2, 4, 8)
-PER_STEP_METHODS = {"dmd": (1, 2, 4), "output": (1, 2, 4)}  # trained once per step count
+PER_STEP_METHODS = {"dmd": (1, 2, 4), "output": (1, 2, 4), "rectified": (1, 2, 4)}  # trained once per step count
 # issue 11's goals for the best student at each step count: (FID ratio to teacher@50 at most,
 # recognisable share at least); every row also needs ≥ 0.8 × the step ratio in throughput speedup
 GOALS = {4: (1.2, 0.90), 2: (1.5, None), 1: (2.0, 0.85)}
@@ -45,12 +48,14 @@ def quick_params(p: Params) -> Params:
                             consistency=dataclasses.replace(d.consistency, steps=40),
                             output=dataclasses.replace(d.output, pairs=64, pairs_steps=10, steps=40),
                             adversarial=dataclasses.replace(d.adversarial, steps=20),
-                            dmd=dataclasses.replace(d.dmd, steps=10, fake_updates=1))
+                            dmd=dataclasses.replace(d.dmd, steps=10, fake_updates=1),
+                            rectified=dataclasses.replace(d.rectified, couplings=64, couplings_steps=10, reflow_steps=40,
+                                                          reflow_ode_steps=4, distill_steps=20))
     return dataclasses.replace(p, evaluate=ev, distill=d)
 
 
 def _row(kind: str, method: str, steps: int, result: dict, distill_s: float | None, sampler: str,
-         student: Path | None = None) -> dict:
+         student: Path | None = None, summary: dict | None = None) -> dict:
     q, f, s, m = result["quality"], result["fidelity"], result["speed"], result["memory"]
     return {
         "kind": kind, "method": method, "steps": steps, "sampler": sampler,
@@ -63,6 +68,7 @@ def _row(kind: str, method: str, steps: int, result: dict, distill_s: float | No
         "latency_ms_p50": s["latency_ms_p50"], "throughput_img_s": s["throughput_img_s"],
         "speedup": s["speedup_throughput"], "params": m["params"], "peak_mb": m["peak_sampling_mb"],
         "distill_wall_s": distill_s,
+        **({"straightness": summary["straightness"]} if summary and "straightness" in summary else {}),
     }
 
 
@@ -101,11 +107,17 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; valid methods are: {', '.join(METHODS)}")
+    from redistill.methods import FAMILIES_SERVED
+    from redistill.models import adapter_for
+
+    family = adapter_for(load_pipeline(teacher)).family
+    sampler = "ddim" if family == "diffusion" else "saved"  # a flow-matching teacher: its own Euler sampler
+    label = "teacher (DDIM)" if family == "diffusion" else "teacher (Euler)"
     for steps in TEACHER_STEPS if teacher_rows else ():
-        log(f"teacher, DDIM {steps} steps")
-        rows.append(_row("teacher", "teacher (DDIM)", steps, measure(teacher, steps, "ddim"), None, "ddim"))
+        log(f"{label}, {steps} steps")
+        rows.append(_row("teacher", label, steps, measure(teacher, steps, sampler), None, sampler))
         save_partial()
-    if teacher_rows and ddpm and not quick:  # DDPM at 1,000 steps: ~9 minutes for 2,000 samples on 2 CPU cores
+    if teacher_rows and ddpm and not quick and family == "diffusion":  # DDPM at 1,000 steps: ~9 minutes for 2,000 samples on 2 CPU cores
         ddpm_steps = load_pipeline(teacher).scheduler.config.num_train_timesteps
         log(f"teacher, DDPM {ddpm_steps} steps")
         rows.append(_row("teacher", "teacher (DDPM)", ddpm_steps, measure(teacher, ddpm_steps, "ddpm"), None, "ddpm"))
@@ -127,8 +139,14 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         save_pipeline(pipe, folder, extra={"redistill_distill.json": summary})
         return folder
 
+    skipped = {}
     for method in methods:
+        if family not in FAMILIES_SERVED.get(method, ("diffusion",)):
+            skipped[method] = f"distils diffusion teachers; the teacher is {family}"
+            log(f"skipping {method}: {skipped[method]}")
+            continue
         targets: list[tuple[int, Path, float]] = []  # (steps, student folder, its distillation seconds)
+        summaries: dict[int, dict] = {}
         if method == "progressive":
             # one halving run down to 1 step serves every row: each round's student is kept
             rounds: dict[int, object] = {}
@@ -137,6 +155,7 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         elif method in PER_STEP_METHODS:
             for n in PER_STEP_METHODS[method]:
                 student, summary, wall = train(method, n)
+                summaries[n] = summary
                 targets.append((n, keep(student, summary, method, n), wall))
         else:
             trained = p.distill.target_steps
@@ -149,16 +168,17 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
             targets = [(n, keep(student, summary, method, n), wall) for n in served.get(method, METHOD_STEPS)]
         for n, path, wall in targets:
             log(f"{method} at {n} steps")
-            rows.append(_row("method", method, n, measure(path, n, "saved"), wall, "saved", path))
+            rows.append(_row("method", method, n, measure(path, n, "saved"), wall, "saved", path, summaries.get(n)))
             save_partial()
 
     result = {"quick": quick, "methods": list(methods), "feature_spaces": [sp.name for sp in extractor], "teacher": str(teacher), "reference_steps": p.evaluate.reference_steps,
               "num_samples": p.evaluate.num_samples, "seed": p.evaluate.seed, "device": device,
-              "threads": torch.get_num_threads(), "rows": rows, "wall_time_s": round(time.perf_counter() - t0, 1)}
+              "threads": torch.get_num_threads(), "rows": rows, "skipped": skipped, "wall_time_s": round(time.perf_counter() - t0, 1)}
     result["goals"] = goals(result)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.partial.json").unlink(missing_ok=True)
-    (out / "bench.md").write_text(markdown_table(result) + "\n\n" + goals_table(result) + "\n")
+    (out / "bench.md").write_text(markdown_table(result) + "\n\n" + goals_table(result) + "\n"
+                                  + straightness_table(result))
     plot(result, out / "quality_vs_nfe.png")
     return result
 
@@ -183,6 +203,17 @@ def markdown_table(result: dict) -> str:
             f"| {r['latency_ms_p50']:.1f} | {r['throughput_img_s']:.0f} | ×{r['speedup']:.1f} | {r['params']:,} "
             f"| {num(r['peak_mb'], '.0f')} | {num(r['distill_wall_s'], '.0f')} |")
     return "\n".join(lines)
+
+
+def straightness_table(result: dict) -> str:
+    """The straightness of the teacher's and the reflowed flow's paths, per rectified student (empty without one)."""
+    rows = [r for r in result["rows"] if r.get("straightness")]
+    if not rows:
+        return ""
+    lines = ["", "| rectified student | straightness of the teacher's paths | of the reflowed flow's paths |", "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['steps']} steps | {r['straightness']['teacher']:.4f} | {r['straightness']['reflowed']:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def goals(result: dict) -> list[dict]:

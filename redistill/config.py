@@ -288,7 +288,7 @@ class ValidateParams:
 
 # the survey's three families (Fan et al. 2025): what each method promises decides which fidelity bound applies
 METHOD_FAMILY = {"output": "fidelity", "progressive": "trajectory", "consistency": "trajectory",
-                 "adversarial": "distribution", "dmd": "distribution"}
+                 "adversarial": "distribution", "dmd": "distribution", "rectified": "trajectory"}
 
 
 @settings("gate.psnr_min")
@@ -317,7 +317,7 @@ class GateParams:
             raise ConfigError(f"gate.first_run must be 'absolute' or 'reject', got {self.first_run!r}")
 
 
-METHODS = ("progressive", "consistency", "output", "adversarial", "dmd")  # one file each in redistill/methods/
+METHODS = ("progressive", "consistency", "output", "adversarial", "dmd", "rectified")  # one file each in redistill/methods/
 
 
 @settings("distill.progressive")
@@ -355,6 +355,24 @@ class OutputParams:
     pairs_steps: int = Field(50, description="the teacher's DDIM steps per pair")
     steps: int = Field(3000, description="optimiser steps")
     first_timestep: int = Field(959, description="more than 1 step: the student's DDIM chain starts here, then T/steps apart")
+
+
+@settings("distill.rectified")
+class RectifiedParams:
+    """`distill.rectified`: reflow, then distillation to few Euler steps (Liu et al. 2023; InstaFlow, Liu et al. 2024)."""
+
+    couplings: int = Field(8000, description="(noise, teacher output) couplings from the teacher's ODE, cached in data/pairs/ by teacher sha256")
+    couplings_steps: int = Field(50, description="the teacher's ODE solver steps per coupling (its own Euler sampler; DDIM for a diffusion teacher)")
+    reflow_steps: int = Field(3000, description="optimiser steps of reflow: the student's velocity on the couplings' straight interpolations")
+    reflow_ode_steps: int = Field(16, description="Euler steps of the reflowed flow when it makes the distillation's couplings")
+    distill_steps: int = Field(1500, description="optimiser steps of the distillation to target_steps Euler steps; 0 exports the reflowed flow itself")
+
+    def __post_init__(self):
+        for name in ("couplings", "couplings_steps", "reflow_steps", "reflow_ode_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"distill.rectified.{name} must be at least 1, got {getattr(self, name)}")
+        if self.distill_steps < 0:
+            raise ConfigError(f"distill.rectified.distill_steps must be 0 or more, got {self.distill_steps}")
 
 
 @settings("distill.adversarial")
@@ -406,7 +424,7 @@ class StudentParams:
 class DistillParams:
     """`distill`: the method, the shared budget, and one subsection of settings per method."""
 
-    method: str = Field("progressive", description="progressive, consistency, output, adversarial or dmd: one file each in redistill/methods/")
+    method: str = Field("progressive", description="progressive, consistency, output, adversarial, dmd or rectified: one file each in redistill/methods/")
     target_steps: int = Field(4, description="the student's sampling step count")
     batch_size: int = Field(64, description="images per optimiser step")
     lr: float = Field(3.0e-4, description="the student's learning rate")
@@ -421,6 +439,7 @@ class DistillParams:
     output: OutputParams = Field(default_factory=OutputParams, description="settings of method output")
     adversarial: AdversarialParams = Field(default_factory=AdversarialParams, description="settings of method adversarial")
     dmd: DMDParams = Field(default_factory=DMDParams, description="settings of method dmd")
+    rectified: RectifiedParams = Field(default_factory=RectifiedParams, description="settings of method rectified")
     student: StudentParams = Field(default_factory=StudentParams, description="a smaller student's shape, for any method")
 
     def __post_init__(self):

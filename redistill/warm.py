@@ -62,7 +62,9 @@ def why_not(champion_tags: dict, champion_student: Path, teacher: Path, p) -> st
 
     d = p.distill
     if d.method not in WARM_METHODS:
-        return (f"{d.method} distillation rebuilds every halving round from the teacher, so it always starts cold; "
+        why = {"progressive": "rebuilds every halving round from the teacher",
+               "rectified": "reflows the teacher's couplings, then distils the reflowed flow"}.get(d.method, "has no warm start")
+        return (f"{d.method} distillation {why}, so it always starts cold; "
                 f"warm starts serve {', '.join(WARM_METHODS)}")
     method, steps = champion_tags.get(PREFIX + "method"), champion_tags.get(PREFIX + "num_inference_steps")
     if method != d.method:

@@ -25,7 +25,8 @@ runner = CliRunner()
 TINY_METHODS = """
 distill: {target_steps: 2, batch_size: 8, checkpoint_every: 100, progressive: {teacher_steps: 4, steps_per_round: 2},
           consistency: {steps: 3}, output: {steps: 3, pairs: 16, pairs_steps: 4}, adversarial: {steps: 2},
-          dmd: {steps: 2, fake_updates: 1}}
+          dmd: {steps: 2, fake_updates: 1},
+          rectified: {couplings: 16, couplings_steps: 4, reflow_steps: 3, reflow_ode_steps: 4, distill_steps: 3}}
 evaluate: {num_samples: 60, max_samples: 60, bootstrap: 5, kid_subset_size: 30, sample_batch_size: 60, latency_repeats: 1,
            throughput_repeats: 1, throughput_batch: 4, reference_steps: 10, floor_splits: 4}
 features: {encoder_epochs: 3}

@@ -13,6 +13,10 @@ from typing import Callable
 from redistill.config import DistillParams
 
 
+# the kinds of model (the adapter's `family`) each method can distil; the rest serve diffusion teachers only
+FAMILIES_SERVED = {"rectified": ("flow", "diffusion")}
+
+
 def _fill(cls, p: DistillParams, section):
     """The method's config from the shared `distill` keys, `distill.student` and the method's own subsection.
 
@@ -70,6 +74,10 @@ def method_config(p: DistillParams):
         if p.method == "dmd" and not 0 <= cfg.t_min < cfg.t_max <= 1000:
             raise ValueError(f"distill.dmd needs 0 ≤ t_min < t_max ≤ 1000, got {cfg.t_min} and {cfg.t_max}")
         return cfg, distill
+    if p.method == "rectified":
+        from redistill.methods.rectified import RectifiedConfig, distill
+
+        return _fill(RectifiedConfig, p, p.rectified), distill
     raise ValueError(f"unknown distillation method {p.method!r}")  # DistillParams already refuses these
 
 
@@ -84,6 +92,12 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
     from those weights and trains `p.warm_fraction` of the method's steps (redistill/warm.py).
     """
     cfg, run = method_config(p)
+    from redistill.models import adapter_for
+
+    kind = adapter_for(teacher)
+    if kind.family not in FAMILIES_SERVED.get(p.method, ("diffusion",)):
+        raise ValueError(f"distill.method {p.method} distils diffusion (ε/v/x₀) teachers; this teacher is a {kind.kind} "
+                         f"model. Use distill.method: rectified, which serves flow-matching teachers")
     extra = {}
     if init is not None:
         from redistill.warm import WARM_METHODS
@@ -94,7 +108,7 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
         extra["init"] = init
     if on_round is not None and p.method == "progressive":
         extra["on_round"] = on_round
-    if p.method == "output" or (p.method == "dmd" and (p.dmd.regression_weight > 0 or p.dmd.start == "output")):
+    if p.method in ("output", "rectified") or (p.method == "dmd" and (p.dmd.regression_weight > 0 or p.dmd.start == "output")):
         from redistill.teacher import pipeline_sha256
 
         extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None

@@ -42,21 +42,19 @@ class OutputConfig(OutputParams, TrainingConfig):
     (OutputParams). Every field and its default is declared there, once; `method_config` fills it in."""
 
 
-def pairs_file(pairs_dir: Path, teacher_sha256: str, cfg: OutputConfig) -> Path:
-    """The cache file of the pairs: named by the teacher's sha256 and what else fixes the pairs."""
-    what = f"{teacher_sha256}|{cfg.pairs_steps}|{cfg.pairs}|{cfg.seed}"
-    return Path(pairs_dir) / f"{teacher_sha256[:16]}-ddim{cfg.pairs_steps}-n{cfg.pairs}-s{cfg.seed}-{hashlib.sha256(what.encode()).hexdigest()[:8]}.safetensors"
+def pairs_file(pairs_dir: Path, teacher_sha256: str, cfg: OutputConfig, solver: str = "ddim") -> Path:
+    """The cache file of the pairs: named by the teacher's sha256 and what else fixes the pairs (its ODE
+    solver: DDIM for a diffusion teacher, Euler for a flow-matching one)."""
+    what = f"{teacher_sha256}|{cfg.pairs_steps}|{cfg.pairs}|{cfg.seed}" + ("" if solver == "ddim" else f"|{solver}")
+    return Path(pairs_dir) / f"{teacher_sha256[:16]}-{solver}{cfg.pairs_steps}-n{cfg.pairs}-s{cfg.seed}-{hashlib.sha256(what.encode()).hexdigest()[:8]}.safetensors"
 
 
 @torch.no_grad()
 def teacher_pairs(teacher, cfg: OutputConfig, shape: tuple[int, ...], device, batch: int = 500):
-    """Step 1: (x_T, x₀, conditions) from the teacher's DDIM sampler (η = 0, the teacher's own spacing); the
-    conditions are None for an unconditional teacher, else one drawn per pair (guidance folded in)."""
-    from diffusers import DDIMScheduler
-
+    """Step 1: (x_T, x₀, conditions) from the teacher's deterministic sampler (`ode_sample`: DDIM, η = 0, the
+    teacher's own spacing; a flow-matching teacher's Euler sampler); the conditions are None for an
+    unconditional teacher, else one drawn per pair (guidance folded in)."""
     model = adapter_for(teacher)
-    sched = DDIMScheduler.from_config(teacher.scheduler.config)
-    sched.set_timesteps(cfg.pairs_steps)
     unet = teacher.unet.to(device).eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn((cfg.pairs, *shape), generator=gen)
@@ -65,13 +63,17 @@ def teacher_pairs(teacher, cfg: OutputConfig, shape: tuple[int, ...], device, ba
     for i in range(0, cfg.pairs, batch):
         x = noise[i : i + batch].to(device)
         c = None if cond is None else cond[i : i + batch].to(device)
-        for t in sched.timesteps:
-            # a guided teacher's clipped x̂₀ needs its ε (ClassConditionalPipeline samples so); the unconditional
-            # teachers keep the stock DDIM step, so their cached pairs stay what they were
-            x = sched.step(model.teacher_output(unet, x, t.expand(len(x)).to(device), c), t, x,
-                           use_clipped_model_output=model.conditional).prev_sample
+        x = model.ode_sample(unet, x, cfg.pairs_steps, c)
         outs.append(x.clamp(-1, 1).cpu())
     return noise, torch.cat(outs), cond
+
+
+def unkeyed_sha256(teacher) -> str:
+    """The cache key of a teacher not loaded from a folder: the sha256 of its UNet's weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(teacher.unet.state_dict().items()):
+        h.update(k.encode()), h.update(v.cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, device, pairs_dir: Path,
@@ -79,12 +81,12 @@ def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, d
     """The cached pairs of this teacher, or new ones written atomically to the cache; (x_T, x₀, file, reused)."""
     from safetensors.torch import load_file, save_file
 
-    f = pairs_file(pairs_dir, teacher_sha256, cfg)
+    f = pairs_file(pairs_dir, teacher_sha256, cfg, adapter_for(teacher).solver)
     if f.is_file():
         d = load_file(f)
         log(f"reusing {len(d['noise'])} teacher pairs from {f}")
         return d["noise"], d["x0"], d.get("cond"), f, True
-    log(f"generating {cfg.pairs} teacher pairs (DDIM {cfg.pairs_steps} steps) into {f}")
+    log(f"generating {cfg.pairs} teacher pairs ({adapter_for(teacher).solver} {cfg.pairs_steps} steps) into {f}")
     noise, x0, cond = teacher_pairs(teacher, cfg, shape, device)
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")
@@ -111,10 +113,7 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
                   cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     dev = run.device
     if teacher_sha256 is None:  # a teacher not loaded from a folder: key the cache on its weights
-        h = hashlib.sha256()
-        for k, v in sorted(teacher.unet.state_dict().items()):
-            h.update(k.encode()), h.update(v.cpu().numpy().tobytes())
-        teacher_sha256 = h.hexdigest()
+        teacher_sha256 = unkeyed_sha256(teacher)
     noise, x0, cond, pfile, reused = load_or_make_pairs(teacher, teacher_sha256, cfg, tuple(data.shape[1:]), dev,
                                                   Path(pairs_dir or "data/pairs"), log)
     noise, x0 = noise.to(dev), x0.to(dev)

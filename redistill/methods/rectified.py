@@ -1,0 +1,177 @@
+"""Rectified flow (Liu, Gong & Liu 2023, "Flow Straight and Fast: Learning to Generate and Transfer Data with
+Rectified Flow", arXiv:2209.03003) and its distillation to one or a few Euler steps (the "2-rectified flow +
+distillation" recipe; InstaFlow, Liu et al. 2024, arXiv:2309.06380): the survey's third trajectory family.
+
+The path from data x₀ to noise z is the straight line x_σ = (1 − σ)·x₀ + σ·z, σ ∈ [0, 1], in diffusers'
+flow-matching convention (the network sees timestep σ·T and predicts the velocity dx/dσ = z − x₀). A
+flow-matching teacher is such a flow; a diffusion (ε/v) teacher is one too once its probability-flow ODE is
+written in these coordinates (the model adapter's `velocity`; its own DDIM sampler solves that ODE).
+
+1. Couplings. The teacher's ODE solver maps a fixed set of noises z to its outputs x₀ (a flow-matching
+   teacher: its own Euler sampler at `couplings_steps`; a diffusion teacher: its DDIM sampler). They depend only
+   on the teacher, the solver's steps, their number and the seed, so they are cached under `data/pairs/` by
+   the teacher's sha256 (for a diffusion teacher the output method's pairs at the same settings are the same file).
+2. Reflow. The student, a copy of the teacher's network, learns the velocity of the straight interpolations
+   between each coupling's ends: t ~ U(0, 1), x_t = t·z + (1 − t)·x₀, min ‖(z − x₀) − v_θ(x_t, t)‖². The
+   couplings do not cross, so the new flow (the 2-rectified flow) has straighter paths than the teacher's.
+3. Straightness, the paper's S = ∫₀¹ E‖(z − x₀) − v(x_t, t)‖² dt, of the teacher's flow and of the reflowed one,
+   on noise the training never saw, along Euler paths of `reflow_ode_steps` (per pixel; 0 = straight).
+4. Distillation. The reflowed flow's ODE (Euler, `reflow_ode_steps`) gives new couplings from the same noises;
+   the student's K-step Euler sampler, on exactly the grid the exported scheduler runs, is trained end to end to
+   map each z to its x₀ (L2; InstaFlow uses LPIPS, whose weights cannot be downloaded here). With
+   `distill_steps` 0 the reflowed flow itself is the student, sampled with K Euler steps.
+5. Export: the teacher kind's stock pipeline (a `DDPMPipeline`) with a `FlowMatchEulerDiscreteScheduler` whose
+   K-step grid is σ = 1, (K − 1)/K, …, 1/K: plain diffusers samples the student at K steps exactly as trained.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from redistill.config import RectifiedParams, settings
+from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
+from redistill.models import adapter_for
+from redistill.models.flow import FlowMatchingPixel, euler_scheduler
+
+
+@settings("RectifiedConfig")
+class RectifiedConfig(RectifiedParams, TrainingConfig):
+    """Settings of one rectified-flow run: params.yaml `distill` (TrainingConfig) plus `distill.rectified`
+    (RectifiedParams). Every field and its default is declared there, once; `method_config` fills it in."""
+
+
+def euler_grid(T: int, steps: int) -> torch.Tensor:
+    """The σ grid (then 0) that the exported scheduler samples at `steps`."""
+    sched = euler_scheduler(T, steps)
+    sched.set_timesteps(steps)
+    return sched.sigmas.float()
+
+
+@torch.no_grad()
+def euler(velocity: Callable, net, z: torch.Tensor, sigmas: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Euler on the flow ODE dx/dσ = v(x, σ) from noise z along `sigmas` (1 → 0), in batches."""
+    out = []
+    for i in range(0, len(z), batch):
+        x = z[i : i + batch]
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            x = x + (s_next - s) * velocity(net, x, s.expand(len(x)).to(x.device))
+        out.append(x)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def straightness(velocity: Callable, net, z: torch.Tensor, steps: int) -> float:
+    """S = ∫₀¹ E‖(z − x₀) − v(x_σ, σ)‖² dσ (Liu et al. 2023, Def. 3.2) along Euler paths of `steps` even steps,
+    per pixel; x₀ is the path's own end. 0 for a straight flow."""
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    x, vs = z, []
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        v = velocity(net, x, s.expand(len(x)).to(x.device))
+        vs.append(v)
+        x = x + (s_next - s) * v
+    return float(torch.stack([(v - (z - x)).pow(2).mean() for v in vs]).mean())
+
+
+def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
+            teacher_sha256: str | None = None, pairs_dir: Path | None = None):
+    """Reflow `teacher` and distil the 2-rectified flow into a `cfg.target_steps`-step Euler student; `data` only
+    fixes the image shape (the couplings are the training set). Returns (stock pipeline, summary)."""
+    from redistill.methods.output import load_or_make_pairs, unkeyed_sha256
+
+    model = adapter_for(teacher)  # the teacher's kind: its ODE sampler, its velocity
+    if model.conditional:
+        raise ValueError("rectified serves unconditional teachers (flow-matching or diffusion); a conditional "
+                         "flow-matching student kind does not exist yet. Use another distill.method for a "
+                         f"{model.kind} teacher")
+    if cfg.feature_loss > 0:
+        raise ValueError("distill.student.feature_loss is not used by rectified; set it to 0")
+    T, K = model.num_train_timesteps, cfg.target_steps
+    run = Trainer(ckpt_dir, {"method": "rectified", "config": asdict(cfg), "teacher": teacher_sha256,
+                             "teacher_kind": model.kind}, cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
+    dev = run.device
+    teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
+    # the student is a flow whatever the teacher is: its calls and export go through the flow-matching adapter
+    student_kind = FlowMatchingPixel(model.export(teacher_unet, euler_scheduler(T, K)))
+
+    # 1. Couplings (z, x₀) from the teacher's ODE solver, cached by teacher sha256.
+    pcfg = SimpleNamespace(pairs=cfg.couplings, pairs_steps=cfg.couplings_steps, seed=cfg.seed)
+    z_all, x0_all, _, cfile, reused = load_or_make_pairs(teacher, teacher_sha256 or unkeyed_sha256(teacher), pcfg,
+                                                         tuple(data.shape[1:]), dev, Path(pairs_dir or "data/pairs"), log)
+    z_all, x0_all = z_all.to(dev), x0_all.to(dev)
+    held_out = torch.randn((256, *data.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed + 7)).to(dev)
+
+    def v_student(net, x, sigma):
+        with run.autocast():
+            return student_kind.velocity(net, x, sigma).float()
+
+    # 2. Reflow: the velocity of the couplings' straight interpolations.
+    student = student_like(teacher_unet, cfg.student_channels, cfg.student_layers)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = new_ema(student, cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def reflow_step():
+        idx = torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen).to(dev)
+        z, x0 = z_all[idx], x0_all[idx]
+        t = torch.rand((cfg.batch_size,), generator=gen).to(dev)
+        x_t = t.view(-1, 1, 1, 1) * z + (1 - t.view(-1, 1, 1, 1)) * x0
+        loss = ((z - x0) - v_student(student, x_t, t)).pow(2).mean()
+        run.backward(loss, student, opt, ema)
+        return {"loss": loss.item()}
+
+    reflowed = None
+    if not run.skips(0):
+        reflow = run.phase(Phase(0, "reflow (2-rectified flow)", cfg.reflow_steps, {"student": student},
+                                 {"student": opt}, {"student": ema}, gen), reflow_step)
+        ema.copy_to(student.parameters())
+        reflowed = frozen(student)
+    else:  # resumed in the distillation: the reflowed flow is in the checkpoint
+        reflow = {}
+        reflowed = frozen(student)
+        reflowed.load_state_dict(run.resumed_weights("reflow"))
+
+    # 3. Straightness of the teacher's flow and of the reflowed one, on held-out noise.
+    measured = {"teacher": straightness(model.velocity, teacher_unet, held_out, cfg.reflow_ode_steps),
+                "reflowed": straightness(v_student, reflowed, held_out, cfg.reflow_ode_steps)}
+    log(f"straightness (per pixel, {cfg.reflow_ode_steps} Euler steps): teacher {measured['teacher']:.4f}, "
+        f"reflowed {measured['reflowed']:.4f}")
+
+    # 4. Distillation of the reflowed flow into K Euler steps on the export's grid.
+    grid = euler_grid(T, K).to(dev)
+    final = reflowed
+    distilled = {}
+    if cfg.distill_steps > 0:
+        x0_reflow = euler(v_student, reflowed, z_all, torch.linspace(1.0, 0.0, cfg.reflow_ode_steps + 1).to(dev))
+        x0_reflow = x0_reflow.clamp(-1, 1)
+        student = student_like(reflowed)
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+        ema = new_ema(student, cfg.ema_decay)
+        gen = torch.Generator().manual_seed(cfg.seed + 2)
+
+        def distill_step():
+            idx = torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen).to(dev)
+            x = z_all[idx]
+            for s, s_next in zip(grid[:-1], grid[1:]):  # the student's K-step sampler, back-propagated through
+                x = x + (s_next - s) * v_student(student, x, s.expand(len(x)))
+            loss = (x - x0_reflow[idx]).pow(2).mean()
+            run.backward(loss, student, opt, ema)
+            return {"loss": loss.item()}
+
+        distilled = run.phase(Phase(1, f"distillation ({K} Euler step{'s' if K > 1 else ''})", cfg.distill_steps,
+                                    {"student": student, "reflow": reflowed}, {"student": opt}, {"student": ema}, gen),
+                              distill_step)
+        ema.copy_to(student.parameters())
+        final = frozen(student)
+
+    # 5. Export: the stock pipeline and the flow-matching scheduler that samples exactly this grid at K steps.
+    summary = {"method": "rectified", "config": asdict(cfg), "teacher_kind": model.kind,
+               "straightness": measured, "reflow_loss": reflow.get("loss"), "final_loss": distilled.get("loss", reflow.get("loss")),
+               **sizes(teacher_unet, final), "couplings_file": str(cfile), "couplings_reused": reused,
+               "wall_time_s": run.finish(), "num_inference_steps": K}
+    return model.export(final.cpu(), euler_scheduler(T, K)), summary
