@@ -32,9 +32,10 @@ test: install
 
 # kill -9 at every stage of a real cycle, then the same command again (tests/test_kill.py); the tracking
 # and Prefect servers going away mid-cycle (tests/test_servers.py); 12 processes at once (tests/test_load.py);
-# every kind of teacher through a whole cycle from an empty workspace (tests/test_byo.py)
+# every kind of teacher through a whole cycle from an empty workspace (tests/test_byo.py); a flow-matching
+# teacher's bench (tests/test_rectified.py)
 trials: install
-	$(BIN)/pytest -q -s -m trials tests/test_kill.py tests/test_servers.py tests/test_load.py tests/test_byo.py
+	$(BIN)/pytest -q -s -m trials tests/test_kill.py tests/test_servers.py tests/test_load.py tests/test_byo.py tests/test_rectified.py
 
 # Rebuild every stage whose inputs changed (dvc.yaml); the committed teacher is kept if unchanged.
 repro: install

@@ -296,7 +296,7 @@ class PsnrMinParams:
     """`gate.psnr_min`: PSNR (dB) to the teacher on the same noise, at least, per method family; 0 = not gated."""
 
     fidelity: float = Field(20.0, description="output distillation: matching the teacher's outputs is the method's promise")
-    trajectory: float = Field(20.0, description="progressive, consistency: they keep the teacher's noise-to-image map")
+    trajectory: float = Field(20.0, description="progressive, consistency, rectified: they keep the teacher's noise-to-image map")
     distribution: float = Field(0.0, description="dmd, adversarial: they match the data distribution, not the map")
 
 

@@ -26,8 +26,9 @@ def test_quick_bench_has_every_row_and_logs_its_files(digits_ws, tmp_path):
     assert {("teacher (DDIM)", s) for s in (10, 25, 50, 100)} <= rows
     for method in ("progressive", "consistency"):
         assert {(method, s) for s in (1, 2, 4, 8)} <= rows
-    for method in ("adversarial", "dmd", "output"):
+    for method in ("adversarial", "dmd", "output", "rectified"):
         assert {(method, s) for s in (1, 2, 4)} <= rows
+    assert result["skipped"] == {}  # every method serves a diffusion teacher
     for row in result["rows"]:
         assert row["fid_ci95"][0] <= row["fid"] <= row["fid_ci95"][1] or row["fid"] < 1e-9
         assert row["throughput_img_s"] > 0 and row["params"] > 0

@@ -263,3 +263,33 @@ def test_a_flow_matching_pipeline_refuses_a_ddpm_family_sampler(flow_teacher):
     assert configure_scheduler(pipe, 4, "auto") == "FlowMatchEulerDiscreteScheduler"
     with pytest.raises(ValueError, match="saved"):
         configure_scheduler(pipe, 4, "ddim")
+
+
+# --- the bench ---------------------------------------------------------------------------------------------
+
+@pytest.mark.trials  # about two minutes: seven evaluated rows and three rectified students
+def test_a_flow_matching_teachers_bench_has_euler_teacher_rows_rectified_rows_and_skips_the_rest(digits_ws, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from redistill.cli import app
+
+    root = tmp_path / "ws"
+    shutil.copytree(digits_ws / "data", root / "data")
+    shutil.copy(digits_ws / "params.yaml", root / "params.yaml")
+    teacher = make_tiny_flow_pipeline(root / "data" / "teachers" / "flow")
+    r = CliRunner().invoke(app, ["bench", "--quick", "--json", "--workspace", str(root), "--teacher", str(teacher),
+                                 "--methods", "rectified,progressive"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = {(row["method"], row["steps"]) for row in result["rows"]}
+    assert rows == {("teacher (Euler)", s) for s in (10, 25, 50, 100)} | {("rectified", s) for s in (1, 2, 4)}
+    assert "progressive" in result["skipped"] and "flow" in result["skipped"]["progressive"]
+    for row in result["rows"]:
+        if row["method"] == "rectified":
+            assert set(row["straightness"]) == {"teacher", "reflowed"}
+            assert json.loads((Path(row["student"]) / "scheduler" / "scheduler_config.json").read_text())[
+                "_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    md = (root / "runs" / "bench" / "quick" / "bench.md").read_text()
+    assert "| rectified | 1 |" in md and "straightness of the teacher's paths" in md
