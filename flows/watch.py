@@ -149,7 +149,7 @@ def watch(workspace_dir: str | None = None, params_file: str | None = None) -> d
         if f.status == "bad":
             out["teachers"].append(_refuse_teacher(root, p, state, f.name, f.path, f.signature, f.reason))
             continue
-        facts = inspect_teacher(Path(f.path), data)
+        facts = inspect_teacher(Path(f.path), data, p.distill.method)
         if not facts["ok"]:
             out["teachers"].append(_refuse_teacher(root, p, state, f.name, f.path, f.signature, facts["error"]))
         elif facts["sha256"] in known:

@@ -22,15 +22,20 @@ IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])
 
 
 @task(name="inspect-teacher", task_run_name="inspect teacher {path}")
-def inspect_teacher(path: Path, data: Path) -> dict:
-    """Content hash plus the integrity checks: loads from safetensors, fits the data, finite probe outputs."""
+def inspect_teacher(path: Path, data: Path, method: str | None = None) -> dict:
+    """Content hash plus the integrity checks: loads from safetensors, fits the data, finite probe outputs, and
+    is a kind that `method` (distill.method) can distil, so a teacher no cycle could use never becomes current."""
     from redistill.data import DataError, load_image_folder
+    from redistill.methods import refuses
     from redistill.teacher import PipelineError, pipeline_sha256, validate_teacher
 
     try:
         sha = pipeline_sha256(path)
         images = load_image_folder(data)
         facts = validate_teacher(path, images.channels, images.size, data_path=data)
+        why = refuses(method, facts["family"], facts["kind"]) if method else None
+        if why:
+            return {"ok": False, "error": f"{why}; the watch skips this folder until its contents change"}
         return {"ok": True, **facts, "sha256": sha}
     except (PipelineError, DataError, OSError) as e:
         return {"ok": False, "error": str(e)}

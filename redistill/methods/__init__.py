@@ -17,6 +17,14 @@ from redistill.config import DistillParams
 FAMILIES_SERVED = {"rectified": ("flow", "diffusion")}
 
 
+def refuses(method: str, family: str, kind: str) -> str | None:
+    """Why `method` cannot distil a teacher of adapter family `family` (kind `kind`), or None when it can."""
+    if family in FAMILIES_SERVED.get(method, ("diffusion",)):
+        return None
+    return (f"distill.method {method} distils diffusion (ε/v/x₀) teachers; this teacher is a {kind} model. "
+            "Use distill.method: rectified, which serves flow-matching teachers")
+
+
 def _fill(cls, p: DistillParams, section):
     """The method's config from the shared `distill` keys, `distill.student` and the method's own subsection.
 
@@ -95,9 +103,9 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
     from redistill.models import adapter_for
 
     kind = adapter_for(teacher)
-    if kind.family not in FAMILIES_SERVED.get(p.method, ("diffusion",)):
-        raise ValueError(f"distill.method {p.method} distils diffusion (ε/v/x₀) teachers; this teacher is a {kind.kind} "
-                         f"model. Use distill.method: rectified, which serves flow-matching teachers")
+    why = refuses(p.method, kind.family, kind.kind)
+    if why:
+        raise ValueError(why)
     extra = {}
     if init is not None:
         from redistill.warm import WARM_METHODS

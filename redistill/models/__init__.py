@@ -79,7 +79,7 @@ class ModelAdapter:
 
     def facts(self) -> dict:
         """What the lineage and the teacher check record about the model."""
-        return {"kind": self.kind, "prediction_type": self.prediction_type,
+        return {"kind": self.kind, "family": self.family, "prediction_type": self.prediction_type,
                 "num_train_timesteps": self.num_train_timesteps, "channels": self.channels,
                 "sample_size": list(self.sample_size), "conditional": self.conditional}
 
