@@ -366,6 +366,7 @@ class RectifiedParams:
     reflow_steps: int = Field(3000, description="optimiser steps of reflow: the student's velocity on the couplings' straight interpolations")
     reflow_ode_steps: int = Field(16, description="Euler steps of the reflowed flow when it makes the distillation's couplings")
     distill_steps: int = Field(1500, description="optimiser steps of the distillation to target_steps Euler steps; 0 exports the reflowed flow itself")
+    distill_targets: str = Field("reflowed", description="what the K-step student is distilled onto: reflowed (the reflowed flow's own couplings, the paper's) or teacher (the teacher's couplings, which an exact reflow reproduces)")
 
     def __post_init__(self):
         for name in ("couplings", "couplings_steps", "reflow_steps", "reflow_ode_steps"):
@@ -373,6 +374,8 @@ class RectifiedParams:
                 raise ConfigError(f"distill.rectified.{name} must be at least 1, got {getattr(self, name)}")
         if self.distill_steps < 0:
             raise ConfigError(f"distill.rectified.distill_steps must be 0 or more, got {self.distill_steps}")
+        if self.distill_targets not in ("reflowed", "teacher"):
+            raise ConfigError(f"distill.rectified.distill_targets must be reflowed or teacher, got {self.distill_targets!r}")
 
 
 @settings("distill.adversarial")

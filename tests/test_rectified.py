@@ -172,12 +172,22 @@ def test_couplings_are_cached_by_teacher_sha_and_reused(flow_teacher, tmp_path):
     p = _params()
     _, first = distill(p, load_pipeline(flow_teacher), _data(), tmp_path / "ck1", log=lambda m: None,
                        teacher_path=flow_teacher, workspace=tmp_path)
-    files = list((tmp_path / "data" / "pairs").glob("*.safetensors"))
+    files = [f for f in (tmp_path / "data" / "pairs").glob("*.safetensors") if "-reflow" not in f.name]
     assert len(files) == 1 and files[0].name.startswith(pipeline_sha256(flow_teacher)[:16] + "-euler4-n24")
     assert first["couplings_reused"] is False and first["teacher_kind"] == "flow-matching-pixel"
     _, again = distill(p, load_pipeline(flow_teacher), _data(), tmp_path / "ck2", log=lambda m: None,
                        teacher_path=flow_teacher, workspace=tmp_path)
     assert again["couplings_reused"] is True and again["couplings_file"] == first["couplings_file"]
+    # so is the reflowed flow, which does not depend on the step count: a 1-step student reuses it too
+    assert first["reflow_reused"] is False and again["reflow_reused"] is True
+    _, one = distill(_params(target_steps=1), load_pipeline(flow_teacher), _data(), tmp_path / "ck3", log=lambda m: None,
+                     teacher_path=flow_teacher, workspace=tmp_path)
+    assert one["reflow_reused"] is True and one["reflow_file"] == first["reflow_file"]
+    assert one["straightness"] == first["straightness"]
+    # another reflow setting is another reflowed flow
+    _, other = distill(_params(reflow_steps=4), load_pipeline(flow_teacher), _data(), tmp_path / "ck4",
+                       log=lambda m: None, teacher_path=flow_teacher, workspace=tmp_path)
+    assert other["reflow_reused"] is False and other["reflow_file"] != first["reflow_file"]
     # the couplings are the teacher's own sampler from the saved noise
     from safetensors.torch import load_file
 
@@ -217,8 +227,8 @@ def test_a_killed_run_resumes_exactly(flow_teacher, tmp_path, marker):
     assert isinstance(cfg, RectifiedConfig)
     teacher = load_pipeline(flow_teacher)
 
-    def run(t, d, c, ck, log):
-        return rectified(t, d, c, ck, log=log, teacher_sha256="k", pairs_dir=tmp_path / "pairs")
+    def run(t, d, c, ck, log):  # each run its own caches, so the unbroken run really reflows from scratch
+        return rectified(t, d, c, ck, log=log, teacher_sha256="k", pairs_dir=ck.parent / f"pairs-{ck.name}")
 
     crash_when(run, teacher, _data(), cfg, tmp_path / "ck", marker)
     logs = resume_matches_unbroken(run, teacher, _data(), cfg, tmp_path / "ck", tmp_path / "fresh")

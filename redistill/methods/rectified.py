@@ -27,6 +27,9 @@ written in these coordinates (the model adapter's `velocity`; its own DDIM sampl
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,6 +81,25 @@ def straightness(velocity: Callable, net, z: torch.Tensor, steps: int) -> float:
     return float(torch.stack([(v - (z - x)).pow(2).mean() for v in vs]).mean())
 
 
+def reflow_file(couplings: Path, cfg: RectifiedConfig, teacher_kind: str) -> Path:
+    """The cache file of the reflowed flow: beside its couplings, named by what fixes the reflow."""
+    what = json.dumps({"couplings": couplings.name, "kind": teacher_kind, "steps": cfg.reflow_steps,
+                       "batch": cfg.batch_size, "lr": cfg.lr, "ema": cfg.ema_decay, "seed": cfg.seed,
+                       "shape": [list(cfg.student_channels), cfg.student_layers], "amp": cfg.mixed_precision},
+                      sort_keys=True)
+    return couplings.with_name(f"{couplings.stem}-reflow{cfg.reflow_steps}-{hashlib.sha256(what.encode()).hexdigest()[:8]}"
+                               ".safetensors")
+
+
+def _save_atomic(net: torch.nn.Module, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
 def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
             teacher_sha256: str | None = None, pairs_dir: Path | None = None):
     """Reflow `teacher` and distil the 2-rectified flow into a `cfg.target_steps`-step Euler student; `data` only
@@ -125,16 +147,27 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
 
-    reflowed = None
-    if not run.skips(0):
+    # The reflowed flow depends on the couplings and the reflow's settings, not on the step count: it is cached
+    # beside the couplings, so students of other step counts (the bench's rows, a changed target) reuse it.
+    rfile = reflow_file(cfile, cfg, model.kind)
+    reflow, reflow_reused = {}, False
+    if run.skips(0):  # resumed in the distillation: the reflowed flow is in the checkpoint
+        reflowed = frozen(student)
+        reflowed.load_state_dict(run.resumed_weights("reflow"))
+    elif rfile.is_file():
+        from safetensors.torch import load_file
+
+        log(f"reusing the reflowed flow from {rfile}")
+        reflowed = frozen(student)
+        reflowed.load_state_dict(load_file(rfile))
+        reflow_reused = True
+    else:
         reflow = run.phase(Phase(0, "reflow (2-rectified flow)", cfg.reflow_steps, {"student": student},
                                  {"student": opt}, {"student": ema}, gen), reflow_step)
         ema.copy_to(student.parameters())
         reflowed = frozen(student)
-    else:  # resumed in the distillation: the reflowed flow is in the checkpoint
-        reflow = {}
-        reflowed = frozen(student)
-        reflowed.load_state_dict(run.resumed_weights("reflow"))
+        if run.accelerator.is_main_process:
+            _save_atomic(reflowed, rfile, {"couplings": cfile.name, "reflow_loss": str(reflow.get("loss"))})
 
     # 3. Straightness of the teacher's flow and of the reflowed one, on held-out noise.
     measured = {"teacher": straightness(model.velocity, teacher_unet, held_out, cfg.reflow_ode_steps),
@@ -147,8 +180,11 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
     final = reflowed
     distilled = {}
     if cfg.distill_steps > 0:
-        x0_reflow = euler(v_student, reflowed, z_all, torch.linspace(1.0, 0.0, cfg.reflow_ode_steps + 1).to(dev))
-        x0_reflow = x0_reflow.clamp(-1, 1)
+        if cfg.distill_targets == "reflowed":  # the paper's: the reflowed flow's own couplings
+            targets = euler(v_student, reflowed, z_all, torch.linspace(1.0, 0.0, cfg.reflow_ode_steps + 1).to(dev))
+            targets = targets.clamp(-1, 1)
+        else:  # the teacher's couplings, which an exact reflow would reproduce (its paths do not cross)
+            targets = x0_all
         student = student_like(reflowed)
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
         ema = new_ema(student, cfg.ema_decay)
@@ -159,7 +195,7 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
             x = z_all[idx]
             for s, s_next in zip(grid[:-1], grid[1:]):  # the student's K-step sampler, back-propagated through
                 x = x + (s_next - s) * v_student(student, x, s.expand(len(x)))
-            loss = (x - x0_reflow[idx]).pow(2).mean()
+            loss = (x - targets[idx]).pow(2).mean()
             run.backward(loss, student, opt, ema)
             return {"loss": loss.item()}
 
@@ -173,5 +209,6 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
     summary = {"method": "rectified", "config": asdict(cfg), "teacher_kind": model.kind,
                "straightness": measured, "reflow_loss": reflow.get("loss"), "final_loss": distilled.get("loss", reflow.get("loss")),
                **sizes(teacher_unet, final), "couplings_file": str(cfile), "couplings_reused": reused,
+               "reflow_file": str(rfile), "reflow_reused": reflow_reused,
                "wall_time_s": run.finish(), "num_inference_steps": K}
     return model.export(final.cpu(), euler_scheduler(T, K)), summary
