@@ -153,7 +153,7 @@ def teacher_train(
 
 @teacher_app.command("flow")
 def teacher_flow(
-    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/teachers/<flow_teacher.name>. Must not exist."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/flow-teachers/<flow_teacher.name> (outside data/teachers/, where the watch would take it as a new teacher for the workspace's method). Must not exist."),
     data: Optional[Path] = typer.Option(None, "--data", help="Training images. Default: data/reference."),
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
@@ -167,7 +167,7 @@ def teacher_flow(
 
     root, p = _settings(ws, params)
     f = p.flow_teacher
-    out = out or root / "data" / "teachers" / f.name
+    out = out or root / "data" / "flow-teachers" / f.name
     recipe = dataclasses.replace(p.teacher, objective="flow_matching", name=f.name, train_steps=f.train_steps,
                                  shift=f.shift, ema_decay=f.ema_decay, seed=f.seed, class_conditional=False)
     try:

@@ -231,7 +231,7 @@ class FlowTeacherParams:
     """`flow_teacher` stage: the embedded flow-matching digits teacher (`redistill teacher flow`): the
     `teacher` recipe with these overrides and `objective: flow_matching`."""
 
-    name: str = Field("digits-flow", description="folder under data/teachers/")
+    name: str = Field("digits-flow", description="folder under data/flow-teachers/")
     train_steps: int = Field(6000, description="optimiser steps")
     shift: float = Field(1.0, description="the FlowMatchEulerDiscreteScheduler's timestep shift (1 = none)")
     ema_decay: float = Field(0.999, description="decay of the exported EMA (shorter than the DDPM teacher's: fewer steps)")
@@ -366,6 +366,7 @@ class RectifiedParams:
     reflow_steps: int = Field(3000, description="optimiser steps of reflow: the student's velocity on the couplings' straight interpolations")
     reflow_ode_steps: int = Field(16, description="Euler steps of the reflowed flow when it makes the distillation's couplings")
     distill_steps: int = Field(1500, description="optimiser steps of the distillation to target_steps Euler steps; 0 exports the reflowed flow itself")
+    distill_lr: float = Field(3.0e-5, description="learning rate of the distillation phase, which starts from the reflowed flow (0 = distill.lr)")
     distill_targets: str = Field("reflowed", description="what the K-step student is distilled onto: reflowed (the reflowed flow's own couplings, the paper's) or teacher (the teacher's couplings, which an exact reflow reproduces)")
 
     def __post_init__(self):
@@ -374,6 +375,8 @@ class RectifiedParams:
                 raise ConfigError(f"distill.rectified.{name} must be at least 1, got {getattr(self, name)}")
         if self.distill_steps < 0:
             raise ConfigError(f"distill.rectified.distill_steps must be 0 or more, got {self.distill_steps}")
+        if not 0.0 <= self.distill_lr < float("inf"):
+            raise ConfigError(f"distill.rectified.distill_lr must be 0 (= distill.lr) or a positive number, got {self.distill_lr}")
         if self.distill_targets not in ("reflowed", "teacher"):
             raise ConfigError(f"distill.rectified.distill_targets must be reflowed or teacher, got {self.distill_targets!r}")
 

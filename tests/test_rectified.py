@@ -145,7 +145,7 @@ def test_the_flow_teacher_recipe_trains_a_stock_flow_matching_pipeline(tmp_path)
         " checkpoint_every: 20, lr: 0.002}\nflow_teacher: {name: tiny-flow, train_steps: 60, shift: 2.0}\n")
     r = CliRunner().invoke(app, ["teacher", "flow", "--workspace", str(tmp_path), "--data", str(data)])
     assert r.exit_code == 0, r.output[-2000:]
-    out = tmp_path / "data" / "teachers" / "tiny-flow"
+    out = tmp_path / "data" / "flow-teachers" / "tiny-flow"
     pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)
     assert isinstance(pipe, DDPMPipeline) and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
     assert pipe.scheduler.config.shift == 2.0
