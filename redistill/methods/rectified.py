@@ -186,7 +186,7 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
         else:  # the teacher's couplings, which an exact reflow would reproduce (its paths do not cross)
             targets = x0_all
         student = student_like(reflowed)
-        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.distill_lr or cfg.lr, weight_decay=0.0)
         ema = new_ema(student, cfg.ema_decay)
         gen = torch.Generator().manual_seed(cfg.seed + 2)
 
