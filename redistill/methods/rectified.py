@@ -14,11 +14,15 @@ written in these coordinates (the model adapter's `velocity`; its own DDIM sampl
 2. Reflow. The student, a copy of the teacher's network, learns the velocity of the straight interpolations
    between each coupling's ends: t ~ U(0, 1), x_t = t·z + (1 − t)·x₀, min ‖(z − x₀) − v_θ(x_t, t)‖². The
    couplings do not cross, so the new flow (the 2-rectified flow) has straighter paths than the teacher's.
+   The reflowed flow does not depend on the student's step count: it is cached beside its couplings, keyed by
+   them and the reflow's settings, so students of other step counts and later cycles reuse it.
 3. Straightness, the paper's S = ∫₀¹ E‖(z − x₀) − v(x_t, t)‖² dt, of the teacher's flow and of the reflowed one,
    on noise the training never saw, along Euler paths of `reflow_ode_steps` (per pixel; 0 = straight).
 4. Distillation. The reflowed flow's ODE (Euler, `reflow_ode_steps`) gives new couplings from the same noises;
    the student's K-step Euler sampler, on exactly the grid the exported scheduler runs, is trained end to end to
-   map each z to its x₀ (L2; InstaFlow uses LPIPS, whose weights cannot be downloaded here). With
+   map each z to its x₀ (L2; InstaFlow uses LPIPS, whose weights cannot be downloaded here), at `distill_lr`: it
+   starts from the reflowed flow, which a large first step would throw away (`distill_targets: teacher` uses the
+   teacher's couplings instead, which an exact reflow reproduces). With
    `distill_steps` 0 the reflowed flow itself is the student, sampled with K Euler steps.
 5. Export: the teacher kind's stock pipeline (a `DDPMPipeline`) with a `FlowMatchEulerDiscreteScheduler` whose
    K-step grid is σ = 1, (K − 1)/K, …, 1/K: plain diffusers samples the student at K steps exactly as trained.
