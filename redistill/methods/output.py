@@ -81,12 +81,13 @@ def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, d
     """The cached pairs of this teacher, or new ones written atomically to the cache; (x_T, x₀, file, reused)."""
     from safetensors.torch import load_file, save_file
 
-    f = pairs_file(pairs_dir, teacher_sha256, cfg, adapter_for(teacher).solver)
+    solver = adapter_for(teacher).solver
+    f = pairs_file(pairs_dir, teacher_sha256, cfg, solver)
     if f.is_file():
         d = load_file(f)
         log(f"reusing {len(d['noise'])} teacher pairs from {f}")
         return d["noise"], d["x0"], d.get("cond"), f, True
-    log(f"generating {cfg.pairs} teacher pairs ({adapter_for(teacher).solver} {cfg.pairs_steps} steps) into {f}")
+    log(f"generating {cfg.pairs} teacher pairs ({solver} {cfg.pairs_steps} steps) into {f}")
     noise, x0, cond = teacher_pairs(teacher, cfg, shape, device)
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")

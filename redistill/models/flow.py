@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from redistill.models import ModelAdapter
+from redistill.models.pixel import UnconditionalPixel
 
 PREDICTION = "flow"  # what `facts` calls the output: the velocity ε − x₀
 
 
-class FlowMatchingPixel(ModelAdapter):
+class FlowMatchingPixel(UnconditionalPixel):
+    """An unconditional pixel model (its network call, `DDPMPipeline` sampling and export are the same) on the
+    straight path instead of an ᾱ schedule."""
+
     kind = "flow-matching-pixel"
     description = ("a UNet2DModel without class embeddings that predicts a velocity, with a "
                    "FlowMatchEulerDiscreteScheduler, e.g. a DDPMPipeline folder")
@@ -56,10 +59,6 @@ class FlowMatchingPixel(ModelAdapter):
                 "shift_terminal": c.get("shift_terminal")}
 
     # -- the network ----------------------------------------------------------------------------------
-    def output(self, net, z, t, cond=None):
-        t = torch.as_tensor(t, device=z.device)
-        return net(z, t.expand(len(z)) if t.ndim == 0 else t).sample
-
     def velocity(self, net, x, sigma, cond=None):
         return self.output(net, x, sigma.to(x.device).float() * self.num_train_timesteps, cond)
 
@@ -77,16 +76,6 @@ class FlowMatchingPixel(ModelAdapter):
         for t in sched.timesteps:
             x = sched.step(self.output(net, x, t.expand(len(x)).to(x.device)), t, x).prev_sample
         return x
-
-    # -- sampling and export ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, n, steps, generator, cond=None, guidance_scale=None):
-        return self.pipe(batch_size=n, generator=generator, num_inference_steps=steps, output_type="pt").images.float()
-
-    def export(self, unet, scheduler):
-        from diffusers import DDPMPipeline
-
-        return DDPMPipeline(unet=unet, scheduler=scheduler)
 
 
 def euler_scheduler(num_train_timesteps: int, steps: int):
