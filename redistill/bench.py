@@ -107,10 +107,12 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; valid methods are: {', '.join(METHODS)}")
-    from redistill.methods import FAMILIES_SERVED
+    from redistill.methods import refuses
     from redistill.models import adapter_for
 
-    family = adapter_for(load_pipeline(teacher)).family
+    teacher_pipe = load_pipeline(teacher)
+    teacher_kind = adapter_for(teacher_pipe)
+    family = teacher_kind.family
     sampler = "ddim" if family == "diffusion" else "saved"  # a flow-matching teacher: its own Euler sampler
     label = "teacher (DDIM)" if family == "diffusion" else "teacher (Euler)"
     for steps in TEACHER_STEPS if teacher_rows else ():
@@ -118,7 +120,7 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         rows.append(_row("teacher", label, steps, measure(teacher, steps, sampler), None, sampler))
         save_partial()
     if teacher_rows and ddpm and not quick and family == "diffusion":  # DDPM at 1,000 steps: ~9 minutes for 2,000 samples on 2 CPU cores
-        ddpm_steps = load_pipeline(teacher).scheduler.config.num_train_timesteps
+        ddpm_steps = teacher_pipe.scheduler.config.num_train_timesteps
         log(f"teacher, DDPM {ddpm_steps} steps")
         rows.append(_row("teacher", "teacher (DDPM)", ddpm_steps, measure(teacher, ddpm_steps, "ddpm"), None, "ddpm"))
         save_partial()
@@ -141,9 +143,10 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
 
     skipped = {}
     for method in methods:
-        if family not in FAMILIES_SERVED.get(method, ("diffusion",)):
-            skipped[method] = f"distils diffusion teachers; the teacher is {family}"
-            log(f"skipping {method}: {skipped[method]}")
+        why = refuses(method, family, teacher_kind.kind)  # the check `distill` itself makes
+        if why:
+            skipped[method] = why
+            log(f"skipping {method}: {why}")
             continue
         targets: list[tuple[int, Path, float]] = []  # (steps, student folder, its distillation seconds)
         summaries: dict[int, dict] = {}
