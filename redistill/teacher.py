@@ -52,8 +52,9 @@ def check_pipeline_folder(path: Path) -> dict:
         if not sub.is_dir():
             raise PipelineError(f"{sub} is missing: model_index.json lists the component {comp!r}. Copy the whole "
                                 "folder that `pipeline.save_pretrained(...)` wrote")
-        if not any((sub / c).is_file() for c in ("config.json", "scheduler_config.json")):
-            raise PipelineError(f"{sub} has no config.json or scheduler_config.json; copy the whole pipeline folder")
+        if not any((sub / c).is_file() for c in ("config.json", "scheduler_config.json", "tokenizer_config.json")):
+            raise PipelineError(f"{sub} has no config.json, scheduler_config.json or tokenizer_config.json; copy the "
+                                "whole pipeline folder")
         pickles = [p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES]
         tensors = [p.name for p in sub.iterdir() if p.suffix == ".safetensors"]
         if pickles and not tensors:
@@ -125,7 +126,7 @@ def check_fits(pipe, path: Path, channels: int, size: tuple[int, int], data_path
     from redistill.models import adapter_for
 
     model = adapter_for(pipe)
-    own, in_channels = model.sample_size, model.channels
+    own, in_channels = model.image_size, model.image_channels  # a latent model's pictures, not its latents
     where = data_path or "the reference data"
     if in_channels != channels:
         raise PipelineError(
@@ -155,7 +156,7 @@ def validate_teacher(path: Path, channels: int, size: tuple[int, int], probe: in
         raise PipelineError(f"teacher at {path} has non-finite weights in {bad[0]} (and {len(bad) - 1} more); "
                             "the checkpoint is corrupt, re-export it")
     g = torch.Generator().manual_seed(0)
-    x = torch.randn((probe, channels, *size), generator=g)
+    x = torch.randn((probe, model.channels, *model.sample_size), generator=g)  # the model's own space (latents)
     cond = model.conditions(probe, g)
     T = model.num_train_timesteps
     for t in (T - 1, T // 2, 0):
@@ -166,7 +167,6 @@ def validate_teacher(path: Path, channels: int, size: tuple[int, int], probe: in
     return {
         "sha256": pipeline_sha256(path),
         **model.facts(),  # kind, prediction type, schedule length, channels, size, conditioning
-        "sample_size": list(size),
         "params": sum(w.numel() for w in pipe.unet.parameters()),
     }
 
@@ -202,12 +202,28 @@ def save_pipeline(pipe, out: Path, extra: dict[str, dict] | None = None) -> None
             _with_own_code(tmp, type(pipe).__name__)  # folder, trust_remote_code=True)
         for name, content in (extra or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        _write_attachments(pipe, tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; a pipeline folder is meant to be shared
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+
+
+def _write_attachments(pipe, folder: Path) -> None:
+    """What a student pipeline carries beside its components: how it is sampled (a text-to-image student:
+    redistill_sampling.json) and a LoRA student's adapter with its base's sha256 (redistill/lora.py)."""
+    sampling = getattr(pipe, "redistill_sampling", None)
+    if sampling:
+        from redistill.models.text_to_image import SAMPLING_FILE
+
+        (folder / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2) + "\n")
+    lora = getattr(pipe, "redistill_lora", None)
+    if lora:
+        from redistill.lora import save_adapter
+
+        save_adapter(lora["unet"], folder, lora.get("base_sha256"), lora["rank"], lora.get("alpha"))
 
 
 def _load_own(path: Path, model_index: dict):

@@ -17,8 +17,15 @@ from redistill.config import DistillParams
 FAMILIES_SERVED = {"rectified": ("flow", "diffusion")}
 
 
+# kinds of teacher only some methods serve yet (the rest: every method of the kind's family)
+KIND_METHODS = {"text-to-image-latent": ("consistency",)}
+
+
 def refuses(method: str, family: str, kind: str) -> str | None:
     """Why `method` cannot distil a teacher of adapter family `family` (kind `kind`), or None when it can."""
+    if kind in KIND_METHODS and method not in KIND_METHODS[kind]:
+        return (f"distill.method {method} does not serve {kind} teachers yet; use distill.method: "
+                f"{' or '.join(KIND_METHODS[kind])} (LCM-LoRA with distill.consistency.lora_rank > 0)")
     if family in FAMILIES_SERVED.get(method, ("diffusion",)):
         return None
     return (f"distill.method {method} distils diffusion (ε/v/x₀) teachers; this teacher is a {kind} model. "
@@ -116,6 +123,10 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
         extra["init"] = init
     if on_round is not None and p.method == "progressive":
         extra["on_round"] = on_round
+    if p.method == "consistency" and p.consistency.lora_rank:  # the adapter points at its base teacher
+        from redistill.teacher import pipeline_sha256
+
+        extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None
     if p.method in ("output", "rectified") or (p.method == "dmd" and (p.dmd.regression_weight > 0 or p.dmd.start == "output")):
         from redistill.teacher import pipeline_sha256
 

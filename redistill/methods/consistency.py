@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from redistill.config import ConsistencyParams, settings
+from redistill.lora import add_lora, fused_copy
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
@@ -74,7 +75,7 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
 
 
 def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
-            init: dict | None = None):
+            init: dict | None = None, teacher_sha256: str | None = None):
     """Consistency-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline with an
     LCMScheduler, summary). Resumes from the latest checkpoint in `ckpt_dir`."""
     model = adapter_for(teacher)  # every network call, condition and the export go through it
@@ -89,14 +90,22 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     dev = run.device
     alphas_cumprod = model.alphas_cumprod.to(dev)
     grid = grid.to(dev)
-    x_all = (data.float() * 2.0 - 1.0).to(dev)
+    x_all = model.to_model_space(data).to(dev)  # pixels in [−1, 1], or a latent teacher's VAE latents
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
     # 1. θ and θ⁻ both start as the teacher (LCM: initialise from the pre-trained model), or as a smaller
-    #    student initialised from it.
-    student = warm(student_like(teacher_unet, cfg.student_channels, cfg.student_layers), init)  # or the champion
+    #    student initialised from it, or (LCM-LoRA) as the teacher plus a zero-effect LoRA adapter, of which
+    #    only the adapter trains.
+    if cfg.lora_rank:
+        if init is not None or cfg.student_channels or cfg.student_layers:
+            raise ValueError("an LCM-LoRA student (distill.consistency.lora_rank > 0) is the teacher's own UNet plus an "
+                             "adapter: it starts cold and keeps the teacher's shape (set distill.init: cold and leave "
+                             "distill.student empty, or set lora_rank: 0)")
+        student = add_lora(copy.deepcopy(teacher_unet), cfg.lora_rank, cfg.lora_alpha or None)
+    else:
+        student = warm(student_like(teacher_unet, cfg.student_channels, cfg.student_layers), init)  # or the champion
     target = frozen(copy.deepcopy(student))
     fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([w for w in student.parameters() if w.requires_grad], lr=cfg.lr, weight_decay=0.0)
     ema = new_ema(student, cfg.ema_decay)
     ema_target = new_ema(student, cfg.target_ema, warmup=False)  # θ⁻ as diffusers' EMAModel with a fixed μ
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -105,8 +114,9 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
 
     def step():
         # 2. x ~ D, n ~ U{1..N}: t = t_n and its neighbour s = t − k on the solver grid; z_t = α_t·x + σ_t·ε.
-        x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(dev)]
-        c = model.conditions(cfg.batch_size, gen, dev)  # a conditional teacher's batch of conditions (else None)
+        i = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
+        x = x_all[i.to(dev)]
+        c = model.conditions_at(i, cfg.batch_size, gen, dev)  # the batch's conditions: its captions, or drawn; else None
         t = grid[torch.randint(0, cfg.solver_steps, (cfg.batch_size,), generator=gen).to(dev)]
         s = t - k  # −1 for the first grid point: the clean end
         a_t, s_t = alpha_sigma(alphas_cumprod, t)
@@ -116,7 +126,7 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
             # 3. One DDIM step of the teacher along its ODE: ẑ_s = α_s·x̂₀ + σ_s·ε̂ (x̂₀ clipped, as its sampler does).
             with fm.teacher():
                 x0, _ = to_x0_eps(model.teacher_output(teacher_unet, z_t, t, c).float(), z_t, a_t, s_t, ptype)
-            x0 = x0.clamp(-1, 1)
+            x0 = x0.clamp(-1, 1) if model.clips else x0  # pixels are clipped as the sampler clips them; latents not
             eps = (z_t - a_t * x0) / s_t
             z_s = a_s * x0 + s_s * eps
             # 4. The target f_θ⁻(ẑ_s, s); at the clean end the boundary condition makes it ẑ_s itself.
@@ -139,12 +149,33 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     summary = {"method": "consistency", "config": asdict(cfg), "final_loss": losses.get("loss"),
                **sizes(teacher_unet, student),
                "solver_skip": k, "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
-    if cfg.sampler == "ddim":
-        return model.export(frozen(student).cpu(), deterministic_scheduler(sched_cfg, cfg.solver_steps, cfg.target_steps)), summary
-    return model.export(frozen(student).cpu(), lcm_scheduler(sched_cfg, cfg.solver_steps)), summary
+    sched = (deterministic_scheduler(sched_cfg, cfg.solver_steps, cfg.target_steps, model.clips) if cfg.sampler == "ddim"
+             else lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips))
+    if not cfg.lora_rank:
+        return with_sampling(model.export(frozen(student).cpu(), sched), model, cfg.target_steps), summary
+    # 8. LCM-LoRA: the pipeline holds the UNet with the adapter fused in (stock diffusers loads it as it is); the
+    #    adapter itself, with its base teacher's sha256, is written beside it when the pipeline is saved.
+    student = student.cpu()
+    pipe = with_sampling(model.export(fused_copy(student), sched), model, cfg.target_steps)
+    pipe.redistill_lora = {"unet": student, "base_sha256": teacher_sha256, "rank": cfg.lora_rank,
+                           "alpha": cfg.lora_alpha or cfg.lora_rank}
+    summary.update(lora_rank=cfg.lora_rank, adapter_params=sum(w.numel() for n, w in student.named_parameters() if "lora_" in n),
+                   base_sha256=teacher_sha256)
+    return pipe, summary
 
 
-def deterministic_scheduler(teacher_scheduler_config, solver_steps: int, steps: int):
+def with_sampling(pipe, model, steps: int):
+    """Mark how a conditional latent student is sampled (the folder's redistill_sampling.json): at guidance 1 (the
+    teacher's w is folded in; a UNet with a guidance embedding is given w through it, still in one pass)."""
+    if getattr(model, "kind", "") != "text-to-image-latent":
+        return pipe
+    embedded = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+    pipe.redistill_sampling = {"guidance_scale": model.guidance_scale if embedded else 1.0,
+                               "distilled_guidance_scale": model.guidance_scale, "num_inference_steps": steps}
+    return pipe
+
+
+def deterministic_scheduler(teacher_scheduler_config, solver_steps: int, steps: int, clip: bool = True):
     """The stock `DDIMScheduler` that samples a consistency model deterministically: each clean
     estimate moves to the next timestep along the ε it implies instead of fresh noise. The grid starts where
     LCM's does (the top of the solver grid) and is spaced T/steps ("leading" with `steps_offset`). The
@@ -153,11 +184,11 @@ def deterministic_scheduler(teacher_scheduler_config, solver_steps: int, steps: 
 
     T = teacher_scheduler_config.num_train_timesteps
     first = int(solver_grid(solver_steps, T)[0][-1])
-    return DDIMScheduler.from_config(teacher_scheduler_config, clip_sample=True, set_alpha_to_one=True,
+    return DDIMScheduler.from_config(teacher_scheduler_config, clip_sample=clip, set_alpha_to_one=True,
                                      timestep_spacing="leading", steps_offset=first - (steps - 1) * (T // steps))
 
 
-def lcm_scheduler(teacher_scheduler_config, solver_steps: int):
+def lcm_scheduler(teacher_scheduler_config, solver_steps: int, clip: bool = True):
     """The stock `LCMScheduler` over the grid {k−1, …, N·k−1}: it applies c_skip/c_out and re-noises
     between steps (multistep consistency sampling)."""
     from diffusers import LCMScheduler
@@ -165,7 +196,7 @@ def lcm_scheduler(teacher_scheduler_config, solver_steps: int):
     known = inspect.signature(LCMScheduler.__init__).parameters  # DDPM-only keys (variance_type) would only warn
     return LCMScheduler.from_config(
         {k: v for k, v in teacher_scheduler_config.items() if k in known}, original_inference_steps=solver_steps,
-        timestep_scaling=TIMESTEP_SCALING, clip_sample=True, set_alpha_to_one=True, timestep_spacing="leading",
+        timestep_scaling=TIMESTEP_SCALING, clip_sample=clip, set_alpha_to_one=True, timestep_spacing="leading",
         steps_offset=0,
     )
 

@@ -33,6 +33,7 @@ class ModelAdapter:
     kind = "abstract"
     description = ""
     family = "diffusion"  # "diffusion": ε/v/x₀ on an ᾱ schedule; "flow": a velocity on the straight path (flow matching)
+    clips = True  # x̂₀ lives in [−1, 1] (pixels) and samplers clip it there; a latent model's x̂₀ is not clipped
     solver = "ddim"  # the deterministic sampler `ode_sample` runs; it names cached teacher pairs
 
     def __init__(self, pipe: Any):
@@ -74,6 +75,16 @@ class ModelAdapter:
         return (int(s[0]), int(s[1])) if isinstance(s, (list, tuple)) else (int(s), int(s))
 
     @property
+    def image_channels(self) -> int:
+        """The pictures' channels (the data's); the model's own `channels` differ for a latent model."""
+        return self.channels
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The pictures' size (the data's); the model's own `sample_size` differs for a latent model."""
+        return self.sample_size
+
+    @property
     def conditional(self) -> bool:
         return False
 
@@ -82,6 +93,18 @@ class ModelAdapter:
         return {"kind": self.kind, "family": self.family, "prediction_type": self.prediction_type,
                 "num_train_timesteps": self.num_train_timesteps, "channels": self.channels,
                 "sample_size": list(self.sample_size), "conditional": self.conditional}
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Training images (N, C, H, W) in [0, 1] → what the network denoises: pixels in [−1, 1] (a latent
+        model: its VAE's scaled latents)."""
+        return images.float() * 2.0 - 1.0
+
+    def conditions_at(self, index: torch.Tensor, n: int, generator: torch.Generator,
+                      device: torch.device | str = "cpu") -> Any:
+        """The conditions of the training images at `index` where the model pairs them with the data (a
+        text-to-image model given the data's captions); else `conditions(n, generator, device)`."""
+        return self.conditions(n, generator, device)
 
     # -- the network ----------------------------------------------------------------------------------
     def conditions(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Any:
@@ -157,15 +180,27 @@ def _kinds() -> list[type[ModelAdapter]]:
     from redistill.models.class_conditional import ClassConditionalPixel
     from redistill.models.flow import FlowMatchingPixel
     from redistill.models.pixel import UnconditionalPixel
+    from redistill.models.text_to_image import TextToImageLatent
 
-    return [UnconditionalPixel, ClassConditionalPixel, FlowMatchingPixel]
+    return [UnconditionalPixel, ClassConditionalPixel, FlowMatchingPixel, TextToImageLatent]
 
 
 def adapter_for(pipe: Any) -> ModelAdapter:
-    """The adapter of the first kind that claims `pipe`; UnsupportedPipeline (naming the kinds) if none does."""
+    """The adapter of the first kind that claims `pipe`; UnsupportedPipeline (naming the kinds) if none does.
+
+    One adapter per pipeline object: what a caller tells it (a text-to-image model's prompts and guidance
+    scale) holds for every later user of the same pipeline (the method, the evaluation)."""
+    cached = getattr(pipe, "_redistill_adapter", None)
+    if cached is not None and cached.pipe is pipe and type(cached).claims(pipe):
+        return cached
     for kind in _kinds():
         if kind.claims(pipe):
-            return kind(pipe)
+            adapter = kind(pipe)
+            try:
+                pipe._redistill_adapter = adapter
+            except (AttributeError, TypeError):  # an object that takes no attributes: a fresh adapter each time
+                pass
+            return adapter
     kinds = "; ".join(f"{k.kind} ({k.description})" for k in _kinds())
     raise UnsupportedPipeline(f"redistill has no adapter for a {type(pipe).__name__} "
                               f"(unet: {type(getattr(pipe, 'unet', None)).__name__}); supported kinds: {kinds}")

@@ -1,0 +1,138 @@
+"""LoRA students (Hu et al. 2021; LCM-LoRA, Luo et al. 2023, arXiv:2311.05556): the student is the teacher's UNet
+with low-rank adapters on its attention projections, trained while the teacher's own weights stay frozen.
+
+What a LoRA student's folder holds, beside the complete pipeline (the adapter fused into the UNet, so
+`DiffusionPipeline.from_pretrained(folder)` samples it as it is):
+- `pytorch_lora_weights.safetensors`: the adapter alone, in diffusers' format, for users who already have the
+  base: `pipe.load_lora_weights(folder)` on the base pipeline, then the student's scheduler;
+- `redistill_lora.json`: the base teacher's sha256 (every file of its folder, `teacher.pipeline_sha256`), the
+  rank, alpha and target modules. `load_adapter` refuses a base whose sha256 differs: an adapter trained on
+  another teacher gives a different model, silently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights(folder) finds it
+LORA_META = "redistill_lora.json"
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as LCM-LoRA adapts them
+ADAPTER = "redistill"
+
+
+class AdapterBaseMismatch(ValueError):
+    """A LoRA adapter offered to a base pipeline other than the one it was trained on."""
+
+
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None = None, targets=TARGETS,
+             init: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Add a LoRA adapter of `rank` (scale `alpha`/`rank`, alpha defaulting to the rank) to `unet` in place and
+    freeze everything else: only the adapter's weights train. `init`: adapter weights to start from (in peft's
+    naming, as `lora_state` returns them)."""
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    if rank < 1:
+        raise ValueError(f"a LoRA rank must be at least 1, got {rank}")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                target_modules=list(targets)), adapter_name=ADAPTER)
+    if init is not None:
+        set_peft_model_state_dict(unet, init, adapter_name=ADAPTER)
+    for name, p in unet.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return unet
+
+
+def lora_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights (peft's naming), detached on the CPU."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
+
+
+def fused_copy(unet: torch.nn.Module) -> torch.nn.Module:
+    """A plain UNet (no adapter layers) whose weights are the base's plus the adapter's low-rank update."""
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+
+    out = copy.deepcopy(unet)
+    for module in out.modules():
+        if isinstance(module, LoraLayer):
+            module.merge(adapter_names=[ADAPTER])
+    for module in list(out.modules()):  # each LoRA wrapper replaced by its base layer, now merged
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoraLayer):
+                setattr(module, child_name, child.get_base_layer())
+    out._hf_peft_config_loaded = False  # a plain model again: save_pretrained writes its whole weights
+    if hasattr(out, "peft_config"):
+        del out.peft_config
+    out.requires_grad_(False)
+    return out
+
+
+def save_adapter(unet: torch.nn.Module, folder: Path, base_sha256: str | None, rank: int, alpha: float | None = None,
+                 targets=TARGETS, extra: dict | None = None) -> Path:
+    """Write the adapter of `unet` into `folder` in diffusers' LoRA format, with its pointer to the base."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, weight_name=LORA_WEIGHTS,
+                                              safe_serialization=True)
+    meta = {"base_sha256": base_sha256, "rank": rank, "alpha": alpha or rank, "target_modules": list(targets),
+            "weights": LORA_WEIGHTS, **(extra or {})}
+    (folder / LORA_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def adapter_meta(folder: Path) -> dict | None:
+    """The adapter's pointer file of a student folder, or None for a folder without an adapter."""
+    f = Path(folder) / LORA_META
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except ValueError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); the student folder is damaged") from e
+
+
+def check_base(adapter_folder: Path, base_folder: Path) -> dict:
+    """The adapter's pointer, after checking that `base_folder` is the pipeline it was trained on."""
+    from redistill.teacher import pipeline_sha256
+
+    meta = adapter_meta(adapter_folder)
+    if meta is None:
+        raise ValueError(f"{adapter_folder} holds no LoRA adapter ({LORA_META} is missing)")
+    want, have = meta.get("base_sha256"), pipeline_sha256(base_folder)
+    if want != have:
+        raise AdapterBaseMismatch(
+            f"the LoRA adapter in {adapter_folder} was trained on the base pipeline with sha256 {want}, but "
+            f"{base_folder} has sha256 {have}. Load it on its own base teacher (redistill lineage shows which), or "
+            "re-distil a student from this teacher")
+    return meta
+
+
+def load_adapter(adapter_folder: Path, base_folder: Path, device: str = "cpu"):
+    """The base pipeline at `base_folder` with the adapter of `adapter_folder` loaded (stock diffusers
+    `load_lora_weights`) and the student's scheduler; AdapterBaseMismatch when the base is not its own."""
+    from redistill.teacher import load_pipeline
+
+    check_base(adapter_folder, base_folder)
+    pipe = load_pipeline(base_folder, device)
+    pipe.load_lora_weights(str(adapter_folder), weight_name=LORA_WEIGHTS)
+    sched = Path(adapter_folder) / "scheduler"
+    if (sched / "scheduler_config.json").is_file():
+        import diffusers
+
+        cfg = json.loads((sched / "scheduler_config.json").read_text())
+        cls = getattr(diffusers, cfg.get("_class_name", ""), None)
+        if cls is not None:
+            pipe.scheduler = cls.from_pretrained(str(sched))
+    return pipe
