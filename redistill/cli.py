@@ -24,6 +24,8 @@ app.add_typer(drift_app, name="drift")
 WorkspaceOpt = typer.Option(None, "--workspace", help="Workspace folder (data/, MLflow store, runs). Default: $REDISTILL_HOME or the current folder.")
 ParamsOpt = typer.Option(None, "--params", help="Settings file. Default: params.yaml in the workspace.")
 StepsOpt = typer.Option(None, "--steps", help="The student's sampling steps (overrides distill.target_steps).")
+ModelOpt = typer.Option(None, "--model", metavar="NAME",
+                        help="Registered model to read (default: registry.student_name in params.yaml).")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -903,9 +905,49 @@ def _registry_client(root: Path):
     return client(tracking_uri(root))
 
 
+def _registered_names(c) -> list[str]:
+    """Every registered model's name, all pages."""
+    names, token = [], None
+    while True:
+        page = c.search_registered_models(max_results=1000, page_token=token)
+        names += [m.name for m in page]
+        token = page.token
+        if not token:
+            return sorted(names)
+
+
+def _model_name(c, p, model: Optional[str]) -> str:
+    """The registered model a registry-reading command works on: `--model`, else `registry.student_name`.
+
+    The configured name is always accepted (before the first cycle it is simply not registered yet, as
+    today); any other name must be registered, or the command fails here, naming the models that exist,
+    before it reads or changes anything."""
+    from mlflow.exceptions import MlflowException
+
+    default = p.registry.student_name
+    if model is None or model == default:
+        return default
+    try:
+        c.get_registered_model(model)
+        return model
+    except MlflowException as e:  # only "no such model" is a typo; a failing store is not
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    names = _registered_names(c)
+    have = f"registered models: {', '.join(names)}" if names else "no model is registered yet"
+    fail(f"no registered model named {model!r} ({have}); pass one of them to --model, or leave --model out "
+         f"for registry.student_name ({default!r})")
+
+
+def _status_hint(name: str, p) -> str:
+    """`redistill status`, with `--model NAME` when the model is not the configured one."""
+    return "`redistill status`" if name == p.registry.student_name else f"`redistill status --model {name}`"
+
+
 @app.command()
 def status(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    model: Optional[str] = ModelOpt,
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -914,7 +956,7 @@ def status(
 
     root, p = _settings(ws, params)
     c = _registry_client(root)
-    name = p.registry.student_name
+    name = _model_name(c, p, model)
     try:
         versions = c.search_model_versions(f"name='{name}'")
     except Exception:  # no registry yet
@@ -943,7 +985,8 @@ def status(
 
     typer.echo(f"{name}: champion {out['champion'] or '(none)'}, previous {out['previous'] or '(none)'}")
     if not rows:
-        typer.echo("no decisions yet: run `redistill cycle` or `make demo`")
+        typer.echo("no decisions yet: run `redistill cycle` or `make demo`" if name == p.registry.student_name
+                   else f"{name} has no versions yet")
     if rows:
         typer.echo(f"  {'version':<8} {'gate':<9} {'created (UTC)':<17} {'trigger':<9} {'method':<12} {'steps':<5} key")
     for r in rows:
@@ -965,6 +1008,7 @@ def export(
     out: Path = typer.Option(..., "--out", help="Folder to write (must not exist)."),
     alias_name: Optional[str] = typer.Option(None, "--alias", help="Registry alias, e.g. champion or previous."),
     version: Optional[int] = typer.Option(None, "--version", help="Registry version number."),
+    model: Optional[str] = ModelOpt,
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -981,14 +1025,14 @@ def export(
     if out.exists():
         fail(f"{out} already exists; exports never overwrite, pick a new --out")
     c = _registry_client(root)
-    name = p.registry.student_name
+    name = _model_name(c, p, model)
     try:
         mv = alias(c, name, alias_name) if alias_name else c.get_model_version(name, str(version))
     except Exception:
         mv = None
     if mv is None:
         what = f"alias {alias_name!r}" if alias_name else f"version {version}"
-        fail(f"{name} has no {what}; `redistill status` lists the versions")
+        fail(f"{name} has no {what}; {_status_hint(name, p)} lists the versions")
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         local = Path(c.download_artifacts(mv.run_id, "student", tmp))
         try:
@@ -1021,6 +1065,7 @@ def lineage(
     alias_name: Optional[str] = typer.Option(None, "--alias", help="Registry alias, e.g. champion or previous."),
     version: Optional[int] = typer.Option(None, "--version", help="Registry version number."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole chain as one JSON object."),
+    model: Optional[str] = ModelOpt,
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -1030,8 +1075,9 @@ def lineage(
 
     root, p = _settings(ws, params)
     c = _registry_client(root)
-    mv = _one_version(c, p.registry.student_name, alias_name, version)
-    d = chain(c, p.registry.student_name, mv, root)
+    name = _model_name(c, p, model)
+    mv = _one_version(c, name, alias_name, version)
+    d = chain(c, name, mv, root)
     typer.echo(json.dumps(d, default=str) if as_json else format_lineage(d))
 
 
@@ -1040,6 +1086,7 @@ def rollback(
     to: Optional[int] = typer.Option(None, "--to", help="Version to make champion (it must have passed its gate). Default: `previous`."),
     reason: str = typer.Option("", "--reason", help="Why; recorded with who and when."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    model: Optional[str] = ModelOpt,
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -1054,13 +1101,15 @@ def rollback(
 
     root, p = _settings(ws, params)
     c = _registry_client(root)
+    name = _model_name(c, p, model)
     who = f"{getpass.getuser()}@{socket.gethostname()}"
     try:
-        record = move(c, p.registry.student_name, None if to is None else str(to), who, reason or "(no reason given)")
+        record = move(c, name, None if to is None else str(to), who, reason or "(no reason given)")
     except RegistryError as e:
         fail(str(e))
     from redistill.tasks.registry import _experiment
 
+    record["model"] = name  # the experiment is shared by every model, so its rollback runs say which one moved
     run = c.create_run(_experiment(c, p.registry.experiment, root), run_name=f"rollback-v{record['from']}-to-v{record['to']}",
                        tags={"redistill.kind": "rollback", **{f"redistill.rollback.{k}": v for k, v in record.items()}})
     c.set_terminated(run.info.run_id)
@@ -1068,36 +1117,40 @@ def rollback(
     if as_json:
         typer.echo(json.dumps(record))
     else:
-        typer.echo(f"champion of {p.registry.student_name}: version {record['from']} → {record['to']} "
+        typer.echo(f"champion of {name}: version {record['from']} → {record['to']} "
                    f"(previous is now {record['from']}); recorded by {who} in MLflow run {run.info.run_id}")
 
 
 @app.command()
 def reproduce(
     version: int = typer.Option(..., "--version", help="Registry version to rebuild."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Work folder. Default: runs/reproduce/v<N>."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Work folder. Default: runs/reproduce/v<N> "
+                                       "(runs/reproduce/<model>/v<N> for a --model other than registry.student_name)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    model: Optional[str] = ModelOpt,
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Re-run a version's distillation and evaluation from its recorded lineage; each figure next to its record."""
-    from redistill.data import DataError
+    from redistill.data import DataError, safe_name
     from redistill.reproduce import ReproduceError
     from redistill.reproduce import reproduce as rebuild
     from redistill.teacher import PipelineError
 
     root, p = _settings(ws, params)
     c = _registry_client(root)
-    mv = _one_version(c, p.registry.student_name, None, version)
+    name = _model_name(c, p, model)
+    mv = _one_version(c, name, None, version)
+    # another model's version N must not land in (and clear the student of) the configured model's folder
+    work = root / "runs" / "reproduce" / ("" if name == p.registry.student_name else safe_name(name)) / f"v{mv.version}"
     try:
-        r = rebuild(c, p.registry.student_name, mv, root, out or root / "runs" / "reproduce" / f"v{mv.version}",
-                    log=lambda m: typer.echo(m, err=True))
+        r = rebuild(c, name, mv, root, out or work, log=lambda m: typer.echo(m, err=True))
     except (ReproduceError, DataError, PipelineError, FileNotFoundError) as e:
         fail(f"cannot reproduce version {mv.version}: {e}")
     if as_json:
         typer.echo(json.dumps(r, default=str))
         return
-    typer.echo(f"version {r['version']} rebuilt from its lineage in {r['wall_time_s']:.0f} s "
+    typer.echo(f"version {r['version']} of {name} rebuilt from its lineage in {r['wall_time_s']:.0f} s "
                f"(teacher {r['teacher']}; data from the {r['data_source']})")
     if not r["same_code"]:
         typer.echo(f"  note: recorded code {r['code_then']}, running {r['code_now']}")
