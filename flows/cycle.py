@@ -95,7 +95,8 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
     if trigger_info and trigger_info.get("report_dir"):
         log_artifacts_(root, run_id, Path(trigger_info["report_dir"]), "trigger")
 
-    report = validate_data(data, root / "data" / "reference", p.validate, run_dir / "validation", inputs["validation_reference_md5"])
+    report = validate_data(data, root / "data" / "reference", p.validate, run_dir / "validation",
+                           inputs["validation_reference_md5"], teacher)  # captions: counted by the teacher's tokenizer
     log_artifacts_(root, run_id, run_dir / "validation", "validation")
     if not report.success:
         record_failure_(root, run_id, "validate", report.message())

@@ -3,7 +3,7 @@
 `REDISTILL_HOME=/new/ws redistill cycle --teacher T --data D` in an empty workspace works because, before
 the cycle resolves its inputs, `ensure_workspace` derives from `D` what the embedded digits get from their
 own stages — with no step that needs labels:
-1. **The reference set** `data/reference/`: a byte-for-byte copy of D's PNG images (and its `labels.csv`, if
+1. **The reference set** `data/reference/`: a byte-for-byte copy of D's PNG images (and its `labels.csv` and captions, if
    any), so its md5 is D's. The validation bands of every later batch are learnt from it (GX, per channel).
 2. **The evaluation feature space**: the label-free SimCLR encoder (redistill/encoder.py) trained on the
    reference, saved with its sha256 in `data/features/`. The digit classifier needs labels and a held-out
@@ -40,7 +40,7 @@ def needs_bootstrap(root: Path, names: list[str]) -> bool:
 
 
 def _copy_reference(src: Path, out: Path) -> int:
-    """Copy the PNGs (and labels.csv) of `src` into `out`, written aside and renamed: never half a folder."""
+    """Copy the PNGs (and labels.csv, captions.csv or metadata.jsonl) of `src` into `out`, written aside and renamed: never half a folder."""
     from redistill.data import IMAGE_SUFFIXES
 
     files = sorted(f for f in Path(src).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
@@ -49,8 +49,9 @@ def _copy_reference(src: Path, out: Path) -> int:
     try:
         for f in files:
             shutil.copyfile(f, tmp / f.name)
-        if (Path(src) / "labels.csv").is_file():
-            shutil.copyfile(Path(src) / "labels.csv", tmp / "labels.csv")
+        for extra in ("labels.csv", "captions.csv", "metadata.jsonl"):  # labels, and a text-to-image set's captions
+            if (Path(src) / extra).is_file():
+                shutil.copyfile(Path(src) / extra, tmp / extra)
         tmp.chmod(0o755)
         os.replace(tmp, out)
     except BaseException:

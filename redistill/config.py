@@ -284,6 +284,15 @@ class ValidateParams:
     band_widen: float = Field(0.5, description="each band is widened by this share of its width on both sides")
     mostly: float = Field(0.98, description="share of images that must sit inside the intensity bands")
     label_kl_max: float = Field(0.25, description="KL(batch labels ‖ reference labels) allowed, when labels exist")
+    max_caption_tokens: int = Field(77, description="captions: the most whitespace words a caption may have when the teacher has no tokenizer/ (with one, its model_max_length in tokens is the limit)")
+    max_duplicate_caption_share: float = Field(0.25, description="captions: the largest share of the captioned images one caption (case and spacing ignored) may label; class prompts with a few paraphrases each stay far below, a captioner stuck on one fallback caption does not")
+
+    def __post_init__(self):
+        if self.max_caption_tokens < 1:
+            raise ConfigError(f"validate.max_caption_tokens must be at least 1, got {self.max_caption_tokens}")
+        if not 0.0 < self.max_duplicate_caption_share <= 1.0:
+            raise ConfigError(f"validate.max_duplicate_caption_share must be in (0, 1], got "
+                              f"{self.max_duplicate_caption_share}; 1 turns the duplicate check off")
 
 
 # the survey's three families (Fan et al. 2025): what each method promises decides which fidelity bound applies
@@ -490,7 +499,7 @@ class RegistryParams:
 class DriftParams:
     """`drift`: is a new batch in data/incoming/ drawn like the representative set? (redistill/drift.py)"""
 
-    alpha: float = Field(0.02, description="family-wise false-alarm level: MMD and the Holm-corrected KS family get alpha/2 each")
+    alpha: float = Field(0.02, description="family-wise false-alarm level: MMD and the Holm-corrected KS family get alpha/2 each; with captions on both sides the prompts' MMD is a third family and each gets alpha/3")
     permutations: int = Field(1000, description="MMD permutations; the smallest reachable p is 1/(1 + this)")
     seed: int = Field(0, description="seed of the permutations and splits")
     calibration_splits: int = Field(200, description="reference-against-reference splits for `redistill drift calibrate` (≥ 50)")

@@ -1,7 +1,7 @@
 """Drift detection: is a new batch drawn like the representative set?
 
 Two families of tests, each at half the family-wise level `alpha`, so the union bound keeps the false-alarm
-rate of "drift" at or below `alpha`:
+rate of "drift" at or below `alpha` (three families at `alpha`/3 each when both sides have captions, see 3.):
 
 1. MMD two-sample permutation test (Gretton et al. 2012) on embeddings: Gaussian kernel, bandwidth by the
    median heuristic, biased MMD² as the statistic, its null distribution from random re-labellings of the
@@ -12,6 +12,11 @@ rate of "drift" at or below `alpha`:
    gradient magnitude), saturation (HSV S; only tested for colour images) and each image's colour-histogram
    distance to the reference's histogram. Grey images also get the stroke statistics made for the digits
    (ink share, centre of mass), which mean nothing for colour pictures.
+3. With captions on both sides (text-to-image data): the same MMD permutation test on the prompts' text
+   embeddings, with its own median bandwidth. The text feature space is the caller's `text_extractor` (the
+   teacher's CLIP text encoder, say), or `word_features` ("words": hashed word unigrams and bigrams, no
+   weights). A rejection here says the prompts drifted: what users ask the model for changed, even where the
+   images did not. Only non-empty captions are embedded; captions on one side only are noted, not tested.
 
 `calibrate` measures the false-alarm rate on reference-against-reference splits. The tests take
 embeddings; `embed_folder` and `check_folder` read image folders through the caller's feature extractor.
@@ -21,8 +26,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import json
+import re
+import zlib
 
 import numpy as np
 import torch
@@ -32,11 +40,17 @@ HIST_BINS = 8  # per channel: coarse enough that a 16×16 image fills its histog
 HIST_TV = "hist_tv"  # each image's total-variation distance to the reference's histogram
 LUMA = np.array([0.299, 0.587, 0.114])  # Rec. 601, as `shapes` and PIL turn colour into grey
 PIXELS = "pixels"  # the feature space that needs no weights: `pixel_features`
+WORDS = "words"  # the prompts' feature space that needs no weights: `word_features`
+WORD_DIM = 1024  # buckets of the hashing vectoriser: few collisions for prompt vocabularies of thousands of words
+_WORD = re.compile(r"[^\W_]+")  # runs of letters and digits, any script
 
 
 @dataclass
 class DriftReport:
-    """The outcome for one batch: both tests, their corrected p-values and the verdict."""
+    """The outcome for one batch: every test, its corrected p-values and the verdict.
+
+    The `text_*` fields hold the prompts' MMD test (None when it did not run: captions missing on a side) and
+    `notes` why it did not; `to_dict` leaves them out then, so an image-only report reads as it always has."""
 
     batch: str
     n_batch: int
@@ -50,12 +64,44 @@ class DriftReport:
     reasons: list[str] = field(default_factory=list)
     histogram_tv: float = 0.0  # total-variation distance of the batch's pooled colour histogram to the reference's
     null_mmd2: list[float] = field(default_factory=list, repr=False)  # for the plot
+    text_features: str | None = None  # the prompts' feature space: "words" (hashed word n-grams) or the caller's
+    text_mmd2: float | None = None  # MMD² of the batch's and the reference's prompt embeddings
+    text_mmd_p: float | None = None  # its permutation p-value, compared with alpha / 3
+    text_bandwidth: float | None = None
+    n_batch_captions: int = 0
+    n_reference_captions: int = 0
+    notes: list[str] = field(default_factory=list)  # what was not tested and why (e.g. captions on one side only)
+    null_text_mmd2: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def prompts_tested(self) -> bool:
+        return self.text_mmd_p is not None
+
+    @property
+    def prompts_drifted(self) -> bool:
+        """The prompts' MMD test rejected at its share of alpha."""
+        return self.prompts_tested and self.text_mmd_p <= self.alpha / 3
 
     def to_dict(self, with_null: bool = False) -> dict:
         d = asdict(self)
         if not with_null:
             d.pop("null_mmd2")
+            d.pop("null_text_mmd2")
+        if not self.prompts_tested:
+            for k in ("text_features", "text_mmd2", "text_mmd_p", "text_bandwidth", "n_batch_captions",
+                      "n_reference_captions", "null_text_mmd2"):
+                d.pop(k, None)
+        if not self.notes:
+            d.pop("notes")
         return d
+
+    def message(self) -> str:
+        """One line: the verdict and why (the prompts named first when they drifted)."""
+        if not self.drifted:
+            tested = "images and prompts" if self.prompts_tested else "images"
+            return f"{self.batch}: no drift in its {tested} (alpha {self.alpha:g})" + \
+                (f"; {'; '.join(self.notes)}" if self.notes else "")
+        return f"{self.batch}: drift: " + "; ".join(self.reasons)
 
 
 def image_stats(images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
@@ -127,6 +173,45 @@ def pixel_features(images: torch.Tensor, grid: int = 4) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(x, min(grid, x.shape[-2], x.shape[-1])).flatten(1)
 
 
+def _bucket(token: str, dim: int) -> tuple[int, float]:
+    # crc32, not hash(): Python salts str hashes per process, and the features must match across processes
+    h = zlib.crc32(token.encode("utf-8"))
+    return h % dim, 1.0 if (h >> 31) & 1 else -1.0  # a signed hash: collisions cancel on average
+
+
+def word_features(captions: list[str], dim: int = WORD_DIM) -> torch.Tensor:
+    """Captions (N) → (N, dim) float32: word unigram and bigram counts (case-folded runs of letters and digits)
+    hashed into `dim` signed buckets, each row L2-normalised (an empty caption is the zero vector).
+
+    Deterministic across processes and machines; needs no weights and sees words, not meaning: paraphrases
+    that share no words are far apart. A caller with a text encoder passes its own `text_extractor`."""
+    out = np.zeros((len(captions), dim), dtype=np.float64)
+    for i, caption in enumerate(captions):
+        words = _WORD.findall((caption or "").casefold())
+        grams = [f"1:{w}" for w in words] + [f"2:{a} {b}" for a, b in zip(words, words[1:])]
+        for g in grams:
+            j, sign = _bucket(g, dim)
+            out[i, j] += sign
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return torch.from_numpy(out / np.where(norms > 0, norms, 1.0)).float()
+
+
+def text_embedding(captions: list[str], text_extractor: Callable[[list[str]], torch.Tensor] | None = None,
+                   where: Path | str = "the captions") -> torch.Tensor:
+    """Prompt embeddings (N, d): `text_extractor(captions)`, or the weightless `word_features` without one."""
+    if text_extractor is None:
+        return word_features(captions)
+    try:
+        z = torch.as_tensor(text_extractor(list(captions)), dtype=torch.float32)
+    except Exception as e:  # a tokenizer or text encoder error: say whose prompts, and the way around it
+        raise ValueError(f"the text feature space cannot embed the captions of {where}: {type(e).__name__}: "
+                         f"{str(e)[:200]}; pass no text_extractor to use the weightless {WORDS!r} features") from e
+    if z.ndim != 2 or len(z) != len(captions):
+        raise ValueError(f"the text feature space gave shape {tuple(z.shape)} for {len(captions)} captions of {where}; "
+                         "it must return one embedding per caption (N, d)")
+    return z
+
+
 def embedding(name: str, features_dir: Path):
     """The MMD test's embedding `name` (drift.features): `pixels`, `auto` (the classifier where the workspace has
     one, else the label-free encoder) or a feature space; ValueError/FileNotFoundError say what is missing."""
@@ -193,8 +278,14 @@ def holm(pvalues: dict[str, float]) -> dict[str, float]:
 
 def detect(batch_name: str, ref_features: torch.Tensor, ref_stats: dict[str, np.ndarray],
            batch_features: torch.Tensor, batch_stats: dict[str, np.ndarray], alpha: float = 0.05,
-           permutations: int = 1000, seed: int = 0) -> DriftReport:
-    """Both tests on one batch; drift when either family rejects at level alpha / 2."""
+           permutations: int = 1000, seed: int = 0, ref_text: torch.Tensor | None = None,
+           batch_text: torch.Tensor | None = None, text_features: str = WORDS) -> DriftReport:
+    """Every test on one batch; drift when any family rejects at its share of alpha.
+
+    Without prompt embeddings two families (the image MMD, the Holm-corrected KS tests) get alpha / 2 each. With
+    `ref_text` and `batch_text` (the captions' embeddings in the space `text_features`) the prompts' MMD is a
+    third family and each of the three gets alpha / 3, so the union bound still keeps false alarms ≤ alpha.
+    """
     from scipy.stats import ks_2samp
 
     if not 0 < alpha < 1:
@@ -202,6 +293,12 @@ def detect(batch_name: str, ref_features: torch.Tensor, ref_stats: dict[str, np.
     if len(batch_features) < 2 or len(ref_features) < 2:
         raise ValueError(f"drift tests need at least 2 images on each side, got {len(batch_features)} and "
                          f"{len(ref_features)}")
+    if (ref_text is None) != (batch_text is None):
+        raise ValueError("the prompts' drift test needs the captions' embeddings of both the reference and the batch")
+    prompts = ref_text is not None
+    if prompts and (len(batch_text) < 2 or len(ref_text) < 2):
+        raise ValueError(f"the prompts' drift test needs at least 2 captions on each side, got {len(batch_text)} and "
+                         f"{len(ref_text)}")
     ref_1d, new_1d, hist_tv = tested_stats(ref_stats, batch_stats)  # first: it names a channel-count mismatch
     mmd2, mmd_p, bw, null = mmd_permutation_test(batch_features, ref_features, permutations, seed)
     raw, ks = {}, {}
@@ -211,18 +308,26 @@ def detect(batch_name: str, ref_features: torch.Tensor, ref_stats: dict[str, np.
         ks[s] = {"statistic": float(r.statistic), "p": float(r.pvalue)}
     for s, padj in holm(raw).items():
         ks[s]["p_holm"] = padj
-    half = alpha / 2
+    level = alpha / (3 if prompts else 2)  # each family's share of the family-wise level
     reasons = []
-    if mmd_p <= half:
-        reasons.append(f"MMD² {mmd2:.4g} on the embeddings, permutation p {mmd_p:.4g} ≤ {half:g}")
+    text = {}
+    if prompts:
+        t_mmd2, t_p, t_bw, t_null = mmd_permutation_test(batch_text, ref_text, permutations, seed)
+        text = dict(text_features=text_features, text_mmd2=t_mmd2, text_mmd_p=t_p, text_bandwidth=t_bw,
+                    n_batch_captions=len(batch_text), n_reference_captions=len(ref_text), null_text_mmd2=t_null.tolist())
+        if t_p <= level:
+            reasons.append(f"the prompts drifted: MMD² {t_mmd2:.4g} on the captions' {text_features} embeddings, "
+                           f"permutation p {t_p:.4g} ≤ {level:g}")
+    if mmd_p <= level:
+        reasons.append(f"MMD² {mmd2:.4g} on the embeddings, permutation p {mmd_p:.4g} ≤ {level:g}")
     for s in ks:
-        if ks[s]["p_holm"] <= half:
+        if ks[s]["p_holm"] <= level:
             shift = float(np.median(new_1d[s]) - np.median(ref_1d[s]))
-            reasons.append(f"KS on per-image {s}: D {ks[s]['statistic']:.3f}, Holm p {ks[s]['p_holm']:.3g} ≤ {half:g} "
+            reasons.append(f"KS on per-image {s}: D {ks[s]['statistic']:.3f}, Holm p {ks[s]['p_holm']:.3g} ≤ {level:g} "
                            f"(median {'+' if shift >= 0 else '−'}{abs(shift):.3g} against the reference)")
     return DriftReport(batch=batch_name, n_batch=len(batch_features), n_reference=len(ref_features), alpha=alpha,
                        mmd2=mmd2, mmd_p=mmd_p, mmd_bandwidth=bw, ks=ks, drifted=bool(reasons), reasons=reasons,
-                       histogram_tv=hist_tv, null_mmd2=null.tolist())
+                       histogram_tv=hist_tv, null_mmd2=null.tolist(), **text)
 
 
 def calibrate(features: torch.Tensor, stats: dict[str, np.ndarray], batch_size: int, splits: int = 100,
@@ -258,7 +363,8 @@ def calibrate(features: torch.Tensor, stats: dict[str, np.ndarray], batch_size: 
 
 def plot_report(report: DriftReport, ref_stats: dict[str, np.ndarray], batch_stats: dict[str, np.ndarray],
                 out: Path) -> Path:
-    """One PNG: the MMD² null distribution with the observed value, and the ECDFs of every tested statistic."""
+    """One PNG: the MMD² null distribution with the observed value (the prompts' too, when tested), and the ECDFs
+    of every tested statistic."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,18 +372,22 @@ def plot_report(report: DriftReport, ref_stats: dict[str, np.ndarray], batch_sta
 
     ref_1d, new_1d, _ = tested_stats(ref_stats, batch_stats)
     names = list(report.ks)
-    fig, axes = plt.subplots(1, 1 + len(names), figsize=(3.2 * (1 + len(names)), 3.0))
-    ax = axes[0]
-    ax.hist(report.null_mmd2, bins=40, color="0.7", label="null (permutations)")
-    ax.axvline(report.mmd2, color="crimson", label=f"observed, p={report.mmd_p:.3g}")
-    ax.set_title("MMD² on embeddings")
-    ax.legend(fontsize=7)
-    for ax, s in zip(axes[1:], names):
+    nulls = [(report.null_mmd2, report.mmd2, report.mmd_p, "MMD² on embeddings")]
+    if report.prompts_tested:
+        nulls.append((report.null_text_mmd2, report.text_mmd2, report.text_mmd_p,
+                      f"MMD² on prompts ({report.text_features})"))
+    fig, axes = plt.subplots(1, len(nulls) + len(names), figsize=(3.2 * (len(nulls) + len(names)), 3.0))
+    for ax, (null, observed, pval, title) in zip(axes, nulls):
+        ax.hist(null, bins=40, color="0.7", label="null (permutations)")
+        ax.axvline(observed, color="crimson", label=f"observed, p={pval:.3g}")
+        ax.set_title(title, fontsize=9 if len(nulls) > 1 else None)
+        ax.legend(fontsize=7)
+    for ax, s in zip(axes[len(nulls):], names):
         for vals, label, colour in ((ref_1d[s], "reference", "0.4"), (new_1d[s], report.batch, "crimson")):
             v = np.sort(vals)
             ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=label, color=colour)
         ax.set_title(f"{s}: D={report.ks[s]['statistic']:.2f}, p={report.ks[s]['p_holm']:.2g}", fontsize=8)
-    axes[1].legend(fontsize=7)
+    axes[len(nulls)].legend(fontsize=7)
     fig.suptitle(f"batch {report.batch}: {'DRIFT' if report.drifted else 'no drift'} (alpha {report.alpha:g})")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -306,9 +416,13 @@ def _embed(images: np.ndarray, extractor, folder: Path | str = "the images") -> 
 
 
 def check_folder(batch: Path, reference: Path, extractor, alpha: float, permutations: int, seed: int,
-                 out_dir: Path | None = None) -> DriftReport:
-    """Both tests on the image folder `batch` against `reference`; with `out_dir`, writes drift.json and
-    drift.png there. ValueError when the two folders hold images of different shapes."""
+                 out_dir: Path | None = None, text_extractor: Callable[[list[str]], torch.Tensor] | None = None,
+                 text_features: str | None = None) -> DriftReport:
+    """Every test on the image folder `batch` against `reference`; with `out_dir`, writes drift.json and
+    drift.png there. ValueError when the two folders hold images of different shapes.
+
+    When both folders have captions, their prompts are tested too, embedded by `text_extractor` (named
+    `text_features` in the report), or by the weightless `word_features` ("words") without one."""
     from redistill.data import load_image_folder
 
     ref, new = load_image_folder(reference), load_image_folder(batch)  # DataError (a ValueError) when unreadable
@@ -317,7 +431,20 @@ def check_folder(batch: Path, reference: Path, extractor, alpha: float, permutat
         raise ValueError(f"{batch} holds {bc}×{bh}×{bw} images, {reference} {rc}×{rh}×{rw}; drift is tested "
                          "between sets of one shape")
     (ref_f, ref_s), (new_f, new_s) = _embed(ref.images, extractor, reference), _embed(new.images, extractor, batch)
-    report = detect(Path(batch).name, ref_f, ref_s, new_f, new_s, alpha, permutations, seed)
+    ref_t, new_t, notes = None, None, []
+    space = text_features or (WORDS if text_extractor is None else getattr(text_extractor, "name", "text_extractor"))
+    if ref.captions is not None and new.captions is not None:
+        ref_c, new_c = ([c.strip() for c in caps if c.strip()] for caps in (ref.captions, new.captions))
+        if len(ref_c) < 2 or len(new_c) < 2:
+            notes.append(f"prompts not tested: {len(new_c)} captions in {batch} and {len(ref_c)} in {reference}, "
+                         "at least 2 on each side are needed")
+        else:
+            ref_t, new_t = text_embedding(ref_c, text_extractor, reference), text_embedding(new_c, text_extractor, batch)
+    elif ref.captions is not None or new.captions is not None:
+        has, hasnt = (batch, reference) if new.captions is not None else (reference, batch)
+        notes.append(f"prompts not tested: {has} has captions but {hasnt} has none")
+    report = detect(Path(batch).name, ref_f, ref_s, new_f, new_s, alpha, permutations, seed, ref_t, new_t, space)
+    report.notes = notes
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

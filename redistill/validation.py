@@ -9,18 +9,26 @@ the watch grew. Such a set carries `grown_from.json` (versioned with it, part of
 grew from, by md5, and the drift batches the watch accepted into it. It is validated against that reference's
 bands widened to cover each accepted batch's own bands, and refused by name when `data/reference` is no
 longer the reference it grew from.
+
+A folder with captions (`captions.csv` or `metadata.jsonl`, read by `redistill.data.read_captions`) gets a second
+table, one row per image file: its caption, whether it has one, its length as `caption_counter` measures it (the
+teacher's own tokenizer when its folder has `tokenizer/`, the Stable Diffusion layout, else whitespace words) and
+the share of the captioned images its caption labels (`caption_table`). A folder without captions has no such
+table, and its validation is exactly the image-only one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from redistill.config import ValidateParams
-from redistill.data import IMAGE_SUFFIXES, DataError, dir_md5, read_label_map, read_png
+from redistill.data import IMAGE_SUFFIXES, DataError, dir_md5, read_captions, read_label_map, read_png
 
 GROWN_FROM = "grown_from.json"  # inside a grown representative set: the reference and batches it grew from
 MAX_CHANNELS = 3  # read_png gives grey (1) or RGB (3) images
@@ -80,6 +88,89 @@ def image_table(folder: Path):
             "error": "",
         })
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+CAPTION_TABLE_COLUMNS = ("file", "has_caption", "caption", "n_chars", "n_words", "n_tokens", "caption_key", "caption_share")
+
+
+@dataclass
+class CaptionCounter:
+    """How caption lengths are measured: `count` maps captions to lengths, `limit` is the most one may have."""
+
+    count: Callable[[list[str]], list[int]]
+    limit: int
+    name: str  # said in the report: which tokenizer (or whitespace words) and where the limit comes from
+    unit: str = "tokens"  # "tokens", or "whitespace words" without a tokenizer
+
+
+def caption_counter(teacher: Path | None, max_words: int) -> CaptionCounter:
+    """The teacher's tokenizer (`<teacher>/tokenizer`, SD layout; the limit is its `model_max_length`, special
+    tokens counted, as the pipeline pads and truncates), else whitespace words against `max_words`
+    (validate.max_caption_tokens). DataError when the teacher's tokenizer folder cannot be loaded."""
+    folder = Path(teacher) / "tokenizer" if teacher is not None else None
+    if folder is None or not folder.is_dir():
+        why = "no teacher given" if teacher is None else f"{teacher} has no tokenizer/"
+        return CaptionCounter(lambda caps: [len(c.split()) for c in caps], max_words,
+                              f"whitespace words ({why}; limit validate.max_caption_tokens = {max_words})",
+                              "whitespace words")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises many types for a broken tokenizer folder
+        raise DataError(f"the teacher's tokenizer {folder} does not load ({type(e).__name__}: {str(e)[:200]}); fix the "
+                        "folder: it must load with transformers.AutoTokenizer.from_pretrained") from e
+    limit = int(tok.model_max_length) if 0 < tok.model_max_length < 1_000_000 else max_words  # unset: a huge sentinel
+    source = "its model_max_length" if limit == tok.model_max_length else "validate.max_caption_tokens: it sets none"
+
+    def count(caps: list[str]) -> list[int]:
+        if not caps:
+            return []
+        # no truncation: the point is to see how long a caption really is; special tokens count, as in the pipeline
+        ids = tok(list(caps), add_special_tokens=True, truncation=False, padding=False, verbose=False)["input_ids"]
+        return [len(i) for i in ids]
+
+    return CaptionCounter(count, limit, f"the teacher's tokenizer {folder} ({type(tok).__name__}, special tokens "
+                                        f"counted; limit {limit} = {source})")
+
+
+def normalise_caption(caption: str) -> str:
+    """The caption as duplicates are counted: case-folded, whitespace collapsed."""
+    return " ".join(caption.casefold().split())
+
+
+def caption_table(folder: Path, counter: CaptionCounter):
+    """One row per image file in `folder` with its caption, or None when the folder has no captions file.
+
+    `has_caption` is False for an image the captions file misses or captions with only whitespace; `n_tokens`
+    is the caption's length as `counter` measures it; `caption_key` is the caption as duplicates are counted
+    (case-folded, whitespace collapsed) and `caption_share` the share of the captioned images that carry that
+    same caption. DataError for a malformed captions file (redistill.data.read_captions)."""
+    import pandas as pd
+
+    folder = Path(folder)
+    caps = read_captions(folder)
+    if caps is None:
+        return None
+    files = sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    captions = [caps.by_file.get(name) for name in files]
+    present = [c is not None and bool(c.strip()) for c in captions]
+    texts = [c.strip() for c, ok in zip(captions, present) if ok]
+    lengths = iter(counter.count(texts))
+    keys = [normalise_caption(c) if ok else None for c, ok in zip(captions, present)]
+    counts = pd.Series([k for k in keys if k is not None], dtype=object).value_counts()
+    n = int(sum(present))
+    rows = [{
+        "file": name,
+        "has_caption": ok,
+        "caption": c,
+        "n_chars": len(c.strip()) if ok else None,
+        "n_words": len(c.split()) if ok else None,
+        "n_tokens": int(next(lengths)) if ok else None,
+        "caption_key": key,
+        "caption_share": float(counts[key] / n) if ok else None,
+    } for name, c, ok, key in zip(files, captions, present, keys)]
+    return pd.DataFrame(rows, columns=list(CAPTION_TABLE_COLUMNS))
 
 
 def reference_profile(table, p: ValidateParams) -> dict:

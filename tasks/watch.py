@@ -56,7 +56,8 @@ def known_teacher_shas(root: Path, name: str) -> list[str]:
 
 @task(name="drift-test", task_run_name="drift test {batch}")
 def drift_test(batch: Path, reference: Path, features: Path, p: DriftParams, out_dir: Path) -> dict:
-    """MMD permutation test on the embeddings and Holm-corrected KS tests; writes drift.json and drift.png."""
+    """MMD permutation test on the embeddings, Holm-corrected KS tests and, when the batch and the reference both
+    have captions, the MMD test on their prompts ("words" features); writes drift.json and drift.png."""
     from redistill.drift import check_folder, embedding
 
     try:
