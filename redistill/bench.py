@@ -132,7 +132,8 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         log(f"distilling {method} for {steps} steps")
         t = time.perf_counter()
         student, summary = distill(d, load_pipeline(teacher), images, out / "checkpoints" / f"{method}-{steps}",
-                                   log=log, teacher_path=teacher, workspace=root, **extra)
+                                   log=log, teacher_path=teacher, workspace=root,
+                                   captions=getattr(data, "captions", None), **extra)
         return student, summary, round(time.perf_counter() - t, 1)
 
     def keep(pipe, summary: dict, method: str, steps: int) -> Path:

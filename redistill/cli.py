@@ -363,7 +363,8 @@ def distill(
         validate_teacher(teacher, images.channels, images.size)
         student, summary = run_method(p.distill, load_pipeline(teacher), torch.from_numpy(images.images),
                                       root / "runs" / "distill" / safe_name(out.name) / "checkpoints",
-                                      log=lambda m: typer.echo(m, err=True), teacher_path=teacher, workspace=root)
+                                      log=lambda m: typer.echo(m, err=True), teacher_path=teacher, workspace=root,
+                                      captions=getattr(images, "captions", None))
     except (DataError, PipelineError, ValueError) as e:
         fail(str(e))
     save_pipeline(student, out, extra={"redistill_distill.json": summary})

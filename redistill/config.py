@@ -348,12 +348,8 @@ class ConsistencyParams:
     huber_c: float = Field(0.001, description="pseudo-Huber constant; 0 gives L2")
     export: str = Field("ema", description="the exported weights: ema (of θ, distill.ema_decay) or target (θ⁻, as diffusers' LCM script)")
     sampler: str = Field("lcm", description="lcm (stock LCMScheduler: re-noise with fresh noise) or ddim (deterministic, stock DDIMScheduler)")
-    lora_rank: int = Field(0, description="> 0: an LCM-LoRA student, the teacher's UNet plus a LoRA adapter of this rank on its attention (text-to-image teachers); 0: the whole UNet trains")
-    lora_alpha: float = Field(0.0, description="the LoRA scale's numerator (scale alpha/rank); 0 means alpha = rank")
 
     def __post_init__(self):
-        if self.lora_rank < 0 or self.lora_alpha < 0:
-            raise ConfigError(f"distill.consistency.lora_rank and lora_alpha must be ≥ 0, got {self.lora_rank} and {self.lora_alpha}")
         if self.export not in ("ema", "target"):
             raise ConfigError(f"distill.consistency.export must be ema or target, got {self.export!r}")
         if self.sampler not in ("lcm", "ddim"):
@@ -437,6 +433,12 @@ class StudentParams:
     block_out_channels: list[int] = Field(default_factory=list, description="one entry per UNet level, e.g. [16, 32]")
     layers_per_block: int = Field(0, description="e.g. 1 where the teacher has 2")
     feature_loss: float = Field(0.0, description="weight of block-output feature matching to the teacher (0: off)")
+    lora_rank: int = Field(0, description="> 0: a LoRA student (LCM-LoRA), the teacher's own UNet plus a LoRA adapter of this rank on its attention projections, of which only the adapter trains (consistency and dmd; text-to-image teachers); 0: the whole UNet trains")
+    lora_alpha: float = Field(0.0, description="the LoRA scale's numerator (the update is scaled alpha/rank); 0 means alpha = rank")
+
+    def __post_init__(self):
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ConfigError(f"distill.student.lora_rank and lora_alpha must be ≥ 0, got {self.lora_rank} and {self.lora_alpha}")
 
 
 @settings("distill")

@@ -192,6 +192,16 @@ def classify(model: DigitClassifier, images: torch.Tensor, confidence: float, ba
     }
 
 
+@torch.no_grad()
+def adherence(model: DigitClassifier, images: torch.Tensor, prompted: torch.Tensor, batch: int = 1000) -> dict:
+    """Prompt adherence with the data's own classifier: the share of images whose most likely digit class is
+    the class their prompt asked for (and that the classifier does not call "not a digit"), overall and per class."""
+    probs = torch.cat([F.softmax(model(images[i : i + batch].float()), dim=1) for i in range(0, len(images), batch)])
+    hit = (probs[:, :NOT_A_DIGIT].argmax(1) == prompted.cpu()) & (probs.argmax(1) != NOT_A_DIGIT)
+    per_class = {int(k): float(hit[prompted == k].float().mean()) for k in prompted.unique().tolist()}
+    return {"prompt_adherence": float(hit.float().mean()), "prompt_adherence_per_class": per_class}
+
+
 class InceptionFeatures(nn.Module):
     """Inception-v3 pool features (torch-fidelity) from a local `.safetensors` weights file.
 

@@ -36,6 +36,11 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None = None, targe
 
     if rank < 1:
         raise ValueError(f"a LoRA rank must be at least 1, got {rank}")
+    names = {n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0" for n, _ in unet.named_modules()}
+    if not names & set(targets) or not hasattr(unet, "add_adapter"):  # UNet2DModel has no diffusers LoRA support
+        raise ValueError(f"this UNet ({type(unet).__name__}) takes no LoRA adapter: it has none of the attention projections "
+                         f"({', '.join(targets)}) or no diffusers LoRA support; a LoRA student needs a UNet2DConditionModel. "
+                         "Set distill.student.lora_rank: 0 for a full-UNet student")
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                                 target_modules=list(targets)), adapter_name=ADAPTER)

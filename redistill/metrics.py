@@ -271,7 +271,10 @@ def sample(pipe, n: int, steps: int, seed: int, batch: int) -> torch.Tensor:
 def _cache_file(cache_dir: Path, pipe, sha256: str, scheduler: str, steps: int, seed: int, size: int) -> tuple[Path, str]:
     # One file per generation batch: the key covers the folder's bytes (weights and configs), the sampler and
     # the batch's draw (its seed and size), so a larger sample reuses every batch a smaller one drew.
-    key = json.dumps([sha256, scheduler, steps, seed, size, pipe.device.type, str(pipe.unet.dtype)])
+    from redistill.models import adapter_for
+
+    draw = getattr(adapter_for(pipe), "draw_key", None)  # a text-to-image model: its prompt set and guidance
+    key = json.dumps([sha256, scheduler, steps, seed, size, pipe.device.type, str(pipe.unet.dtype)] + ([draw()] if draw else []))
     return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors", key
 
 
@@ -418,7 +421,24 @@ def measure_speed(cand, cand_steps: int, ref, ref_steps: int, p: EvaluateParams,
         "throughput_repeats": p.throughput_repeats,
         "device": str(dev),
         "threads": torch.get_num_threads(),
+        **_latent_costs(cand, ref, dev, p.latency_repeats),
     }
+
+
+def _latent_costs(cand, ref, dev, repeats: int) -> dict:
+    """For text-to-image pipelines: UNet passes per step (2 under classifier-free guidance: the doubled batch
+    the teacher pays and a distilled student does not) and the VAE decode's latency at batch 1, which the
+    latencies above include."""
+    from redistill.models import adapter_for
+
+    mc, mr = adapter_for(cand), adapter_for(ref)
+    if not hasattr(mc, "decode"):
+        return {}
+    z = torch.randn((1, mc.channels, *mc.sample_size), generator=torch.Generator().manual_seed(0)).to(dev)
+    mc.decode(z)  # warm-up
+    decode = sorted(_timed(lambda: mc.decode(z), dev) for _ in range(max(1, repeats)))
+    return {"unet_passes_per_step": mc.unet_passes_per_step(), "reference_unet_passes_per_step": mr.unet_passes_per_step(),
+            "vae_decode_ms_p50": 1000 * float(np.median(decode)), "vae_decode_included": True}
 
 
 def save_grid(candidate: torch.Tensor, reference: torch.Tensor, path: Path, per_row: int = 16, scale: int = 4,
@@ -507,6 +527,30 @@ def quality_in_space(extractor: nn.Module, real_images: np.ndarray, fake: torch.
     return q
 
 
+def use_data_prompts(pipes: list, data: ImageSet):
+    """Give text-to-image pipelines the data's captions as their prompt set (each sample draws one, the same
+    for every pipeline at the same seed). Returns a function (pipe, n, seed, batch) → the class each sample's
+    prompt names (the label of the image the caption came from), or None where that cannot be told."""
+    from redistill.models import adapter_for
+
+    captions = getattr(data, "captions", None)
+    models = [adapter_for(q) for q in pipes]
+    if not captions or not all(hasattr(m, "use_prompts") for m in models):
+        return None
+    for m in models:
+        m.use_prompts(list(captions))
+    if data.labels is None:
+        return None
+    labels = torch.as_tensor(np.asarray(data.labels))
+
+    def asked(pipe, n: int, seed: int, batch: int) -> torch.Tensor:
+        model = adapter_for(pipe)
+        return torch.cat([labels[model.draw_indices(size, torch.Generator(device=pipe.device).manual_seed(b_seed))]
+                          for b_seed, size in _batches(n, seed, batch)])
+
+    return asked
+
+
 def evaluate(
     candidate: Side,
     reference: Side,
@@ -542,6 +586,7 @@ def evaluate(
     check_fits(ref, reference.path, data.channels, data.size, data_path)
     if same and candidate.steps != reference.steps:
         ref = load_pipeline(reference.path, dev)  # a second copy: each may need its own scheduler
+    prompted = use_data_prompts([cand, ref], data)  # a text-to-image pair draws the data's captions, the same for both
     cand_sched = configure_scheduler(cand, candidate.steps, candidate.scheduler)
     ref_sched = configure_scheduler(ref, reference.steps, reference.scheduler) if ref is not cand else cand_sched
     identical = ref is cand
@@ -590,6 +635,13 @@ def evaluate(
         c = classify(classifier, fake, confidence)
         r = c if identical else classify(classifier, ref_fake, confidence)
         recog = {**c, "reference_recognisable_share": r["recognisable_share"]}
+        if prompted is not None:  # 2b. prompt adherence: does each image show the class its prompt asked for?
+            from redistill.features import adherence
+
+            asked = prompted(cand, n, p.seed, p.sample_batch_size)
+            a, ra = adherence(classifier, fake, asked), adherence(classifier, ref_fake, asked)
+            recog.update(a, reference_prompt_adherence=ra["prompt_adherence"],
+                         prompt_adherence_gap_points=100 * (ra["prompt_adherence"] - a["prompt_adherence"]))
 
     # 3. Fidelity to the reference on the same noise.
     psnr, ssim = psnr_ssim(fake, ref_fake)

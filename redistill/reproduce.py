@@ -247,7 +247,8 @@ def reproduce(c, name: str, mv, root: Path, out_dir: Path, log: Callable[[str], 
     if student_dir.exists():
         shutil.rmtree(student_dir)
     student, summary = distill(p.distill, load_pipeline(teacher), torch.from_numpy(images.images),
-                               out_dir / "checkpoints", log=log, teacher_path=teacher, workspace=root)
+                               out_dir / "checkpoints", log=log, teacher_path=teacher, workspace=root,
+                               captions=getattr(images, "captions", None))
     save_pipeline(student, student_dir, extra={"redistill_distill.json": summary})
     new = evaluate_student(student_dir, p.distill.target_steps, teacher, data, Path(root) / "data" / "features", p,
                            out_dir / "evaluation", log=log)

@@ -47,10 +47,8 @@ class StudentModel:
         self.max_steps = int(self.pipe.scheduler.config.get("num_train_timesteps", 1000))
 
     def predict(self, model_input, params=None):
-        import numpy as np
         import pandas as pd
         import torch
-        from PIL import Image
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         missing = {"seed", "num_images"} - set(df.columns)
@@ -64,24 +62,41 @@ class StudentModel:
         if total > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"at most {MAX_IMAGES_PER_REQUEST} images per request in all rows, got {total}")
         rows = []
+        text = hasattr(self.model, "use_prompts")  # a text-to-image student: each row's prompt conditions it
         for (seed, n, steps), (label, guidance) in zip(requests, conds):
             g = torch.Generator(device=self.pipe.device).manual_seed(seed)
             labels = None
+            if text:
+                with torch.no_grad():
+                    images = self.model.sample(n, steps, g, [label] * n, guidance).permute(0, 2, 3, 1).cpu().numpy()
+                rows += [{**row, "prompt": label} for row in _png_rows(images, seed)]
+                continue
             if self.model.conditional:
                 labels = (torch.full((n,), label, dtype=torch.long) if label is not None
                           else self.model.conditions(n, g))
             with torch.no_grad():
                 images = self.model.sample(n, steps, g, labels, guidance).permute(0, 2, 3, 1).cpu().numpy()
-            for i, img in enumerate(images):
-                arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-                arr = arr[..., 0] if arr.shape[-1] == 1 else arr
-                buf = io.BytesIO()
-                Image.fromarray(arr).save(buf, format="PNG")
-                rows.append({"seed": seed, "index": i, "height": int(arr.shape[0]),
-                             "width": int(arr.shape[1]), "image_png_base64": base64.b64encode(buf.getvalue()).decode(),
-                             **({"class_label": int(labels[i])} if labels is not None else {})})
+            rows += [{**row, **({"class_label": int(labels[i])} if labels is not None else {})}
+                     for i, row in enumerate(_png_rows(images, seed))]
         columns = ["seed", "index", "height", "width", "image_png_base64"]
-        return pd.DataFrame(rows, columns=columns + (["class_label"] if self.model.conditional else []))
+        extra = ["prompt"] if text else ["class_label"] if self.model.conditional else []
+        return pd.DataFrame(rows, columns=columns + extra)
+
+
+def _png_rows(images, seed: int) -> list[dict]:
+    """One response row per image (N, H, W, C) in [0, 1]: its PNG in base64 and its size."""
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    for i, img in enumerate(images):
+        arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+        arr = arr[..., 0] if arr.shape[-1] == 1 else arr
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        rows.append({"seed": seed, "index": i, "height": int(arr.shape[0]), "width": int(arr.shape[1]),
+                     "image_png_base64": base64.b64encode(buf.getvalue()).decode()})
+    return rows
 
 
 def _whole(value, name: str, lo: int, hi: int) -> int:
@@ -113,16 +128,29 @@ def _check_row(r, default_steps: int, max_steps: int) -> tuple[int, int, int]:
     return seed, n, steps
 
 
-def _check_condition(r, model) -> tuple[int | None, float | None]:
-    """(class_label, guidance_scale) of one request row: only a conditional student takes them."""
-    import math
+MAX_PROMPT_CHARS = 1000
 
+
+def _check_condition(r, model) -> tuple[int | str | None, float | None]:
+    """(class_label, guidance_scale) of one request row: only a conditional student takes them; a text-to-image
+    student takes (prompt, guidance_scale) instead, and needs the prompt."""
     import pandas as pd
 
     def given(key):
         v = r.get(key)
         return v is not None and (isinstance(v, str) or not pd.isna(v))
 
+    if hasattr(model, "use_prompts"):  # text-to-image
+        if given("class_label"):
+            raise ValueError("this student is text-to-image: it takes a `prompt`, not a class_label; drop the column")
+        prompt = r.get("prompt") if given("prompt") else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("this student is text-to-image: each request row needs a non-empty `prompt` string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"a prompt may have at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}")
+        return prompt, _guidance(r) if given("guidance_scale") else None
+    if given("prompt"):
+        raise ValueError("this student is not text-to-image: it takes no prompt; drop the column")
     if not model.conditional:
         extra = [k for k in ("class_label", "guidance_scale") if given(k)]
         if extra:
@@ -131,15 +159,23 @@ def _check_condition(r, model) -> tuple[int | None, float | None]:
     label = _whole(r["class_label"], "class_label", 0, model.num_classes - 1) if given("class_label") else None
     guidance = None
     if given("guidance_scale"):
-        try:
-            guidance = float(r["guidance_scale"])
-        except (TypeError, ValueError):
-            raise ValueError(f"guidance_scale must be a number, got {r['guidance_scale']!r}") from None
-        if isinstance(r["guidance_scale"], bool) or not math.isfinite(guidance) or not 0.0 <= guidance <= 20.0:
-            raise ValueError(f"guidance_scale must be between 0 and 20, got {r['guidance_scale']!r}")
+        guidance = _guidance(r)
         if guidance != 1.0 and model.null_class is None:
             raise ValueError("this student has no null class, so it cannot be guided further; leave guidance_scale at 1")
     return label, guidance
+
+
+def _guidance(r) -> float:
+    """The row's guidance_scale, a number in [0, 20]."""
+    import math
+
+    try:
+        guidance = float(r["guidance_scale"])
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_scale must be a number, got {r['guidance_scale']!r}") from None
+    if isinstance(r["guidance_scale"], bool) or not math.isfinite(guidance) or not 0.0 <= guidance <= 20.0:
+        raise ValueError(f"guidance_scale must be between 0 and 20, got {r['guidance_scale']!r}")
+    return guidance
 
 
 def _load_pyfunc(data_path: str) -> StudentModel:
@@ -158,7 +194,8 @@ def save_pyfunc(student: Path, out: Path) -> Path:
         inputs=Schema([ColSpec("long", "seed"), ColSpec("long", "num_images"),
                        ColSpec("long", "num_inference_steps", required=False),
                        ColSpec("long", "class_label", required=False),  # conditional students only
-                       ColSpec("double", "guidance_scale", required=False)]),
+                       ColSpec("double", "guidance_scale", required=False),
+                       ColSpec("string", "prompt", required=False)]),  # text-to-image students only
         outputs=Schema([ColSpec("long", "seed"), ColSpec("long", "index"), ColSpec("long", "height"),
                         ColSpec("long", "width"), ColSpec("string", "image_png_base64")]),
     )

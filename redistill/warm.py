@@ -66,6 +66,9 @@ def why_not(champion_tags: dict, champion_student: Path, teacher: Path, p) -> st
                "rectified": "reflows the teacher's couplings, then distils the reflowed flow"}.get(d.method, "has no warm start")
         return (f"{d.method} distillation {why}, so it always starts cold; "
                 f"warm starts serve {', '.join(WARM_METHODS)}")
+    if d.student.lora_rank:
+        return ("a LoRA student (distill.student.lora_rank > 0) is an adapter trained on its base teacher from the "
+                "start, so it always starts cold")
     method, steps = champion_tags.get(PREFIX + "method"), champion_tags.get(PREFIX + "num_inference_steps")
     if method != d.method:
         return f"the champion was distilled with {method}, this cycle uses {d.method}"

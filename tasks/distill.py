@@ -66,14 +66,26 @@ def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path, 
     if (out / SUMMARY).is_file():  # finished earlier (e.g. the cycle died while registering): reuse it ...
         done = json.loads((out / SUMMARY).read_text())
         if done.get("init", "cold") == init_tag:
+            check_adapter_base(out, Path(teacher))
             return done
         shutil.rmtree(out)  # ... unless it started elsewhere (a forced re-run that now starts warm)
     logger = get_run_logger()
-    images = torch.from_numpy(load_image_folder(data).images)
+    folder = load_image_folder(data)
+    images = torch.from_numpy(folder.images)
     init = load_init(Path(start["student"])) if start and start.get("student") else None
     student, summary = distill(p, load_pipeline(teacher), images, Path(run_dir) / "checkpoints", log=logger.info,
                                teacher_path=Path(teacher), workspace=root, init=init,
-                               init_sha256=(start or {}).get("sha256", ""))
+                               init_sha256=(start or {}).get("sha256", ""), captions=getattr(folder, "captions", None))
     summary["init"] = init_tag
     save_pipeline(student, out, extra={SUMMARY: summary})
+    check_adapter_base(out, Path(teacher))
     return summary
+
+
+def check_adapter_base(student: Path, teacher: Path) -> None:
+    """A LoRA student is registered only beside the teacher its adapter was trained on (AdapterBaseMismatch, a
+    ValueError the cycle records as the failed run's reason, otherwise)."""
+    from redistill.lora import adapter_meta, check_base
+
+    if adapter_meta(student) is not None:
+        check_base(student, teacher)

@@ -138,9 +138,9 @@ def test_other_methods_refuse_the_kind_before_training(sd_teacher, tmp_path):
     from redistill.methods import distill
 
     pipe = load_pipeline(sd_teacher)
-    for method in ("progressive", "output", "adversarial", "dmd", "rectified"):
+    for method in ("progressive", "output", "adversarial", "rectified"):
         p = parse_params({"distill": {"method": method}}).distill
-        with pytest.raises(ValueError, match="does not serve text-to-image-latent teachers yet; use distill.method: consistency"):
+        with pytest.raises(ValueError, match="does not serve text-to-image-latent teachers yet; use distill.method: consistency or dmd"):
             distill(p, pipe, torch.rand(4, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher)
         assert not (tmp_path / "ckpt").exists()
 
@@ -157,8 +157,9 @@ def test_lcm_lora_student_trains_only_the_adapter_and_loads_in_stock_diffusers(s
     model.guidance_scale = 3.0
     data = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     p = parse_params({"distill": {"method": "consistency", "batch_size": 4, "lr": 1e-3, "checkpoint_every": 4,
-                                  "consistency": {"steps": 6, "solver_steps": 10, "lora_rank": 4}}}).distill
-    student, summary = distill(p, pipe, data, tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher)
+                                  "consistency": {"steps": 6, "solver_steps": 10}, "student": {"lora_rank": 4}}}).distill
+    student, summary = distill(p, pipe, data, tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher,
+                               captions=prompts(32))
     assert summary["lora_rank"] == 4 and summary["base_sha256"] == pipeline_sha256(sd_teacher)
     assert 0 < summary["adapter_params"] < sum(w.numel() for w in pipe.unet.parameters()) / 20
     for name in ("vae", "text_encoder"):  # the base's other components are the teacher's own
@@ -171,6 +172,17 @@ def test_lcm_lora_student_trains_only_the_adapter_and_loads_in_stock_diffusers(s
                                                                 "num_inference_steps": 4}
     check_base(folder, sd_teacher)
     assert adapter_for(load_pipeline(folder)).sampling["guidance_scale"] == 1.0
+    # a cycle that finds this student in its run folder while its teacher is another base refuses to go on
+    import shutil
+
+    from redistill.config import parse_params as _pp
+    from redistill.tasks.distill import SUMMARY, distill_student
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(folder, run_dir / "student")
+    (run_dir / "student" / SUMMARY).write_text(json.dumps(summary))
+    with pytest.raises(AdapterBaseMismatch):
+        distill_student.fn(make_tiny_sd(tmp_path / "other-base", seed=2), tmp_path, _pp({}).distill, run_dir)
     script = f"""
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler
@@ -199,10 +211,142 @@ print("IMAGE", img.shape)
 
 def test_lcm_lora_refuses_a_warm_start_or_a_smaller_student(sd_teacher, tmp_path):
     from redistill.config import parse_params
+    from redistill.methods import distill, method_config
+
+    pipe = load_pipeline(sd_teacher)
+    p = parse_params({"distill": {"method": "consistency", "student": {"layers_per_block": 1, "lora_rank": 4},
+                                  "consistency": {"steps": 2}}}).distill
+    with pytest.raises(ValueError, match="a LoRA student is the teacher's own UNet plus an adapter"):
+        distill(p, pipe, torch.rand(8, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher,
+                captions=prompts(8))
+    with pytest.raises(ValueError, match="serves consistency and dmd, not output"):
+        method_config(parse_params({"distill": {"method": "output", "student": {"lora_rank": 4}}}).distill)
+    with pytest.raises(ValueError, match="trained on its base teacher from the start"):
+        p = parse_params({"distill": {"method": "consistency", "student": {"lora_rank": 4}}}).distill
+        distill(p, pipe, torch.rand(8, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher,
+                captions=prompts(8), init={k: v.clone() for k, v in pipe.unet.state_dict().items()})
+    with pytest.raises(ValueError, match="this data has no captions"):
+        distill(parse_params({"distill": {"method": "consistency"}}).distill, pipe, torch.rand(8, 3, 16, 16),
+                tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher)
+
+
+# --- a whole cycle from an empty workspace, with an LCM-LoRA student -------------------------------------------
+
+SHAPE_WORDS = "a picture of disc square triangle stripes ring".split()
+
+
+@pytest.mark.trials
+def test_a_text_to_image_teacher_runs_the_whole_cycle_with_an_lcm_lora_student(tmp_path, prefect_harness):
+    """Captioned shapes + a tiny SD teacher, nothing else: the cycle validates the captions, distils an LCM-LoRA
+    student under each image's caption, evaluates it on the data's prompts (adherence, the VAE decode, one UNet
+    pass against the teacher's two), promotes and registers it; lineage shows the base teacher the adapter
+    points at; the export is a complete pipeline with the adapter beside it; the served model takes a prompt."""
+    import pandas as pd
+
+    from conftest import LENIENT_GATE
+    from test_byo import TINY_METHODS, _cycle
+
+    from redistill import shapes
+    from redistill.cli import app
+    from redistill.data import load_image_folder, write_captions
+    from redistill.registry import client, tracking_uri
+    from redistill.serving import StudentModel
+    from typer.testing import CliRunner
+
+    tok = write_clip_tokenizer(tmp_path / "tok", SHAPE_WORDS)
+    teacher = tmp_path / "teacher"
+    save_pipeline(tiny_sd_pipeline(tok, image_size=16), teacher)
+    data = shapes.write(tmp_path / "data", 80, size=16, channels=3, seed=1, labels=True)
+    im = load_image_folder(data)
+    write_captions(data, {f: f"a picture of a {shapes.CLASSES[int(y)]}" for f, y in zip(im.files, im.labels)})
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text(TINY_METHODS.replace("consistency: {steps: 3}",
+                                                         "consistency: {steps: 3, solver_steps: 10}, student: {lora_rank: 4}")
+                                    + LENIENT_GATE)
+    result = _cycle(ws, teacher, data, "consistency")
+    assert result["decision"] == "promoted", result
+    c = client(tracking_uri(ws))
+    mv = c.get_model_version("digits-student", result["version"])
+    assert mv.tags["redistill.teacher_sha256"] == pipeline_sha256(teacher)
+    run = c.get_run(mv.run_id)
+    assert run.data.metrics["speed.unet_passes_per_step"] == 1 and run.data.metrics["speed.reference_unet_passes_per_step"] == 2
+    assert "speed.vae_decode_ms_p50" in run.data.metrics
+    runner = CliRunner()
+    r = runner.invoke(app, ["lineage", "--workspace", str(ws), "--alias", "champion", "--json"])
+    assert r.exit_code == 0, r.output[-2000:]
+    assert pipeline_sha256(teacher) in r.stdout
+    out = tmp_path / "export"
+    r = runner.invoke(app, ["export", "--workspace", str(ws), "--alias", "champion", "--out", str(out)])
+    assert r.exit_code == 0, r.output[-2000:]
+    assert (out / LORA_WEIGHTS).is_file() and json.loads((out / LORA_META).read_text())["base_sha256"] == pipeline_sha256(teacher)
+    check_base(out, teacher)
+    answer = StudentModel(out).predict(pd.DataFrame([{"seed": 1, "num_images": 2, "prompt": "a picture of a ring"}]))
+    assert answer["prompt"].tolist() == ["a picture of a ring"] * 2 and len(answer["image_png_base64"][0]) > 50
+    with pytest.raises(ValueError, match="needs a non-empty `prompt`"):
+        StudentModel(out).predict(pd.DataFrame([{"seed": 1, "num_images": 1}]))
+
+
+def test_the_evaluation_draws_the_datas_prompts_and_scores_adherence_per_sample(sd_teacher):
+    import numpy as np
+
+    from redistill.data import ImageSet
+    from redistill.features import NOT_A_DIGIT, adherence
+    from redistill.metrics import _cache_file, use_data_prompts
+
+    caps = prompts(10)
+    data = ImageSet(images=np.zeros((10, 3, 16, 16), np.float32), labels=np.arange(10), files=[f"{i}.png" for i in range(10)],
+                    captions=caps)
+    pipe, other = load_pipeline(sd_teacher), load_pipeline(sd_teacher)
+    key_before = _cache_file(Path("/c"), pipe, "sha", "DDIM", 4, 0, 4)[0]
+    asked = use_data_prompts([pipe, other], data)
+    assert _cache_file(Path("/c"), pipe, "sha", "DDIM", 4, 0, 4)[0] != key_before  # the prompt set is in the sample key
+    labels = asked(pipe, 7, 3, 4)  # batches of 4 and 3 from generator seeds 3 and 4, as metrics.sample draws them
+    drawn = adapter_for(other).draw_prompts(4, torch.Generator().manual_seed(3)) + \
+        adapter_for(other).draw_prompts(3, torch.Generator().manual_seed(4))
+    assert [caps[int(k)] for k in labels] == drawn
+
+    class Says(torch.nn.Module):  # a classifier that calls every image the class in its first pixel
+        def forward(self, x):
+            logits = torch.full((len(x), NOT_A_DIGIT + 1), -10.0)
+            logits[torch.arange(len(x)), x[:, 0, 0, 0].long()] = 10.0
+            return logits
+
+    images = torch.zeros(4, 3, 16, 16)
+    images[:, 0, 0, 0] = torch.tensor([1.0, 2.0, 3.0, float(NOT_A_DIGIT)])
+    a = adherence(Says(), images, torch.tensor([1, 2, 5, 3]))
+    assert a["prompt_adherence"] == 0.5 and a["prompt_adherence_per_class"] == {1: 1.0, 2: 1.0, 3: 0.0, 5: 0.0}
+
+
+def test_dmd_trains_a_lora_generator_on_captioned_latents(sd_teacher, tmp_path):
+    """DMD2 on the text-to-image kind: the generator and the fake score are LoRA adapters on the teacher, the
+    export is the fused pipeline with the adapter and its base beside it, sampled at guidance 1."""
+    from redistill.config import parse_params
     from redistill.methods import distill
 
     pipe = load_pipeline(sd_teacher)
-    p = parse_params({"distill": {"method": "consistency", "student": {"layers_per_block": 1},
-                                  "consistency": {"steps": 2, "lora_rank": 4}}}).distill
-    with pytest.raises(ValueError, match="LCM-LoRA student"):
-        distill(p, pipe, torch.rand(8, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher)
+    adapter_for(pipe).guidance_scale = 2.0
+    p = parse_params({"distill": {"method": "dmd", "batch_size": 4, "checkpoint_every": 4, "target_steps": 2,
+                                  "dmd": {"steps": 2, "fake_updates": 1, "solver_steps": 10}, "student": {"lora_rank": 4}}}).distill
+    student, summary = distill(p, pipe, torch.rand(16, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None,
+                               teacher_path=sd_teacher, captions=prompts(16))
+    assert summary["method"] == "dmd" and summary["lora_rank"] == 4 and summary["base_sha256"] == pipeline_sha256(sd_teacher)
+    moved = max((a - b).abs().max().item() for a, b in zip(student.unet.parameters(), pipe.unet.parameters()))
+    assert moved > 0
+    save_pipeline(student, tmp_path / "student")
+    check_base(tmp_path / "student", sd_teacher)
+    assert json.loads((tmp_path / "student" / SAMPLING_FILE).read_text())["distilled_guidance_scale"] == 2.0
+    out = adapter_for(load_pipeline(tmp_path / "student")).sample(2, 2, torch.Generator().manual_seed(0), ["a digit one", "two"])
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="start: teacher"):
+        q = parse_params({"distill": {"method": "dmd", "dmd": {"start": "output"}, "student": {"lora_rank": 4}}}).distill
+        distill(q, pipe, torch.rand(16, 3, 16, 16), tmp_path / "ckpt2", log=lambda m: None, teacher_path=sd_teacher,
+                captions=prompts(16))
+
+
+def test_a_pixel_unet_without_attention_cannot_take_a_lora_student(tmp_path):
+    from conftest import make_tiny_pipeline
+
+    pipe = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
+    with pytest.raises(ValueError, match="takes no LoRA adapter"):
+        add_lora(pipe.unet, 4)

@@ -17,15 +17,17 @@ from redistill.config import DistillParams
 FAMILIES_SERVED = {"rectified": ("flow", "diffusion")}
 
 
+LORA_METHODS = ("consistency", "dmd")  # the methods whose student may be a LoRA adapter (distill.student.lora_rank)
+
 # kinds of teacher only some methods serve yet (the rest: every method of the kind's family)
-KIND_METHODS = {"text-to-image-latent": ("consistency",)}
+KIND_METHODS = {"text-to-image-latent": ("consistency", "dmd")}
 
 
 def refuses(method: str, family: str, kind: str) -> str | None:
     """Why `method` cannot distil a teacher of adapter family `family` (kind `kind`), or None when it can."""
     if kind in KIND_METHODS and method not in KIND_METHODS[kind]:
         return (f"distill.method {method} does not serve {kind} teachers yet; use distill.method: "
-                f"{' or '.join(KIND_METHODS[kind])} (LCM-LoRA with distill.consistency.lora_rank > 0)")
+                f"{' or '.join(KIND_METHODS[kind])} (a LoRA student with distill.student.lora_rank > 0)")
     if family in FAMILIES_SERVED.get(method, ("diffusion",)):
         return None
     return (f"distill.method {method} distils diffusion (ε/v/x₀) teachers; this teacher is a {kind} model. "
@@ -39,7 +41,8 @@ def _fill(cls, p: DistillParams, section):
     config built from params.yaml cannot keep a default of its own."""
     values = {**{name: getattr(p, name) for name in p.__pydantic_fields__ if not dataclasses.is_dataclass(getattr(p, name))},
               **dataclasses.asdict(section), "student_channels": tuple(p.student.block_out_channels),
-              "student_layers": p.student.layers_per_block, "feature_loss": p.student.feature_loss}
+              "student_layers": p.student.layers_per_block, "feature_loss": p.student.feature_loss,
+              "lora_rank": p.student.lora_rank, "lora_alpha": p.student.lora_alpha}
     names = [f.name for f in dataclasses.fields(cls)]
     missing = sorted(set(names) - set(values) - {"init_from"})
     if missing:
@@ -56,6 +59,13 @@ def method_config(p: DistillParams):
         raise ValueError(f"distill.lr must be > 0, got {p.lr}")
     if p.student.feature_loss < 0:
         raise ValueError(f"distill.student.feature_loss must be ≥ 0, got {p.student.feature_loss}")
+    if p.student.lora_rank:
+        if p.method not in LORA_METHODS:
+            raise ValueError(f"distill.student.lora_rank > 0 (a LoRA student) serves {' and '.join(LORA_METHODS)}, "
+                             f"not {p.method}; set lora_rank: 0 for a full-UNet student")
+        if p.student.block_out_channels or p.student.layers_per_block:
+            raise ValueError("a LoRA student is the teacher's own UNet plus an adapter: it keeps the teacher's shape. "
+                             "Leave distill.student.block_out_channels and layers_per_block empty, or set lora_rank: 0")
     if p.method == "progressive":
         from redistill.methods.progressive import ProgressiveConfig, distill, halving_schedule
 
@@ -98,13 +108,15 @@ def method_config(p: DistillParams):
 
 def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[str], None] = print, on_round=None,
             teacher_path: Path | None = None, workspace: Path | None = None, init: dict | None = None,
-            init_sha256: str = ""):
+            init_sha256: str = "", captions: list[str] | None = None):
     """Run the method `p.method` with its settings from `p`; returns (student pipeline, summary).
 
     `on_round(steps, pipeline)` receives intermediate students of methods that make them (progressive).
     `teacher_path` and `workspace` key and place the teacher-pair cache (`<workspace>/data/pairs`).
     `init` (a warm start: the champion's UNet weights, `init_sha256` its folder's hash) starts the student
     from those weights and trains `p.warm_fraction` of the method's steps (redistill/warm.py).
+    `captions` (one per image, the data's `ImageSet.captions`) condition a text-to-image teacher: each training
+    image is noised and denoised under its own caption.
     """
     cfg, run = method_config(p)
     from redistill.models import adapter_for
@@ -113,6 +125,13 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
     why = refuses(p.method, kind.family, kind.kind)
     if why:
         raise ValueError(why)
+    if hasattr(kind, "use_prompts"):  # text-to-image: the data's captions are its conditions
+        if not captions:
+            raise ValueError("a text-to-image teacher is distilled on captioned images, and this data has no captions: "
+                             "add captions.csv (file,caption) or metadata.jsonl (file_name,text) to the image folder")
+        if len(captions) != len(images):
+            raise ValueError(f"{len(captions)} captions for {len(images)} images; give every image its caption")
+        kind.use_prompts(list(captions), paired=True)
     extra = {}
     if init is not None:
         from redistill.warm import WARM_METHODS
@@ -123,7 +142,7 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
         extra["init"] = init
     if on_round is not None and p.method == "progressive":
         extra["on_round"] = on_round
-    if p.method == "consistency" and p.consistency.lora_rank:  # the adapter points at its base teacher
+    if p.method in LORA_METHODS and p.student.lora_rank:  # the adapter points at its base teacher
         from redistill.teacher import pipeline_sha256
 
         extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None

@@ -96,11 +96,7 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     #    student initialised from it, or (LCM-LoRA) as the teacher plus a zero-effect LoRA adapter, of which
     #    only the adapter trains.
     if cfg.lora_rank:
-        if init is not None or cfg.student_channels or cfg.student_layers:
-            raise ValueError("an LCM-LoRA student (distill.consistency.lora_rank > 0) is the teacher's own UNet plus an "
-                             "adapter: it starts cold and keeps the teacher's shape (set distill.init: cold and leave "
-                             "distill.student empty, or set lora_rank: 0)")
-        student = add_lora(copy.deepcopy(teacher_unet), cfg.lora_rank, cfg.lora_alpha or None)
+        student = lora_student(teacher_unet, cfg, init)
     else:
         student = warm(student_like(teacher_unet, cfg.student_channels, cfg.student_layers), init)  # or the champion
     target = frozen(copy.deepcopy(student))
@@ -155,6 +151,22 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
         return with_sampling(model.export(frozen(student).cpu(), sched), model, cfg.target_steps), summary
     # 8. LCM-LoRA: the pipeline holds the UNet with the adapter fused in (stock diffusers loads it as it is); the
     #    adapter itself, with its base teacher's sha256, is written beside it when the pipeline is saved.
+    student = student.cpu()
+    return lora_export(model, student, sched, cfg, teacher_sha256, summary)
+
+
+def lora_student(teacher_unet, cfg, init: dict | None):
+    """A copy of the teacher's UNet with a zero-effect LoRA adapter of `cfg.lora_rank`, of which only the adapter
+    trains (LCM-LoRA); refused for a warm start (an adapter is trained on its base from the start)."""
+    if init is not None:
+        raise ValueError("a LoRA student (distill.student.lora_rank > 0) is trained on its base teacher from the start: "
+                         "set distill.init: cold (or auto, which starts it cold), or set lora_rank: 0")
+    return add_lora(copy.deepcopy(teacher_unet), cfg.lora_rank, cfg.lora_alpha or None)
+
+
+def lora_export(model, student, sched, cfg, teacher_sha256, summary: dict):
+    """A LoRA student as the kind's stock pipeline with the adapter fused into its UNet (stock diffusers loads it as
+    it is), carrying the adapter itself and its base teacher's sha256, written beside it when it is saved."""
     student = student.cpu()
     pipe = with_sampling(model.export(fused_copy(student), sched), model, cfg.target_steps)
     pipe.redistill_lora = {"unet": student, "base_sha256": teacher_sha256, "rank": cfg.lora_rank,

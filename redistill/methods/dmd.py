@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from redistill.config import DMDParams, settings
 from redistill.methods.adversarial import Discriminator
-from redistill.methods.consistency import consistency_fn, lcm_scheduler
+from redistill.lora import add_lora
+from redistill.methods.consistency import consistency_fn, lcm_scheduler, lora_export, lora_student, with_sampling
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
@@ -72,6 +73,12 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     T, K = sched_cfg.num_train_timesteps, cfg.target_steps
     if cfg.start not in STARTS:
         raise ValueError(f"distill.dmd.start must be one of {', '.join(STARTS)}, got {cfg.start!r}")
+    if not model.clips and (cfg.start != "teacher" or cfg.regression_weight > 0):
+        raise ValueError(f"a {model.kind} teacher is distilled by dmd from the teacher itself (distill.dmd.start: teacher, "
+                         "regression_weight: 0): the deterministic starts and the regression clip x̂₀ to pixel range")
+    if cfg.lora_rank and cfg.start != "teacher":
+        raise ValueError("a LoRA generator (distill.student.lora_rank > 0) starts as the teacher: set distill.dmd.start: teacher")
+    clip = (lambda x: x.clamp(-1, 1)) if model.clips else (lambda x: x)  # a latent x̂₀ is not clipped
     chain = cfg.start != "teacher"  # a deterministic sampler: noise → image, paired with the teacher's output
     x0_call = chain and K == 1 and cfg.start == "output"  # the output method's 1-step student: x₀ at T−1
     # the regression needs a deterministic generator: an LCM generator's first step estimates a mean image
@@ -99,7 +106,7 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     else:
         gen_t = student_grid(K, T, cfg.first_timestep).to(dev)
     alphas_cumprod = model.alphas_cumprod.to(dev)
-    x_all = (data.float() * 2.0 - 1.0).to(dev)
+    x_all = model.to_model_space(data).to(dev)  # pixels in [−1, 1], or a latent teacher's VAE latents
     shape = tuple(x_all.shape[1:])
     pairs = None
     if cfg.regression_weight > 0:
@@ -115,12 +122,18 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     #    the output-distilled one, or the progressive one.
     if chain and init is None and not run.resume_path:
         init = _first_student(teacher, data, cfg, ckpt_dir, log, teacher_sha256, pairs_dir)
-    student = warm(student_like(real_score, cfg.student_channels, cfg.student_layers), init)  # or the champion
-    fake_score = student_like(real_score)
+    #    A LoRA student (DMD2 on SDXL trains adapters too): the generator and the fake score are each the
+    #    teacher plus an adapter of their own.
+    if cfg.lora_rank:
+        student = lora_student(real_score, cfg, init)
+        fake_score = add_lora(copy.deepcopy(real_score), cfg.lora_rank, cfg.lora_alpha or None)
+    else:
+        student = warm(student_like(real_score, cfg.student_channels, cfg.student_layers), init)  # or the champion
+        fake_score = student_like(real_score)
     disc = Discriminator(fake_score, model.output).to(dev) if cfg.gan_weight > 0 else None
     fm = FeatureMatch(real_score, student, cfg.feature_loss)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    opt_fake = torch.optim.AdamW(fake_score.parameters(), lr=cfg.fake_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([w for w in student.parameters() if w.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    opt_fake = torch.optim.AdamW([w for w in fake_score.parameters() if w.requires_grad], lr=cfg.fake_lr, weight_decay=0.0)
     models = {"student": student, "fake_score": fake_score}
     optimizers = {"student": opt, "fake_score": opt_fake}
     if disc is not None:
@@ -202,8 +215,9 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
             return disc(noised(x, t)[0], t, c).float()
 
     def step():
-        x_real = x_all[randint(len(x_all))]
-        c = model.conditions(cfg.batch_size, gen, dev)  # a conditional teacher's batch of conditions (else None)
+        i_real = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
+        x_real = x_all[i_real.to(dev)]
+        c = model.conditions_at(i_real, cfg.batch_size, gen, dev)  # the batch's captions, or drawn conditions; else None
         # 3. Two time-scale rule: the fake score (and the discriminator) take `fake_updates` steps on fresh
         #    generator samples: the denoising loss in the teacher's parametrisation.
         for _ in range(cfg.fake_updates):
@@ -229,8 +243,8 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
             # both x̂₀ clipped to the data range, as the teacher's sampler clips them: unclipped, the ε models'
             # x̂₀ at high t (÷ α_t ≈ 0.03) made the gradient noisy and the class mix drifted (README "Measured figures")
             # the real score is the teacher as its sampler uses it (guidance folded in); the fake score is plain
-            grad = dmd_gradient(x_gen.detach(), x0_of(model.teacher_output, real_score, z, t, c).clamp(-1, 1),
-                                x0_of(model.output, fake_score, z, t, c).clamp(-1, 1))
+            grad = dmd_gradient(x_gen.detach(), clip(x0_of(model.teacher_output, real_score, z, t, c)),
+                                clip(x0_of(model.output, fake_score, z, t, c)))
         l_dmd = 0.5 * (x_gen - (x_gen - grad).detach()).pow(2).mean()
         l_feat = fm.loss()
         loss = l_dmd + l_feat
@@ -261,9 +275,12 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
                "student_timesteps": [t for t in gen_t.tolist() if t >= 0], "wall_time_s": run.finish(),
                "num_inference_steps": K}
     shutil.rmtree(_output_dir(ckpt_dir), ignore_errors=True)
+    if cfg.lora_rank:  # start: teacher (a LoRA generator is an LCM one)
+        return lora_export(model, frozen(student), lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips), cfg,
+                           teacher_sha256, summary)
     student = frozen(student).cpu()
     if not chain:
-        return model.export(student, lcm_scheduler(sched_cfg, cfg.solver_steps)), summary
+        return with_sampling(model.export(student, lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips)), model, K), summary
     if x0_call:
         from redistill.methods.output import one_step_scheduler
 

@@ -54,6 +54,8 @@ class TrainingConfig:
     student_channels: tuple[int, ...] = same_as(StudentParams, "block_out_channels", convert=tuple, strict=False)
     student_layers: int = same_as(StudentParams, "layers_per_block")
     feature_loss: float = same_as(StudentParams, "feature_loss")
+    lora_rank: int = same_as(StudentParams, "lora_rank")
+    lora_alpha: float = same_as(StudentParams, "lora_alpha")
     init_from: str = Field("", description='sha256 of the champion a warm start begins from ("" = from the '
                            "teacher); redistill/warm.py")
 

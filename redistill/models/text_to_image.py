@@ -162,9 +162,26 @@ class TextToImageLatent(ModelAdapter):
             self._uncond = self.encode_prompts([""], device)
         return self._uncond.expand(n, -1, -1)
 
+    def draw_indices(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Which of `prompts` a batch of `n` draws with `generator` (the first draw `sample` makes from it, so
+        the evaluation can tell, from the seed alone, which prompt each sample was asked for)."""
+        return torch.randint(0, len(self.prompts), (n,), generator=generator, device=generator.device).cpu()
+
     def draw_prompts(self, n: int, generator: torch.Generator) -> list[str]:
-        idx = torch.randint(0, len(self.prompts), (n,), generator=generator)
-        return [self.prompts[i] for i in idx.tolist()]
+        return [self.prompts[i] for i in self.draw_indices(n, generator).tolist()]
+
+    def draw_key(self) -> str:
+        """What else than the seed decides a sample: the prompt set and the guidance (for sample caches)."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps([self.prompts, self.guidance_scale, self.sampling]).encode()).hexdigest()[:16]
+
+    def unet_passes_per_step(self, guidance_scale: float | None = None) -> int:
+        """UNet calls per sampling step: 2 under classifier-free guidance (the doubled batch), else 1."""
+        if guidance_scale is None:
+            guidance_scale = self.sampling.get("guidance_scale", self.guidance_scale)
+        return 2 if guidance_scale > 1 and getattr(self.unet.config, "time_cond_proj_dim", None) is None else 1
 
     def conditions(self, n, generator, device="cpu"):
         return self.encode_prompts(self.draw_prompts(n, generator), device)
