@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from redistill.failpoints import failpoint
 from redistill.tasks.concurrency import api_url, one_at_a_time
-from redistill.tasks.distill import distill_student, warm_start
+from redistill.tasks.distill import distill_student, registered_form, warm_start
 from redistill.tasks.evaluate import evaluate_student, quality_vs_steps
 from redistill.tasks.gate import gate_student
 from redistill.tasks.registry import (
@@ -145,8 +145,9 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
         raise CycleStopped(changed)
     progress["stage"] = "register"
     log_evaluation_(root, run_id, result, decision)
-    log_artifacts_(root, run_id, student, "student")
-    model_path = log_pyfunc_(root, run_id, student)
+    kept = registered_form(student, run_dir)  # a LoRA student: the adapter and its base's sha256, not the base
+    log_artifacts_(root, run_id, kept, "student")
+    model_path = log_pyfunc_(root, run_id, kept)
     log_artifacts_(root, run_id, run_dir / "evaluation", "evaluation")
     if (run_dir / "champion-evaluation").is_dir():
         log_artifacts_(root, run_id, run_dir / "champion-evaluation", "champion-evaluation")

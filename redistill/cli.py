@@ -1036,18 +1036,31 @@ def export(
         fail(f"{name} has no {what}; {_status_hint(name, p)} lists the versions")
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         local = Path(c.download_artifacts(mv.run_id, "student", tmp))
+        from redistill.lora import is_adapter_only, write_complete
+
+        adapter = is_adapter_only(local)
         try:
-            check_pipeline_folder(local)
-        except PipelineError as e:
+            if adapter:  # a LoRA student is registered as its adapter: the folder is rebuilt on its base teacher
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_complete(local, out)
+            else:
+                check_pipeline_folder(local)
+        except (PipelineError, ValueError) as e:
             fail(f"version {mv.version}'s student is not a usable pipeline: {e}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(local, out)
+        if not adapter:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(local, out)
     steps = mv.tags.get("redistill.num_inference_steps")
     own_code = isinstance(json.loads((out / "model_index.json").read_text()).get("_class_name"), list)
     load = f"DiffusionPipeline.from_pretrained('{out}'{', trust_remote_code=True' if own_code else ''})"
     call = f"(class_labels=[0, 1], num_inference_steps={steps})" if own_code else f"(num_inference_steps={steps})"
+    sampling = json.loads((out / "redistill_sampling.json").read_text()) if (out / "redistill_sampling.json").is_file() else {}
+    if sampling:  # text-to-image: a prompt, and the guidance it was distilled to be sampled at
+        call = f"(\"a prompt\", num_inference_steps={steps}, guidance_scale={sampling.get('guidance_scale', 1.0)})"
     typer.echo(f"wrote version {mv.version} of {name} to {out}; sample it with {load}{call}"
-               + (f" (its pipeline code is {out}/pipeline_redistill.py; read it before trusting it)" if own_code else ""))
+               + (f" (its pipeline code is {out}/pipeline_redistill.py; read it before trusting it)" if own_code else "")
+               + (f"; its LoRA adapter alone is {out}/pytorch_lora_weights.safetensors: pipe.load_lora_weights('{out}') "
+                  "on its base teacher, then this folder's scheduler" if adapter else ""))
 
 
 def _one_version(c, name: str, alias_name: Optional[str], version: Optional[int]):

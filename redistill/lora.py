@@ -80,7 +80,7 @@ def fused_copy(unet: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_adapter(unet: torch.nn.Module, folder: Path, base_sha256: str | None, rank: int, alpha: float | None = None,
-                 targets=TARGETS, extra: dict | None = None) -> Path:
+                 targets=TARGETS, extra: dict | None = None, base_uri: str | None = None) -> Path:
     """Write the adapter of `unet` into `folder` in diffusers' LoRA format, with its pointer to the base."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -91,7 +91,8 @@ def save_adapter(unet: torch.nn.Module, folder: Path, base_sha256: str | None, r
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, weight_name=LORA_WEIGHTS,
                                               safe_serialization=True)
-    meta = {"base_sha256": base_sha256, "rank": rank, "alpha": alpha or rank, "target_modules": list(targets),
+    meta = {"base_sha256": base_sha256, "base_uri": base_uri, "rank": rank, "alpha": alpha or rank,
+            "target_modules": list(targets),
             "weights": LORA_WEIGHTS, **(extra or {})}
     (folder / LORA_META).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
@@ -141,3 +142,79 @@ def load_adapter(adapter_folder: Path, base_folder: Path, device: str = "cpu"):
         if cls is not None:
             pipe.scheduler = cls.from_pretrained(str(sched))
     return pipe
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registered form: the adapter and a pointer to its base, not a copy of the base
+# ---------------------------------------------------------------------------------------------------
+
+ADAPTER_ONLY = (LORA_WEIGHTS, LORA_META, "redistill_sampling.json", "redistill_distill.json")  # + scheduler/
+
+
+def is_adapter_only(folder: Path) -> bool:
+    """A LoRA student's registered form: the adapter, its scheduler and pointer, without the base's components."""
+    folder = Path(folder)
+    return (folder / LORA_META).is_file() and not (folder / "model_index.json").is_file()
+
+
+def adapter_only(student: Path, out: Path) -> Path:
+    """The registered form of a saved LoRA student folder: its adapter (a few MB), its pointer to the base (sha256
+    and where it was), its scheduler and sampling settings; the base's components stay with the base."""
+    import shutil
+
+    student, out = Path(student), Path(out)
+    if adapter_meta(student) is None:
+        raise ValueError(f"{student} is not a LoRA student (no {LORA_META})")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name in ADAPTER_ONLY:
+        if (student / name).is_file():
+            shutil.copyfile(student / name, out / name)
+    shutil.copytree(student / "scheduler", out / "scheduler")
+    return out
+
+
+def load_adapter_only(folder: Path, device: str = "cpu"):
+    """A LoRA student's registered form as a pipeline: its base teacher (found where the pointer says, checked by
+    sha256) with the adapter fused into the UNet, the student's scheduler and sampling settings."""
+    import diffusers
+
+    from redistill.teacher import PipelineError, load_pipeline
+
+    folder = Path(folder)
+    meta = adapter_meta(folder)
+    base = meta.get("base_uri")
+    if not base or not Path(base).is_dir():
+        raise PipelineError(f"{folder} is a LoRA adapter whose base teacher (sha256 {meta.get('base_sha256')}) is not at "
+                            f"{base!r}; put the base teacher folder there, or load the adapter yourself with "
+                            "pipe.load_lora_weights on that base")
+    check_base(folder, Path(base))
+    pipe = load_pipeline(Path(base), device)
+    pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
+    pipe.fuse_lora(adapter_names=[ADAPTER])
+    pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    pipe.scheduler = getattr(diffusers, cfg["_class_name"]).from_pretrained(str(folder / "scheduler"))
+    sampling = folder / "redistill_sampling.json"
+    if sampling.is_file():
+        pipe.redistill_sampling = json.loads(sampling.read_text())
+    pipe.redistill_adapter_folder = str(folder)
+    pipe._redistill_adapter = None  # the base's adapter read the base's sampling settings: the student's hold now
+    return pipe
+
+
+def write_complete(folder: Path, out: Path) -> Path:
+    """A complete pipeline folder from a LoRA student's registered form: the base's components with the adapter fused
+    into the UNet, the student's scheduler, and the adapter itself beside them (`pytorch_lora_weights.safetensors`,
+    for users who already have the base)."""
+    import shutil
+
+    from redistill.teacher import save_pipeline
+
+    pipe = load_adapter_only(folder)
+    save_pipeline(pipe, out)
+    for name in ADAPTER_ONLY:
+        if (Path(folder) / name).is_file():
+            shutil.copyfile(Path(folder) / name, Path(out) / name)
+    return Path(out)

@@ -93,6 +93,13 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
+    from redistill.lora import is_adapter_only, load_adapter_only
+
+    if Path(path).is_dir() and is_adapter_only(Path(path)):  # a LoRA student as registered: its base + the adapter
+        _check_files(Path(path))
+        pipe = load_adapter_only(Path(path), device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     model_index = check_pipeline_folder(path)
     diffusers_logging.disable_progress_bar()  # the "Loading pipeline components" bar
     name = model_index.get("_class_name")
@@ -223,7 +230,8 @@ def _write_attachments(pipe, folder: Path) -> None:
     if lora:
         from redistill.lora import save_adapter
 
-        save_adapter(lora["unet"], folder, lora.get("base_sha256"), lora["rank"], lora.get("alpha"))
+        save_adapter(lora["unet"], folder, lora.get("base_sha256"), lora["rank"], lora.get("alpha"),
+                     base_uri=lora.get("base_uri"))
 
 
 def _load_own(path: Path, model_index: dict):

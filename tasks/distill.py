@@ -89,3 +89,15 @@ def check_adapter_base(student: Path, teacher: Path) -> None:
 
     if adapter_meta(student) is not None:
         check_base(student, teacher)
+
+
+@task(name="registered-form")
+def registered_form(student: Path, run_dir: Path) -> Path:
+    """What the registry keeps of a student: its whole folder, or for a LoRA student its adapter, scheduler and
+    pointer to the base teacher (sha256 and path; redistill/lora.py), a few MB instead of a copy of the base.
+    Everything that loads a registered student (evaluation, serving, export) rebuilds it on its base."""
+    from redistill.lora import adapter_meta, adapter_only
+
+    if adapter_meta(student) is None:
+        return Path(student)
+    return adapter_only(student, Path(run_dir) / "student-adapter")

@@ -281,6 +281,18 @@ def test_a_text_to_image_teacher_runs_the_whole_cycle_with_an_lcm_lora_student(t
     assert r.exit_code == 0, r.output[-2000:]
     assert (out / LORA_WEIGHTS).is_file() and json.loads((out / LORA_META).read_text())["base_sha256"] == pipeline_sha256(teacher)
     check_base(out, teacher)
+    assert "load_lora_weights" in r.stdout and "guidance_scale=1.0" in r.stdout
+    # the registry keeps the adapter and its pointer, not a copy of the base
+    kept = Path(c.download_artifacts(mv.run_id, "student", str(tmp_path / "kept")))
+    assert not (kept / "model_index.json").exists() and not (kept / "vae").exists()
+    assert sum(f.stat().st_size for f in kept.rglob("*") if f.is_file()) < sum(
+        f.stat().st_size for f in out.rglob("*") if f.is_file()) / 3
+    z = torch.randn(1, 4, 8, 8)
+    emb = adapter_for(load_pipeline(teacher)).encode_prompts(["a picture of a ring"])
+    exported, rebuilt = load_pipeline(out), load_pipeline(kept)
+    assert torch.allclose(exported.unet(z, 500, encoder_hidden_states=emb).sample,
+                          rebuilt.unet(z, 500, encoder_hidden_states=emb).sample, atol=1e-5)
+    assert adapter_for(rebuilt).sampling["guidance_scale"] == 1.0
     answer = StudentModel(out).predict(pd.DataFrame([{"seed": 1, "num_images": 2, "prompt": "a picture of a ring"}]))
     assert answer["prompt"].tolist() == ["a picture of a ring"] * 2 and len(answer["image_png_base64"][0]) > 50
     with pytest.raises(ValueError, match="needs a non-empty `prompt`"):

@@ -146,6 +146,7 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
         from redistill.teacher import pipeline_sha256
 
         extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None
+        extra["teacher_uri"] = str(Path(teacher_path).resolve()) if teacher_path is not None else None
     if p.method in ("output", "rectified") or (p.method == "dmd" and (p.dmd.regression_weight > 0 or p.dmd.start == "output")):
         from redistill.teacher import pipeline_sha256
 

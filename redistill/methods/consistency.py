@@ -75,7 +75,7 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
 
 
 def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
-            init: dict | None = None, teacher_sha256: str | None = None):
+            init: dict | None = None, teacher_sha256: str | None = None, teacher_uri: str | None = None):
     """Consistency-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline with an
     LCMScheduler, summary). Resumes from the latest checkpoint in `ckpt_dir`."""
     model = adapter_for(teacher)  # every network call, condition and the export go through it
@@ -152,7 +152,7 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     # 8. LCM-LoRA: the pipeline holds the UNet with the adapter fused in (stock diffusers loads it as it is); the
     #    adapter itself, with its base teacher's sha256, is written beside it when the pipeline is saved.
     student = student.cpu()
-    return lora_export(model, student, sched, cfg, teacher_sha256, summary)
+    return lora_export(model, student, sched, cfg, teacher_sha256, summary, teacher_uri)
 
 
 def lora_student(teacher_unet, cfg, init: dict | None):
@@ -164,13 +164,13 @@ def lora_student(teacher_unet, cfg, init: dict | None):
     return add_lora(copy.deepcopy(teacher_unet), cfg.lora_rank, cfg.lora_alpha or None)
 
 
-def lora_export(model, student, sched, cfg, teacher_sha256, summary: dict):
+def lora_export(model, student, sched, cfg, teacher_sha256, summary: dict, teacher_uri: str | None = None):
     """A LoRA student as the kind's stock pipeline with the adapter fused into its UNet (stock diffusers loads it as
     it is), carrying the adapter itself and its base teacher's sha256, written beside it when it is saved."""
     student = student.cpu()
     pipe = with_sampling(model.export(fused_copy(student), sched), model, cfg.target_steps)
     pipe.redistill_lora = {"unet": student, "base_sha256": teacher_sha256, "rank": cfg.lora_rank,
-                           "alpha": cfg.lora_alpha or cfg.lora_rank}
+                           "alpha": cfg.lora_alpha or cfg.lora_rank, "base_uri": teacher_uri}
     summary.update(lora_rank=cfg.lora_rank, adapter_params=sum(w.numel() for n, w in student.named_parameters() if "lora_" in n),
                    base_sha256=teacher_sha256)
     return pipe, summary

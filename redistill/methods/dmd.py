@@ -64,7 +64,7 @@ def dmd_gradient(x_gen: torch.Tensor, p_real: torch.Tensor, p_fake: torch.Tensor
 
 def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
             init: dict | None = None,
-            teacher_sha256: str | None = None, pairs_dir: Path | None = None):
+            teacher_sha256: str | None = None, pairs_dir: Path | None = None, teacher_uri: str | None = None):
     """DMD2-distil `teacher` on images `data` in [0, 1]; returns (the teacher kind's stock pipeline + its
     scheduler, summary)."""
     model = adapter_for(teacher)  # every network call, condition and the export go through it
@@ -277,7 +277,7 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     shutil.rmtree(_output_dir(ckpt_dir), ignore_errors=True)
     if cfg.lora_rank:  # start: teacher (a LoRA generator is an LCM one)
         return lora_export(model, frozen(student), lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips), cfg,
-                           teacher_sha256, summary)
+                           teacher_sha256, summary, teacher_uri)
     student = frozen(student).cpu()
     if not chain:
         return with_sampling(model.export(student, lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips)), model, K), summary

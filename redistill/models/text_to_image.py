@@ -36,6 +36,8 @@ def folder_sampling(pipe) -> dict:
     import json
     from pathlib import Path
 
+    if getattr(pipe, "redistill_sampling", None):  # set on the pipeline (a student, or one loaded from its adapter)
+        return dict(pipe.redistill_sampling)
     where = getattr(pipe.config, "_name_or_path", None) or ""
     f = Path(where) / SAMPLING_FILE if where else None
     if f is None or not f.is_file():
