@@ -181,7 +181,8 @@ def watch(workspace_dir: str | None = None, params_file: str | None = None) -> d
     # 2. Batches, in arrival order: drift test, episode bookkeeping, then at most one action per episode.
     for f in (f for f in found.ready if f.kind == "batch"):
         report = drift_test(Path(f.path), current_data(root), root / "data" / "features", p.drift,
-                            root / "runs" / "watch" / "drift" / f"{f.name}-{f.signature[:8]}")
+                            root / "runs" / "watch" / "drift" / f"{f.name}-{f.signature[:8]}",
+                            current_teacher(root, p.teacher.name, state) if p.drift.text_features == "teacher" else None)
         if report.get("error"):
             out["batches"].append(_refuse_batch(root, p, state, f.name, f.path, f.signature, "; ".join(report["reasons"])))
             save_state(root, state)
@@ -191,6 +192,8 @@ def watch(workspace_dir: str | None = None, params_file: str | None = None) -> d
                        "redistill.drifted": str(report["drifted"]).lower(),
                        "redistill.drift_reasons": "; ".join(report["reasons"])[:5000] or "none"},
                       {"mmd2": report["mmd2"], "mmd_p": report["mmd_p"],
+                       **({"text_mmd2": report["text_mmd2"], "text_mmd_p": report["text_mmd_p"]}
+                          if report.get("text_mmd_p") is not None else {}),
                        **{f"ks_p_holm.{k}": v["p_holm"] for k, v in report["ks"].items()}},
                       folder=Path(report["report_dir"]))
         now = time.time()

@@ -55,18 +55,34 @@ def known_teacher_shas(root: Path, name: str) -> list[str]:
 
 
 @task(name="drift-test", task_run_name="drift test {batch}")
-def drift_test(batch: Path, reference: Path, features: Path, p: DriftParams, out_dir: Path) -> dict:
+def drift_test(batch: Path, reference: Path, features: Path, p: DriftParams, out_dir: Path,
+               teacher: Path | None = None) -> dict:
     """MMD permutation test on the embeddings, Holm-corrected KS tests and, when the batch and the reference both
-    have captions, the MMD test on their prompts ("words" features); writes drift.json and drift.png."""
+    have captions, the MMD test on their prompts (`drift.text_features`: hashed words, or the text-to-image
+    `teacher`'s own text encoder); writes drift.json and drift.png."""
     from redistill.drift import check_folder, embedding
 
     try:
+        text = prompt_embedding(teacher) if p.text_features == "teacher" else None
         report = check_folder(batch, reference, embedding(p.features, features), p.alpha, p.permutations,
-                              p.seed, out_dir)
+                              p.seed, out_dir, text_extractor=text, text_features="teacher" if text else None)
     except (ValueError, OSError) as e:  # unreadable, or images of another shape: a bad batch, not drift
         return {"batch": Path(batch).name, "drifted": None, "error": True,
                 "reasons": [f"{e}. Fix or remove the batch folder {batch}: it is skipped until its contents change"]}
     return {**report.to_dict(), "reference": str(reference), "batch_path": str(batch), "report_dir": str(out_dir)}
+
+
+def prompt_embedding(teacher: Path | None):
+    """The text-to-image teacher's pooled text embedding, as the prompts' drift feature space; ValueError (a bad
+    setting, said as such) when there is no such teacher."""
+    from redistill.models import adapter_for
+    from redistill.teacher import load_pipeline
+
+    model = adapter_for(load_pipeline(teacher)) if teacher is not None else None
+    if model is None or not hasattr(model, "embed_prompts"):
+        raise ValueError("drift.text_features is teacher, but the current teacher is not a text-to-image model with a "
+                         "text encoder; set drift.text_features: words")
+    return model.embed_prompts
 
 
 @task(name="log-watch-run", **IO_RETRIES)

@@ -362,3 +362,32 @@ def test_a_pixel_unet_without_attention_cannot_take_a_lora_student(tmp_path):
     pipe = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
     with pytest.raises(ValueError, match="takes no LoRA adapter"):
         add_lora(pipe.unet, 4)
+
+
+def test_prompt_drift_can_use_the_teachers_own_text_encoder(sd_teacher, tmp_path):
+    """drift.text_features: teacher embeds the captions with the text-to-image teacher's CLIP text encoder: a batch
+    asking for other things is flagged on its prompts, one drawn like the reference is not."""
+    import numpy as np
+
+    from redistill.config import parse_params
+    from redistill.data import write_image_folder
+    from redistill.tasks.watch import drift_test
+
+    rng = np.random.default_rng(0)
+    pics = lambda n: (rng.random((n, 16, 16, 3)) * 255).astype(np.uint8)  # noqa: E731
+    numbers = lambda n, words: [f"a handwritten digit {words[i % len(words)]}" for i in range(n)]  # noqa: E731
+    ref = tmp_path / "ref"
+    write_image_folder(ref, pics(120), None, captions=numbers(120, NUMBERS))
+    same = tmp_path / "same"
+    write_image_folder(same, pics(60), None, captions=numbers(60, NUMBERS[::-1]))
+    other = tmp_path / "other"
+    write_image_folder(other, pics(60), None, captions=["a handwritten eight"] * 30 + ["digit zero"] * 30)
+    p = parse_params({"drift": {"features": "pixels", "text_features": "teacher", "permutations": 200}}).drift
+    r_same = drift_test.fn(same, ref, tmp_path / "features", p, tmp_path / "d1", sd_teacher)
+    r_other = drift_test.fn(other, ref, tmp_path / "features", p, tmp_path / "d2", sd_teacher)
+    assert r_same["text_features"] == "teacher" and r_same["text_mmd_p"] > 0.05
+    assert r_other["text_mmd_p"] < 0.01 and any("prompts drifted" in x for x in r_other["reasons"])
+    with pytest.raises(ValueError, match="not a text-to-image model"):
+        from redistill.tasks.watch import prompt_embedding
+
+        prompt_embedding(None)
