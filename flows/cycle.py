@@ -119,6 +119,9 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
     except ValueError as e:  # settings the method cannot serve with this teacher (known once it is loaded)
         record_failure_(root, run_id, "distill", str(e))
         raise CycleStopped(f"distillation refused: {e}") from e
+    if summary.get("lora_rank"):  # a LoRA student: the lineage names its form and its base
+        tags["redistill.adapter"] = json.dumps({"rank": summary["lora_rank"], "base_sha256": summary.get("base_sha256")})
+        set_tags_(root, run_id, {"redistill.adapter": tags["redistill.adapter"]})
     failpoint("distilled")
     progress["stage"] = "evaluate"
     student = run_dir / "student"

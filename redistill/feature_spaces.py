@@ -263,3 +263,56 @@ def load(name: str, features_dir: Path) -> FeatureSpace:
 
 def load_all(names: list[str], features_dir: Path) -> list[FeatureSpace]:
     return [load(n, Path(features_dir)) for n in resolve(names, features_dir)]
+
+
+class CLIPScore(nn.Module):
+    """CLIP score of images against their prompts (Hessel et al. 2021; torchmetrics' scale): 100·max(cos, 0) of the
+    image and text embeddings of a whole `CLIPModel` in a local folder (safetensors only) with its tokenizer. The
+    image side is preprocessed as the `clip:` feature space does."""
+
+    def __init__(self, folder: Path, batch: int = 64):
+        super().__init__()
+        import transformers
+
+        folder = Path(folder)
+        cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        if "text_config" not in cfg or not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+            raise ValueError(f"{folder} is not a whole CLIPModel with its tokenizer (config.json with text_config, "
+                             "tokenizer files), so it gives no CLIP score")
+        self.model = transformers.CLIPModel.from_pretrained(str(folder), use_safetensors=True,
+                                                            local_files_only=True).float().eval().requires_grad_(False)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        self.image_size, self.batch = int(self.model.config.vision_config.image_size), batch
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1))
+
+    preprocess = PretrainedImageFeatures.preprocess
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """One score per image, against its own prompt."""
+        out = []
+        for i in range(0, len(images), self.batch):
+            px = self.preprocess(images[i : i + self.batch].to(self.mean.device))
+            ids = self.tokenizer(list(prompts[i : i + self.batch]), padding=True, truncation=True, return_tensors="pt")
+            img = F.normalize(_projected(self.model.get_image_features(pixel_values=px)), dim=-1)
+            txt = F.normalize(_projected(self.model.get_text_features(**ids)), dim=-1)
+            out.append(100 * (img * txt).sum(-1).clamp(min=0))
+        return torch.cat(out)
+
+
+def _projected(out) -> torch.Tensor:
+    """The projected embedding: a tensor (transformers 4), or the output's pooler_output (transformers 5 puts the
+    projection there)."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def clip_scorer(names: list[str], features_dir: Path) -> CLIPScore | None:
+    """The CLIP score model of the first `clip:DIR` space whose folder is a whole CLIPModel with its tokenizer."""
+    for name in resolve(names, features_dir):
+        if name.startswith("clip:"):
+            try:
+                return CLIPScore(weights_file(name, features_dir))
+            except ValueError:
+                continue
+    return None

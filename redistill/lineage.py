@@ -143,6 +143,7 @@ def lineage(c, name: str, mv, root: Path | None = None) -> dict:
                                 "data_docs": f"{art}/validation/data_docs/index.html"}},
         "params": {"sha256": tag("params_sha256"), "values": params},
         "features": _json_tag(tag("features_sha256")),  # the FID/KID feature spaces' weights, by sha256
+        "adapter": _json_tag(tag("adapter")),  # a LoRA student: its rank and its base teacher's sha256
         "init": {"kind": (tag("init") or "cold").split(":")[0],
                  "from_version": (tag("init") or "").split(":", 1)[1] if ":" in (tag("init") or "") else None},
         "code": {"git_commit": commit.removesuffix("-dirty"), "dirty": commit.endswith("-dirty")},
@@ -178,6 +179,10 @@ def format_lineage(d: dict) -> str:
            line("method", f"{d['method']} at {d['num_inference_steps']} steps"),
            line("started", "from the teacher (cold)" if d["init"]["kind"] == "cold"
                 else f"from champion version {d['init']['from_version']} (warm)"),
+           *([line("student", f"a LoRA adapter (rank {d['adapter'].get('rank')}) on the base teacher below"
+                   + ("" if d['adapter'].get('base_sha256') == t["sha256"] else
+                      f"  (BASE MISMATCH: the adapter's base is {d['adapter'].get('base_sha256')})"))]
+             if d.get("adapter") else []),
            "teacher",
            line("uri", t["uri"] + ("" if t["present"] else "  (no longer there)")),
            line("sha256", t["sha256"]),

@@ -529,8 +529,9 @@ def quality_in_space(extractor: nn.Module, real_images: np.ndarray, fake: torch.
 
 def use_data_prompts(pipes: list, data: ImageSet):
     """Give text-to-image pipelines the data's captions as their prompt set (each sample draws one, the same
-    for every pipeline at the same seed). Returns a function (pipe, n, seed, batch) → the class each sample's
-    prompt names (the label of the image the caption came from), or None where that cannot be told."""
+    for every pipeline at the same seed). Returns a function (pipe, n, seed, batch) → which caption each of the
+    `n` samples `sample(pipe, n, seed, batch)` draws was asked for (indices into `data.captions`), or None for
+    other pipelines or data without captions."""
     from redistill.models import adapter_for
 
     captions = getattr(data, "captions", None)
@@ -539,13 +540,10 @@ def use_data_prompts(pipes: list, data: ImageSet):
         return None
     for m in models:
         m.use_prompts(list(captions))
-    if data.labels is None:
-        return None
-    labels = torch.as_tensor(np.asarray(data.labels))
 
     def asked(pipe, n: int, seed: int, batch: int) -> torch.Tensor:
         model = adapter_for(pipe)
-        return torch.cat([labels[model.draw_indices(size, torch.Generator(device=pipe.device).manual_seed(b_seed))]
+        return torch.cat([model.draw_indices(size, torch.Generator(device=pipe.device).manual_seed(b_seed))
                           for b_seed, size in _batches(n, seed, batch)])
 
     return asked
@@ -565,6 +563,7 @@ def evaluate(
     data_path: Path | None = None,
     cache_dir: Path | None = None,
     precision: float | None = None,
+    clip_score=None,
 ) -> dict:
     """Run the whole suite on `candidate` against `reference` and `data`; returns one JSON-able dict.
 
@@ -635,13 +634,19 @@ def evaluate(
         c = classify(classifier, fake, confidence)
         r = c if identical else classify(classifier, ref_fake, confidence)
         recog = {**c, "reference_recognisable_share": r["recognisable_share"]}
-        if prompted is not None:  # 2b. prompt adherence: does each image show the class its prompt asked for?
+        if prompted is not None and data.labels is not None:
+            # 2b. prompt adherence: does each image show the class its prompt asked for (the label of the image
+            #     the caption came from)?
             from redistill.features import adherence
 
-            asked = prompted(cand, n, p.seed, p.sample_batch_size)
+            asked = torch.as_tensor(np.asarray(data.labels))[prompted(cand, n, p.seed, p.sample_batch_size)]
             a, ra = adherence(classifier, fake, asked), adherence(classifier, ref_fake, asked)
             recog.update(a, reference_prompt_adherence=ra["prompt_adherence"],
                          prompt_adherence_gap_points=100 * (ra["prompt_adherence"] - a["prompt_adherence"]))
+    if prompted is not None and clip_score is not None:  # 2c. CLIP score of each image against its own prompt
+        words = [data.captions[i] for i in prompted(cand, n, p.seed, p.sample_batch_size).tolist()]
+        cs, rcs = float(clip_score(fake, words).mean()), float(clip_score(ref_fake, words).mean())
+        recog.update(clip_score=cs, reference_clip_score=rcs)
 
     # 3. Fidelity to the reference on the same noise.
     psnr, ssim = psnr_ssim(fake, ref_fake)
@@ -705,11 +710,13 @@ def evaluate_student(student: Path, steps: int, teacher: Path, data: Path, featu
     from redistill.data import load_image_folder
 
     classifier = feature_spaces.classifier_for(p.evaluate.features, features)  # recognisability: labelled data only
+    data_set = load_image_folder(data)
+    clip = feature_spaces.clip_scorer(p.evaluate.features, features) if data_set.captions else None
     return evaluate(
-        Side(student, steps, "saved"), Side(teacher, p.evaluate.reference_steps), load_image_folder(data),
+        Side(student, steps, "saved"), Side(teacher, p.evaluate.reference_steps), data_set,
         feature_spaces.load_all(p.evaluate.features, features), p.evaluate, classifier=classifier,
         confidence=p.features.confidence, out_dir=out_dir, cache_dir=cache_dir, log=log,
-        precision=precision_target(p),
+        precision=precision_target(p), clip_score=clip,
     )
 
 
