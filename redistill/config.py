@@ -242,6 +242,82 @@ class FlowTeacherParams:
             raise ConfigError(f"flow_teacher.train_steps must be at least 1, got {self.train_steps}")
 
 
+@settings("t2i_teacher")
+class T2ITeacherParams:
+    """`t2i_teacher` stage: the embedded text-to-image teacher (redistill/teacher_t2i.py): a tiny Stable Diffusion
+    layout (CLIP text encoder, AutoencoderKL, UNet2DConditionModel, DDIMScheduler) trained on the captioned digits."""
+
+    name: str = Field("digits-t2i", description="folder under data/t2i-teachers/")
+    seed: int = Field(0, description="seed of the captions, the initialisations, batches and noise")
+    image_size: int = Field(16, description="the digits nearest-upsampled to this size (a multiple of 8); the VAE halves it")
+    model_max_length: int = Field(16, description="the tokenizer's length in tokens (the longest class prompt is 8 with start and end)")
+    text_width: int = Field(64, description="CLIP text encoder hidden size = the UNet's cross_attention_dim")
+    text_layers: int = Field(2, description="CLIP text encoder transformer layers")
+    train_text_encoder: bool = Field(True, description="train the text encoder with the UNet (+4% per step); false keeps it random and frozen (distinct prompts still get distinct hidden states)")
+    latent_channels: int = Field(4, description="VAE latent channels (as Stable Diffusion)")
+    vae_block_out_channels: list[int] = Field(default_factory=lambda: [16, 32], description="AutoencoderKL channels, one entry per level (two levels: f = 2)")
+    vae_steps: int = Field(800, description="VAE optimiser steps, before the UNet's")
+    vae_batch_size: int = Field(64, description="images per VAE step")
+    vae_lr: float = Field(1.0e-3, description="VAE peak learning rate (AdamW, cosine decay)")
+    kl_weight: float = Field(1.0e-4, description="weight of the VAE's KL term (per latent element summed, per pixel) against the per-pixel L1 reconstruction")
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64], description="UNet2DConditionModel channels: a cross-attention level, then a plain one")
+    layers_per_block: int = Field(1, description="ResNet (and transformer) layers per UNet level")
+    norm_num_groups: int = Field(16, description="GroupNorm groups of the UNet")
+    attention_heads: int = Field(2, description="cross-attention heads (the UNet's attention_head_dim, as SD 1.x names it); 2 heads of 16 and 32 channels cost ⅔ of 8 tiny ones")
+    text_time_embedding: bool = Field(True, description="also add an attention-pooled prompt embedding to the time embedding (UNet2DConditionModel addition_embed_type 'text'), which every ResNet block sees, as class labels reach the digits teacher: with cross-attention alone the prompt was ignored in the pilot")
+    num_train_timesteps: int = Field(1000, description="DDPM timesteps T")
+    beta_schedule: str = Field("squaredcos_cap_v2", description="cosine (Nichol & Dhariwal 2021), as the digits teacher: the linear schedules waste steps on tiny images")
+    train_steps: int = Field(6000, description="UNet optimiser steps (≈0.35 s each at batch 128 on one thread)")
+    batch_size: int = Field(128, description="latents per UNet step")
+    lr: float = Field(5.0e-4, description="UNet peak learning rate (AdamW, cosine decay)")
+    warmup_steps: int = Field(250, description="linear learning-rate warm-up steps (UNet)")
+    snr_gamma: float = Field(5.0, description="Min-SNR-γ loss weighting (Hang et al. 2023); 0 disables it")
+    ema_decay: float = Field(0.999, description="decay of the exported EMA of the UNet (and of a trained text encoder)")
+    caption_dropout: float = Field(0.1, description="share of captions replaced by the empty prompt, for classifier-free guidance")
+    guidance_scale: float = Field(3.0, description="the w written to redistill_sampling.json when no sweep is measured (no classifier, or guidance_sweep empty)")
+    guidance_sweep: list[float] = Field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0], description="w values measured after training with the digits classifier; the best (adherent and recognisable share) is written")
+    eval_samples: int = Field(500, description="samples per measured w (the prompts of each class, evenly)")
+    eval_steps: int = Field(50, description="DDIM steps of the measurement (and of the w choice)")
+    checkpoint_every: int = Field(500, description="steps (VAE and UNet) between resumable checkpoints")
+
+    def __post_init__(self):
+        if self.image_size % 8 or self.image_size < 8:
+            raise ConfigError(f"t2i_teacher.image_size must be a multiple of 8 (native digits are 8×8), got {self.image_size}")
+        if len(self.vae_block_out_channels) != 2 or len(self.block_out_channels) != 2:
+            raise ConfigError("t2i_teacher.vae_block_out_channels and block_out_channels take two entries each "
+                              f"(f = 2 latents; a cross-attention and a plain UNet level), got "
+                              f"{self.vae_block_out_channels} and {self.block_out_channels}")
+        if min(self.train_steps, self.vae_steps, self.batch_size, self.vae_batch_size, self.checkpoint_every) < 1:
+            raise ConfigError("t2i_teacher.train_steps, vae_steps, batch_size, vae_batch_size and checkpoint_every must "
+                              "each be at least 1")
+        if not 0.0 < self.caption_dropout < 1.0:
+            raise ConfigError(f"t2i_teacher.caption_dropout must be in (0, 1), got {self.caption_dropout}; 0 never trains "
+                              "the empty prompt that guidance needs, 1 never shows a caption")
+        if not 1.0 <= self.guidance_scale < float("inf") or any(not 1.0 <= w < float("inf") for w in self.guidance_sweep):
+            raise ConfigError(f"t2i_teacher.guidance_scale and guidance_sweep must be finite and at least 1 (1 = no "
+                              f"guidance), got {self.guidance_scale} and {self.guidance_sweep}")
+
+
+@settings("t2i_demo")
+class T2IDemoParams:
+    """`t2i_demo`: what `redistill demo --kind text-to-image` changes of the settings for its own workspace
+    (runs/demo-text-to-image): the registered model, and the student it distils from the embedded text-to-image teacher."""
+
+    student_name: str = Field("digits-t2i-student", description="the registered model of the text-to-image demo")
+    method: str = Field("consistency", description="consistency (LCM-LoRA) or dmd")
+    target_steps: int = Field(4, description="the student's sampling steps")
+    lora_rank: int = Field(8, description="the LoRA adapter's rank (distill.student.lora_rank); 0 trains the whole UNet")
+    steps: int = Field(1500, description="the method's optimiser steps (distill.consistency.steps or distill.dmd.steps)")
+    lr: float = Field(1.0e-3, description="the adapter's learning rate (distill.lr)")
+    batch_size: int = Field(64, description="images per optimiser step (distill.batch_size)")
+
+    def __post_init__(self):
+        if self.method not in ("consistency", "dmd"):
+            raise ConfigError(f"t2i_demo.method must be consistency or dmd, got {self.method!r}")
+        if min(self.target_steps, self.steps, self.batch_size) < 1 or self.lora_rank < 0 or not self.lr > 0:
+            raise ConfigError("t2i_demo.target_steps, steps and batch_size must be at least 1, lora_rank at least 0, lr above 0")
+
+
 @settings("evaluate")
 class EvaluateParams:
     """`evaluate`: the metric suite (quality, fidelity, speed, memory)."""
@@ -555,6 +631,8 @@ class Params:
     teacher: TeacherParams = Field(default_factory=TeacherParams, description="the `teacher` section")
     finetune: FinetuneParams = Field(default_factory=FinetuneParams, description="the `finetune` section")
     flow_teacher: FlowTeacherParams = Field(default_factory=FlowTeacherParams, description="the `flow_teacher` section")
+    t2i_teacher: T2ITeacherParams = Field(default_factory=T2ITeacherParams, description="the `t2i_teacher` section")
+    t2i_demo: T2IDemoParams = Field(default_factory=T2IDemoParams, description="the `t2i_demo` section")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="the `evaluate` section")
     validate: ValidateParams = Field(default_factory=ValidateParams, description="the `validate` section")
     gate: GateParams = Field(default_factory=GateParams, description="the `gate` section")
