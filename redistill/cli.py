@@ -515,6 +515,8 @@ def cycle(
 
 @app.command()
 def demo(
+    kind: str = typer.Option("digits", "--kind", help="digits (the default: the unconditional digits teacher) or text-to-image (the embedded latent text-to-image teacher and an LCM-LoRA student, in its own workspace runs/demo-text-to-image)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (the model, version, decision and figures)."),
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -523,7 +525,11 @@ def demo(
 
     from redistill.data import prepare as build
 
+    if kind not in ("digits", "text-to-image"):
+        fail(f"--kind must be digits or text-to-image, got {kind!r}")
     root, p = _settings(ws, params)
+    if kind == "text-to-image":
+        return _demo_text_to_image(root, p, as_json)
     timings = {}
     t = time.perf_counter()
     if not (root / "data" / "reference").is_dir():
@@ -542,8 +548,12 @@ def demo(
     t = time.perf_counter()
     result = _run_cycle(root, p, teacher, root / "data" / "reference", "manual", False)
     timings["cycle"] = time.perf_counter() - t
-    _print_decision(result, p.registry.student_name)
     metrics = result.get("metrics") or _version_metrics(root, result["run_id"])
+    if as_json:
+        typer.echo(json.dumps({"kind": "digits", "workspace": str(root), "model": p.registry.student_name,
+                               "teacher": str(teacher), **_demo_summary(result, metrics), "timings_s": timings}))
+        return
+    _print_decision(result, p.registry.student_name)
     if metrics:
         typer.echo("")
         typer.echo(_comparison_table(metrics))
@@ -560,6 +570,96 @@ def demo(
                    "redistill export --alias champion --out student/  (a stock diffusers pipeline folder)")
     else:
         typer.echo(f"      no champion yet: version {result['version']} was rejected; its reasons are the gate line above")
+
+
+def _demo_summary(result: dict, metrics: dict | None) -> dict:
+    """The decision and the headline figures of a demo cycle, for --json."""
+    out = {k: result.get(k) for k in ("decision", "version", "run_id", "key", "deduplicated", "reasons")}
+    if metrics:
+        q, s = metrics["quality"], metrics["speed"]
+        out["figures"] = {"steps": metrics["steps"], "reference_steps": metrics["reference"]["steps"],
+                          "fid": q["fid"], "reference_fid": q["reference_fid"],
+                          "fid_ratio": q["fid"] / q["reference_fid"] if q["reference_fid"] else None,
+                          **{k: q[k] for k in ("recognisable_share", "reference_recognisable_share", "prompt_adherence",
+                                               "reference_prompt_adherence", "prompt_adherence_gap_points") if k in q},
+                          **{k: s[k] for k in ("speedup_throughput", "speedup_latency", "unet_passes_per_step",
+                                               "reference_unet_passes_per_step", "vae_decode_ms_p50") if k in s}}
+    return out
+
+
+def _demo_text_to_image(root: Path, p, as_json: bool) -> None:
+    """`demo --kind text-to-image`: the captioned digits, the embedded latent text-to-image teacher (trained here if
+    missing), and one cycle that distils an LCM-LoRA student, in the workspace runs/demo-text-to-image (its own
+    data, feature spaces, MLflow store and registered model `t2i_demo.student_name`)."""
+    import time
+
+    import yaml
+
+    from redistill.config import ConfigError, parse_params
+    from redistill.t2i_data import prepare_t2i
+
+    d = p.t2i_demo
+    sub = root / "runs" / "demo-text-to-image"
+    raw = p.to_dict()
+    raw["registry"]["student_name"] = d.student_name
+    raw["distill"].update(method=d.method, target_steps=d.target_steps, lr=d.lr, batch_size=d.batch_size, init="cold")
+    raw["distill"]["student"]["lora_rank"] = d.lora_rank
+    raw["distill"][d.method]["steps"] = d.steps
+    try:
+        sp = parse_params(raw)
+    except ConfigError as e:
+        fail(f"t2i_demo settings: {e}")
+    sub.mkdir(parents=True, exist_ok=True)
+    (sub / "params.yaml").write_text("# written by `redistill demo --kind text-to-image` from the workspace's params.yaml "
+                                     "and its t2i_demo section\n" + yaml.safe_dump(raw, sort_keys=False))
+    log = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
+    timings = {}
+    t = time.perf_counter()
+    if not (sub / "data" / "reference").is_dir():
+        prepare_t2i(sp.prepare, sub / "data", seed=sp.t2i_teacher.seed, image_size=sp.t2i_teacher.image_size)
+    timings["prepare"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if not all((sub / "data" / "features" / f).is_file() for f in ("classifier.safetensors", "encoder.safetensors")):
+        _train_features(sub, sp, log=lambda _: None)
+    timings["features"] = time.perf_counter() - t
+    teacher = root / "data" / "t2i-teachers" / sp.t2i_teacher.name
+    t = time.perf_counter()
+    if not (teacher / "model_index.json").is_file():
+        log(f"no text-to-image teacher at {teacher}: training one with the `t2i_teacher` recipe (about 45 min on one core)")
+        _train_t2i_teacher(root, sp, teacher)
+    timings["teacher"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = _run_cycle(sub, sp, teacher, sub / "data" / "reference", "manual", False)
+    timings["cycle"] = time.perf_counter() - t
+    metrics = result.get("metrics") or _version_metrics(sub, result["run_id"])
+    name = d.student_name
+    if as_json:
+        typer.echo(json.dumps({"kind": "text-to-image", "workspace": str(sub), "model": name, "teacher": str(teacher),
+                               **_demo_summary(result, metrics), "timings_s": timings}))
+        return
+    _print_decision(result, name)
+    if metrics:
+        typer.echo("")
+        typer.echo(_comparison_table(metrics))
+    typer.echo("")
+    typer.echo("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    typer.echo(f"look: redistill status --workspace {sub} --model {name}")
+    typer.echo(f"      redistill export --workspace {sub} --model {name} --alias champion --out t2i-student/  "
+               "(a StableDiffusionPipeline folder with the adapter fused in and beside it)")
+
+
+def _train_t2i_teacher(root: Path, p, out: Path) -> dict:
+    """Train the embedded text-to-image teacher into `out` (the `t2i_teacher` recipe); resumes under runs/teacher/."""
+    from redistill.data import load_image_folder
+    from redistill.t2i_data import prepare_t2i
+    from redistill.teacher_t2i import train_t2i_teacher
+
+    data = root / "runs" / "t2i-data"
+    if not (data / "reference").is_dir():
+        prepare_t2i(p.prepare, data, seed=p.t2i_teacher.seed, image_size=p.t2i_teacher.image_size)
+    im = load_image_folder(data / "reference")
+    return train_t2i_teacher(p.t2i_teacher, im.images, im.captions, out, root / "runs" / "teacher" / out.name,
+                             log=lambda m: typer.echo(m, err=True))
 
 
 @app.command()
@@ -1197,6 +1297,10 @@ def _comparison_table(m: dict) -> str:
            f"{sq['fid_gap']:+.3f} [{sq['fid_gap_ci95'][0]:+.3f}, {sq['fid_gap_ci95'][1]:+.3f}] = {_floors(sq)} floors")
           for name, sq in q.get("spaces", {}).items()],
         ("recognisable", f"{q.get('reference_recognisable_share', float('nan')):.3f}", f"{q.get('recognisable_share', float('nan')):.3f}"),
+        *([("prompt adherence", f"{q['reference_prompt_adherence']:.3f}",
+            f"{q['prompt_adherence']:.3f} ({-q['prompt_adherence_gap_points']:+.1f} points)")] if "prompt_adherence" in q else []),
+        *([("UNet passes per step", f"{s['reference_unet_passes_per_step']}", f"{s['unet_passes_per_step']}"),
+           ("VAE decode (in the latency)", "", f"{s['vae_decode_ms_p50']:.1f} ms")] if "vae_decode_ms_p50" in s else []),
         ("PSNR / SSIM to teacher", "—", f"{psnr} / {f['ssim']:.3f}"),
         ("latency p50 (batch 1)", f"{s['reference_latency_ms_p50']:.1f} ms", f"{s['latency_ms_p50']:.1f} ms"),
         (f"throughput (batch {s['throughput_batch']})", f"{s['reference_throughput_img_s']:.0f} img/s",

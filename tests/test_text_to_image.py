@@ -261,8 +261,10 @@ def test_a_text_to_image_teacher_runs_the_whole_cycle_with_an_lcm_lora_student(t
     write_captions(data, {f: f"a picture of a {shapes.CLASSES[int(y)]}" for f, y in zip(im.files, im.labels)})
     ws = tmp_path / "ws"
     ws.mkdir()
+    clip = make_tiny_clip(tmp_path / "clip", SHAPE_WORDS)  # a user's clip:DIR (random weights here)
     (ws / "params.yaml").write_text(TINY_METHODS.replace("consistency: {steps: 3}",
                                                          "consistency: {steps: 3, solver_steps: 10}, student: {lora_rank: 4}")
+                                    .replace("evaluate: {", f"evaluate: {{features: [auto, 'clip:{clip}'], ")
                                     + LENIENT_GATE)
     result = _cycle(ws, teacher, data, "consistency")
     assert result["decision"] == "promoted", result
@@ -272,10 +274,15 @@ def test_a_text_to_image_teacher_runs_the_whole_cycle_with_an_lcm_lora_student(t
     run = c.get_run(mv.run_id)
     assert run.data.metrics["speed.unet_passes_per_step"] == 1 and run.data.metrics["speed.reference_unet_passes_per_step"] == 2
     assert "speed.vae_decode_ms_p50" in run.data.metrics
+    assert 0 <= run.data.metrics["quality.clip_score"] <= 100 and "quality.reference_clip_score" in run.data.metrics
     runner = CliRunner()
     r = runner.invoke(app, ["lineage", "--workspace", str(ws), "--alias", "champion", "--json"])
     assert r.exit_code == 0, r.output[-2000:]
     assert pipeline_sha256(teacher) in r.stdout
+    lineage = json.loads(r.stdout.strip().splitlines()[-1])
+    assert lineage["adapter"] == {"rank": 4, "base_sha256": pipeline_sha256(teacher)}
+    r = runner.invoke(app, ["lineage", "--workspace", str(ws), "--alias", "champion"])
+    assert "a LoRA adapter (rank 4) on the base teacher below" in r.stdout and "MISMATCH" not in r.stdout
     out = tmp_path / "export"
     r = runner.invoke(app, ["export", "--workspace", str(ws), "--alias", "champion", "--out", str(out)])
     assert r.exit_code == 0, r.output[-2000:]
@@ -314,6 +321,7 @@ def test_the_evaluation_draws_the_datas_prompts_and_scores_adherence_per_sample(
     asked = use_data_prompts([pipe, other], data)
     assert _cache_file(Path("/c"), pipe, "sha", "DDIM", 4, 0, 4)[0] != key_before  # the prompt set is in the sample key
     labels = asked(pipe, 7, 3, 4)  # batches of 4 and 3 from generator seeds 3 and 4, as metrics.sample draws them
+    assert torch.equal(labels, asked(other, 7, 3, 4))  # the same prompts for both pipelines
     drawn = adapter_for(other).draw_prompts(4, torch.Generator().manual_seed(3)) + \
         adapter_for(other).draw_prompts(3, torch.Generator().manual_seed(4))
     assert [caps[int(k)] for k in labels] == drawn
@@ -391,3 +399,95 @@ def test_prompt_drift_can_use_the_teachers_own_text_encoder(sd_teacher, tmp_path
         from redistill.tasks.watch import prompt_embedding
 
         prompt_embedding(None)
+
+
+@pytest.mark.trials
+def test_the_text_to_image_demo_runs_in_its_own_workspace_and_names_its_model(tmp_path, prefect_harness):
+    """`redistill demo --kind text-to-image --json` from an empty workspace at toy budgets: the captioned digits, a
+    text-to-image teacher trained by the recipe (none is committed here), and one cycle with an LCM-LoRA student,
+    registered under t2i_demo.student_name in runs/demo-text-to-image; `export --model` reads it back."""
+    from typer.testing import CliRunner
+
+    from conftest import LENIENT_GATE
+
+    from redistill.cli import app
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text("""
+features: {epochs: 2, encoder_epochs: 2}
+t2i_teacher: {vae_steps: 5, train_steps: 5, batch_size: 16, vae_batch_size: 16, checkpoint_every: 5, guidance_sweep: [],
+              eval_samples: 10, eval_steps: 2}
+t2i_demo: {steps: 3, batch_size: 8, lora_rank: 4}
+distill: {consistency: {solver_steps: 10}}
+evaluate: {num_samples: 60, max_samples: 60, bootstrap: 5, kid_subset_size: 30, sample_batch_size: 60, latency_repeats: 1,
+           throughput_repeats: 1, throughput_batch: 4, reference_steps: 4, floor_splits: 4}
+""" + LENIENT_GATE)
+    runner = CliRunner()
+    r = runner.invoke(app, ["demo", "--kind", "text-to-image", "--json", "--workspace", str(ws)])
+    assert r.exit_code == 0, r.output[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["kind"] == "text-to-image" and out["model"] == "digits-t2i-student" and out["decision"] == "promoted"
+    fig = out["figures"]
+    assert fig["steps"] == 4 and fig["unet_passes_per_step"] == 1 and fig["reference_unet_passes_per_step"] == 2
+    assert 0 <= fig["prompt_adherence"] <= 1 and "vae_decode_ms_p50" in fig
+    sub = Path(out["workspace"])
+    assert sub == ws / "runs" / "demo-text-to-image" and (sub / "data" / "reference" / "captions.csv").is_file()
+    r = runner.invoke(app, ["export", "--workspace", str(sub), "--model", out["model"], "--alias", "champion",
+                            "--out", str(tmp_path / "student")])
+    assert r.exit_code == 0, r.output[-2000:]
+    assert (tmp_path / "student" / LORA_WEIGHTS).is_file()
+    r = runner.invoke(app, ["demo", "--kind", "pictures", "--workspace", str(ws)])
+    assert r.exit_code == 2 and "--kind must be digits or text-to-image" in r.output
+
+
+def test_the_clip_score_needs_a_whole_clip_model_and_scores_each_image_against_its_prompt(tmp_path):
+    """A CLIPModel built from configs (random weights: the figure means nothing, the plumbing is what is tested),
+    saved with a tokenizer as a local folder, as a user's clip:DIR would be."""
+    from redistill.feature_spaces import CLIPScore
+
+    make_tiny_clip(tmp_path / "clip", WORDS)
+    score = CLIPScore(tmp_path / "clip")
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    s1 = score(images, prompts(4))
+    s2 = score(images, prompts(4)[::-1])
+    assert s1.shape == (4,) and (s1 >= 0).all() and (s1 <= 100).all() and not torch.equal(s1, s2)
+    (tmp_path / "vision").mkdir()
+    (tmp_path / "vision" / "config.json").write_text(json.dumps({"architectures": ["CLIPVisionModel"]}))
+    with pytest.raises(ValueError, match="not a whole CLIPModel"):
+        CLIPScore(tmp_path / "vision")
+
+
+def make_tiny_clip(out: Path, words: list[str]) -> Path:
+    """A whole CLIPModel from configs (random weights) with its tokenizer, saved as a local folder."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+
+    tok = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(out.parent / f"{out.name}-tok", words)),
+                                        local_files_only=True)
+    cfg = CLIPConfig(text_config=CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=1, num_attention_heads=4,
+                                                max_position_embeddings=tok.model_max_length,
+                                                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                                                pad_token_id=tok.pad_token_id).to_dict(),
+                     vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                                    num_attention_heads=4, image_size=16, patch_size=8).to_dict(),
+                     projection_dim=512)  # as real CLIP checkpoints: the vision tower alone reads 512 too
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_a_full_unet_student_stays_possible(sd_teacher, tmp_path):
+    from redistill.config import parse_params
+    from redistill.methods import distill
+
+    pipe = load_pipeline(sd_teacher)
+    p = parse_params({"distill": {"method": "consistency", "batch_size": 4, "checkpoint_every": 4,
+                                  "consistency": {"steps": 2, "solver_steps": 10}}}).distill
+    student, summary = distill(p, pipe, torch.rand(8, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None,
+                               teacher_path=sd_teacher, captions=prompts(8))
+    assert "lora_rank" not in summary
+    save_pipeline(student, tmp_path / "student")
+    assert not (tmp_path / "student" / LORA_META).exists() and (tmp_path / "student" / SAMPLING_FILE).is_file()
+    assert isinstance(adapter_for(load_pipeline(tmp_path / "student")), TextToImageLatent)
