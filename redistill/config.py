@@ -306,9 +306,9 @@ class T2IDemoParams:
     student_name: str = Field("digits-t2i-student", description="the registered model of the text-to-image demo")
     method: str = Field("consistency", description="consistency (LCM-LoRA) or dmd")
     target_steps: int = Field(4, description="the student's sampling steps")
-    lora_rank: int = Field(8, description="the LoRA adapter's rank (distill.student.lora_rank); 0 trains the whole UNet")
+    lora_rank: int = Field(16, description="the LoRA adapter's rank (distill.student.lora_rank); 0 trains the whole UNet")
     steps: int = Field(1500, description="the method's optimiser steps (distill.consistency.steps or distill.dmd.steps)")
-    lr: float = Field(1.0e-3, description="the adapter's learning rate (distill.lr)")
+    lr: float = Field(2.0e-3, description="the adapter's learning rate (distill.lr)")
     batch_size: int = Field(64, description="images per optimiser step (distill.batch_size)")
 
     def __post_init__(self):
