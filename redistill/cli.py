@@ -521,8 +521,6 @@ def demo(
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """The main job on the embedded digits: data, the committed teacher, one cycle, the decision and its table."""
-    import time
-
     from redistill.data import prepare as build
 
     if kind not in ("digits", "text-to-image"):
@@ -530,35 +528,14 @@ def demo(
     root, p = _settings(ws, params)
     if kind == "text-to-image":
         return _demo_text_to_image(root, p, as_json)
-    timings = {}
-    t = time.perf_counter()
-    if not (root / "data" / "reference").is_dir():
-        build(p.prepare, root / "data")
-    timings["prepare"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if not all((root / "data" / "features" / f).is_file() for f in ("classifier.safetensors", "encoder.safetensors")):
-        _train_features(root, p, log=lambda _: None)
-    timings["features"] = time.perf_counter() - t
     teacher = root / "data" / "teachers" / p.teacher.name
-    t = time.perf_counter()
-    if not (teacher / "model_index.json").is_file():
-        typer.echo(f"no teacher at {teacher}: training one with the `teacher` recipe (about 30 min on 2 cores)")
-        _train_teacher(root, p.teacher, teacher, root / "data" / "reference")
-    timings["teacher"] = time.perf_counter() - t
-    t = time.perf_counter()
-    result = _run_cycle(root, p, teacher, root / "data" / "reference", "manual", False)
-    timings["cycle"] = time.perf_counter() - t
-    metrics = result.get("metrics") or _version_metrics(root, result["run_id"])
-    if as_json:
-        typer.echo(json.dumps({"kind": "digits", "workspace": str(root), "model": p.registry.student_name,
-                               "teacher": str(teacher), **_demo_summary(result, metrics), "timings_s": timings}))
+    log = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
+    result, timings = _demo_cycle(
+        root, p, teacher, lambda: build(p.prepare, root / "data"),
+        lambda: _train_teacher(root, p.teacher, teacher, root / "data" / "reference"),
+        "the `teacher` recipe (about 30 min on 2 cores)", log)
+    if _demo_report("digits", root, p.registry.student_name, teacher, result, timings, as_json):
         return
-    _print_decision(result, p.registry.student_name)
-    if metrics:
-        typer.echo("")
-        typer.echo(_comparison_table(metrics))
-    typer.echo("")
-    typer.echo("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     from redistill.registry import champion, tracking_uri
 
     name = p.registry.student_name
@@ -570,6 +547,44 @@ def demo(
                    "redistill export --alias champion --out student/  (a stock diffusers pipeline folder)")
     else:
         typer.echo(f"      no champion yet: version {result['version']} was rejected; its reasons are the gate line above")
+
+
+def _demo_cycle(ws: Path, p, teacher: Path, prepare, train_teacher, recipe: str, log) -> tuple[dict, dict]:
+    """A demo's steps in workspace `ws`: its data (`prepare`) and feature spaces where missing, its teacher
+    (`train_teacher` with `recipe` where missing), one cycle; returns (the cycle's result, seconds per step)."""
+    import time
+
+    timings, t = {}, time.perf_counter()
+    if not (ws / "data" / "reference").is_dir():
+        prepare()
+    timings["prepare"], t = time.perf_counter() - t, time.perf_counter()
+    if not all((ws / "data" / "features" / f).is_file() for f in ("classifier.safetensors", "encoder.safetensors")):
+        _train_features(ws, p, log=lambda _: None)
+    timings["features"], t = time.perf_counter() - t, time.perf_counter()
+    if not (teacher / "model_index.json").is_file():
+        log(f"no teacher at {teacher}: training one with {recipe}")
+        train_teacher()
+    timings["teacher"], t = time.perf_counter() - t, time.perf_counter()
+    result = _run_cycle(ws, p, teacher, ws / "data" / "reference", "manual", False)
+    timings["cycle"] = time.perf_counter() - t
+    return result, timings
+
+
+def _demo_report(kind: str, ws: Path, name: str, teacher: Path, result: dict, timings: dict, as_json: bool) -> bool:
+    """Print a demo's outcome: one JSON object (returns True), or the decision, the teacher-vs-student table and
+    the time per step (returns False: the caller adds where to look next)."""
+    metrics = result.get("metrics") or _version_metrics(ws, result["run_id"])
+    if as_json:
+        typer.echo(json.dumps({"kind": kind, "workspace": str(ws), "model": name, "teacher": str(teacher),
+                               **_demo_summary(result, metrics), "timings_s": timings}))
+        return True
+    _print_decision(result, name)
+    if metrics:
+        typer.echo("")
+        typer.echo(_comparison_table(metrics))
+    typer.echo("")
+    typer.echo("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    return False
 
 
 def _demo_summary(result: dict, metrics: dict | None) -> dict:
@@ -591,8 +606,6 @@ def _demo_text_to_image(root: Path, p, as_json: bool) -> None:
     """`demo --kind text-to-image`: the captioned digits, the embedded latent text-to-image teacher (trained here if
     missing), and one cycle that distils an LCM-LoRA student, in the workspace runs/demo-text-to-image (its own
     data, feature spaces, MLflow store and registered model `t2i_demo.student_name`)."""
-    import time
-
     import yaml
 
     from redistill.config import ConfigError, parse_params
@@ -613,36 +626,14 @@ def _demo_text_to_image(root: Path, p, as_json: bool) -> None:
     (sub / "params.yaml").write_text("# written by `redistill demo --kind text-to-image` from the workspace's params.yaml "
                                      "and its t2i_demo section\n" + yaml.safe_dump(raw, sort_keys=False))
     log = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
-    timings = {}
-    t = time.perf_counter()
-    if not (sub / "data" / "reference").is_dir():
-        prepare_t2i(sp.prepare, sub / "data", seed=sp.t2i_teacher.seed, image_size=sp.t2i_teacher.image_size)
-    timings["prepare"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if not all((sub / "data" / "features" / f).is_file() for f in ("classifier.safetensors", "encoder.safetensors")):
-        _train_features(sub, sp, log=lambda _: None)
-    timings["features"] = time.perf_counter() - t
     teacher = root / "data" / "t2i-teachers" / sp.t2i_teacher.name
-    t = time.perf_counter()
-    if not (teacher / "model_index.json").is_file():
-        log(f"no text-to-image teacher at {teacher}: training one with the `t2i_teacher` recipe (about 45 min on one core)")
-        _train_t2i_teacher(root, sp, teacher)
-    timings["teacher"] = time.perf_counter() - t
-    t = time.perf_counter()
-    result = _run_cycle(sub, sp, teacher, sub / "data" / "reference", "manual", False)
-    timings["cycle"] = time.perf_counter() - t
-    metrics = result.get("metrics") or _version_metrics(sub, result["run_id"])
+    result, timings = _demo_cycle(
+        sub, sp, teacher,
+        lambda: prepare_t2i(sp.prepare, sub / "data", seed=sp.t2i_teacher.seed, image_size=sp.t2i_teacher.image_size),
+        lambda: _train_t2i_teacher(root, sp, teacher), "the `t2i_teacher` recipe (about 45 min on one core)", log)
     name = d.student_name
-    if as_json:
-        typer.echo(json.dumps({"kind": "text-to-image", "workspace": str(sub), "model": name, "teacher": str(teacher),
-                               **_demo_summary(result, metrics), "timings_s": timings}))
+    if _demo_report("text-to-image", sub, name, teacher, result, timings, as_json):
         return
-    _print_decision(result, name)
-    if metrics:
-        typer.echo("")
-        typer.echo(_comparison_table(metrics))
-    typer.echo("")
-    typer.echo("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     typer.echo(f"look: redistill status --workspace {sub} --model {name}")
     typer.echo(f"      redistill export --workspace {sub} --model {name} --alias champion --out t2i-student/  "
                "(a StableDiffusionPipeline folder with the adapter fused in and beside it)")

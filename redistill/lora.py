@@ -133,15 +133,19 @@ def load_adapter(adapter_folder: Path, base_folder: Path, device: str = "cpu"):
     check_base(adapter_folder, base_folder)
     pipe = load_pipeline(base_folder, device)
     pipe.load_lora_weights(str(adapter_folder), weight_name=LORA_WEIGHTS)
-    sched = Path(adapter_folder) / "scheduler"
-    if (sched / "scheduler_config.json").is_file():
-        import diffusers
-
-        cfg = json.loads((sched / "scheduler_config.json").read_text())
-        cls = getattr(diffusers, cfg.get("_class_name", ""), None)
-        if cls is not None:
-            pipe.scheduler = cls.from_pretrained(str(sched))
+    pipe.scheduler = student_scheduler(Path(adapter_folder)) or pipe.scheduler
     return pipe
+
+
+def student_scheduler(folder: Path):
+    """The student's scheduler saved in `folder/scheduler` (a stock diffusers class), or None without one."""
+    import diffusers
+
+    f = Path(folder) / "scheduler" / "scheduler_config.json"
+    if not f.is_file():
+        return None
+    cls = getattr(diffusers, json.loads(f.read_text()).get("_class_name", ""), None)
+    return cls.from_pretrained(str(f.parent)) if cls is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,8 +182,6 @@ def adapter_only(student: Path, out: Path) -> Path:
 def load_adapter_only(folder: Path, device: str = "cpu"):
     """A LoRA student's registered form as a pipeline: its base teacher (found where the pointer says, checked by
     sha256) with the adapter fused into the UNet, the student's scheduler and sampling settings."""
-    import diffusers
-
     from redistill.teacher import PipelineError, load_pipeline
 
     folder = Path(folder)
@@ -194,8 +196,11 @@ def load_adapter_only(folder: Path, device: str = "cpu"):
     pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
     pipe.fuse_lora(adapter_names=[ADAPTER])
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
-    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    pipe.scheduler = getattr(diffusers, cfg["_class_name"]).from_pretrained(str(folder / "scheduler"))
+    sched = student_scheduler(folder)
+    if sched is None:
+        raise PipelineError(f"{folder} is a LoRA adapter without its student's scheduler (scheduler/ with a stock "
+                            "diffusers scheduler_config.json); the registered student is damaged")
+    pipe.scheduler = sched
     sampling = folder / "redistill_sampling.json"
     if sampling.is_file():
         pipe.redistill_sampling = json.loads(sampling.read_text())

@@ -143,20 +143,21 @@ class TextToImageLatent(ModelAdapter):
     def encode_prompts(self, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
         """The text encoder's last hidden states (N, L, D) of `prompts`, padded to the tokenizer's length, as
         `StableDiffusionPipeline.encode_prompt` makes them (truncated past `max_prompt_tokens`)."""
-        tok, enc = self.pipe.tokenizer, self.pipe.text_encoder
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(enc.device)
-        hidden = enc(ids)[0]
+        enc = self.pipe.text_encoder
+        hidden = enc(self._token_ids(prompts))[0]
         return hidden.to(device if device is not None else enc.device)
+
+    def _token_ids(self, prompts: list[str]) -> torch.Tensor:
+        """`prompts` tokenised as StableDiffusionPipeline does: padded to the tokenizer's length, truncated past it."""
+        tok = self.pipe.tokenizer
+        return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
 
     @torch.no_grad()
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
         """One vector per prompt (N, D): the text encoder's pooled output (the end-of-text token's state), the
         prompt embedding drift and prompt-set comparisons use."""
-        tok, enc = self.pipe.tokenizer, self.pipe.text_encoder
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(enc.device)
-        return enc(ids).pooler_output.float().cpu()
+        return self.pipe.text_encoder(self._token_ids(prompts)).pooler_output.float().cpu()
 
     def uncond(self, n: int, device) -> torch.Tensor:
         """The empty prompt's hidden states, `n` times (the unconditional branch of guidance)."""
