@@ -509,12 +509,19 @@ class StudentParams:
     block_out_channels: list[int] = Field(default_factory=list, description="one entry per UNet level, e.g. [16, 32]")
     layers_per_block: int = Field(0, description="e.g. 1 where the teacher has 2")
     feature_loss: float = Field(0.0, description="weight of block-output feature matching to the teacher (0: off)")
-    lora_rank: int = Field(0, description="> 0: a LoRA student (LCM-LoRA), the teacher's own UNet plus a LoRA adapter of this rank on its attention projections, of which only the adapter trains (consistency and dmd; text-to-image teachers); 0: the whole UNet trains")
+    lora_rank: int = Field(0, description="> 0: a LoRA student (LCM-LoRA), the teacher's own UNet plus a LoRA adapter of this rank on the layers lora_targets names, of which only the adapter trains (consistency and dmd; text-to-image teachers); 0: the whole UNet trains")
     lora_alpha: float = Field(0.0, description="the LoRA scale's numerator (the update is scaled alpha/rank); 0 means alpha = rank")
+    lora_targets: str | list[str] = Field("lcm", description="the layers the adapter adapts: lcm (diffusers' LCM-LoRA list: attention and feed-forward projections, ResNet convolutions and time projections, down/upsamplers), attention (to_q, to_k, to_v, to_out.0 only), or a list of module names")
 
     def __post_init__(self):
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise ConfigError(f"distill.student.lora_rank and lora_alpha must be ≥ 0, got {self.lora_rank} and {self.lora_alpha}")
+        from redistill.lora import resolve_targets
+
+        try:
+            resolve_targets(self.lora_targets)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @settings("distill")

@@ -1,5 +1,8 @@
 """LoRA students (Hu et al. 2021; LCM-LoRA, Luo et al. 2023, arXiv:2311.05556): the student is the teacher's UNet
-with low-rank adapters on its attention projections, trained while the teacher's own weights stay frozen.
+with low-rank adapters on its layers, trained while the teacher's own weights stay frozen. Which layers:
+`distill.student.lora_targets`; the default `lcm` is the list diffusers' LCM-LoRA script adapts (attention and
+feed-forward projections, the ResNet convolutions and time projections, the down/upsamplers), `attention` only
+the attention projections.
 
 What a LoRA student's folder holds, beside the complete pipeline (the adapter fused into the UNet, so
 `DiffusionPipeline.from_pretrained(folder)` samples it as it is):
@@ -14,17 +17,45 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # config.py validates lora_targets through this module: no torch import at settings time
+    import torch
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights(folder) finds it
 LORA_META = "redistill_lora.json"
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as LCM-LoRA adapts them
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+# diffusers' train_lcm_distill_lora_sd_wds.py default: every linear and convolution of the UNet's blocks
+LCM = ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
+                   "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+PRESETS = {"lcm": LCM, "attention": ATTENTION}
+TARGETS = LCM
 ADAPTER = "redistill"
 
 
 class AdapterBaseMismatch(ValueError):
     """A LoRA adapter offered to a base pipeline other than the one it was trained on."""
+
+
+def resolve_targets(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The module names of `distill.student.lora_targets`: a preset (`lcm`, `attention`) or the names themselves
+    (a list, or one comma-separated string), matched as peft matches them: a module whose name is the entry or
+    ends in "." + the entry."""
+    if isinstance(value, str):
+        if value in PRESETS:
+            return PRESETS[value]
+        value = [v for v in value.split(",")]
+    names = tuple(v.strip() for v in value if v.strip())
+    if not names:
+        raise ValueError(f"distill.student.lora_targets names no module; use {' or '.join(PRESETS)}, or module names "
+                         "such as to_q, to_k, to_v, to_out.0")
+    return names
+
+
+def _matched(unet: torch.nn.Module, targets) -> set[str]:
+    """The entries of `targets` that name at least one module of `unet` (peft's suffix rule)."""
+    names = [n for n, _ in unet.named_modules()]
+    return {t for t in targets if any(n == t or n.endswith("." + t) for n in names)}
 
 
 def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None = None, targets=TARGETS,
@@ -36,14 +67,18 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None = None, targe
 
     if rank < 1:
         raise ValueError(f"a LoRA rank must be at least 1, got {rank}")
-    names = {n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0" for n, _ in unet.named_modules()}
-    if not names & set(targets) or not hasattr(unet, "add_adapter"):  # UNet2DModel has no diffusers LoRA support
-        raise ValueError(f"this UNet ({type(unet).__name__}) takes no LoRA adapter: it has none of the attention projections "
-                         f"({', '.join(targets)}) or no diffusers LoRA support; a LoRA student needs a UNet2DConditionModel. "
+    targets = resolve_targets(targets)
+    if not hasattr(unet, "add_adapter") or not _matched(unet, ATTENTION):  # UNet2DModel: no diffusers LoRA support
+        raise ValueError(f"this UNet ({type(unet).__name__}) takes no LoRA adapter: it has no attention projections "
+                         f"({', '.join(ATTENTION)}) or no diffusers LoRA support; a LoRA student needs a UNet2DConditionModel. "
                          "Set distill.student.lora_rank: 0 for a full-UNet student")
+    matched = _matched(unet, targets)
+    if not matched:
+        raise ValueError(f"distill.student.lora_targets ({', '.join(targets)}) names no module of this UNet; use a "
+                         f"preset ({', '.join(PRESETS)}) or names of its modules")
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                target_modules=list(targets)), adapter_name=ADAPTER)
+                                target_modules=sorted(matched)), adapter_name=ADAPTER)
     if init is not None:
         set_peft_model_state_dict(unet, init, adapter_name=ADAPTER)
     for name, p in unet.named_parameters():
@@ -80,19 +115,20 @@ def fused_copy(unet: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_adapter(unet: torch.nn.Module, folder: Path, base_sha256: str | None, rank: int, alpha: float | None = None,
-                 targets=TARGETS, extra: dict | None = None, base_uri: str | None = None) -> Path:
+                 extra: dict | None = None, base_uri: str | None = None) -> Path:
     """Write the adapter of `unet` into `folder` in diffusers' LoRA format, with its pointer to the base."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
+    # peft's naming, as diffusers' LCM-LoRA script saves it: converted to the older diffusers naming
+    # (convert_state_dict_to_diffusers), an adapter on convolutions and attention loads back without its attention layers
+    layers = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, weight_name=LORA_WEIGHTS,
                                               safe_serialization=True)
     meta = {"base_sha256": base_sha256, "base_uri": base_uri, "rank": rank, "alpha": alpha or rank,
-            "target_modules": list(targets),
+            "target_modules": sorted(unet.peft_config[ADAPTER].target_modules),
             "weights": LORA_WEIGHTS, **(extra or {})}
     (folder / LORA_META).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
@@ -125,6 +161,21 @@ def check_base(adapter_folder: Path, base_folder: Path) -> dict:
     return meta
 
 
+def _check_loaded(unet, folder: Path) -> None:
+    """Refuse an adapter that `load_lora_weights` took only in part: every adapted layer in the file must have
+    become a LoRA layer of the UNet (a partial load samples another model without any error)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / LORA_WEIGHTS), framework="pt") as f:
+        layers = {k.split(".lora")[0] for k in f.keys() if ".lora" in k}
+    loaded = sum(1 for n, _ in unet.named_modules() if n.endswith("lora_A"))
+    if loaded < len(layers):
+        from redistill.teacher import PipelineError
+
+        raise PipelineError(f"the LoRA adapter in {folder} adapts {len(layers)} layers but only {loaded} loaded into the "
+                            "base's UNet; the adapter file is damaged or in a naming this diffusers does not map")
+
+
 def load_adapter(adapter_folder: Path, base_folder: Path, device: str = "cpu"):
     """The base pipeline at `base_folder` with the adapter of `adapter_folder` loaded (stock diffusers
     `load_lora_weights`) and the student's scheduler; AdapterBaseMismatch when the base is not its own."""
@@ -133,6 +184,7 @@ def load_adapter(adapter_folder: Path, base_folder: Path, device: str = "cpu"):
     check_base(adapter_folder, base_folder)
     pipe = load_pipeline(base_folder, device)
     pipe.load_lora_weights(str(adapter_folder), weight_name=LORA_WEIGHTS)
+    _check_loaded(pipe.unet, adapter_folder)
     pipe.scheduler = student_scheduler(Path(adapter_folder)) or pipe.scheduler
     return pipe
 
@@ -194,6 +246,7 @@ def load_adapter_only(folder: Path, device: str = "cpu"):
     check_base(folder, Path(base))
     pipe = load_pipeline(Path(base), device)
     pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
+    _check_loaded(pipe.unet, folder)
     pipe.fuse_lora(adapter_names=[ADAPTER])
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     sched = student_scheduler(folder)

@@ -7,6 +7,7 @@ process."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +118,8 @@ def test_lora_fused_equals_unfused_and_adapter_refuses_another_base(sd_teacher, 
     assert torch.allclose(fused_copy(unet)(z, t, encoder_hidden_states=c).sample, lora_out, atol=1e-4)
     assert (lora_out - pipe.unet(z, t, encoder_hidden_states=c).sample).abs().max() > 1e-2
     save_adapter(unet, tmp_path / "adapter", pipeline_sha256(sd_teacher), 4)
-    assert (tmp_path / "adapter" / LORA_WEIGHTS).stat().st_size < 200_000
+    base_unet = sum(f.stat().st_size for f in (sd_teacher / "unet").glob("*.safetensors"))
+    assert (tmp_path / "adapter" / LORA_WEIGHTS).stat().st_size < base_unet / 2  # the adapter, not a second UNet
     loaded = load_adapter(tmp_path / "adapter", sd_teacher)
     assert torch.allclose(loaded.unet(z, t, encoder_hidden_states=c).sample, lora_out, atol=1e-4)
     other = make_tiny_sd(tmp_path / "other", seed=1)
@@ -125,6 +127,30 @@ def test_lora_fused_equals_unfused_and_adapter_refuses_another_base(sd_teacher, 
         check_base(tmp_path / "adapter", other)
     with pytest.raises(AdapterBaseMismatch):
         load_adapter(tmp_path / "adapter", other)
+
+
+def test_an_adapter_that_loads_only_in_part_is_refused(sd_teacher, tmp_path):
+    """An adapter on convolutions and attention saved in the older diffusers naming (convert_state_dict_to_diffusers)
+    loads back without its attention layers and no error from diffusers; the registered form refuses it instead of
+    serving another model. The adapter as save_adapter writes it (peft's naming) loads whole."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    from redistill.lora import load_adapter_only, lora_state, save_adapter
+
+    unet = add_lora(fused_copy_safe(load_pipeline(sd_teacher).unet), 4)  # the default targets: lcm
+    assert {"to_q", "conv1", "time_emb_proj"} <= set(unet.peft_config["redistill"].target_modules)
+    good = save_adapter(unet, tmp_path / "good", pipeline_sha256(sd_teacher), 4, base_uri=str(sd_teacher))
+    shutil.copytree(sd_teacher / "scheduler", good / "scheduler")
+    n_layers = sum(1 for n, _ in unet.named_modules() if n.endswith("lora_A"))
+    load_adapter_only(good)
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    StableDiffusionPipeline.save_lora_weights(str(bad), unet_lora_layers=convert_state_dict_to_diffusers(lora_state(unet)),
+                                              weight_name=LORA_WEIGHTS, safe_serialization=True)
+    assert (bad / LORA_META).is_file()
+    with pytest.raises(PipelineError, match=f"adapts {n_layers} layers but only"):
+        load_adapter_only(bad)
 
 
 def fused_copy_safe(unet):

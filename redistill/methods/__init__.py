@@ -42,7 +42,8 @@ def _fill(cls, p: DistillParams, section):
     values = {**{name: getattr(p, name) for name in p.__pydantic_fields__ if not dataclasses.is_dataclass(getattr(p, name))},
               **dataclasses.asdict(section), "student_channels": tuple(p.student.block_out_channels),
               "student_layers": p.student.layers_per_block, "feature_loss": p.student.feature_loss,
-              "lora_rank": p.student.lora_rank, "lora_alpha": p.student.lora_alpha}
+              "lora_rank": p.student.lora_rank, "lora_alpha": p.student.lora_alpha,
+              "lora_targets": p.student.lora_targets}
     names = [f.name for f in dataclasses.fields(cls)]
     missing = sorted(set(names) - set(values) - {"init_from"})
     if missing:

@@ -161,7 +161,7 @@ def lora_student(teacher_unet, cfg, init: dict | None):
     if init is not None:
         raise ValueError("a LoRA student (distill.student.lora_rank > 0) is trained on its base teacher from the start: "
                          "set distill.init: cold (or auto, which starts it cold), or set lora_rank: 0")
-    return add_lora(copy.deepcopy(teacher_unet), cfg.lora_rank, cfg.lora_alpha or None)
+    return add_lora(copy.deepcopy(teacher_unet), cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_targets)
 
 
 def lora_export(model, student, sched, cfg, teacher_sha256, summary: dict, teacher_uri: str | None = None):

@@ -126,7 +126,7 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     #    teacher plus an adapter of their own.
     if cfg.lora_rank:
         student = lora_student(real_score, cfg, init)
-        fake_score = add_lora(copy.deepcopy(real_score), cfg.lora_rank, cfg.lora_alpha or None)
+        fake_score = add_lora(copy.deepcopy(real_score), cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_targets)
     else:
         student = warm(student_like(real_score, cfg.student_channels, cfg.student_layers), init)  # or the champion
         fake_score = student_like(real_score)

@@ -56,6 +56,7 @@ class TrainingConfig:
     feature_loss: float = same_as(StudentParams, "feature_loss")
     lora_rank: int = same_as(StudentParams, "lora_rank")
     lora_alpha: float = same_as(StudentParams, "lora_alpha")
+    lora_targets: str | list[str] = same_as(StudentParams, "lora_targets")
     init_from: str = Field("", description='sha256 of the champion a warm start begins from ("" = from the '
                            "teacher); redistill/warm.py")
 
