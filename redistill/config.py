@@ -502,6 +502,30 @@ class DMDParams:
     solver_steps: int = Field(48, description="the LCMScheduler grid of the generator's timesteps")
 
 
+# The layers a LoRA student adapts (distill.student.lora_targets; redistill/lora.py). Here, not in lora.py, so that
+# checking the setting imports nothing.
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+# diffusers' train_lcm_distill_lora_sd_wds.py default: every linear and convolution of the UNet's blocks
+LCM = ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
+                   "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+PRESETS = {"lcm": LCM, "attention": ATTENTION}
+
+
+def resolve_targets(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The module names of `distill.student.lora_targets`: a preset (`lcm`, `attention`) or the names themselves
+    (a list, or one comma-separated string), matched as peft matches them: a module whose name is the entry or
+    ends in "." + the entry."""
+    if isinstance(value, str):
+        if value in PRESETS:
+            return PRESETS[value]
+        value = [v for v in value.split(",")]
+    names = tuple(v.strip() for v in value if v.strip())
+    if not names:
+        raise ValueError(f"distill.student.lora_targets names no module; use {' or '.join(PRESETS)}, or module names "
+                         "such as to_q, to_k, to_v, to_out.0")
+    return names
+
+
 @settings("distill.student")
 class StudentParams:
     """`distill.student`: a smaller student (BK-SDM style) for any method; empty / 0 keep the teacher's shape."""
@@ -516,8 +540,6 @@ class StudentParams:
     def __post_init__(self):
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise ConfigError(f"distill.student.lora_rank and lora_alpha must be ≥ 0, got {self.lora_rank} and {self.lora_alpha}")
-        from redistill.lora import resolve_targets
-
         try:
             resolve_targets(self.lora_targets)
         except ValueError as e:

@@ -19,37 +19,19 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # config.py validates lora_targets through this module: no torch import at settings time
+from redistill.config import ATTENTION, LCM, PRESETS, resolve_targets
+
+if TYPE_CHECKING:
     import torch
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights(folder) finds it
 LORA_META = "redistill_lora.json"
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
-# diffusers' train_lcm_distill_lora_sd_wds.py default: every linear and convolution of the UNet's blocks
-LCM = ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
-                   "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
-PRESETS = {"lcm": LCM, "attention": ATTENTION}
 TARGETS = LCM
 ADAPTER = "redistill"
 
 
 class AdapterBaseMismatch(ValueError):
     """A LoRA adapter offered to a base pipeline other than the one it was trained on."""
-
-
-def resolve_targets(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """The module names of `distill.student.lora_targets`: a preset (`lcm`, `attention`) or the names themselves
-    (a list, or one comma-separated string), matched as peft matches them: a module whose name is the entry or
-    ends in "." + the entry."""
-    if isinstance(value, str):
-        if value in PRESETS:
-            return PRESETS[value]
-        value = [v for v in value.split(",")]
-    names = tuple(v.strip() for v in value if v.strip())
-    if not names:
-        raise ValueError(f"distill.student.lora_targets names no module; use {' or '.join(PRESETS)}, or module names "
-                         "such as to_q, to_k, to_v, to_out.0")
-    return names
 
 
 def _matched(unet: torch.nn.Module, targets) -> set[str]:

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 MINILM = "minilm"
 PREFIX = "sentence:"
@@ -59,7 +62,7 @@ def _pooling(folder: Path) -> str:
     raise ValueError(f"{cfg}: only mean or CLS pooling is supported")
 
 
-def sentence_encoder(name: str, batch_size: int = 256) -> Callable[[list[str]], "torch.Tensor"]:
+def sentence_encoder(name: str, batch_size: int = 256) -> Callable[[list[str]], torch.Tensor]:
     """A function captions → (N, d) unit-length sentence embeddings; its `.name` is `name`."""
     import torch
     import torch.nn.functional as F
