@@ -16,7 +16,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-teacher_app = typer.Typer(help="The teacher: train the embedded default DDPM teacher, or fine-tune one into a new teacher.", no_args_is_help=True)
+teacher_app = typer.Typer(help="The teacher: train the embedded teachers (the default DDPM, the flow-matching and the text-to-image one), or fine-tune one into a new teacher.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
 drift_app = typer.Typer(help="Drift detection: test a batch, or calibrate the false-alarm rate.", no_args_is_help=True)
 app.add_typer(drift_app, name="drift")
@@ -177,6 +177,29 @@ def teacher_flow(
     except (DataError, PipelineError) as e:
         fail(str(e))
     typer.echo(f"flow-matching teacher saved to {out} ({summary['train_steps']} steps in {summary['train_time_s']:.0f}s)")
+
+
+@teacher_app.command("text-to-image")
+def teacher_text_to_image(
+    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/t2i-teachers/<t2i_teacher.name> (outside data/teachers/, where the watch would take it as a new teacher for the workspace's method). Must not exist."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Train the embedded latent text-to-image teacher (a StableDiffusionPipeline: CLIP tokenizer and text encoder,
+    AutoencoderKL, UNet2DConditionModel) on the captioned digits: the `t2i_teacher` recipe; resumes if killed."""
+    from redistill.data import DataError
+    from redistill.teacher import PipelineError
+
+    root, p = _settings(ws, params)
+    out = out or root / "data" / "t2i-teachers" / p.t2i_teacher.name
+    if (out / "model_index.json").is_file():
+        fail(f"{out} already holds a teacher; pass another --out, or remove it to train it again")
+    try:
+        summary = _train_t2i_teacher(root, p, out)
+    except (DataError, PipelineError) as e:
+        fail(str(e))
+    typer.echo(f"text-to-image teacher saved to {out} ({summary['train_steps']} UNet steps in {summary['train_time_s']:.0f}s, "
+               f"guidance_scale {summary['guidance_scale']})")
 
 
 @teacher_app.command("finetune")
@@ -640,17 +663,11 @@ def _demo_text_to_image(root: Path, p, as_json: bool) -> None:
 
 
 def _train_t2i_teacher(root: Path, p, out: Path) -> dict:
-    """Train the embedded text-to-image teacher into `out` (the `t2i_teacher` recipe); resumes under runs/teacher/."""
-    from redistill.data import load_image_folder
-    from redistill.t2i_data import prepare_t2i
-    from redistill.teacher_t2i import train_t2i_teacher
+    """Train the embedded text-to-image teacher into `out` as it was made (redistill/teacher_t2i.py: the captioned
+    digits in data/t2i/, the `t2i_teacher` recipe, w chosen with the digits classifier); resumes if killed."""
+    from redistill.teacher_t2i import train_embedded
 
-    data = root / "runs" / "t2i-data"
-    if not (data / "reference").is_dir():
-        prepare_t2i(p.prepare, data, seed=p.t2i_teacher.seed, image_size=p.t2i_teacher.image_size)
-    im = load_image_folder(data / "reference")
-    return train_t2i_teacher(p.t2i_teacher, im.images, im.captions, out, root / "runs" / "teacher" / out.name,
-                             log=lambda m: typer.echo(m, err=True))
+    return train_embedded(root, p, out, log=lambda m: typer.echo(m, err=True))
 
 
 @app.command()

@@ -382,15 +382,38 @@ def prompt_adherence(pipe, classifier, guidance_scale: float, steps: int, num_sa
 # ---------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Write the captioned digits (data/t2i/) unless present, then train the teacher into
-    data/t2i-teachers/<t2i_teacher.name>, choosing w with the workspace's digits classifier (data/features)."""
-    import argparse
-
-    from redistill.config import load_params, workspace
+def train_embedded(root: Path, params, out: Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """The embedded teacher as it was made: the captioned digits written to data/t2i/ unless present, then the
+    `t2i_teacher` recipe into `out` (default data/t2i-teachers/<name>), its guidance w chosen with the workspace's
+    digits classifier (data/features) where there is one; resumes from runs/t2i-teacher/<name>/checkpoints."""
     from redistill.data import DataError, load_image_folder
     from redistill.features import load_classifier
     from redistill.t2i_data import prepare_t2i
+
+    p = params.t2i_teacher
+    data_dir = root / "data" / "t2i"
+    if not (data_dir / "reference").is_dir():
+        counts = prepare_t2i(params.prepare, data_dir, seed=p.seed, image_size=p.image_size)
+        log(f"captioned data written to {data_dir}: {counts}")
+    data = load_image_folder(data_dir / "reference")
+    if data.captions is None:
+        raise DataError(f"{data_dir / 'reference'} has no captions.csv; delete {data_dir} and run again to rewrite it")
+    try:
+        classifier = load_classifier(root / "data" / "features")
+    except FileNotFoundError as e:
+        log(f"{e}; writing guidance_scale {p.guidance_scale} unmeasured")
+        classifier = None
+    out = out or root / "data" / "t2i-teachers" / p.name
+    return train_t2i_teacher(p, data.images, data.captions, out, root / "runs" / "t2i-teacher" / p.name / "checkpoints",
+                             classifier, params.features.confidence, log=log)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train the embedded text-to-image teacher (`redistill teacher text-to-image` does the same): the captioned
+    digits in data/t2i/, the teacher in data/t2i-teachers/<t2i_teacher.name>."""
+    import argparse
+
+    from redistill.config import load_params, workspace
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--workspace", type=Path, default=None, help="workspace folder (default: $REDISTILL_HOME or .)")
@@ -399,22 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     root = workspace(args.workspace)
     params = load_params(args.params, root)
-    p = params.t2i_teacher
-    data_dir = root / "data" / "t2i"
-    if not (data_dir / "reference").is_dir():
-        counts = prepare_t2i(params.prepare, data_dir, seed=p.seed, image_size=p.image_size)
-        print(f"captioned data written to {data_dir}: {counts}")
-    data = load_image_folder(data_dir / "reference")
-    if data.captions is None:
-        raise DataError(f"{data_dir / 'reference'} has no captions.csv; delete {data_dir} and run again to rewrite it")
-    try:
-        classifier = load_classifier(root / "data" / "features")
-    except FileNotFoundError as e:
-        print(f"{e}; writing guidance_scale {p.guidance_scale} unmeasured")
-        classifier = None
-    out = args.out or root / "data" / "t2i-teachers" / p.name
-    summary = train_t2i_teacher(p, data.images, data.captions, out, root / "runs" / "t2i-teacher" / p.name / "checkpoints",
-                                classifier, params.features.confidence, log=lambda m: print(m, flush=True))
+    out = args.out or root / "data" / "t2i-teachers" / params.t2i_teacher.name
+    summary = train_embedded(root, params, out, log=lambda m: print(m, flush=True))
     print(f"teacher saved to {out} ({summary['train_steps']} UNet steps in {summary['train_time_s']:.0f}s, "
           f"guidance_scale {summary['guidance_scale']})")
 

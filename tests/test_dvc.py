@@ -58,6 +58,7 @@ STAGE_ENTRIES = {
     "teacher": ["redistill.teacher_train"],
     "finetune": ["redistill.teacher_train"],
     "teacher_flow": ["redistill.teacher_train"],
+    "teacher_t2i": ["redistill.teacher_t2i"],
     "evaluate": ["redistill.metrics", "redistill.feature_spaces"],
     "validate": ["redistill.validation", "redistill.tasks.validate"],
     "distill": ["redistill.methods"],
@@ -114,14 +115,15 @@ def test_every_stage_lists_the_code_it_runs():
 # --- params: each stage lists every params.yaml key its command reads, and `dvc status` sees a change to it ---
 
 def _stage_command(cmd: str) -> str:
-    """The cli.py function a stage's `cmd` runs: `redistill teacher train --out …` → `teacher_train`."""
+    """The cli.py function a stage's `cmd` runs: `redistill teacher train --out …` → `teacher_train`,
+    `redistill teacher text-to-image` → `teacher_text_to_image`."""
     words = cmd.split()
     assert words[0] == "redistill", cmd
     name = []
     for w in words[1:]:
-        if not w.replace("_", "").isalpha():  # an option, a path or an interpolation: the command name ended
+        if w.startswith("-") or not w.replace("_", "").replace("-", "").isalpha():  # an option, a path or an interpolation: the name ended
             break
-        name.append(w)
+        name.append(w.replace("-", "_"))  # typer's command `text-to-image` is the function `..._text_to_image`
     return "_".join(name)
 
 

@@ -168,3 +168,26 @@ def test_a_killed_run_resumes_to_the_unbroken_weights(toy_set, toy_teacher, tmp_
         a, b = load_file(out / f"{part}.safetensors"), load_file(toy_teacher / f"{part}.safetensors")
         assert a.keys() == b.keys()
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, part
+
+
+@pytest.mark.trials  # ~15 s (all the captioned digits written, a toy teacher trained): make trials runs it
+def test_the_cli_trains_the_embedded_teacher_where_the_dvc_stage_says_and_refuses_to_overwrite(tmp_path):
+    """`redistill teacher text-to-image` (the DVC stage teacher_t2i) writes the captioned digits to data/t2i/ and
+    the teacher to data/t2i-teachers/<name>; without the digits classifier w stays the recipe's, said as such."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from redistill.cli import app
+
+    raw = Params().to_dict()
+    raw["t2i_teacher"].update(TOY, name="toy-t2i")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    args = ["teacher", "text-to-image", "--workspace", str(tmp_path)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "data" / "t2i-teachers" / "toy-t2i"
+    assert (out / "model_index.json").is_file() and (tmp_path / "data" / "t2i" / "reference" / "captions.csv").is_file()
+    assert "unmeasured" in r.output and "text-to-image teacher saved to" in r.output
+    assert json.loads((out / "redistill_teacher.json").read_text())["train_steps"] == 6
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "already holds a teacher" in again.output
