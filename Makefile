@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,sentence]'
+	$(PY) -m pip install -q -e '.[dev,sentence,stack]'
 	touch $@
 
 # The main job on the embedded digits: data, the committed teacher (trained only if missing), one
@@ -34,10 +34,11 @@ test: install
 # and Prefect servers going away mid-cycle (tests/test_servers.py); 12 processes at once (tests/test_load.py);
 # every kind of teacher through a whole cycle from an empty workspace (tests/test_byo.py); a flow-matching
 # teacher's bench (tests/test_rectified.py); a text-to-image teacher's whole cycle with an LCM-LoRA student
-# (tests/test_text_to_image.py); the embedded text-to-image teacher's CLI (tests/test_t2i_teacher.py)
+# (tests/test_text_to_image.py); the embedded text-to-image teacher's CLI (tests/test_t2i_teacher.py); `redistill
+# stack` up, at work and down on real PostgreSQL, MLflow and Prefect servers and workers (tests/test_stack.py)
 trials: install
 	$(BIN)/pytest -q -s -m trials tests/test_kill.py tests/test_servers.py tests/test_load.py tests/test_byo.py tests/test_rectified.py \
-		tests/test_text_to_image.py tests/test_t2i_teacher.py
+		tests/test_text_to_image.py tests/test_t2i_teacher.py tests/test_stack.py
 
 # Rebuild every stage whose inputs changed (dvc.yaml); the committed teacher is kept if unchanged.
 repro: install

@@ -652,6 +652,30 @@ class WatchParams:
                               f"got {self.nightly_cron!r}")
 
 
+@settings("stack")
+class StackParams:
+    """`stack`: `redistill stack up|down|status`, the production shape on one machine (redistill/stack.py):
+    PostgreSQL, an MLflow server on it with proxied artifacts, a Prefect server on it with a process work pool and
+    workers, and a DVC remote. Everything binds to `host` and keeps its data under <workspace>/stack/."""
+
+    host: str = Field("127.0.0.1", description="the address every server binds to")
+    postgres_port: int = Field(0, description="PostgreSQL's port (0: a free one, kept across restarts)")
+    mlflow_port: int = Field(0, description="the MLflow server's port (0: a free one, kept across restarts)")
+    prefect_port: int = Field(0, description="the Prefect server's port (0: a free one, kept across restarts)")
+    work_pool: str = Field("redistill", description="the Prefect work pool (type process) the deployments and workers use; prefect.yaml names it")
+    workers: int = Field(2, description="prefect worker processes started on the pool")
+    concurrency_slots: int = Field(1, description="slots of the global concurrency limit redistill-distill that every worker shares: distillations at once")
+    dvc_remote: str = Field("", description='the DVC remote ("" = the folder stack/dvc-remote; any DVC remote URL otherwise), added to the workspace\'s .dvc/config.local as the default')
+
+    def __post_init__(self):
+        if self.workers < 1 or self.concurrency_slots < 1:
+            raise ConfigError(f"stack.workers and stack.concurrency_slots must be at least 1, got {self.workers} and "
+                              f"{self.concurrency_slots}")
+        for name in ("postgres_port", "mlflow_port", "prefect_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"stack.{name} must be a port (1–65535) or 0 for a free one, got {getattr(self, name)}")
+
+
 @settings("")
 class Params:
     """Every setting of the project, one section per stage."""
@@ -670,6 +694,7 @@ class Params:
     registry: RegistryParams = Field(default_factory=RegistryParams, description="the `registry` section")
     drift: DriftParams = Field(default_factory=DriftParams, description="the `drift` section")
     watch: WatchParams = Field(default_factory=WatchParams, description="the `watch` section")
+    stack: StackParams = Field(default_factory=StackParams, description="the `stack` section")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
