@@ -84,10 +84,11 @@ def test_method_configs_have_the_params_yaml_defaults(method):
         assert own[name] == getattr(d, name), name
     assert own["student_channels"] == tuple(d.student.block_out_channels)
     assert own["student_layers"] == d.student.layers_per_block and own["feature_loss"] == d.student.feature_loss
-    assert (own["lora_rank"], own["lora_alpha"]) == (d.student.lora_rank, d.student.lora_alpha)
+    assert (own["lora_rank"], own["lora_alpha"], own["lora_targets"]) == (d.student.lora_rank, d.student.lora_alpha,
+                                                                          d.student.lora_targets)
     assert set(own) == set(section) | {"target_steps", "batch_size", "lr", "ema_decay", "seed", "checkpoint_every",
                                         "mixed_precision", "student_channels", "student_layers", "feature_loss",
-                                        "lora_rank", "lora_alpha", "init_from"}
+                                        "lora_rank", "lora_alpha", "lora_targets", "init_from"}
 
 
 def test_progressive_config_default_teacher_steps_is_params_yaml_s():
