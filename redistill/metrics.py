@@ -252,6 +252,20 @@ def configure_scheduler(pipe, steps: int, choice: str = "auto") -> str:
     return type(pipe.scheduler).__name__
 
 
+def fresh_noise(scheduler, steps: int) -> str | None:
+    """Why a sampler's output is not a function of its initial noise alone (it draws fresh noise between steps),
+    or None for a deterministic one. PSNR "on the same noise" measures fidelity to the teacher's noise-to-image
+    map only for a deterministic sampler."""
+    name = type(scheduler).__name__
+    if steps <= 1:
+        return None  # one step: noise to image, nothing drawn in between
+    if name == "LCMScheduler":
+        return f"LCMScheduler at {steps} steps re-noises its x0 estimate between steps (multistep consistency sampling)"
+    if name == "DDPMScheduler" or "Ancestral" in name or name in ("DPMSolverSDEScheduler", "ScoreSdeVeScheduler"):
+        return f"{name} is an ancestral (stochastic) sampler"
+    return None
+
+
 @torch.no_grad()
 def sample(pipe, n: int, steps: int, seed: int, batch: int) -> torch.Tensor:
     """`n` images in [0, 1] from the pipeline's own sampler (its adapter's `sample`); batch i uses generator seed `seed + i`.
@@ -675,7 +689,8 @@ def evaluate(
         "feature_spaces": {sp.name: sp.sha256 for sp in spaces},
         # the first space's figures at the top level (the bench's FID ratio), every space's under "spaces"
         "quality": {**per_space[primary], "feature_space": primary, **recog, "spaces": per_space},
-        "fidelity": {"psnr_db": psnr, "ssim": ssim, "identical_to_reference": psnr is None},
+        "fidelity": {"psnr_db": psnr, "ssim": ssim, "identical_to_reference": psnr is None,
+                     "fresh_noise": None if identical else fresh_noise(cand.scheduler, candidate.steps)},
         "speed": speed,
         "memory": {
             "peak_sampling_mb": mem.peak_mb,

@@ -38,6 +38,7 @@ def test_suite_reports_every_figure(suite, tiny_pipeline, tmp_path):
     q, f, s, m = r["quality"], r["fidelity"], r["speed"], r["memory"]
     assert r["steps"] == 2 and r["reference"]["steps"] == 8
     assert r["scheduler"] == "DDIMScheduler"  # a DDPM pipeline asked for 2 of its 1,000 steps samples with DDIM
+    assert f["fresh_noise"] is None  # DDIM (eta 0): the samples are a function of the initial noise
     assert r["num_samples"] == suite[0].evaluate.num_samples
     for key in ("fid", "kid", "reference_fid", "recognisable_share", "fid_ratio"):
         assert finite(q[key]), key

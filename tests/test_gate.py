@@ -72,6 +72,27 @@ def test_fidelity_is_gated_per_method_family():
     assert not judge(low_psnr, None, strict, "dmd").passed
 
 
+def test_a_sampler_that_draws_noise_between_steps_is_not_held_to_the_teachers_map():
+    """Multistep LCM re-noises between steps: "the same noise" fixes only its start, so its PSNR is reported, not
+    gated; the same student sampled deterministically is held to its family's bound."""
+    from redistill.metrics import fresh_noise
+
+    low_psnr = result(psnr=12.0)
+    low_psnr["fidelity"]["fresh_noise"] = "LCMScheduler at 4 steps re-noises its x0 estimate between steps"
+    d = judge(low_psnr, None, GateParams(), "consistency")
+    assert d.passed, d.reasons()
+    psnr = next(c for c in d.checks if c.name == "psnr_db")
+    assert psnr.value == 12.0 and "not gated" in psnr.note and "LCMScheduler at 4 steps" in psnr.note
+    low_psnr["fidelity"]["fresh_noise"] = None
+    assert [c.name for c in judge(low_psnr, None, GateParams(), "consistency").failed()] == ["psnr_db"]
+
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, LCMScheduler
+
+    assert "re-noises" in fresh_noise(LCMScheduler(), 4) and fresh_noise(LCMScheduler(), 1) is None
+    assert fresh_noise(DDIMScheduler(), 50) is None
+    assert "ancestral" in fresh_noise(DDPMScheduler(), 1000) and "ancestral" in fresh_noise(EulerAncestralDiscreteScheduler(), 8)
+
+
 def test_a_value_exactly_at_its_bound_passes_as_mlflow_defines_it():
     assert judge(result(gaps=(0.25, 0.25), speedup=8.0), None, GateParams(), "dmd").passed
 
