@@ -664,13 +664,14 @@ class StackParams:
     prefect_port: int = Field(0, description="the Prefect server's port (0: a free one, kept across restarts)")
     work_pool: str = Field("redistill", description="the Prefect work pool (type process) the deployments and workers use; prefect.yaml names it")
     workers: int = Field(2, description="prefect worker processes started on the pool")
+    runs_per_worker: int = Field(1, description="flow runs each worker runs at once (prefect worker --limit); a second trigger goes to another worker")
     concurrency_slots: int = Field(1, description="slots of the global concurrency limit redistill-distill that every worker shares: distillations at once")
     dvc_remote: str = Field("", description='the DVC remote ("" = the folder stack/dvc-remote; any DVC remote URL otherwise), added to the workspace\'s .dvc/config.local as the default')
 
     def __post_init__(self):
-        if self.workers < 1 or self.concurrency_slots < 1:
-            raise ConfigError(f"stack.workers and stack.concurrency_slots must be at least 1, got {self.workers} and "
-                              f"{self.concurrency_slots}")
+        if min(self.workers, self.concurrency_slots, self.runs_per_worker) < 1:
+            raise ConfigError(f"stack.workers, runs_per_worker and concurrency_slots must be at least 1, got {self.workers}, "
+                              f"{self.runs_per_worker} and {self.concurrency_slots}")
         for name in ("postgres_port", "mlflow_port", "prefect_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"stack.{name} must be a port (1–65535) or 0 for a free one, got {getattr(self, name)}")

@@ -442,7 +442,7 @@ def up(root: Path, p, log=print) -> dict:
             logf = sd / "logs" / f"{name}.log"
             wname = f"redistill-{name}"
             proc = _spawn([sys.executable, "-m", "prefect", "worker", "start", "--pool", p.work_pool, "--type", "process",
-                           "--name", wname], logf, cenv, root)
+                           "--name", wname, "--limit", str(p.runs_per_worker)], logf, cenv, root)
             state["services"][name] = {"pid": proc.pid, "marker": wname, "log": str(logf), "worker_name": wname}
             _save_state(root, state)
         _wait_workers(state, p, cenv, log)

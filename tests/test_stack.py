@@ -53,7 +53,7 @@ def test_a_recorded_pid_that_is_no_longer_the_stacks_is_not_signalled(tmp_path):
 
 
 def test_stack_settings_are_checked():
-    with pytest.raises(ConfigError, match="stack.workers and stack.concurrency_slots must be at least 1"):
+    with pytest.raises(ConfigError, match="stack.workers, runs_per_worker and concurrency_slots must be at least 1"):
         StackParams(workers=0)
     with pytest.raises(ConfigError, match="stack.mlflow_port must be a port"):
         StackParams(mlflow_port=70000)
@@ -174,3 +174,60 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.trials
+@pytest.mark.skipif(not _postgres_installed(), reason="PostgreSQL's server programs are not installed (Debian: "
+                    "apt-get install postgresql; .ci/run installs them)")
+def test_deployed_flows_run_on_the_workers_and_two_triggers_make_one_distillation(digits_ws):
+    """`prefect deploy --all` against the stack's server; two runs of the nightly deployment at once are taken by
+    the two workers (one flow run each), share one key and make one distillation and one registered version,
+    whose lineage is read back from the MLflow server."""
+    from conftest import LENIENT_GATE, REPO, TINY_CYCLE, tiny_trial_workspace, trial_env
+
+    root = Path(tempfile.mkdtemp(prefix="redistill-stack-"))
+    os.chmod(root, 0o755)
+    tiny_trial_workspace(digits_ws, root)
+    (root / "params.yaml").write_text(TINY_CYCLE + LENIENT_GATE + "teacher: {name: tiny}\nwatch: {settle_seconds: 0.0}\n")
+    env = trial_env(REDISTILL_HOME=str(root), DVC_NO_ANALYTICS="1")  # the workers' flow runs work in this workspace
+    redistill = [str(BIN / "redistill")]
+    try:
+        up = _run([*redistill, "stack", "up", "--json", "--workspace", str(root)], env=env)
+        cenv = {**env, **json.loads(up.stdout.strip().splitlines()[-1])}
+        api = cenv["PREFECT_API_URL"]
+        _run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=REPO, env=cenv)
+        for name in ("redistill-nightly/nightly", "redistill-watch/watch"):
+            assert _run([sys.executable, "-m", "prefect", "deployment", "inspect", name], env=cenv).returncode == 0
+        runs = []
+        for _ in range(2):
+            r = _run([sys.executable, "-m", "prefect", "deployment", "run", "redistill-nightly/nightly"], env=cenv)
+            runs.append(next(line.split()[-1] for line in r.stdout.splitlines() if "UUID" in line))
+        states = {}
+        deadline = time.time() + 1200
+        while time.time() < deadline:
+            for fr in runs:
+                with urllib.request.urlopen(f"{api}/flow_runs/{fr}", timeout=10) as resp:
+                    states[fr] = json.loads(resp.read())["state_type"]
+            if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states.values()):
+                break
+            time.sleep(3)
+        logs = {k: Path(v["log"]).read_text(errors="replace") for k, v in
+                json.loads(_run([*redistill, "stack", "status", "--json", "--workspace", str(root)], env=env).stdout)
+                ["services"].items() if k.startswith("worker-")}
+        assert set(states.values()) == {"COMPLETED"}, (states, {k: v[-3000:] for k, v in logs.items()})
+        took = {w: [fr for fr in runs if fr in text] for w, text in logs.items()}
+        assert sorted(len(v) for v in took.values()) == [1, 1], took  # each worker ran one of the two
+
+        from redistill.registry import PREFIX, client
+
+        c = client(cenv["MLFLOW_TRACKING_URI"])
+        versions = c.search_model_versions("name='digits-student'")
+        assert len(versions) == 1, [v.version for v in versions]  # two triggers, one key, one distillation
+        tags = versions[0].tags
+        assert tags[f"{PREFIX}trigger"] == "schedule" and tags[f"{PREFIX}teacher_sha256"]
+        lineage = _run([*redistill, "lineage", "--version", versions[0].version, "--json", "--workspace", str(root)],
+                       env=cenv)
+        assert json.loads(lineage.stdout)["version"] == versions[0].version
+    finally:
+        _run([*redistill, "stack", "down", "--workspace", str(root)], env=env, check=False)
+        shutil.rmtree(root, ignore_errors=True)
