@@ -106,7 +106,10 @@ def _free_port(host: str) -> int:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on (host, port). SO_REUSEADDR, as the servers themselves bind: the connections a
+    server that just stopped left in TIME_WAIT do not keep its port from the next `up`."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True

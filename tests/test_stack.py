@@ -159,6 +159,14 @@ def test_the_stack_comes_up_does_its_jobs_and_goes_down_leaving_no_process():
         again = _run([*redistill, "stack", "up", "--json", "--workspace", str(root)], env=env)
         assert json.loads(again.stdout.strip().splitlines()[-1]) == client_env
         assert "already running" in again.stderr
+        # down, then up at once: the same ports (past the stopped servers' TIME_WAIT connections), the data kept
+        _run([*redistill, "stack", "down", "--workspace", str(root)], env=env)
+        assert _run([*redistill, "stack", "status", "--workspace", str(root)], env=env, check=False).returncode == 1
+        restarted = _run([*redistill, "stack", "up", "--json", "--workspace", str(root)], env=env)
+        assert json.loads(restarted.stdout.strip().splitlines()[-1]) == client_env
+        assert MlflowClient(client_env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("stack-check") is not None
+        st = json.loads(_run([*redistill, "stack", "status", "--json", "--workspace", str(root)], env=env).stdout)
+        pids = {k: v["pid"] for k, v in st["services"].items()}
     finally:
         _run([*redistill, "stack", "down", "--workspace", str(root)], env=env, check=False)
         left = {k: pid for k, pid in pids.items() if pid and _alive(pid) and not _zombie(pid)}
