@@ -340,13 +340,13 @@ def _postmaster_pid(data: Path) -> int | None:
 
 
 def _start_server(root: Path, state: dict, name: str, cmd: list[str], env: dict, health: str, marker: str,
-                  port: int, url: str, log) -> None:
+                  port: int, url: str, log, spawned: dict) -> None:
     svc = state["services"].get(name)
     if svc and _alive(svc.get("pid"), svc.get("marker")) and _healthy(svc.get("health")):
         log(f"{name}: already running (pid {svc['pid']})")
         return
     logf = stack_dir(root) / "logs" / f"{name}.log"
-    proc = _spawn(cmd, logf, env, root)
+    proc = spawned[name] = _spawn(cmd, logf, env, root)
     state["services"][name] = {"pid": proc.pid, "port": port, "marker": marker, "log": str(logf), "health": health,
                                "url": url}
     _save_state(root, state)
@@ -408,7 +408,8 @@ def up(root: Path, p, log=print) -> dict:
     (sd / "logs").mkdir(parents=True, exist_ok=True)
     state = load_state(root)
     state.setdefault("services", {})
-    before = {k for k, v in state["services"].items() if _alive(v.get("pid"), v.get("marker"))}
+    pg_before = _alive(_postmaster_pid(sd / "postgres"), "postgres")
+    spawned: dict[str, subprocess.Popen] = {}  # what this call started: stopped again if it fails
     ports = _ports(root, p, state)
     state["ports"], state["host"], state["workspace"] = ports, p.host, str(root)
     _save_state(root, state)
@@ -428,12 +429,12 @@ def up(root: Path, p, log=print) -> dict:
                       [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"postgresql+psycopg2://{db}/mlflow",
                        "--artifacts-destination", str(sd / "mlartifacts"), "--host", p.host,
                        "--port", str(ports["mlflow"]), "--workers", "1"],
-                      env, f"{mlflow_url}/health", f"--port {ports['mlflow']}", ports["mlflow"], mlflow_url, log)
+                      env, f"{mlflow_url}/health", f"--port {ports['mlflow']}", ports["mlflow"], mlflow_url, log, spawned)
         prefect_url = f"http://{p.host}:{ports['prefect']}/api"
         _start_server(root, state, "prefect",
                       [sys.executable, "-m", "prefect", "server", "start", "--host", p.host, "--port", str(ports["prefect"])],
                       {**env, "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{db}/prefect"},
-                      f"{prefect_url}/health", f"--port {ports['prefect']}", ports["prefect"], prefect_url, log)
+                      f"{prefect_url}/health", f"--port {ports['prefect']}", ports["prefect"], prefect_url, log, spawned)
         cenv = {**env, "PREFECT_API_URL": prefect_url, "MLFLOW_TRACKING_URI": mlflow_url}
         _prefect_setup(root, p, state, cenv, log)
         for i in range(1, p.workers + 1):
@@ -443,18 +444,27 @@ def up(root: Path, p, log=print) -> dict:
                 log(f"{name}: already running (pid {svc['pid']})")
                 continue
             logf = sd / "logs" / f"{name}.log"
+            offset = logf.stat().st_size if logf.is_file() else 0  # the log is appended to: read this start's lines
             wname = f"redistill-{name}"
-            proc = _spawn([sys.executable, "-m", "prefect", "worker", "start", "--pool", p.work_pool, "--type", "process",
-                           "--name", wname, "--limit", str(p.runs_per_worker)], logf, cenv, root)
-            state["services"][name] = {"pid": proc.pid, "marker": wname, "log": str(logf), "worker_name": wname}
+            proc = spawned[name] = _spawn([sys.executable, "-m", "prefect", "worker", "start", "--pool", p.work_pool,
+                                           "--type", "process", "--name", wname, "--limit", str(p.runs_per_worker)],
+                                          logf, cenv, root)
+            state["services"][name] = {"pid": proc.pid, "marker": wname, "log": str(logf), "worker_name": wname,
+                                       "log_offset": offset}
             _save_state(root, state)
-        _wait_workers(state, p, cenv, log)
+        _wait_workers(state, {k: v for k, v in spawned.items() if k.startswith("worker-")}, p, log)
         _dvc_remote(root, p, state, log)
     except BaseException:
-        started = {k for k, v in state["services"].items() if _alive(v.get("pid"), v.get("marker"))} - before
-        if started:
-            log(f"stopping what this call started: {', '.join(sorted(started))}")
-            down(root, only=started, log=log)
+        # by the handles this call holds, not by command line: a process just forked may not have exec'd yet
+        running = [k for k, proc in spawned.items() if proc.poll() is None]
+        if running or (not pg_before and _alive(_postmaster_pid(sd / "postgres"), "postgres")):
+            log(f"stopping what this call started: {', '.join(sorted(running + ([] if pg_before else ['postgres'])))}")
+        for k in sorted(running, key=lambda k: (not k.startswith("worker-"), k)):
+            _stop_spawned(spawned[k])
+            state["services"][k]["pid"] = None
+        _save_state(root, state)
+        if not pg_before:
+            down(root, only={"postgres"}, log=log)
         raise
     finally:
         if old_term is not None:
@@ -468,17 +478,46 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _wait_workers(state: dict, p, env: dict, log, seconds: float = START_TIMEOUT_S) -> None:
-    """Until every worker process has said it polls the pool (its log), or one exits."""
+def _stop_spawned(proc: subprocess.Popen) -> None:
+    """Stop a process this call started (its own process group), TERM then KILL; reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=STOP_GRACE_S)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+    deadline = time.time() + 10
+    while _group_alive(proc.pid) and time.time() < deadline:  # the children of its group
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+
+
+def _wait_workers(state: dict, spawned: dict, p, log, seconds: float = START_TIMEOUT_S) -> None:
+    """Until every worker started by this call has said it polls the pool (in its log, after where this start
+    began writing), or one exits."""
     deadline = time.time() + seconds
-    workers = {k: v for k, v in state["services"].items() if k.startswith("worker-")}
+    workers = {k: state["services"][k] for k in spawned}
     waiting = set(workers)
     while waiting and time.time() < deadline:
         for k in list(waiting):
             v = workers[k]
-            if not _alive(v["pid"], v["marker"]):
-                raise StackError(f"{k} exited while starting; its log {v['log']} says:\n{_tail(Path(v['log']))}")
-            text = Path(v["log"]).read_text(errors="replace") if Path(v["log"]).is_file() else ""
+            if spawned[k].poll() is not None:
+                raise StackError(f"{k} exited with {spawned[k].returncode} while starting; its log {v['log']} says:\n"
+                                 f"{_tail(Path(v['log']))}")
+            try:
+                with open(v["log"], "rb") as f:
+                    f.seek(v.get("log_offset", 0))
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                text = ""
             if "started!" in text or f"Worker '{v['worker_name']}'" in text:
                 waiting.discard(k)
                 log(f"{k}: polling work pool {p.work_pool} (pid {v['pid']})")

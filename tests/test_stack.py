@@ -239,3 +239,32 @@ def test_deployed_flows_run_on_the_workers_and_two_triggers_make_one_distillatio
     finally:
         _run([*redistill, "stack", "down", "--workspace", str(root)], env=env, check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.trials
+@pytest.mark.skipif(not _postgres_installed(), reason="PostgreSQL's server programs are not installed (Debian: "
+                    "apt-get install postgresql; .ci/run installs them)")
+def test_an_up_that_fails_half_way_stops_what_it_started_and_says_why():
+    """The Prefect server cannot bind its port (another process listens there): `up` fails with the server's
+    own words, and PostgreSQL and the MLflow server it had started are stopped again."""
+    import socket
+
+    root = Path(tempfile.mkdtemp(prefix="redistill-stack-"))
+    os.chmod(root, 0o755)
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1"}
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    (root / "params.yaml").write_text(f"stack: {{prefect_port: {blocker.getsockname()[1]}}}\n")
+    try:
+        r = _run([str(BIN / "redistill"), "stack", "up", "--workspace", str(root)], env=env, check=False)
+        assert r.returncode != 0 and "prefect exited" in r.stderr and "stopping what this call started" in r.stdout, (
+            r.stdout[-2000:], r.stderr[-2000:])
+        state = json.loads((root / "stack" / "stack.json").read_text())
+        left = {k: v["pid"] for k, v in state["services"].items() if v.get("pid") and _alive(v["pid"]) and not _zombie(v["pid"])}
+        pg = (root / "stack" / "postgres" / "postmaster.pid")
+        assert not left and not pg.exists(), (left, pg.exists())
+    finally:
+        blocker.close()
+        _run([str(BIN / "redistill"), "stack", "down", "--workspace", str(root)], env=env, check=False)
+        shutil.rmtree(root, ignore_errors=True)
