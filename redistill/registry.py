@@ -202,7 +202,7 @@ def close_orphan_runs(c, experiment_ids: list[str], key: str, note: str) -> list
     closed = []
     for run in c.search_runs(experiment_ids, f"tags.`{PREFIX}key` = '{key}' and attributes.status = 'RUNNING'"):
         tags = run.data.tags
-        if tags.get(PREFIX + "host") != socket.gethostname() or _alive(int(tags.get(PREFIX + "pid", "0") or 0)):
+        if tags.get(PREFIX + "host") != socket.gethostname() or pid_alive(int(tags.get(PREFIX + "pid", "0") or 0)):
             continue
         c.set_tag(run.info.run_id, PREFIX + "failed_stage", "killed")
         c.set_tag(run.info.run_id, PREFIX + "failure",
@@ -212,7 +212,8 @@ def close_orphan_runs(c, experiment_ids: list[str], key: str, note: str) -> list
     return closed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a zombie has exited)."""
     import os
 
     if pid <= 0:

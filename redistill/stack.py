@@ -165,14 +165,10 @@ def _check_reachable_by_postgres(folder: Path) -> None:
 
 def _alive(pid: int | None, marker: str | None = None) -> bool:
     """Whether `pid` runs and (when given) its command line contains `marker`: a recycled pid is not ours."""
-    if not pid:
+    from redistill.registry import pid_alive
+
+    if not pid or not pid_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
     if marker is None:
         return True
     try:
@@ -217,9 +213,10 @@ def _spawn(cmd: list[str], log: Path, env: dict, cwd: Path) -> subprocess.Popen:
                                 cwd=str(cwd), start_new_session=True)
 
 
-def _stop_group(pid: int, marker: str) -> None:
-    """TERM the process group of `pid` (if it is still ours), then KILL what is left after the grace period."""
-    if not _alive(pid, marker):
+def _stop_group(pid: int, marker: str | None = None) -> None:
+    """TERM the process group of `pid`, then KILL what is left after the grace period. `marker`: a recorded pid is
+    signalled only if its command line still holds it (None: a process this call started and holds)."""
+    if marker is not None and not _alive(pid, marker):
         return
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -365,7 +362,7 @@ def client_env(state: dict) -> dict[str, str]:
     return env
 
 
-def _prefect_setup(root: Path, p, state: dict, env: dict, log) -> None:
+def _prefect_setup(p, env: dict, log) -> None:
     """The work pool (type process) and the global concurrency limit, on the server."""
     prefect = [sys.executable, "-m", "prefect"]
     r = subprocess.run([*prefect, "work-pool", "inspect", p.work_pool], env=env, capture_output=True, text=True, timeout=120)
@@ -436,7 +433,7 @@ def up(root: Path, p, log=print) -> dict:
                       {**env, "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{db}/prefect"},
                       f"{prefect_url}/health", f"--port {ports['prefect']}", ports["prefect"], prefect_url, log, spawned)
         cenv = {**env, "PREFECT_API_URL": prefect_url, "MLFLOW_TRACKING_URI": mlflow_url}
-        _prefect_setup(root, p, state, cenv, log)
+        _prefect_setup(p, cenv, log)
         for i in range(1, p.workers + 1):
             name = f"worker-{i}"
             svc = state["services"].get(name)
@@ -480,24 +477,11 @@ def _raise_interrupt(signum, frame):
 
 def _stop_spawned(proc: subprocess.Popen) -> None:
     """Stop a process this call started (its own process group), TERM then KILL; reap it."""
+    _stop_group(proc.pid)
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=STOP_GRACE_S)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=10)
-    deadline = time.time() + 10
-    while _group_alive(proc.pid) and time.time() < deadline:  # the children of its group
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _wait_workers(state: dict, spawned: dict, p, log, seconds: float = START_TIMEOUT_S) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from redistill.config import ConfigError, StackParams
+from redistill.registry import pid_alive
 from redistill.stack import _alive, down, status
 
 BIN = Path(sys.executable).parent
@@ -169,19 +170,13 @@ def test_the_stack_comes_up_does_its_jobs_and_goes_down_leaving_no_process():
         pids = {k: v["pid"] for k, v in st["services"].items()}
     finally:
         _run([*redistill, "stack", "down", "--workspace", str(root)], env=env, check=False)
-        left = {k: pid for k, pid in pids.items() if pid and _alive(pid) and not _zombie(pid)}
+        left = {k: pid for k, pid in pids.items() if pid and pid_alive(pid)}
         shutil.rmtree(root, ignore_errors=True)
     assert not left, f"stack down left these running: {left}"
     for url in client_env.values():
         with pytest.raises(OSError):
             urllib.request.urlopen(url.rstrip("/") + "/health", timeout=3)
 
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 @pytest.mark.trials
@@ -261,7 +256,7 @@ def test_an_up_that_fails_half_way_stops_what_it_started_and_says_why():
         assert r.returncode != 0 and "prefect exited" in r.stderr and "stopping what this call started" in r.stdout, (
             r.stdout[-2000:], r.stderr[-2000:])
         state = json.loads((root / "stack" / "stack.json").read_text())
-        left = {k: v["pid"] for k, v in state["services"].items() if v.get("pid") and _alive(v["pid"]) and not _zombie(v["pid"])}
+        left = {k: v["pid"] for k, v in state["services"].items() if v.get("pid") and pid_alive(v["pid"])}
         pg = (root / "stack" / "postgres" / "postmaster.pid")
         assert not left and not pg.exists(), (left, pg.exists())
     finally:
