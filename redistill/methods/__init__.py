@@ -120,6 +120,12 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
     image is noised and denoised under its own caption.
     """
     cfg, run = method_config(p)
+    processes, main = process_group()
+    if p.batch_size % processes:
+        raise ValueError(f"distill.batch_size {p.batch_size} is the global batch, split evenly over the {processes} "
+                         f"processes: make it a multiple of {processes}")
+    if not main:  # under `accelerate launch`, one process speaks for all
+        log = _quiet
     from redistill.models import adapter_for
 
     kind = adapter_for(teacher)
@@ -155,4 +161,19 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
         extra["pairs_dir"] = (Path(workspace) if workspace is not None else Path.cwd()) / "data" / "pairs"
     student, summary = run(teacher, images, cfg, ckpt_dir, log=log, **extra)
     summary["init"] = "warm" if init is not None else "cold"
+    summary["num_processes"] = processes
     return student, summary
+
+
+def process_group() -> tuple[int, bool]:
+    """(number of processes, whether this is the main one): 1 and True, or those of `accelerate launch`, whose
+    processes join by NCCL on GPUs and by gloo where there is none (redistill/methods/training.py)."""
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.num_processes, state.is_main_process
+
+
+def _quiet(message: str) -> None:
+    """The log of a process other than the main one."""

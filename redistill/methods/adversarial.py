@@ -92,17 +92,18 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
                {"student": student, "discriminator": disc.heads}, {"student": opt, "discriminator": opt_d},
                {"student": ema}, gen)
 
+    # every draw is of the global batch, and this process keeps its shard (Trainer.shard)
     def noised(x, t):
         a, s = alpha_sigma(alphas_cumprod, t)
-        return a * x + s * torch.randn(x.shape, generator=gen).to(dev)
+        return a * x + s * run.shard(torch.randn((cfg.batch_size, *x.shape[1:]), generator=gen).to(dev))
 
     def randint(high, low=0):
-        return torch.randint(low, high, (cfg.batch_size,), generator=gen).to(dev)
+        return run.shard(torch.randint(low, high, (cfg.batch_size,), generator=gen).to(dev))
 
     def step():
         # 2. A real batch x₀, noised to a student timestep s; the student's clean image x̂_θ(x_s, s).
         x = x_all[randint(len(x_all))]
-        c = model.conditions(cfg.batch_size, gen, dev)  # a conditional teacher's batch of conditions (else None)
+        c = run.shard(model.conditions(cfg.batch_size, gen, dev))  # a conditional teacher's conditions (else None)
         s = student_t[randint(len(student_t))]
         x_s = noised(x, s)
         with run.autocast(), fm.student():

@@ -110,14 +110,17 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
 
     def step():
         # 2. x ~ D, n ~ U{1..N}: t = t_n and its neighbour s = t − k on the solver grid; z_t = α_t·x + σ_t·ε.
+        #    Drawn for the global batch; this process trains on its shard of it.
         i = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
         x = x_all[i.to(dev)]
         c = model.conditions_at(i, cfg.batch_size, gen, dev)  # the batch's conditions: its captions, or drawn; else None
         t = grid[torch.randint(0, cfg.solver_steps, (cfg.batch_size,), generator=gen).to(dev)]
+        eps = torch.randn(x.shape, generator=gen).to(dev)
+        x, c, t, eps = run.shard(x, c, t, eps)
         s = t - k  # −1 for the first grid point: the clean end
         a_t, s_t = alpha_sigma(alphas_cumprod, t)
         a_s, s_s = alpha_sigma(alphas_cumprod, s)
-        z_t = a_t * x + s_t * torch.randn(x.shape, generator=gen).to(dev)
+        z_t = a_t * x + s_t * eps
         with torch.no_grad(), run.autocast():
             # 3. One DDIM step of the teacher along its ODE: ẑ_s = α_s·x̂₀ + σ_s·ε̂ (x̂₀ clipped, as its sampler does).
             with fm.teacher():

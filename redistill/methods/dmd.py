@@ -113,15 +113,16 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         from redistill.methods.output import OutputConfig, load_or_make_pairs
 
         pcfg = OutputConfig(pairs=cfg.pairs, pairs_steps=cfg.pairs_steps, seed=cfg.seed)
-        noise, x0, cond, _, _ = load_or_make_pairs(teacher, teacher_sha256 or "unkeyed", pcfg, shape, dev,
-                                                   Path(pairs_dir or "data/pairs"), log)
+        with run.main_first():  # the main process makes the cache, the others then read it
+            noise, x0, cond, _, _ = load_or_make_pairs(teacher, teacher_sha256 or "unkeyed", pcfg, shape, dev,
+                                                       Path(pairs_dir or "data/pairs"), log)
         pairs = (noise.to(dev), x0.to(dev), None if cond is None else cond.to(dev))
     real_score = frozen(copy.deepcopy(teacher.unet)).to(dev)
     # 1. Generator and fake score both start as the teacher (DMD section 3.1); or the generator starts as a
     #    deterministic few-step student distilled first (DMD1 starts from a regression-trained generator):
     #    the output-distilled one, or the progressive one.
     if chain and init is None and not run.resume_path:
-        init = _first_student(teacher, data, cfg, ckpt_dir, log, teacher_sha256, pairs_dir)
+        init = _first_student(teacher, data, cfg, ckpt_dir, log, teacher_sha256, pairs_dir, run.main)
     #    A LoRA student (DMD2 on SDXL trains adapters too): the generator and the fake score are each the
     #    teacher plus an adapter of their own.
     if cfg.lora_rank:
@@ -144,15 +145,19 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     ph = Phase(0, f"dmd (steps at {gen_t.tolist()}, {cfg.fake_updates} fake updates)", cfg.steps, models,
                optimizers, {"student": ema}, gen)
 
-    def randint(high, low=0, n=cfg.batch_size):
-        return torch.randint(low, high, (n,), generator=gen).to(dev)
+    # every draw is of the global batch, and this process keeps its shard (Trainer.shard)
+    def randint(high, low=0):
+        return run.shard(torch.randint(low, high, (cfg.batch_size,), generator=gen).to(dev))
 
-    def randn(n=cfg.batch_size):
-        return torch.randn((n, *shape), generator=gen).to(dev)
+    def pick(high):  # one number for the whole batch (the same in every process)
+        return int(torch.randint(0, high, (1,), generator=gen))
+
+    def randn():
+        return run.shard(torch.randn((cfg.batch_size, *shape), generator=gen).to(dev))
 
     def noised(x, t):
         a, s = alpha_sigma(alphas_cumprod, t)
-        eps = randn(len(x))
+        eps = randn()
         return a * x + s * eps, eps
 
     def x0_of(call, unet, z, t, c):
@@ -192,7 +197,7 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
                 with torch.no_grad(), run.autocast(), fm.teacher():
                     model.output(real_score, z, gen_t[0].expand(len(z)), c)
             return x
-        i = int(randint(len(gen_t), n=1))
+        i = pick(len(gen_t))
         if i == 0 or cfg.backward_simulation:
             z = randn()
             with torch.no_grad():
@@ -218,6 +223,7 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         i_real = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
         x_real = x_all[i_real.to(dev)]
         c = model.conditions_at(i_real, cfg.batch_size, gen, dev)  # the batch's captions, or drawn conditions; else None
+        x_real, c = run.shard(x_real, c)
         # 3. Two time-scale rule: the fake score (and the discriminator) take `fake_updates` steps on fresh
         #    generator samples: the denoising loss in the teacher's parametrisation.
         for _ in range(cfg.fake_updates):
@@ -274,7 +280,8 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     summary = {"method": "dmd", "config": asdict(cfg), "final_losses": losses, **sizes(real_score, student),
                "student_timesteps": [t for t in gen_t.tolist() if t >= 0], "wall_time_s": run.finish(),
                "num_inference_steps": K}
-    shutil.rmtree(_output_dir(ckpt_dir), ignore_errors=True)
+    if run.main:
+        shutil.rmtree(_output_dir(ckpt_dir), ignore_errors=True)
     if cfg.lora_rank:  # start: teacher (a LoRA generator is an LCM one)
         return lora_export(model, frozen(student), lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips), cfg,
                            teacher_sha256, summary, teacher_uri)
@@ -294,7 +301,7 @@ def _output_dir(ckpt_dir: Path) -> Path:
     return Path(ckpt_dir).parent / (Path(ckpt_dir).name + "-output")
 
 
-def _first_student(teacher, data, cfg: DMDConfig, ckpt_dir: Path, log, teacher_sha256, pairs_dir) -> dict:
+def _first_student(teacher, data, cfg: DMDConfig, ckpt_dir: Path, log, teacher_sha256, pairs_dir, main: bool = True) -> dict:
     """The weights of the deterministic student the generator starts from: output-distilled (on the shared
     pair cache) or progressive, at the generator's step count. Kept beside the checkpoints until the DMD run
     ends, so a resumed run does not distil it again."""
@@ -327,6 +334,7 @@ def _first_student(teacher, data, cfg: DMDConfig, ckpt_dir: Path, log, teacher_s
     log(f"dmd: distilling the {cfg.start} student the generator starts from")
     pipe, _ = first(teacher, data, fcfg, folder / "checkpoints", log=log, **extra)
     weights = {k: v.contiguous() for k, v in pipe.unet.state_dict().items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(weights, done)
+    if main:  # one process writes; the others hold the same weights
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(weights, done)
     return weights

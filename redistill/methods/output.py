@@ -115,8 +115,9 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
     dev = run.device
     if teacher_sha256 is None:  # a teacher not loaded from a folder: key the cache on its weights
         teacher_sha256 = unkeyed_sha256(teacher)
-    noise, x0, cond, pfile, reused = load_or_make_pairs(teacher, teacher_sha256, cfg, tuple(data.shape[1:]), dev,
-                                                  Path(pairs_dir or "data/pairs"), log)
+    with run.main_first():  # the main process makes the cache, the others then read it
+        noise, x0, cond, pfile, reused = load_or_make_pairs(teacher, teacher_sha256, cfg, tuple(data.shape[1:]), dev,
+                                                            Path(pairs_dir or "data/pairs"), log)
     noise, x0 = noise.to(dev), x0.to(dev)
     cond = None if cond is None else cond.to(dev)
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
@@ -125,7 +126,7 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     ema = new_ema(student, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    t_last = torch.full((cfg.batch_size,), T - 1, device=dev, dtype=torch.long)
+    t_last = run.shard(torch.full((cfg.batch_size,), T - 1, device=dev, dtype=torch.long))
     grid = student_grid(K, T, cfg.first_timestep).to(dev)  # K > 1: e.g. 959, 709, 459, 209, then −1 (clean)
     alphas_cumprod = model.alphas_cumprod.to(dev)
 
@@ -141,8 +142,9 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
         return z
 
     def step():
-        # 2. A batch of pairs; the student's sampler maps x_T to x̂₀ (one call at T−1, or its K-step chain); L2.
-        idx = torch.randint(0, len(noise), (cfg.batch_size,), generator=gen).to(dev)
+        # 2. A batch of pairs (this process's shard of it); the student's sampler maps x_T to x̂₀ (one call at
+        #    T−1, or its K-step chain); L2.
+        idx = run.shard(torch.randint(0, len(noise), (cfg.batch_size,), generator=gen).to(dev))
         c = None if cond is None else cond[idx]
         if cfg.feature_loss > 0:  # the teacher's block features on the same input, for feature matching
             with torch.no_grad(), fm.teacher():

@@ -175,12 +175,15 @@ def distill(
                  teacher_call=teacher_call):
             # 2. Data and a student timestep: x ~ D, i ~ U{0..n−1}, t = grid[i]; z_t = α_t·x + σ_t·ε
             #    (and, for a conditional teacher, a condition c for the batch).
+            #    Drawn for the global batch; this process trains on its shard of it.
             x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(dev)]
             c = model.conditions(cfg.batch_size, gen, dev)
             i = torch.randint(0, n, (cfg.batch_size,), generator=gen).to(dev)
+            eps = torch.randn(x.shape, generator=gen).to(dev)
+            x, c, i, eps = run.shard(x, c, i, eps)
             t, t_mid, t_next = grid[i], mid[i], grid[i + 1]
             a_t, s_t = alpha_sigma(alphas_cumprod, t)
-            z_t = a_t * x + s_t * torch.randn(x.shape, generator=gen).to(dev)
+            z_t = a_t * x + s_t * eps
             with torch.no_grad(), run.autocast():
                 # 3. Two DDIM steps of the teacher: t → t′ → t″ (its sampler clips x̂₀ to [−1, 1]).
                 a_m, s_m = alpha_sigma(alphas_cumprod, t_mid)

@@ -127,8 +127,9 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
 
     # 1. Couplings (z, x₀) from the teacher's ODE solver, cached by teacher sha256.
     pcfg = SimpleNamespace(pairs=cfg.couplings, pairs_steps=cfg.couplings_steps, seed=cfg.seed)
-    z_all, x0_all, _, cfile, reused = load_or_make_pairs(teacher, teacher_sha256 or unkeyed_sha256(teacher), pcfg,
-                                                         tuple(data.shape[1:]), dev, Path(pairs_dir or "data/pairs"), log)
+    with run.main_first():  # the main process makes the cache, the others then read it
+        z_all, x0_all, _, cfile, reused = load_or_make_pairs(teacher, teacher_sha256 or unkeyed_sha256(teacher), pcfg,
+                                                             tuple(data.shape[1:]), dev, Path(pairs_dir or "data/pairs"), log)
     z_all, x0_all = z_all.to(dev), x0_all.to(dev)
     held_out = torch.randn((256, *data.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed + 7)).to(dev)
 
@@ -144,8 +145,9 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
 
     def reflow_step():
         idx = torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen).to(dev)
-        z, x0 = z_all[idx], x0_all[idx]
         t = torch.rand((cfg.batch_size,), generator=gen).to(dev)
+        idx, t = run.shard(idx, t)  # this process's shard of the global batch
+        z, x0 = z_all[idx], x0_all[idx]
         x_t = t.view(-1, 1, 1, 1) * z + (1 - t.view(-1, 1, 1, 1)) * x0
         loss = ((z - x0) - v_student(student, x_t, t)).pow(2).mean()
         run.backward(loss, student, opt, ema)
@@ -170,7 +172,7 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
                                  {"student": opt}, {"student": ema}, gen), reflow_step)
         ema.copy_to(student.parameters())
         reflowed = frozen(student)
-        if run.accelerator.is_main_process:
+        if run.main:
             _save_atomic(reflowed, rfile, {"couplings": cfile.name, "reflow_loss": str(reflow.get("loss"))})
 
     # 3. Straightness of the teacher's flow and of the reflowed one, on held-out noise.
@@ -195,7 +197,7 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
         gen = torch.Generator().manual_seed(cfg.seed + 2)
 
         def distill_step():
-            idx = torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen).to(dev)
+            idx = run.shard(torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen).to(dev))
             x = z_all[idx]
             for s, s_next in zip(grid[:-1], grid[1:]):  # the student's K-step sampler, back-propagated through
                 x = x + (s_next - s) * v_student(student, x, s.expand(len(x)))

@@ -11,6 +11,11 @@
   checkpoint holds the full state of the phase: every model's weights (student, EMA/target, fake score,
   discriminator, the round's teacher), every optimiser and EMA, and the RNG, so a killed run resumes
   mid-phase and continues exactly where it stopped.
+- Data parallel under `accelerate launch --multi_gpu --num_processes N` (NCCL on GPUs, gloo on CPUs):
+  every process draws the same global batch of `distill.batch_size` from the same generator, works on its
+  own 1/N of the rows (`Trainer.shard`), and the gradients are averaged, so N processes follow one process's
+  run up to float rounding, every model stays identical everywhere, and a checkpoint (written by the main
+  process only) resumes under any number of processes. Only the main process logs and writes.
 - `new_ema`: diffusers' `EMAModel` with the warm-up the recipes use.
 - `student_like`: a copy of the teacher's UNet to start the student from.
 """
@@ -125,8 +130,12 @@ class Trainer:
         torch.manual_seed(seed)
         # AMP is done here (see the module docstring), so accelerate only places devices and processes; one
         # setting for every run also keeps accelerate's process-wide state from clashing between runs
-        self.accelerator = Accelerator(mixed_precision="no")
+        # cpu=True where there is no GPU: processes started by `accelerate launch --multi_gpu` then join by gloo
+        self.accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
+        self.main = self.accelerator.is_main_process
+        if not self.main:
+            log = _quiet  # one process speaks for all (the others' lines would repeat it)
         if mixed_precision not in AMP_DTYPES:
             raise ValueError(f"distill.mixed_precision must be one of {', '.join(AMP_DTYPES)}, got {mixed_precision!r}")
         self.amp_dtype = AMP_DTYPES[mixed_precision]
@@ -141,7 +150,8 @@ class Trainer:
             self.resume_path, meta = found
             self.resume_phase, self.resume_step, elapsed = meta["phase"], meta["step"], meta["elapsed_s"]
             log(f"resumed from {self.resume_path.name}: phase {self.resume_phase + 1}, step {self.resume_step}")
-        elif found:
+        self.accelerator.wait_for_everyone()  # every process has read the folder before the main one clears it
+        if found and self.resume_path is None and self.main:
             shutil.rmtree(self.ckpt_dir)
         self.t0 = time.perf_counter() - elapsed
 
@@ -158,6 +168,30 @@ class Trainer:
         if self.resume_path is None or not (self.resume_path / f"{name}.safetensors").is_file():
             return None
         return checkpoint.load_weights(self.resume_path, name)
+
+    @property
+    def processes(self) -> int:
+        return self.accelerator.num_processes
+
+    def shard(self, *batch: torch.Tensor | None):
+        """This process's rows of each global-batch tensor (None passes through): the i-th of N equal parts.
+
+        Every process draws the whole global batch (the same numbers, since the generators agree), so the
+        union of the shards is the batch one process would train on, whatever N is."""
+        n, i = self.accelerator.num_processes, self.accelerator.process_index
+        out = []
+        for x in batch:
+            if x is not None and n > 1:
+                if len(x) % n:
+                    raise ValueError(f"distill.batch_size {len(x)} does not split over {n} processes; make it a "
+                                     f"multiple of {n}")
+                x = x.chunk(n)[i]
+            out.append(x)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def main_first(self):
+        """A block the main process runs first (e.g. writes a cache) and the others after it (read it)."""
+        return self.accelerator.main_process_first()
 
     def scaler(self, optimizer) -> torch.amp.GradScaler | None:
         """The fp16 loss scaler of `optimizer` (None under no/bf16, which need none)."""
@@ -222,10 +256,8 @@ class Trainer:
             if "cuda_rng" in state and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             step = self.resume_step
-        if self.accelerator.process_index > 0:  # each process draws its own batches from the same seed
-            torch.rand(1000 * self.accelerator.process_index, generator=ph.generator)
         history: dict[str, list[float]] = {}
-        bar = tqdm(total=ph.steps, initial=step, desc=ph.name, disable=None, leave=False)
+        bar = tqdm(total=ph.steps, initial=step, desc=ph.name, disable=None if self.main else True, leave=False)
         while step < ph.steps:
             losses = step_fn()
             step += 1
@@ -236,10 +268,15 @@ class Trainer:
             if step % 100 == 0 or step == ph.steps:
                 shown = " ".join(f"{k} {np.mean(v[-100:]):.4f}" for k, v in history.items())
                 self.log(f"{ph.name} step {step}/{ph.steps} {shown} {self.elapsed:.0f}s")
-            if step % self.every == 0 and step < ph.steps and self.accelerator.is_main_process:
+            if step % self.every == 0 and step < ph.steps and self.main:
                 self._save(ph, step)
         bar.close()
-        return {k: float(np.mean(v[-100:])) for k, v in history.items()}
+        means = {k: float(np.mean(v[-100:])) for k, v in history.items()}
+        if self.processes > 1 and means:  # each process saw its shard: the global batch's losses are their mean
+            keys = sorted(means)
+            mean = self.accelerator.reduce(torch.tensor([means[k] for k in keys], device=self.device), reduction="mean")
+            means = dict(zip(keys, mean.tolist()))
+        return means
 
     def _save(self, ph: Phase, step: int) -> None:
         checkpoint.save(
@@ -257,5 +294,12 @@ class Trainer:
 
     def finish(self) -> float:
         """Remove the checkpoints of a finished run; returns the wall time."""
-        shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         return round(self.elapsed, 1)
+
+
+def _quiet(message: str) -> None:
+    """The log of a process other than the main one."""
+
