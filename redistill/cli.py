@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -364,7 +365,11 @@ def distill(
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
-    """Distil a student with the `distill` settings, without the registry (the DVC distill stage); resumes if killed."""
+    """Distil a student with the `distill` settings, without the registry (the DVC distill stage); resumes if killed.
+
+    Data parallel: `accelerate launch --multi_gpu --num_processes N -m redistill distill --out DIR` (gloo on
+    CPUs, NCCL on GPUs); distill.batch_size is the global batch, split over the N processes, and only the
+    main process logs and writes."""
     import torch
 
     from redistill.data import DataError, load_image_folder, safe_name
@@ -383,17 +388,31 @@ def distill(
     _check_method(p)
     (root / "data" / "pairs").mkdir(parents=True, exist_ok=True)  # the output method's pair cache (a DVC output)
     teacher = teacher or root / "data" / "teachers" / p.teacher.name
+    ckpt_dir = root / "runs" / "distill" / safe_name(out.name) / "checkpoints"
     try:
         images = load_image_folder(data or root / "data" / "reference")
         validate_teacher(teacher, images.channels, images.size)
+        if p.distill.num_processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet under a launcher: start one
+            from redistill.launch import distill_in_processes
+
+            try:
+                summary = distill_in_processes(p.distill, teacher, data or root / "data" / "reference", ckpt_dir, out,
+                                               log=lambda m: typer.echo(m, err=True), workspace=root)
+            except RuntimeError as e:
+                fail(str(e))
+            typer.echo(f"student saved to {out} ({summary['num_inference_steps']} steps, {summary['wall_time_s']:.0f} s, "
+                       f"{summary['num_processes']} processes)")
+            return
         student, summary = run_method(p.distill, load_pipeline(teacher), torch.from_numpy(images.images),
-                                      root / "runs" / "distill" / safe_name(out.name) / "checkpoints",
-                                      log=lambda m: typer.echo(m, err=True), teacher_path=teacher, workspace=root,
+                                      ckpt_dir, log=lambda m: typer.echo(m, err=True), teacher_path=teacher, workspace=root,
                                       captions=getattr(images, "captions", None))
     except (DataError, PipelineError, ValueError) as e:
         fail(str(e))
-    save_pipeline(student, out, extra={"redistill_distill.json": summary})
-    typer.echo(f"student saved to {out} ({summary['num_inference_steps']} steps, {summary['wall_time_s']:.0f} s)")
+    from redistill.methods import process_group
+
+    if process_group()[1]:  # under `accelerate launch`, the main process writes the student
+        save_pipeline(student, out, extra={"redistill_distill.json": summary})
+        typer.echo(f"student saved to {out} ({summary['num_inference_steps']} steps, {summary['wall_time_s']:.0f} s)")
 
 
 def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bool) -> dict:

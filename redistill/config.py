@@ -560,6 +560,8 @@ class DistillParams:
     mixed_precision: str = Field("no", description="torch AMP: no, fp16 (loss-scaled, overflowed steps skipped) or bf16")
     init: str = Field("auto", description="cold: from the teacher; warm: from the champion (refused when it does not fit); auto: warm when it fits, else cold")
     warm_fraction: float = Field(0.33, description="a warm start trains this share of the method's optimiser steps")
+    num_processes: int = Field(1, description="processes the distillation runs on, data parallel (accelerate launch: "
+                               "gloo on CPUs, one GPU each with NCCL); batch_size is the global batch, split over them")
     progressive: ProgressiveParams = Field(default_factory=ProgressiveParams, description="settings of method progressive")
     consistency: ConsistencyParams = Field(default_factory=ConsistencyParams, description="settings of method consistency")
     output: OutputParams = Field(default_factory=OutputParams, description="settings of method output")
@@ -579,6 +581,11 @@ class DistillParams:
             raise ConfigError(f"distill.init must be cold, warm or auto, got {self.init!r}")
         if not 0 < self.warm_fraction <= 1:
             raise ConfigError(f"distill.warm_fraction must be in (0, 1], got {self.warm_fraction}")
+        if self.num_processes < 1:
+            raise ConfigError(f"distill.num_processes must be at least 1, got {self.num_processes}")
+        if self.batch_size % self.num_processes:
+            raise ConfigError(f"distill.batch_size {self.batch_size} is the global batch, split evenly over "
+                              f"distill.num_processes ({self.num_processes}): make it a multiple of {self.num_processes}")
 
 
 @settings("registry")

@@ -70,6 +70,14 @@ def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path, 
             return done
         shutil.rmtree(out)  # ... unless it started elsewhere (a forced re-run that now starts warm)
     logger = get_run_logger()
+    if p.num_processes > 1:  # data parallel under `accelerate launch`; its main process writes `out`
+        from redistill.launch import distill_in_processes
+
+        summary = distill_in_processes(p, Path(teacher), Path(data), Path(run_dir) / "checkpoints", out, log=logger.info,
+                                       workspace=root, init_student=(start or {}).get("student"),
+                                       init_sha256=(start or {}).get("sha256", ""), init_tag=init_tag, summary_name=SUMMARY)
+        check_adapter_base(out, Path(teacher))
+        return summary
     folder = load_image_folder(data)
     images = torch.from_numpy(folder.images)
     init = load_init(Path(start["student"])) if start and start.get("student") else None
