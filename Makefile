@@ -35,10 +35,12 @@ test: install
 # every kind of teacher through a whole cycle from an empty workspace (tests/test_byo.py); a flow-matching
 # teacher's bench (tests/test_rectified.py); a text-to-image teacher's whole cycle with an LCM-LoRA student
 # (tests/test_text_to_image.py); the embedded text-to-image teacher's CLI (tests/test_t2i_teacher.py); `redistill
-# stack` up, at work and down on real PostgreSQL, MLflow and Prefect servers and workers (tests/test_stack.py)
+# stack` up, at work and down on real PostgreSQL, MLflow and Prefect servers and workers (tests/test_stack.py);
+# distillation on two processes (accelerate launch, gloo): equal to one, resumed after kill -9, only the main
+# process writing, and a whole cycle (tests/test_multiprocess.py)
 trials: install
 	$(BIN)/pytest -q -s -m trials tests/test_kill.py tests/test_servers.py tests/test_load.py tests/test_byo.py tests/test_rectified.py \
-		tests/test_text_to_image.py tests/test_t2i_teacher.py tests/test_stack.py
+		tests/test_text_to_image.py tests/test_t2i_teacher.py tests/test_stack.py tests/test_multiprocess.py
 
 # Rebuild every stage whose inputs changed (dvc.yaml); the committed teacher is kept if unchanged.
 repro: install
