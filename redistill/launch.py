@@ -174,7 +174,7 @@ def main(job_file: str) -> int:
     if main_process:
         summary["init"] = job.get("init_tag", summary.get("init", "cold"))
         save_pipeline(student, Path(job["out"]), extra={job["summary_name"]: summary})
-        log(f"student saved to {job['out']} (trained on {n} processes)")
+        log(f"the main process of {n} wrote the student to {job['out']}")
     return 0
 
 

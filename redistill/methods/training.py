@@ -208,10 +208,12 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         scaler = self.scaler(optimizer)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        if self.accelerator.num_processes > 1:  # data parallel under `accelerate launch`: average the gradients
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        if self.accelerator.num_processes > 1:  # data parallel under `accelerate launch`: average the gradients,
+            grads = [p.grad for p in model.parameters() if p.grad is not None]  # in one all-reduce, not one per tensor
+            if grads:
+                flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+                for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+                    g.copy_(mean.view_as(g))
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
