@@ -11,6 +11,10 @@ import typer
 
 from redistill.config import ConfigError, load_params, workspace
 
+# Against a tracking server MLflow prints "View run … at: http://…" to stdout whenever a run ends, which broke the
+# one JSON object `--json` promises (`rollback --json` against `redistill stack`); the commands say what they did.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 app = typer.Typer(
     help="redistill: continuous re-distillation of pre-trained diffusion models.",
     no_args_is_help=True,
