@@ -231,6 +231,43 @@ def test_deployed_flows_run_on_the_workers_and_two_triggers_make_one_distillatio
         lineage = _run([*redistill, "lineage", "--version", versions[0].version, "--json", "--workspace", str(root)],
                        env=cenv)
         assert json.loads(lineage.stdout)["version"] == versions[0].version
+
+        # the watch deployment runs on a worker as well (nothing new arrived: it says so and ends)
+        r = _run([sys.executable, "-m", "prefect", "deployment", "run", "redistill-watch/watch"], env=cenv)
+        watch_run = next(line.split()[-1] for line in r.stdout.splitlines() if "UUID" in line)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            with urllib.request.urlopen(f"{api}/flow_runs/{watch_run}", timeout=10) as resp:
+                state = json.loads(resp.read())["state_type"]
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(2)
+        assert state == "COMPLETED", state
+
+        # the decision is an event on the server, where automations can hang on it
+        req = urllib.request.Request(f"{api}/events/filter", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"filter": {"event": {"prefix": ["redistill."]}}, "limit": 50}).encode())
+        events = json.loads(urllib.request.urlopen(req, timeout=10).read())["events"]
+        promoted = [e for e in events if e["event"] == "redistill.student.promoted"]
+        assert promoted and promoted[0]["resource"]["prefect.resource.id"] == "redistill.model.digits-student", \
+            [e["event"] for e in events]
+
+        # the CLI unchanged against the servers: status, a cycle, rollback, export, reproduce
+        st = json.loads(_run([*redistill, "status", "--json", "--workspace", str(root)], env=cenv).stdout)
+        assert st["champion"] == versions[0].version and st["last_decisions"][0]["trigger"] == "schedule"
+        forced = _run([*redistill, "cycle", "--force", "--json", "--workspace", str(root)], env=cenv)
+        second = json.loads(forced.stdout.strip().splitlines()[-1])
+        assert second["decision"] == "promoted" and str(second["version"]) != versions[0].version
+        rb = json.loads(_run([*redistill, "rollback", "--to", versions[0].version, "--reason", "stack check", "--json",
+                              "--workspace", str(root)], env=cenv).stdout)
+        assert str(rb["to"]) == versions[0].version
+        assert c.get_model_version_by_alias("digits-student", "champion").version == versions[0].version
+        _run([*redistill, "export", "--alias", "champion", "--out", str(root / "exported"), "--workspace", str(root)],
+             env=cenv)
+        assert (root / "exported" / "model_index.json").is_file()
+        rep = json.loads(_run([*redistill, "reproduce", "--version", versions[0].version, "--json", "--workspace",
+                               str(root)], env=cenv).stdout.strip().splitlines()[-1])
+        assert str(rep["version"]) == versions[0].version and rep["rows"], rep
     finally:
         _run([*redistill, "stack", "down", "--workspace", str(root)], env=env, check=False)
         shutil.rmtree(root, ignore_errors=True)
