@@ -24,7 +24,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import deque
 from pathlib import Path
 from typing import Callable
@@ -118,21 +117,9 @@ def _die_with_parent_hook():
 
 def _stop(proc: subprocess.Popen) -> None:
     """Stop the launcher's process group (the launcher and its N processes), if anything of it still runs."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            break
-        end = time.monotonic() + wait
-        while time.monotonic() < end:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            continue
-        break
+    from redistill.stack import stop_group
+
+    stop_group(proc.pid)
     if proc.poll() is None:
         proc.wait(timeout=5)
 

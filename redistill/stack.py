@@ -213,7 +213,7 @@ def _spawn(cmd: list[str], log: Path, env: dict, cwd: Path) -> subprocess.Popen:
                                 cwd=str(cwd), start_new_session=True)
 
 
-def _stop_group(pid: int, marker: str | None = None) -> None:
+def stop_group(pid: int, marker: str | None = None) -> None:
     """TERM the process group of `pid`, then KILL what is left after the grace period. `marker`: a recorded pid is
     signalled only if its command line still holds it (None: a process this call started and holds)."""
     if marker is not None and not _alive(pid, marker):
@@ -477,7 +477,7 @@ def _raise_interrupt(signum, frame):
 
 def _stop_spawned(proc: subprocess.Popen) -> None:
     """Stop a process this call started (its own process group), TERM then KILL; reap it."""
-    _stop_group(proc.pid)
+    stop_group(proc.pid)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -522,7 +522,7 @@ def down(root: Path, only: set[str] | None = None, log=print) -> dict:
             continue
         svc = services[name]
         if _alive(svc.get("pid"), svc.get("marker")):
-            _stop_group(svc["pid"], svc["marker"])
+            stop_group(svc["pid"], svc["marker"])
             log(f"{name}: stopped (pid {svc['pid']})")
         svc["pid"] = None
     if "postgres" in services and (only is None or "postgres" in only):
@@ -532,7 +532,7 @@ def down(root: Path, only: set[str] | None = None, log=print) -> dict:
             r = subprocess.run([*_as_postgres(), pg_program("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60",
                                 "stop"], capture_output=True, text=True, timeout=120)
             if r.returncode != 0 and _alive(pid, "postgres"):
-                _stop_group(pid, "postgres")
+                stop_group(pid, "postgres")
             log(f"postgres: stopped (pid {pid})")
         services["postgres"]["pid"] = None
     state.pop("env", None)
