@@ -19,6 +19,8 @@ from redistill.tasks.registry import (
     champion_evaluation,
     log_artifacts,
     log_evaluation,
+    describe_version,
+    log_lineage_inputs,
     log_pyfunc,
     open_run,
     publish_reports,
@@ -91,9 +93,12 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
     delays = p.registry.retry_delays_s  # every MLflow step is tried again after these pauses
     log_artifacts_, record_failure_, set_tags_, warm_start_, champion_evaluation_ = (
         with_retries(t, delays) for t in (log_artifacts, record_failure, set_tags, warm_start, champion_evaluation))
-    log_evaluation_, log_pyfunc_, register_ = (with_retries(t, delays) for t in (log_evaluation, log_pyfunc, register))
+    log_evaluation_, log_pyfunc_, register_, log_lineage_inputs_, describe_version_ = (
+        with_retries(t, delays) for t in (log_evaluation, log_pyfunc, register, log_lineage_inputs, describe_version))
     if trigger_info and trigger_info.get("report_dir"):
         log_artifacts_(root, run_id, Path(trigger_info["report_dir"]), "trigger")
+    # the data, a drift batch that triggered the cycle, and the teacher, as MLflow's own inputs of the run
+    logged = log_lineage_inputs_(root, run_id, inputs, teacher.name, trigger_info)
 
     report = validate_data(data, root / "data" / "reference", p.validate, run_dir / "validation",
                            inputs["validation_reference_md5"], teacher)  # captions: counted by the teacher's tokenizer
@@ -147,10 +152,11 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
         record_failure_(root, run_id, "inputs-changed", changed)
         raise CycleStopped(changed)
     progress["stage"] = "register"
-    log_evaluation_(root, run_id, result, decision)
     kept = registered_form(student, run_dir)  # a LoRA student: the adapter and its base's sha256, not the base
     log_artifacts_(root, run_id, kept, "student")
-    model_path = log_pyfunc_(root, run_id, kept)
+    model_id = log_pyfunc_(root, run_id, kept, {"redistill.key": key, "redistill.method": p.distill.method})
+    evaluation_set = next(d for d in logged["datasets"] if d["context"] == "evaluation")
+    log_evaluation_(root, run_id, result, decision, model_id, evaluation_set)  # metrics linked to the logged model
     log_artifacts_(root, run_id, run_dir / "evaluation", "evaluation")
     if (run_dir / "champion-evaluation").is_dir():
         log_artifacts_(root, run_id, run_dir / "champion-evaluation", "champion-evaluation")
@@ -159,8 +165,9 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
         "num_inference_steps": str(p.distill.target_steps),
         "gate": "passed" if decision["passed"] else "rejected",
         "gate_reasons": decision["reasons"][:5000],
-    }, promote=decision["passed"], artifact_path=model_path)
+    }, promote=decision["passed"], model_id=model_id)
     name = p.registry.student_name
+    describe_version_(root, name, reg, inputs, logged, decision, tags, champ_version, run_id, p.distill.target_steps)
     try:  # the decision is registered: a report or an event that cannot be sent now does not undo it
         publish_reports(root, run_id, "promoted" if reg["promoted"] else "rejected", reg["version"])
         emit("redistill.student.promoted" if reg["promoted"] else "redistill.student.rejected",

@@ -108,7 +108,7 @@ def _handle_drift(root: Path, p: Params, state: dict, batch: str, path: Path, re
     except DataError as e:  # e.g. a representative set with no record of what it grew from: said, never grown
         ep["action"] = f"stopped: {e}"
         return {"decision": "stopped", "reasons": str(e), "why": why}
-    info = {"batch": batch, "drift_reasons": report["reasons"], "mmd_p": report["mmd_p"], "fit_check": why,
+    info = {"batch": batch, "batch_path": str(path), "drift_reasons": report["reasons"], "mmd_p": report["mmd_p"], "fit_check": why,
             "data_md5": grown["md5"], "dvc_file": grown.get("dvc_file"), "report_dir": report["report_dir"]}
     result = _cycle(root, p, current_teacher(root, p.teacher.name, state), Path(grown["path"]), "drift", info)
     state["last_redistill_at"] = time.time()

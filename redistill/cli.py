@@ -1216,7 +1216,8 @@ def lineage(
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
-    """Which teacher, data, settings, code and flow run made a student, why it ran, and how the gate judged it."""
+    """Which teacher, data, settings, code and flow run made a student, why it ran, and how the gate judged it; and
+    where MLflow's own records of it (datasets, the teacher input, the logged model, the summary) are in the MLflow UI."""
     from redistill.lineage import format_lineage
     from redistill.lineage import lineage as chain
 

@@ -154,7 +154,21 @@ def lineage(c, name: str, mv, root: Path | None = None) -> dict:
         "replaced": tag("replaced"),
         "rollbacks": tag("rollback"),
         "metrics": {k: metrics.get("quality", {}).get(k) for k in ("fid", "fid_ci95", "kid", "kid_ci95", "fid_ratio")},
+        "mlflow": _mlflow_view(c, name, mv),
     }
+
+
+def _mlflow_view(c, name: str, mv) -> dict:
+    """MLflow's own records of the version (datasets, the teacher input, the logged model, the description) and
+    where the UI shows each (redistill/mlflow_lineage.py)."""
+    from redistill.mlflow_lineage import mlflow_records, ui_base, ui_links
+
+    rec = mlflow_records(c, mv)
+    base = ui_base(str(c.tracking_uri))
+    rec["ui"] = ui_links(base, rec["experiment_id"], mv.run_id, name, str(mv.version), rec["logged_model_id"],
+                         (rec["teacher_model"] or {}).get("model_id"))
+    rec["ui_base"] = base or f"`mlflow ui --backend-store-uri {c.tracking_uri}`, then http://127.0.0.1:5000"
+    return rec
 
 
 def _json_tag(value: str | None):
@@ -213,4 +227,14 @@ def format_lineage(d: dict) -> str:
     out.append(f"replaced     {('version ' + d['replaced']) if d['replaced'] else '(nothing: no champion before it, or not promoted)'}")
     if d.get("rollbacks"):
         out.append(f"rollbacks    {d['rollbacks']}")
+    m = d.get("mlflow")
+    if m:
+        ui = m["ui"]
+        out += [f"in the MLflow UI ({m['ui_base']})",
+                line("version", ui["version"] + ("  (description: the lineage summary)" if m["description"] else "")),
+                line("run", ui["run"]),
+                *[line("dataset", f"{ds['name']}  digest {ds['digest']}  [{ds['context']}]") for ds in m["datasets"]],
+                line("teacher", f"{ui['teacher_model']}  (model input, sha256 {(m['teacher_model'] or {}).get('sha256', '')[:16]}…)"
+                     if m["teacher_model"] else "(no model input: a version from before MLflow lineage)"),
+                line("student", ui.get("logged_model", "(no logged model: a version from before MLflow lineage)"))]
     return "\n".join(out)

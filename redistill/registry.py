@@ -127,8 +127,11 @@ def find_by_key(c, name: str, key: str) -> list:
     return sorted(found, key=lambda v: int(v.version), reverse=True)
 
 
-def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[str, str], promote: bool) -> Registered:
-    """Register the student logged at `runs:/<run_id>/<artifact_path>` with its tags; promote if asked.
+def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[str, str], promote: bool,
+                     model_id: str | None = None) -> Registered:
+    """Register the student logged at `runs:/<run_id>/<artifact_path>`, or the logged model `model_id` (the version
+    is then created from it: source `models:/<model_id>`, as `mlflow.register_model` does), with its tags; promote if
+    asked.
 
     `tags` are given without the prefix. Raises RegistryError, changing nothing, when a required tag is
     missing or when promotion is asked for a version whose gate did not pass.
@@ -152,6 +155,13 @@ def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[s
     mine = c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if mine:
         mv = max(mine, key=lambda v: int(v.version))
+    elif model_id is not None:
+        from redistill.mlflow_lineage import default_store
+
+        with default_store(c):  # MLflow's SQL registry looks the logged model up with a default client
+            mv = c.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
+                                        tags={PREFIX + k: str(v) for k, v in tags.items()})
+        link_versions(c, model_id, name, str(mv.version))
     else:
         source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
         mv = c.create_model_version(name, source=source, run_id=run_id,
@@ -161,6 +171,16 @@ def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[s
         return Registered(str(mv.version), False, None)
     old = _promote(c, name, str(mv.version))
     return Registered(str(mv.version), True, old)
+
+
+def link_versions(c, model_id: str, name: str, version: str) -> None:
+    """Tag the logged model with its registered versions (`mlflow.modelVersions`), as `mlflow.register_model` does:
+    the UI's logged-model page lists them from it."""
+    import json
+
+    known = json.loads(c.get_logged_model(model_id).tags.get("mlflow.modelVersions") or "[]")
+    if {"name": name, "version": version} not in known:
+        c.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(known + [{"name": name, "version": version}])})
 
 
 def _promote(c, name: str, version: str) -> str | None:

@@ -67,12 +67,17 @@ def log_artifacts(root: Path, run_id: str, folder: Path, artifact_path: str) -> 
 
 
 @task(name="log-evaluation", **IO_RETRIES)
-def log_evaluation(root: Path, run_id: str, result: dict, decision: dict) -> None:
-    """Every numeric figure as a metric, the evaluation JSON, and the gate's checks."""
+def log_evaluation(root: Path, run_id: str, result: dict, decision: dict, model_id: str | None = None,
+                   dataset: dict | None = None) -> None:
+    """Every numeric figure as a metric (linked to the student's logged model `model_id` and the evaluation
+    `dataset` {name, digest} when given), the evaluation JSON, and the gate's checks."""
     c = registry.client(tracking_uri(root))
+    link = {"model_id": model_id} if model_id else {}
+    if dataset:
+        link.update(dataset_name=dataset["name"], dataset_digest=dataset["digest"])
     for k, v in _flatten(result).items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            c.log_metric(run_id, k, float(v))
+            c.log_metric(run_id, k, float(v), **link)
     c.log_dict(run_id, result, "evaluation/metrics.json")
     c.log_dict(run_id, decision, "gate/decision.json")
     for check in decision["checks"]:
@@ -80,26 +85,64 @@ def log_evaluation(root: Path, run_id: str, result: dict, decision: dict) -> Non
 
 
 @task(name="log-pyfunc-model", **IO_RETRIES)
-def log_pyfunc(root: Path, run_id: str, student: Path) -> str:
-    """Log the student as an MLflow pyfunc model under the run's `model/` (what the version points at)."""
-    import tempfile
+def log_pyfunc(root: Path, run_id: str, student: Path, tags: dict[str, str] | None = None) -> str:
+    """Log the student as an MLflow logged model of the pyfunc flavour (loader module, no pickle), the run's output;
+    returns its id, which the registered version is created from (redistill/mlflow_lineage.py)."""
+    from redistill.mlflow_lineage import log_student_model
 
-    from redistill.serving import save_pyfunc
+    return log_student_model(registry.client(tracking_uri(root)), run_id, Path(student), tags or {})
+
+
+@task(name="log-lineage-inputs", **IO_RETRIES)
+def log_lineage_inputs(root: Path, run_id: str, inputs: dict, teacher_name: str,
+                       trigger_info: dict | None = None) -> dict:
+    """The run's inputs as MLflow records the UI shows: the data as datasets (context training and evaluation; a
+    drift batch that triggered the cycle, context drift), digest the DVC md5; the teacher as a model input.
+    Returns what was logged: {"datasets": [...], "teacher_model_id"}."""
+    from redistill.data import dir_md5
+    from redistill.mlflow_lineage import dataset, dvc_path, log_datasets, log_teacher_input
 
     c = registry.client(tracking_uri(root))
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pyfunc(Path(student), Path(tmp) / "model")
-        c.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
-    return "model"
+    data = Path(inputs["data_uri"])
+    items = [dataset(root, data, inputs["data_md5"], "training"), dataset(root, data, inputs["data_md5"], "evaluation")]
+    batch = Path(trigger_info["batch_path"]) if trigger_info and trigger_info.get("batch_path") else None
+    if batch is not None and batch.is_dir():
+        items.append(dataset(root, batch, dir_md5(batch), "drift"))
+    log_datasets(c, run_id, items)
+    teacher_id = log_teacher_input(c, run_id, teacher_name, inputs["teacher_uri"], inputs["teacher_sha256"])
+    return {"datasets": [{"context": ctx, "name": ds.name, "digest": ds.digest,
+                          "path": json.loads(ds.source)["dvc_path"], "md5": json.loads(ds.source)["md5"]}
+                         for ds, ctx in items], "teacher_model_id": teacher_id, "data_path": dvc_path(root, data)}
 
 
 @task(name="register-student", **IO_RETRIES)
-def register(root: Path, name: str, run_id: str, tags: dict[str, str], promote: bool, artifact_path: str = "model") -> dict:
-    """Register the run's pyfunc model with its tags; move the aliases only when it passed."""
+def register(root: Path, name: str, run_id: str, tags: dict[str, str], promote: bool, artifact_path: str = "model",
+             model_id: str | None = None) -> dict:
+    """Register the run's pyfunc model (the logged model `model_id`) with its tags; move the aliases only when it
+    passed."""
     c = registry.client(tracking_uri(root))
-    r = registry.register_student(c, name, run_id, artifact_path, tags, promote)
+    r = registry.register_student(c, name, run_id, artifact_path, tags, promote, model_id=model_id)
     c.set_terminated(run_id, status="FINISHED")
     return {"version": r.version, "promoted": r.promoted, "replaced": r.replaced}
+
+
+@task(name="describe-version", **IO_RETRIES)
+def describe_version(root: Path, name: str, reg: dict, inputs: dict, logged: dict, decision: dict, tags: dict,
+                     champion_before: str | None, run_id: str, steps: int) -> str:
+    """The registered version's description (its page in the MLflow UI): a markdown lineage summary of the
+    teacher, data, settings hash, commit, trigger, the gate's checks and the champion it replaced."""
+    from redistill.mlflow_lineage import version_description
+
+    detail = tags.get("redistill.trigger_detail")
+    text = version_description(
+        name=name, version=str(reg["version"]), teacher_uri=inputs["teacher_uri"], teacher_sha256=inputs["teacher_sha256"],
+        datasets=logged["datasets"], params_sha256=inputs["params_sha256"], git_commit=inputs["git_commit"],
+        trigger=tags.get("redistill.trigger", "?"), trigger_detail=json.loads(detail) if detail else None,
+        method=tags.get("redistill.method", "?"), steps=str(steps), checks=decision["checks"],
+        verdict="passed" if decision["passed"] else "rejected", replaced=reg.get("replaced"),
+        champion_before=champion_before, run_id=run_id, flow_run_url=tags.get("redistill.prefect_flow_run_url"))
+    registry.client(tracking_uri(root)).update_model_version(name, str(reg["version"]), description=text)
+    return text
 
 
 @task(name="champion-evaluation", **IO_RETRIES)
