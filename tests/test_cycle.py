@@ -68,6 +68,51 @@ def test_first_cycle_promotes_and_an_identical_second_dedupes(ws):
     assert len(c.search_model_versions(f"name='{NAME}'")) == 1
 
 
+def test_the_versions_lineage_is_in_mlflows_own_records(ws):
+    """Datasets (DVC md5 digests, DVC paths) and the teacher as the run's inputs, the student as a logged model with
+    its metrics that the version was created from, and the lineage summary as the version's description."""
+    r, out = cycle(ws)
+    assert r.exit_code == 0, r.output
+    c = client(f"sqlite:///{ws / 'mlflow.db'}")
+    mv = c.get_model_version(NAME, out["version"])
+    run = c.get_run(mv.run_id)
+    datasets = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs}
+    assert set(datasets) == {"training", "evaluation"}
+    for ds in datasets.values():
+        assert ds.digest == mv.tags[PREFIX + "data_md5"] and ds.source_type == "dvc"
+        assert json.loads(ds.source)["dvc_path"] == "data/reference"
+    (teacher_in,) = run.inputs.model_inputs
+    teacher = c.get_logged_model(teacher_in.model_id)
+    assert teacher.tags["redistill.teacher_sha256"] == mv.tags[PREFIX + "teacher_sha256"]
+    model_id = mv.source.removeprefix("models:/")
+    assert mv.source.startswith("models:/m-") and [o.model_id for o in run.outputs.model_outputs] == [model_id]
+    student = c.get_logged_model(model_id)
+    assert str(student.status).endswith("READY") and student.source_run_id == mv.run_id
+    assert {"name": NAME, "version": out["version"]} in json.loads(student.tags["mlflow.modelVersions"])
+    linked = {m.key: m for m in student.metrics}
+    assert "quality.fid" in linked and linked["quality.fid"].dataset_digest == datasets["evaluation"].digest
+    import tempfile
+
+    import mlflow.artifacts
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:  # a pyfunc model with our loader module, not a pickle
+        mlmodel = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(f"{student.artifact_location}/MLmodel",
+                                                                          dst_path=tmp)).read_text())
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "redistill.serving"
+    for text in ("teacher", mv.tags[PREFIX + "teacher_sha256"][:16], mv.tags[PREFIX + "data_md5"], "gate check",
+                 "fid_gap", mv.run_id):
+        assert text in mv.description, text
+    r = runner.invoke(app, ["lineage", "--version", out["version"], "--json", "--workspace", str(ws)])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)["mlflow"]
+    assert m["logged_model_id"] == model_id and m["teacher_model"]["model_id"] == teacher.model_id
+    assert {d["context"] for d in m["datasets"]} == {"training", "evaluation"} and m["description"] == mv.description
+    assert m["ui"]["version"].endswith(f"#/models/{NAME}/versions/{out['version']}") and model_id in m["ui"]["logged_model"]
+    r = runner.invoke(app, ["lineage", "--version", out["version"], "--workspace", str(ws)])
+    assert "in the MLflow UI" in r.stdout and model_id in r.stdout
+
+
 def test_unmeetable_thresholds_reject_and_champion_stays(ws, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text((ws / "params.yaml").read_text().replace("fid_gap_max: 1000000000.0", UNMEETABLE_GAP))

@@ -238,6 +238,14 @@ def test_drift_the_champion_first_then_one_redistillation_per_episode(ws, events
     detail = json.loads(new.tags[PREFIX + "trigger_detail"])
     assert detail["batch"] == "style" and detail["data_md5"] == dvc["md5"]
     assert "trigger/drift.json" in {a.path for a in c.list_artifacts(new.run_id, "trigger")}
+    # MLflow's own lineage: the grown set it trained on, the batch that triggered it (its DVC md5), the teacher
+    from redistill.data import dir_md5
+
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+              for d in c.get_run(new.run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"training", "evaluation", "drift"} and inputs["training"].digest == dvc["md5"]
+    assert json.loads(inputs["drift"].source)["dvc_path"] == "data/incoming/style"
+    assert inputs["drift"].digest == dir_md5(ws / "data" / "incoming" / "style")
     # the change thresholds compare with the champion measured on the grown set, not its older figures
     assert f"champion v{champ} re-evaluated on this cycle's data" in new.tags[PREFIX + "gate_reasons"]
     assert "champion-evaluation/metrics.json" in {a.path for a in c.list_artifacts(new.run_id, "champion-evaluation")}
