@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,sentence,stack]'
+	$(PY) -m pip install -q -e '.[dev,sentence,stack,browser]'
 	touch $@
 
 # The main job on the embedded digits: data, the committed teacher (trained only if missing), one
@@ -37,10 +37,12 @@ test: install
 # (tests/test_text_to_image.py); the embedded text-to-image teacher's CLI (tests/test_t2i_teacher.py); `redistill
 # stack` up, at work and down on real PostgreSQL, MLflow and Prefect servers and workers (tests/test_stack.py);
 # distillation on two processes (accelerate launch, gloo): equal to one, resumed after kill -9, only the main
-# process writing, and a whole cycle (tests/test_multiprocess.py)
+# process writing, and a whole cycle (tests/test_multiprocess.py); the champion's lineage on its MLflow UI pages
+# in headless Chromium (tests/test_ui_lineage.py)
 trials: install
 	$(BIN)/pytest -q -s -m trials tests/test_kill.py tests/test_servers.py tests/test_load.py tests/test_byo.py tests/test_rectified.py \
-		tests/test_text_to_image.py tests/test_t2i_teacher.py tests/test_stack.py tests/test_multiprocess.py
+		tests/test_text_to_image.py tests/test_t2i_teacher.py tests/test_stack.py tests/test_multiprocess.py \
+		tests/test_ui_lineage.py
 
 # Rebuild every stage whose inputs changed (dvc.yaml); the committed teacher is kept if unchanged.
 repro: install
