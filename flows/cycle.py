@@ -167,15 +167,15 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
         "gate_reasons": decision["reasons"][:5000],
     }, promote=decision["passed"], model_id=model_id)
     name = p.registry.student_name
-    describe_version_(root, name, reg, inputs, logged, decision, tags, champ_version, run_id, p.distill.target_steps)
-    try:  # the decision is registered: a report or an event that cannot be sent now does not undo it
+    try:  # the decision is registered: a description, report or event that cannot be written now does not undo it
+        describe_version_(root, name, reg, inputs, logged, decision, tags, champ_version, run_id, p.distill.target_steps)
         publish_reports(root, run_id, "promoted" if reg["promoted"] else "rejected", reg["version"])
         emit("redistill.student.promoted" if reg["promoted"] else "redistill.student.rejected",
              f"redistill.model.{name}", {"version": reg["version"], "key": key, "trigger": trigger, "run_id": run_id,
                                          "replaced": reg["replaced"], "reasons": decision["reasons"][:2000]}, name)
     except Exception as e:
-        get_run_logger().warning(f"version {reg['version']} is registered, but its reports or event were not "
-                                 f"sent: {type(e).__name__}: {str(e)[:300]}")
+        get_run_logger().warning(f"version {reg['version']} is registered, but its description, reports or event "
+                                 f"were not written: {type(e).__name__}: {str(e)[:300]}")
     return {"key": key, "decision": "promoted" if reg["promoted"] else "rejected", "version": reg["version"],
             "replaced": reg["replaced"], "run_id": run_id,
             "reasons": decision["reasons"], "metrics": result, "distill": summary, "deduplicated": False}
