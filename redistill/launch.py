@@ -18,15 +18,17 @@ Bad settings or data in the processes come back as a ValueError with the process
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections import deque
 from pathlib import Path
 from typing import Callable
+
+from redistill.stack import free_port, stop_group
 
 ERROR = "error.txt"  # the main process's message for a refused job (bad settings or data)
 
@@ -39,7 +41,7 @@ def distill_in_processes(p, teacher: Path, data: Path, ckpt_dir: Path, out: Path
     job_dir = Path(ckpt_dir).parent / "launch"
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / ERROR).unlink(missing_ok=True)
-    job = {"distill": _as_dict(p), "teacher": str(Path(teacher).resolve()), "data": str(Path(data).resolve()),
+    job = {"distill": dataclasses.asdict(p), "teacher": str(Path(teacher).resolve()), "data": str(Path(data).resolve()),
            "ckpt_dir": str(Path(ckpt_dir).resolve()), "out": str(Path(out).resolve()),
            "workspace": str(Path(workspace).resolve()) if workspace is not None else None,
            "init_student": str(init_student) if init_student else None, "init_sha256": init_sha256,
@@ -73,26 +75,13 @@ def launch_command(n: int) -> list[str]:
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port())]
+           "--main_process_port", str(free_port())]  # two launches at once must not share one
     if not torch.cuda.is_available():
         cmd += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // n))]
     elif torch.cuda.device_count() < n:
         raise ValueError(f"distill.num_processes is {n}, but this machine has {torch.cuda.device_count()} GPU(s): "
                          "one process per GPU; lower distill.num_processes")
     return cmd
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for the processes' rendezvous (two launches at once must not share one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _as_dict(p) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(p)
 
 
 def _prctl():
@@ -117,8 +106,6 @@ def _die_with_parent_hook():
 
 def _stop(proc: subprocess.Popen) -> None:
     """Stop the launcher's process group (the launcher and its N processes), if anything of it still runs."""
-    from redistill.stack import stop_group
-
     stop_group(proc.pid)
     if proc.poll() is None:
         proc.wait(timeout=5)

@@ -84,8 +84,9 @@ def log_teacher_input(c, run_id: str, name: str, uri: str, sha256: str) -> str:
     """Give the run its teacher as a model input; returns the teacher's logged-model id."""
     from mlflow.entities import LoggedModelInput
 
-    model_id = teacher_model(c, c.get_run(run_id).info.experiment_id, name, uri, sha256)
-    inputs = c.get_run(run_id).inputs
+    run = c.get_run(run_id)
+    model_id = teacher_model(c, run.info.experiment_id, name, uri, sha256)
+    inputs = run.inputs
     if model_id not in {m.model_id for m in (getattr(inputs, "model_inputs", None) or [])}:
         c.log_inputs(run_id, models=[LoggedModelInput(model_id)])
     return model_id

@@ -99,7 +99,8 @@ def pg_program(name: str) -> str:
                      "postgresql; .ci/run does), then run redistill stack up again")
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at `host` now (the stack's servers; a distillation's rendezvous)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -123,7 +124,7 @@ def _ports(root: Path, p, state: dict) -> dict[str, int]:
     out = {}
     for name in ("postgres", "mlflow", "prefect"):
         want = getattr(p, f"{name}_port")
-        out[name] = want or state.get("ports", {}).get(name) or _free_port(p.host)
+        out[name] = want or state.get("ports", {}).get(name) or free_port(p.host)
     return out
 
 

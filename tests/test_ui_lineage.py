@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,18 +38,13 @@ def _missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.trials
 @pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 def test_the_champions_lineage_is_on_its_mlflow_ui_pages(digits_ws):
     from playwright.sync_api import sync_playwright
 
     from redistill.registry import pid_alive
+    from redistill.stack import free_port
 
     root = Path(tempfile.mkdtemp(prefix="redistill-ui-"))
     tiny_trial_workspace(digits_ws, root)
@@ -66,7 +60,7 @@ def test_the_champions_lineage_is_on_its_mlflow_ui_pages(digits_ws):
                                          "--workspace", str(root)], env=env, capture_output=True, text=True,
                                         timeout=120, check=True).stdout)
     ml = lineage["mlflow"]
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                                f"sqlite:///{root / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
                                "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -125,7 +125,9 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
         raise ValueError(f"distill.batch_size {p.batch_size} is the global batch, split evenly over the {processes} "
                          f"processes: make it a multiple of {processes}")
     if not main:  # under `accelerate launch`, one process speaks for all
-        log = _quiet
+        from redistill.methods.training import quiet
+
+        log = quiet
     from redistill.models import adapter_for
 
     kind = adapter_for(teacher)
@@ -173,7 +175,3 @@ def process_group() -> tuple[int, bool]:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     return state.num_processes, state.is_main_process
-
-
-def _quiet(message: str) -> None:
-    """The log of a process other than the main one."""

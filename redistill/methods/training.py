@@ -135,7 +135,7 @@ class Trainer:
         self.device = self.accelerator.device
         self.main = self.accelerator.is_main_process
         if not self.main:
-            log = _quiet  # one process speaks for all (the others' lines would repeat it)
+            log = quiet  # one process speaks for all (the others' lines would repeat it)
         if mixed_precision not in AMP_DTYPES:
             raise ValueError(f"distill.mixed_precision must be one of {', '.join(AMP_DTYPES)}, got {mixed_precision!r}")
         self.amp_dtype = AMP_DTYPES[mixed_precision]
@@ -302,6 +302,6 @@ class Trainer:
         return round(self.elapsed, 1)
 
 
-def _quiet(message: str) -> None:
+def quiet(message: str) -> None:
     """The log of a process other than the main one."""
 
