@@ -81,7 +81,7 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
     from redistill.data import load_image_folder
     from redistill import feature_spaces
     from redistill.methods import distill
-    from redistill.metrics import Side, evaluate, precision_target
+    from redistill.metrics import Side, evaluate, sample_store
     from redistill.teacher import load_pipeline, save_pipeline
 
     t0 = time.perf_counter()
@@ -92,7 +92,7 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
     classifier = feature_spaces.classifier_for(p.evaluate.features, root / "data" / "features")
     extractor = feature_spaces.load_all(p.evaluate.features, root / "data" / "features")
     ref = Side(teacher, p.evaluate.reference_steps)
-    cache = root / "runs" / "cache" / "samples"
+    cache = sample_store(root)
 
     rows: list[dict] = []
 
@@ -102,7 +102,7 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
     def measure(path: Path, steps: int, scheduler: str, ep: EvaluateParams = p.evaluate) -> dict:
         return evaluate(Side(path, steps, scheduler), ref, data, extractor, ep, classifier=classifier,
                         confidence=p.features.confidence, device=device, cache_dir=cache, data_path=root / "data" / "reference",
-                        precision=precision_target(p))
+                        bounds=p.gate.fid_gap_max)
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

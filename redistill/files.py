@@ -29,3 +29,22 @@ def safetensors_problem(path: Path) -> str | None:
     if size != expected:
         return f"{path.name} is {size} bytes but its header describes {expected}: the file is truncated"
     return None
+
+
+def copy_folder(src: Path, out: Path) -> Path:
+    """Copy the folder `src` to `out` whole or not at all: written beside `out`, then renamed, so a watcher never sees
+    half of it. Files keep their modification times (a finished folder landed this way is as settled as its source)."""
+    import os
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copytree(src, tmp / "x", copy_function=shutil.copy2)
+        shutil.copystat(src, tmp / "x")
+        os.replace(tmp / "x", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

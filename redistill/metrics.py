@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from redistill.config import EvaluateParams
+from redistill.gate import decided, gap_bound
 from redistill.data import ImageSet
 from redistill.teacher import (
     PipelineError,
@@ -282,6 +283,14 @@ def sample(pipe, n: int, steps: int, seed: int, batch: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def sample_store(root: Path) -> Path:
+    """The workspace's store of drawn samples, `data/samples/`: one safetensors file per generation batch, named by
+    what drew it (the pipeline folder's sha256, the sampler, the steps, the batch's seed and size), so every method,
+    cycle and evaluation that asks for the same draw reads it instead of sampling again. The draws of the committed
+    teachers are committed there (force-added past its .gitignore), so a fresh clone does not draw them again."""
+    return Path(root) / "data" / "samples"
+
+
 def _cache_file(cache_dir: Path, pipe, sha256: str, scheduler: str, steps: int, seed: int, size: int) -> tuple[Path, str]:
     # One file per generation batch: the key covers the folder's bytes (weights and configs), the sampler and
     # the batch's draw (its seed and size), so a larger sample reuses every batch a smaller one drew.
@@ -297,14 +306,15 @@ def _batches(n: int, seed: int, batch: int) -> list[tuple[int, int]]:
     return [(seed + i, min(batch, n - start)) for i, start in enumerate(range(0, n, batch))]
 
 
-def cache_samples(images: torch.Tensor, cache_dir: Path | None, pipe, path: Path, scheduler: str, n: int,
-                  steps: int, seed: int, batch: int) -> None:
-    """Store samples drawn by `sample(pipe, n, steps, seed, batch)`, one file per batch under its content key."""
+def cache_samples(images: torch.Tensor, cache_dir: Path | None, pipe, path: Path | None, scheduler: str, n: int,
+                  steps: int, seed: int, batch: int, sha256: str | None = None) -> None:
+    """Store samples drawn by `sample(pipe, n, steps, seed, batch)`, one file per batch under its content key
+    (the folder at `path` hashed, unless its `sha256` is given)."""
     from safetensors.torch import save_file
 
     if cache_dir is None:
         return
-    sha, start = pipeline_sha256(path), 0
+    sha, start = sha256 or pipeline_sha256(path), 0
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     for b_seed, size in _batches(n, seed, batch):
         f, key = _cache_file(cache_dir, pipe, sha, scheduler, steps, b_seed, size)
@@ -315,17 +325,18 @@ def cache_samples(images: torch.Tensor, cache_dir: Path | None, pipe, path: Path
         start += size
 
 
-def sample_cached(pipe, path: Path, scheduler: str, n: int, steps: int, seed: int, batch: int,
-                  cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
+def sample_cached(pipe, path: Path | None, scheduler: str, n: int, steps: int, seed: int, batch: int,
+                  cache_dir: Path | None, sha256: str | None = None) -> tuple[torch.Tensor, bool]:
     """`sample`, reusing the batches an earlier run drew when the pipeline's bytes and the draw are the same.
 
-    The cache holds safetensors written by `cache_samples`, nothing else. Returns (images, all cached?).
+    The cache holds safetensors written by `cache_samples`, nothing else. The folder at `path` is hashed once,
+    unless its `sha256` is given. Returns (images, all cached?).
     """
     from safetensors.torch import load_file
 
     if cache_dir is None:
         return sample(pipe, n, steps, seed, batch), False
-    sha, out, all_cached = pipeline_sha256(path), [], True
+    sha, out, all_cached = sha256 or pipeline_sha256(path), [], True
     for b_seed, size in _batches(n, seed, batch):
         f, _ = _cache_file(cache_dir, pipe, sha, scheduler, steps, b_seed, size)
         if f.is_file():
@@ -333,7 +344,7 @@ def sample_cached(pipe, path: Path, scheduler: str, n: int, steps: int, seed: in
             continue
         all_cached = False
         images = sample(pipe, size, steps, b_seed, size)
-        cache_samples(images, cache_dir, pipe, path, scheduler, size, steps, b_seed, size)
+        cache_samples(images, cache_dir, pipe, path, scheduler, size, steps, b_seed, size, sha256=sha)
         out.append(images)
     return torch.cat(out), all_cached
 
@@ -576,7 +587,7 @@ def evaluate(
     log: Callable[[str], None] = lambda m: None,
     data_path: Path | None = None,
     cache_dir: Path | None = None,
-    precision: float | None = None,
+    bounds: dict[str, float | None] | float | None = None,
     clip_score=None,
 ) -> dict:
     """Run the whole suite on `candidate` against `reference` and `data`; returns one JSON-able dict.
@@ -600,15 +611,17 @@ def evaluate(
     if same and candidate.steps != reference.steps:
         ref = load_pipeline(reference.path, dev)  # a second copy: each may need its own scheduler
     prompted = use_data_prompts([cand, ref], data)  # a text-to-image pair draws the data's captions, the same for both
+    cand_sha, ref_sha = pipeline_sha256(candidate.path), pipeline_sha256(reference.path)  # once: folders are large
     cand_sched = configure_scheduler(cand, candidate.steps, candidate.scheduler)
     ref_sched = configure_scheduler(ref, reference.steps, reference.scheduler) if ref is not cand else cand_sched
     identical = ref is cand
 
     # 1. Samples from the same initial noise; memory measured while the candidate samples.
     # 2. Quality in each feature space: FIDs with a paired bootstrap (gap, ratio), KID, the real-data floor.
-    #    With a `precision` target (in floors), the sample grows (doubling, up to evaluate.max_samples)
-    #    until every space's FID-gap interval is that narrow: a deterministic student paired with its
-    #    teacher gets there with few samples, a stochastic sampler needs many more.
+    #    With the gate's `bounds` (in floors, per space), the sample grows (doubling, up to evaluate.max_samples)
+    #    until no space's FID-gap interval contains its bound, so the verdict is not left to sampling noise: a
+    #    student far from its bound (either side) is decided at evaluate.num_samples, a deterministic student paired
+    #    with its teacher narrows fast, one near its bound or a stochastic sampler needs more.
     spaces = list(extractor) if isinstance(extractor, (list, tuple)) else [_Unnamed(extractor)]
     n, fake, ref_cached, ref_fake, ref_mem = p.num_samples, None, False, None, None
     while True:
@@ -624,23 +637,25 @@ def evaluate(
         if identical:
             ref_fake, ref_mem = fake, mem
             cache_samples(fake, cache_dir, cand, candidate.path, cand_sched, n, candidate.steps, p.seed,
-                          p.sample_batch_size)
+                          p.sample_batch_size, sha256=cand_sha)
         else:
             log(f"sampling {n} images from the reference at {reference.steps} steps ({ref_sched})")
             first = ref_fake is None
             with PeakMemory(dev) as measured:
                 ref_fake, ref_cached = sample_cached(ref, reference.path, ref_sched, n, reference.steps,
-                                                     p.seed, p.sample_batch_size, cache_dir)
+                                                     p.seed, p.sample_batch_size, cache_dir, sha256=ref_sha)
             if first:  # the peak of the first draw, unless it came from the cache (then not measured)
                 ref_mem = None if ref_cached else measured
             if ref_cached:
                 log("  (reused cached reference samples; reference peak memory not re-measured)")
         log("computing FID/KID with paired bootstrap CIs")
         per_space = {sp.name: quality_in_space(sp.extractor, data.images, fake, ref_fake, identical, p) for sp in spaces}
-        widths = [q["fid_gap_halfwidth_floors"] for q in per_space.values() if q["fid_gap_halfwidth_floors"] is not None]
-        if precision is None or not widths or max(widths) <= precision or n >= p.max_samples:
+        open_ = {s: b for s, q in per_space.items() if not decided(q, b := gap_bound(bounds, s))}
+        if not open_ or n >= p.max_samples:
             break
-        log(f"  FID-gap CI ±{max(widths):.3f} floors is wider than the precision target ±{precision:.3f}: more samples")
+        log("  the FID-gap CI contains the gate's bound (" + ", ".join(
+            f"{s}: {per_space[s]['fid_gap_floors']:+.3f} ±{per_space[s]['fid_gap_halfwidth_floors']:.3f} floors, bound {b}"
+            for s, b in open_.items()) + "): more samples")
         n = min(2 * n, p.max_samples)
     primary = spaces[0].name
     recog = {}
@@ -672,19 +687,19 @@ def evaluate(
     cand_params = sum(x.numel() for x in cand.unet.parameters())
     result = {
         "pipeline": str(candidate.path),
-        "sha256": pipeline_sha256(candidate.path),
+        "sha256": cand_sha,
         "steps": candidate.steps,
         "scheduler": cand_sched,
         "reference": {
             "pipeline": str(reference.path),
-            "sha256": pipeline_sha256(reference.path),
+            "sha256": ref_sha,
             "steps": reference.steps,
             "scheduler": ref_sched,
         },
         "num_samples": n,
         "num_real": len(data),
-        "precision_target_floors": precision,
-        "precision_met": precision is None or all((q["fid_gap_halfwidth_floors"] or 0) <= precision for q in per_space.values()),
+        "gap_bounds_floors": {s: gap_bound(bounds, s) for s in per_space},
+        "decided": all(decided(q, gap_bound(bounds, s)) for s, q in per_space.items()),
         "seed": p.seed,
         "feature_spaces": {sp.name: sp.sha256 for sp in spaces},
         # the first space's figures at the top level (the bench's FID ratio), every space's under "spaces"
@@ -731,10 +746,5 @@ def evaluate_student(student: Path, steps: int, teacher: Path, data: Path, featu
         Side(student, steps, "saved"), Side(teacher, p.evaluate.reference_steps), data_set,
         feature_spaces.load_all(p.evaluate.features, features), p.evaluate, classifier=classifier,
         confidence=p.features.confidence, out_dir=out_dir, cache_dir=cache_dir, log=log,
-        precision=precision_target(p), clip_score=clip,
+        bounds=p.gate.fid_gap_max, clip_score=clip,
     )
-
-
-def precision_target(p) -> float:
-    """The FID-gap precision the gate needs, in floors: a third of its margin (`gate.fid_gap_max`)."""
-    return p.gate.fid_gap_max / 3

@@ -21,8 +21,9 @@ def evaluate_student(student: Path, steps: int, teacher: Path, data: Path, featu
 @task(name="quality-vs-steps")
 def quality_vs_steps(result: dict, teacher: Path, data: Path, features: Path, p: Params, out_dir: Path,
                      cache_dir: Path, steps: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict:
-    """The teacher's FID at several step counts of its fast sampler (DDIM; a flow-matching teacher's own Euler),
-    cached by teacher bytes, and the student's point, as a plot."""
+    """The teacher's FID at several step counts of its fast sampler (DDIM; a flow-matching teacher's own Euler) at
+    `evaluate.curve_samples` samples each (a report, kept cheap: it decides nothing), cached by teacher bytes, and the
+    student's point, as a plot. With curve_samples 0 it draws nothing and returns an empty curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,6 +35,10 @@ def quality_vs_steps(result: dict, teacher: Path, data: Path, features: Path, p:
     from redistill.metrics import configure_scheduler, fid, sample_cached
     from redistill.teacher import load_pipeline
 
+    n = p.evaluate.curve_samples
+    if n == 0:
+        return {"teacher_fid_by_steps": {}, "student_steps": result["steps"], "student_fid": result["quality"]["fid"],
+                "plot": None}
     space = feature_spaces.load_all(p.evaluate.features, features)[0]  # the primary space: the report's FID
     ext = space.extractor
     real = ext(torch.from_numpy(load_image_folder(data).images)).double()
@@ -41,19 +46,20 @@ def quality_vs_steps(result: dict, teacher: Path, data: Path, features: Path, p:
     curve = {}
     ref_steps = result["reference"]["steps"]
     sched = "DDIMScheduler"
-    for k in sorted(set(steps) - {ref_steps}):
+    sha = result["reference"]["sha256"]
+    for k in sorted(set(steps) | {ref_steps}):  # the reference's point from the first images of its own draw
         sched = configure_scheduler(pipe, k, "auto")
-        images, _ = sample_cached(pipe, teacher, sched, p.evaluate.num_samples, k, p.evaluate.seed,
-                                  p.evaluate.sample_batch_size, cache_dir)
+        images, _ = sample_cached(pipe, teacher, sched, n, k, p.evaluate.seed, p.evaluate.sample_batch_size, cache_dir,
+                                  sha256=sha)
         curve[k] = fid(real, ext(images).double())
-    curve[ref_steps] = result["quality"]["reference_fid"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ks = sorted(curve)
-    ax.plot(ks, [curve[k] for k in ks], "o-", color="0.4", label=f"teacher ({sched.replace('Scheduler', '')})")
+    ax.plot(ks, [curve[k] for k in ks], "o-", color="0.4",
+            label=f"teacher ({sched.replace('Scheduler', '')}, {n} samples)")
     ax.plot([result["steps"]], [result["quality"]["fid"]], "*", color="crimson", markersize=14,
-            label=f"student @ {result['steps']}")
+            label=f"student @ {result['steps']} ({result['num_samples']} samples)")
     lo, hi = result["quality"]["fid_ci95"]
     ax.vlines(result["steps"], lo, hi, color="crimson")
     ax.set_xscale("log", base=2)

@@ -158,17 +158,19 @@ def test_every_feature_space_reports_a_floor_aware_gap(suite, tiny_pipeline, dig
     assert q["spaces"]["encoder"]["dead_features"] == 0
 
 
-def test_the_sample_grows_until_the_gap_is_precise_enough(suite, tiny_pipeline, tmp_path):
-    # a precision no sample can reach grows the sample to evaluate.max_samples and says the target was
-    # missed; a loose one stops at evaluate.num_samples. The reference batches drawn first are cached and
+def test_the_sample_grows_until_the_gap_is_clear_of_the_gates_bound(suite, tiny_pipeline, tmp_path):
+    # a bound far from the gap stops at evaluate.num_samples; a bound inside the gap's interval grows the sample to
+    # evaluate.max_samples and says the verdict is not decided. The reference batches drawn first are cached and
     # reused by the larger sample.
     p, clf, data = suite
     loose = evaluate(Side(tiny_pipeline, 2), Side(tiny_pipeline, 8), data, FeatureExtractor(clf), p.evaluate,
-                     classifier=clf, cache_dir=tmp_path / "cache", precision=1e9)
-    assert loose["num_samples"] == p.evaluate.num_samples and loose["precision_met"]
+                     classifier=clf, cache_dir=tmp_path / "cache", bounds=1e9)
+    assert loose["num_samples"] == p.evaluate.num_samples and loose["decided"]
     cached = len(list((tmp_path / "cache").glob("*.safetensors")))
+    q = loose["quality"]["spaces"]["features"]
+    inside = q["fid_gap_floors"]  # the point estimate itself: inside the interval at any sample size
     tight = evaluate(Side(tiny_pipeline, 2), Side(tiny_pipeline, 8), data, FeatureExtractor(clf), p.evaluate,
-                     classifier=clf, cache_dir=tmp_path / "cache", precision=1e-9)
-    assert tight["num_samples"] == p.evaluate.max_samples > p.evaluate.num_samples and not tight["precision_met"]
+                     classifier=clf, cache_dir=tmp_path / "cache", bounds={"default": 1e9, "features": inside})
+    assert tight["num_samples"] == p.evaluate.max_samples > p.evaluate.num_samples and not tight["decided"]
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2 * cached  # only the new batches were added
     assert tight["memory"]["reference_peak_sampling_mb"] is None  # the first reference batches came from the cache

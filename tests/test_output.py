@@ -8,7 +8,7 @@ import torch
 
 from redistill.config import parse_params
 from redistill.data import load_image_folder
-from redistill.methods import distill, method_config
+from redistill.methods import distill
 from redistill.teacher import load_pipeline, pipeline_sha256, save_pipeline
 
 
@@ -23,9 +23,10 @@ def test_output_student_samples_in_one_stock_step_and_reuses_the_pairs(digits_ws
                                   "output": {"pairs": 24, "pairs_steps": 5, "steps": 6}}}).distill
     student, summary = distill(p, load_pipeline(teacher_dir), data, tmp_path / "ck", log=lambda m: None,
                                teacher_path=teacher_dir, workspace=tmp_path)
-    pairs = list((tmp_path / "data" / "pairs").glob("*.safetensors"))
-    assert len(pairs) == 1 and pairs[0].name.startswith(pipeline_sha256(teacher_dir)[:16])
-    assert summary["pairs_reused"] is False
+    # a pixel teacher's pairs are its DDIM samples, in the workspace's store of drawn samples (one file per batch)
+    assert not list((tmp_path / "data" / "pairs").glob("*.safetensors"))
+    assert len(list((tmp_path / "data" / "samples").glob("*.safetensors"))) == 1
+    assert summary["pairs_reused"] is False and summary["pairs_file"] == str(tmp_path / "data" / "samples")
     # a second run (another cycle) reuses the cached pairs instead of sampling the teacher again
     _, again = distill(p, load_pipeline(teacher_dir), data, tmp_path / "ck2", log=lambda m: None,
                        teacher_path=teacher_dir, workspace=tmp_path)
@@ -44,6 +45,37 @@ def test_output_student_samples_in_one_stock_step_and_reuses_the_pairs(digits_ws
     with torch.no_grad():
         direct = pipe.unet(noise, torch.tensor([999, 999])).sample.clamp(-1, 1)
     assert torch.allclose(img.permute(0, 3, 1, 2) if img.shape[-1] == 1 else img, (direct / 2 + 0.5).clamp(0, 1), atol=1e-5)
+
+
+def test_a_pixel_teachers_pairs_are_its_stored_samples_on_noise_the_evaluation_never_draws(tmp_path):
+    """A pixel teacher's pairs are the stock pipeline's DDIM samples, drawn in the evaluation's generation batches
+    (batch i seeded pair_seed + i) into the same store, so every method and cycle shares one draw of them; each is the
+    teacher's ODE output from its pair's noise. That noise is never the evaluation's (seeded evaluate.seed + i): a
+    student must not be judged on the noises it was trained on."""
+    from conftest import make_tiny_pipeline
+
+    from redistill.config import GENERATION_BATCH
+    from redistill.metrics import configure_scheduler, sample_cached
+    from redistill.methods.output import OutputConfig, load_or_make_pairs, pair_seed
+    from redistill.models import adapter_for
+
+    teacher_dir = make_tiny_pipeline(tmp_path / "teacher")
+    teacher, store = load_pipeline(teacher_dir), tmp_path / "samples"
+    n = GENERATION_BATCH + 7  # two generation batches, the second short
+    cfg = OutputConfig(pairs=n, pairs_steps=4, seed=3)
+    noise, x0, cond, where, reused = load_or_make_pairs(teacher, pipeline_sha256(teacher_dir), cfg, (1, 8, 8), "cpu",
+                                                        tmp_path / "pairs", lambda m: None, store)
+    assert cond is None and where == store and reused is False and noise.shape == x0.shape == (n, 1, 8, 8)
+    ode = adapter_for(teacher).ode_sample(teacher.unet, noise[-9:], 4).clamp(-1, 1)  # across the batch boundary
+    assert torch.allclose(x0[-9:], ode, atol=1e-5)
+    pipe = load_pipeline(teacher_dir)
+    sched = configure_scheduler(pipe, 4, "auto")
+    images, cached = sample_cached(pipe, teacher_dir, sched, n, 4, pair_seed(cfg), GENERATION_BATCH, store)
+    assert cached is True and torch.allclose(images * 2 - 1, x0, atol=1e-6)  # the stored draw, shared
+    # an evaluation with the distill seed (evaluate.seed and distill.seed are both 0 by default) draws other noise
+    for s in range(cfg.seed, cfg.seed + 64):  # every batch seed of an evaluation up to 32,000 samples
+        g = torch.randn((GENERATION_BATCH, 1, 8, 8), generator=torch.Generator().manual_seed(s))
+        assert not torch.isclose(g[:1].flatten(), noise[:1].flatten()).all()
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

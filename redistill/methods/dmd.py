@@ -64,7 +64,8 @@ def dmd_gradient(x_gen: torch.Tensor, p_real: torch.Tensor, p_fake: torch.Tensor
 
 def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
             init: dict | None = None,
-            teacher_sha256: str | None = None, pairs_dir: Path | None = None, teacher_uri: str | None = None):
+            teacher_sha256: str | None = None, pairs_dir: Path | None = None, teacher_uri: str | None = None,
+            samples_dir: Path | None = None):
     """DMD2-distil `teacher` on images `data` in [0, 1]; returns (the teacher kind's stock pipeline + its
     scheduler, summary)."""
     model = adapter_for(teacher)  # every network call, condition and the export go through it
@@ -110,19 +111,19 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     shape = tuple(x_all.shape[1:])
     pairs = None
     if cfg.regression_weight > 0:
-        from redistill.methods.output import OutputConfig, load_or_make_pairs
+        from redistill.methods.output import OutputConfig, load_or_make_pairs, unkeyed_sha256
 
         pcfg = OutputConfig(pairs=cfg.pairs, pairs_steps=cfg.pairs_steps, seed=cfg.seed)
         with run.main_first():  # the main process makes the cache, the others then read it
-            noise, x0, cond, _, _ = load_or_make_pairs(teacher, teacher_sha256 or "unkeyed", pcfg, shape, dev,
-                                                       Path(pairs_dir or "data/pairs"), log)
+            noise, x0, cond, _, _ = load_or_make_pairs(teacher, teacher_sha256 or unkeyed_sha256(teacher), pcfg, shape, dev,
+                                                       Path(pairs_dir or "data/pairs"), log, samples_dir)
         pairs = (noise.to(dev), x0.to(dev), None if cond is None else cond.to(dev))
     real_score = frozen(copy.deepcopy(teacher.unet)).to(dev)
     # 1. Generator and fake score both start as the teacher (DMD section 3.1); or the generator starts as a
     #    deterministic few-step student distilled first (DMD1 starts from a regression-trained generator):
     #    the output-distilled one, or the progressive one.
     if chain and init is None and not run.resume_path:
-        init = _first_student(teacher, data, cfg, ckpt_dir, log, teacher_sha256, pairs_dir, run.main)
+        init = _first_student(teacher, data, cfg, ckpt_dir, log, teacher_sha256, pairs_dir, run.main, samples_dir)
     #    A LoRA student (DMD2 on SDXL trains adapters too): the generator and the fake score are each the
     #    teacher plus an adapter of their own.
     if cfg.lora_rank:
@@ -301,7 +302,8 @@ def _output_dir(ckpt_dir: Path) -> Path:
     return Path(ckpt_dir).parent / (Path(ckpt_dir).name + "-output")
 
 
-def _first_student(teacher, data, cfg: DMDConfig, ckpt_dir: Path, log, teacher_sha256, pairs_dir, main: bool = True) -> dict:
+def _first_student(teacher, data, cfg: DMDConfig, ckpt_dir: Path, log, teacher_sha256, pairs_dir, main: bool = True,
+                   samples_dir: Path | None = None) -> dict:
     """The weights of the deterministic student the generator starts from: output-distilled (on the shared
     pair cache) or progressive, at the generator's step count. Kept beside the checkpoints until the DMD run
     ends, so a resumed run does not distil it again."""
@@ -322,7 +324,7 @@ def _first_student(teacher, data, cfg: DMDConfig, ckpt_dir: Path, log, teacher_s
 
         fcfg = OutputConfig(pairs=cfg.pairs, pairs_steps=cfg.pairs_steps, steps=cfg.output_steps, lr=cfg.lr,
                             first_timestep=cfg.first_timestep, **shared)
-        extra = {"teacher_sha256": teacher_sha256, "pairs_dir": pairs_dir}
+        extra = {"teacher_sha256": teacher_sha256, "pairs_dir": pairs_dir, "samples_dir": samples_dir}
     else:
         from redistill.methods.progressive import ProgressiveConfig
         from redistill.methods.progressive import distill as first

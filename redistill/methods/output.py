@@ -34,6 +34,16 @@ from redistill.models import adapter_for
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 STUDENT_PREDICTION = "sample"
+# The pairs' noise is drawn from seeds this far from the distill seed, so it never repeats the evaluation's noise
+# (generation batch i seeded evaluate.seed + i): a student judged on the noises it was trained to map would be
+# judged on its training set. Measured: a student trained on 2,000 pairs that were the evaluation's own draw scored
+# 95% recognisable on them and 84% on fresh noise.
+PAIR_SEED_OFFSET = 1_000_000
+
+
+def pair_seed(cfg) -> int:
+    """The seed of the pairs' noise: the distill seed moved past every seed the evaluation draws with."""
+    return cfg.seed + PAIR_SEED_OFFSET
 
 
 @settings("OutputConfig")
@@ -45,8 +55,9 @@ class OutputConfig(OutputParams, TrainingConfig):
 def pairs_file(pairs_dir: Path, teacher_sha256: str, cfg: OutputConfig, solver: str = "ddim") -> Path:
     """The cache file of the pairs: named by the teacher's sha256 and what else fixes the pairs (its ODE
     solver: DDIM for a diffusion teacher, Euler for a flow-matching one)."""
-    what = f"{teacher_sha256}|{cfg.pairs_steps}|{cfg.pairs}|{cfg.seed}" + ("" if solver == "ddim" else f"|{solver}")
-    return Path(pairs_dir) / f"{teacher_sha256[:16]}-{solver}{cfg.pairs_steps}-n{cfg.pairs}-s{cfg.seed}-{hashlib.sha256(what.encode()).hexdigest()[:8]}.safetensors"
+    seed = pair_seed(cfg)
+    what = f"{teacher_sha256}|{cfg.pairs_steps}|{cfg.pairs}|{seed}" + ("" if solver == "ddim" else f"|{solver}")
+    return Path(pairs_dir) / f"{teacher_sha256[:16]}-{solver}{cfg.pairs_steps}-n{cfg.pairs}-s{seed}-{hashlib.sha256(what.encode()).hexdigest()[:8]}.safetensors"
 
 
 @torch.no_grad()
@@ -56,7 +67,7 @@ def teacher_pairs(teacher, cfg: OutputConfig, shape: tuple[int, ...], device, ba
     unconditional teacher, else one drawn per pair (guidance folded in)."""
     model = adapter_for(teacher)
     unet = teacher.unet.to(device).eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(pair_seed(cfg))
     noise = torch.randn((cfg.pairs, *shape), generator=gen)
     cond = model.conditions(cfg.pairs, gen)
     outs = []
@@ -77,11 +88,17 @@ def unkeyed_sha256(teacher) -> str:
 
 
 def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, device, pairs_dir: Path,
-                       log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor, Path, bool]:
-    """The cached pairs of this teacher, or new ones written atomically to the cache; (x_T, x₀, file, reused)."""
+                       log: Callable[[str], None], samples_dir: Path | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Path, bool]:
+    """The cached pairs of this teacher, or new ones written atomically to the cache; (x_T, x₀, conditions, file,
+    reused). A teacher whose pairs are its own samples (`pairs_from_samples`) takes them from the workspace's store of
+    drawn samples, `samples_dir`, where the evaluation finds the same draw."""
     from safetensors.torch import load_file, save_file
 
-    solver = adapter_for(teacher).solver
+    model = adapter_for(teacher)
+    if samples_dir is not None and model.pairs_from_samples:
+        return _pairs_from_samples(teacher, teacher_sha256, cfg, samples_dir, log)
+    solver = model.solver
     f = pairs_file(pairs_dir, teacher_sha256, cfg, solver)
     if f.is_file():
         d = load_file(f)
@@ -92,14 +109,41 @@ def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, d
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")
     save_file({"noise": noise.contiguous(), "x0": x0.contiguous(), **({} if cond is None else {"cond": cond.contiguous()})},
-              tmp, metadata={"teacher_sha256": teacher_sha256, "pairs_steps": str(cfg.pairs_steps), "seed": str(cfg.seed)})
+              tmp, metadata={"teacher_sha256": teacher_sha256, "pairs_steps": str(cfg.pairs_steps), "seed": str(pair_seed(cfg))})
     tmp.replace(f)
     return noise, x0, cond, f, False
 
 
+def _pairs_from_samples(teacher, teacher_sha256: str, cfg: OutputConfig, samples_dir: Path,
+                        log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor, None, Path, bool]:
+    """The pairs drawn as the evaluation draws the teacher (`metrics.sample` with DDIM at `pairs_steps`, generation
+    batch i seeded `pair_seed + i`, `GENERATION_BATCH` images each) and kept in the same store, `samples_dir`, one
+    file per batch: every method and every cycle on this teacher shares them, and a larger set reuses a smaller one's
+    batches. Each image is the teacher's deterministic DDIM output from the noise its batch's generator drew, which
+    is regenerated here. The seeds never meet the evaluation's (`PAIR_SEED_OFFSET`)."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from redistill.config import GENERATION_BATCH
+    from redistill.metrics import _batches, sample_cached
+
+    view = DDPMPipeline(unet=teacher.unet, scheduler=DDIMScheduler.from_config(teacher.scheduler.config))
+    view.set_progress_bar_config(disable=True)
+    model = adapter_for(view)
+    log(f"teacher pairs: {cfg.pairs} DDIM {cfg.pairs_steps}-step samples from the store {samples_dir}")
+    seed = pair_seed(cfg)
+    images, reused = sample_cached(view, None, "DDIMScheduler", cfg.pairs, cfg.pairs_steps, seed, GENERATION_BATCH,
+                                   Path(samples_dir), sha256=teacher_sha256)
+    shape = (model.channels, *model.sample_size)
+    noise = torch.cat([randn_tensor((size, *shape), generator=torch.Generator(device=view.device).manual_seed(s),
+                                    device=view.device, dtype=view.unet.dtype).cpu()
+                       for s, size in _batches(cfg.pairs, seed, GENERATION_BATCH)])
+    return noise.float(), model.to_model_space(images), None, Path(samples_dir), reused
+
+
 def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
             init: dict | None = None,
-            teacher_sha256: str | None = None, pairs_dir: Path | None = None):
+            teacher_sha256: str | None = None, pairs_dir: Path | None = None, samples_dir: Path | None = None):
     """Output-distil `teacher` into a student of `cfg.target_steps` steps; `data` only fixes the image shape
     (the pairs are the training set). Returns (the teacher kind's stock pipeline, summary)."""
     from redistill.methods.progressive import check_grid, student_grid, student_scheduler
@@ -117,7 +161,7 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
         teacher_sha256 = unkeyed_sha256(teacher)
     with run.main_first():  # the main process makes the cache, the others then read it
         noise, x0, cond, pfile, reused = load_or_make_pairs(teacher, teacher_sha256, cfg, tuple(data.shape[1:]), dev,
-                                                            Path(pairs_dir or "data/pairs"), log)
+                                                            Path(pairs_dir or "data/pairs"), log, samples_dir)
     noise, x0 = noise.to(dev), x0.to(dev)
     cond = None if cond is None else cond.to(dev)
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)

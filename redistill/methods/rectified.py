@@ -105,7 +105,7 @@ def _save_atomic(net: torch.nn.Module, path: Path, metadata: dict) -> None:
 
 
 def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
-            teacher_sha256: str | None = None, pairs_dir: Path | None = None):
+            teacher_sha256: str | None = None, pairs_dir: Path | None = None, samples_dir: Path | None = None):
     """Reflow `teacher` and distil the 2-rectified flow into a `cfg.target_steps`-step Euler student; `data` only
     fixes the image shape (the couplings are the training set). Returns (stock pipeline, summary)."""
     from redistill.methods.output import load_or_make_pairs, unkeyed_sha256
@@ -129,7 +129,8 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
     pcfg = SimpleNamespace(pairs=cfg.couplings, pairs_steps=cfg.couplings_steps, seed=cfg.seed)
     with run.main_first():  # the main process makes the cache, the others then read it
         z_all, x0_all, _, cfile, reused = load_or_make_pairs(teacher, teacher_sha256 or unkeyed_sha256(teacher), pcfg,
-                                                             tuple(data.shape[1:]), dev, Path(pairs_dir or "data/pairs"), log)
+                                                             tuple(data.shape[1:]), dev, Path(pairs_dir or "data/pairs"), log,
+                                                             samples_dir)
     z_all, x0_all = z_all.to(dev), x0_all.to(dev)
     held_out = torch.randn((256, *data.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed + 7)).to(dev)
 

@@ -35,6 +35,9 @@ class ModelAdapter:
     family = "diffusion"  # "diffusion": ε/v/x₀ on an ᾱ schedule; "flow": a velocity on the straight path (flow matching)
     clips = True  # x̂₀ lives in [−1, 1] (pixels) and samplers clip it there; a latent model's x̂₀ is not clipped
     solver = "ddim"  # the deterministic sampler `ode_sample` runs; it names cached teacher pairs
+    # the teacher's (noise, ODE output) pairs are what its stock pipeline samples with DDIM from the same noise, so the
+    # pairs and the evaluation's samples of the teacher are one draw (methods/output.py `_pairs_from_samples`)
+    pairs_from_samples = False
 
     def __init__(self, pipe: Any):
         self.pipe = pipe

@@ -30,6 +30,7 @@ class FlowMatchingPixel(UnconditionalPixel):
                    "FlowMatchEulerDiscreteScheduler, e.g. a DDPMPipeline folder")
     family = "flow"
     solver = "euler"
+    pairs_from_samples = False  # its couplings are Euler solves of its velocity, not DDIM draws: cached as pairs
 
     @classmethod
     def claims(cls, pipe) -> bool:

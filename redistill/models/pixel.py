@@ -12,6 +12,7 @@ from redistill.models import ModelAdapter
 class UnconditionalPixel(ModelAdapter):
     kind = "unconditional-pixel"
     description = "a UNet2DModel without class embeddings and a DDPM-family scheduler, e.g. a DDPMPipeline"
+    pairs_from_samples = True  # DDPMPipeline with DDIM: noise drawn from the generator, η = 0, x₀ clipped to [−1, 1]
 
     @classmethod
     def claims(cls, pipe) -> bool:
