@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from redistill.config import ConfigError, GateParams, parse_params
+from redistill.config import FID_GAP_MAX, ConfigError, GateParams, parse_params
 from redistill.gate import judge
 
 
@@ -35,7 +35,8 @@ def test_first_student_passing_every_absolute_threshold_is_promoted():
     assert names == ["fid_gap.classifier", "fid_gap.encoder", "speedup_throughput", "recognisable_share", "psnr_db",
                      "champion"]
     assert "no champion yet" in d.reasons()
-    assert "precision target ±0.083 met" in d.reasons()
+    # each space's interval is clear of its calibrated bound: the verdict is decided, not a coin flip
+    assert "decided, the CI is clear of the bound" in d.checks[0].note and "decided" in d.checks[1].note
 
 
 @pytest.mark.parametrize("field,value,name", [
@@ -48,16 +49,32 @@ def test_each_absolute_threshold_can_reject(field, value, name):
     assert f"FAIL absolute {name}: {value:.4g}" in d.reasons()
 
 
-@pytest.mark.parametrize("gaps,failed", [((0.3, 0.1), ["fid_gap.classifier"]), ((0.1, 0.26), ["fid_gap.encoder"]),
-                                          ((0.5, 0.5), ["fid_gap.classifier", "fid_gap.encoder"])])
-def test_the_fid_gap_is_gated_in_every_feature_space(gaps, failed):
-    d = judge(result(gaps=gaps), None, GateParams(), "dmd")
+CLS, ENC = FID_GAP_MAX["classifier"], FID_GAP_MAX["encoder"]  # the calibrated bounds (metrics/calibration.json)
+
+
+@pytest.mark.parametrize("gaps,failed", [((CLS + 0.05, 0.1), ["fid_gap.classifier"]), ((0.1, ENC + 0.01), ["fid_gap.encoder"]),
+                                          ((CLS + 0.5, ENC + 0.2), ["fid_gap.classifier", "fid_gap.encoder"])])
+def test_the_fid_gap_is_gated_in_every_feature_space_at_its_own_bound(gaps, failed):
+    d = judge(result(gaps=gaps, half=0.001), None, GateParams(), "dmd")
     assert [c.name for c in d.failed()] == failed
 
 
-def test_an_imprecise_gap_is_flagged_in_the_reasons():
-    d = judge(result(half=0.2), None, GateParams(), "dmd")
-    assert "NOT met: raise evaluate.max_samples" in d.reasons()
+def test_one_bound_for_every_space_and_a_space_that_reports_but_does_not_decide():
+    # one number: every space is held to it
+    assert [c.name for c in judge(result(gaps=(0.3, 0.1)), None, GateParams(fid_gap_max=0.25), "dmd").failed()] == \
+        ["fid_gap.classifier"]
+    # a space whose bound is null reports its gap and passes; an unnamed space takes the default
+    gate = GateParams(fid_gap_max={"classifier": None, "default": 0.2})
+    d = judge(result(gaps=(5.0, 0.3)), None, gate, "dmd")
+    assert [c.name for c in d.failed()] == ["fid_gap.encoder"]
+    assert d.checks[0].passed and d.checks[0].bound is None and "reported, not gated" in d.checks[0].note
+    with pytest.raises(ConfigError, match="needs a `default` entry"):
+        GateParams(fid_gap_max={"classifier": 1.0})
+
+
+def test_a_gap_whose_interval_contains_the_bound_is_flagged_in_the_reasons():
+    d = judge(result(half=0.4), None, GateParams(), "dmd")  # encoder: 0.1 ± 0.4 contains its bound
+    assert "NOT decided" in d.checks[1].note and "NOT decided" not in d.checks[0].note
 
 
 def test_fidelity_is_gated_per_method_family():
@@ -94,7 +111,7 @@ def test_a_sampler_that_draws_noise_between_steps_is_not_held_to_the_teachers_ma
 
 
 def test_a_value_exactly_at_its_bound_passes_as_mlflow_defines_it():
-    assert judge(result(gaps=(0.25, 0.25), speedup=8.0), None, GateParams(), "dmd").passed
+    assert judge(result(gaps=(CLS, ENC), speedup=8.0), None, GateParams(), "dmd").passed
 
 
 def test_first_run_policy_reject():
@@ -131,7 +148,7 @@ def test_reasons_record_every_value_bound_and_verdict():
         assert c.name in text
     first = copy.deepcopy(d.to_dict())["checks"][0]
     assert {k: first[k] for k in ("name", "kind", "value", "bound", "op", "passed")} == {
-        "name": "fid_gap.classifier", "kind": "absolute", "value": 0.1, "bound": 0.25, "op": "<=", "passed": True}
+        "name": "fid_gap.classifier", "kind": "absolute", "value": 0.1, "bound": CLS, "op": "<=", "passed": True}
 
 
 def test_thresholds_that_are_not_numbers_are_a_settings_error():
