@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 INIT_CHOICES = ("cold", "warm", "auto")
-WARM_METHODS = ("consistency", "output", "adversarial", "dmd")  # progressive rebuilds its rounds from the teacher
+WARM_METHODS = ("progressive", "consistency", "output", "adversarial", "dmd")  # rectified reflows the teacher's couplings
 
 # config keys that do not change the network's shape or meaning
 _IGNORED_CONFIG = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
@@ -62,8 +62,7 @@ def why_not(champion_tags: dict, champion_student: Path, teacher: Path, p) -> st
 
     d = p.distill
     if d.method not in WARM_METHODS:
-        why = {"progressive": "rebuilds every halving round from the teacher",
-               "rectified": "reflows the teacher's couplings, then distils the reflowed flow"}.get(d.method, "has no warm start")
+        why = {"rectified": "reflows the teacher's couplings, then distils the reflowed flow"}.get(d.method, "has no warm start")
         return (f"{d.method} distillation {why}, so it always starts cold; "
                 f"warm starts serve {', '.join(WARM_METHODS)}")
     if d.student.lora_rank:
@@ -84,6 +83,12 @@ def why_not(champion_tags: dict, champion_student: Path, teacher: Path, p) -> st
     ptype = json.loads((Path(champion_student) / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type")
     teacher_ptype = json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type")
     want_ptype = "sample" if d.method == "output" else teacher_ptype
+    if d.method == "progressive":  # v from pure noise (a trailing grid), else the teacher's own
+        from redistill.methods.progressive import student_prediction
+
+        want_ptype = student_prediction(teacher_ptype, d.progressive.first_timestep,
+                                        int(json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text())
+                                            .get("num_train_timesteps", 1000)))
     if ptype != want_ptype:
         return f"the champion predicts {ptype}, a {d.method} student of this teacher predicts {want_ptype}"
     return None

@@ -277,7 +277,7 @@ def test_warm_start_from_the_champion_is_recorded_and_refused_when_it_does_not_f
     root = tmp_path / "warmws"
     shutil.copytree(digits_ws / "data", root / "data")
     make_tiny_pipeline(root / "data" / "teachers" / "tiny")
-    dmd = TINY.replace("distill: {", "distill: {method: dmd, dmd: {steps: 6, fake_updates: 1}, ")
+    dmd = TINY.replace("method: progressive", "method: dmd, warm_fraction: 0.34, dmd: {steps: 6, fake_updates: 1}")
     (root / "params.yaml").write_text(dmd + "teacher: {name: tiny}\n")
     c = client(f"sqlite:///{root / 'mlflow.db'}")
 
@@ -286,7 +286,7 @@ def test_warm_start_from_the_champion_is_recorded_and_refused_when_it_does_not_f
     assert c.get_model_version(NAME, "1").tags[PREFIX + "init"] == "cold"
     assert first["distill"]["config"]["steps"] == 6
 
-    r, warm = cycle(root, "--force")  # the champion fits this teacher → starts from it, a third of the steps
+    r, warm = cycle(root, "--force")  # the champion fits this teacher → starts from it, warm_fraction of the steps
     assert r.exit_code == 0, r.output
     assert c.get_model_version(NAME, warm["version"]).tags[PREFIX + "init"] == "warm:1"
     assert warm["distill"]["init"] == "warm:1" and warm["distill"]["config"]["steps"] == 2

@@ -143,11 +143,21 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
         kind.use_prompts(list(captions), paired=True)
     extra = {}
     if init is not None:
+        from redistill.methods.progressive import halving_schedule
         from redistill.warm import WARM_METHODS
 
         if p.method not in WARM_METHODS:
             raise ValueError(f"{p.method} cannot start warm; warm starts serve {', '.join(WARM_METHODS)}")
-        cfg = dataclasses.replace(cfg, steps=max(1, round(cfg.steps * p.warm_fraction)), init_from=init_sha256)
+        # a warm start is a share of the cold budget: of the optimiser steps, and of the teacher pairs they train on
+        # (a new teacher's pairs are drawn for it: the share keeps a warm cycle's cost a share of a cold one's)
+        if p.method == "progressive":  # one round from the champion, a share of all the cold rounds' steps
+            rounds = len(halving_schedule(cfg.teacher_steps, cfg.target_steps))
+            warm = {"steps_per_round": max(1, round(cfg.steps_per_round * rounds * p.warm_fraction))}
+        else:
+            warm = {"steps": max(1, round(cfg.steps * p.warm_fraction))}
+        if hasattr(cfg, "pairs"):
+            warm["pairs"] = max(1, round(cfg.pairs * p.warm_fraction))
+        cfg = dataclasses.replace(cfg, **warm, init_from=init_sha256)
         extra["init"] = init
     if on_round is not None and p.method == "progressive":
         extra["on_round"] = on_round
@@ -160,7 +170,11 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
         from redistill.teacher import pipeline_sha256
 
         extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None
-        extra["pairs_dir"] = (Path(workspace) if workspace is not None else Path.cwd()) / "data" / "pairs"
+        ws = Path(workspace) if workspace is not None else Path.cwd()
+        extra["pairs_dir"] = ws / "data" / "pairs"
+        from redistill.metrics import sample_store
+
+        extra["samples_dir"] = sample_store(ws)  # a pixel teacher's pairs are its samples, shared with the evaluation
     student, summary = run(teacher, images, cfg, ckpt_dir, log=log, **extra)
     summary["init"] = "warm" if init is not None else "cold"
     summary["num_processes"] = processes

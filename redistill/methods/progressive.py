@@ -15,10 +15,16 @@ Where the sampling grid starts decides the student's parametrisation (the paper'
   recovered from ε divides by almost 0, so the student predicts v, as the paper recommends.
 The export is the teacher kind's stock pipeline (a `DDPMPipeline` for pixel teachers) whose saved `DDIMScheduler` samples the student on exactly the grid
 it was trained on at the target step count ("leading" spacing with `steps_offset`, or "trailing").
+
+A warm start (the champion, a student of an earlier teacher at the same step count) needs no halving: it already
+takes the target's steps. It trains one round in which each of its steps learns to land where the new teacher's
+DDIM lands in teacher_steps/target_steps steps over the same span: Algorithm 2's target x̃ with the teacher's
+k-step result in place of its 2-step one (k = 4 for 16 → 4), so it follows the new teacher's own finest grid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +35,7 @@ import torch
 from redistill.config import ProgressiveParams, settings
 from redistill.methods.student_shape import FeatureMatch
 from redistill.models import adapter_for
-from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
+from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.prediction import alpha_sigma, to_x0_eps
 
 V_PREDICTION = "v_prediction"
@@ -125,18 +131,24 @@ def distill(
     ckpt_dir: Path,
     log: Callable[[str], None] = print,
     on_round: Callable[[int, object], None] | None = None,
+    init: dict | None = None,
 ):
     """Progressively distil `teacher` (a pipeline with unet + scheduler) on images `data` in [0, 1].
 
     Returns the stock DDPMPipeline of the final student (EMA weights, DDIM trailing, v-prediction) and a
     summary. Resumes from the latest checkpoint in `ckpt_dir`. `on_round(n, pipeline)` receives each
-    round's student (the bench samples every round's step count from one run).
+    round's student (the bench samples every round's step count from one run). With `init` (a warm start: the
+    champion's weights at the target step count), one round from it against the teacher's k-step DDIM, k =
+    teacher_steps / target_steps, of `cfg.steps_per_round` steps.
     """
 
     model = adapter_for(teacher)  # every network call, condition and the export go through it
     sched_cfg = teacher.scheduler.config
     T = sched_cfg.num_train_timesteps
     rounds = halving_schedule(cfg.teacher_steps, cfg.target_steps)
+    skip = 2  # teacher steps per student step: two in every halving round (Alg. 2), k in a warm start's one round
+    if init is not None:
+        skip, rounds = cfg.teacher_steps // cfg.target_steps, [cfg.target_steps]
     check_grid(cfg.target_steps, T, cfg.first_timestep, cfg.teacher_steps)
     s_type = student_prediction(sched_cfg.prediction_type, cfg.first_timestep, T)
     run = Trainer(ckpt_dir, {"method": "progressive", "config": asdict(cfg), "teacher_prediction": sched_cfg.prediction_type},
@@ -157,21 +169,22 @@ def distill(
     for r, n in enumerate(rounds):
         if run.skips(r):
             continue
-        grid = student_grid(n, T, cfg.first_timestep).to(dev)  # the student's steps; the 2n grid adds midpoints
-        mid = student_grid(2 * n, T, cfg.first_timestep)[1::2].to(dev)
-        # 1. The student starts as a copy of its teacher (Alg. 2: η ← θ).
+        grid = student_grid(n, T, cfg.first_timestep).to(dev)  # the student's steps; the finer grid adds the
+        fine = student_grid(skip * n, T, cfg.first_timestep).to(dev)  # teacher's: fine[skip·i] = grid[i]
+        # 1. The student starts as a copy of its teacher (Alg. 2: η ← θ), or, warm, as the champion.
         # (a smaller student, when configured, is built in the first round and initialised from the teacher)
         shape = (cfg.student_channels, cfg.student_layers) if r == 0 else ((), 0)
-        student = student_like(teacher_unet, *shape)
+        student = warm(student_like(teacher_unet, *shape), init if r == 0 else None)
         fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
         ema = new_ema(student, cfg.ema_decay)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + r)
-        ph = Phase(r, f"round {r + 1}/{len(rounds)} ({2 * n}→{n} steps)", cfg.steps_per_round,
+        label = f"round {r + 1}/{len(rounds)} ({skip * n}→{n} steps)" + (", warm from the champion" if init else "")
+        ph = Phase(r, label, cfg.steps_per_round,
                    {"student": student, **({"teacher": teacher_unet} if r > 0 else {})}, {"student": opt},
                    {"student": ema}, gen)
 
-        def step(student=student, opt=opt, ema=ema, gen=gen, grid=grid, mid=mid, n=n, teacher_type=teacher_type, fm=fm,
+        def step(student=student, opt=opt, ema=ema, gen=gen, grid=grid, fine=fine, n=n, teacher_type=teacher_type, fm=fm,
                  teacher_call=teacher_call):
             # 2. Data and a student timestep: x ~ D, i ~ U{0..n−1}, t = grid[i]; z_t = α_t·x + σ_t·ε
             #    (and, for a conditional teacher, a condition c for the batch).
@@ -181,18 +194,21 @@ def distill(
             i = torch.randint(0, n, (cfg.batch_size,), generator=gen).to(dev)
             eps = torch.randn(x.shape, generator=gen).to(dev)
             x, c, i, eps = run.shard(x, c, i, eps)
-            t, t_mid, t_next = grid[i], mid[i], grid[i + 1]
+            t, t_next = grid[i], grid[i + 1]
             a_t, s_t = alpha_sigma(alphas_cumprod, t)
             z_t = a_t * x + s_t * eps
             with torch.no_grad(), run.autocast():
-                # 3. Two DDIM steps of the teacher: t → t′ → t″ (its sampler clips x̂₀ to [−1, 1]).
-                a_m, s_m = alpha_sigma(alphas_cumprod, t_mid)
+                # 3. Two DDIM steps of the teacher: t → t′ → t″ (its sampler clips x̂₀ to [−1, 1]); k of them
+                #    along its finer grid in a warm start's round.
                 a_n, s_n = alpha_sigma(alphas_cumprod, t_next)
-                with fm.teacher():
-                    x0_t = _x0(teacher_call, teacher_unet, z_t, t, c, teacher_type, alphas_cumprod, True)
-                z_mid = ddim_step(x0_t, z_t, a_t, s_t, a_m, s_m)
-                x0_mid = _x0(teacher_call, teacher_unet, z_mid, t_mid, c, teacher_type, alphas_cumprod, True)
-                z_next = ddim_step(x0_mid, z_mid, a_m, s_m, a_n, s_n)
+                z, a_z, s_z = z_t, a_t, s_t
+                for j in range(skip):
+                    t_j, t_k = fine[skip * i + j], fine[skip * i + j + 1]
+                    a_k, s_k = alpha_sigma(alphas_cumprod, t_k)
+                    with fm.teacher() if j == 0 else contextlib.nullcontext():
+                        x0_j = _x0(teacher_call, teacher_unet, z, t_j, c, teacher_type, alphas_cumprod, True)
+                    z, a_z, s_z = ddim_step(x0_j, z, a_z, s_z, a_k, s_k), a_k, s_k
+                z_next = z
                 # 4. The target x̃ that makes one student step land on the teacher's two-step result.
                 x_target = distillation_target(z_t, z_next.float(), a_t, s_t, a_n, s_n)
             # 5. Truncated-SNR weighted loss in x-space: max(α²/σ², 1)·‖x̃ − x̂_η(z_t)‖².
