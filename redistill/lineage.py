@@ -238,3 +238,32 @@ def format_lineage(d: dict) -> str:
                      if m["teacher_model"] else "(no model input: a version from before MLflow lineage)"),
                 line("student", ui.get("logged_model", "(no logged model: a version from before MLflow lineage)"))]
     return "\n".join(out)
+
+
+CARD_IMAGES = (("teacher and student samples on the same noise", "evaluation/grid.png"),
+               ("quality against steps", "evaluation/quality_vs_steps.png"))
+
+
+def write_model_card(c, name: str, mv, folder: Path, root: Path | None = None) -> Path:
+    """README.md in `folder` (a registered version's student, as `redistill export` writes it): a model card as
+    diffusers' training scripts write one, from the version's lineage, with the run's sample grid and quality-vs-steps
+    plot copied beside it (`images/`) when the run logged them. Returns the card's path."""
+    import shutil
+    import tempfile
+
+    from redistill.model_card import CARD, lineage_card
+
+    folder = Path(folder)
+    images = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for caption, artifact in CARD_IMAGES:
+            try:
+                got = Path(c.download_artifacts(mv.run_id, artifact, tmp))
+            except Exception:  # not logged (a run stopped early, or older than this artifact)
+                continue
+            (folder / "images").mkdir(exist_ok=True)
+            shutil.copyfile(got, folder / "images" / got.name)
+            images.append((caption, f"images/{got.name}"))
+    card = folder / CARD
+    card.write_text(lineage_card(lineage(c, name, mv, root), folder, images))
+    return card

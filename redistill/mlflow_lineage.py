@@ -92,9 +92,10 @@ def log_teacher_input(c, run_id: str, name: str, uri: str, sha256: str) -> str:
     return model_id
 
 
-def log_student_model(c, run_id: str, student: Path, tags: dict[str, str]) -> str:
-    """The student as a logged model of the pyfunc flavour (`serving.save_pyfunc`: loader module, no pickle), the
-    run's output; returns its id. A retried call finds the model it made before instead of making a second."""
+def log_student_model(c, run_id: str, student: Path, tags: dict[str, str], card: str | None = None) -> str:
+    """The student as a logged model of the pyfunc flavour (`serving.save_pyfunc`: loader module, its code shipped, no
+    pickle), the run's output; returns its id. `card` (model_card.cycle_card) becomes its README.md. A retried call
+    finds the model it made before instead of making a second."""
     import tempfile
 
     from mlflow.entities import LoggedModelOutput
@@ -109,7 +110,7 @@ def log_student_model(c, run_id: str, student: Path, tags: dict[str, str]) -> st
     m = c.create_logged_model(exp, name="student", source_run_id=run_id, model_type="diffusion-student",
                               tags={k: str(v) for k, v in tags.items()})
     with tempfile.TemporaryDirectory() as tmp:
-        save_pyfunc(Path(student), Path(tmp) / "model")
+        save_pyfunc(Path(student), Path(tmp) / "model", card=card)
         c.log_model_artifacts(m.model_id, str(Path(tmp) / "model"))
     c.finalize_logged_model(m.model_id, "READY")
     c.log_outputs(run_id, models=[LoggedModelOutput(m.model_id, step=0)])
@@ -169,10 +170,16 @@ def version_description(*, name: str, version: str, teacher_uri: str, teacher_sh
              f"| source run | `{run_id}` |",
              *([f"| Prefect flow run | {flow_run_url} |"] if flow_run_url else []),
              "",
-             "| gate check | value | bound | |", "|---|---|---|---|",
-             *[f"| {ch.get('name')} | {_fmt(ch.get('value'))} | {ch.get('op', '')} {_fmt(ch.get('bound'))} | "
-               f"{'pass' if ch.get('passed') else 'FAIL'} |" for ch in checks]]
+             *gate_table(checks)]
     return "\n".join(lines)[:5000]
+
+
+def gate_table(checks: list[dict]) -> list[str]:
+    """The gate's checks as markdown table lines: name, value, bound, verdict (the version description, the model
+    card)."""
+    return ["| gate check | value | bound | |", "|---|---|---|---|",
+            *[f"| {ch.get('name')} | {_fmt(ch.get('value'))} | {ch.get('op', '')} {_fmt(ch.get('bound'))} | "
+              f"{'pass' if ch.get('passed') else 'FAIL'} |" for ch in checks]]
 
 
 def _trigger_note(detail: dict | None) -> str:

@@ -5,9 +5,14 @@ model's data, and this module's `_load_pyfunc` loads it from safetensors. Nothin
 
     mlflow.pyfunc.load_model("models:/digits-student@champion").predict(
         pd.DataFrame([{"seed": 0, "num_images": 4}]))
-    mlflow models serve -m models:/digits-student@champion --env-manager local
+    mlflow models serve -m models:/digits-student@champion
     curl -X POST 127.0.0.1:5000/invocations -H 'Content-Type: application/json' \\
          -d '{"dataframe_records": [{"seed": 0, "num_images": 4}]}'
+
+The model folder is self-contained: the code the loader imports (SHIPPED_CODE) travels with it as `code/redistill/`,
+which MLflow puts first on sys.path before it imports `redistill.serving`, and its requirements are `==` pins of the
+distributions that code imports, at the versions the student was evaluated with, so `mlflow models serve` builds its
+environment (by default a virtualenv, pip installing requirements.txt) without redistill from any package index.
 
 Input: one row per request, `seed` and `num_images` (at most MAX_IMAGES), optionally
 `num_inference_steps` (default: the step count the student was distilled for). A class-conditional student
@@ -183,11 +188,69 @@ def _load_pyfunc(data_path: str) -> StudentModel:
     return StudentModel(data_path)
 
 
-def save_pyfunc(student: Path, out: Path) -> Path:
-    """Write the student as an MLflow pyfunc model folder (MLmodel, signature, input example) at `out`."""
+# What `_load_pyfunc` -> StudentModel imports at load and predict time, and what that imports in turn (teacher.py:
+# files.py, lora.py; lora.py: config.py at its top; models/: prediction.py), shipped with the model as
+# `code/redistill/`. tests/test_serving.py checks that every `redistill` import in these files names one of them.
+SHIPPED_CODE = ("__init__.py", "serving.py", "teacher.py", "files.py", "lora.py", "config.py", "prediction.py", "models")
+# the distributions that code imports (config.py: yaml and pydantic), pinned to the versions installed here
+PINNED = ("torch", "diffusers", "safetensors", "pillow", "numpy", "pandas", "pyyaml", "pydantic")
+
+
+def pinned(dist: str) -> str:
+    """`dist==<installed version>`, without a local label (`2.13.0+cpu` -> `torch==2.13.0`: an index serves that)."""
+    from importlib.metadata import version
+
+    return f"{dist}=={version(dist).split('+')[0]}"
+
+
+def requirements(student: Path) -> list[str]:
+    """The served student's pip requirements: PINNED, plus transformers when a component of its pipeline (or of the
+    base teacher of a LoRA adapter) is a transformers class (a text encoder, a tokenizer), plus peft for a LoRA
+    adapter (diffusers' load_lora_weights needs it). Never redistill: its code travels with the model."""
+    from redistill.lora import adapter_meta, is_adapter_only
+
+    student = Path(student)
+    extra = []
+    folders = [student]
+    if is_adapter_only(student):
+        extra.append("peft")
+        base = (adapter_meta(student) or {}).get("base_uri")
+        folders += [Path(base)] if base else []
+    for folder in folders:
+        index = folder / "model_index.json"
+        libs = set()
+        if index.is_file():
+            libs = {v[0] for k, v in json.loads(index.read_text()).items()
+                    if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0]}
+        if "transformers" in libs:
+            extra.append("transformers")
+    return [pinned(d) for d in dict.fromkeys([*PINNED, *extra])]
+
+
+def stage_code(tmp: Path) -> Path:
+    """SHIPPED_CODE copied to `tmp/redistill` (a folder in `code_paths` keeps its name, so the package is
+    `redistill`); returns that folder."""
+    import shutil
+
+    here, pkg = Path(__file__).resolve().parent, Path(tmp) / "redistill"
+    pkg.mkdir(parents=True)
+    for name in SHIPPED_CODE:
+        if (here / name).is_dir():
+            shutil.copytree(here / name, pkg / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copyfile(here / name, pkg / name)
+    return pkg
+
+
+def save_pyfunc(student: Path, out: Path, card: str | None = None) -> Path:
+    """Write the student as a self-contained MLflow pyfunc model folder (MLmodel, signature, input example, the
+    loader's code under `code/`, pinned requirements) at `out`. `card` (model_card.model_card's text), when given,
+    is written as README.md beside MLmodel and in the data folder (the student's pipeline folder)."""
+    import tempfile
+
     import mlflow.pyfunc
     import pandas as pd
-    from mlflow.models import ModelSignature
+    from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, Schema
 
     signature = ModelSignature(
@@ -199,10 +262,15 @@ def save_pyfunc(student: Path, out: Path) -> Path:
         outputs=Schema([ColSpec("long", "seed"), ColSpec("long", "index"), ColSpec("long", "height"),
                         ColSpec("long", "width"), ColSpec("string", "image_png_base64")]),
     )
-    mlflow.pyfunc.save_model(
-        path=str(out), loader_module="redistill.serving", data_path=str(student), signature=signature,
-        input_example=pd.DataFrame([{"seed": 0, "num_images": 2}]),
-        # the serving environment needs redistill itself (`--env-manager local` uses the current one)
-        pip_requirements=["redistill", "torch>=2.4", "diffusers>=0.30", "safetensors>=0.4", "pillow>=10", "pandas"],
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pyfunc.save_model(
+            path=str(out), loader_module="redistill.serving", data_path=str(student), signature=signature,
+            input_example=pd.DataFrame([{"seed": 0, "num_images": 2}]),
+            code_paths=[str(stage_code(Path(tmp)))],  # -> out/code/redistill/, first on sys.path at load
+            pip_requirements=requirements(Path(student)),
+        )
+    if card is not None:
+        data = Model.load(str(out)).flavors["python_function"]["data"]
+        for folder in (Path(out), Path(out) / data):
+            (folder / "README.md").write_text(card)
     return Path(out)

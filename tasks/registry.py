@@ -85,12 +85,13 @@ def log_evaluation(root: Path, run_id: str, result: dict, decision: dict, model_
 
 
 @task(name="log-pyfunc-model", **IO_RETRIES)
-def log_pyfunc(root: Path, run_id: str, student: Path, tags: dict[str, str] | None = None) -> str:
-    """Log the student as an MLflow logged model of the pyfunc flavour (loader module, no pickle), the run's output;
-    returns its id, which the registered version is created from (redistill/mlflow_lineage.py)."""
+def log_pyfunc(root: Path, run_id: str, student: Path, tags: dict[str, str] | None = None, card: str | None = None) -> str:
+    """Log the student as an MLflow logged model of the pyfunc flavour (loader module and its code shipped, no pickle),
+    the run's output, with its model `card`; returns its id, which the registered version is created from
+    (redistill/mlflow_lineage.py)."""
     from redistill.mlflow_lineage import log_student_model
 
-    return log_student_model(registry.client(tracking_uri(root)), run_id, Path(student), tags or {})
+    return log_student_model(registry.client(tracking_uri(root)), run_id, Path(student), tags or {}, card=card)
 
 
 @task(name="log-lineage-inputs", **IO_RETRIES)
