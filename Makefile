@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,sentence,stack,browser]'
 	touch $@
 
-# The main job on the embedded digits: data, the committed teacher (trained only if missing), one
-# re-distillation cycle as a Prefect flow, and the decision with its teacher-vs-student table.
+# The main job on the embedded digits: the committed champion registered through the evaluation and the gate, a
+# fine-tuned teacher landing in data/teachers/, the watch's warm re-distillation, and both versions' tables.
 demo: install
 	$(BIN)/redistill demo
 

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from redistill.failpoints import failpoint
 from redistill.tasks.concurrency import api_url, one_at_a_time
-from redistill.tasks.distill import distill_student, registered_form, warm_start
+from redistill.tasks.distill import adopt_student, distill_student, registered_form, warm_start
 from redistill.tasks.evaluate import evaluate_student, quality_vs_steps
 from redistill.tasks.gate import gate_student
 from redistill.tasks.registry import (
@@ -33,6 +33,8 @@ from redistill.tasks.events import emit
 from redistill.tasks.validate import check_teacher, validate_data
 
 from redistill.config import Params, load_params, workspace
+from redistill.metrics import sample_store
+from redistill.model_card import cycle_card
 from redistill.registry import configure_http
 from redistill.cycle import inputs_changed, note_unrecorded_failure, servers_in_trouble, stopped_by_servers
 
@@ -113,27 +115,41 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
     failpoint("validated")
 
     progress["stage"] = "distill"
-    start = warm_start_(root, p, teacher, run_dir)
-    if "refused" in start:
-        record_failure_(root, run_id, "warm-start", start["refused"])
-        raise CycleStopped(start["refused"])
+    if inputs.get("student_uri"):  # trigger bootstrap: a student distilled elsewhere (the committed champion) is judged
+        try:
+            summary = adopt_student(Path(inputs["student_uri"]), inputs["student_sha256"], teacher, run_dir)
+        except ValueError as e:
+            record_failure_(root, run_id, "adopt", str(e))
+            raise CycleStopped(f"the student at {inputs['student_uri']} cannot be registered: {e}") from e
+        start = {"init": summary["init"], "note": summary["init_note"]}
+    else:
+        start = warm_start_(root, p, teacher, run_dir)
+        if "refused" in start:
+            record_failure_(root, run_id, "warm-start", start["refused"])
+            raise CycleStopped(start["refused"])
     tags["redistill.init"] = start["init"]
     set_tags_(root, run_id, {"redistill.init": start["init"], "redistill.init_note": start["note"][:5000]})
-    try:
-        summary = distill_student(teacher, data, p.distill, run_dir, root, start)
-    except ValueError as e:  # settings the method cannot serve with this teacher (known once it is loaded)
-        record_failure_(root, run_id, "distill", str(e))
-        raise CycleStopped(f"distillation refused: {e}") from e
+    if not inputs.get("student_uri"):
+        try:
+            summary = distill_student(teacher, data, p.distill, run_dir, root, start)
+        except ValueError as e:  # settings the method cannot serve with this teacher (known once it is loaded)
+            record_failure_(root, run_id, "distill", str(e))
+            raise CycleStopped(f"distillation refused: {e}") from e
+    # what the student is (the settings' method and steps, or an adopted student's own)
+    method, steps = summary["method"], int(summary["num_inference_steps"])
+    if method != tags["redistill.method"]:
+        tags["redistill.method"] = method
+        set_tags_(root, run_id, {"redistill.method": method})
     if summary.get("lora_rank"):  # a LoRA student: the lineage names its form and its base
         tags["redistill.adapter"] = json.dumps({"rank": summary["lora_rank"], "base_sha256": summary.get("base_sha256")})
         set_tags_(root, run_id, {"redistill.adapter": tags["redistill.adapter"]})
     failpoint("distilled")
     progress["stage"] = "evaluate"
     student = run_dir / "student"
-    result = evaluate_student(student, p.distill.target_steps, teacher, data, root / "data" / "features", p,
-                              run_dir / "evaluation", root / "runs" / "cache" / "samples")
+    result = evaluate_student(student, steps, teacher, data, root / "data" / "features", p,
+                              run_dir / "evaluation", sample_store(root))
     curve = quality_vs_steps(result, teacher, data, root / "data" / "features", p, run_dir / "evaluation",
-                             root / "runs" / "cache" / "samples")
+                             sample_store(root))
     result["teacher_fid_by_steps"] = curve["teacher_fid_by_steps"]
     with tempfile.TemporaryDirectory() as tmp:
         # the change thresholds compare like with like: the champion measured on this cycle's data, in this
@@ -141,11 +157,11 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
         champ_version, champ_result, champ_student, champ_steps = champion_evaluation_(
             root, p.registry.student_name, Path(tmp), inputs, p.to_dict()["evaluate"])
         if champ_student is not None:
-            champ_result = evaluate_student(champ_student, champ_steps or p.distill.target_steps, teacher, data,
+            champ_result = evaluate_student(champ_student, champ_steps or steps, teacher, data,
                                             root / "data" / "features", p, run_dir / "champion-evaluation",
-                                            root / "runs" / "cache" / "samples")
+                                            sample_store(root))
             champ_result["evaluated_on"] = f"champion v{champ_version} re-evaluated on this cycle's data"
-    decision = gate_student(result, champ_result, p.gate, p.distill.method)
+    decision = gate_student(result, champ_result, p.gate, method)
     failpoint("evaluated")
     changed = inputs_changed(inputs)  # the version must record what it was trained and judged on
     if changed:
@@ -154,7 +170,9 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
     progress["stage"] = "register"
     kept = registered_form(student, run_dir)  # a LoRA student: the adapter and its base's sha256, not the base
     log_artifacts_(root, run_id, kept, "student")
-    model_id = log_pyfunc_(root, run_id, kept, {"redistill.key": key, "redistill.method": p.distill.method})
+    card = cycle_card(p.registry.student_name, inputs, logged, decision, tags, run_id, steps, kept,
+                      champion_before=champ_version)
+    model_id = log_pyfunc_(root, run_id, kept, {"redistill.key": key, "redistill.method": method}, card)
     evaluation_set = next(d for d in logged["datasets"] if d["context"] == "evaluation")
     log_evaluation_(root, run_id, result, decision, model_id, evaluation_set)  # metrics linked to the logged model
     log_artifacts_(root, run_id, run_dir / "evaluation", "evaluation")
@@ -162,13 +180,13 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
         log_artifacts_(root, run_id, run_dir / "champion-evaluation", "champion-evaluation")
     reg = register_(root, p.registry.student_name, run_id, {
         **{k.removeprefix("redistill."): v for k, v in tags.items()},
-        "num_inference_steps": str(p.distill.target_steps),
+        "num_inference_steps": str(steps),
         "gate": "passed" if decision["passed"] else "rejected",
         "gate_reasons": decision["reasons"][:5000],
     }, promote=decision["passed"], model_id=model_id)
     name = p.registry.student_name
     try:  # the decision is registered: a description, report or event that cannot be written now does not undo it
-        describe_version_(root, name, reg, inputs, logged, decision, tags, champ_version, run_id, p.distill.target_steps)
+        describe_version_(root, name, reg, inputs, logged, decision, tags, champ_version, run_id, steps)
         publish_reports(root, run_id, "promoted" if reg["promoted"] else "rejected", reg["version"])
         emit("redistill.student.promoted" if reg["promoted"] else "redistill.student.rejected",
              f"redistill.model.{name}", {"version": reg["version"], "key": key, "trigger": trigger, "run_id": run_id,

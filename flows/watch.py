@@ -34,6 +34,7 @@ from redistill.watch import (
     load_state,
     Finding,
     note,
+    LOOKS,
     on_batch,
     save_state,
     scan,
@@ -118,18 +119,20 @@ def _handle_drift(root: Path, p: Params, state: dict, batch: str, path: Path, re
 
 
 @flow(name="redistill-watch")
-def watch(workspace_dir: str | None = None, params_file: str | None = None) -> dict:
-    """One look: refuse broken teachers, cycle on the newest new teacher, test new batches for drift."""
+def watch(workspace_dir: str | None = None, params_file: str | None = None, look: list[str] | None = None) -> dict:
+    """One look: refuse broken teachers, cycle on the newest new teacher, test new batches for drift (`look`: only
+    "teachers" or only "batches"; default both)."""
     root = workspace(workspace_dir)
     p = load_params(params_file, root)
     configure_http(p.registry.http_retries, p.registry.http_timeout_s)  # as the CLI does: bounded MLflow retries
     state = load_state(root)
-    found = scan(root, p.watch.settle_seconds, state)
+    look = tuple(look or LOOKS)
+    found = scan(root, p.watch.settle_seconds, state, look=look)
     out = {"teachers": [], "batches": [], "pending": [f.to_dict() for f in found.pending]}
 
     # 0. A teacher registered in MLflow (watch.teacher_model@teacher_alias), fetched into data/teachers/.
     teacher_findings = [f for f in found.actionable if f.kind == "teacher"]
-    if p.watch.teacher_model:
+    if p.watch.teacher_model and "teachers" in look:
         model = p.watch.teacher_model
         got = fetch_registered_teacher(root, model, p.watch.teacher_alias, state["registry_teachers"].get(model))
         if got is not None:
@@ -210,7 +213,7 @@ def watch(workspace_dir: str | None = None, params_file: str | None = None) -> d
         out["batches"].append(entry)
 
     # 3. A drift episode deferred by the cooldown acts once the cooldown is over.
-    ep = due_episode(state, time.time(), p.drift.cooldown_hours)
+    ep = due_episode(state, time.time(), p.drift.cooldown_hours) if "batches" in look else None
     if ep is not None:
         ep["deferred"] = False
         batch = ep["batches"][-1]

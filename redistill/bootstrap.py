@@ -30,6 +30,29 @@ from typing import Callable
 RECORD = "bootstrap.json"
 
 
+def name_model(root: Path, p, teacher: Path, named_by_settings: bool) -> str:
+    """The registered model's name for a workspace derived from a user's teacher: the settings' name where they give
+    one (`named_by_settings`), else `<teacher folder>-student`, recorded in data/bootstrap.json so every later
+    command finds it."""
+    from redistill.config import recorded_model_name
+    from redistill.data import safe_name
+
+    if named_by_settings or recorded_model_name(root):
+        return p.registry.student_name
+    name = f"{safe_name(Path(teacher).resolve().name)}-student"
+    f = Path(root) / "data" / RECORD
+    previous = json.loads(f.read_text()) if f.is_file() else []
+    history = previous if isinstance(previous, list) else [previous]
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f".{RECORD}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(history + [{"named_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                          "student_name": name, "after_teacher": str(Path(teacher).resolve())}],
+                              indent=2) + "\n")
+    tmp.replace(f)
+    p.registry.student_name = name
+    return name
+
+
 def needs_bootstrap(root: Path, names: list[str]) -> bool:
     """Whether the workspace lacks a reference set or the encoder that `names` (evaluate.features) measure in."""
     from redistill import encoder, feature_spaces

@@ -250,11 +250,11 @@ def evaluate(
     data: Optional[Path] = typer.Option(None, "--data", help="Real images for FID/KID. Default: data/reference."),
     features_dir: Optional[Path] = typer.Option(None, "--features", help="Folder of the feature classifier and encoder. Default: data/features."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception-v3 .safetensors file: FID/KID in Inception space instead of evaluate.features."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2, help="Generated samples, exactly. Default: evaluate.num_samples, doubled up to evaluate.max_samples until the FID gap meets the gate's precision target."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2, help="Generated samples, exactly. Default: evaluate.num_samples, doubled up to evaluate.max_samples until the FID gap's CI lies on one side of the gate's bound."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder for metrics.json and grid.png. Default: runs/evaluate/<name>-<steps>-<time>."),
     metrics_out: Optional[Path] = typer.Option(None, "--metrics-out", help="Also write the JSON here (for `dvc metrics show`)."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Sample the reference afresh instead of reusing runs/cache/samples."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Sample the reference afresh instead of reusing the workspace's store of drawn samples (data/samples)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every figure."),
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
@@ -265,7 +265,7 @@ def evaluate(
 
     from redistill.data import DataError, load_image_folder, safe_name
     from redistill import feature_spaces
-    from redistill.metrics import SCHEDULER_CHOICES, Side, precision_target
+    from redistill.metrics import SCHEDULER_CHOICES, Side, sample_store
     from redistill.metrics import evaluate as run_suite
     from redistill.teacher import PipelineError, check_pipeline_folder
 
@@ -293,7 +293,7 @@ def evaluate(
             Side(reference, reference_steps or ep.reference_steps, reference_scheduler),
             images, extractor, ep, classifier=classifier, confidence=p.features.confidence,
             out_dir=out, device=device, data_path=data, log=lambda m: typer.echo(m, err=True),
-            cache_dir=None if no_cache else root / "runs" / "cache" / "samples", precision=precision_target(p),
+            cache_dir=None if no_cache else sample_store(root), bounds=p.gate.fid_gap_max,
         )
     except (PipelineError, DataError, FileNotFoundError, ValueError) as e:
         fail(str(e))
@@ -324,6 +324,73 @@ def evaluate(
                f"speedup ×{s['speedup_throughput']:.2f} (batch) ×{s['speedup_latency']:.2f} (latency)")
     typer.echo(f"  memory peak {m['peak_sampling_mb']:.1f} MB   params {m['params']:,}   checkpoint {m['checkpoint_mb']:.2f} MB")
     typer.echo(f"  wrote {_relative(str(out / 'metrics.json'), root)} and {result['grid']}  ({result['wall_time_s']:.0f} s)")
+
+
+@app.command()
+def champion(
+    out: Optional[Path] = typer.Option(None, "--out", help="The champion's folder (must not exist). Default: champion.out."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Build the committed champion (the DVC stage `champion`): distil the committed teacher with the `distill`
+    settings, judge it as a cycle would, and write a stock diffusers folder with its lineage and model card; resumes
+    if killed."""
+    from redistill.champion import build
+    from redistill.data import DataError
+    from redistill.teacher import PipelineError
+
+    root, p = _settings(ws, params)
+    out = out or root / p.champion.out
+    _check_method(p)
+    teacher = root / "data" / "teachers" / p.teacher.name
+    try:
+        record = build(root, p, teacher, root / "data" / "reference", out, p.champion.budget_minutes,
+                       log=lambda m: typer.echo(m, err=True))
+    except (DataError, PipelineError, FileExistsError, ValueError) as e:
+        fail(str(e))
+    g, b = record["figures"], record["budget"]
+    typer.echo(f"champion written to {_relative(str(out), root)}: {g['steps']}-step {p.distill.method} student, "
+               f"distilled in {b['wall_time_s'] / 60:.1f} min (budget {b['limit_s'] / 60:.0f} min), gate "
+               f"{'passed' if g['gate']['passed'] else 'REJECTED'}; FID gap "
+               + ", ".join(f"{k} {v:+.2f}" for k, v in g["fid_gap_floors"].items()) + " floors")
+    if not g["gate"]["passed"]:
+        typer.echo("  " + "; ".join(c["name"] for c in g["gate"]["checks"] if not c["passed"]) + " failed", err=True)
+
+
+@app.command()
+def calibrate(
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="The teacher whose controls are measured. Default: data/teachers/<teacher.name>."),
+    metrics_out: Path = typer.Option(Path("metrics/calibration.json"), "--metrics-out", help="The JSON written (relative to the workspace; `dvc metrics show` reads it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ws: Optional[Path] = WorkspaceOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Measure the gate's FID gap on controls (the DVC stage `calibrate`): positive controls a user accepts as the
+    teacher, negative ones a user rejects, in every evaluate.features space; print where each space's bound belongs."""
+    from redistill.calibration import run
+    from redistill.metrics import sample_store
+    from redistill.data import DataError
+    from redistill.teacher import PipelineError
+
+    root, p = _settings(ws, params)
+    teacher = teacher or root / "data" / "teachers" / p.teacher.name
+    try:
+        result = run(root, p, teacher, sample_store(root), root / "runs" / "calibrate", log=lambda m: typer.echo(m, err=True))
+    except (PipelineError, DataError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    result["teacher"] = _relative(result["teacher"], root)
+    out = metrics_out if metrics_out.is_absolute() else root / metrics_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(result["table"])
+    for space, s in result["summary"]["spaces"].items():
+        typer.echo(f"{space}: " + (f"the controls separate; a bound belongs between {s['positive_max']:.2f} and "
+                                   f"{s['negative_min']:.2f} floors (suggested {s['suggested_bound']:.2f}; the gate's bounds "
+                                   "are in params.yaml, gate)" if s["separates"] else f"reports only: {s['why']}"))
+    typer.echo(f"wrote {_relative(str(out), root)} ({result['wall_time_s']:.0f} s)")
 
 
 @app.command()
@@ -419,8 +486,13 @@ def distill(
         typer.echo(f"student saved to {out} ({summary['num_inference_steps']} steps, {summary['wall_time_s']:.0f} s)")
 
 
-def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bool) -> dict:
-    """Resolve the inputs, return an earlier decision for the same key, else run the flow.
+TRIGGERS = ("manual", "schedule", "drift", "teacher", "bootstrap")
+
+
+def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bool, student: Path | None = None,
+               params: Optional[Path] = None) -> dict:
+    """Resolve the inputs, return an earlier decision for the same key, else run the flow (with `student`, trigger
+    bootstrap: judge and register that student instead of distilling one).
 
     The fast path (same key, already decided) starts no Prefect server. Otherwise the cycle waits for the
     one-distillation slot and checks the key again, so simultaneous identical triggers give one run.
@@ -432,17 +504,25 @@ def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bo
     from redistill.registry import client, tracking_uri
     from redistill.teacher import PipelineError
 
-    if trigger not in ("manual", "schedule", "drift", "teacher"):
-        fail(f"--trigger must be manual, schedule, drift or teacher, got {trigger!r}")
-    _check_method(p)
-    from redistill.bootstrap import ensure_workspace
+    if trigger not in TRIGGERS:
+        fail(f"--trigger must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
+    if (trigger == "bootstrap") != (student is not None):
+        fail("--student DIR and --trigger bootstrap go together: a bootstrap cycle judges and registers a student "
+             "distilled elsewhere (the committed champion), any other cycle distils its own")
+    if student is None:
+        _check_method(p)
+    from redistill.bootstrap import ensure_workspace, name_model
+    from redistill.config import settings_name_model
 
     try:  # an empty workspace: the reference set and the label-free feature space come from --data
-        ensure_workspace(root, data, p, log=lambda m: typer.echo(m, err=True))
+        if ensure_workspace(root, data, p, log=lambda m: typer.echo(m, err=True)) is not None:
+            # its model: named after the teacher unless the settings name it
+            name = name_model(root, p, teacher, settings_name_model(params, root))
+            typer.echo(f"workspace: the registered model is {name}", err=True)
     except (DataError, ValueError) as e:
         fail(f"cannot set up the workspace from {data}: {e}")
     try:
-        inputs = resolve_inputs(teacher, data, p, root)
+        inputs = resolve_inputs(teacher, data, p, root, student)
     except (PipelineError, DataError, FileNotFoundError) as e:
         fail(str(e))
     uri = tracking_uri(root)
@@ -537,7 +617,8 @@ def _print_decision(result: dict, name: str) -> None:
 def cycle(
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: the newest teacher `redistill watch` accepted, else data/teachers/<teacher.name>."),
     data: Optional[Path] = typer.Option(None, "--data", help="Representative images. Default: data/representative once drift has grown it, else data/reference."),
-    trigger: str = typer.Option("manual", "--trigger", help="Why this cycle runs: manual, schedule, drift or teacher."),
+    trigger: Optional[str] = typer.Option(None, "--trigger", help="Why this cycle runs: manual (default), schedule, drift, teacher, or bootstrap (with --student)."),
+    student: Optional[Path] = typer.Option(None, "--student", help="Judge and register this student folder (distilled elsewhere, e.g. the committed champion data/champion/digits-student) instead of distilling one: trigger bootstrap, the same validation, evaluation and gate."),
     method: Optional[str] = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
     steps: Optional[int] = StepsOpt,
     force: bool = typer.Option(False, "--force", help="Run even if these exact inputs already have a decision."),
@@ -554,7 +635,8 @@ def cycle(
         default_teacher = current_teacher(root, p.teacher.name)
     except ValueError as e:  # a damaged watch state
         fail(str(e))
-    result = _run_cycle(root, p, teacher or default_teacher, data or current_data(root), trigger, force)
+    trigger = trigger or ("bootstrap" if student is not None else "manual")
+    result = _run_cycle(root, p, teacher or default_teacher, data or current_data(root), trigger, force, student, params)
     if as_json:
         typer.echo(json.dumps(result, default=str))
     else:
@@ -563,12 +645,15 @@ def cycle(
 
 @app.command()
 def demo(
-    kind: str = typer.Option("digits", "--kind", help="digits (the default: the unconditional digits teacher) or text-to-image (the embedded latent text-to-image teacher and an LCM-LoRA student, in its own workspace runs/demo-text-to-image)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (the model, version, decision and figures)."),
+    kind: str = typer.Option("digits", "--kind", help="digits (the default: the continuous loop on the embedded digits) or text-to-image (the embedded latent text-to-image teacher and an LCM-LoRA student, in its own workspace runs/demo-text-to-image)."),
+    cold: bool = typer.Option(False, "--cold", help="Instead of the loop: one cold cycle of demo.cold_method (progressive) from the committed teacher, about 7 minutes."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (the model, versions, decisions and figures)."),
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
-    """The main job on the embedded digits: data, the committed teacher, one cycle, the decision and its table."""
+    """The main job on the embedded digits: the committed champion is registered (version 1, through the real
+    evaluation and gate), a fine-tuned teacher lands in data/teachers/, the watch finds it, a warm re-distillation
+    from the champion is judged against the new teacher and the champion, and promoted or rejected."""
     from redistill.data import prepare as build
 
     if kind not in ("digits", "text-to-image"):
@@ -578,28 +663,128 @@ def demo(
         return _demo_text_to_image(root, p, as_json)
     teacher = root / "data" / "teachers" / p.teacher.name
     log = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
-    result, timings = _demo_cycle(
-        root, p, teacher, lambda: build(p.prepare, root / "data"),
-        lambda: _train_teacher(root, p.teacher, teacher, root / "data" / "reference"),
-        "the `teacher` recipe (about 30 min on 2 cores)", log)
+    prepare, train = (lambda: build(p.prepare, root / "data"),
+                      lambda: _train_teacher(root, p.teacher, teacher, root / "data" / "reference"))
+    recipe = "the `teacher` recipe (about 30 min on 2 cores)"
+    if not cold:
+        return _demo_loop(root, p, params, teacher, prepare, train, recipe, log, as_json)
+    p = _with_method(p, p.demo.cold_method, p.demo.cold_steps)
+    result, timings = _demo_cycle(root, p, teacher, prepare, train, recipe, log)
     if _demo_report("digits", root, p.registry.student_name, teacher, result, timings, as_json):
         return
-    from redistill.registry import champion, tracking_uri
+    _demo_next(root, p.registry.student_name)
+
+
+def _demo_loop(root: Path, p, params: Optional[Path], teacher: Path, prepare, train, recipe: str, log, as_json: bool) -> None:
+    """`demo`: the committed champion as version 1 (trigger bootstrap), a new teacher landing, the watch's look, the
+    warm cycle it starts; prints both versions' tables. A second run finds every step done and changes nothing."""
+    import time
+
+    from redistill.files import copy_folder
 
     name = p.registry.student_name
+    timings, t = {}, time.perf_counter()
+    champion_dir = root / p.champion.out
+    if not (champion_dir / "model_index.json").is_file():
+        fail(f"no committed champion at {champion_dir}; restore it (`git checkout -- {p.champion.out}`) or rebuild it "
+             "with `dvc repro -s champion` (about 90 minutes on 2 cores)")
+    log(f"1. the committed champion {p.champion.out}: registered through the evaluation and the gate (trigger bootstrap)")
+    v1, step = _demo_cycle(root, p, teacher, prepare, train, recipe, log, student=champion_dir)
+    timings.update(step)
+    if v1["decision"] != "promoted":
+        log(f"the committed champion was {v1['decision']} (version {v1['version']}): {v1['reasons']}")
+        log("no champion to re-distil from; see `redistill lineage --version "
+            f"{v1['version']}` and the calibration (`redistill calibrate`)")
+        raise typer.Exit(1)
+    t = time.perf_counter()
+    landed = root / "data" / "teachers" / Path(p.demo.new_teacher).name
+    source = root / p.demo.new_teacher
+    if not (landed / "model_index.json").is_file():
+        if not (source / "model_index.json").is_file():
+            fail(f"no new teacher at {source}; restore it (`git checkout -- {p.demo.new_teacher}`) or make one with "
+                 f"`redistill teacher finetune` (the DVC stage finetune)")
+        copy_folder(source, landed)  # whole or not at all, as a finished download lands
+        log(f"2. a new teacher landed: {_relative(str(landed), root)} (fine-tuned from {p.teacher.name})")
+    else:
+        log(f"2. the new teacher {_relative(str(landed), root)} landed in an earlier run")
+    log("3. the watch looks for new teachers (`redistill watch --once --only teachers`, as the watch deployment does)")
+    look = _demo_watch(root, p, params, landed.name)
+    timings["watch and cycle"] = time.perf_counter() - t
+    versions = _demo_versions(root, name)
+    if as_json:
+        typer.echo(json.dumps({"kind": "digits", "workspace": str(root), "model": name, "bootstrap": v1,
+                               "watch": look, "versions": versions, "timings_s": timings}, default=str))
+        return
+    for v in versions:
+        typer.echo("")
+        typer.echo(f"version {v['version']} of {name}: {v['gate']} ({v['trigger']}, init {v['init']}), "
+                   f"teacher {v['teacher']}" + (", champion" if v["champion"] else "")
+                   + (", previous" if v["previous"] else ""))
+        if v.get("metrics"):
+            typer.echo(_comparison_table(v["metrics"]))
+        if v["gate"] != "passed":
+            typer.echo(f"  gate: {v['reasons']}")
+    typer.echo("")
+    newest = versions[-1] if versions else None
+    if newest is not None:
+        typer.echo(f"decision: {'promoted' if newest['gate'] == 'passed' else 'rejected'}, version {newest['version']} "
+                   f"of {name} (init {newest['init']})")
+    typer.echo("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    _demo_next(root, name)
+
+
+def _demo_watch(root: Path, p, params: Optional[Path], teacher_name: str) -> dict:
+    """The watch's look at data/teachers/ until the landed teacher is handled (a folder that changed less than
+    watch.settle_seconds ago is pending: looked at again once it has settled, as the deployment would)."""
+    import time
+
+    deadline = time.time() + p.watch.settle_seconds + 30
+    while True:
+        r = _watch_once(root, p, params, ("teachers",))
+        waiting = [f for f in r.get("pending", []) if f["name"] == teacher_name]
+        if not waiting or time.time() > deadline:
+            return r
+        typer.echo(f"   {teacher_name} is settling ({waiting[0]['reason']}); looking again in 5 s", err=True)
+        time.sleep(5)
+
+
+def _demo_versions(root: Path, name: str) -> list[dict]:
+    """Every version of `name`, oldest first: its gate, trigger, init, teacher, aliases and evaluation."""
+    from redistill.registry import PREFIX, alias
+
+    c = _registry_client(root)
+    champ, prev = alias(c, name, "champion"), alias(c, name, "previous")
+    out = []
+    for mv in sorted(c.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version)):
+        tag = lambda k: mv.tags.get(PREFIX + k, "?")  # noqa: E731
+        out.append({"version": str(mv.version), "gate": tag("gate"), "trigger": tag("trigger"), "init": tag("init"),
+                    "teacher": Path(tag("teacher_uri")).name, "reasons": tag("gate_reasons"), "run_id": mv.run_id,
+                    "champion": champ is not None and str(champ.version) == str(mv.version),
+                    "previous": prev is not None and str(prev.version) == str(mv.version),
+                    "metrics": _version_metrics(root, mv.run_id)})
+    return out
+
+
+def _demo_next(root: Path, name: str) -> None:
+    """Where to look after a demo."""
+    from redistill.registry import champion, tracking_uri
+
     champ = champion(_registry_client(root), name)
     typer.echo(f"look: mlflow ui --backend-store-uri {tracking_uri(root)}  →  Models → {name}")
-    typer.echo(f"      redistill lineage --version {result['version']}  (what made it, and how the gate judged it)")
-    if champ is not None:
-        typer.echo(f"      champion is version {champ.version}: "
-                   "redistill export --alias champion --out student/  (a stock diffusers pipeline folder)")
-    else:
-        typer.echo(f"      no champion yet: version {result['version']} was rejected; its reasons are the gate line above")
+    if champ is None:
+        typer.echo("      no champion: the gate lines above say why")
+        return
+    typer.echo(f"      redistill lineage --alias champion  (version {champ.version}: which teacher, which data, which code)")
+    typer.echo("      redistill rollback  (champion back to the previous version; who, when and why are recorded)")
+    typer.echo("      redistill export --alias champion --out student/  (a stock diffusers pipeline folder with its model card)")
+    typer.echo(f"      mlflow models serve -m models:/{name}@champion -p 5001  (MLFLOW_TRACKING_URI={tracking_uri(root)})")
 
 
-def _demo_cycle(ws: Path, p, teacher: Path, prepare, train_teacher, recipe: str, log) -> tuple[dict, dict]:
+def _demo_cycle(ws: Path, p, teacher: Path, prepare, train_teacher, recipe: str, log,
+                student: Path | None = None) -> tuple[dict, dict]:
     """A demo's steps in workspace `ws`: its data (`prepare`) and feature spaces where missing, its teacher
-    (`train_teacher` with `recipe` where missing), one cycle; returns (the cycle's result, seconds per step)."""
+    (`train_teacher` with `recipe` where missing), one cycle (with `student`: trigger bootstrap, that student judged
+    and registered); returns (the cycle's result, seconds per step)."""
     import time
 
     timings, t = {}, time.perf_counter()
@@ -613,8 +798,8 @@ def _demo_cycle(ws: Path, p, teacher: Path, prepare, train_teacher, recipe: str,
         log(f"no teacher at {teacher}: training one with {recipe}")
         train_teacher()
     timings["teacher"], t = time.perf_counter() - t, time.perf_counter()
-    result = _run_cycle(ws, p, teacher, ws / "data" / "reference", "manual", False)
-    timings["cycle"] = time.perf_counter() - t
+    result = _run_cycle(ws, p, teacher, ws / "data" / "reference", "bootstrap" if student else "manual", False, student)
+    timings["bootstrap cycle" if student else "cycle"] = time.perf_counter() - t
     return result, timings
 
 
@@ -773,27 +958,29 @@ def _prefect_env() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-def _watch_once(root: Path, p, params: Optional[Path]) -> dict:
-    """One look. With nothing new it only lists folders: no model, no Prefect server."""
+def _watch_once(root: Path, p, params: Optional[Path], look: tuple[str, ...] | None = None) -> dict:
+    """One look (`look`: only "teachers" or only "batches"; default both). With nothing new it only lists folders:
+    no model, no Prefect server."""
     import time
 
-    from redistill.watch import due_episode, load_state, scan
+    from redistill.watch import LOOKS, due_episode, load_state, scan
 
+    look = look or LOOKS
     t0 = time.perf_counter()
     try:
         state = load_state(root)
     except ValueError as e:
         fail(str(e))
-    found = scan(root, p.watch.settle_seconds, state)
-    due = due_episode(state, time.time(), p.drift.cooldown_hours)
-    registered = p.watch.teacher_model and _registered_teacher_changed(root, p, state)
+    found = scan(root, p.watch.settle_seconds, state, look=look)
+    due = due_episode(state, time.time(), p.drift.cooldown_hours) if "batches" in look else None
+    registered = "teachers" in look and p.watch.teacher_model and _registered_teacher_changed(root, p, state)
     if not found.actionable and due is None and not registered:
         return {"changed": False, "pending": [f.to_dict() for f in found.pending],
                 "episode": state.get("episode"), "wall_time_s": round(time.perf_counter() - t0, 3)}
     _prefect_env()
     from redistill.flows.watch import watch as watch_flow
 
-    out = watch_flow(str(root), str(params) if params else None)
+    out = watch_flow(str(root), str(params) if params else None, list(look))
     return {"changed": True, **out, "wall_time_s": round(time.perf_counter() - t0, 3)}
 
 
@@ -840,6 +1027,7 @@ def _print_watch(r: dict) -> None:
 @app.command()
 def watch(
     once: bool = typer.Option(False, "--once", help="Look once and exit (default: look every watch.interval_minutes)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Look only for new `teachers` (data/teachers/) or only for drifted `batches` (data/incoming/); default both."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per look."),
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
@@ -854,8 +1042,10 @@ def watch(
     import time
 
     root, p = _settings(ws, params)
+    if only not in (None, "teachers", "batches"):
+        fail(f"--only must be teachers or batches, got {only!r}")
     while True:
-        r = _watch_once(root, p, params)
+        r = _watch_once(root, p, params, (only,) if only else None)
         if as_json:
             typer.echo(json.dumps(r, default=str))
         else:
@@ -1183,6 +1373,9 @@ def export(
         if not adapter:
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(local, out)
+    from redistill.lineage import write_model_card
+
+    write_model_card(c, name, mv, out, root)  # README.md: how to load it, its lineage and its gate's figures
     steps = mv.tags.get("redistill.num_inference_steps")
     own_code = isinstance(json.loads((out / "model_index.json").read_text()).get("_class_name"), list)
     load = f"DiffusionPipeline.from_pretrained('{out}'{', trust_remote_code=True' if own_code else ''})"
@@ -1192,6 +1385,7 @@ def export(
         call = f"(\"a prompt\", num_inference_steps={steps}, guidance_scale={sampling.get('guidance_scale', 1.0)})"
     typer.echo(f"wrote version {mv.version} of {name} to {out}; sample it with {load}{call}"
                + (f" (its pipeline code is {out}/pipeline_redistill.py; read it before trusting it)" if own_code else "")
+               + f"; its model card is {out}/README.md"
                + (f"; its LoRA adapter alone is {out}/pytorch_lora_weights.safetensors: pipe.load_lora_weights('{out}') "
                   "on its base teacher, then this folder's scheduler" if adapter else ""))
 

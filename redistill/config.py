@@ -37,6 +37,27 @@ _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping that names a key twice (one line: the settings error's message)."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are each given once: PyYAML keeps the last of a repeated key silently, so
+    `distill: {method: dmd, method: progressive}` would run progressive; like an unknown key, it is an error."""
+    loader.flatten_mapping(node)
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise _DuplicateKey(f"the key {key!r} is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); "
+                                "keep one")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Yaml12Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 class ConfigError(ValueError):
     """A settings file that cannot be used as written; the message says what to change."""
 
@@ -208,6 +229,9 @@ class TeacherParams:
 # built-in FID/KID feature spaces (redistill/feature_spaces.py); `auto`: the classifier where the workspace has one
 # (labelled data, `redistill features`), then the label-free encoder
 FEATURE_SPACES = ("auto", "classifier", "encoder")
+# images per generation batch of the evaluation, seeded `evaluate.seed + i`; a pixel teacher's pairs are drawn in
+# batches of the same size, from seeds of their own, into the same store (methods/output.py)
+GENERATION_BATCH = 500
 FEATURE_SPACE_KINDS = ("inception", "clip", "dinov2")  # spaces read from a local path: "<kind>:<path>"
 
 
@@ -318,22 +342,55 @@ class T2IDemoParams:
             raise ConfigError("t2i_demo.target_steps, steps and batch_size must be at least 1, lora_rank at least 0, lr above 0")
 
 
+METHODS = ("progressive", "consistency", "output", "adversarial", "dmd", "rectified")  # one file each in redistill/methods/
+
+
+@settings("champion")
+class ChampionParams:
+    """`champion` (`redistill champion`, the DVC stage `champion`): the committed champion, distilled from the committed
+    teacher with the `distill` settings (the best recipe measured) and judged as a cycle would judge it."""
+
+    out: str = Field("data/champion/digits-student", description="the champion's folder (committed: a fresh clone has it)")
+    budget_minutes: float = Field(90.0, description="the distillation's budget on 2 CPU cores, recorded with its wall time (a run over it says so)")
+
+    def __post_init__(self):
+        if not self.out or not self.budget_minutes > 0:
+            raise ConfigError("champion.out must be a folder and champion.budget_minutes above 0")
+
+
+@settings("demo")
+class DemoParams:
+    """`demo` (`redistill demo`): the continuous loop on the embedded digits: the committed champion is registered, a
+    fine-tuned teacher lands in data/teachers/, the watch finds it, a warm re-distillation is judged and promoted."""
+
+    new_teacher: str = Field("data/teacher-updates/digits-ddpm-ft", description="the new teacher that lands (the finetune stage's, committed), copied whole into data/teachers/")
+    cold_method: str = Field("progressive", description="`demo --cold`: the method of its one cold cycle")
+    cold_steps: int = Field(4, description="`demo --cold`: the cold student's sampling steps")
+
+    def __post_init__(self):
+        if self.cold_method not in METHODS:
+            raise ConfigError(f"demo.cold_method must be one of {', '.join(METHODS)}, got {self.cold_method!r}")
+        if self.cold_steps < 1:
+            raise ConfigError(f"demo.cold_steps must be at least 1, got {self.cold_steps}")
+
+
 @settings("evaluate")
 class EvaluateParams:
     """`evaluate`: the metric suite (quality, fidelity, speed, memory)."""
 
     seed: int = Field(0, description="seed of the generation noise (shared by candidate and reference)")
-    num_samples: int = Field(8000, description="generated samples for FID/KID to start with")
-    max_samples: int = Field(32000, description="... doubled up to this until the FID-gap CI meets the gate's precision target")
+    num_samples: int = Field(2000, description="generated samples for FID/KID to start with")
+    max_samples: int = Field(32000, description="... doubled up to this until every FID-gap CI lies on one side of the gate's bound")
     reference_steps: int = Field(50, description="steps of the reference pipeline (the teacher) for fidelity and speedup")
     bootstrap: int = Field(200, description="bootstrap resamples for the 95% CIs")
     kid_subset_size: int = Field(500, description="KID subset size")
-    sample_batch_size: int = Field(500, description="generation batch; fixed so candidate and reference share noise")
-    latency_repeats: int = Field(20, description="timed batch-1 calls per pipeline, after warm-up")
-    throughput_repeats: int = Field(3, description="timed batch-64 calls per pipeline, after warm-up")
+    sample_batch_size: int = Field(GENERATION_BATCH, description="generation batch; fixed so candidate and reference share noise")
+    latency_repeats: int = Field(10, description="timed batch-1 calls per pipeline, after warm-up")
+    throughput_repeats: int = Field(2, description="timed batch-64 calls per pipeline, after warm-up")
     throughput_batch: int = Field(64, description="batch size of the throughput timing")
     features: list[str] = Field(default_factory=lambda: ["auto"], description="FID/KID spaces; the gate checks each; the first one's figures head the report")
     floor_splits: int = Field(20, description="random split-halves of the real set behind the real-against-real FID floor")
+    curve_samples: int = Field(0, description="the cycle's report of the teacher's FID against its step count (1-16): samples per point (0: no curve; `redistill bench` draws it); it decides nothing")
 
     def __post_init__(self):
         if not self.features:
@@ -349,6 +406,28 @@ class EvaluateParams:
                               f"({self.num_samples})")
         if self.floor_splits < 2:
             raise ConfigError(f"evaluate.floor_splits must be at least 2, got {self.floor_splits}")
+
+
+@settings("calibrate")
+class CalibrateParams:
+    """`calibrate` (`redistill calibrate`, the DVC stage `calibrate`): the controls the gate's FID-gap bounds are
+    measured on (redistill/calibration.py). Positive controls must pass, negative controls must fail. Each is measured
+    as a cycle measures a student: evaluate.num_samples samples (the ancestral DDPM control excepted), the same spaces."""
+
+    positive_steps: list[int] = Field(default_factory=lambda: [25, 100], description="positive: the teacher's DDIM at these step counts, on the reference's noise")
+    ddpm_samples: int = Field(2000, description="positive: samples of the teacher's ancestral DDPM sampler at its 1,000 training steps (0: leave it out; 20x the reference's cost per image)")
+    other_seed: int = Field(1000, description="positive: the teacher at the reference steps from other noise (evaluate.seed + this)")
+    finetuned: str = Field("data/teacher-updates/digits-ddpm-ft", description='positive: a lightly fine-tuned teacher at the reference steps ("" leaves it out)')
+    undistilled_steps: list[int] = Field(default_factory=lambda: [1, 4], description="negative: the undistilled teacher's DDIM at the students' step counts")
+    half_trained_steps: int = Field(1500, description="negative: a 1-step output-distilled student trained this many steps, half the output method's budget (0: leave it out)")
+    blur_sigma: float = Field(0.4, description="negative: the teacher's samples under a Gaussian blur of this sigma, in pixels")
+    dropped_classes: list[int] = Field(default_factory=lambda: [8], description="negative: the teacher's samples without these classes (mode dropping); classes by the classifier, else clusters of the first space")
+
+    def __post_init__(self):
+        if self.ddpm_samples < 0 or self.half_trained_steps < 0 or self.blur_sigma <= 0:
+            raise ConfigError("calibrate.ddpm_samples and half_trained_steps must be at least 0, blur_sigma above 0")
+        if any(k < 1 for k in self.positive_steps + self.undistilled_steps):
+            raise ConfigError("calibrate.positive_steps and undistilled_steps must be step counts of at least 1")
 
 
 @settings("validate")
@@ -376,6 +455,11 @@ METHOD_FAMILY = {"output": "fidelity", "progressive": "trajectory", "consistency
                  "adversarial": "distribution", "dmd": "distribution", "rectified": "trajectory"}
 
 
+# the FID-gap bounds in floors, per feature space, from the calibration on controls (metrics/calibration.json, README
+# "The gate, calibrated"): each sits between the positive controls' highest gap and the negative controls' lowest
+FID_GAP_MAX = {"classifier": 1.15, "encoder": 0.30, "default": 0.30}
+
+
 @settings("gate.psnr_min")
 class PsnrMinParams:
     """`gate.psnr_min`: PSNR (dB) to the teacher on the same noise, at least, per method family; 0 = not gated."""
@@ -389,7 +473,11 @@ class PsnrMinParams:
 class GateParams:
     """`gate`: when a distilled student may replace the champion."""
 
-    fid_gap_max: float = Field(0.25, description="(student FID − teacher FID) ÷ the real-vs-real split-half floor, at most, in every evaluate.features space")
+    fid_gap_max: float | dict[str, float | None] = Field(
+        default_factory=lambda: dict(FID_GAP_MAX),
+        description="(student FID − teacher FID) ÷ the real-vs-real split-half floor, at most: one number for every "
+                    "evaluate.features space, or one per space with a `default` for the others (null: the space reports "
+                    "but does not decide); calibrated on controls by `redistill calibrate`")
     speedup_min: float = Field(8.0, description="throughput speedup over the teacher at batch 64, at least")
     psnr_min: PsnrMinParams = Field(default_factory=PsnrMinParams, description="PSNR to the teacher, at least, per method family")
     recognisable_min: float = Field(0.85, description="share of samples recognised as a digit, at least")
@@ -400,9 +488,11 @@ class GateParams:
     def __post_init__(self):
         if self.first_run not in ("absolute", "reject"):
             raise ConfigError(f"gate.first_run must be 'absolute' or 'reject', got {self.first_run!r}")
+        if isinstance(self.fid_gap_max, dict) and "default" not in self.fid_gap_max:
+            raise ConfigError("gate.fid_gap_max per space needs a `default` entry, the bound of every space it does not "
+                              f"name (null: those spaces report but do not decide); got {self.fid_gap_max}")
 
 
-METHODS = ("progressive", "consistency", "output", "adversarial", "dmd", "rectified")  # one file each in redistill/methods/
 
 
 @settings("distill.progressive")
@@ -559,7 +649,7 @@ class DistillParams:
     checkpoint_every: int = Field(200, description="steps between resumable checkpoints")
     mixed_precision: str = Field("no", description="torch AMP: no, fp16 (loss-scaled, overflowed steps skipped) or bf16")
     init: str = Field("auto", description="cold: from the teacher; warm: from the champion (refused when it does not fit); auto: warm when it fits, else cold")
-    warm_fraction: float = Field(0.33, description="a warm start trains this share of the method's optimiser steps")
+    warm_fraction: float = Field(0.05, description="a warm start trains this share of the method's optimiser steps, on this share of its teacher pairs")
     num_processes: int = Field(1, description="processes the distillation runs on, data parallel (accelerate launch: "
                                "gloo on CPUs, one GPU each with NCCL); batch_size is the global batch, split over them")
     progressive: ProgressiveParams = Field(default_factory=ProgressiveParams, description="settings of method progressive")
@@ -592,7 +682,7 @@ class DistillParams:
 class RegistryParams:
     """`registry`: where students are registered in MLflow."""
 
-    student_name: str = Field("digits-student", description="registered model name")
+    student_name: str = Field("digits-student", description="registered model name; where the settings do not name it, a workspace derived from a user's teacher (redistill/bootstrap.py) names it after that teacher, <teacher folder>-student")
     experiment: str = Field("redistill", description="MLflow experiment of the cycle runs")
     # a tracking server that goes away: each MLflow step of a cycle is tried again after these pauses, and each
     # HTTP request inside a try is retried with back-off (MLFLOW_HTTP_REQUEST_* environment variables win)
@@ -695,9 +785,12 @@ class Params:
     flow_teacher: FlowTeacherParams = Field(default_factory=FlowTeacherParams, description="the `flow_teacher` section")
     t2i_teacher: T2ITeacherParams = Field(default_factory=T2ITeacherParams, description="the `t2i_teacher` section")
     t2i_demo: T2IDemoParams = Field(default_factory=T2IDemoParams, description="the `t2i_demo` section")
+    champion: ChampionParams = Field(default_factory=ChampionParams, description="the `champion` section")
+    demo: DemoParams = Field(default_factory=DemoParams, description="the `demo` section")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="the `evaluate` section")
     validate: ValidateParams = Field(default_factory=ValidateParams, description="the `validate` section")
     gate: GateParams = Field(default_factory=GateParams, description="the `gate` section")
+    calibrate: CalibrateParams = Field(default_factory=CalibrateParams, description="the `calibrate` section")
     distill: DistillParams = Field(default_factory=DistillParams, description="the `distill` section")
     registry: RegistryParams = Field(default_factory=RegistryParams, description="the `registry` section")
     drift: DriftParams = Field(default_factory=DriftParams, description="the `drift` section")
@@ -765,16 +858,56 @@ def workspace(path: str | os.PathLike | None = None) -> Path:
 
 def load_params(path: str | os.PathLike | None = None, ws: Path | None = None) -> Params:
     """Load `params.yaml` (default: the workspace's); a missing file means all defaults."""
-    p = Path(path) if path is not None else (ws or workspace()) / "params.yaml"
+    root = ws or workspace()
+    p = Path(path) if path is not None else root / "params.yaml"
     if not p.exists():
         if path is not None:
             raise ConfigError(f"settings file {p} does not exist; pass an existing params.yaml")
-        return Params()
+        return _named(Params(), False, root)
     try:
         raw = yaml.load(p.read_text(), Loader=_Yaml12Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p} is not valid YAML: {e}") from e
     try:
-        return parse_params(raw)
+        params = parse_params(raw)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from e
+    registry = raw.get("registry") if isinstance(raw, dict) else None
+    return _named(params, isinstance(registry, dict) and "student_name" in registry, root)
+
+
+def recorded_model_name(root: Path) -> str | None:
+    """The registered model's name the workspace recorded when its first cycle named it after the teacher, if any."""
+    f = Path(root) / "data" / "bootstrap.json"  # redistill/bootstrap.py RECORD
+    if not f.is_file():
+        return None
+    try:
+        records = json.loads(f.read_text())
+    except ValueError:
+        return None
+    for r in reversed(records if isinstance(records, list) else [records]):
+        if isinstance(r, dict) and r.get("student_name"):
+            return str(r["student_name"])
+    return None
+
+
+def _named(p: Params, by_settings: bool, root: Path) -> Params:
+    """Where the settings do not name the registered model, the name the workspace recorded when its first cycle named
+    it after a user's teacher (data/bootstrap.json), if any."""
+    if not by_settings:
+        name = recorded_model_name(root)
+        if name:
+            p.registry.student_name = name
+    return p
+
+
+def settings_name_model(path: str | os.PathLike | None = None, ws: Path | None = None) -> bool:
+    """Whether the settings file (`path`, default the workspace's params.yaml) names the registered model itself
+    (registry.student_name), rather than leaving it to the default or to the workspace."""
+    p = Path(path) if path is not None else (ws or workspace()) / "params.yaml"
+    try:
+        raw = yaml.load(p.read_text(), Loader=_Yaml12Loader) if p.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return False
+    registry = raw.get("registry") if isinstance(raw, dict) else None
+    return isinstance(registry, dict) and "student_name" in registry

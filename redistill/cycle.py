@@ -17,8 +17,11 @@ from redistill.validation import image_table, validation_basis
 KEYED_SECTIONS = ["distill", "evaluate", "gate", "validate"]  # every section the cycle reads
 
 
-def resolve_inputs(teacher: Path, data: Path, p: Params, root: Path) -> dict:
-    """Teacher sha256, data md5, the feature spaces' sha256, settings hash, code version and the key they make."""
+def resolve_inputs(teacher: Path, data: Path, p: Params, root: Path, student: Path | None = None) -> dict:
+    """Teacher sha256, data md5, the feature spaces' sha256, settings hash, code version and the key they make.
+
+    `student` (trigger bootstrap): a student distilled elsewhere, which the cycle judges and registers instead of
+    distilling one; its folder's sha256 is part of the key."""
     import hashlib
     import json
 
@@ -50,7 +53,11 @@ def resolve_inputs(teacher: Path, data: Path, p: Params, root: Path) -> dict:
         "channels": int(ok["channels"].mode()[0]) if len(ok) else None,
         "size": [int(ok["height"].mode()[0]), int(ok["width"].mode()[0])] if len(ok) else None,
     }
-    features = hashlib.sha256((inputs["features_sha256"] + "\n" + inputs["validation_reference_md5"]).encode()).hexdigest()
+    if student is not None:
+        check_pipeline_folder(student)
+        inputs["student_uri"], inputs["student_sha256"] = str(Path(student).resolve()), pipeline_sha256(student)
+    features = hashlib.sha256((inputs["features_sha256"] + "\n" + inputs["validation_reference_md5"]
+                               + (f"\nstudent {inputs['student_sha256']}" if student is not None else "")).encode()).hexdigest()
     inputs["key"] = idempotency_key(inputs["teacher_sha256"], inputs["data_md5"], inputs["params_sha256"],
                                     inputs["git_commit"], features)
     return inputs

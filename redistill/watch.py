@@ -146,17 +146,22 @@ def folder_readiness(folder: Path, settle_seconds: float, now: float, teacher: b
     return "ready", "", sig
 
 
-def scan(root: Path, settle_seconds: float, state: dict | None = None, now: float | None = None) -> Scan:
-    """Teacher folders under data/teachers/ and batches under data/incoming/ that changed since `state`."""
+LOOKS = ("teachers", "batches")  # what a look covers: new teacher folders, new incoming batches
+
+
+def scan(root: Path, settle_seconds: float, state: dict | None = None, now: float | None = None,
+         look: tuple[str, ...] = LOOKS) -> Scan:
+    """Teacher folders under data/teachers/ and batches under data/incoming/ that changed since `state` (only the
+    teachers, or only the batches, with `look`)."""
     from redistill.data import safe_name
 
     root = Path(root)
     state = load_state(root) if state is None else state
     now = time.time() if now is None else now
     out = Scan()
-    for kind, parent, known in (("teacher", root / "data" / "teachers", state["teachers"]),
-                                ("batch", root / "data" / "incoming", state["batches"])):
-        if not parent.is_dir():
+    for kind, what, parent, known in (("teacher", "teachers", root / "data" / "teachers", state["teachers"]),
+                                      ("batch", "batches", root / "data" / "incoming", state["batches"])):
+        if what not in look or not parent.is_dir():
             continue
         for folder in sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: (p.stat().st_mtime, p.name)):
             name = safe_name(folder.name)  # names from the file system are sanitised before any use

@@ -90,6 +90,33 @@ def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path, 
     return summary
 
 
+@task(name="adopt-student")
+def adopt_student(student: Path, sha256: str, teacher: Path, run_dir: Path) -> dict:
+    """A student distilled elsewhere (trigger bootstrap: the committed champion), copied whole into `run_dir/student`
+    as if this cycle had distilled it; returns its distillation summary with `init` and `init_note` saying where it
+    came from. ValueError when its folder changed since the cycle resolved it, or it has no summary."""
+    from redistill.files import copy_folder
+    from redistill.teacher import pipeline_sha256
+
+    out = Path(run_dir) / "student"
+    if not (out / SUMMARY).is_file():
+        if pipeline_sha256(student) != sha256:
+            raise ValueError(f"{student} changed while the cycle read it (sha256 {sha256[:16]}… at the start); run again "
+                             "once it is complete")
+        if not (Path(student) / SUMMARY).is_file():
+            raise ValueError(f"{student} has no {SUMMARY} (what distilled it, and its step count): it was not written by "
+                             "redistill distill or the champion stage")
+        copy_folder(Path(student), out)
+    summary = json.loads((out / SUMMARY).read_text())
+    lineage = summary.get("lineage", {})
+    summary["init"] = summary.get("init", "cold")
+    summary["init_note"] = (f"adopted from {student} (sha256 {sha256[:16]}…), distilled {summary['init']} by "
+                            f"{summary['method']} in {summary.get('wall_time_s', 0):.0f} s"
+                            + (f" at commit {lineage['git_commit']}" if lineage.get("git_commit") else ""))
+    check_adapter_base(out, Path(teacher))
+    return summary
+
+
 def check_adapter_base(student: Path, teacher: Path) -> None:
     """A LoRA student is registered only beside the teacher its adapter was trained on (AdapterBaseMismatch, a
     ValueError the cycle records as the failed run's reason, otherwise)."""

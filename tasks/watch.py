@@ -120,7 +120,7 @@ def champion_fit(root: Path, p: Params, batch: Path, out_dir: Path) -> dict | No
     import dataclasses
 
     from redistill.gate import judge
-    from redistill.metrics import evaluate_student
+    from redistill.metrics import evaluate_student, sample_store
 
     c = registry.client(tracking_uri(root))
     champ = registry.champion(c, p.registry.student_name)
@@ -134,7 +134,7 @@ def champion_fit(root: Path, p: Params, batch: Path, out_dir: Path) -> dict | No
     with tempfile.TemporaryDirectory() as tmp:
         student = Path(c.download_artifacts(champ.run_id, "student", tmp))
         result = evaluate_student(student, steps, teacher, batch, Path(root) / "data" / "features", p,
-                                  Path(out_dir), Path(root) / "runs" / "cache" / "samples")
+                                  Path(out_dir), sample_store(root))
     gate: GateParams = dataclasses.replace(p.gate, first_run="absolute")
     decision = judge(result, None, gate, method=champ.tags.get(PREFIX + "method"))
     checks = [c for c in decision.checks if c.kind == "absolute"]

@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Settings of the end-to-end tests: a cycle of seconds on a tiny teacher, and a gate every student passes.
 TINY_CYCLE = """
-distill: {target_steps: 2, batch_size: 8, checkpoint_every: 2, progressive: {teacher_steps: 4, steps_per_round: 3}}
+distill: {method: progressive, target_steps: 2, batch_size: 8, checkpoint_every: 2, progressive: {teacher_steps: 4, steps_per_round: 3}}
 evaluate: {num_samples: 120, max_samples: 240, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60, latency_repeats: 2,
-           throughput_repeats: 1, throughput_batch: 8}
+           throughput_repeats: 1, throughput_batch: 8, curve_samples: 60}
 features: {epochs: 12, encoder_epochs: 8}
 """
 ENCODER_EPOCHS = 8  # the label-free encoder of the test workspaces: seconds, not the stage's 150 epochs

@@ -23,7 +23,7 @@ runner = CliRunner()
 
 # every method in a few optimiser steps: what is tested is the plumbing for each kind, not the quality
 TINY_METHODS = """
-distill: {target_steps: 2, batch_size: 8, checkpoint_every: 100, progressive: {teacher_steps: 4, steps_per_round: 2},
+distill: {method: progressive, target_steps: 2, batch_size: 8, checkpoint_every: 100, progressive: {teacher_steps: 4, steps_per_round: 2},
           consistency: {steps: 3}, output: {steps: 3, pairs: 16, pairs_steps: 4}, adversarial: {steps: 2},
           dmd: {steps: 2, fake_updates: 1},
           rectified: {couplings: 16, couplings_steps: 4, reflow_steps: 3, reflow_ode_steps: 4, distill_steps: 3}}
@@ -191,13 +191,18 @@ def _check_cycle_from_empty_workspace(ws: Path, teacher: Path, data: Path, metho
     result = _cycle(ws, teacher, data, method)
     assert result["decision"] == "promoted"
     # the workspace was derived from the data: a byte copy as reference, a label-free encoder, both recorded
-    record = json.loads((ws / "data" / "bootstrap.json").read_text())[-1]
+    record = next(r for r in json.loads((ws / "data" / "bootstrap.json").read_text()) if "reference" in r)
     assert record["reference"]["md5"] == dir_md5(data) == record["reference"]["from_md5"]
     assert record["reference"]["labels"] is conditional
     assert (ws / "data" / "features" / "encoder.safetensors").is_file()
     assert not (ws / "data" / "features" / "classifier.safetensors").exists()
     c = client(tracking_uri(ws))
-    mv = c.get_model_version("digits-student", result["version"])  # registry.student_name's default
+    # the settings do not name the model: it is named after the teacher, and the workspace records the name, so
+    # every later command (lineage, export, the second cycle below) finds it without being told
+    name = f"{teacher.resolve().name}-student"
+    assert json.loads((ws / "data" / "bootstrap.json").read_text())[-1]["student_name"] == name
+    assert [m.name for m in c.search_registered_models()] == [name]
+    mv = c.get_model_version(name, result["version"])
     for tag in ("key", "teacher_sha256", "teacher_uri", "data_md5", "data_uri", "params_sha256", "git_commit",
                 "trigger", "method", "num_inference_steps", "prefect_flow_run_id", "gate", "gate_reasons", "init",
                 "features_sha256"):

@@ -136,7 +136,7 @@ def test_distill_command_writes_a_stock_student(digits_ws, tiny_pipeline, tmp_pa
     from diffusers import DiffusionPipeline
 
     params = tmp_path / "params.yaml"
-    params.write_text("distill: {target_steps: 2, batch_size: 8, progressive: {teacher_steps: 4, steps_per_round: 3}}\n")
+    params.write_text("distill: {method: progressive, target_steps: 2, batch_size: 8, progressive: {teacher_steps: 4, steps_per_round: 3}}\n")
     out = tmp_path / "student"
     r = invoke("distill", "--out", out, "--teacher", tiny_pipeline, "--params", params, "--workspace", digits_ws)
     assert r.exit_code == 0, r.output

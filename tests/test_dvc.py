@@ -64,6 +64,8 @@ STAGE_ENTRIES = {
     "distill": ["redistill.methods"],
     "evaluate_student": ["redistill.metrics", "redistill.feature_spaces"],
     "drift": ["redistill.drift", "redistill.features"],
+    "champion": ["redistill.champion"],
+    "calibrate": ["redistill.calibration"],
 }
 NOT_DEPS = {"redistill/cli.py", "redistill/config.py", "redistill/__init__.py", "tasks/__init__.py"}
 

@@ -357,7 +357,11 @@ def _rewrite(path: Path, old: str, new: str) -> Path:
 
 
 def s_unknown_method(tmp, ws):
-    return {"params": _rewrite(_params(tmp, ""), "distill: {", "distill: {method: magic, ")}, ["magic"]
+    return {"params": _rewrite(_params(tmp, ""), "method: progressive", "method: magic")}, ["magic"]
+
+
+def s_duplicate_key(tmp, ws):  # YAML would keep the last silently: the run would not be the one written
+    return {"params": _rewrite(_params(tmp, ""), "method: progressive", "method: dmd, method: progressive")}, ["twice"]
 
 
 def s_zero_batch(tmp, ws):
@@ -375,7 +379,7 @@ CASES = {f.__name__: f for f in (
     d_empty, d_missing, d_truncated_image, d_not_an_image, d_mixed_sizes, d_mixed_modes, d_sixteen_bit,
     d_decompression_bomb, d_labels_bad_row, d_labels_unknown_file, d_labels_parent_path, d_labels_absolute_path,
     d_constant_images, d_near_total_duplicates, d_too_few, d_changes_while_read,
-    s_unknown_key, s_unknown_section, s_wrong_type, s_halving_impossible, s_unknown_method, s_zero_batch, s_bad_init,
+    s_unknown_key, s_unknown_section, s_wrong_type, s_halving_impossible, s_unknown_method, s_duplicate_key, s_zero_batch, s_bad_init,
 )}
 
 
