@@ -9,7 +9,7 @@ import json
 import yaml
 from conftest import REPO
 
-from redistill.config import load_params
+from redistill.config import _Yaml12Loader, load_params
 from redistill.data import dir_md5
 from redistill.teacher import pipeline_sha256
 
@@ -17,7 +17,22 @@ FOLDER = "data/champion/digits-student"
 
 
 def _stage(name: str) -> dict:
-    return yaml.safe_load((REPO / "dvc.lock").read_text())["stages"][name]
+    # YAML 1.2 as DVC writes it (`mixed_precision: no` is the string "no"), as params.yaml is read
+    return yaml.load((REPO / "dvc.lock").read_text(), Loader=_Yaml12Loader)["stages"][name]
+
+
+def _numbers(x):
+    """The lock's values as numbers where DVC wrote a float PyYAML reads as a string (`3e-05`)."""
+    if isinstance(x, dict):
+        return {k: _numbers(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_numbers(v) for v in x]
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return x
+    return x
 
 
 def test_the_committed_champion_matches_its_stage_lock():
@@ -41,7 +56,7 @@ def test_the_champion_carries_its_lineage_and_passed_its_gate():
     assert lineage["data"] == {"path": "data/reference", "dvc_md5": deps["data/reference"]["md5"]}
     # the recipe is the repository's distill settings: a cycle warm-started from it continues the same method
     assert lineage["params"]["distill"] == load_params(REPO / "params.yaml").to_dict()["distill"]
-    assert lineage["params"]["distill"] == lock["params"]["params.yaml"]["distill"]
+    assert lineage["params"]["distill"] == _numbers(lock["params"]["params.yaml"]["distill"])
     assert len(lineage["code"]["git_commit"]) == 40 and lineage["code"]["dirty"] is False
     budget = lineage["budget"]
     assert budget["within"] is True and budget["wall_time_s"] <= budget["limit_s"] <= 90 * 60
