@@ -288,6 +288,13 @@ def run(root: Path, p, teacher: Path, cache_dir: Path | None, out_dir: Path,
         save_pipeline(student, folder)
         return folder
 
+    ft = p.calibrate.finetuned  # relative to the workspace; a workspace without it (your own data) skips that control
+    if ft and not Path(ft).is_absolute():
+        ft = str(Path(root) / ft)
+    if ft and not (Path(ft) / "model_index.json").is_file():
+        log(f"no fine-tuned teacher at {ft} (calibrate.finetuned): that positive control is skipped")
+        ft = None
+    p = dataclasses.replace(p, calibrate=dataclasses.replace(p.calibrate, finetuned=ft))
     first = spaces[0]
     reference, controls = workspace_controls(
         Path(teacher), p, draw, half_trained,
