@@ -125,6 +125,7 @@ def test_pickled_weights_are_refused_without_unpickling(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.trials  # a kill trial, about 50 s: `make trials` (.ci/run runs it)
 def test_killed_teacher_training_resumes_to_the_same_weights(digits_ws, tmp_path):
     """SIGKILL part-way, run again: it resumes from the last checkpoint and ends where an unbroken run ends."""
     from safetensors.torch import load_file
