@@ -734,7 +734,7 @@ class DriftParams:
 class WatchParams:
     """`watch`: the new-teacher watch and its schedule (redistill/watch.py, `redistill watch` / `serve`)."""
 
-    settle_seconds: float = Field(60.0, description="a teacher folder is taken only after no file in it changed for this long")
+    settle_seconds: float = Field(15.0, description="a teacher folder is taken only after no file in it changed for this long")
     interval_minutes: float = Field(10.0, description="`redistill serve`: how often the watch deployment runs")
     nightly_cron: str = Field("0 2 * * *", description="`redistill serve`: the nightly cycle (keep prefect.yaml in step)")
     timezone: str = Field("UTC", description="time zone of nightly_cron")
