@@ -308,3 +308,67 @@ def run(root: Path, p, teacher: Path, cache_dir: Path | None, out_dir: Path,
             "num_samples": p.evaluate.num_samples, "feature_spaces": {sp.name: sp.sha256 for sp in spaces},
             "controls": rows, "summary": summary, "bounds": bounds, "table": table(rows, summary, bounds),
             "wall_time_s": time.perf_counter() - t0}
+
+
+WORKSPACE_RECORD = "calibration.json"  # data/calibration.json: a user's workspace's own bounds (config.recorded_gap_bounds)
+CALIBRATED_KINDS = ("unconditional-pixel", "class-conditional-pixel")  # teachers whose controls are DDIM draws
+
+
+def for_workspace(root: Path, p, teacher: Path, log: Callable[[str], None] = lambda m: None) -> dict | None:
+    """The gate's FID-gap bounds of a workspace derived from a user's data (redistill/bootstrap.py), measured once on
+    its own feature spaces and recorded in `data/calibration.json`; the recorded one where it exists.
+
+    The embedded bounds were calibrated in the embedded digits' spaces; a user's workspace trains its own encoder on
+    its own data, whose floors and gaps are another scale, so its bounds come from its own controls. The first cycle
+    measures the controls that cost a few teacher draws (the teacher under DDIM at `calibrate.positive_steps` and from
+    other noise; the undistilled teacher at `calibrate.undistilled_steps`, blurred samples, a dropped cluster) and
+    leaves out the 1,000-step DDPM draw, the half-trained student and the fine-tuned teacher (`redistill calibrate`
+    measures them all). A space whose controls overlap gets no bound: it reports, it does not decide. Returns None
+    for a teacher whose controls are not DDIM draws (the embedded bounds then apply, and the log says so)."""
+    import dataclasses
+    import json
+    import os
+
+    from redistill.metrics import sample_store
+    from redistill.models import adapter_for
+    from redistill.teacher import load_pipeline
+
+    f = Path(root) / "data" / WORKSPACE_RECORD
+    if f.is_file():
+        return json.loads(f.read_text())
+    kind = adapter_for(load_pipeline(teacher)).kind
+    if kind not in CALIBRATED_KINDS:
+        log(f"workspace: the gate keeps gate.fid_gap_max's bounds: a {kind} teacher's controls are not calibrated "
+            "automatically (set gate.fid_gap_max in params.yaml)")
+        return None
+    quick = dataclasses.replace(p, calibrate=dataclasses.replace(p.calibrate, ddpm_samples=0, half_trained_steps=0,
+                                                                 finetuned=""))
+    log("workspace: calibrating the gate's FID-gap bounds on this workspace's controls (once; data/calibration.json)")
+    result = run(root, quick, teacher, sample_store(root), Path(root) / "runs" / "calibrate", log)
+    result["made_by"] = "the first cycle of this workspace (redistill cycle); `redistill calibrate` measures every control"
+    result["left_out"] = ["ddpm1000", "half-trained", "finetuned"]
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f".{WORKSPACE_RECORD}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(f)
+    return result
+
+
+def calibrate_workspace(root: Path, p, teacher: Path, settings: Path | None = None,
+                        log: Callable[[str], None] = lambda m: None) -> dict | None:
+    """Before a cycle: in a workspace derived from a user's data whose settings (`settings`, default its params.yaml)
+    do not set gate.fid_gap_max, calibrate its bounds once (`for_workspace`) and put them in `p.gate`; returns the
+    record, or None where the settings' bounds stay (the embedded workspace, bounds set by hand, a recorded
+    calibration, which `config.load_params` already applied, or a teacher kind not calibrated automatically)."""
+    from redistill.bootstrap import derived
+    from redistill.config import gap_bounds_with, recorded_gap_bounds, settings_set
+
+    if not derived(root) or recorded_gap_bounds(root) is not None or settings_set("gate", "fid_gap_max", settings, root):
+        return None
+    record = for_workspace(root, p, teacher, log)
+    if record is not None:
+        gap_bounds_with(p, record["bounds"])
+        log("workspace: the gate's FID-gap bounds, calibrated on this workspace's controls: " + ", ".join(
+            f"{s} {'reports only (its controls overlap)' if b is None else f'{b:.2f} floors'}"
+            for s, b in record["bounds"].items()) + " (data/calibration.json)")
+    return record

@@ -521,6 +521,13 @@ def _run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bo
             typer.echo(f"workspace: the registered model is {name}", err=True)
     except (DataError, ValueError) as e:
         fail(f"cannot set up the workspace from {data}: {e}")
+    if student is None:  # a workspace of a user's data: the gate's bounds from its own spaces' controls, once
+        from redistill.calibration import calibrate_workspace
+
+        try:
+            calibrate_workspace(root, p, teacher, params, log=lambda m: typer.echo(m, err=True))
+        except (PipelineError, DataError, FileNotFoundError, ValueError) as e:
+            fail(f"cannot calibrate the gate in this workspace: {e}; or set gate.fid_gap_max in params.yaml")
     try:
         inputs = resolve_inputs(teacher, data, p, root, student)
     except (PipelineError, DataError, FileNotFoundError) as e:

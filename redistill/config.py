@@ -863,7 +863,7 @@ def load_params(path: str | os.PathLike | None = None, ws: Path | None = None) -
     if not p.exists():
         if path is not None:
             raise ConfigError(f"settings file {p} does not exist; pass an existing params.yaml")
-        return _named(Params(), False, root)
+        return _calibrated(_named(Params(), False, root), False, root)
     try:
         raw = yaml.load(p.read_text(), Loader=_Yaml12Loader)
     except yaml.YAMLError as e:
@@ -873,7 +873,9 @@ def load_params(path: str | os.PathLike | None = None, ws: Path | None = None) -
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from e
     registry = raw.get("registry") if isinstance(raw, dict) else None
-    return _named(params, isinstance(registry, dict) and "student_name" in registry, root)
+    gate = raw.get("gate") if isinstance(raw, dict) else None
+    return _calibrated(_named(params, isinstance(registry, dict) and "student_name" in registry, root),
+                       isinstance(gate, dict) and "fid_gap_max" in gate, root)
 
 
 def recorded_model_name(root: Path) -> str | None:
@@ -901,13 +903,48 @@ def _named(p: Params, by_settings: bool, root: Path) -> Params:
     return p
 
 
-def settings_name_model(path: str | os.PathLike | None = None, ws: Path | None = None) -> bool:
-    """Whether the settings file (`path`, default the workspace's params.yaml) names the registered model itself
-    (registry.student_name), rather than leaving it to the default or to the workspace."""
+def recorded_gap_bounds(root: Path) -> dict[str, float | None] | None:
+    """The FID-gap bounds a workspace derived from a user's data calibrated on its own controls (data/calibration.json,
+    redistill/calibration.py `for_workspace`), if any: {space: bound in floors, or None where its controls overlap}."""
+    f = Path(root) / "data" / "calibration.json"
+    if not f.is_file():
+        return None
+    try:
+        bounds = json.loads(f.read_text()).get("bounds")
+    except (ValueError, AttributeError):
+        return None
+    return dict(bounds) if isinstance(bounds, dict) else None
+
+
+def gap_bounds_with(p: Params, bounds: dict[str, float | None]) -> None:
+    """Set `p.gate.fid_gap_max` to a workspace's calibrated `bounds`, the settings' bound staying the `default` of every
+    space the calibration did not measure."""
+    current = p.gate.fid_gap_max
+    default = current.get("default") if isinstance(current, dict) else current
+    p.gate.fid_gap_max = {**bounds, "default": default}
+
+
+def _calibrated(p: Params, by_settings: bool, root: Path) -> Params:
+    """Where the settings do not set gate.fid_gap_max, the bounds the workspace calibrated on its own controls, if any."""
+    if not by_settings:
+        bounds = recorded_gap_bounds(root)
+        if bounds:
+            gap_bounds_with(p, bounds)
+    return p
+
+
+def settings_set(section: str, key: str, path: str | os.PathLike | None = None, ws: Path | None = None) -> bool:
+    """Whether the settings file (`path`, default the workspace's params.yaml) sets `section.key` itself."""
     p = Path(path) if path is not None else (ws or workspace()) / "params.yaml"
     try:
         raw = yaml.load(p.read_text(), Loader=_Yaml12Loader) if p.is_file() else None
     except (OSError, yaml.YAMLError):
         return False
-    registry = raw.get("registry") if isinstance(raw, dict) else None
-    return isinstance(registry, dict) and "student_name" in registry
+    part = raw.get(section) if isinstance(raw, dict) else None
+    return isinstance(part, dict) and key in part
+
+
+def settings_name_model(path: str | os.PathLike | None = None, ws: Path | None = None) -> bool:
+    """Whether the settings file (`path`, default the workspace's params.yaml) names the registered model itself
+    (registry.student_name), rather than leaving it to the default or to the workspace."""
+    return settings_set("registry", "student_name", path, ws)

@@ -241,7 +241,20 @@ def _check_cycle_from_empty_workspace(ws: Path, teacher: Path, data: Path, metho
 def test_an_unlabelled_rgb_folder_runs_the_whole_cycle_in_an_empty_workspace(kinds, tmp_path, prefect_harness):
     teacher, data = kinds["rgb16"]
     assert not (data / "labels.csv").exists()
-    _check_cycle_from_empty_workspace(tmp_path / "ws", teacher, data, "progressive", False, tmp_path)
+    ws = tmp_path / "ws"
+    _check_cycle_from_empty_workspace(ws, teacher, data, "progressive", False, tmp_path)
+    # settings that leave the gap bound to the workspace: the next cycle calibrates it on this workspace's own
+    # controls (once, data/calibration.json) and its gate judges the encoder space at that bound
+    assert not (ws / "data" / "calibration.json").exists()  # the bound was set by hand so far
+    (ws / "params.yaml").write_text(TINY_METHODS + LENIENT_GATE.replace("fid_gap_max: 1000000000.0, ", ""))
+    result = _cycle(ws, teacher, data, "progressive")
+    bound = json.loads((ws / "data" / "calibration.json").read_text())["bounds"]["encoder"]
+    from redistill.registry import client, tracking_uri
+
+    reasons = client(tracking_uri(ws)).get_model_version(f"{teacher.resolve().name}-student", result["version"]).tags[
+        "redistill.gate_reasons"]
+    assert ("fid_gap.encoder" in reasons and
+            ("reported, not gated" in reasons if bound is None else f"<= {bound:.4g}" in reasons)), (bound, reasons)
 
 
 @pytest.mark.trials

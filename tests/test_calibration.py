@@ -93,3 +93,48 @@ def test_calibration_on_the_committed_teacher_orders_the_controls(digits_ws, tmp
         neg = [r["spaces"][space]["gap_floors"] for r in result["controls"] if r["group"] == NEGATIVE]
         assert max(pos) < min(neg), (space, result["table"])
     assert "| bound |" in result["table"]
+
+
+def test_a_workspace_of_your_own_data_calibrates_its_own_bounds_once(tmp_path):
+    """A workspace derived from a user's data trains its own encoder, whose gaps are another scale than the embedded
+    digits': its first cycle measures the cheap controls in its own spaces, records the bounds in
+    data/calibration.json, and every later load of its settings judges with them, unless the settings set
+    gate.fid_gap_max by hand. The embedded workspace and a teacher kind without DDIM controls keep the settings'."""
+    from conftest import make_tiny_flow_pipeline, make_tiny_pipeline
+
+    from redistill import shapes
+    from redistill.bootstrap import ensure_workspace
+    from redistill.calibration import calibrate_workspace
+    from redistill.config import FID_GAP_MAX, load_params
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    teacher = make_tiny_pipeline(tmp_path / "teacher")
+    data = shapes.write(tmp_path / "data", 80, size=8, channels=1, seed=1)
+    settings = ("evaluate: {num_samples: 60, max_samples: 60, reference_steps: 10, bootstrap: 10, kid_subset_size: 30,"
+                " sample_batch_size: 60, floor_splits: 4}\nfeatures: {encoder_epochs: 3}\n"
+                "calibrate: {positive_steps: [20], undistilled_steps: [1]}\n")
+    (ws / "params.yaml").write_text(settings)
+    p = load_params(ws=ws)
+    assert calibrate_workspace(ws, p, teacher, log=print) is None  # not derived from a user's data: nothing to do
+    assert ensure_workspace(ws, data, p, log=print) is not None
+
+    record = calibrate_workspace(ws, p, teacher, log=print)
+    assert {row["name"] for row in record["controls"]} == {"ddim20", "seed", "teacher@1", "blurred", "mode-drop"}
+    assert record["left_out"] == ["ddpm1000", "half-trained", "finetuned"] and list(record["bounds"]) == ["encoder"]
+    assert json.loads((ws / "data" / "calibration.json").read_text())["bounds"] == record["bounds"]
+    expected = {**record["bounds"], "default": FID_GAP_MAX["default"]}
+    assert p.gate.fid_gap_max == expected  # this cycle judges with them ...
+    assert load_params(ws=ws).gate.fid_gap_max == expected  # ... and so does every later one
+    assert calibrate_workspace(ws, load_params(ws=ws), teacher) is None  # measured once
+    # bounds set by hand win
+    (ws / "params.yaml").write_text(settings + "gate: {fid_gap_max: 0.7}\n")
+    assert load_params(ws=ws).gate.fid_gap_max == 0.7
+
+    # a flow-matching teacher's controls are not DDIM draws: its workspace keeps the settings' bounds, and says so
+    (ws / "params.yaml").write_text(settings)
+    (ws / "data" / "calibration.json").unlink()
+    said = []
+    p = load_params(ws=ws)
+    assert calibrate_workspace(ws, p, make_tiny_flow_pipeline(tmp_path / "flow"), log=said.append) is None
+    assert p.gate.fid_gap_max == FID_GAP_MAX and "not calibrated automatically" in said[0]
