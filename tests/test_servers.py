@@ -128,9 +128,11 @@ class Gateway:
                     return
                 if gateway.mode == "slow":
                     time.sleep(30)
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection", "transfer-encoding", "content-length")}
+                headers["Content-Length"] = str(len(body))
                 try:
                     conn.request(self.command, self.path, body=body or None, headers=headers)
                     r = conn.getresponse()
@@ -148,6 +150,21 @@ class Gateway:
                 self.end_headers()
                 self.wfile.write(data)
                 conn.close()
+
+            def _body(self) -> bytes:
+                """The request body, as a proxy reads it: by Content-Length, or chunk by chunk (requests sends an
+                empty file, such as a package's empty __init__.py among a model's code_paths, chunked)."""
+                if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers, then the blank line
+                            pass
+                        return body
+                    body += self.rfile.read(size)
+                    self.rfile.readline()  # the CRLF after each chunk
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
