@@ -125,7 +125,8 @@ def test_two_processes_follow_one_with_the_same_global_batch_for_every_method(di
     # the process that is not the main one ran, and wrote nothing: no checkpoint, pair cache or reflowed flow
     audit = _audited(tmp_path)
     assert list(audit) == ["audit.1"] and audit["audit.1"] == ""
-    assert list((tmp_path / "two" / "data" / "pairs").glob("*.safetensors"))  # the main process's caches
+    # the main process's caches: a pixel teacher's pairs are draws in the workspace's sample store
+    assert list((tmp_path / "two" / "data" / "samples").glob("*.safetensors"))
 
 
 @pytest.mark.trials
