@@ -633,7 +633,11 @@ def cycle(
     ws: Optional[Path] = WorkspaceOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
-    """One re-distillation cycle as a Prefect flow: validate, distil, evaluate, gate, register."""
+    """One re-distillation cycle as a Prefect flow: validate, distil, evaluate, gate, register.
+
+    In an empty workspace, --teacher and --data are all it needs: the first cycle derives the reference set and a
+    label-free encoder from the data, names the model after the teacher, and (unless params.yaml sets
+    gate.fid_gap_max) calibrates the gate's bounds on the workspace's own controls (data/calibration.json)."""
     root, p = _settings(ws, params)
     p = _with_method(p, method, steps)
     from redistill.watch import current_data, current_teacher
