@@ -140,12 +140,3 @@ def ensure_workspace(root: Path, data: Path, p, log: Callable[[str], None] = pri
         tmp.replace(root / "data" / RECORD)
         return record
 
-
-def derived(root: Path) -> bool:
-    """Whether the workspace's reference set was derived from a user's data folder (data/bootstrap.json says so)."""
-    f = Path(root) / "data" / RECORD
-    try:
-        records = json.loads(f.read_text()) if f.is_file() else []
-    except ValueError:
-        return False
-    return any(isinstance(r, dict) and "reference" in r for r in (records if isinstance(records, list) else [records]))

@@ -360,10 +360,9 @@ def calibrate_workspace(root: Path, p, teacher: Path, settings: Path | None = No
     do not set gate.fid_gap_max, calibrate its bounds once (`for_workspace`) and put them in `p.gate`; returns the
     record, or None where the settings' bounds stay (the embedded workspace, bounds set by hand, a recorded
     calibration, which `config.load_params` already applied, or a teacher kind not calibrated automatically)."""
-    from redistill.bootstrap import derived
-    from redistill.config import gap_bounds_with, recorded_gap_bounds, settings_set
+    from redistill.config import gap_bounds_with, recorded_gap_bounds, settings_set, workspace_derived
 
-    if not derived(root) or recorded_gap_bounds(root) is not None or settings_set("gate", "fid_gap_max", settings, root):
+    if not workspace_derived(root) or recorded_gap_bounds(root) is not None or settings_set("gate", "fid_gap_max", settings, root):
         return None
     record = for_workspace(root, p, teacher, log)
     if record is not None:

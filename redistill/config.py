@@ -903,6 +903,17 @@ def _named(p: Params, by_settings: bool, root: Path) -> Params:
     return p
 
 
+def workspace_derived(root: Path) -> bool:
+    """Whether the workspace's reference set was derived from a user's data folder (data/bootstrap.json, written by
+    redistill/bootstrap.py, says so)."""
+    f = Path(root) / "data" / "bootstrap.json"
+    try:
+        records = json.loads(f.read_text()) if f.is_file() else []
+    except ValueError:
+        return False
+    return any(isinstance(r, dict) and "reference" in r for r in (records if isinstance(records, list) else [records]))
+
+
 def recorded_gap_bounds(root: Path) -> dict[str, float | None] | None:
     """The FID-gap bounds a workspace derived from a user's data calibrated on its own controls (data/calibration.json,
     redistill/calibration.py `for_workspace`), if any: {space: bound in floors, or None where its controls overlap}."""
