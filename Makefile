@@ -39,11 +39,12 @@ test: install
 # distillation on two processes (accelerate launch, gloo): equal to one, resumed after kill -9, only the main
 # process writing, and a whole cycle (tests/test_multiprocess.py); the champion's lineage on its MLflow UI pages
 # in headless Chromium (tests/test_ui_lineage.py); a cycle killed mid-distillation resumes and registers once
-# (tests/test_cycle.py) and a killed teacher training resumes to the same weights (tests/test_features_teacher.py)
+# (tests/test_cycle.py) and a killed teacher training resumes to the same weights (tests/test_features_teacher.py);
+# `redistill bench --quick` end to end (tests/test_bench.py)
 trials: install
 	$(BIN)/pytest -q -s -m trials tests/test_kill.py tests/test_servers.py tests/test_load.py tests/test_byo.py tests/test_rectified.py \
 		tests/test_text_to_image.py tests/test_t2i_teacher.py tests/test_stack.py tests/test_multiprocess.py \
-		tests/test_ui_lineage.py tests/test_cycle.py tests/test_features_teacher.py
+		tests/test_ui_lineage.py tests/test_cycle.py tests/test_features_teacher.py tests/test_bench.py
 
 # Rebuild every stage whose inputs changed (dvc.yaml); the committed teacher is kept if unchanged.
 repro: install

@@ -6,11 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from redistill.cli import app
 
 
+@pytest.mark.trials  # about 90 s: every method at every step count; `make trials` (.ci/run runs it)
 def test_quick_bench_has_every_row_and_logs_its_files(digits_ws, tmp_path):
     from conftest import make_tiny_pipeline
     from mlflow import MlflowClient
