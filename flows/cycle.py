@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from redistill.failpoints import failpoint
+from redistill.core.failpoints import failpoint
 from redistill.tasks.concurrency import api_url, one_at_a_time
 from redistill.tasks.distill import adopt_student, distill_student, registered_form, warm_start
 from redistill.tasks.evaluate import evaluate_student, quality_vs_steps
@@ -33,10 +33,10 @@ from redistill.tasks.events import emit
 from redistill.tasks.validate import check_teacher, validate_data
 
 from redistill.config import Params, load_params, workspace
-from redistill.metrics import sample_store
-from redistill.model_card import cycle_card
-from redistill.registry import configure_http
-from redistill.cycle import inputs_changed, note_unrecorded_failure, servers_in_trouble, stopped_by_servers
+from redistill.evaluation.suite import sample_store
+from redistill.registry.model_card import cycle_card
+from redistill.registry.client import configure_http
+from redistill.cycle.runs import inputs_changed, note_unrecorded_failure, servers_in_trouble, stopped_by_servers
 
 
 class CycleStopped(RuntimeError):
@@ -201,7 +201,7 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
 
 def registry_version_for(root: Path, name: str, key: str) -> bool:
     """Whether a version is registered for `key` (an error after registering must not mark the run FAILED)."""
-    from redistill.registry import client, find_by_key, tracking_uri
+    from redistill.registry.client import client, find_by_key, tracking_uri
 
     return bool(find_by_key(client(tracking_uri(root)), name, key))
 
@@ -213,8 +213,8 @@ def locked_cycle(inputs: dict, p: Params, root: Path, trigger: str, force: bool 
     Simultaneous triggers with the same key queue on the slot; the first distils and registers, the
     others find its decision when their turn comes and return it.
     """
-    from redistill.cycle import earlier_decision, recover
-    from redistill.registry import client, tracking_uri
+    from redistill.cycle.runs import earlier_decision, recover
+    from redistill.registry.client import client, tracking_uri
 
     with one_at_a_time(root):
         c = client(tracking_uri(root))
@@ -232,8 +232,8 @@ def nightly(workspace_dir: str | None = None, params_file: str | None = None) ->
 
     Identical inputs return the earlier decision in seconds, so a night with nothing new costs nothing.
     """
-    from redistill.cycle import resolve_inputs
-    from redistill.watch import current_data, current_teacher
+    from redistill.cycle.runs import resolve_inputs
+    from redistill.watch.policy import current_data, current_teacher
 
     root = workspace(workspace_dir)
     p = load_params(params_file, root)

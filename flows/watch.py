@@ -25,9 +25,9 @@ from redistill.tasks.watch import (
 )
 
 from redistill.config import Params, load_params, workspace
-from redistill.registry import configure_http
-from redistill.data import DataError
-from redistill.watch import (
+from redistill.registry.client import configure_http
+from redistill.data.images import DataError
+from redistill.watch.policy import (
     current_data,
     current_teacher,
     due_episode,
@@ -43,7 +43,7 @@ from redistill.watch import (
 
 
 def _cycle(root: Path, p: Params, teacher: Path, data: Path, trigger: str, info: dict) -> dict:
-    from redistill.cycle import resolve_inputs
+    from redistill.cycle.runs import resolve_inputs
 
     try:
         inputs = resolve_inputs(teacher, data, p, root)

@@ -21,10 +21,10 @@ SUMMARY = "redistill_distill.json"
 def warm_start(root: Path, p: Params, teacher: Path, run_dir: Path) -> dict:
     """Where the student starts (`distill.init`): {"init": "cold" | "warm:<version>", "note", and for a warm
     start the champion's student folder and sha256}; {"refused": reason} when `warm` cannot be honoured."""
-    from redistill import registry
-    from redistill.registry import tracking_uri
-    from redistill.teacher import pipeline_sha256
-    from redistill.warm import why_not
+    from redistill.registry import client as registry
+    from redistill.registry.client import tracking_uri
+    from redistill.models.pipelines import pipeline_sha256
+    from redistill.cycle.warm import why_not
 
     mode, name = p.distill.init, p.registry.student_name
     if mode == "cold":
@@ -56,10 +56,10 @@ def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path, 
     champion when `start` (from `warm_start`) says so."""
     import torch
 
-    from redistill.data import load_image_folder
+    from redistill.data.images import load_image_folder
     from redistill.methods import distill
-    from redistill.teacher import load_pipeline, save_pipeline
-    from redistill.warm import load_init
+    from redistill.models.pipelines import load_pipeline, save_pipeline
+    from redistill.cycle.warm import load_init
 
     out = Path(run_dir) / "student"
     init_tag = (start or {}).get("init", "cold")
@@ -71,7 +71,7 @@ def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path, 
         shutil.rmtree(out)  # ... unless it started elsewhere (a forced re-run that now starts warm)
     logger = get_run_logger()
     if p.num_processes > 1:  # data parallel under `accelerate launch`; its main process writes `out`
-        from redistill.launch import distill_in_processes
+        from redistill.ops.launch import distill_in_processes
 
         summary = distill_in_processes(p, Path(teacher), Path(data), Path(run_dir) / "checkpoints", out, log=logger.info,
                                        workspace=root, init_student=(start or {}).get("student"),
@@ -95,8 +95,8 @@ def adopt_student(student: Path, sha256: str, teacher: Path, run_dir: Path) -> d
     """A student distilled elsewhere (trigger bootstrap: the committed champion), copied whole into `run_dir/student`
     as if this cycle had distilled it; returns its distillation summary with `init` and `init_note` saying where it
     came from. ValueError when its folder changed since the cycle resolved it, or it has no summary."""
-    from redistill.files import copy_folder
-    from redistill.teacher import pipeline_sha256
+    from redistill.core.files import copy_folder
+    from redistill.models.pipelines import pipeline_sha256
 
     out = Path(run_dir) / "student"
     if not (out / SUMMARY).is_file():
@@ -120,7 +120,7 @@ def adopt_student(student: Path, sha256: str, teacher: Path, run_dir: Path) -> d
 def check_adapter_base(student: Path, teacher: Path) -> None:
     """A LoRA student is registered only beside the teacher its adapter was trained on (AdapterBaseMismatch, a
     ValueError the cycle records as the failed run's reason, otherwise)."""
-    from redistill.lora import adapter_meta, check_base
+    from redistill.models.lora import adapter_meta, check_base
 
     if adapter_meta(student) is not None:
         check_base(student, teacher)
@@ -131,7 +131,7 @@ def registered_form(student: Path, run_dir: Path) -> Path:
     """What the registry keeps of a student: its whole folder, or for a LoRA student its adapter, scheduler and
     pointer to the base teacher (sha256 and path; redistill/lora.py), a few MB instead of a copy of the base.
     Everything that loads a registered student (evaluation, serving, export) rebuilds it on its base."""
-    from redistill.lora import adapter_meta, adapter_only
+    from redistill.models.lora import adapter_meta, adapter_only
 
     if adapter_meta(student) is None:
         return Path(student)

@@ -13,7 +13,7 @@ from redistill.config import Params
 def evaluate_student(student: Path, steps: int, teacher: Path, data: Path, features: Path, p: Params,
                      out_dir: Path, cache_dir: Path) -> dict:
     """The metric suite on the student (its saved scheduler) against the teacher at reference_steps."""
-    from redistill.metrics import evaluate_student as suite
+    from redistill.evaluation.suite import evaluate_student as suite
 
     return suite(student, steps, teacher, data, features, p, out_dir, cache_dir)
 
@@ -30,10 +30,10 @@ def quality_vs_steps(result: dict, teacher: Path, data: Path, features: Path, p:
     import matplotlib.pyplot as plt
     import torch
 
-    from redistill import feature_spaces
-    from redistill.data import load_image_folder
-    from redistill.metrics import configure_scheduler, fid, sample_cached
-    from redistill.teacher import load_pipeline
+    from redistill.evaluation import spaces as feature_spaces
+    from redistill.data.images import load_image_folder
+    from redistill.evaluation.suite import configure_scheduler, fid, sample_cached
+    from redistill.models.pipelines import load_pipeline
 
     n = p.evaluate.curve_samples
     if n == 0:

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from redistill.config import GateParams
-from redistill.gate import judge
+from redistill.evaluation.gate import judge
 
 
 @task(name="gate-student")

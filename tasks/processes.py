@@ -9,18 +9,13 @@ the parent ends. Elsewhere this is a no-op and Prefect's own cleanup is what rem
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import types
 
-_PR_SET_PDEATHSIG = 1
+from redistill.core.processes import die_with_parent_hook
+
 _installed = False
-_prctl = None  # libc's prctl, looked up in the parent: the child only calls it
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec: no imports, no allocation of note
-    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def tie_ephemeral_server_to_this_process() -> bool:
@@ -28,17 +23,13 @@ def tie_ephemeral_server_to_this_process() -> bool:
     global _installed
     if _installed or not sys.platform.startswith("linux"):
         return _installed
-    import ctypes
-
     from prefect.server.api import server as server_module
 
-    global _prctl
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-
+    hook = die_with_parent_hook()
     real_popen = subprocess.Popen
 
     def popen(*args, **kwargs):
-        kwargs.setdefault("preexec_fn", _die_with_parent)
+        kwargs.setdefault("preexec_fn", hook)
         return real_popen(*args, **kwargs)
 
     # only the server module sees this Popen; the rest of the process keeps subprocess as it is

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from prefect import task
 
-from redistill import registry
-from redistill.registry import tracking_uri
+from redistill.registry import client as registry
+from redistill.registry.client import tracking_uri
 
 IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])  # the cycle applies `registry.retry_delays_s` instead
 
@@ -89,7 +89,7 @@ def log_pyfunc(root: Path, run_id: str, student: Path, tags: dict[str, str] | No
     """Log the student as an MLflow logged model of the pyfunc flavour (loader module and its code shipped, no pickle),
     the run's output, with its model `card`; returns its id, which the registered version is created from
     (redistill/mlflow_lineage.py)."""
-    from redistill.mlflow_lineage import log_student_model
+    from redistill.registry.mlflow_lineage import log_student_model
 
     return log_student_model(registry.client(tracking_uri(root)), run_id, Path(student), tags or {}, card=card)
 
@@ -100,8 +100,8 @@ def log_lineage_inputs(root: Path, run_id: str, inputs: dict, teacher_name: str,
     """The run's inputs as MLflow records the UI shows: the data as datasets (context training and evaluation; a
     drift batch that triggered the cycle, context drift), digest the DVC md5; the teacher as a model input.
     Returns what was logged: {"datasets": [...], "teacher_model_id"}."""
-    from redistill.data import dir_md5
-    from redistill.mlflow_lineage import dataset, dvc_path, log_datasets, log_teacher_input
+    from redistill.data.images import dir_md5
+    from redistill.registry.mlflow_lineage import dataset, dvc_path, log_datasets, log_teacher_input
 
     c = registry.client(tracking_uri(root))
     data = Path(inputs["data_uri"])
@@ -132,7 +132,7 @@ def describe_version(root: Path, name: str, reg: dict, inputs: dict, logged: dic
                      champion_before: str | None, run_id: str, steps: int) -> str:
     """The registered version's description (its page in the MLflow UI): a markdown lineage summary of the
     teacher, data, settings hash, commit, trigger, the gate's checks and the champion it replaced."""
-    from redistill.mlflow_lineage import version_description
+    from redistill.registry.mlflow_lineage import version_description
 
     detail = tags.get("redistill.trigger_detail")
     text = version_description(

@@ -28,8 +28,8 @@ from pathlib import Path
 from prefect import task
 
 from redistill.config import ValidateParams
-from redistill.data import DataError, captions_file
-from redistill.validation import (
+from redistill.data.images import DataError, captions_file
+from redistill.data.validation import (
     caption_counter,
     caption_table,
     grown_profile,
@@ -302,7 +302,7 @@ def check_teacher(teacher: Path, channels: int, size: tuple[int, int], data: Pat
     A refused teacher is a result ({"error": reason}), not an exception, so the retries are spent only
     on I/O errors, never on a teacher that is simply wrong.
     """
-    from redistill.teacher import PipelineError, validate_teacher
+    from redistill.models.pipelines import PipelineError, validate_teacher
 
     try:
         return validate_teacher(teacher, channels, size, data_path=data)

@@ -14,9 +14,9 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from redistill import registry
+from redistill.registry import client as registry
 from redistill.config import DriftParams, GateParams, Params
-from redistill.registry import PREFIX, tracking_uri
+from redistill.registry.client import PREFIX, tracking_uri
 
 IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])
 
@@ -25,9 +25,9 @@ IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])
 def inspect_teacher(path: Path, data: Path, method: str | None = None) -> dict:
     """Content hash plus the integrity checks: loads from safetensors, fits the data, finite probe outputs, and
     is a kind that `method` (distill.method) can distil, so a teacher no cycle could use never becomes current."""
-    from redistill.data import DataError, load_image_folder
+    from redistill.data.images import DataError, load_image_folder
     from redistill.methods import refuses
-    from redistill.teacher import PipelineError, pipeline_sha256, validate_teacher
+    from redistill.models.pipelines import PipelineError, pipeline_sha256, validate_teacher
 
     try:
         sha = pipeline_sha256(path)
@@ -60,7 +60,7 @@ def drift_test(batch: Path, reference: Path, features: Path, p: DriftParams, out
     """MMD permutation test on the embeddings, Holm-corrected KS tests and, when the batch and the reference both
     have captions, the MMD test on their prompts (`drift.text_features`: hashed words, or the text-to-image
     `teacher`'s own text encoder); writes drift.json and drift.png."""
-    from redistill.drift import check_folder, embedding
+    from redistill.drift.detect import check_folder, embedding
 
     try:
         text = prompt_embedding(teacher, p.text_features)
@@ -76,14 +76,14 @@ def prompt_embedding(teacher: Path | None, space: str = "teacher"):
     """The prompts' drift feature space `drift.text_features`: None for the weightless words, a sentence encoder
     (minilm, sentence:DIR), or the text-to-image teacher's pooled text embedding; ValueError (a bad setting, said
     as such) when what it names is not there."""
-    from redistill.sentence import is_sentence_space, sentence_encoder
+    from redistill.drift.sentence import is_sentence_space, sentence_encoder
 
     if space == "words":
         return None
     if is_sentence_space(space):
         return sentence_encoder(space)
     from redistill.models import adapter_for
-    from redistill.teacher import load_pipeline
+    from redistill.models.pipelines import load_pipeline
 
     model = adapter_for(load_pipeline(teacher)) if teacher is not None else None
     if model is None or not hasattr(model, "embed_prompts"):
@@ -119,8 +119,8 @@ def champion_fit(root: Path, p: Params, batch: Path, out_dir: Path) -> dict | No
     """
     import dataclasses
 
-    from redistill.gate import judge
-    from redistill.metrics import evaluate_student, sample_store
+    from redistill.evaluation.gate import judge
+    from redistill.evaluation.suite import evaluate_student, sample_store
 
     c = registry.client(tracking_uri(root))
     champ = registry.champion(c, p.registry.student_name)
@@ -164,26 +164,23 @@ def update_representative(root: Path, base: Path, batch: Path, batch_name: str) 
     it grew from and the batches it accepted, which validation reads), versioned with `dvc add`."""
     import shutil
 
-    from redistill.data import dir_md5, merge_batch
-    from redistill.lineage import dvc_add
-    from redistill.validation import GROWN_FROM
-    from redistill.watch import grown_from
+    from redistill.core.files import swap_in
+    from redistill.data.images import dir_md5, merge_batch
+    from redistill.registry.lineage import dvc_add
+    from redistill.data.validation import GROWN_FROM
+    from redistill.watch.policy import grown_from
 
     out = Path(root) / "data" / "representative"
     record = grown_from(root, base, batch, batch_name)
     # merged aside, recorded, then swapped in whole: the set is never on disk without its record
     staged = out.with_name(out.name + f".grow{os.getpid()}")
-    old = out.with_name(out.name + f".old{os.getpid()}")
     try:
         count = merge_batch(base, batch, staged, batch_name)
         (staged / GROWN_FROM).write_text(json.dumps(record, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)  # nothing half written under data/
         raise
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staged, out)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(staged, out)
     dvc = dvc_add(root, out)
     md5 = dir_md5(out)
     if dvc.get("dvc") and dvc["md5"] != md5:
@@ -199,7 +196,7 @@ def fetch_registered_teacher(root: Path, model: str, which: str, seen: str | Non
 
     from mlflow.artifacts import download_artifacts
 
-    from redistill.data import safe_name
+    from redistill.data.images import safe_name
 
     c = registry.client(tracking_uri(root))
     mv = registry.alias(c, model, which)

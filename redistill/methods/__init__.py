@@ -144,7 +144,7 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
     extra = {}
     if init is not None:
         from redistill.methods.progressive import halving_schedule
-        from redistill.warm import WARM_METHODS
+        from redistill.cycle.warm import WARM_METHODS
 
         if p.method not in WARM_METHODS:
             raise ValueError(f"{p.method} cannot start warm; warm starts serve {', '.join(WARM_METHODS)}")
@@ -162,17 +162,17 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
     if on_round is not None and p.method == "progressive":
         extra["on_round"] = on_round
     if p.method in LORA_METHODS and p.student.lora_rank:  # the adapter points at its base teacher
-        from redistill.teacher import pipeline_sha256
+        from redistill.models.pipelines import pipeline_sha256
 
         extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None
         extra["teacher_uri"] = str(Path(teacher_path).resolve()) if teacher_path is not None else None
     if p.method in ("output", "rectified") or (p.method == "dmd" and (p.dmd.regression_weight > 0 or p.dmd.start == "output")):
-        from redistill.teacher import pipeline_sha256
+        from redistill.models.pipelines import pipeline_sha256
 
         extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None
         ws = Path(workspace) if workspace is not None else Path.cwd()
         extra["pairs_dir"] = ws / "data" / "pairs"
-        from redistill.metrics import sample_store
+        from redistill.evaluation.suite import sample_store
 
         extra["samples_dir"] = sample_store(ws)  # a pixel teacher's pairs are its samples, shared with the evaluation
     student, summary = run(teacher, images, cfg, ckpt_dir, log=log, **extra)

@@ -31,7 +31,7 @@ from redistill.methods.consistency import consistency_fn, lcm_scheduler
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
-from redistill.prediction import alpha_sigma, to_x0_eps
+from redistill.models.prediction import alpha_sigma, to_x0_eps
 
 
 @settings("AdversarialConfig")

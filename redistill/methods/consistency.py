@@ -26,11 +26,11 @@ from typing import Callable
 import torch
 
 from redistill.config import ConsistencyParams, settings
-from redistill.lora import add_lora, fused_copy
+from redistill.models.lora import add_lora, fused_copy
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
-from redistill.prediction import alpha_sigma, to_x0_eps
+from redistill.models.prediction import alpha_sigma, to_x0_eps
 
 SIGMA_DATA = 0.5  # LCM's σ_data in the boundary scalings
 TIMESTEP_SCALING = 10.0  # LCMScheduler's default: c_skip(t) falls to ~0 after the first few timesteps

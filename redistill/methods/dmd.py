@@ -39,12 +39,12 @@ import torch.nn.functional as F
 
 from redistill.config import DMDParams, settings
 from redistill.methods.adversarial import Discriminator
-from redistill.lora import add_lora
+from redistill.models.lora import add_lora
 from redistill.methods.consistency import consistency_fn, lcm_scheduler, lora_export, lora_student, with_sampling
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
-from redistill.prediction import alpha_sigma, to_x0_eps
+from redistill.models.prediction import alpha_sigma, to_x0_eps
 
 
 STARTS = ("teacher", "output", "progressive")

@@ -31,7 +31,7 @@ from redistill.config import OutputParams, settings
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
-from redistill.prediction import alpha_sigma, to_x0_eps
+from redistill.models.prediction import alpha_sigma, to_x0_eps
 
 STUDENT_PREDICTION = "sample"
 # The pairs' noise is drawn from seeds this far from the distill seed, so it never repeats the evaluation's noise
@@ -125,7 +125,7 @@ def _pairs_from_samples(teacher, teacher_sha256: str, cfg: OutputConfig, samples
     from diffusers.utils.torch_utils import randn_tensor
 
     from redistill.config import GENERATION_BATCH
-    from redistill.metrics import _batches, sample_cached
+    from redistill.evaluation.suite import _batches, sample_cached
 
     view = DDPMPipeline(unet=teacher.unet, scheduler=DDIMScheduler.from_config(teacher.scheduler.config))
     view.set_progress_bar_config(disable=True)

@@ -36,7 +36,7 @@ from redistill.config import ProgressiveParams, settings
 from redistill.methods.student_shape import FeatureMatch
 from redistill.models import adapter_for
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
-from redistill.prediction import alpha_sigma, to_x0_eps
+from redistill.models.prediction import alpha_sigma, to_x0_eps
 
 V_PREDICTION = "v_prediction"
 

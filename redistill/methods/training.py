@@ -35,7 +35,7 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from redistill import checkpoint
+from redistill.core import checkpoint
 from redistill.config import DistillParams, StudentParams, same_as, settings
 
 

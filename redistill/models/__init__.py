@@ -125,7 +125,7 @@ class ModelAdapter:
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z_t = α_t·x₀ + σ_t·ε with the model's own schedule."""
-        from redistill.prediction import alpha_sigma
+        from redistill.models.prediction import alpha_sigma
 
         a, s = alpha_sigma(self.alphas_cumprod.to(x0.device), t)
         return a * x0 + s * noise
@@ -136,7 +136,7 @@ class ModelAdapter:
         A diffusion model's probability-flow ODE in these coordinates (Liu et al. 2023, "Flow Straight and Fast",
         section 3.3): x is z_t / (α_t + σ_t) at the t where σ_t / (α_t + σ_t) = σ (a fractional t, interpolated in
         log-SNR), and its velocity is ε̂ − x̂₀ of the teacher's (guided) prediction there."""
-        from redistill.prediction import to_x0_eps
+        from redistill.models.prediction import to_x0_eps
 
         ac = self.alphas_cumprod.to(x.device).double()
         lam = torch.log(ac) - torch.log1p(-ac)  # log-SNR of each timestep, decreasing in t

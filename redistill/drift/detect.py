@@ -1,0 +1,454 @@
+"""Drift detection: is a new batch drawn like the representative set?
+
+Two families of tests, each at half the family-wise level `alpha`, so the union bound keeps the false-alarm
+rate of "drift" at or below `alpha` (three families at `alpha`/3 each when both sides have captions, see 3.):
+
+1. MMD two-sample permutation test (Gretton et al. 2012) on embeddings: Gaussian kernel, bandwidth by the
+   median heuristic, biased MMD² as the statistic, its null distribution from random re-labellings of the
+   pooled sample. p = (1 + #{null ≥ observed}) / (1 + permutations). The embedding is the caller's feature
+   space (`feature_spaces`: classifier, encoder, inception:…), or `pixel_features`, which needs no weights.
+2. Two-sample Kolmogorov–Smirnov tests on per-image statistics, Holm–Bonferroni corrected across the
+   statistics. They hold for 1 or 3 channels at any size: per-channel mean and spread, sharpness (mean
+   gradient magnitude), saturation (HSV S; only tested for colour images) and each image's colour-histogram
+   distance to the reference's histogram. Grey images also get the stroke statistics made for the digits
+   (ink share, centre of mass), which mean nothing for colour pictures.
+3. With captions on both sides (text-to-image data): the same MMD permutation test on the prompts' text
+   embeddings, with its own median bandwidth. The text feature space is the caller's `text_extractor` (the
+   teacher's CLIP text encoder, say), or `word_features` ("words": hashed word unigrams and bigrams, no
+   weights). A rejection here says the prompts drifted: what users ask the model for changed, even where the
+   images did not. Only non-empty captions are embedded; captions on one side only are noted, not tested.
+
+`calibrate` measures the false-alarm rate on reference-against-reference splits. The tests take
+embeddings; `embed_folder` and `check_folder` read image folders through the caller's feature extractor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import json
+import re
+import zlib
+
+import numpy as np
+import torch
+
+HIST = "hist"  # per-image colour histograms (N, C, HIST_BINS): not tested itself, but through HIST_TV
+HIST_BINS = 8  # per channel: coarse enough that a 16×16 image fills its histogram
+HIST_TV = "hist_tv"  # each image's total-variation distance to the reference's histogram
+LUMA = np.array([0.299, 0.587, 0.114])  # Rec. 601, as `shapes` and PIL turn colour into grey
+PIXELS = "pixels"  # the feature space that needs no weights: `pixel_features`
+WORDS = "words"  # the prompts' feature space that needs no weights: `word_features`
+WORD_DIM = 1024  # buckets of the hashing vectoriser: few collisions for prompt vocabularies of thousands of words
+_WORD = re.compile(r"[^\W_]+")  # runs of letters and digits, any script
+
+
+@dataclass
+class DriftReport:
+    """The outcome for one batch: every test, its corrected p-values and the verdict.
+
+    The `text_*` fields hold the prompts' MMD test (None when it did not run: captions missing on a side) and
+    `notes` why it did not; `to_dict` leaves them out then, so an image-only report reads as it always has."""
+
+    batch: str
+    n_batch: int
+    n_reference: int
+    alpha: float
+    mmd2: float
+    mmd_p: float
+    mmd_bandwidth: float
+    ks: dict[str, dict[str, float]] = field(default_factory=dict)  # stat → {statistic, p, p_holm}
+    drifted: bool = False
+    reasons: list[str] = field(default_factory=list)
+    histogram_tv: float = 0.0  # total-variation distance of the batch's pooled colour histogram to the reference's
+    null_mmd2: list[float] = field(default_factory=list, repr=False)  # for the plot
+    text_features: str | None = None  # the prompts' feature space: "words" (hashed word n-grams) or the caller's
+    text_mmd2: float | None = None  # MMD² of the batch's and the reference's prompt embeddings
+    text_mmd_p: float | None = None  # its permutation p-value, compared with alpha / 3
+    text_bandwidth: float | None = None
+    n_batch_captions: int = 0
+    n_reference_captions: int = 0
+    notes: list[str] = field(default_factory=list)  # what was not tested and why (e.g. captions on one side only)
+    null_text_mmd2: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def prompts_tested(self) -> bool:
+        return self.text_mmd_p is not None
+
+    @property
+    def prompts_drifted(self) -> bool:
+        """The prompts' MMD test rejected at its share of alpha."""
+        return self.prompts_tested and self.text_mmd_p <= self.alpha / 3
+
+    def to_dict(self, with_null: bool = False) -> dict:
+        d = asdict(self)
+        if not with_null:
+            d.pop("null_mmd2")
+            d.pop("null_text_mmd2")
+        if not self.prompts_tested:
+            for k in ("text_features", "text_mmd2", "text_mmd_p", "text_bandwidth", "n_batch_captions",
+                      "n_reference_captions", "null_text_mmd2"):
+                d.pop(k, None)
+        if not self.notes:
+            d.pop("notes")
+        return d
+
+    def message(self) -> str:
+        """One line: the verdict and why (the prompts named first when they drifted)."""
+        if not self.drifted:
+            tested = "images and prompts" if self.prompts_tested else "images"
+            return f"{self.batch}: no drift in its {tested} (alpha {self.alpha:g})" + \
+                (f"; {'; '.join(self.notes)}" if self.notes else "")
+        return f"{self.batch}: drift: " + "; ".join(self.reasons)
+
+
+def image_stats(images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-image statistics of images in [0, 1], shape (N, C, H, W) with C = 1 or 3, any size.
+
+    `mean_c{k}`, `std_c{k}` per channel; `sharpness` (mean gradient magnitude of the luma); `saturation`
+    (mean HSV saturation, 0 for grey); `hist` (N, C, HIST_BINS), each channel's share of pixels per bin.
+    Grey images also get `ink` (share of pixels above ½) and `row_centre`, `col_centre` (centre of mass).
+    """
+    x = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, dtype=np.float64)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"image statistics need images (N, C, H, W) with 1 or 3 channels, got shape {x.shape}")
+    n, c, h, w = x.shape
+    out = {}
+    for k in range(c):
+        out[f"mean_c{k}"] = x[:, k].mean((1, 2))
+        out[f"std_c{k}"] = x[:, k].reshape(n, -1).std(1, ddof=1) if h * w > 1 else np.zeros(n)
+    luma = x[:, 0] if c == 1 else np.einsum("nchw,c->nhw", x, LUMA)
+    gy, gx = np.diff(luma, axis=1)[:, :, : w - 1], np.diff(luma, axis=2)[:, : h - 1, :]
+    out["sharpness"] = np.sqrt(gy ** 2 + gx ** 2).mean((1, 2)) if h > 1 and w > 1 else np.zeros(n)
+    if c == 3:
+        hi, lo = x.max(1), x.min(1)
+        out["saturation"] = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-12), 0.0).mean((1, 2))
+    else:
+        out["saturation"] = np.zeros(n)
+    bins = np.clip((x * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)  # (N, C, H, W) bin of every pixel
+    flat = (np.arange(n * c).reshape(n, c, 1, 1) * HIST_BINS + bins).ravel()
+    out[HIST] = np.bincount(flat, minlength=n * c * HIST_BINS).reshape(n, c, HIST_BINS) / (h * w)
+    if c == 1:  # the digits' stroke statistics: meaningful for ink on a plain background only
+        g = x[:, 0]
+        mass = np.maximum(g.sum((1, 2)), 1e-8)
+        out["ink"] = (g > 0.5).mean((1, 2))
+        out["row_centre"] = (g * np.arange(h)[None, :, None]).sum((1, 2)) / mass / max(h - 1, 1)
+        out["col_centre"] = (g * np.arange(w)[None, None, :]).sum((1, 2)) / mass / max(w - 1, 1)
+    return out
+
+
+def tested_stats(ref_stats: dict[str, np.ndarray], batch_stats: dict[str, np.ndarray]
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """The per-image statistics the KS family tests, as (reference, batch) 1-D arrays, and the batch's pooled
+    histogram distance to the reference.
+
+    `hist_tv` is each image's total-variation distance to the reference's mean histogram (averaged over the
+    channels); a reference image is measured against the mean of the *other* reference images, so that under
+    no drift both sides are measured alike. A statistic constant and equal on both sides (saturation of grey
+    images) cannot drift and is left out: it would only spend the Holm budget.
+    """
+    if set(ref_stats) != set(batch_stats) or ref_stats[HIST].shape[1:] != batch_stats[HIST].shape[1:]:
+        raise ValueError(f"the batch's statistics ({', '.join(sorted(batch_stats))}) are not the reference's "
+                         f"({', '.join(sorted(ref_stats))}): drift is tested between sets of one channel count")
+    ref = {k: v for k, v in ref_stats.items() if k != HIST}
+    new = {k: v for k, v in batch_stats.items() if k != HIST}
+    for k in list(ref):
+        both = np.concatenate([ref[k], new[k]])
+        if np.all(both == both[0]):
+            del ref[k], new[k]
+    rh, bh = ref_stats[HIST], batch_stats[HIST]
+    n, total = len(rh), rh.sum(0)
+    leave_one_out = (total[None] - rh) / max(n - 1, 1)
+    ref[HIST_TV] = 0.5 * np.abs(rh - leave_one_out).sum(2).mean(1)
+    new[HIST_TV] = 0.5 * np.abs(bh - total[None] / n).sum(2).mean(1)
+    pooled = float(0.5 * np.abs(bh.mean(0) - total / n).sum(1).mean())
+    return ref, new, pooled
+
+
+def pixel_features(images: torch.Tensor, grid: int = 4) -> torch.Tensor:
+    """An embedding that needs no weights: each channel averaged over a grid×grid of cells (C·grid² numbers)."""
+    x = torch.as_tensor(images, dtype=torch.float32)
+    return torch.nn.functional.adaptive_avg_pool2d(x, min(grid, x.shape[-2], x.shape[-1])).flatten(1)
+
+
+def _bucket(token: str, dim: int) -> tuple[int, float]:
+    # crc32, not hash(): Python salts str hashes per process, and the features must match across processes
+    h = zlib.crc32(token.encode("utf-8"))
+    return h % dim, 1.0 if (h >> 31) & 1 else -1.0  # a signed hash: collisions cancel on average
+
+
+def word_features(captions: list[str], dim: int = WORD_DIM) -> torch.Tensor:
+    """Captions (N) → (N, dim) float32: word unigram and bigram counts (case-folded runs of letters and digits)
+    hashed into `dim` signed buckets, each row L2-normalised (an empty caption is the zero vector).
+
+    Deterministic across processes and machines; needs no weights and sees words, not meaning: paraphrases
+    that share no words are far apart. A caller with a text encoder passes its own `text_extractor`."""
+    out = np.zeros((len(captions), dim), dtype=np.float64)
+    for i, caption in enumerate(captions):
+        words = _WORD.findall((caption or "").casefold())
+        grams = [f"1:{w}" for w in words] + [f"2:{a} {b}" for a, b in zip(words, words[1:])]
+        for g in grams:
+            j, sign = _bucket(g, dim)
+            out[i, j] += sign
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return torch.from_numpy(out / np.where(norms > 0, norms, 1.0)).float()
+
+
+def text_embedding(captions: list[str], text_extractor: Callable[[list[str]], torch.Tensor] | None = None,
+                   where: Path | str = "the captions") -> torch.Tensor:
+    """Prompt embeddings (N, d): `text_extractor(captions)`, or the weightless `word_features` without one."""
+    if text_extractor is None:
+        return word_features(captions)
+    try:
+        z = torch.as_tensor(text_extractor(list(captions)), dtype=torch.float32)
+    except Exception as e:  # a tokenizer or text encoder error: say whose prompts, and the way around it
+        raise ValueError(f"the text feature space cannot embed the captions of {where}: {type(e).__name__}: "
+                         f"{str(e)[:200]}; pass no text_extractor to use the weightless {WORDS!r} features") from e
+    if z.ndim != 2 or len(z) != len(captions):
+        raise ValueError(f"the text feature space gave shape {tuple(z.shape)} for {len(captions)} captions of {where}; "
+                         "it must return one embedding per caption (N, d)")
+    return z
+
+
+def embedding(name: str, features_dir: Path):
+    """The MMD test's embedding `name` (drift.features): `pixels`, `auto` (the classifier where the workspace has
+    one, else the label-free encoder) or a feature space; ValueError/FileNotFoundError say what is missing."""
+    from redistill.evaluation import spaces as feature_spaces
+
+    if name == PIXELS:
+        return pixel_features
+    return feature_spaces.load(feature_spaces.resolve([name], features_dir)[0], Path(features_dir)).extractor
+
+
+def median_bandwidth(z: torch.Tensor, max_points: int = 1000, seed: int = 0) -> float:
+    """The median pairwise distance (a subsample of at most `max_points` points)."""
+    g = torch.Generator().manual_seed(seed)
+    if len(z) > max_points:
+        z = z[torch.randperm(len(z), generator=g)[:max_points]]
+    d = torch.cdist(z, z)
+    d = d[torch.triu(torch.ones_like(d, dtype=torch.bool), diagonal=1)]
+    med = float(d.median())
+    return med if med > 0 else 1.0
+
+
+def mmd_permutation_test(x: torch.Tensor, y: torch.Tensor, permutations: int = 1000, seed: int = 0,
+                         bandwidth: float | None = None) -> tuple[float, float, float, np.ndarray]:
+    """MMD² of samples x (n, d) and y (m, d) with a Gaussian kernel; returns (mmd², p, bandwidth, null).
+
+    The statistic for a labelling w (1/n on one side, −1/m on the other) is wᵀKw; all permutations are
+    evaluated at once as one matrix product.
+    """
+    x, y = x.double(), y.double()
+    z = torch.cat([x, y])
+    n, N = len(x), len(x) + len(y)
+    bw = bandwidth or median_bandwidth(z, seed=seed)
+    k = torch.exp(-torch.cdist(z, z).pow(2) / (2 * bw * bw))
+
+    def weights(is_x: torch.Tensor) -> torch.Tensor:  # (N, P) boolean → signed weights
+        return torch.where(is_x, 1.0 / n, -1.0 / (N - n)).double()
+
+    observed = torch.zeros(N, 1, dtype=torch.bool)
+    observed[:n] = True
+    w = weights(observed)
+    mmd2 = float((w * (k @ w)).sum())
+    g = torch.Generator().manual_seed(seed)
+    null = []
+    for start in range(0, permutations, 250):
+        p = min(250, permutations - start)
+        order = torch.argsort(torch.rand(p, N, generator=g), dim=1)  # p random permutations
+        is_x = (order < n).T  # (N, p): who lands in the first n
+        wp = weights(is_x)
+        null.append((wp * (k @ wp)).sum(0))
+    null = torch.cat(null).numpy()
+    pval = (1 + int((null >= mmd2 - 1e-15).sum())) / (1 + permutations)
+    return mmd2, pval, bw, null
+
+
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm–Bonferroni adjusted p-values (family-wise error control, any dependence)."""
+    items = sorted(pvalues.items(), key=lambda kv: kv[1])
+    m, running, out = len(items), 0.0, {}
+    for i, (name, p) in enumerate(items):
+        running = max(running, min(1.0, (m - i) * p))
+        out[name] = running
+    return out
+
+
+def detect(batch_name: str, ref_features: torch.Tensor, ref_stats: dict[str, np.ndarray],
+           batch_features: torch.Tensor, batch_stats: dict[str, np.ndarray], alpha: float = 0.05,
+           permutations: int = 1000, seed: int = 0, ref_text: torch.Tensor | None = None,
+           batch_text: torch.Tensor | None = None, text_features: str = WORDS) -> DriftReport:
+    """Every test on one batch; drift when any family rejects at its share of alpha.
+
+    Without prompt embeddings two families (the image MMD, the Holm-corrected KS tests) get alpha / 2 each. With
+    `ref_text` and `batch_text` (the captions' embeddings in the space `text_features`) the prompts' MMD is a
+    third family and each of the three gets alpha / 3, so the union bound still keeps false alarms ≤ alpha.
+    """
+    from scipy.stats import ks_2samp
+
+    if not 0 < alpha < 1:
+        raise ValueError(f"drift alpha must be between 0 and 1, got {alpha}")
+    if len(batch_features) < 2 or len(ref_features) < 2:
+        raise ValueError(f"drift tests need at least 2 images on each side, got {len(batch_features)} and "
+                         f"{len(ref_features)}")
+    if (ref_text is None) != (batch_text is None):
+        raise ValueError("the prompts' drift test needs the captions' embeddings of both the reference and the batch")
+    prompts = ref_text is not None
+    if prompts and (len(batch_text) < 2 or len(ref_text) < 2):
+        raise ValueError(f"the prompts' drift test needs at least 2 captions on each side, got {len(batch_text)} and "
+                         f"{len(ref_text)}")
+    ref_1d, new_1d, hist_tv = tested_stats(ref_stats, batch_stats)  # first: it names a channel-count mismatch
+    mmd2, mmd_p, bw, null = mmd_permutation_test(batch_features, ref_features, permutations, seed)
+    raw, ks = {}, {}
+    for s in ref_1d:
+        r = ks_2samp(new_1d[s], ref_1d[s])
+        raw[s] = float(r.pvalue)
+        ks[s] = {"statistic": float(r.statistic), "p": float(r.pvalue)}
+    for s, padj in holm(raw).items():
+        ks[s]["p_holm"] = padj
+    level = alpha / (3 if prompts else 2)  # each family's share of the family-wise level
+    reasons = []
+    text = {}
+    if prompts:
+        t_mmd2, t_p, t_bw, t_null = mmd_permutation_test(batch_text, ref_text, permutations, seed)
+        text = dict(text_features=text_features, text_mmd2=t_mmd2, text_mmd_p=t_p, text_bandwidth=t_bw,
+                    n_batch_captions=len(batch_text), n_reference_captions=len(ref_text), null_text_mmd2=t_null.tolist())
+        if t_p <= level:
+            reasons.append(f"the prompts drifted: MMD² {t_mmd2:.4g} on the captions' {text_features} embeddings, "
+                           f"permutation p {t_p:.4g} ≤ {level:g}")
+    if mmd_p <= level:
+        reasons.append(f"MMD² {mmd2:.4g} on the embeddings, permutation p {mmd_p:.4g} ≤ {level:g}")
+    for s in ks:
+        if ks[s]["p_holm"] <= level:
+            shift = float(np.median(new_1d[s]) - np.median(ref_1d[s]))
+            reasons.append(f"KS on per-image {s}: D {ks[s]['statistic']:.3f}, Holm p {ks[s]['p_holm']:.3g} ≤ {level:g} "
+                           f"(median {'+' if shift >= 0 else '−'}{abs(shift):.3g} against the reference)")
+    return DriftReport(batch=batch_name, n_batch=len(batch_features), n_reference=len(ref_features), alpha=alpha,
+                       mmd2=mmd2, mmd_p=mmd_p, mmd_bandwidth=bw, ks=ks, drifted=bool(reasons), reasons=reasons,
+                       histogram_tv=hist_tv, null_mmd2=null.tolist(), **text)
+
+
+def calibrate(features: torch.Tensor, stats: dict[str, np.ndarray], batch_size: int, splits: int = 100,
+              alpha: float = 0.05, permutations: int = 500, seed: int = 0) -> dict:
+    """False-alarm rate on reference-against-reference splits.
+
+    Each split draws `batch_size` reference images as a pseudo-batch and tests it against the disjoint
+    rest, exactly as a real batch is tested. Returns the rate, its 95% Clopper–Pearson interval and the
+    per-split p-values.
+    """
+    from scipy.stats import beta
+
+    n = len(features)
+    if batch_size >= n // 2:
+        raise ValueError(f"calibration needs a batch ({batch_size}) smaller than half the reference ({n}); "
+                         "pass a smaller --batch-size or a larger reference")
+    rng = np.random.default_rng(seed)
+    alarms, rows = 0, []
+    for i in range(splits):
+        order = rng.permutation(n)
+        a, b = order[:batch_size], order[batch_size:]
+        rep = detect(f"split{i}", features[b], {k: v[b] for k, v in stats.items()}, features[a],
+                     {k: v[a] for k, v in stats.items()}, alpha, permutations, seed + i)
+        alarms += rep.drifted
+        rows.append({"mmd_p": rep.mmd_p, "ks_min_p_holm": min(v["p_holm"] for v in rep.ks.values()),
+                     "drifted": rep.drifted, "reasons": rep.reasons})
+    lo = 0.0 if alarms == 0 else float(beta.ppf(0.025, alarms, splits - alarms + 1))
+    hi = 1.0 if alarms == splits else float(beta.ppf(0.975, alarms + 1, splits - alarms))
+    return {"splits": splits, "batch_size": batch_size, "alpha": alpha, "permutations": permutations,
+            "n_reference": n, "statistics": sorted(rep.ks) if splits else [], "false_alarms": alarms,
+            "false_alarm_rate": alarms / splits, "false_alarm_ci95": [lo, hi], "per_split": rows}
+
+
+def plot_report(report: DriftReport, ref_stats: dict[str, np.ndarray], batch_stats: dict[str, np.ndarray],
+                out: Path) -> Path:
+    """One PNG: the MMD² null distribution with the observed value (the prompts' too, when tested), and the ECDFs
+    of every tested statistic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref_1d, new_1d, _ = tested_stats(ref_stats, batch_stats)
+    names = list(report.ks)
+    nulls = [(report.null_mmd2, report.mmd2, report.mmd_p, "MMD² on embeddings")]
+    if report.prompts_tested:
+        nulls.append((report.null_text_mmd2, report.text_mmd2, report.text_mmd_p,
+                      f"MMD² on prompts ({report.text_features})"))
+    fig, axes = plt.subplots(1, len(nulls) + len(names), figsize=(3.2 * (len(nulls) + len(names)), 3.0))
+    for ax, (null, observed, pval, title) in zip(axes, nulls):
+        ax.hist(null, bins=40, color="0.7", label="null (permutations)")
+        ax.axvline(observed, color="crimson", label=f"observed, p={pval:.3g}")
+        ax.set_title(title, fontsize=9 if len(nulls) > 1 else None)
+        ax.legend(fontsize=7)
+    for ax, s in zip(axes[len(nulls):], names):
+        for vals, label, colour in ((ref_1d[s], "reference", "0.4"), (new_1d[s], report.batch, "crimson")):
+            v = np.sort(vals)
+            ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=label, color=colour)
+        ax.set_title(f"{s}: D={report.ks[s]['statistic']:.2f}, p={report.ks[s]['p_holm']:.2g}", fontsize=8)
+    axes[len(nulls)].legend(fontsize=7)
+    fig.suptitle(f"batch {report.batch}: {'DRIFT' if report.drifted else 'no drift'} (alpha {report.alpha:g})")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def embed_folder(folder: Path, extractor) -> tuple[torch.Tensor, dict[str, np.ndarray], tuple[int, tuple[int, int]]]:
+    """An image folder's embeddings, its per-image statistics, and its (channels, size)."""
+    from redistill.data.images import load_image_folder
+
+    im = load_image_folder(folder)
+    return (*_embed(im.images, extractor, folder), (im.channels, im.size))
+
+
+def _embed(images: np.ndarray, extractor, folder: Path | str = "the images") -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """Embeddings and per-image statistics of images (N, C, H, W) in [0, 1]."""
+    try:
+        features = extractor(torch.from_numpy(images))
+    except RuntimeError as e:  # a conv layer made for another channel count or size
+        _, c, h, w = images.shape
+        raise ValueError(f"the feature space cannot embed {folder} ({c}-channel {h}×{w} images): {str(e)[:200]}. "
+                         f"Pass --features {PIXELS} (no weights), or a feature space trained on this data") from e
+    return features, image_stats(images)
+
+
+def check_folder(batch: Path, reference: Path, extractor, alpha: float, permutations: int, seed: int,
+                 out_dir: Path | None = None, text_extractor: Callable[[list[str]], torch.Tensor] | None = None,
+                 text_features: str | None = None) -> DriftReport:
+    """Every test on the image folder `batch` against `reference`; with `out_dir`, writes drift.json and
+    drift.png there. ValueError when the two folders hold images of different shapes.
+
+    When both folders have captions, their prompts are tested too, embedded by `text_extractor` (named
+    `text_features` in the report), or by the weightless `word_features` ("words") without one."""
+    from redistill.data.images import load_image_folder
+
+    ref, new = load_image_folder(reference), load_image_folder(batch)  # DataError (a ValueError) when unreadable
+    if ref.images.shape[1:] != new.images.shape[1:]:
+        (rc, rh, rw), (bc, bh, bw) = ref.images.shape[1:], new.images.shape[1:]
+        raise ValueError(f"{batch} holds {bc}×{bh}×{bw} images, {reference} {rc}×{rh}×{rw}; drift is tested "
+                         "between sets of one shape")
+    (ref_f, ref_s), (new_f, new_s) = _embed(ref.images, extractor, reference), _embed(new.images, extractor, batch)
+    ref_t, new_t, notes = None, None, []
+    space = text_features or (WORDS if text_extractor is None else getattr(text_extractor, "name", "text_extractor"))
+    if ref.captions is not None and new.captions is not None:
+        ref_c, new_c = ([c.strip() for c in caps if c.strip()] for caps in (ref.captions, new.captions))
+        if len(ref_c) < 2 or len(new_c) < 2:
+            notes.append(f"prompts not tested: {len(new_c)} captions in {batch} and {len(ref_c)} in {reference}, "
+                         "at least 2 on each side are needed")
+        else:
+            ref_t, new_t = text_embedding(ref_c, text_extractor, reference), text_embedding(new_c, text_extractor, batch)
+    elif ref.captions is not None or new.captions is not None:
+        has, hasnt = (batch, reference) if new.captions is not None else (reference, batch)
+        notes.append(f"prompts not tested: {has} has captions but {hasnt} has none")
+    report = detect(Path(batch).name, ref_f, ref_s, new_f, new_s, alpha, permutations, seed, ref_t, new_t, space)
+    report.notes = notes
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = {**report.to_dict(), "reference": str(reference), "batch_path": str(batch)}
+        (out_dir / "drift.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_report(report, ref_s, new_s, out_dir / "drift.png")
+    return report

@@ -1,0 +1,71 @@
+"""`redistill bench --quick` end to end on a tiny real teacher: every row, the three files, and the MLflow run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from redistill.cli import app
+
+
+@pytest.mark.trials  # about 90 s: every method at every step count; `make trials` (.ci/run runs it)
+def test_quick_bench_has_every_row_and_logs_its_files(digits_ws, tmp_path):
+    from helpers import make_tiny_pipeline
+    from mlflow import MlflowClient
+
+    root = tmp_path / "ws"
+    shutil.copytree(digits_ws / "data", root / "data")
+    shutil.copy(digits_ws / "params.yaml", root / "params.yaml")
+    teacher = make_tiny_pipeline(root / "data" / "teachers" / "tiny")
+    r = CliRunner().invoke(app, ["bench", "--quick", "--json", "--workspace", str(root), "--teacher", str(teacher)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = {(row["method"], row["steps"]) for row in result["rows"]}
+    assert {("teacher (DDIM)", s) for s in (10, 25, 50, 100)} <= rows
+    for method in ("progressive", "consistency"):
+        assert {(method, s) for s in (1, 2, 4, 8)} <= rows
+    for method in ("adversarial", "dmd", "output", "rectified"):
+        assert {(method, s) for s in (1, 2, 4)} <= rows
+    assert result["skipped"] == {}  # every method serves a diffusion teacher
+    for row in result["rows"]:
+        assert row["fid_ci95"][0] <= row["fid"] <= row["fid_ci95"][1] or row["fid"] < 1e-9
+        assert row["throughput_img_s"] > 0 and row["params"] > 0
+        assert (row["distill_wall_s"] is None) == (row["kind"] == "teacher")
+    # the teacher at the reference steps is the reference itself
+    ref = next(row for row in result["rows"] if row["method"] == "teacher (DDIM)" and row["steps"] == 50)
+    assert ref["fid_ratio"] == 1.0 and ref["ssim"] == 1.0
+    out = root / "runs" / "bench" / "quick"
+    md = (out / "bench.md").read_text()
+    assert "| progressive | 4 |" in md and "| steps | best student | FID ratio (goal)" in md
+    assert [g["steps"] for g in result["goals"]] == [4, 2, 1]
+    assert (out / "quality_vs_nfe.png").read_bytes()[:4] == b"\x89PNG"
+    # every method row keeps its student as a stock pipeline folder <method>-<steps>/; DMD trains one per step count
+    from diffusers import DiffusionPipeline
+
+    students = {row["student"] for row in result["rows"] if row["kind"] == "method"}
+    assert {Path(s).name for s in students} >= {"progressive-1", "dmd-1", "dmd-2", "dmd-4", "output-4", "consistency-8"}
+    dmd = {row["steps"]: json.loads((Path(row["student"]) / "redistill_distill.json").read_text())
+           for row in result["rows"] if row["method"] == "dmd"}
+    assert {n: d["num_inference_steps"] for n, d in dmd.items()} == {1: 1, 2: 2, 4: 4}
+    pipe = DiffusionPipeline.from_pretrained(out / "dmd-2", use_safetensors=True)
+    assert pipe.unet is not None
+    c = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = c.get_run(result["mlflow_run_id"])
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} == {"bench.json", "bench.md", "quality_vs_nfe.png", "students"}
+    assert "students/dmd-2" in {a.path for a in c.list_artifacts(run.info.run_id, "students")}
+    assert "progressive_4.fid" in run.data.metrics and "dmd_1.fid_gap_floors.encoder" in run.data.metrics
+
+
+def test_bench_without_data_says_what_to_run(tmp_path):
+    r = CliRunner().invoke(app, ["bench", "--quick", "--workspace", str(tmp_path)])
+    assert r.exit_code != 0 and "redistill demo" in r.output
+
+
+def test_bench_refuses_an_unknown_method(digits_ws):
+    r = CliRunner().invoke(app, ["bench", "--quick", "--methods", "progressive,lcm2", "--workspace", str(digits_ws),
+                                 "--teacher", str(digits_ws)])
+    assert r.exit_code != 0 and "valid methods are" in r.output
