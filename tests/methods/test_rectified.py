@@ -119,13 +119,13 @@ def test_straightness_is_zero_for_a_straight_flow_and_positive_for_a_curved_one(
 def test_a_flow_matching_teacher_runs_the_whole_cycle_with_rectified(tmp_path, prefect_harness):
     # an empty workspace, a flow-matching teacher folder and unlabelled images: validated, distilled, evaluated
     # (the teacher at its own Euler sampler), gated, registered, exported, served and reproduced
-    from test_byo import _check_cycle_from_empty_workspace
+    from helpers_cycle import check_cycle_from_empty_workspace
 
     from redistill.data import shapes
 
     teacher = make_tiny_flow_pipeline(tmp_path / "teacher")
     data = shapes.write(tmp_path / "data", 80, size=8, channels=1, seed=1)
-    _check_cycle_from_empty_workspace(tmp_path / "ws", teacher, data, "rectified", False, tmp_path, reproduce=True)
+    check_cycle_from_empty_workspace(tmp_path / "ws", teacher, data, "rectified", False, tmp_path, reproduce=True)
 
 
 def test_the_flow_teacher_recipe_trains_a_stock_flow_matching_pipeline(tmp_path):
