@@ -11,17 +11,55 @@ judging.py, methods.py and operations.py (the section models), loader.py (params
 """
 
 from redistill.config.judging import CalibrateParams, EvaluateParams, GateParams, PsnrMinParams, ValidateParams
-from redistill.config.loader import (Params, _Yaml12Loader, gap_bounds_with, load_params, parse_params,
-                                     recorded_gap_bounds, recorded_model_name, settings_name_model, settings_set,
-                                     workspace, workspace_derived)
-from redistill.config.methods import (AdversarialParams, ConsistencyParams, DistillParams, DMDParams, OutputParams,
-                                      ProgressiveParams, RectifiedParams, StudentParams)
+from redistill.config.loader import (
+                                     Params,
+                                     _Yaml12Loader,
+                                     gap_bounds_with,
+                                     load_params,
+                                     parse_params,
+                                     recorded_gap_bounds,
+                                     recorded_model_name,
+                                     settings_name_model,
+                                     settings_set,
+                                     workspace,
+                                     workspace_derived,
+)
+from redistill.config.methods import (
+                                     AdversarialParams,
+                                     ConsistencyParams,
+                                     DistillParams,
+                                     DMDParams,
+                                     OutputParams,
+                                     ProgressiveParams,
+                                     RectifiedParams,
+                                     StudentParams,
+)
 from redistill.config.model import SETTINGS, ConfigError, same_as, settings, unknown_key
 from redistill.config.operations import DriftParams, RegistryParams, StackParams, WatchParams
-from redistill.config.sections import (ChampionParams, DemoParams, FeaturesParams, FinetuneParams, FlowTeacherParams,
-                                       PrepareParams, T2IDemoParams, T2ITeacherParams, TeacherParams)
-from redistill.config.tables import (ATTENTION, FEATURE_SPACE_KINDS, FEATURE_SPACES, FID_GAP_MAX, GENERATION_BATCH, LCM,
-                                     METHOD_FAMILY, METHODS, PRESETS, TEACHER_OBJECTIVES, resolve_targets)
+from redistill.config.sections import (
+                                     ChampionParams,
+                                     DemoParams,
+                                     FeaturesParams,
+                                     FinetuneParams,
+                                     FlowTeacherParams,
+                                     PrepareParams,
+                                     T2IDemoParams,
+                                     T2ITeacherParams,
+                                     TeacherParams,
+)
+from redistill.config.tables import (
+                                     ATTENTION,
+                                     FEATURE_SPACE_KINDS,
+                                     FEATURE_SPACES,
+                                     FID_GAP_MAX,
+                                     GENERATION_BATCH,
+                                     LCM,
+                                     METHOD_FAMILY,
+                                     METHODS,
+                                     PRESETS,
+                                     TEACHER_OBJECTIVES,
+                                     resolve_targets,
+)
 
 __all__ = [
     "ATTENTION", "FEATURE_SPACE_KINDS", "FEATURE_SPACES", "FID_GAP_MAX", "GENERATION_BATCH", "LCM", "METHOD_FAMILY",

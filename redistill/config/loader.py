@@ -19,8 +19,17 @@ from redistill.config.judging import CalibrateParams, EvaluateParams, GateParams
 from redistill.config.methods import DistillParams
 from redistill.config.model import ConfigError, settings, unknown_key
 from redistill.config.operations import DriftParams, RegistryParams, StackParams, WatchParams
-from redistill.config.sections import (ChampionParams, DemoParams, FeaturesParams, FinetuneParams, FlowTeacherParams,
-                                       PrepareParams, T2IDemoParams, T2ITeacherParams, TeacherParams)
+from redistill.config.sections import (
+    ChampionParams,
+    DemoParams,
+    FeaturesParams,
+    FinetuneParams,
+    FlowTeacherParams,
+    PrepareParams,
+    T2IDemoParams,
+    T2ITeacherParams,
+    TeacherParams,
+)
 
 
 class _Yaml12Loader(yaml.SafeLoader):
