@@ -60,7 +60,7 @@ STAGE_ENTRIES = {
     "teacher_flow": ["redistill.teachers.train"],
     "teacher_t2i": ["redistill.teachers.text_to_image"],
     "evaluate": ["redistill.evaluation.suite", "redistill.evaluation.spaces"],
-    "validate": ["redistill.data.validation", "redistill.tasks.validate"],
+    "validate": ["redistill.data.validation", "redistill.data.expectations"],
     "distill": ["redistill.methods"],
     "evaluate_student": ["redistill.evaluation.suite", "redistill.evaluation.spaces"],
     "drift": ["redistill.drift.detect", "redistill.evaluation.features"],

@@ -1,7 +1,7 @@
 """Data validation, the library half: a per-image table and the bands learnt from the reference.
 
-The great_expectations suite that runs over this table is built in `tasks/validate.py` (GX is not imported
-by the library). Every image file becomes one row, and a file that cannot be decoded still becomes a row
+The great_expectations suite that runs over this table is built in `redistill.data.expectations` (GX is
+imported inside its functions only). Every image file becomes one row, and a file that cannot be decoded still becomes a row
 (`readable = False`), so one broken image fails one expectation instead of stopping the table.
 
 Which bands validate a folder (`validation_basis`): `data/reference`'s, unless the folder is a representative set

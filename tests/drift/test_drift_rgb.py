@@ -120,7 +120,7 @@ def folders(tmp_path_factory):
 
 
 def test_gx_bands_are_learnt_per_channel_and_refuse_an_out_of_band_batch(folders, tmp_path):
-    from redistill.tasks.validate import validate_folder
+    from redistill.data.expectations import validate_folder
 
     root, ref = folders
     profile = reference_profile(image_table(ref), ValidateParams())
