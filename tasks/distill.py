@@ -120,7 +120,7 @@ def adopt_student(student: Path, sha256: str, teacher: Path, run_dir: Path) -> d
 def check_adapter_base(student: Path, teacher: Path) -> None:
     """A LoRA student is registered only beside the teacher its adapter was trained on (AdapterBaseMismatch, a
     ValueError the cycle records as the failed run's reason, otherwise)."""
-    from redistill.models.lora import adapter_meta, check_base
+    from redistill.models.adapter_files import adapter_meta, check_base
 
     if adapter_meta(student) is not None:
         check_base(student, teacher)
@@ -131,7 +131,8 @@ def registered_form(student: Path, run_dir: Path) -> Path:
     """What the registry keeps of a student: its whole folder, or for a LoRA student its adapter, scheduler and
     pointer to the base teacher (sha256 and path; redistill/lora.py), a few MB instead of a copy of the base.
     Everything that loads a registered student (evaluation, serving, export) rebuilds it on its base."""
-    from redistill.models.lora import adapter_meta, adapter_only
+    from redistill.models.adapter_files import adapter_meta
+    from redistill.models.lora import adapter_only
 
     if adapter_meta(student) is None:
         return Path(student)

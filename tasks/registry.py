@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from prefect import task
 
 from redistill.registry import client as registry
 from redistill.registry.client import tracking_uri
+from redistill.registry.queries import experiment_id as _experiment
 
 IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])  # the cycle applies `registry.retry_delays_s` instead
 
@@ -22,15 +22,6 @@ IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])  # the cycle applie
 def with_retries(t, delays: list[float]):
     """Task `t` retried once after each pause in `delays` (the settings' `registry.retry_delays_s`)."""
     return t.with_options(retries=len(delays), retry_delay_seconds=[float(d) for d in delays] or 0)
-
-
-def _experiment(c, name: str, root: Path) -> str:
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    # the embedded store keeps artifacts in the workspace; a tracking server decides for itself
-    location = (Path(root) / "mlartifacts").as_uri() if not os.environ.get("MLFLOW_TRACKING_URI") else None
-    return c.create_experiment(name, artifact_location=location)
 
 
 @task(name="open-run", **IO_RETRIES)

@@ -152,3 +152,18 @@ def load_encoder(folder: Path) -> Encoder:
     model = Encoder(cfg["channels"], cfg["dim"])
     model.load_state_dict(load_file(folder / WEIGHTS_FILE))
     return model.eval()
+
+
+def train_feature_spaces(root: Path, p, log=print) -> dict:
+    """Train and save a workspace's feature spaces (the `features` stage): the digit classifier, tested on
+    data/holdout, and the label-free encoder, both in data/features; returns their metrics."""
+    from redistill.data.images import load_image_folder
+    from redistill.evaluation.features import save_classifier, train_classifier
+
+    reference = load_image_folder(root / "data" / "reference")
+    model, metrics = train_classifier(p.features, reference, load_image_folder(root / "data" / "holdout"), log=log)
+    save_classifier(model, root / "data" / "features", {"params": vars(p.features), "metrics": metrics})
+    encoder, enc_metrics = train_encoder(reference.images, epochs=p.features.encoder_epochs, dim=p.features.encoder_dim,
+                                         seed=p.features.seed, log=log)
+    save_encoder(encoder, root / "data" / "features", {"params": vars(p.features), "metrics": enc_metrics})
+    return {**metrics, "encoder": enc_metrics}

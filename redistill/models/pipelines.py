@@ -1,12 +1,12 @@
 """Pipeline I/O for teachers and students: check, load (safetensors only), hash and save atomically.
 
-Pipelines are only ever loaded from safetensors, so no pickle from outside is ever run. The teacher's
-training recipe lives in `teacher_train.py` (the DVC `teacher` stage depends on that file alone).
+Pipelines are only ever loaded from safetensors, so no pickle from outside is ever run. The folder checks and the
+hash are `folders.py`, a LoRA adapter's files `adapter_files.py`; this module is the API callers import, and loads
+a LoRA student's registered form (its adapter) onto its base.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,77 +15,30 @@ from pathlib import Path
 
 import torch
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+from redistill.models.adapter_files import (
+    ADAPTER,
+    LORA_WEIGHTS,
+    adapter_meta,
+    check_base,
+    check_loaded,
+    is_adapter_only,
+    save_adapter,
+    student_scheduler,
+)
+from redistill.models.folders import (
+    PipelineError,
+    check_files,
+    check_pipeline_folder,
+    folder_size_bytes,
+    pipeline_sha256,
+)
+
+# the pipeline I/O API callers import from here, the folder checks and the hash included
+__all__ = ["PipelineError", "check_fits", "check_pipeline_folder", "folder_size_bytes", "load_adapter_only",
+           "load_pipeline", "pipeline_sha256", "save_pipeline", "validate_teacher"]
+
 OWN_PIPELINES = ("ClassConditionalPipeline",)  # pipeline classes redistill defines (redistill/models/class_pipeline.py)
 OWN_PIPELINE_FILE = "pipeline_redistill.py"  # their code, copied into an exported folder for loading without redistill
-
-
-class PipelineError(ValueError):
-    """A pipeline folder that cannot be used; the message says what is wrong and what to do."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading, checking and hashing pipeline folders
-# ---------------------------------------------------------------------------------------------------
-
-
-def check_pipeline_folder(path: Path) -> dict:
-    """Check that `path` is a diffusers pipeline folder with safetensors weights; returns model_index."""
-    path = Path(path)
-    if not path.is_dir():
-        raise PipelineError(f"{path} is not a folder; pass a diffusers pipeline folder (save_pretrained layout)")
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise PipelineError(
-            f"{path} is not a diffusers pipeline folder: it has no model_index.json. Pass the folder that "
-            "`pipeline.save_pretrained(...)` wrote, e.g. data/teachers/digits-ddpm"
-        )
-    try:
-        model_index = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{index} is not valid JSON ({e}); the pipeline folder is damaged") from e
-    _check_files(path)
-    for comp, spec in model_index.items():
-        if comp.startswith("_") or not isinstance(spec, list) or None in spec:
-            continue
-        sub = path / comp
-        if not sub.is_dir():
-            raise PipelineError(f"{sub} is missing: model_index.json lists the component {comp!r}. Copy the whole "
-                                "folder that `pipeline.save_pretrained(...)` wrote")
-        if not any((sub / c).is_file() for c in ("config.json", "scheduler_config.json", "tokenizer_config.json")):
-            raise PipelineError(f"{sub} has no config.json, scheduler_config.json or tokenizer_config.json; copy the "
-                                "whole pipeline folder")
-        pickles = [p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        tensors = [p.name for p in sub.iterdir() if p.suffix == ".safetensors"]
-        if pickles and not tensors:
-            raise PipelineError(
-                f"{sub} holds weights as {pickles[0]}, a pickle-based format that redistill never loads "
-                "(unpickling runs code). Re-save the pipeline with `save_pretrained(..., "
-                "safe_serialization=True)` to get .safetensors weights"
-            )
-    return model_index
-
-
-def _check_files(path: Path) -> None:
-    """Every file of the folder: inside it (no symlink out), complete (no partial download), and every
-    .safetensors file as long as its header says. Raises PipelineError naming the file."""
-    from redistill.core.files import PARTIAL_SUFFIXES, safetensors_problem  # shared with the watch's readiness check
-
-    root = path.resolve()
-    for f in sorted(path.rglob("*")):
-        rel = f.relative_to(path).as_posix()
-        if f.is_symlink():
-            target = f.resolve()
-            if root not in target.parents:
-                raise PipelineError(f"{path}/{rel} is a symlink to {target}, outside the pipeline folder; "
-                                    "copy the file into the folder instead of linking to it")
-        if f.name.endswith(PARTIAL_SUFFIXES) or f.name.startswith(".~"):
-            raise PipelineError(f"{path}/{rel} looks like a file still being written (a partial download); "
-                                "wait until the copy has finished, then run again")
-        if f.suffix == ".safetensors" and f.is_file():
-            problem = safetensors_problem(f)
-            if problem:
-                raise PipelineError(f"{path}/{rel}: {problem}. Copy or save the weights again")
 
 
 def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -93,10 +46,8 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    from redistill.models.lora import is_adapter_only, load_adapter_only
-
     if Path(path).is_dir() and is_adapter_only(Path(path)):  # a LoRA student as registered: its base + the adapter
-        _check_files(Path(path))
+        check_files(Path(path))
         pipe = load_adapter_only(Path(path), device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -125,6 +76,35 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
     pipe.to(device)
     if dtype is not None:
         pipe.unet.to(dtype)
+    return pipe
+
+
+def load_adapter_only(folder: Path, device: str | torch.device = "cpu"):
+    """A LoRA student's registered form as a pipeline: its base teacher (found where the pointer says, checked by
+    sha256) with the adapter fused into the UNet, the student's scheduler and sampling settings."""
+    folder = Path(folder)
+    meta = adapter_meta(folder)
+    base = meta.get("base_uri")
+    if not base or not Path(base).is_dir():
+        raise PipelineError(f"{folder} is a LoRA adapter whose base teacher (sha256 {meta.get('base_sha256')}) is not at "
+                            f"{base!r}; put the base teacher folder there, or load the adapter yourself with "
+                            "pipe.load_lora_weights on that base")
+    check_base(folder, Path(base))
+    pipe = load_pipeline(Path(base), device)
+    pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
+    check_loaded(pipe.unet, folder)
+    pipe.fuse_lora(adapter_names=[ADAPTER])
+    pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    sched = student_scheduler(folder)
+    if sched is None:
+        raise PipelineError(f"{folder} is a LoRA adapter without its student's scheduler (scheduler/ with a stock "
+                            "diffusers scheduler_config.json); the registered student is damaged")
+    pipe.scheduler = sched
+    sampling = folder / "redistill_sampling.json"
+    if sampling.is_file():
+        pipe.redistill_sampling = json.loads(sampling.read_text())
+    pipe.redistill_adapter_folder = str(folder)
+    pipe._redistill_adapter = None  # the base's adapter read the base's sampling settings: the student's hold now
     return pipe
 
 
@@ -178,23 +158,6 @@ def validate_teacher(path: Path, channels: int, size: tuple[int, int], probe: in
     }
 
 
-def pipeline_sha256(path: Path) -> str:
-    """sha256 over every file of a pipeline folder (weights and configs), with its relative path."""
-    path = Path(path)
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(p.relative_to(path).as_posix().encode() + b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def folder_size_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 def save_pipeline(pipe, out: Path, extra: dict[str, dict] | None = None) -> None:
     """Save a pipeline with safetensors weights atomically: written beside `out`, then renamed.
 
@@ -217,10 +180,9 @@ def save_pipeline(pipe, out: Path, extra: dict[str, dict] | None = None) -> None
         raise
 
 
-
 def _write_attachments(pipe, folder: Path) -> None:
     """What a student pipeline carries beside its components: how it is sampled (a text-to-image student:
-    redistill_sampling.json) and a LoRA student's adapter with its base's sha256 (redistill/lora.py)."""
+    redistill_sampling.json) and a LoRA student's adapter with its base's sha256 (adapter_files.py)."""
     sampling = getattr(pipe, "redistill_sampling", None)
     if sampling:
         from redistill.models.text_to_image import SAMPLING_FILE
@@ -228,8 +190,6 @@ def _write_attachments(pipe, folder: Path) -> None:
         (folder / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2) + "\n")
     lora = getattr(pipe, "redistill_lora", None)
     if lora:
-        from redistill.models.lora import save_adapter
-
         save_adapter(lora["unet"], folder, lora.get("base_sha256"), lora["rank"], lora.get("alpha"),
                      base_uri=lora.get("base_uri"))
 

@@ -81,7 +81,8 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
     from redistill.data.images import load_image_folder
     from redistill.evaluation import spaces as feature_spaces
     from redistill.methods import distill
-    from redistill.evaluation.suite import Side, evaluate, sample_store
+    from redistill.evaluation.sampling import sample_store
+    from redistill.evaluation.suite import Side, evaluate
     from redistill.models.pipelines import load_pipeline, save_pipeline
 
     t0 = time.perf_counter()
@@ -280,3 +281,33 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def log_bench(root: Path, result: dict, out: Path) -> str:
+    """Log the bench's figures, its students and its three files to MLflow (experiment `redistill-bench`); returns
+    the run id."""
+    from redistill.registry.client import client, tracking_uri
+
+    c = client(tracking_uri(root))
+    exp = c.get_experiment_by_name("redistill-bench")
+    exp_id = exp.experiment_id if exp else c.create_experiment("redistill-bench")
+    run = c.create_run(exp_id, tags={"redistill.bench": "quick" if result["quick"] else "full"})
+    rid = run.info.run_id
+    for k in ("quick", "num_samples", "reference_steps", "seed", "device", "threads"):
+        c.log_param(rid, k, result[k])
+    c.log_param(rid, "methods", ",".join(result["methods"]))
+    for r in result["rows"]:
+        name = ("teacher_" + r["sampler"] if r["kind"] == "teacher" else r["method"]) + f"_{r['steps']}"
+        for m in ("fid", "fid_ratio", "kid", "recognisable_share", "psnr_db", "ssim", "latency_ms_p50", "throughput_img_s",
+                  "speedup", "peak_mb", "distill_wall_s"):
+            if r[m] is not None:
+                c.log_metric(rid, f"{name}.{m}", float(r[m]))
+        for space, gap in (r.get("fid_gap_floors") or {}).items():
+            if gap is not None:
+                c.log_metric(rid, f"{name}.fid_gap_floors.{space}", float(gap))
+        if r.get("student"):  # the row's student, so it can be judged again or served later
+            c.log_artifacts(rid, r["student"], f"students/{Path(r['student']).name}")
+    for f in ("bench.json", "bench.md", "quality_vs_nfe.png"):
+        c.log_artifact(rid, str(out / f))
+    c.set_terminated(rid)
+    return rid

@@ -208,7 +208,7 @@ def requirements(student: Path) -> list[str]:
     """The served student's pip requirements: PINNED, plus transformers when a component of its pipeline (or of the
     base teacher of a LoRA adapter) is a transformers class (a text encoder, a tokenizer), plus peft for a LoRA
     adapter (diffusers' load_lora_weights needs it). Never redistill: its code travels with the model."""
-    from redistill.models.lora import adapter_meta, is_adapter_only
+    from redistill.models.adapter_files import adapter_meta, is_adapter_only
 
     student = Path(student)
     extra = []

@@ -279,3 +279,13 @@ def _ddpm_loss(unet, scheduler, p: TeacherParams, x0, noise, idx, y_all, num_cla
     if p.snr_gamma > 0:
         per_example = per_example * min_snr_weight(scheduler.alphas_cumprod, t, p.snr_gamma)
     return per_example.mean()
+
+
+def train_in_workspace(root: Path, recipe: TeacherParams, out: Path, data: Path, log: Callable[[str], None] = print,
+                       init: Path | None = None) -> dict:
+    """Train a teacher into `out` with `recipe` on the images in `data` (from `init` when given); its checkpoints
+    resume under <root>/runs/teacher/<name>/checkpoints."""
+    from redistill.data.images import load_image_folder, safe_name
+
+    ckpt = root / "runs" / "teacher" / safe_name(out.name) / "checkpoints"
+    return train_teacher(recipe, load_image_folder(data), out, ckpt, log=log, init=init)

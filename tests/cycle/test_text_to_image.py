@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from redistill.models.lora import LORA_META, LORA_WEIGHTS, AdapterBaseMismatch, add_lora, check_base, fused_copy, load_adapter
+from redistill.models.adapter_files import LORA_META, LORA_WEIGHTS, AdapterBaseMismatch, check_base
+from redistill.models.lora import add_lora, fused_copy, load_adapter
 from redistill.models import adapter_for
 from redistill.models.text_to_image import SAMPLING_FILE, TextToImageLatent
 from redistill.models.tiny_sd import tiny_sd_pipeline, write_clip_tokenizer
@@ -103,7 +104,7 @@ def test_latents_round_trip_and_samples_are_pictures(sd_teacher):
 
 
 def test_lora_fused_equals_unfused_and_adapter_refuses_another_base(sd_teacher, tmp_path):
-    from redistill.models.lora import save_adapter
+    from redistill.models.adapter_files import save_adapter
 
     pipe = load_pipeline(sd_teacher)
     unet = add_lora(fused_copy_safe(pipe.unet), 4)
@@ -136,7 +137,9 @@ def test_an_adapter_that_loads_only_in_part_is_refused(sd_teacher, tmp_path):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    from redistill.models.lora import load_adapter_only, lora_state, save_adapter
+    from redistill.models.adapter_files import save_adapter
+    from redistill.models.lora import lora_state
+    from redistill.models.pipelines import load_adapter_only
 
     unet = add_lora(fused_copy_safe(load_pipeline(sd_teacher).unet), 4)  # the default targets: lcm
     assert {"to_q", "conv1", "time_emb_proj"} <= set(unet.peft_config["redistill"].target_modules)
