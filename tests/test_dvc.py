@@ -50,7 +50,7 @@ def test_dvc_repro_prepare_rebuilds_the_locked_data(tmp_path):
 
 
 # the entry modules of each stage's command; the closure of what they import must be in the stage's deps.
-# redistill/cli.py (dispatch) and redistill/config.py (parsing params.yaml, whose keys each stage lists)
+# redistill/cli/ (dispatch) and redistill/config/ (parsing params.yaml, whose keys each stage lists)
 # are left out on purpose: listing them would re-run the 30-minute teacher stage on any CLI change.
 STAGE_ENTRIES = {
     "prepare": ["redistill.data.images"],
@@ -129,7 +129,7 @@ def test_every_stage_lists_the_code_it_runs():
 # --- params: each stage lists every params.yaml key its command reads, and `dvc status` sees a change to it ---
 
 def _stage_command(cmd: str) -> str:
-    """The cli.py function a stage's `cmd` runs: `redistill teacher train --out …` → `teacher_train`,
+    """The redistill/cli/ function a stage's `cmd` runs: `redistill teacher train --out …` → `teacher_train`,
     `redistill teacher text-to-image` → `teacher_text_to_image`."""
     words = cmd.split()
     assert words[0] == "redistill", cmd
@@ -142,7 +142,7 @@ def _stage_command(cmd: str) -> str:
 
 
 # `_settings` is dispatch: it parses params.yaml and sets the registry client's HTTP retries, which shape no
-# stage output (like redistill/cli.py and redistill/config.py among the code deps, it is left out).
+# stage output (like redistill/cli/ and redistill/config/ among the code deps, it is left out).
 NOT_READS = {"_settings"}
 
 
@@ -186,15 +186,28 @@ def _params_read(tree, fn_name: str, pname: str = "p", module: str = "redistill.
     return reads
 
 
+def _cli_module(fn_name: str):
+    """(parsed module, dotted name) of the redistill/cli/ module that defines the command function `fn_name`."""
+    import ast
+
+    found = []
+    for f in sorted((REPO / "redistill" / "cli").glob("*.py")):
+        tree = ast.parse(f.read_text())
+        if any(isinstance(n, ast.FunctionDef) and n.name == fn_name for n in tree.body):
+            found.append((tree, "redistill.cli" if f.stem == "__init__" else f"redistill.cli.{f.stem}"))
+    assert len(found) == 1, f"{fn_name} is defined in {len(found)} redistill/cli/ modules, not one"
+    return found[0]
+
+
 def test_every_stage_lists_the_params_it_reads():
     import ast
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    cli_tree = ast.parse((REPO / "redistill" / "cli" / "__init__.py").read_text())
     missing = {}
     for stage, spec in stages.items():
         listed = {str(e) for e in spec.get("params", [])}
-        for section, key in sorted(_params_read(cli_tree, _stage_command(spec["cmd"])), key=str):
+        tree, module = _cli_module(_stage_command(spec["cmd"]))
+        for section, key in sorted(_params_read(tree, _stage_command(spec["cmd"]), module=module), key=str):
             wanted = section if key is None else f"{section}.{key}"
             if section not in listed and wanted not in listed:
                 missing.setdefault(stage, []).append(wanted)

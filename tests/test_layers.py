@@ -44,3 +44,27 @@ def test_every_library_subpackage_is_in_the_wheel():
     found = {"redistill." + ".".join(p.parent.relative_to(root).parts) for p in root.rglob("__init__.py")
              if p.parent != root and "__pycache__" not in p.parts}
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
+
+
+def test_the_cli_only_parses_calls_and_prints():
+    """No file under redistill/cli/ imports mlflow, prefect or redistill.tasks (inside functions too): the library
+    and the flows do that work; and each file reads in one sitting (at most 250 lines)."""
+    import ast
+    from pathlib import Path
+
+    banned = ("mlflow", "prefect", "redistill.tasks")
+    files = sorted((Path(redistill.__file__).parent / "cli").glob("*.py"))
+    assert len(files) > 1
+    found, long = {}, {}
+    for f in files:
+        text = f.read_text()
+        if len(text.splitlines()) > 250:
+            long[f.name] = len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if any(name == b or name.startswith(b + ".") for b in banned):
+                    found.setdefault(f.name, []).append(name)
+    assert not found, f"redistill/cli/ imports what belongs to the library or the flows: {found}"
+    assert not long, f"redistill/cli/ files over 250 lines: {long}"
