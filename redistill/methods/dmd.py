@@ -30,22 +30,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from redistill.config import DMDParams, settings
 from redistill.methods.adversarial import Discriminator
-from redistill.models.lora import add_lora
 from redistill.methods.consistency import consistency_fn, lcm_scheduler, lora_export, lora_student, with_sampling
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
+from redistill.methods.training import Draws, Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
+from redistill.models.lora import add_lora
 from redistill.models.prediction import alpha_sigma, to_x0_eps
-
 
 STARTS = ("teacher", "output", "progressive")
 
@@ -62,23 +61,133 @@ def dmd_gradient(x_gen: torch.Tensor, p_real: torch.Tensor, p_fake: torch.Tensor
     return (p_fake - p_real) / norm
 
 
+def dmd_loss(x_gen: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The stop-gradient surrogate ½‖x̂ − sg(x̂ − grad)‖², whose gradient in x̂ is `grad` (DMD eq. 7)."""
+    return 0.5 * (x_gen - (x_gen - grad).detach()).pow(2).mean()
+
+
+def fake_score_loss(pred: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                    prediction_type: str) -> torch.Tensor:
+    """The fake score's denoising loss on generator samples `x0` noised with `eps`, in the teacher's parametrisation."""
+    target = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0}[prediction_type]
+    return (pred - target).pow(2).mean()
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The non-saturating GAN loss of the discriminator: real images score high, generated ones low."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def generator_gan_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The generator's non-saturating GAN loss: its noised samples should pass the discriminator as real."""
+    return F.softplus(-fake_logits).mean()
+
+
+def x0_estimate(output: torch.Tensor, z: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                prediction_type: str) -> torch.Tensor:
+    """x̂₀ of a score network's output on z_t."""
+    a, s = alpha_sigma(alphas_cumprod, t)
+    return to_x0_eps(output.float(), z, a, s, prediction_type)[0]
+
+
+@dataclass
+class Generator:
+    """G_θ as its sampler runs it: an LCM generator's i-th step, or a deterministic chain from pure noise."""
+
+    run: Trainer
+    model: Any  # the teacher's adapter
+    student: torch.nn.Module
+    timesteps: torch.Tensor  # gen_t: the generator's sampling timesteps (−1: the clean end of a chain)
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+    steps: int  # K
+    deterministic: bool  # a deterministic chain (start: output or progressive), else an LCM generator
+    x0_call: bool  # the output method's 1-step student: one x₀ call at T−1
+    backward_simulation: bool
+    real_score: torch.nn.Module  # the frozen teacher, whose block features the student's may match
+    fm: FeatureMatch
+    feature_loss: float
+
+    def sample(self, draw: Draws, grad: bool, x_real: torch.Tensor, cond) -> torch.Tensor:
+        """G_θ's output on a fresh input. A deterministic generator runs from pure noise, as it samples. An LCM
+        generator trains a random sampling step i (its input: `lcm_input`). With `grad` the student's block
+        features are recorded, and the teacher's on the same (z, t) for feature matching."""
+        if self.deterministic:
+            z = draw.noise()
+            with torch.set_grad_enabled(grad), self.fm.student():
+                x = self.chain(z, cond)
+            if grad and self.feature_loss > 0:
+                self.teacher_features(z, 0, cond)
+            return x
+        i = draw.index(len(self.timesteps))
+        z = self.lcm_input(draw, i, x_real, cond)
+        if not grad:
+            with torch.no_grad():
+                return self.lcm_x0(z, i, cond)
+        with self.fm.student():
+            x = self.lcm_x0(z, i, cond)
+        if self.feature_loss > 0:
+            self.teacher_features(z, i, cond)
+        return x
+
+    def lcm_input(self, draw: Draws, i: int, x_real: torch.Tensor, cond) -> torch.Tensor:
+        """The input of the LCM generator's step i: pure noise at step 0; later, the generator's own earlier steps
+        re-noised with fresh noise (DMD2's backward simulation), or real images noised to step i's timestep
+        (DMD2's few-step ImageNet setting)."""
+        if i == 0 or self.backward_simulation:
+            z = draw.noise()
+            with torch.no_grad():
+                for j in range(i):
+                    x0 = self.lcm_x0(z, j, cond)
+                    z = self.model.add_noise(x0, draw.noise(), self.timesteps[j + 1].expand(len(z)))
+            return z
+        return self.model.add_noise(x_real, draw.noise(), self.timesteps[i].expand(len(x_real)))
+
+    def teacher_features(self, z: torch.Tensor, i: int, cond) -> None:
+        """The teacher's block features on the same (z, t) as the student's call at step i."""
+        with torch.no_grad(), self.run.autocast(), self.fm.teacher():
+            self.model.output(self.real_score, z, self.timesteps[i].expand(len(z)), cond)
+
+    def lcm_x0(self, z: torch.Tensor, i: int, cond) -> torch.Tensor:
+        """The LCM generator's clean image at its i-th sampling step."""
+        t = self.timesteps[i].expand(len(z))
+        with self.run.autocast():
+            return consistency_fn(self.model, self.student, z, t, cond, self.prediction_type, self.alphas_cumprod).float()
+
+    def chain(self, z: torch.Tensor, cond) -> torch.Tensor:
+        """A deterministic generator: one x₀ call at T−1, or DDIM on its grid as the stock scheduler runs it
+        (x̂₀ clipped, the model's ε), back-propagated through every call."""
+        model, gen_t, ac = self.model, self.timesteps, self.alphas_cumprod
+        if self.x0_call:
+            with self.run.autocast():
+                return model.output(self.student, z, gen_t[0].expand(len(z)), cond).float()
+        for i in range(self.steps):
+            a, s = alpha_sigma(ac, gen_t[i].expand(len(z)))
+            a2, s2 = alpha_sigma(ac, gen_t[i + 1].expand(len(z)))
+            with self.run.autocast():
+                out = model.output(self.student, z, gen_t[i].expand(len(z)), cond).float()
+                x0_hat, eps = to_x0_eps(out, z, a, s, self.prediction_type)
+            z = a2 * x0_hat.clamp(-1, 1) + s2 * eps
+        return z
+
+
+def disc_logits(run: Trainer, disc, model, draw: Draws, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    """The discriminator's logits on `x` noised to `t`."""
+    with run.autocast():
+        return disc(model.add_noise(x, draw.noise(), t), t, cond).float()
+
+
 def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
             init: dict | None = None,
             teacher_sha256: str | None = None, pairs_dir: Path | None = None, teacher_uri: str | None = None,
             samples_dir: Path | None = None):
     """DMD2-distil `teacher` on images `data` in [0, 1]; returns (the teacher kind's stock pipeline + its
     scheduler, summary)."""
-    model = adapter_for(teacher)  # every network call, condition and the export go through it
+    model = adapter_for(teacher)  # every network call, condition, noising and the export go through it
     sched_cfg = teacher.scheduler.config
     ptype = sched_cfg.prediction_type
     T, K = sched_cfg.num_train_timesteps, cfg.target_steps
-    if cfg.start not in STARTS:
-        raise ValueError(f"distill.dmd.start must be one of {', '.join(STARTS)}, got {cfg.start!r}")
-    if not model.clips and (cfg.start != "teacher" or cfg.regression_weight > 0):
-        raise ValueError(f"a {model.kind} teacher is distilled by dmd from the teacher itself (distill.dmd.start: teacher, "
-                         "regression_weight: 0): the deterministic starts and the regression clip x̂₀ to pixel range")
-    if cfg.lora_rank and cfg.start != "teacher":
-        raise ValueError("a LoRA generator (distill.student.lora_rank > 0) starts as the teacher: set distill.dmd.start: teacher")
+    check_settings(cfg, model)
     clip = (lambda x: x.clamp(-1, 1)) if model.clips else (lambda x: x)  # a latent x̂₀ is not clipped
     chain = cfg.start != "teacher"  # a deterministic sampler: noise → image, paired with the teacher's output
     x0_call = chain and K == 1 and cfg.start == "output"  # the output method's 1-step student: x₀ at T−1
@@ -89,23 +198,12 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         from redistill.methods.progressive import check_grid
 
         check_grid(K, T, cfg.first_timestep)
-    sampler = lcm_scheduler(sched_cfg, cfg.solver_steps)
-    sampler.set_timesteps(K)
     keyed = cfg.regression_weight > 0 or cfg.start == "output"  # the teacher's pairs enter the run
     run = Trainer(ckpt_dir, {"method": "dmd", "config": asdict(cfg), "teacher_prediction": ptype,
                              **({"teacher": teacher_sha256} if keyed else {})},
                   cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     dev = run.device
-    # the generator's timesteps: LCM's (e.g. 959, 719, 479, 239); a deterministic chain's grid (959, 709,
-    # 459, 209, then the clean end −1); one x₀ call at T−1 for a 1-step output start
-    from redistill.methods.progressive import student_grid
-
-    if not chain:
-        gen_t = sampler.timesteps.to(dev)
-    elif x0_call:
-        gen_t = torch.tensor([T - 1, -1], device=dev)
-    else:
-        gen_t = student_grid(K, T, cfg.first_timestep).to(dev)
+    gen_t = generator_timesteps(sched_cfg, cfg, chain, x0_call).to(dev)
     alphas_cumprod = model.alphas_cumprod.to(dev)
     x_all = model.to_model_space(data).to(dev)  # pixels in [−1, 1], or a latent teacher's VAE latents
     shape = tuple(x_all.shape[1:])
@@ -119,13 +217,13 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
                                                        Path(pairs_dir or "data/pairs"), log, samples_dir)
         pairs = (noise.to(dev), x0.to(dev), None if cond is None else cond.to(dev))
     real_score = frozen(copy.deepcopy(teacher.unet)).to(dev)
-    # 1. Generator and fake score both start as the teacher (DMD section 3.1); or the generator starts as a
-    #    deterministic few-step student distilled first (DMD1 starts from a regression-trained generator):
-    #    the output-distilled one, or the progressive one.
+    # Generator and fake score both start as the teacher (DMD section 3.1); or the generator starts as a
+    # deterministic few-step student distilled first (DMD1 starts from a regression-trained generator): the
+    # output-distilled one, or the progressive one.
     if chain and init is None and not run.resume_path:
         init = _first_student(teacher, data, cfg, ckpt_dir, log, teacher_sha256, pairs_dir, run.main, samples_dir)
-    #    A LoRA student (DMD2 on SDXL trains adapters too): the generator and the fake score are each the
-    #    teacher plus an adapter of their own.
+    # A LoRA student (DMD2 on SDXL trains adapters too): the generator and the fake score are each the teacher plus
+    # an adapter of their own.
     if cfg.lora_rank:
         student = lora_student(real_score, cfg, init)
         fake_score = add_lora(copy.deepcopy(real_score), cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_targets)
@@ -145,129 +243,63 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     gen = torch.Generator().manual_seed(cfg.seed)
     ph = Phase(0, f"dmd (steps at {gen_t.tolist()}, {cfg.fake_updates} fake updates)", cfg.steps, models,
                optimizers, {"student": ema}, gen)
-
-    # every draw is of the global batch, and this process keeps its shard (Trainer.shard)
-    def randint(high, low=0):
-        return run.shard(torch.randint(low, high, (cfg.batch_size,), generator=gen).to(dev))
-
-    def pick(high):  # one number for the whole batch (the same in every process)
-        return int(torch.randint(0, high, (1,), generator=gen))
-
-    def randn():
-        return run.shard(torch.randn((cfg.batch_size, *shape), generator=gen).to(dev))
-
-    def noised(x, t):
-        a, s = alpha_sigma(alphas_cumprod, t)
-        eps = randn()
-        return a * x + s * eps, eps
-
-    def x0_of(call, unet, z, t, c):
-        a, s = alpha_sigma(alphas_cumprod, t)
-        return to_x0_eps(call(unet, z, t, c).float(), z, a, s, ptype)[0]
-
-    def g(z, i, c):
-        """The LCM generator's clean image at its i-th sampling step."""
-        t = gen_t[i].expand(len(z))
-        with run.autocast():
-            return consistency_fn(model, student, z, t, c, ptype, alphas_cumprod).float()
-
-    def run_chain(z, c):
-        """A deterministic generator: one x₀ call at T−1, or DDIM on its grid as the stock scheduler runs it
-        (x̂₀ clipped, the model's ε), back-propagated through every call."""
-        if x0_call:
-            with run.autocast():
-                return model.output(student, z, gen_t[0].expand(len(z)), c).float()
-        for i in range(K):
-            a, s = alpha_sigma(alphas_cumprod, gen_t[i].expand(len(z)))
-            a2, s2 = alpha_sigma(alphas_cumprod, gen_t[i + 1].expand(len(z)))
-            with run.autocast():
-                x0_hat, eps = to_x0_eps(model.output(student, z, gen_t[i].expand(len(z)), c).float(), z, a, s, ptype)
-            z = a2 * x0_hat.clamp(-1, 1) + s2 * eps
-        return z
-
-    def generate(grad: bool, x_real: torch.Tensor, c):
-        # 2. The generator's input. A deterministic generator runs from pure noise, as it samples. An LCM
-        #    generator trains a random sampling step i: step 0 starts from pure noise, later ones either from
-        #    the generator's own earlier steps re-noised with fresh noise (DMD2's backward simulation) or
-        #    from real images noised to step i's timestep (DMD2's few-step ImageNet setting).
-        if chain:
-            z = randn()
-            with torch.set_grad_enabled(grad), fm.student():
-                x = run_chain(z, c)
-            if grad and cfg.feature_loss > 0:  # the teacher's block features on the same (z, t) as the student's first call
-                with torch.no_grad(), run.autocast(), fm.teacher():
-                    model.output(real_score, z, gen_t[0].expand(len(z)), c)
-            return x
-        i = pick(len(gen_t))
-        if i == 0 or cfg.backward_simulation:
-            z = randn()
-            with torch.no_grad():
-                for j in range(i):
-                    z, _ = noised(g(z, j, c), gen_t[j + 1].expand(len(z)))
-        else:
-            z, _ = noised(x_real, gen_t[i].expand(len(x_real)))
-        if not grad:
-            with torch.no_grad():
-                return g(z, i, c)
-        with fm.student():
-            x = g(z, i, c)
-        if cfg.feature_loss > 0:  # the teacher's block features on the same (z, t) as the student's
-            with torch.no_grad(), run.autocast(), fm.teacher():
-                model.output(real_score, z, gen_t[i].expand(len(z)), c)
-        return x
-
-    def disc_logits(x, t, c):
-        with run.autocast():
-            return disc(noised(x, t)[0], t, c).float()
+    draw = Draws(gen, run, cfg.batch_size, shape, dev)
+    g = Generator(run, model, student, gen_t, alphas_cumprod, ptype, K, chain, x0_call, cfg.backward_simulation,
+                  real_score, fm, cfg.feature_loss)
 
     def step():
+        # 1. A real batch and its conditions (the batch's captions, or drawn conditions; else None).
         i_real = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
         x_real = x_all[i_real.to(dev)]
-        c = model.conditions_at(i_real, cfg.batch_size, gen, dev)  # the batch's captions, or drawn conditions; else None
+        c = model.conditions_at(i_real, cfg.batch_size, gen, dev)
         x_real, c = run.shard(x_real, c)
-        # 3. Two time-scale rule: the fake score (and the discriminator) take `fake_updates` steps on fresh
+        # 2. Two time-scale rule: the fake score (and the discriminator) take `fake_updates` steps on fresh
         #    generator samples: the denoising loss in the teacher's parametrisation.
         for _ in range(cfg.fake_updates):
-            x_gen = generate(False, x_real, c)
-            t = randint(sched_cfg.num_train_timesteps)
-            z, eps = noised(x_gen, t)
+            x_gen = g.sample(draw, False, x_real, c)
+            t = draw.integers(T)
+            eps = draw.noise()
+            z = model.add_noise(x_gen, eps, t)
             a, s = alpha_sigma(alphas_cumprod, t)
             with run.autocast():
                 pred = model.output(fake_score, z, t, c).float()
-            target = {"epsilon": eps, "v_prediction": a * eps - s * x_gen, "sample": x_gen}[ptype]
-            l_fake = (pred - target).pow(2).mean()
+            l_fake = fake_score_loss(pred, eps, x_gen, a, s, ptype)
             run.backward(l_fake, fake_score, opt_fake)
             if disc is not None:  # real images against generated ones, both noised to t ~ U{t_min..t_max}
-                t_d = randint(cfg.t_max, cfg.t_min)
-                l_disc = (F.softplus(-disc_logits(x_real, t_d, c)).mean() + F.softplus(disc_logits(x_gen, t_d, c)).mean())
+                t_d = draw.integers(cfg.t_max, cfg.t_min)
+                real = disc_logits(run, disc, model, draw, x_real, t_d, c)
+                l_disc = discriminator_loss(real, disc_logits(run, disc, model, draw, x_gen, t_d, c))
                 run.backward(l_disc, disc.heads, opt_disc)
-        # 4. Generator step: the distribution-matching gradient (p_fake − p_real) / mean|x̂ − p_real|,
-        #    applied through the stop-gradient surrogate ½‖x̂ − sg(x̂ − grad)‖² (DMD eq. 7 and 8).
-        x_gen = generate(True, x_real, c)
-        t = randint(cfg.t_max, cfg.t_min)
-        z, _ = noised(x_gen.detach(), t)
+        # 3. The generator's output on a fresh input, with gradients.
+        x_gen = g.sample(draw, True, x_real, c)
+        # 4. Distribution matching: the real and the fake score's x̂₀ on the noised output give the gradient
+        #    (p_fake − p_real) / mean|x̂ − p_real|, applied through the stop-gradient surrogate (DMD eq. 7 and 8).
+        t = draw.integers(cfg.t_max, cfg.t_min)
+        z = model.add_noise(x_gen.detach(), draw.noise(), t)
         with torch.no_grad(), run.autocast():
             # both x̂₀ clipped to the data range, as the teacher's sampler clips them: unclipped, the ε models'
             # x̂₀ at high t (÷ α_t ≈ 0.03) made the gradient noisy and the class mix drifted (README "Measured figures")
             # the real score is the teacher as its sampler uses it (guidance folded in); the fake score is plain
-            grad = dmd_gradient(x_gen.detach(), clip(x0_of(model.teacher_output, real_score, z, t, c)),
-                                clip(x0_of(model.output, fake_score, z, t, c)))
-        l_dmd = 0.5 * (x_gen - (x_gen - grad).detach()).pow(2).mean()
+            p_real = clip(x0_estimate(model.teacher_output(real_score, z, t, c), z, t, alphas_cumprod, ptype))
+            p_fake = clip(x0_estimate(model.output(fake_score, z, t, c), z, t, alphas_cumprod, ptype))
+            grad = dmd_gradient(x_gen.detach(), p_real, p_fake)
+        l_dmd = dmd_loss(x_gen, grad)
         l_feat = fm.loss()
         loss = l_dmd + l_feat
         losses = {"dmd": l_dmd.item(), "fake": l_fake.item(), **({"feature": float(l_feat.detach() if torch.is_tensor(l_feat) else l_feat)} if cfg.feature_loss > 0 else {})}
         # 5. GAN term on real images: the generator's noised samples should pass the discriminator as real.
         if disc is not None:
-            t_d = randint(cfg.t_max, cfg.t_min)
-            l_gan = F.softplus(-disc_logits(x_gen, t_d, c)).mean()
+            t_d = draw.integers(cfg.t_max, cfg.t_min)
+            l_gan = generator_gan_loss(disc_logits(run, disc, model, draw, x_gen, t_d, c))
             loss = loss + cfg.gan_weight * l_gan
             losses["gan"], losses["disc"] = l_gan.item(), l_disc.item()
         # 6. DMD1's regression: from a cached noise, the deterministic generator should land on the teacher's output.
         if pairs is not None:
-            idx = randint(len(pairs[0]))
-            l_reg = (run_chain(pairs[0][idx], None if pairs[2] is None else pairs[2][idx]) - pairs[1][idx]).pow(2).mean()
+            idx = draw.integers(len(pairs[0]))
+            l_reg = (g.chain(pairs[0][idx], None if pairs[2] is None else pairs[2][idx]) - pairs[1][idx]).pow(2).mean()
             loss = loss + cfg.regression_weight * l_reg
             losses["reg"] = l_reg.item()
+        # 7. One generator update and its EMA (the Trainer checkpoints and logs around each step).
         run.backward(loss, student, opt, ema)
         return losses
 
@@ -275,8 +307,8 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     fm.remove()
     if disc is not None:
         disc.features.remove()
-    # 7. Export the EMA generator with the stock sampler that runs it: LCM's multistep sampler; the output
-    #    method's one DDIM step that returns its x₀; or DDIM on the deterministic chain's grid.
+    # Export the EMA generator with the stock sampler that runs it: LCM's multistep sampler; the output method's
+    # one DDIM step that returns its x₀; or DDIM on the deterministic chain's grid.
     ema.copy_to(student.parameters())
     summary = {"method": "dmd", "config": asdict(cfg), "final_losses": losses, **sizes(real_score, student),
                "student_timesteps": [t for t in gen_t.tolist() if t >= 0], "wall_time_s": run.finish(),
@@ -296,6 +328,32 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     from redistill.methods.progressive import student_scheduler
 
     return model.export(student, student_scheduler(sched_cfg, ptype, cfg.first_timestep, K)), summary
+
+
+def check_settings(cfg: DMDConfig, model) -> None:
+    """Refuse settings this teacher's kind cannot serve, before anything trains."""
+    if cfg.start not in STARTS:
+        raise ValueError(f"distill.dmd.start must be one of {', '.join(STARTS)}, got {cfg.start!r}")
+    if not model.clips and (cfg.start != "teacher" or cfg.regression_weight > 0):
+        raise ValueError(f"a {model.kind} teacher is distilled by dmd from the teacher itself (distill.dmd.start: teacher, "
+                         "regression_weight: 0): the deterministic starts and the regression clip x̂₀ to pixel range")
+    if cfg.lora_rank and cfg.start != "teacher":
+        raise ValueError("a LoRA generator (distill.student.lora_rank > 0) starts as the teacher: set distill.dmd.start: teacher")
+
+
+def generator_timesteps(sched_cfg, cfg: DMDConfig, chain: bool, x0_call: bool) -> torch.Tensor:
+    """The generator's timesteps: LCM's (e.g. 959, 719, 479, 239); a deterministic chain's grid (959, 709, 459, 209,
+    then the clean end −1); one x₀ call at T−1 for a 1-step output start."""
+    from redistill.methods.progressive import student_grid
+
+    T, K = sched_cfg.num_train_timesteps, cfg.target_steps
+    if not chain:
+        sampler = lcm_scheduler(sched_cfg, cfg.solver_steps)
+        sampler.set_timesteps(K)
+        return sampler.timesteps
+    if x0_call:
+        return torch.tensor([T - 1, -1])
+    return student_grid(K, T, cfg.first_timestep)
 
 
 def _output_dir(ckpt_dir: Path) -> Path:

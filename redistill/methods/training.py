@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -300,6 +300,30 @@ class Trainer:
         if self.main:
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         return round(self.elapsed, 1)
+
+
+@dataclass
+class Draws:
+    """Every random draw of a step, in order, from the phase's generator: each of the global batch, of which this
+    process keeps its shard (Trainer.shard)."""
+
+    gen: torch.Generator
+    run: Trainer
+    batch: int
+    shape: tuple
+    device: Any
+
+    def integers(self, high: int, low: int = 0) -> torch.Tensor:
+        """Integers in [low, high), one per batch row (timesteps, indices)."""
+        return self.run.shard(torch.randint(low, high, (self.batch,), generator=self.gen).to(self.device))
+
+    def noise(self) -> torch.Tensor:
+        """Standard normal noise of the batch's shape."""
+        return self.run.shard(torch.randn((self.batch, *self.shape), generator=self.gen).to(self.device))
+
+    def index(self, high: int) -> int:
+        """One number for the whole batch (the same in every process)."""
+        return int(torch.randint(0, high, (1,), generator=self.gen))
 
 
 def quiet(message: str) -> None:
