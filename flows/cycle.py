@@ -10,8 +10,19 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from redistill.core.failpoints import failpoint
 from redistill.tasks.concurrency import api_url, one_at_a_time
+from redistill.tasks.cycle import (
+    bounded_http,
+    cycle_card,
+    cycle_inputs,
+    failpoint,
+    inputs_changed,
+    note_unrecorded_failure,
+    registry_version_for,
+    servers_in_trouble,
+    settle_key,
+    stopped_by_servers,
+)
 from redistill.tasks.distill import adopt_student, distill_student, registered_form, warm_start
 from redistill.tasks.evaluate import evaluate_student, quality_vs_steps
 from redistill.tasks.gate import gate_student
@@ -31,12 +42,10 @@ from redistill.tasks.registry import (
 )
 from redistill.tasks.events import emit
 from redistill.tasks.validate import check_teacher, validate_data
+from redistill.tasks.watch import watch_data, watch_teacher
 
 from redistill.config import Params, load_params, workspace
 from redistill.evaluation.suite import sample_store
-from redistill.registry.model_card import cycle_card
-from redistill.registry.client import configure_http
-from redistill.cycle.runs import inputs_changed, note_unrecorded_failure, servers_in_trouble, stopped_by_servers
 
 
 class CycleStopped(RuntimeError):
@@ -199,13 +208,6 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
             "reasons": decision["reasons"], "metrics": result, "distill": summary, "deduplicated": False}
 
 
-def registry_version_for(root: Path, name: str, key: str) -> bool:
-    """Whether a version is registered for `key` (an error after registering must not mark the run FAILED)."""
-    from redistill.registry.client import client, find_by_key, tracking_uri
-
-    return bool(find_by_key(client(tracking_uri(root)), name, key))
-
-
 def locked_cycle(inputs: dict, p: Params, root: Path, trigger: str, force: bool = False,
                  trigger_info: dict | None = None) -> dict:
     """The cycle under the one-distillation-at-a-time slot, checking the key again once the slot is held.
@@ -213,16 +215,10 @@ def locked_cycle(inputs: dict, p: Params, root: Path, trigger: str, force: bool 
     Simultaneous triggers with the same key queue on the slot; the first distils and registers, the
     others find its decision when their turn comes and return it.
     """
-    from redistill.cycle.runs import earlier_decision, recover
-    from redistill.registry.client import client, tracking_uri
-
     with one_at_a_time(root):
-        c = client(tracking_uri(root))
-        recover(c, p.registry.student_name, p.registry.experiment, inputs["key"], root)  # the slot is ours: any RUNNING run of this key is dead
-        if not force:
-            earlier = earlier_decision(c, p.registry.student_name, inputs["key"])
-            if earlier is not None:
-                return earlier
+        earlier = settle_key(root, p, inputs["key"], force)
+        if earlier is not None:
+            return earlier
         return cycle(inputs, p, root, trigger, trigger_info)
 
 
@@ -232,11 +228,8 @@ def nightly(workspace_dir: str | None = None, params_file: str | None = None) ->
 
     Identical inputs return the earlier decision in seconds, so a night with nothing new costs nothing.
     """
-    from redistill.cycle.runs import resolve_inputs
-    from redistill.watch.policy import current_data, current_teacher
-
     root = workspace(workspace_dir)
     p = load_params(params_file, root)
-    configure_http(p.registry.http_retries, p.registry.http_timeout_s)  # as the CLI does: bounded MLflow retries
-    inputs = resolve_inputs(current_teacher(root, p.teacher.name), current_data(root), p, root)
+    bounded_http(p)  # as the CLI does: bounded MLflow retries
+    inputs = cycle_inputs(watch_teacher(root, p.teacher.name), watch_data(root), p, root)
     return locked_cycle(inputs, p, root, "schedule")  # a stopped cycle fails the flow run, with its reason

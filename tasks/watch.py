@@ -1,7 +1,8 @@
 """The watch's units of work: teacher integrity, drift tests, the champion's fit check, the representative set.
 
 Each returns a plain dict (a result, not an exception, for a broken teacher or a drifted batch), so the watch
-flow records the outcome and keeps going. MLflow I/O retries.
+flow records the outcome and keeps going. MLflow I/O retries. The plain functions at the end are the watch's
+cheap reads and its state file: not worth a task run each.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from redistill.registry import client as registry
 from redistill.config import DriftParams, GateParams, Params
+from redistill.data.images import DataError  # noqa: F401  (update_representative raises it; the flow catches it)
+from redistill.registry import client as registry
 from redistill.registry.client import PREFIX, tracking_uri
+from redistill.watch.policy import fit_verdict
+from redistill.watch.scan import Scan, current_data, current_teacher, scan, signature
+from redistill.watch.state import WatchState
 
 IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])
 
@@ -25,7 +30,7 @@ IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])
 def inspect_teacher(path: Path, data: Path, method: str | None = None) -> dict:
     """Content hash plus the integrity checks: loads from safetensors, fits the data, finite probe outputs, and
     is a kind that `method` (distill.method) can distil, so a teacher no cycle could use never becomes current."""
-    from redistill.data.images import DataError, load_image_folder
+    from redistill.data.images import load_image_folder
     from redistill.methods import refuses
     from redistill.models.pipelines import PipelineError, pipeline_sha256, validate_teacher
 
@@ -137,10 +142,7 @@ def champion_fit(root: Path, p: Params, batch: Path, out_dir: Path) -> dict | No
                                   Path(out_dir), sample_store(root))
     gate: GateParams = dataclasses.replace(p.gate, first_run="absolute")
     decision = judge(result, None, gate, method=champ.tags.get(PREFIX + "method"))
-    checks = [c for c in decision.checks if c.kind == "absolute"]
-    passed = all(c.passed for c in checks)
-    reasons = "; ".join(f"{'pass' if c.passed else 'FAIL'} {c.name} {c.value if c.value is None else round(c.value, 4)} "
-                        f"{c.op} {c.bound}" for c in checks)
+    passed, reasons = fit_verdict(decision.checks)
     (Path(out_dir) / "fit.json").write_text(json.dumps({"version": str(champ.version), "passed": passed,
                                                         "reasons": reasons, "metrics": result}, indent=2) + "\n")
     create_markdown_artifact(key="redistill-champion-fit", description="champion re-checked after drift",
@@ -166,9 +168,8 @@ def update_representative(root: Path, base: Path, batch: Path, batch_name: str) 
 
     from redistill.core.files import swap_in
     from redistill.data.images import dir_md5, merge_batch
+    from redistill.data.validation import GROWN_FROM, grown_from
     from redistill.registry.lineage import dvc_add
-    from redistill.data.validation import GROWN_FROM
-    from redistill.watch.policy import grown_from
 
     out = Path(root) / "data" / "representative"
     record = grown_from(root, base, batch, batch_name)
@@ -211,4 +212,36 @@ def fetch_registered_teacher(root: Path, model: str, which: str, seen: str | Non
                 inner = [p.parent for p in local.rglob("model_index.json")]
                 local = inner[0] if len(inner) == 1 else local
             shutil.move(str(local), str(out))
-    return {"name": out.name, "path": str(out), "version": str(mv.version), "model": model, "alias": which}
+    return {"name": out.name, "path": str(out), "version": str(mv.version), "model": model, "alias": which,
+            "signature": signature(out)[0]}
+
+
+def load_watch_state(root: Path) -> WatchState:
+    """The watch state of the workspace (a damaged file raises ValueError saying what to do)."""
+    return WatchState.load(root)
+
+
+def save_watch_state(root: Path, state: WatchState) -> None:
+    """Write the watch state whole."""
+    state.save(root)
+
+
+def look_for_changes(root: Path, settle_seconds: float, state: WatchState, what: tuple[str, ...]) -> Scan:
+    """Teacher folders and incoming batches that changed since `state` (folder listings and stats only)."""
+    return scan(root, settle_seconds, state, look=what)
+
+
+def watch_data(root: Path) -> Path:
+    """The representative set cycles and drift tests use now."""
+    return current_data(root)
+
+
+def watch_teacher(root: Path, default_name: str, state: WatchState | None = None) -> Path:
+    """The teacher cycles use now: the newest the watch accepted, else data/teachers/<default_name>."""
+    return current_teacher(root, default_name, state)
+
+
+def drift_report_dir(root: Path, batch: str) -> str | None:
+    """The newest drift report folder of `batch` (a deferred episode acts on the report its batch left)."""
+    found = sorted((Path(root) / "runs" / "watch" / "drift").glob(f"{batch}-*"))
+    return str(found[-1]) if found else None

@@ -68,3 +68,30 @@ def test_the_cli_only_parses_calls_and_prints():
                     found.setdefault(f.name, []).append(name)
     assert not found, f"redistill/cli/ imports what belongs to the library or the flows: {found}"
     assert not long, f"redistill/cli/ files over 250 lines: {long}"
+
+
+# Flows only wire: they import tasks, other flows, the settings and these pure policy modules (decisions that take
+# data and return a decision). `redistill.evaluation.sampling` is there for `sample_store`, the samples folder's path.
+FLOW_ALLOWED = ("redistill.tasks", "redistill.flows", "redistill.config", "redistill.watch.policy",
+                "redistill.evaluation.sampling")
+
+
+def _imported(path):
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+
+
+def test_flows_import_only_tasks_settings_and_policy_and_tasks_no_flows():
+    from pathlib import Path
+
+    repo = Path(redistill.__file__).parent.parent
+    bad = {f"{f.name}: {m}" for f in (repo / "flows").glob("*.py") for m in _imported(f)
+           if m.split(".")[0] == "redistill" and not any(m == a or m.startswith(a + ".") for a in FLOW_ALLOWED)}
+    bad |= {f"{f.name}: {m}" for f in (repo / "tasks").glob("*.py") for m in _imported(f)
+            if m == "redistill.flows" or m.startswith("redistill.flows.")}
+    assert not bad, f"flows import only tasks, settings and pure policy; tasks never import flows: {sorted(bad)}"

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from redistill.config import ValidateParams
-from redistill.data.images import IMAGE_SUFFIXES, DataError, dir_md5, read_captions, read_label_map, read_png
+from redistill.data.images import IMAGE_SUFFIXES, DataError, dir_md5, read_captions, read_label_map, read_png, safe_name
 
 GROWN_FROM = "grown_from.json"  # inside a grown representative set: the reference and batches it grew from
 MAX_CHANNELS = 3  # read_png gives grey (1) or RGB (3) images
@@ -218,6 +218,24 @@ def read_grown_from(folder: Path) -> dict | None:
                         f"accepted. Restore it with `dvc checkout {Path(folder).name}.dvc`, or remove the folder and "
                         "its .dvc file so cycles use data/reference again")
     return record
+
+
+def grown_from(root: Path, base: Path, batch: Path, batch_name: str) -> dict:
+    """The record a representative set grown from `base` by `batch` carries (`grown_from.json`): the reference
+    it grew from, by md5 (that of `base` when `base` is the reference, else the one `base` grew from), and every
+    batch accepted into it since, with the file prefix its images have in the set. Validation reads it."""
+    root, base = Path(root), Path(base)
+    before = read_grown_from(base)
+    if before is None and base.resolve() != (root / "data" / "reference").resolve():
+        raise DataError(f"{base} has no {GROWN_FROM}: an older redistill grew it, so what it grew from is unknown and "
+                        f"it cannot be validated honestly. Remove it and {base.name}.dvc; the watch then grows the "
+                        "representative set from data/reference again")
+    before = before or {"reference": {"path": "data/reference", "md5": dir_md5(base)}, "batches": []}
+    entry = {"name": safe_name(batch_name), "prefix": safe_name(batch_name) + "__", "md5": dir_md5(batch),
+             "images": sum(1 for p in Path(batch).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)}
+    return {"reference": before["reference"], "batches": before["batches"] + [entry],
+            "note": "written by `redistill watch` when it grew this set: validation uses the bands of this reference "
+                    "widened by these batches' own bands, and refuses when the reference on disk has another md5"}
 
 
 def validation_basis(folder: Path, reference: Path) -> dict:

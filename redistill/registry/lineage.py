@@ -115,14 +115,9 @@ def lineage(c, name: str, mv, root: Path | None = None) -> dict:
     teacher_uri, teacher_sha = tag("teacher_uri"), tag("teacher_sha256")
     registered = (detail or {}).get("teacher_registry") if isinstance(detail, dict) else None
     if registered is None and root is not None:
-        from redistill.watch.policy import load_state
+        from redistill.core.watch_state import registered_teacher
 
-        try:
-            for t in load_state(root)["teachers"].values():
-                if t.get("sha256") == teacher_sha and t.get("registry"):
-                    registered = t["registry"]
-        except ValueError:
-            pass
+        registered = registered_teacher(root, teacher_sha)
     trigger_files = [a.path for a in c.list_artifacts(mv.run_id, "trigger")]
     commit = tag("git_commit") or ""
     return {

@@ -1,216 +1,291 @@
-"""What changed since the last look: new teacher folders and new incoming batches, found cheaply.
+"""The watch's decisions, as pure functions: `plan(state, observation) -> actions`.
 
-`scan` only lists folders and stats files, so "nothing changed" costs milliseconds: no model is loaded, no
-Prefect server starts, no file is hashed. Its findings go to the watch flow (`flows/watch.py`), which does
-the expensive checks (teacher integrity, drift tests) and records the outcome in the watch state.
+The watch flow (`flows/watch.py`) observes (scans folders, inspects teachers, tests batches for drift, re-checks the
+champion), hands each observation to `plan`, and executes the actions it returns; `plan` updates the state in
+memory and never reads a file, a clock or a server, so every decision is tested on hand-built states.
 
-A teacher folder is taken only when it is complete and stable:
-- nothing in it changed for `watch.settle_seconds`, and no partial-download file (`*.tmp`, `*.part`,
-  `*.incomplete`, `*.lock`) is in it;
-- it has a `model_index.json`, and every `.safetensors` file is as long as its own header says
-  (a truncated file is caught here, before anything loads it).
-A folder that is still settling is "pending" and looked at again next time; a settled but broken one is
-"bad", recorded with its reason, and skipped until its contents change.
-
-The state lives in `<workspace>/runs/watch/state.json`, written atomically.
+- Teachers: a broken one is refused and skipped until its contents change; one whose weights the registry or the
+  state already know is "known"; of several new ones in one look only the newest is distilled.
+- Drift episodes, with hysteresis and cooldown (`on_batch`): a drifted batch opens an episode, which acts once (the
+  champion first, re-distillation only when it is no longer fit); `drift.clear_batches` clean batches in a row close
+  it; an episode opened inside `drift.cooldown_hours` of the last re-distillation waits for the cooldown to end.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from redistill.core.files import PARTIAL_SUFFIXES, safetensors_problem  # noqa: F401  (shared with teacher.py)
-STATE_VERSION = 1
+from redistill.watch.scan import LOOKS, Finding  # noqa: F401  (LOOKS: what a look covers)
+from redistill.watch.state import Episode, WatchState
+
+# ---------------------------------------------------------------------------------------------------
+# What the flow observed
+# ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Finding:
-    """One thing the scan found: a teacher or an incoming batch, and how ready it is."""
+class TeachersInspected:
+    """The teacher findings of one look, what inspecting the ready ones said, and the weights already distilled."""
 
-    kind: str  # "teacher" or "batch"
-    name: str  # folder name (sanitised)
+    findings: list[Finding]
+    facts: dict[str, dict]  # finding name -> inspect-teacher's result (ok, error, sha256, params)
+    known_sha256: set[str]  # teacher hashes the registry already has students of
+    now: float
+
+
+@dataclass
+class BatchTested:
+    """One ready batch and its drift report (`report["error"]`: it could not be read as images)."""
+
+    finding: Finding
+    report: dict
+    now: float
+    clear_batches: int
+    cooldown_hours: float
+
+
+@dataclass
+class ChampionChecked:
+    """The champion re-checked on a drifted batch (`fit` None: there is no champion)."""
+
+    batch: str
+    path: str | None
+    report: dict
+    fit: dict | None
+
+
+@dataclass
+class CooldownChecked:
+    """The clock, for a drift episode the cooldown deferred."""
+
+    now: float
+    cooldown_hours: float
+    look: tuple[str, ...] = LOOKS
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the flow does
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RefuseTeacher:
+    """Record a broken teacher in MLflow (a FAILED teacher-check run) and emit teacher.rejected."""
+
+    name: str
     path: str
-    status: str  # "ready", "pending" or "bad"
-    signature: str
-    reason: str = ""
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+    reason: str
 
 
 @dataclass
-class Scan:
-    """The result of one look: what is ready to act on, what is still settling, what is broken."""
+class Report:
+    """Nothing to run: report `entry` under `section` ("teachers" or "batches")."""
 
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def ready(self) -> list[Finding]:
-        return [f for f in self.findings if f.status == "ready"]
-
-    @property
-    def actionable(self) -> list[Finding]:
-        """Ready or newly bad: the watch flow must handle (or record) these."""
-        return [f for f in self.findings if f.status in ("ready", "bad")]
-
-    @property
-    def pending(self) -> list[Finding]:
-        return [f for f in self.findings if f.status == "pending"]
+    section: str
+    entry: dict
 
 
-# ---------------------------------------------------------------------------------------------------
-# State
-# ---------------------------------------------------------------------------------------------------
+@dataclass
+class DistilTeacher:
+    """Save the state, emit teacher.new and run one cycle on the new teacher with the current data."""
+
+    name: str
+    path: str
+    sha256: str
+    params: object
+    registry: str | None  # "model vN" when it came from the registry
 
 
-def state_path(root: Path) -> Path:
-    return Path(root) / "runs" / "watch" / "state.json"
+@dataclass
+class RefuseBatch:
+    """Record a batch that cannot be read as images (a FAILED drift-check run) and emit batch.rejected."""
+
+    name: str
+    path: str
+    reason: str
 
 
-def empty_state() -> dict:
-    return {"version": STATE_VERSION, "teachers": {}, "batches": {}, "registry_teachers": {},
-            "episode": None, "last_redistill_at": None, "current_teacher": None, "current_data": None,
-            "history": []}
+@dataclass
+class RecordDrift:
+    """Log the drift check's MLflow run (tags, metrics, the report folder)."""
+
+    name: str
+    report: dict
 
 
-def load_state(root: Path) -> dict:
-    """The watch state; a missing file is an empty state, a damaged one an error that says what to do."""
-    f = state_path(root)
-    if not f.is_file():
-        return empty_state()
-    try:
-        state = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"the watch state {f} is damaged ({e}); move it aside and run `redistill watch --once` "
-                         "again (everything is re-checked; the registry deduplicates what was already done)") from e
-    return {**empty_state(), **state}
+@dataclass
+class EmitDrift:
+    """Emit drift.detected for a drifted batch."""
+
+    name: str
+    reasons: list
+    mmd_p: float | None
+    action: str
 
 
-def save_state(root: Path, state: dict) -> None:
-    f = state_path(root)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, f)
+@dataclass
+class CheckChampion:
+    """Re-check the champion on the batch that opened the episode (then `plan(ChampionChecked)`)."""
+
+    batch: str
+    path: str | None  # None: the batch's folder under data/incoming/ (a deferred episode)
+    report: dict
 
 
-def note(state: dict, event: str, **details) -> None:
-    """Append one line to the state's history (the last 200 are kept)."""
-    state["history"] = (state.get("history") or [])[-199:] + [{"at": time.time(), "event": event, **details}]
+@dataclass
+class KeepChampion:
+    """Record that the champion is still fit: a fit-check run, a tag on its version, champion.still-fit."""
+
+    batch: str
+    fit: dict
 
 
-# ---------------------------------------------------------------------------------------------------
-# Folder readiness
-# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Redistill:
+    """Grow the representative set by the batch and run one cycle on it."""
+
+    batch: str
+    path: str | None
+    report: dict
+    why: str
 
 
-def signature(folder: Path) -> tuple[str, float]:
-    """A cheap fingerprint of a folder (relative path, size, mtime of every file) and its newest mtime."""
-    h = hashlib.sha256()
-    newest = Path(folder).stat().st_mtime
-    for p in sorted(q for q in Path(folder).rglob("*")):
-        st = p.stat()
-        newest = max(newest, st.st_mtime)
-        if p.is_file():
-            h.update(f"{p.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:32], newest
+@dataclass
+class SaveBatch:
+    """Record the tested batch in the state (with the outcome of its action, once executed) and save it."""
 
-
-def folder_readiness(folder: Path, settle_seconds: float, now: float, teacher: bool) -> tuple[str, str, str]:
-    """(status, reason, signature) of a teacher or batch folder; status is ready, pending or bad."""
-    sig, newest = signature(folder)
-    files = [p for p in Path(folder).rglob("*") if p.is_file()]
-    partial = [p.name for p in files if p.name.endswith(PARTIAL_SUFFIXES) or p.name.startswith(".~")]
-    quiet_for = now - newest
-    if partial:
-        return "pending", f"partial file {partial[0]} present: still being written", sig
-    if quiet_for < settle_seconds:
-        return "pending", f"last change {quiet_for:.0f} s ago, waiting for {settle_seconds:.0f} s of quiet", sig
-    if not files:
-        return "pending", "empty folder", sig
-    if teacher:
-        if not (Path(folder) / "model_index.json").is_file():
-            return "bad", "no model_index.json: not a diffusers pipeline folder (save_pretrained layout)", sig
-        tensors = [p for p in files if p.suffix == ".safetensors"]
-        if not tensors:
-            return "bad", "no .safetensors weights (pickle formats are never loaded)", sig
-        for p in tensors:
-            problem = safetensors_problem(p)
-            if problem:
-                return "bad", f"{p.relative_to(folder).as_posix()}: {problem}", sig
-    return "ready", "", sig
-
-
-LOOKS = ("teachers", "batches")  # what a look covers: new teacher folders, new incoming batches
-
-
-def scan(root: Path, settle_seconds: float, state: dict | None = None, now: float | None = None,
-         look: tuple[str, ...] = LOOKS) -> Scan:
-    """Teacher folders under data/teachers/ and batches under data/incoming/ that changed since `state` (only the
-    teachers, or only the batches, with `look`)."""
-    from redistill.data.images import safe_name
-
-    root = Path(root)
-    state = load_state(root) if state is None else state
-    now = time.time() if now is None else now
-    out = Scan()
-    for kind, what, parent, known in (("teacher", "teachers", root / "data" / "teachers", state["teachers"]),
-                                      ("batch", "batches", root / "data" / "incoming", state["batches"])):
-        if what not in look or not parent.is_dir():
-            continue
-        for folder in sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: (p.stat().st_mtime, p.name)):
-            name = safe_name(folder.name)  # names from the file system are sanitised before any use
-            status, reason, sig = folder_readiness(folder, settle_seconds, now, teacher=kind == "teacher")
-            if known.get(name, {}).get("signature") == sig:
-                continue  # already handled (or already recorded as bad) with exactly these contents
-            out.findings.append(Finding(kind, name, str(folder), status, sig, reason))
-    return out
+    name: str
+    record: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------
-# What a cycle uses by default
+# The planner
 # ---------------------------------------------------------------------------------------------------
 
 
-def current_teacher(root: Path, default_name: str, state: dict | None = None) -> Path:
-    """The newest teacher the watch accepted, else data/teachers/<teacher.name>."""
-    state = load_state(root) if state is None else state
-    cur = state.get("current_teacher")
-    if cur and (Path(cur) / "model_index.json").is_file():
-        return Path(cur)
-    return Path(root) / "data" / "teachers" / default_name
+def plan(state: WatchState, seen) -> list:
+    """The actions for one observation, in the order the flow executes them; `state` is updated in memory."""
+    if isinstance(seen, TeachersInspected):
+        return _teachers(state, seen)
+    if isinstance(seen, BatchTested):
+        return _batch(state, seen)
+    if isinstance(seen, ChampionChecked):
+        return _champion(state, seen)
+    if isinstance(seen, CooldownChecked):
+        ep = due_episode(state, seen.now, seen.cooldown_hours) if "batches" in seen.look else None
+        if ep is None:
+            return []
+        ep.deferred = False
+        batch = ep.batches[-1]
+        done = state.batches.get(batch, {})
+        return [CheckChampion(batch, None, {"reasons": done.get("reasons", []), "mmd_p": done.get("mmd_p")})]
+    raise TypeError(f"the watch planner has no rule for {type(seen).__name__}")
 
 
-def current_data(root: Path) -> Path:
-    """The representative set: data/representative once drift has grown it, else data/reference."""
-    rep = Path(root) / "data" / "representative"
-    return rep if (rep.is_dir() and any(rep.glob("*.png"))) else Path(root) / "data" / "reference"
+def teacher_findings(state: WatchState, findings: list[Finding], model: str | None, fetched: dict | None,
+                     now: float) -> list[Finding]:
+    """The teachers a look inspects: the scan's teacher `findings`, plus the folder `fetched` from the registered
+    `model` (name, path, version, signature; None when nothing new), which the state then records as handled."""
+    if fetched is None:
+        return findings
+    state.registry_teachers[model] = fetched["version"]
+    state.note("registered-teacher", at=now, model=model, version=fetched["version"], path=fetched["path"])
+    if any(f.name == fetched["name"] for f in findings):
+        return findings
+    # written whole by the download, so it need not settle
+    return findings + [Finding("teacher", fetched["name"], fetched["path"], "ready", fetched["signature"],
+                               f"registered {model} v{fetched['version']}")]
 
 
-def grown_from(root: Path, base: Path, batch: Path, batch_name: str) -> dict:
-    """The record a representative set grown from `base` by `batch` carries (`grown_from.json`): the reference
-    it grew from, by md5 (that of `base` when `base` is the reference, else the one `base` grew from), and every
-    batch accepted into it since, with the file prefix its images have in the set. Validation reads it."""
-    from redistill.data.images import IMAGE_SUFFIXES, DataError, dir_md5, safe_name
-    from redistill.data.validation import GROWN_FROM, read_grown_from
+def _teachers(state: WatchState, seen: TeachersInspected) -> list:
+    known = set(seen.known_sha256) | {t["sha256"] for t in state.teachers.values() if t.get("sha256")}
+    actions, new = [], []
+    for f in seen.findings:
+        facts = seen.facts.get(f.name, {}) if f.status != "bad" else {}
+        if f.status == "bad" or not facts.get("ok"):
+            reason = f.reason if f.status == "bad" else facts.get("error", "not inspected")
+            state.teachers[f.name] = {"signature": f.signature, "status": "bad", "reason": reason, "at": seen.now}
+            state.note("teacher-refused", at=seen.now, teacher=f.name, reason=reason)
+            actions.append(RefuseTeacher(f.name, f.path, reason))
+        elif facts["sha256"] in known:
+            state.teachers[f.name] = {"signature": f.signature, "sha256": facts["sha256"], "status": "known"}
+            actions.append(Report("teachers", {"teacher": f.name, "status": "known", "sha256": facts["sha256"]}))
+        else:
+            known.add(facts["sha256"])
+            new.append((f, facts))
+    for f, facts in new[:-1]:  # several new teachers in one look: only the newest is distilled
+        state.teachers[f.name] = {"signature": f.signature, "sha256": facts["sha256"], "status": "superseded"}
+        actions.append(Report("teachers", {"teacher": f.name, "status": "superseded", "sha256": facts["sha256"]}))
+    if new:
+        f, facts = new[-1]
+        reg = f.reason.removeprefix("registered ") if f.reason.startswith("registered ") else None
+        state.teachers[f.name] = {"signature": f.signature, "sha256": facts["sha256"], "status": "accepted",
+                                  "at": seen.now, "registry": reg}
+        state.current_teacher = f.path
+        state.note("teacher-new", at=seen.now, teacher=f.name, sha256=facts["sha256"])
+        actions.append(DistilTeacher(f.name, f.path, facts["sha256"], facts.get("params"), reg))
+    return actions
 
-    root, base = Path(root), Path(base)
-    before = read_grown_from(base)
-    if before is None and base.resolve() != (root / "data" / "reference").resolve():
-        raise DataError(f"{base} has no {GROWN_FROM}: an older redistill grew it, so what it grew from is unknown and "
-                        f"it cannot be validated honestly. Remove it and {base.name}.dvc; the watch then grows the "
-                        "representative set from data/reference again")
-    before = before or {"reference": {"path": "data/reference", "md5": dir_md5(base)}, "batches": []}
-    entry = {"name": safe_name(batch_name), "prefix": safe_name(batch_name) + "__", "md5": dir_md5(batch),
-             "images": sum(1 for p in Path(batch).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)}
-    return {"reference": before["reference"], "batches": before["batches"] + [entry],
-            "note": "written by `redistill watch` when it grew this set: validation uses the bands of this reference "
-                    "widened by these batches' own bands, and refuses when the reference on disk has another md5"}
+
+def teacher_distilled(state: WatchState, name: str, result: dict) -> None:
+    """Record the cycle a new teacher started."""
+    state.teachers[name]["decision"] = result
+
+
+def _batch(state: WatchState, seen: BatchTested) -> list:
+    f, report = seen.finding, seen.report
+    if report.get("error"):  # not drift: nothing about the distribution was measured, so no episode opens
+        reason = "; ".join(report["reasons"])
+        state.batches[f.name] = {"signature": f.signature, "status": "bad", "reason": reason, "at": seen.now}
+        state.note("batch-refused", at=seen.now, batch=f.name, reason=reason)
+        return [RefuseBatch(f.name, f.path, reason)]
+    action = on_batch(state, f.name, report["drifted"], seen.now, seen.clear_batches, seen.cooldown_hours)
+    entry = {"batch": f.name, "drifted": report["drifted"], "action": action, "reasons": report["reasons"],
+             "mmd_p": report.get("mmd_p")}
+    actions = [RecordDrift(f.name, report)]
+    if report["drifted"]:
+        actions.append(EmitDrift(f.name, report["reasons"], report.get("mmd_p"), action))
+    if action == "act":
+        actions.append(CheckChampion(f.name, f.path, report))
+    return actions + [SaveBatch(f.name, {"signature": f.signature, **entry, "at": seen.now})]
+
+
+def batch_done(state: WatchState, a: SaveBatch, outcome: dict | None) -> dict:
+    """Record a tested batch with the `outcome` of its action (None: it needed none); returns its report entry."""
+    entry = {k: v for k, v in a.record.items() if k not in ("signature", "at")}
+    if outcome is not None:
+        entry["outcome"] = outcome
+    state.batches[a.name] = {"signature": a.record["signature"], **entry, "at": a.record["at"]}
+    return entry
+
+def _champion(state: WatchState, seen: ChampionChecked) -> list:
+    ep = state.episode
+    if seen.fit is not None and seen.fit["passed"]:
+        ep.action = "champion still fit"
+        return [KeepChampion(seen.batch, seen.fit)]
+    fit = seen.fit
+    why = "no champion yet" if fit is None else f"champion v{fit['version']} no longer fit: {fit['reasons']}"
+    return [Redistill(seen.batch, seen.path, seen.report, why)]
+
+
+def redistill_stopped(state: WatchState, reason: str) -> None:
+    """The representative set could not be grown: the episode says why, and nothing was distilled."""
+    state.episode.action = f"stopped: {reason}"
+
+
+def redistilled(state: WatchState, data: str, result: dict, now: float) -> None:
+    """Record a re-distillation on the grown set `data`: it starts the cooldown and becomes the current data."""
+    state.last_redistill_at = now
+    state.current_data = data
+    state.episode.action = f"re-distilled: {result['decision']}"
+
+
+def fit_verdict(checks) -> tuple[bool, str]:
+    """Whether the champion is still fit (every absolute gate check passes) and the checks as one line."""
+    absolute = [c for c in checks if c.kind == "absolute"]
+    reasons = "; ".join(f"{'pass' if c.passed else 'FAIL'} {c.name} {c.value if c.value is None else round(c.value, 4)} "
+                        f"{c.op} {c.bound}" for c in absolute)
+    return all(c.passed for c in absolute), reasons
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,7 +293,8 @@ def grown_from(root: Path, base: Path, batch: Path, batch_name: str) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-def on_batch(state: dict, batch: str, drifted: bool, now: float, clear_batches: int, cooldown_hours: float) -> str:
+def on_batch(state: WatchState, batch: str, drifted: bool, now: float, clear_batches: int,
+             cooldown_hours: float) -> str:
     """Update the drift episode for one tested batch; returns what to do about it.
 
     - "none": no drift (a clean batch; `clear_batches` clean batches in a row close an open episode);
@@ -227,32 +303,31 @@ def on_batch(state: dict, batch: str, drifted: bool, now: float, clear_batches: 
     - "deferred": a new episode inside the cooldown after the last re-distillation; it acts once the
       cooldown has passed (`due_episode`).
     """
-    ep = state.get("episode")
+    ep = state.episode
     if not drifted:
         if ep:
-            ep["clean_streak"] = ep.get("clean_streak", 0) + 1
-            if ep["clean_streak"] >= clear_batches:
-                note(state, "episode-closed", episode=ep["id"], batches=ep["batches"])
-                state["episode"] = None
+            ep.clean_streak += 1
+            if ep.clean_streak >= clear_batches:
+                state.note("episode-closed", at=now, episode=ep.id, batches=ep.batches)
+                state.episode = None
         return "none"
     if ep:
-        ep["clean_streak"] = 0
-        ep["batches"].append(batch)
+        ep.clean_streak = 0
+        ep.batches.append(batch)
         return "absorbed"
-    state["episode"] = {"id": batch, "opened_at": now, "batches": [batch], "clean_streak": 0,
-                        "deferred": False, "action": None}
-    note(state, "episode-opened", episode=batch)
-    last = state.get("last_redistill_at")
+    state.episode = Episode(id=batch, opened_at=now, batches=[batch])
+    state.note("episode-opened", at=now, episode=batch)
+    last = state.last_redistill_at
     if last is not None and now - float(last) < cooldown_hours * 3600:
-        state["episode"]["deferred"] = True
+        state.episode.deferred = True
         return "deferred"
     return "act"
 
 
-def due_episode(state: dict, now: float, cooldown_hours: float) -> dict | None:
-    """A deferred episode whose cooldown is over, or None."""
-    ep = state.get("episode")
-    last = state.get("last_redistill_at")
-    if ep and ep.get("deferred") and (last is None or now - float(last) >= cooldown_hours * 3600):
+def due_episode(state: WatchState | dict, now: float, cooldown_hours: float) -> Episode | None:
+    """A deferred episode whose cooldown is over, or None (`state` typed, or the plain dict the file holds)."""
+    state = WatchState.of(state)
+    ep, last = state.episode, state.last_redistill_at
+    if ep and ep.deferred and (last is None or now - float(last) >= cooldown_hours * 3600):
         return ep
     return None

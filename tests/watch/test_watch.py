@@ -261,7 +261,7 @@ def test_a_bad_batch_is_recorded_as_bad_and_never_acted_on(ws, events):
     from PIL import Image
 
     from redistill.data.images import dir_md5
-    from redistill.watch.policy import load_state
+    from redistill.core.watch_state import load_state
 
     n, champ = len(versions(ws)), champion(ws)
     rep = ws / "data" / "representative"
