@@ -45,7 +45,7 @@ from redistill.tasks.validate import check_teacher, validate_data
 from redistill.tasks.watch import watch_data, watch_teacher
 
 from redistill.config import Params, load_params, workspace
-from redistill.evaluation.suite import sample_store
+from redistill.evaluation.sampling import sample_store
 
 
 class CycleStopped(RuntimeError):

@@ -125,7 +125,8 @@ def champion_fit(root: Path, p: Params, batch: Path, out_dir: Path) -> dict | No
     import dataclasses
 
     from redistill.evaluation.gate import judge
-    from redistill.evaluation.suite import evaluate_student, sample_store
+    from redistill.evaluation.sampling import sample_store
+    from redistill.evaluation.suite import evaluate_student
 
     c = registry.client(tracking_uri(root))
     champ = registry.champion(c, p.registry.student_name)

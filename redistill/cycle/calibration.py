@@ -256,7 +256,7 @@ def run(root: Path, p, teacher: Path, cache_dir: Path | None, out_dir: Path,
 
     from redistill.evaluation import spaces as feature_spaces
     from redistill.data.images import load_image_folder
-    from redistill.evaluation.suite import configure_scheduler, sample_cached
+    from redistill.evaluation.sampling import configure_scheduler, sample_cached
     from redistill.models.pipelines import load_pipeline, pipeline_sha256
 
     t0 = time.perf_counter()
@@ -329,7 +329,7 @@ def for_workspace(root: Path, p, teacher: Path, log: Callable[[str], None] = lam
     import json
     import os
 
-    from redistill.evaluation.suite import sample_store
+    from redistill.evaluation.sampling import sample_store
     from redistill.models import adapter_for
     from redistill.models.pipelines import load_pipeline
 

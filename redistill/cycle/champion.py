@@ -69,7 +69,8 @@ def build(root: Path, p, teacher: Path, data: Path, out: Path, budget_minutes: f
 
     from redistill.data.images import load_image_folder
     from redistill.evaluation.gate import judge
-    from redistill.evaluation.suite import evaluate_student, sample_store
+    from redistill.evaluation.sampling import sample_store
+    from redistill.evaluation.suite import evaluate_student
     from redistill.methods import distill
     from redistill.models.pipelines import load_pipeline, save_pipeline, validate_teacher
 

@@ -172,7 +172,7 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
         extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None
         ws = Path(workspace) if workspace is not None else Path.cwd()
         extra["pairs_dir"] = ws / "data" / "pairs"
-        from redistill.evaluation.suite import sample_store
+        from redistill.evaluation.sampling import sample_store
 
         extra["samples_dir"] = sample_store(ws)  # a pixel teacher's pairs are its samples, shared with the evaluation
     student, summary = run(teacher, images, cfg, ckpt_dir, log=log, **extra)

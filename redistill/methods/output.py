@@ -125,7 +125,7 @@ def _pairs_from_samples(teacher, teacher_sha256: str, cfg: OutputConfig, samples
     from diffusers.utils.torch_utils import randn_tensor
 
     from redistill.config import GENERATION_BATCH
-    from redistill.evaluation.suite import _batches, sample_cached
+    from redistill.evaluation.sampling import _batches, sample_cached
 
     view = DDPMPipeline(unet=teacher.unet, scheduler=DDIMScheduler.from_config(teacher.scheduler.config))
     view.set_progress_bar_config(disable=True)

@@ -76,7 +76,7 @@ def test_the_committed_teachers_evaluation_draw_travels_with_the_repository():
 
     from safetensors import safe_open
 
-    from redistill.evaluation.suite import _batches, _cache_file, configure_scheduler, sample_store
+    from redistill.evaluation.sampling import _batches, _cache_file, configure_scheduler, sample_store
     from redistill.models.pipelines import load_pipeline
 
     p = load_params(REPO / "params.yaml").evaluate

@@ -343,7 +343,7 @@ def test_the_evaluation_draws_the_datas_prompts_and_scores_adherence_per_sample(
 
     from redistill.data.images import ImageSet
     from redistill.evaluation.features import NOT_A_DIGIT, adherence
-    from redistill.evaluation.suite import _cache_file, use_data_prompts
+    from redistill.evaluation.sampling import _cache_file, use_data_prompts
 
     caps = prompts(10)
     data = ImageSet(images=np.zeros((10, 3, 16, 16), np.float32), labels=np.arange(10), files=[f"{i}.png" for i in range(10)],

@@ -12,7 +12,8 @@ from PIL import Image
 from redistill.config import load_params
 from redistill.data.images import load_image_folder
 from redistill.evaluation.features import FeatureExtractor, load_classifier
-from redistill.evaluation.suite import Side, evaluate, sample
+from redistill.evaluation.sampling import sample
+from redistill.evaluation.suite import Side, evaluate
 from redistill.models.pipelines import PipelineError, load_pipeline
 
 

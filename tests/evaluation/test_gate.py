@@ -92,7 +92,7 @@ def test_fidelity_is_gated_per_method_family():
 def test_a_sampler_that_draws_noise_between_steps_is_not_held_to_the_teachers_map():
     """Multistep LCM re-noises between steps: "the same noise" fixes only its start, so its PSNR is reported, not
     gated; the same student sampled deterministically is held to its family's bound."""
-    from redistill.evaluation.suite import fresh_noise
+    from redistill.evaluation.sampling import fresh_noise
 
     low_psnr = result(psnr=12.0)
     low_psnr["fidelity"]["fresh_noise"] = "LCMScheduler at 4 steps re-noises its x0 estimate between steps"

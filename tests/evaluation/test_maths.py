@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from redistill.evaluation.suite import bootstrap_ci, fid, fid_fast, fid_floor, kid, kid_ci, kid_subsets, paired_fid, psnr_ssim
+from redistill.evaluation.fid import bootstrap_ci, fid, fid_fast, fid_floor, kid, kid_ci, kid_subsets, paired_fid, psnr_ssim
 from redistill.teachers.train import min_snr_weight
 
 
@@ -102,7 +102,7 @@ def test_kid_is_torchmetrics_estimator_and_repeatable():
 
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    from redistill.evaluation.suite import _Precomputed
+    from redistill.evaluation.fid import _Precomputed
 
     a, b = gaussian(400, [0, 0, 0], 10), gaussian(400, [1, 0, 0], 11)
     with warnings.catch_warnings():

@@ -55,7 +55,7 @@ def test_a_pixel_teachers_pairs_are_its_stored_samples_on_noise_the_evaluation_n
     from helpers import make_tiny_pipeline
 
     from redistill.config import GENERATION_BATCH
-    from redistill.evaluation.suite import configure_scheduler, sample_cached
+    from redistill.evaluation.sampling import configure_scheduler, sample_cached
     from redistill.methods.output import OutputConfig, load_or_make_pairs, pair_seed
     from redistill.models import adapter_for
 

@@ -267,7 +267,7 @@ def test_the_exported_student_samples_in_a_fresh_process_with_stock_diffusers(fl
 
 
 def test_a_flow_matching_pipeline_refuses_a_ddpm_family_sampler(flow_teacher):
-    from redistill.evaluation.suite import configure_scheduler
+    from redistill.evaluation.sampling import configure_scheduler
 
     pipe = load_pipeline(flow_teacher)
     assert configure_scheduler(pipe, 4, "auto") == "FlowMatchEulerDiscreteScheduler"

@@ -53,7 +53,7 @@ def test_label_free_encoder_tells_digits_from_non_digits(digits_ws, tmp_path):
     # space than not-a-digit images do, every unit is alive, and the features are standardised
     from redistill.evaluation.encoder import EncoderFeatures, load_encoder, save_encoder, train_encoder
     from redistill.evaluation.features import not_a_digit_examples
-    from redistill.evaluation.suite import fid_fast
+    from redistill.evaluation.fid import fid_fast
 
     ref = load_image_folder(digits_ws / "data" / "reference")
     hold = torch.from_numpy(load_image_folder(digits_ws / "data" / "holdout").images)
