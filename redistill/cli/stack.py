@@ -21,7 +21,8 @@ def stack_up(
 ) -> None:
     """Start what of the stack is not running (PostgreSQL, MLflow server, Prefect server, work pool, workers, DVC
     remote) and print the environment to export; a failure stops what this call started."""
-    from redistill.ops.stack import StackError, up
+    from redistill.ops.servers import StackError
+    from redistill.ops.stack import up
 
     root, p = _settings(ws, params)
     log = echo_err if as_json else typer.echo
@@ -45,7 +46,8 @@ def stack_up(
 def stack_down(ws: Optional[Path] = WorkspaceOpt) -> None:
     """Stop the stack's workers, servers and PostgreSQL; the databases, artifacts and DVC remote stay."""
     from redistill.config import workspace as _workspace
-    from redistill.ops.stack import StackError, down
+    from redistill.ops.servers import StackError
+    from redistill.ops.stack import down
 
     try:
         down(_workspace(ws), log=typer.echo)
@@ -60,7 +62,8 @@ def stack_status(
 ) -> None:
     """Each service of the stack: running or not, pid, port, URL, health and log; exits 1 unless all are up."""
     from redistill.config import workspace as _workspace
-    from redistill.ops.stack import StackError, status
+    from redistill.ops.servers import StackError
+    from redistill.ops.stack import status
 
     try:
         st = status(_workspace(ws))

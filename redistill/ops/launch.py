@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from redistill.core.processes import die_with_parent, die_with_parent_hook
-from redistill.ops.stack import free_port, stop_group
+from redistill.ops.servers import free_port, stop_group
 
 ERROR = "error.txt"  # the main process's message for a refused job (bad settings or data)
 

@@ -24,238 +24,31 @@ command then talks to the servers, unchanged.
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-STATE = "stack.json"
-SECRETS = "secrets.json"
+from redistill.ops.postgres import DB_USER, _as_postgres, _postmaster_pid, _start_postgres, pg_program
+from redistill.ops.servers import (
+    START_TIMEOUT_S,
+    StackError,
+    _alive,
+    _healthy,
+    _ports,
+    _save_state,
+    _secret,
+    _spawn,
+    _tail,
+    _wait,
+    load_state,
+    stack_dir,
+    stop_group,
+)
+
 LIMIT_NAME = "redistill-distill"  # tasks/concurrency.py's global concurrency limit
-DB_USER = "redistill"
-START_TIMEOUT_S = 180.0
-STOP_GRACE_S = 20.0
-
-
-class StackError(RuntimeError):
-    """The stack cannot start or stop; the message says what to do."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Where things are
-# ---------------------------------------------------------------------------------------------------
-
-
-def stack_dir(root: Path) -> Path:
-    return Path(root) / "stack"
-
-
-def load_state(root: Path) -> dict:
-    f = stack_dir(root) / STATE
-    if not f.is_file():
-        return {"services": {}, "ports": {}}
-    try:
-        return json.loads(f.read_text())
-    except ValueError as e:
-        raise StackError(f"{f} is not valid JSON ({e}); stop what it names by hand, then delete it") from e
-
-
-def _save_state(root: Path, state: dict) -> None:
-    f = stack_dir(root) / STATE
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, f)
-
-
-def _secret(root: Path) -> str:
-    """The database password, generated once and kept in stack/secrets.json (0600)."""
-    f = stack_dir(root) / SECRETS
-    if f.is_file():
-        return json.loads(f.read_text())["postgres_password"]
-    pw = secrets.token_urlsafe(24)
-    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump({"postgres_password": pw}, out)
-    return pw
-
-
-def pg_program(name: str) -> str:
-    """A PostgreSQL server program (initdb, pg_ctl): on PATH, else the newest /usr/lib/postgresql/*/bin."""
-    found = shutil.which(name)
-    if found:
-        return found
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
-    for d in reversed(versions):
-        if (d / name).is_file():
-            return str(d / name)
-    raise StackError(f"PostgreSQL's server program {name} is not installed: install the server (Debian: apt-get install "
-                     "postgresql; .ci/run does), then run redistill stack up again")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on at `host` now (the stack's servers; a distillation's rendezvous)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _port_free(host: str, port: int) -> bool:
-    """Whether nothing listens on (host, port). SO_REUSEADDR, as the servers themselves bind: the connections a
-    server that just stopped left in TIME_WAIT do not keep its port from the next `up`."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
-
-
-def _ports(root: Path, p, state: dict) -> dict[str, int]:
-    """Each server's port: the setting, else the one an earlier `up` recorded (the client environment stays the
-    same across restarts), else a free one."""
-    out = {}
-    for name in ("postgres", "mlflow", "prefect"):
-        want = getattr(p, f"{name}_port")
-        out[name] = want or state.get("ports", {}).get(name) or free_port(p.host)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Processes
-# ---------------------------------------------------------------------------------------------------
-
-
-def _as_postgres() -> list[str]:
-    """The prefix that runs a PostgreSQL program as the `postgres` user when we are root (it refuses root)."""
-    if os.geteuid() != 0:
-        return []
-    import pwd
-
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        raise StackError("PostgreSQL refuses to run as root and there is no `postgres` user to run it as: install "
-                         "Debian's postgresql package (it creates the user), or run redistill stack as another user") from None
-    return ["runuser", "-u", "postgres", "--"]
-
-
-def _check_reachable_by_postgres(folder: Path) -> None:
-    """As root, the `postgres` user must be able to enter every folder above the cluster's."""
-    if os.geteuid() != 0:
-        return
-    import pwd
-
-    uid = pwd.getpwnam("postgres").pw_uid
-    for d in [folder, *folder.parents]:
-        if not d.exists():
-            continue
-        st = d.stat()
-        if st.st_uid != uid and not st.st_mode & 0o001:
-            raise StackError(f"PostgreSQL runs as the postgres user (it refuses root), who cannot enter {d} (mode "
-                             f"{oct(st.st_mode & 0o777)}); make it traversable (chmod o+x {d}) or put the workspace "
-                             "under a folder others can enter")
-
-
-def _alive(pid: int | None, marker: str | None = None) -> bool:
-    """Whether `pid` runs and (when given) its command line contains `marker`: a recycled pid is not ours."""
-    from redistill.registry.client import pid_alive
-
-    if not pid or not pid_alive(pid):
-        return False
-    if marker is None:
-        return True
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return marker in cmd
-
-
-def _healthy(url: str | None) -> bool:
-    if not url:
-        return False
-    try:
-        with urllib.request.urlopen(url, timeout=3) as r:
-            return 200 <= r.status < 300
-    except OSError:
-        return False
-
-
-def _wait(url: str, proc: subprocess.Popen, name: str, log: Path, seconds: float = START_TIMEOUT_S) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise StackError(f"{name} exited with {proc.returncode} while starting; its log {log} says:\n{_tail(log)}")
-        if _healthy(url):
-            return
-        time.sleep(0.5)
-    raise StackError(f"{name} did not answer {url} within {seconds:.0f} s; its log {log} says:\n{_tail(log)}")
-
-
-def _tail(log: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _spawn(cmd: list[str], log: Path, env: dict, cwd: Path) -> subprocess.Popen:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=str(cwd), start_new_session=True)
-
-
-def stop_group(pid: int, marker: str | None = None) -> None:
-    """TERM the process group of `pid`, then KILL what is left after the grace period. `marker`: a recorded pid is
-    signalled only if its command line still holds it (None: a process this call started and holds)."""
-    if marker is not None and not _alive(pid, marker):
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + STOP_GRACE_S
-    while time.time() < deadline:
-        if not _group_alive(pid):
-            return
-        time.sleep(0.3)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    for _ in range(50):
-        if not _group_alive(pid):
-            return
-        time.sleep(0.1)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # zombies of the group do not count: a process whose state is Z is gone
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,72 +62,6 @@ def _base_env(root: Path) -> dict:
     for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
         env.pop(k, None)
     return env
-
-
-def _psql(port: int, host: str, password: str, sql: str, db: str = "postgres") -> str:
-    r = subprocess.run(["psql", "-h", host, "-p", str(port), "-U", DB_USER, "-d", db, "-tAc", sql],
-                       env={**os.environ, "PGPASSWORD": password}, capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        raise StackError(f"psql on {host}:{port} failed: {r.stderr.strip()[:400]}")
-    return r.stdout.strip()
-
-
-def _start_postgres(root: Path, p, port: int, password: str, state: dict, log) -> None:
-    sd = stack_dir(root)
-    data = sd / "postgres"
-    logf = sd / "logs" / "postgres.log"
-    prefix = _as_postgres()
-    _check_reachable_by_postgres(sd)
-    if prefix:
-        shutil.chown(sd / "logs", "postgres")
-    if not (data / "PG_VERSION").is_file():
-        log(f"PostgreSQL: a new cluster in {data}")
-        data.mkdir(parents=True, exist_ok=True)
-        pwfile = data.parent / ".pgpw"
-        pwfile.write_text(password + "\n")
-        os.chmod(pwfile, 0o600)
-        if prefix:
-            shutil.chown(data, "postgres")
-            shutil.chown(pwfile, "postgres")
-        try:
-            r = subprocess.run([*prefix, pg_program("initdb"), "-D", str(data), "-U", DB_USER, "-E", "UTF8",
-                                "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"],
-                               capture_output=True, text=True, timeout=300)
-        finally:
-            pwfile.unlink(missing_ok=True)
-        if r.returncode != 0:
-            raise StackError(f"initdb failed: {(r.stderr or r.stdout).strip()[-600:]}")
-    sock = sd / "postgres-socket"
-    sock.mkdir(exist_ok=True)
-    if prefix:
-        shutil.chown(sock, "postgres")
-    pid = _postmaster_pid(data)
-    if pid and _alive(pid, "postgres"):
-        log(f"PostgreSQL: already running (pid {pid})")
-    else:
-        if not _port_free(p.host, port):
-            raise StackError(f"port {port} on {p.host} is taken: PostgreSQL cannot listen there; set stack.postgres_port "
-                             "to a free port (or 0)")
-        r = subprocess.run([*prefix, pg_program("pg_ctl"), "-D", str(data), "-l", str(logf), "-w", "-t", "120",
-                            "-o", f"-c listen_addresses={p.host} -p {port} -k {sock}", "start"],
-                           capture_output=True, text=True, timeout=180, start_new_session=True)
-        if r.returncode != 0:
-            raise StackError(f"PostgreSQL did not start: {(r.stderr or r.stdout).strip()[-400:]}; its log {logf} says:\n"
-                             f"{_tail(logf)}")
-        pid = _postmaster_pid(data)
-    state["services"]["postgres"] = {"pid": pid, "port": port, "marker": "postgres", "log": str(logf),
-                                     "url": f"postgresql://{DB_USER}@{p.host}:{port}"}
-    _save_state(root, state)
-    for db in ("mlflow", "prefect"):
-        if _psql(port, p.host, password, f"SELECT 1 FROM pg_database WHERE datname = '{db}'") != "1":
-            _psql(port, p.host, password, f"CREATE DATABASE {db}")
-
-
-def _postmaster_pid(data: Path) -> int | None:
-    try:
-        return int((data / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _start_server(root: Path, state: dict, name: str, cmd: list[str], env: dict, health: str, marker: str,

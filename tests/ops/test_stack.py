@@ -24,7 +24,8 @@ import pytest
 
 from redistill.config import ConfigError, StackParams
 from redistill.registry.client import pid_alive
-from redistill.ops.stack import _alive, down, status
+from redistill.ops.servers import _alive
+from redistill.ops.stack import down, status
 
 BIN = Path(sys.executable).parent
 
