@@ -29,7 +29,7 @@ from torch import nn
 from redistill.config import AdversarialParams, settings
 from redistill.methods.consistency import consistency_fn, lcm_scheduler
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
+from redistill.methods.training import Draws, Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
 from redistill.models.prediction import alpha_sigma, to_x0_eps
 
@@ -92,28 +92,22 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
                {"student": student, "discriminator": disc.heads}, {"student": opt, "discriminator": opt_d},
                {"student": ema}, gen)
 
-    # every draw is of the global batch, and this process keeps its shard (Trainer.shard)
-    def noised(x, t):
-        a, s = alpha_sigma(alphas_cumprod, t)
-        return a * x + s * run.shard(torch.randn((cfg.batch_size, *x.shape[1:]), generator=gen).to(dev))
-
-    def randint(high, low=0):
-        return run.shard(torch.randint(low, high, (cfg.batch_size,), generator=gen).to(dev))
+    draw = Draws(gen, run, cfg.batch_size, tuple(x_all.shape[1:]), dev)  # every draw, of the global batch
 
     def step():
         # 2. A real batch x₀, noised to a student timestep s; the student's clean image x̂_θ(x_s, s).
-        x = x_all[randint(len(x_all))]
+        x = x_all[draw.integers(len(x_all))]
         c = run.shard(model.conditions(cfg.batch_size, gen, dev))  # a conditional teacher's conditions (else None)
-        s = student_t[randint(len(student_t))]
-        x_s = noised(x, s)
+        s = student_t[draw.integers(len(student_t))]
+        x_s = model.add_noise(x, draw.noise(), s)
         with run.autocast(), fm.student():
             x_fake = consistency_fn(model, student, x_s, s, c, ptype, alphas_cumprod).float()
         if cfg.feature_loss > 0:  # the teacher's block features on the same (x_s, s) as the student's
             with torch.no_grad(), run.autocast(), fm.teacher():
                 model.output(teacher_unet, x_s, s, c)
         # 3. Distillation: re-noise x̂ to t, the teacher's x̂₀ there (no gradient), weight c(t) = ᾱ_t.
-        t = randint(T)
-        x_fake_t = noised(x_fake, t)
+        t = draw.integers(T)
+        x_fake_t = model.add_noise(x_fake, draw.noise(), t)
         with torch.no_grad(), run.autocast():
             a_t, s_t = alpha_sigma(alphas_cumprod, t)
             x_teacher, _ = to_x0_eps(model.teacher_output(teacher_unet, x_fake_t, t, c).float(), x_fake_t, a_t, s_t, ptype)
@@ -121,15 +115,15 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
         weight = (a_t**2).view(-1)
         l_distill = (weight * (x_fake - x_teacher).pow(2).mean(dim=(1, 2, 3))).mean()
         # 4. Adversarial generator loss on lightly noised student images: −D(x̂_t′).
-        t_d = randint(cfg.disc_max_t)
-        l_adv = -disc(noised(x_fake, t_d), t_d, c).mean()
+        t_d = draw.integers(cfg.disc_max_t)
+        l_adv = -disc(model.add_noise(x_fake, draw.noise(), t_d), t_d, c).mean()
         l_feat = fm.loss()
         loss = l_adv + cfg.distill_weight * l_distill + l_feat
         run.backward(loss, student, opt, ema)
         # 5. Discriminator step, hinge loss: real images against the (detached) student images.
-        t_d = randint(cfg.disc_max_t)
-        real = disc(noised(x, t_d), t_d, c)
-        fake = disc(noised(x_fake.detach(), t_d), t_d, c)
+        t_d = draw.integers(cfg.disc_max_t)
+        real = disc(model.add_noise(x, draw.noise(), t_d), t_d, c)
+        fake = disc(model.add_noise(x_fake.detach(), draw.noise(), t_d), t_d, c)
         l_disc = torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
         run.backward(l_disc, disc.heads, opt_d)
         return {"distill": l_distill.item(), "adv": l_adv.item(), "disc": l_disc.item(),

@@ -120,7 +120,7 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
         s = t - k  # −1 for the first grid point: the clean end
         a_t, s_t = alpha_sigma(alphas_cumprod, t)
         a_s, s_s = alpha_sigma(alphas_cumprod, s)
-        z_t = a_t * x + s_t * eps
+        z_t = model.add_noise(x, eps, t)
         with torch.no_grad(), run.autocast():
             # 3. One DDIM step of the teacher along its ODE: ẑ_s = α_s·x̂₀ + σ_s·ε̂ (x̂₀ clipped, as its sampler does).
             with fm.teacher():

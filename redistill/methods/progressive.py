@@ -196,7 +196,7 @@ def distill(
             x, c, i, eps = run.shard(x, c, i, eps)
             t, t_next = grid[i], grid[i + 1]
             a_t, s_t = alpha_sigma(alphas_cumprod, t)
-            z_t = a_t * x + s_t * eps
+            z_t = model.add_noise(x, eps, t)
             with torch.no_grad(), run.autocast():
                 # 3. Two DDIM steps of the teacher: t → t′ → t″ (its sampler clips x̂₀ to [−1, 1]); k of them
                 #    along its finer grid in a warm start's round.
