@@ -10,7 +10,9 @@ pipeline directly. They ask the pipeline's adapter, which knows, for its kind of
   (`ode_sample`: the teacher pairs and couplings of the output and rectified methods);
 - its velocity on the straight path between data and noise (`velocity`): a flow-matching model's own output,
   a diffusion model's probability-flow ODE in those coordinates;
-- how to export a student as a stock diffusers pipeline folder (`export`).
+- how to export a student as a stock diffusers pipeline folder (`export`);
+- for a text-to-image kind only, its prompts and latents (`encode`, `decode`, `use_prompts`, `encode_prompts`, …):
+  declared here, absent (`hasattr` is False, a call raises NotOffered) on the other kinds.
 
 One implementation per kind of pipeline, in its own file beside this one; `adapter_for(pipe)` picks the
 first kind that claims the pipeline. Adding a kind adds a file and a line to `KINDS` and touches no method.
@@ -25,6 +27,20 @@ import torch
 
 class UnsupportedPipeline(ValueError):
     """A pipeline no adapter knows; the message lists the kinds that are supported."""
+
+
+class NotOffered(NotImplementedError, AttributeError):
+    """A kind asked for what only another kind offers. An AttributeError too, so `hasattr(adapter, name)` tells
+    which kinds offer it."""
+
+
+def text_to_image_only(fn):
+    """Declare `fn` on the base as offered by text-to-image kinds only: elsewhere the attribute raises NotOffered."""
+
+    def absent(self):
+        raise NotOffered(f"a {self.kind} model has no {fn.__name__}: only a text-to-image model (prompts, a VAE) does")
+
+    return property(absent, doc=fn.__doc__)
 
 
 class ModelAdapter:
@@ -165,6 +181,39 @@ class ModelAdapter:
             x = sched.step(self.teacher_output(net, x, t.expand(len(x)).to(x.device), cond), t, x,
                            use_clipped_model_output=self.conditional).prev_sample
         return x
+
+    # -- text-to-image only: pictures ↔ latents, prompts (models/text_to_image.py) -------------------------
+    @text_to_image_only
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, batch: int = 256) -> torch.Tensor:
+        """Images (N, C, H, W) in [0, 1] → the scaled latents the UNet works on."""
+
+    @text_to_image_only
+    def decode(self, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        """Scaled latents → images in [0, 1], float (N, C, H, W)."""
+
+    @text_to_image_only
+    def use_prompts(self, prompts: list[str], paired: bool = False) -> ModelAdapter:
+        """Training batches and unprompted samples draw from `prompts`; `paired`: prompts[i] is image i's caption."""
+
+    @text_to_image_only
+    def encode_prompts(self, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
+        """The text encoder's hidden states (N, L, D) of `prompts`: the conditions the UNet takes."""
+
+    @text_to_image_only
+    def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """One vector per prompt (N, D), for prompt drift and prompt-set comparisons."""
+
+    @text_to_image_only
+    def draw_indices(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Which of the prompts a batch of `n` samples drawn with `generator` was asked for."""
+
+    @text_to_image_only
+    def draw_key(self) -> str:
+        """What else than the seed decides a sample (the prompt set, the guidance), for sample caches."""
+
+    @text_to_image_only
+    def unet_passes_per_step(self, guidance_scale: float | None = None) -> int:
+        """UNet calls per sampling step: 2 under classifier-free guidance, else 1."""
 
     # -- sampling and export ---------------------------------------------------------------------------
     @torch.no_grad()
