@@ -168,7 +168,8 @@ def update_representative(root: Path, base: Path, batch: Path, batch_name: str) 
     import shutil
 
     from redistill.core.files import swap_in
-    from redistill.data.images import dir_md5, merge_batch
+    from redistill.data.growth import merge_batch
+    from redistill.data.images import dir_md5
     from redistill.data.validation import GROWN_FROM, grown_from
     from redistill.registry.lineage import dvc_add
 

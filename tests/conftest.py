@@ -28,7 +28,8 @@ def prefect_harness():
 def digits_ws(tmp_path_factory) -> Path:
     """A workspace with the real embedded data (prepare) and a briefly trained feature classifier."""
     from redistill.config import FeaturesParams, Params
-    from redistill.data.images import load_image_folder, prepare
+    from redistill.data.digits import prepare
+    from redistill.data.images import load_image_folder
     from redistill.evaluation.encoder import save_encoder, train_encoder
     from redistill.evaluation.features import save_classifier, train_classifier
 

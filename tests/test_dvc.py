@@ -53,7 +53,7 @@ def test_dvc_repro_prepare_rebuilds_the_locked_data(tmp_path):
 # redistill/cli/ (dispatch) and redistill/config/ (parsing params.yaml, whose keys each stage lists)
 # are left out on purpose: listing them would re-run the 30-minute teacher stage on any CLI change.
 STAGE_ENTRIES = {
-    "prepare": ["redistill.data.images"],
+    "prepare": ["redistill.data.digits"],
     "features": ["redistill.evaluation.features", "redistill.evaluation.encoder"],
     "teacher": ["redistill.teachers.train"],
     "finetune": ["redistill.teachers.train"],

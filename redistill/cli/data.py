@@ -18,7 +18,7 @@ def prepare(
 ) -> None:
     """Build the embedded data set from sklearn's digits: data/reference, data/holdout, data/incoming/*."""
     from redistill.data.images import DataError
-    from redistill.data.images import prepare as build
+    from redistill.data.digits import prepare as build
 
     root, p = _settings(ws, params)
     try:

@@ -23,7 +23,7 @@ def demo(
     evaluation and gate), a fine-tuned teacher lands in data/teachers/, the watch finds it, a warm re-distillation
     from the champion is judged against the new teacher and the champion, and promoted or rejected."""
     from redistill.cycle.demo import DemoStopped, demo_cycle, demo_loop
-    from redistill.data.images import prepare as build
+    from redistill.data.digits import prepare as build
     from redistill.teachers.train import train_in_workspace
 
     if kind not in ("digits", "text-to-image"):

@@ -70,7 +70,8 @@ def write_captions_csv(folder: Path, captions: list[str]) -> None:
 def prepare_t2i(p: PrepareParams, data_dir: Path, seed: int = 0, image_size: int = IMAGE_SIZE) -> dict[str, int]:
     """Write the captioned digits under `data_dir` (reference, holdout, incoming/<batch>), split as `prepare`
     splits them with `p`; captions drawn with `seed`. Returns the image count of each folder."""
-    from redistill.data.images import build_digits, write_image_folder
+    from redistill.data.digits import build_digits
+    from redistill.data.images import write_image_folder
 
     splits = build_digits(dataclasses.replace(p, image_size=image_size))
     rng = np.random.default_rng(seed)

@@ -1,4 +1,4 @@
-"""Image data: the embedded digits set (`prepare` stage) and the image-folder format every stage reads.
+"""Image data: the image-folder format every stage reads and writes (PNGs, labels, captions), and its DVC hash.
 
 Format: a folder of PNG images, grayscale or RGB, all one size, with an optional `labels.csv`
 (`file,label`) and optional captions (`captions.csv` or `metadata.jsonl`, see "Captions" below) beside them.
@@ -12,7 +12,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -21,10 +20,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from redistill.config import PrepareParams
-from redistill.core.files import swap_in
-
-DIGITS_MAX = 16.0  # sklearn's digits are 4-bit intensities 0..16
 IMAGE_SUFFIXES = {".png"}
 
 
@@ -51,105 +46,6 @@ class ImageSet:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
-
-
-# ---------------------------------------------------------------------------------------------------
-# The embedded default: sklearn digits, split and drifted deterministically
-# ---------------------------------------------------------------------------------------------------
-
-
-def to_uint8(images16: np.ndarray, image_size: int) -> np.ndarray:
-    """Digits intensities (0..16, N×8×8) → uint8 (N×S×S), nearest-upsampled to `image_size`."""
-    if image_size % 8:
-        raise DataError(f"prepare.image_size must be a multiple of 8 (native digits are 8×8), got {image_size}")
-    img = np.clip(np.rint(images16 * (255.0 / DIGITS_MAX)), 0, 255).astype(np.uint8)
-    k = image_size // 8
-    return np.kron(img, np.ones((1, k, k), dtype=np.uint8)) if k > 1 else img
-
-
-def style_shift(images16: np.ndarray, rng: np.random.Generator, rotation_deg: float, dilation: int) -> np.ndarray:
-    """The `style` drift: thicker strokes (grey dilation) and a small rotation of random sign."""
-    from scipy import ndimage
-
-    out = np.empty_like(images16)
-    for i, img in enumerate(images16):
-        if dilation > 1:
-            img = ndimage.grey_dilation(img, size=(dilation, dilation))
-        angle = float(rng.choice([-1.0, 1.0]) * rotation_deg)
-        out[i] = ndimage.rotate(img, angle, reshape=False, order=1, mode="constant", cval=0.0)
-    return np.clip(out, 0.0, DIGITS_MAX)
-
-
-def build_digits(p: PrepareParams) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Split sklearn's digits into reference, holdout and incoming batches; pure and seeded.
-
-    Returns {name: (uint8 images N×S×S, labels)} for `reference`, `holdout`, and the incoming batches
-    `nodrift` (drawn like the reference), `class_mix` (class proportions shifted) and `style` (strokes
-    thickened and rotated).
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x16 = digits.images.astype(np.float64)  # (1797, 8, 8) in 0..16
-    y = digits.target.astype(np.int64)
-    rng = np.random.default_rng(p.seed)
-    if not 0 < p.holdout < len(y) // 2:
-        raise DataError(f"prepare.holdout must be between 1 and {len(y) // 2 - 1}, got {p.holdout}")
-    if p.batch_size > p.holdout:
-        raise DataError(f"prepare.batch_size ({p.batch_size}) cannot exceed prepare.holdout ({p.holdout})")
-
-    # 1. Stratified holdout: the same class mix as the reference, so `nodrift` really is "no drift".
-    order = rng.permutation(len(y))
-    holdout_idx: list[int] = []
-    for c in range(10):
-        members = order[y[order] == c]
-        holdout_idx.extend(members[: round(p.holdout * len(members) / len(y))].tolist())
-    holdout_idx = np.array(sorted(holdout_idx))
-    ref_idx = np.setdiff1d(np.arange(len(y)), holdout_idx)
-
-    # 2. Incoming batches are drawn from the holdout pool, never from the reference.
-    nodrift = rng.choice(holdout_idx, size=p.batch_size, replace=False)
-
-    favoured = np.isin(y[holdout_idx], p.class_mix_classes)
-    n_fav = round(p.batch_size * p.class_mix_share)
-    if n_fav > favoured.sum() or p.batch_size - n_fav > (~favoured).sum():
-        raise DataError(
-            f"the holdout has {favoured.sum()} images of classes {p.class_mix_classes}, too few for "
-            f"class_mix_share={p.class_mix_share} of batch_size={p.batch_size}; raise prepare.holdout "
-            "or lower prepare.class_mix_share"
-        )
-    class_mix = np.concatenate(
-        [
-            rng.choice(holdout_idx[favoured], size=n_fav, replace=False),
-            rng.choice(holdout_idx[~favoured], size=p.batch_size - n_fav, replace=False),
-        ]
-    )
-    rng.shuffle(class_mix)
-
-    style_idx = rng.choice(holdout_idx, size=p.batch_size, replace=False)
-    style16 = style_shift(x16[style_idx], rng, p.style_rotation_deg, p.style_dilation)
-
-    def pack(images16: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return to_uint8(images16, p.image_size), y[idx]
-
-    return {
-        "reference": pack(x16[ref_idx], ref_idx),
-        "holdout": pack(x16[holdout_idx], holdout_idx),
-        "nodrift": pack(x16[nodrift], nodrift),
-        "class_mix": pack(x16[class_mix], class_mix),
-        "style": pack(style16, style_idx),
-    }
-
-
-def prepare(p: PrepareParams, data_dir: Path) -> dict[str, int]:
-    """Write the embedded data set under `data_dir`; returns the image count of each folder."""
-    splits = build_digits(p)
-    counts = {}
-    for name, (images, labels) in splits.items():
-        out = data_dir / name if name in ("reference", "holdout") else data_dir / "incoming" / name
-        write_image_folder(out, images, labels)
-        counts[str(out.relative_to(data_dir))] = len(images)
-    return counts
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -472,56 +368,3 @@ def dir_md5(folder: Path) -> str:
     ]
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
-
-
-def merge_batch(base: Path, batch: Path, out: Path, batch_name: str) -> int:
-    """Write `base` plus the images of `batch` to `out` (replaced atomically); returns the image count.
-
-    Files of `base` keep their names; the batch's get the prefix `<batch_name>__`, so batches never clash.
-    `labels.csv` is merged when both sides have labels, and dropped (with both sides' images kept) when
-    only one has. Captions are merged when both sides have them, into one file in `base`'s format (and
-    metadata.jsonl column). A batch without captions cannot grow a captioned set (DataError: the grown set
-    would hold uncaptioned images); a captioned batch grows an uncaptioned set image-only, as labels do. Used
-    to grow the representative set after drift.
-    """
-    base, batch, out = Path(base), Path(batch), Path(out)
-    prefix = safe_name(batch_name) + "__"
-    # both sides must read as images of one shape before anything is written: a bad batch never enters
-    base_shape, batch_shape = load_image_folder(base).images.shape[1:], load_image_folder(batch).images.shape[1:]
-    if base_shape != batch_shape:
-        raise DataError(f"batch {batch} holds images of shape {tuple(batch_shape)}, the representative set "
-                        f"{base} {tuple(base_shape)}; it cannot grow the set. Fix or remove the batch")
-    base_labels, batch_labels = read_label_map(base), read_label_map(batch)
-    base_caps, batch_caps = read_captions(base), read_captions(batch)  # DataError when either is malformed
-    if base_caps is not None and batch_caps is None:
-        raise DataError(f"the set {base} has captions ({base_caps.path.name}) but batch {batch} has none, so the grown "
-                        "set would hold uncaptioned images; add the batch's captions (captions.csv or metadata.jsonl) "
-                        "or remove the batch")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    rows = []
-    try:
-        for src, labels, pre in ((base, base_labels, ""), (batch, batch_labels, prefix)):
-            for f in sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
-                if pre and f.name.startswith(prefix):
-                    raise DataError(f"batch {batch} already holds prefixed file {f.name}")
-                shutil.copy2(f, tmp / (pre + f.name))
-                if labels and f.name in labels:
-                    rows.append((pre + f.name, labels[f.name]))
-        if base_labels and batch_labels:
-            with open(tmp / "labels.csv", "w", newline="") as fh:
-                w = csv.writer(fh, lineterminator="\n")
-                w.writerow(["file", "label"])
-                w.writerows(sorted(rows))
-        if base_caps is not None and batch_caps is not None:
-            by_file = {**base_caps.by_file, **{prefix + f: c for f, c in batch_caps.by_file.items()}}
-            extra = {**base_caps.extra, **{prefix + f: e for f, e in batch_caps.extra.items()}}
-            write_captions(tmp, by_file, base_caps.format, base_caps.column, extra)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half written under data/
-        raise
-    count = sum(1 for p in tmp.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    swap_in(tmp, out)
-    return count

@@ -18,10 +18,10 @@ from redistill.data.images import (
     METADATA_JSONL,
     DataError,
     load_image_folder,
-    merge_batch,
     read_captions,
     write_image_folder,
 )
+from redistill.data.growth import merge_batch
 from redistill.drift.detect import check_folder, detect, image_stats, pixel_features, word_features
 from redistill.data.validation import caption_counter
 

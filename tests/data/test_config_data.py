@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from redistill.config import ConfigError, Params, load_params, parse_params
+from redistill.data.digits import build_digits
 from redistill.data.images import (
     DataError,
-    build_digits,
     dir_md5,
     load_image_folder,
     write_image_folder,

@@ -106,7 +106,7 @@ def grown_ws(digits_ws, tmp_path):
 def test_a_set_grown_by_a_dimmed_batch_fails_against_the_reference_bands_alone(digits_ws, ref, tmp_path):
     """What a grown set met before it recorded what it grew from (and what any folder without that record still
     meets): the reference's bands alone. A drifted batch is a tenth of the set, far above 1 - mostly."""
-    from redistill.data.images import merge_batch
+    from redistill.data.growth import merge_batch
 
     dim = dimmed(digits_ws / "data" / "incoming" / "nodrift", tmp_path / "dim")
     merge_batch(ref, dim, tmp_path / "grown", "dim")

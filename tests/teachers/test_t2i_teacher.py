@@ -15,7 +15,8 @@ import torch
 
 from redistill.core import checkpoint
 from redistill.config import Params, T2ITeacherParams
-from redistill.data.images import build_digits, load_image_folder
+from redistill.data.digits import build_digits
+from redistill.data.images import load_image_folder
 from redistill.data.captions import TEMPLATES, class_prompt, class_prompts, prepare_t2i, vocabulary
 from redistill.teachers.text_to_image import build_tokenizer, train_t2i_teacher
 
