@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from redistill.models import ModelAdapter
+from redistill.models.base import ModelAdapter
 from redistill.models.class_pipeline import ClassConditionalPipeline, guided_output
 
 

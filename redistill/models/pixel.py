@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from redistill.models import ModelAdapter
+from redistill.models.base import ModelAdapter
 
 
 class UnconditionalPixel(ModelAdapter):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from redistill.models import ModelAdapter
+from redistill.models.base import ModelAdapter
 
 DEFAULT_PROMPTS = ("a picture",)  # the probe's prompt until the caller gives the data's captions
 DEFAULT_GUIDANCE = 7.5  # StableDiffusionPipeline's default guidance_scale
