@@ -65,7 +65,8 @@ def drift_test(batch: Path, reference: Path, features: Path, p: DriftParams, out
     """MMD permutation test on the embeddings, Holm-corrected KS tests and, when the batch and the reference both
     have captions, the MMD test on their prompts (`drift.text_features`: hashed words, or the text-to-image
     `teacher`'s own text encoder); writes drift.json and drift.png."""
-    from redistill.drift.detect import check_folder, embedding
+    from redistill.drift.detect import check_folder
+    from redistill.drift.features import embedding
 
     try:
         text = prompt_embedding(teacher, p.text_features)

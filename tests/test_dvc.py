@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 from helpers import REPO
 
+from redistill.config import Params
 from redistill.data.images import dir_md5
 
 
@@ -145,6 +146,8 @@ def _stage_command(cmd: str) -> str:
 # stage output (like redistill/cli/ and redistill/config/ among the code deps, it is left out).
 NOT_READS = {"_settings"}
 
+PARAMS_METHODS = {n for n in dir(Params) if not n.startswith("_") and callable(getattr(Params, n))}
+
 
 def _params_read(tree, fn_name: str, pname: str = "p", module: str = "redistill.cli", seen=None) -> set[tuple]:
     """(section, key) pairs, key None for a whole section, that the function `fn_name` of `module` reads from
@@ -167,7 +170,8 @@ def _params_read(tree, fn_name: str, pname: str = "p", module: str = "redistill.
             while isinstance(node, ast.Attribute):
                 chain.insert(0, node.attr)
                 node = node.value
-            if isinstance(node, ast.Name) and node.id == pname:
+            # `p.to_dict()["distill"]`, `p.sha256([...])`: Params' own methods, not settings sections
+            if isinstance(node, ast.Name) and node.id == pname and chain[0] not in PARAMS_METHODS:
                 reads.add((chain[0], chain[1] if len(chain) > 1 else None))
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             at = [i for i, a in enumerate(node.args) if isinstance(a, ast.Name) and a.id == pname]

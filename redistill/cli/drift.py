@@ -51,7 +51,7 @@ def drift_check(
 
 def _drift_embedding(root: Path, p, features: Optional[str]):
     """(name, embedding) of the drift commands' MMD test: --features, else drift.features; a clear error otherwise."""
-    from redistill.drift.detect import PIXELS, embedding
+    from redistill.drift.features import PIXELS, embedding
 
     features = features or p.drift.features
     try:

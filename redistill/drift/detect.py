@@ -29,21 +29,11 @@ from pathlib import Path
 from typing import Callable
 
 import json
-import re
-import zlib
 
 import numpy as np
 import torch
 
-HIST = "hist"  # per-image colour histograms (N, C, HIST_BINS): not tested itself, but through HIST_TV
-HIST_BINS = 8  # per channel: coarse enough that a 16×16 image fills its histogram
-HIST_TV = "hist_tv"  # each image's total-variation distance to the reference's histogram
-LUMA = np.array([0.299, 0.587, 0.114])  # Rec. 601, as `shapes` and PIL turn colour into grey
-PIXELS = "pixels"  # the feature space that needs no weights: `pixel_features`
-WORDS = "words"  # the prompts' feature space that needs no weights: `word_features`
-WORD_DIM = 1024  # buckets of the hashing vectoriser: few collisions for prompt vocabularies of thousands of words
-_WORD = re.compile(r"[^\W_]+")  # runs of letters and digits, any script
-
+from redistill.drift.features import PIXELS, WORDS, image_stats, tested_stats, text_embedding
 
 @dataclass
 class DriftReport:
@@ -102,124 +92,6 @@ class DriftReport:
             return f"{self.batch}: no drift in its {tested} (alpha {self.alpha:g})" + \
                 (f"; {'; '.join(self.notes)}" if self.notes else "")
         return f"{self.batch}: drift: " + "; ".join(self.reasons)
-
-
-def image_stats(images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-    """Per-image statistics of images in [0, 1], shape (N, C, H, W) with C = 1 or 3, any size.
-
-    `mean_c{k}`, `std_c{k}` per channel; `sharpness` (mean gradient magnitude of the luma); `saturation`
-    (mean HSV saturation, 0 for grey); `hist` (N, C, HIST_BINS), each channel's share of pixels per bin.
-    Grey images also get `ink` (share of pixels above ½) and `row_centre`, `col_centre` (centre of mass).
-    """
-    x = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, dtype=np.float64)
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"image statistics need images (N, C, H, W) with 1 or 3 channels, got shape {x.shape}")
-    n, c, h, w = x.shape
-    out = {}
-    for k in range(c):
-        out[f"mean_c{k}"] = x[:, k].mean((1, 2))
-        out[f"std_c{k}"] = x[:, k].reshape(n, -1).std(1, ddof=1) if h * w > 1 else np.zeros(n)
-    luma = x[:, 0] if c == 1 else np.einsum("nchw,c->nhw", x, LUMA)
-    gy, gx = np.diff(luma, axis=1)[:, :, : w - 1], np.diff(luma, axis=2)[:, : h - 1, :]
-    out["sharpness"] = np.sqrt(gy ** 2 + gx ** 2).mean((1, 2)) if h > 1 and w > 1 else np.zeros(n)
-    if c == 3:
-        hi, lo = x.max(1), x.min(1)
-        out["saturation"] = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-12), 0.0).mean((1, 2))
-    else:
-        out["saturation"] = np.zeros(n)
-    bins = np.clip((x * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)  # (N, C, H, W) bin of every pixel
-    flat = (np.arange(n * c).reshape(n, c, 1, 1) * HIST_BINS + bins).ravel()
-    out[HIST] = np.bincount(flat, minlength=n * c * HIST_BINS).reshape(n, c, HIST_BINS) / (h * w)
-    if c == 1:  # the digits' stroke statistics: meaningful for ink on a plain background only
-        g = x[:, 0]
-        mass = np.maximum(g.sum((1, 2)), 1e-8)
-        out["ink"] = (g > 0.5).mean((1, 2))
-        out["row_centre"] = (g * np.arange(h)[None, :, None]).sum((1, 2)) / mass / max(h - 1, 1)
-        out["col_centre"] = (g * np.arange(w)[None, None, :]).sum((1, 2)) / mass / max(w - 1, 1)
-    return out
-
-
-def tested_stats(ref_stats: dict[str, np.ndarray], batch_stats: dict[str, np.ndarray]
-                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
-    """The per-image statistics the KS family tests, as (reference, batch) 1-D arrays, and the batch's pooled
-    histogram distance to the reference.
-
-    `hist_tv` is each image's total-variation distance to the reference's mean histogram (averaged over the
-    channels); a reference image is measured against the mean of the *other* reference images, so that under
-    no drift both sides are measured alike. A statistic constant and equal on both sides (saturation of grey
-    images) cannot drift and is left out: it would only spend the Holm budget.
-    """
-    if set(ref_stats) != set(batch_stats) or ref_stats[HIST].shape[1:] != batch_stats[HIST].shape[1:]:
-        raise ValueError(f"the batch's statistics ({', '.join(sorted(batch_stats))}) are not the reference's "
-                         f"({', '.join(sorted(ref_stats))}): drift is tested between sets of one channel count")
-    ref = {k: v for k, v in ref_stats.items() if k != HIST}
-    new = {k: v for k, v in batch_stats.items() if k != HIST}
-    for k in list(ref):
-        both = np.concatenate([ref[k], new[k]])
-        if np.all(both == both[0]):
-            del ref[k], new[k]
-    rh, bh = ref_stats[HIST], batch_stats[HIST]
-    n, total = len(rh), rh.sum(0)
-    leave_one_out = (total[None] - rh) / max(n - 1, 1)
-    ref[HIST_TV] = 0.5 * np.abs(rh - leave_one_out).sum(2).mean(1)
-    new[HIST_TV] = 0.5 * np.abs(bh - total[None] / n).sum(2).mean(1)
-    pooled = float(0.5 * np.abs(bh.mean(0) - total / n).sum(1).mean())
-    return ref, new, pooled
-
-
-def pixel_features(images: torch.Tensor, grid: int = 4) -> torch.Tensor:
-    """An embedding that needs no weights: each channel averaged over a grid×grid of cells (C·grid² numbers)."""
-    x = torch.as_tensor(images, dtype=torch.float32)
-    return torch.nn.functional.adaptive_avg_pool2d(x, min(grid, x.shape[-2], x.shape[-1])).flatten(1)
-
-
-def _bucket(token: str, dim: int) -> tuple[int, float]:
-    # crc32, not hash(): Python salts str hashes per process, and the features must match across processes
-    h = zlib.crc32(token.encode("utf-8"))
-    return h % dim, 1.0 if (h >> 31) & 1 else -1.0  # a signed hash: collisions cancel on average
-
-
-def word_features(captions: list[str], dim: int = WORD_DIM) -> torch.Tensor:
-    """Captions (N) → (N, dim) float32: word unigram and bigram counts (case-folded runs of letters and digits)
-    hashed into `dim` signed buckets, each row L2-normalised (an empty caption is the zero vector).
-
-    Deterministic across processes and machines; needs no weights and sees words, not meaning: paraphrases
-    that share no words are far apart. A caller with a text encoder passes its own `text_extractor`."""
-    out = np.zeros((len(captions), dim), dtype=np.float64)
-    for i, caption in enumerate(captions):
-        words = _WORD.findall((caption or "").casefold())
-        grams = [f"1:{w}" for w in words] + [f"2:{a} {b}" for a, b in zip(words, words[1:])]
-        for g in grams:
-            j, sign = _bucket(g, dim)
-            out[i, j] += sign
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return torch.from_numpy(out / np.where(norms > 0, norms, 1.0)).float()
-
-
-def text_embedding(captions: list[str], text_extractor: Callable[[list[str]], torch.Tensor] | None = None,
-                   where: Path | str = "the captions") -> torch.Tensor:
-    """Prompt embeddings (N, d): `text_extractor(captions)`, or the weightless `word_features` without one."""
-    if text_extractor is None:
-        return word_features(captions)
-    try:
-        z = torch.as_tensor(text_extractor(list(captions)), dtype=torch.float32)
-    except Exception as e:  # a tokenizer or text encoder error: say whose prompts, and the way around it
-        raise ValueError(f"the text feature space cannot embed the captions of {where}: {type(e).__name__}: "
-                         f"{str(e)[:200]}; pass no text_extractor to use the weightless {WORDS!r} features") from e
-    if z.ndim != 2 or len(z) != len(captions):
-        raise ValueError(f"the text feature space gave shape {tuple(z.shape)} for {len(captions)} captions of {where}; "
-                         "it must return one embedding per caption (N, d)")
-    return z
-
-
-def embedding(name: str, features_dir: Path):
-    """The MMD test's embedding `name` (drift.features): `pixels`, `auto` (the classifier where the workspace has
-    one, else the label-free encoder) or a feature space; ValueError/FileNotFoundError say what is missing."""
-    from redistill.evaluation import spaces as feature_spaces
-
-    if name == PIXELS:
-        return pixel_features
-    return feature_spaces.load(feature_spaces.resolve([name], features_dir)[0], Path(features_dir)).extractor
 
 
 def median_bandwidth(z: torch.Tensor, max_points: int = 1000, seed: int = 0) -> float:

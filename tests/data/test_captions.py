@@ -22,7 +22,8 @@ from redistill.data.images import (
     write_image_folder,
 )
 from redistill.data.growth import merge_batch
-from redistill.drift.detect import check_folder, detect, image_stats, pixel_features, word_features
+from redistill.drift.detect import check_folder, detect
+from redistill.drift.features import image_stats, pixel_features, word_features
 from redistill.data.validation import caption_counter
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -307,7 +308,7 @@ def test_word_features_are_deterministic_across_processes_and_l2_normalised():
     z = word_features(caps)
     assert z.shape == (4, 1024) and np.allclose(z.norm(dim=1).numpy(), [1, 1, 0, 1])
     assert np.allclose(z[0].numpy(), z[1].numpy())  # case and punctuation do not matter
-    code = ("import json; from redistill.drift.detect import word_features; "
+    code = ("import json; from redistill.drift.features import word_features; "
             f"print(json.dumps(word_features({caps!r}).tolist()))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "123"}).stdout

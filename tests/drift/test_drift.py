@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from redistill.cli import app
-from redistill.drift.detect import calibrate, detect, holm, image_stats, mmd_permutation_test
+from redistill.drift.detect import calibrate, detect, holm, mmd_permutation_test
+from redistill.drift.features import image_stats
 
 runner = CliRunner()
 

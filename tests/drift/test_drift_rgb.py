@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from redistill.data import shapes
 from redistill.cli import app
 from redistill.config import ValidateParams
-from redistill.drift.detect import LUMA, calibrate, detect, image_stats, pixel_features
+from redistill.drift.detect import calibrate, detect
+from redistill.drift.features import LUMA, image_stats, pixel_features
 from redistill.data.validation import image_table, reference_profile
 
 runner = CliRunner()

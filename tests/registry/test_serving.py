@@ -102,7 +102,7 @@ def test_every_redistill_import_of_the_shipped_code_is_shipped(tmp_path):
                                                    if module(f"{base}.{a.name}")}
             elif isinstance(node, ast.Import):
                 needed |= {(f.name, a.name) for a in node.names if a.name.split(".")[0] == "redistill"}
-    assert needed and {m for _, m in needed} >= {"redistill.models.pipelines", "redistill.models.lora", "redistill.config"}
+    assert needed and {m for _, m in needed} >= {"redistill.models.pipelines", "redistill.models.adapter_files", "redistill.core.files"}
     missing = sorted(f"{where}: {m}" for where, m in needed if m not in shipped)
     assert not missing, missing
 

@@ -18,7 +18,8 @@ from redistill.config import Params, T2ITeacherParams
 from redistill.data.digits import build_digits
 from redistill.data.images import load_image_folder
 from redistill.data.captions import TEMPLATES, class_prompt, class_prompts, prepare_t2i, vocabulary
-from redistill.teachers.text_to_image import build_tokenizer, train_t2i_teacher
+from redistill.teachers.t2i_parts import build_tokenizer
+from redistill.teachers.text_to_image import train_t2i_teacher
 
 TOY = dict(text_width=16, text_layers=1, vae_block_out_channels=[8, 16], vae_steps=4, vae_batch_size=8,
            block_out_channels=[16, 32], norm_num_groups=8, attention_heads=2, train_steps=6, batch_size=8,
