@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
 from redistill.config import ProgressiveParams, settings
 from redistill.methods.student_shape import FeatureMatch
+from redistill.methods.training import Draws, Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
-from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models.prediction import alpha_sigma, to_x0_eps
 
 V_PREDICTION = "v_prediction"
@@ -124,6 +125,34 @@ def _x0(call, unet, z, t, cond, prediction_type, alphas_cumprod, clip: bool):
     return x0.clamp(-1, 1) if clip else x0
 
 
+def snr_weighted_loss(x_student: torch.Tensor, x_target: torch.Tensor, a_t, s_t) -> torch.Tensor:
+    """The paper's truncated-SNR weighting in x-space: mean over the batch of max(α²/σ², 1)·‖x̃ − x̂_η(z_t)‖²."""
+    weight = torch.clamp(a_t**2 / s_t**2, min=1.0).view(-1)
+    return (weight * (x_student - x_target).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+@dataclass
+class RoundTeacher:
+    """A round's teacher: round 1's is the (guided) teacher; each later one is the previous round's EMA student."""
+
+    unet: torch.nn.Module
+    call: Callable  # the adapter's teacher_output (guidance folded in), or its output for a student
+    prediction_type: str
+
+
+def teacher_ddim(teacher: RoundTeacher, z_t, a_t, s_t, i, fine, skip: int, cond, alphas_cumprod, fm) -> torch.Tensor:
+    """`skip` DDIM steps of the teacher from z_t along its finer grid, fine[skip·i] → fine[skip·(i+1)], with x̂₀
+    clipped to [−1, 1] as its sampler clips it; the first call records its block features for feature matching."""
+    z, a_z, s_z = z_t, a_t, s_t
+    for j in range(skip):
+        t_j, t_k = fine[skip * i + j], fine[skip * i + j + 1]
+        a_k, s_k = alpha_sigma(alphas_cumprod, t_k)
+        with fm.teacher() if j == 0 else contextlib.nullcontext():
+            x0_j = _x0(teacher.call, teacher.unet, z, t_j, cond, teacher.prediction_type, alphas_cumprod, True)
+        z, a_z, s_z = ddim_step(x0_j, z, a_z, s_z, a_k, s_k), a_k, s_k
+    return z
+
+
 def distill(
     teacher,
     data: torch.Tensor,
@@ -141,7 +170,6 @@ def distill(
     champion's weights at the target step count), one round from it against the teacher's k-step DDIM, k =
     teacher_steps / target_steps, of `cfg.steps_per_round` steps.
     """
-
     model = adapter_for(teacher)  # every network call, condition and the export go through it
     sched_cfg = teacher.scheduler.config
     T = sched_cfg.num_train_timesteps
@@ -153,88 +181,83 @@ def distill(
     s_type = student_prediction(sched_cfg.prediction_type, cfg.first_timestep, T)
     run = Trainer(ckpt_dir, {"method": "progressive", "config": asdict(cfg), "teacher_prediction": sched_cfg.prediction_type},
                   cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
-    dev = run.device
-    alphas_cumprod = model.alphas_cumprod.to(dev)
-    x_all = (data.float() * 2.0 - 1.0).to(dev)
-    teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
-    teacher_type = sched_cfg.prediction_type
-    teacher_call = model.teacher_output  # round 1's teacher is the guided one; later rounds' teachers are students
+    x_all = (data.float() * 2.0 - 1.0).to(run.device)
+    # round 1's teacher is the guided one; later rounds' teachers are students
+    current = RoundTeacher(frozen(copy.deepcopy(teacher.unet)).to(run.device), model.teacher_output,
+                           sched_cfg.prediction_type)
     if run.resume_phase > 0 and run.resume_path is not None:  # the round being resumed has an earlier student as teacher
         if cfg.student_channels or cfg.student_layers:  # ... of the smaller student's shape, built from round 1's recipe
-            teacher_unet = frozen(student_like(teacher_unet, cfg.student_channels, cfg.student_layers))
-        teacher_unet.load_state_dict(run.resumed_weights("teacher"))
-        teacher_type, teacher_call = s_type, model.output
+            current.unet = frozen(student_like(current.unet, cfg.student_channels, cfg.student_layers))
+        current.unet.load_state_dict(run.resumed_weights("teacher"))
+        current.prediction_type, current.call = s_type, model.output
 
     history = []
     for r, n in enumerate(rounds):
         if run.skips(r):
             continue
-        grid = student_grid(n, T, cfg.first_timestep).to(dev)  # the student's steps; the finer grid adds the
-        fine = student_grid(skip * n, T, cfg.first_timestep).to(dev)  # teacher's: fine[skip·i] = grid[i]
-        # 1. The student starts as a copy of its teacher (Alg. 2: η ← θ), or, warm, as the champion.
-        # (a smaller student, when configured, is built in the first round and initialised from the teacher)
-        shape = (cfg.student_channels, cfg.student_layers) if r == 0 else ((), 0)
-        student = warm(student_like(teacher_unet, *shape), init if r == 0 else None)
-        fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
-        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-        ema = new_ema(student, cfg.ema_decay)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + r)
         label = f"round {r + 1}/{len(rounds)} ({skip * n}→{n} steps)" + (", warm from the champion" if init else "")
-        ph = Phase(r, label, cfg.steps_per_round,
-                   {"student": student, **({"teacher": teacher_unet} if r > 0 else {})}, {"student": opt},
-                   {"student": ema}, gen)
-
-        def step(student=student, opt=opt, ema=ema, gen=gen, grid=grid, fine=fine, n=n, teacher_type=teacher_type, fm=fm,
-                 teacher_call=teacher_call):
-            # 2. Data and a student timestep: x ~ D, i ~ U{0..n−1}, t = grid[i]; z_t = α_t·x + σ_t·ε
-            #    (and, for a conditional teacher, a condition c for the batch).
-            #    Drawn for the global batch; this process trains on its shard of it.
-            x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(dev)]
-            c = model.conditions(cfg.batch_size, gen, dev)
-            i = torch.randint(0, n, (cfg.batch_size,), generator=gen).to(dev)
-            eps = torch.randn(x.shape, generator=gen).to(dev)
-            x, c, i, eps = run.shard(x, c, i, eps)
-            t, t_next = grid[i], grid[i + 1]
-            a_t, s_t = alpha_sigma(alphas_cumprod, t)
-            z_t = model.add_noise(x, eps, t)
-            with torch.no_grad(), run.autocast():
-                # 3. Two DDIM steps of the teacher: t → t′ → t″ (its sampler clips x̂₀ to [−1, 1]); k of them
-                #    along its finer grid in a warm start's round.
-                a_n, s_n = alpha_sigma(alphas_cumprod, t_next)
-                z, a_z, s_z = z_t, a_t, s_t
-                for j in range(skip):
-                    t_j, t_k = fine[skip * i + j], fine[skip * i + j + 1]
-                    a_k, s_k = alpha_sigma(alphas_cumprod, t_k)
-                    with fm.teacher() if j == 0 else contextlib.nullcontext():
-                        x0_j = _x0(teacher_call, teacher_unet, z, t_j, c, teacher_type, alphas_cumprod, True)
-                    z, a_z, s_z = ddim_step(x0_j, z, a_z, s_z, a_k, s_k), a_k, s_k
-                z_next = z
-                # 4. The target x̃ that makes one student step land on the teacher's two-step result.
-                x_target = distillation_target(z_t, z_next.float(), a_t, s_t, a_n, s_n)
-            # 5. Truncated-SNR weighted loss in x-space: max(α²/σ², 1)·‖x̃ − x̂_η(z_t)‖².
-            with run.autocast(), fm.student():
-                x_student = _x0(model.output, student, z_t, t, c, s_type, alphas_cumprod, False).float()
-            weight = torch.clamp(a_t**2 / s_t**2, min=1.0).view(-1)
-            loss = (weight * (x_student - x_target).pow(2).mean(dim=(1, 2, 3))).mean() + fm.loss()
-            # 6. Update, then the EMA that becomes the next teacher.
-            run.backward(loss, student, opt, ema)
-            return {"loss": loss.item()}
-
-        losses = run.phase(ph, step)
-        fm.remove()
+        student, losses = train_round(run, model, cfg, x_all, current, r, n, skip, s_type, init, label)
         # 7. θ ← η: the EMA student teaches the next round, at half the steps.
-        ema.copy_to(student.parameters())
-        teacher_unet = frozen(student)
-        teacher_type, teacher_call = s_type, model.output
+        current = RoundTeacher(frozen(student), model.output, s_type)
         history.append({"round": r + 1, "student_steps": n, "final_loss": losses.get("loss")})
         if on_round is not None:
-            on_round(n, model.export(copy.deepcopy(teacher_unet).cpu(),
+            on_round(n, model.export(copy.deepcopy(current.unet).cpu(),
                                      student_scheduler(sched_cfg, s_type, cfg.first_timestep, n)))
 
-    summary = {"method": "progressive", "config": asdict(cfg), "rounds": history, **sizes(teacher.unet, teacher_unet),
+    summary = {"method": "progressive", "config": asdict(cfg), "rounds": history, **sizes(teacher.unet, current.unet),
                "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
     scheduler = student_scheduler(sched_cfg, s_type, cfg.first_timestep, cfg.target_steps)
-    return model.export(teacher_unet.cpu(), scheduler), summary
+    return model.export(current.unet.cpu(), scheduler), summary
+
+
+def train_round(run: Trainer, model, cfg: ProgressiveConfig, x_all: torch.Tensor, teacher: RoundTeacher, r: int, n: int,
+                skip: int, s_type: str, init: dict | None, label: str) -> tuple[torch.nn.Module, dict]:
+    """Round r of Algorithm 2: a student of n steps learns to take, in one DDIM step, `skip` steps of `teacher`.
+    Returns the student holding its EMA weights, and the round's final losses."""
+    dev, T = run.device, model.num_train_timesteps
+    alphas_cumprod = model.alphas_cumprod.to(dev)
+    grid = student_grid(n, T, cfg.first_timestep).to(dev)  # the student's steps; the finer grid adds the
+    fine = student_grid(skip * n, T, cfg.first_timestep).to(dev)  # teacher's: fine[skip·i] = grid[i]
+    # 1. The student starts as a copy of its teacher (Alg. 2: η ← θ), or, warm, as the champion.
+    # (a smaller student, when configured, is built in the first round and initialised from the teacher)
+    shape = (cfg.student_channels, cfg.student_layers) if r == 0 else ((), 0)
+    student = warm(student_like(teacher.unet, *shape), init if r == 0 else None)
+    fm = FeatureMatch(teacher.unet, student, cfg.feature_loss)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = new_ema(student, cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + r)
+    ph = Phase(r, label, cfg.steps_per_round, {"student": student, **({"teacher": teacher.unet} if r > 0 else {})},
+               {"student": opt}, {"student": ema}, gen)
+    draw = Draws(gen, run, cfg.batch_size, tuple(x_all.shape[1:]), dev)  # every draw, of the global batch
+
+    def step():
+        # 2. Data and a student timestep: x ~ D, i ~ U{0..n−1}, t = grid[i]; z_t = α_t·x + σ_t·ε
+        #    (and, for a conditional teacher, a condition c for the batch).
+        x = x_all[draw.integers(len(x_all))]
+        c = run.shard(model.conditions(cfg.batch_size, gen, dev))
+        i = draw.integers(n)
+        eps = draw.noise()
+        t, t_next = grid[i], grid[i + 1]
+        a_t, s_t = alpha_sigma(alphas_cumprod, t)
+        z_t = model.add_noise(x, eps, t)
+        with torch.no_grad(), run.autocast():
+            # 3. Two DDIM steps of the teacher: t → t′ → t″; k of them along its finer grid in a warm start's round.
+            z_next = teacher_ddim(teacher, z_t, a_t, s_t, i, fine, skip, c, alphas_cumprod, fm)
+            # 4. The target x̃ that makes one student step land on the teacher's two-step result.
+            a_n, s_n = alpha_sigma(alphas_cumprod, t_next)
+            x_target = distillation_target(z_t, z_next.float(), a_t, s_t, a_n, s_n)
+        # 5. Truncated-SNR weighted loss in x-space: max(α²/σ², 1)·‖x̃ − x̂_η(z_t)‖².
+        with run.autocast(), fm.student():
+            x_student = _x0(model.output, student, z_t, t, c, s_type, alphas_cumprod, False).float()
+        loss = snr_weighted_loss(x_student, x_target, a_t, s_t) + fm.loss()
+        # 6. Update, then the EMA that becomes the next teacher.
+        run.backward(loss, student, opt, ema)
+        return {"loss": loss.item()}
+
+    losses = run.phase(ph, step)
+    fm.remove()
+    ema.copy_to(student.parameters())
+    return student, losses
 
 
 def student_scheduler(teacher_scheduler_config, prediction_type: str, first_timestep: int, steps: int):
