@@ -95,3 +95,47 @@ def test_flows_import_only_tasks_settings_and_policy_and_tasks_no_flows():
     bad |= {f"{f.name}: {m}" for f in (repo / "tasks").glob("*.py") for m in _imported(f)
             if m == "redistill.flows" or m.startswith("redistill.flows.")}
     assert not bad, f"flows import only tasks, settings and pure policy; tasks never import flows: {sorted(bad)}"
+
+
+# the library's folders from the ground up (redistill/__init__.py): each imports only folders before it
+ORDER = ["config", "core", "data", "models", "evaluation", "teachers", "methods", "drift", "registry", "cycle", "watch",
+         "ops", "cli"]
+
+
+def _folder_imports(path) -> set[str]:
+    """The library folders a file imports, at any depth (function-level imports too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == "redistill" else [])
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for n in names:
+            parts = n.split(".")
+            if parts[0] == "redistill" and len(parts) > 1 and parts[1] in ORDER:
+                found.add(parts[1])
+    return found
+
+
+def test_every_library_import_points_down():
+    from pathlib import Path
+
+    root = Path(redistill.__file__).parent
+    folders = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    assert folders == set(ORDER), f"place {sorted(folders - set(ORDER))} in ORDER (and redistill/__init__.py)"
+    up = [f"{f.relative_to(root.parent)} imports redistill.{d}"
+          for folder in ORDER for f in sorted((root / folder).glob("*.py"))
+          for d in sorted(_folder_imports(f)) if ORDER.index(d) > ORDER.index(folder)]
+    assert not up, up
+
+
+def test_no_library_file_is_over_400_lines():
+    from pathlib import Path
+
+    root = Path(redistill.__file__).parent
+    files = [*root.rglob("*.py"), *(root.parent / "tasks").glob("*.py"), *(root.parent / "flows").glob("*.py")]
+    long = {str(f.relative_to(root.parent)): n for f in files if (n := len(f.read_text().splitlines())) > 400}
+    assert not long, f"split these where their jobs split: {long}"

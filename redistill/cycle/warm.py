@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 INIT_CHOICES = ("cold", "warm", "auto")
-WARM_METHODS = ("progressive", "consistency", "output", "adversarial", "dmd")  # rectified reflows the teacher's couplings
 
 # config keys that do not change the network's shape or meaning
 _IGNORED_CONFIG = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
@@ -58,6 +57,7 @@ def expected_student_config(teacher: Path, student_channels: list[int], student_
 
 def why_not(champion_tags: dict, champion_student: Path, teacher: Path, p) -> str | None:
     """None when the champion's student can start a cycle of `p.distill` on `teacher`; else the reason."""
+    from redistill.methods import WARM_METHODS
     from redistill.registry.client import PREFIX
 
     d = p.distill

@@ -50,7 +50,7 @@ def image_table(folder: Path):
     saturation, as the drift tests measure them), a pixel hash and the label (None without labels.csv)."""
     import pandas as pd
 
-    from redistill.drift.features import image_stats
+    from redistill.data.stats import image_stats
 
     folder = Path(folder)
     files = sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []

@@ -33,7 +33,8 @@ import json
 import numpy as np
 import torch
 
-from redistill.drift.features import PIXELS, WORDS, image_stats, tested_stats, text_embedding
+from redistill.data.stats import image_stats
+from redistill.drift.features import PIXELS, WORDS, tested_stats, text_embedding
 
 @dataclass
 class DriftReport:

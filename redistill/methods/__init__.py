@@ -17,6 +17,7 @@ from redistill.config import DistillParams
 FAMILIES_SERVED = {"rectified": ("flow", "diffusion")}
 
 
+WARM_METHODS = ("progressive", "consistency", "output", "adversarial", "dmd")  # rectified reflows the teacher's couplings
 LORA_METHODS = ("consistency", "dmd")  # the methods whose student may be a LoRA adapter (distill.student.lora_rank)
 
 # kinds of teacher only some methods serve yet (the rest: every method of the kind's family)
@@ -144,7 +145,6 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
     extra = {}
     if init is not None:
         from redistill.methods.progressive import halving_schedule
-        from redistill.cycle.warm import WARM_METHODS
 
         if p.method not in WARM_METHODS:
             raise ValueError(f"{p.method} cannot start warm; warm starts serve {', '.join(WARM_METHODS)}")

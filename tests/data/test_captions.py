@@ -23,7 +23,8 @@ from redistill.data.images import (
 )
 from redistill.data.growth import merge_batch
 from redistill.drift.detect import check_folder, detect
-from redistill.drift.features import image_stats, pixel_features, word_features
+from redistill.data.stats import image_stats
+from redistill.drift.features import pixel_features, word_features
 from redistill.data.validation import caption_counter
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from redistill.cli import app
 from redistill.drift.detect import calibrate, detect, holm, mmd_permutation_test
-from redistill.drift.features import image_stats
+from redistill.data.stats import image_stats
 
 runner = CliRunner()
 

@@ -13,7 +13,8 @@ from redistill.data import shapes
 from redistill.cli import app
 from redistill.config import ValidateParams
 from redistill.drift.detect import calibrate, detect
-from redistill.drift.features import LUMA, image_stats, pixel_features
+from redistill.data.stats import LUMA, image_stats
+from redistill.drift.features import pixel_features
 from redistill.data.validation import image_table, reference_profile
 
 runner = CliRunner()
