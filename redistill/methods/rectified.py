@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -60,16 +61,34 @@ def euler_grid(T: int, steps: int) -> torch.Tensor:
     return sched.sigmas.float()
 
 
+def euler_path(velocity: Callable, net, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Euler on the flow ODE dx/dσ = v(x, σ) from x along `sigmas` (1 → 0); differentiable, so a student's
+    few-step sampler can be trained end to end."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (s_next - s) * velocity(net, x, s.expand(len(x)).to(x.device))
+    return x
+
+
 @torch.no_grad()
 def euler(velocity: Callable, net, z: torch.Tensor, sigmas: torch.Tensor, batch: int = 500) -> torch.Tensor:
     """Euler on the flow ODE dx/dσ = v(x, σ) from noise z along `sigmas` (1 → 0), in batches."""
-    out = []
-    for i in range(0, len(z), batch):
-        x = z[i : i + batch]
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            x = x + (s_next - s) * velocity(net, x, s.expand(len(x)).to(x.device))
-        out.append(x)
-    return torch.cat(out)
+    return torch.cat([euler_path(velocity, net, z[i : i + batch], sigmas) for i in range(0, len(z), batch)])
+
+
+def interpolate(z: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The straight path between a coupling's ends, x_t = t·z + (1 − t)·x₀, at one t per image."""
+    return t.view(-1, 1, 1, 1) * z + (1 - t.view(-1, 1, 1, 1)) * x0
+
+
+def reflow_loss(z: torch.Tensor, x0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """‖(z − x₀) − v_θ(x_t, t)‖²: the straight path's velocity against the network's."""
+    return ((z - x0) - v).pow(2).mean()
+
+
+def amp_velocity(run: Trainer, kind, net, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The student's velocity v_θ(x, σ) through the flow-matching adapter `kind`, under the run's mixed precision."""
+    with run.autocast():
+        return kind.velocity(net, x, sigma).float()
 
 
 @torch.no_grad()
@@ -91,8 +110,8 @@ def reflow_file(couplings: Path, cfg: RectifiedConfig, teacher_kind: str) -> Pat
                        "batch": cfg.batch_size, "lr": cfg.lr, "ema": cfg.ema_decay, "seed": cfg.seed,
                        "shape": [list(cfg.student_channels), cfg.student_layers], "amp": cfg.mixed_precision},
                       sort_keys=True)
-    return couplings.with_name(f"{couplings.stem}-reflow{cfg.reflow_steps}-{hashlib.sha256(what.encode()).hexdigest()[:8]}"
-                               ".safetensors")
+    digest = hashlib.sha256(what.encode()).hexdigest()[:8]
+    return couplings.with_name(f"{couplings.stem}-reflow{cfg.reflow_steps}-{digest}.safetensors")
 
 
 def _save_atomic(net: torch.nn.Module, path: Path, metadata: dict) -> None:
@@ -123,58 +142,21 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
     dev = run.device
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
     # the student is a flow whatever the teacher is: its calls and export go through the flow-matching adapter
-    student_kind = FlowMatchingPixel(model.export(teacher_unet, euler_scheduler(T, K)))
+    v_student = partial(amp_velocity, run, FlowMatchingPixel(model.export(teacher_unet, euler_scheduler(T, K))))
 
     # 1. Couplings (z, x₀) from the teacher's ODE solver, cached by teacher sha256.
     pcfg = SimpleNamespace(pairs=cfg.couplings, pairs_steps=cfg.couplings_steps, seed=cfg.seed)
     with run.main_first():  # the main process makes the cache, the others then read it
         z_all, x0_all, _, cfile, reused = load_or_make_pairs(teacher, teacher_sha256 or unkeyed_sha256(teacher), pcfg,
-                                                             tuple(data.shape[1:]), dev, Path(pairs_dir or "data/pairs"), log,
-                                                             samples_dir)
+                                                             tuple(data.shape[1:]), dev,
+                                                             Path(pairs_dir or "data/pairs"), log, samples_dir)
     z_all, x0_all = z_all.to(dev), x0_all.to(dev)
     held_out = torch.randn((256, *data.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed + 7)).to(dev)
 
-    def v_student(net, x, sigma):
-        with run.autocast():
-            return student_kind.velocity(net, x, sigma).float()
-
-    # 2. Reflow: the velocity of the couplings' straight interpolations.
+    # 2. Reflow: the velocity of the couplings' straight interpolations, cached beside the couplings.
     student = student_like(teacher_unet, cfg.student_channels, cfg.student_layers)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    ema = new_ema(student, cfg.ema_decay)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-
-    def reflow_step():
-        idx = torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen).to(dev)
-        t = torch.rand((cfg.batch_size,), generator=gen).to(dev)
-        idx, t = run.shard(idx, t)  # this process's shard of the global batch
-        z, x0 = z_all[idx], x0_all[idx]
-        x_t = t.view(-1, 1, 1, 1) * z + (1 - t.view(-1, 1, 1, 1)) * x0
-        loss = ((z - x0) - v_student(student, x_t, t)).pow(2).mean()
-        run.backward(loss, student, opt, ema)
-        return {"loss": loss.item()}
-
-    # The reflowed flow depends on the couplings and the reflow's settings, not on the step count: it is cached
-    # beside the couplings, so students of other step counts (the bench's rows, a changed target) reuse it.
     rfile = reflow_file(cfile, cfg, model.kind)
-    reflow, reflow_reused = {}, False
-    if run.skips(0):  # resumed in the distillation: the reflowed flow is in the checkpoint
-        reflowed = frozen(student)
-        reflowed.load_state_dict(run.resumed_weights("reflow"))
-    elif rfile.is_file():
-        from safetensors.torch import load_file
-
-        log(f"reusing the reflowed flow from {rfile}")
-        reflowed = frozen(student)
-        reflowed.load_state_dict(load_file(rfile))
-        reflow_reused = True
-    else:
-        reflow = run.phase(Phase(0, "reflow (2-rectified flow)", cfg.reflow_steps, {"student": student},
-                                 {"student": opt}, {"student": ema}, gen), reflow_step)
-        ema.copy_to(student.parameters())
-        reflowed = frozen(student)
-        if run.main:
-            _save_atomic(reflowed, rfile, {"couplings": cfile.name, "reflow_loss": str(reflow.get("loss"))})
+    reflowed, reflow, reflow_reused = train_reflow(run, cfg, student, v_student, z_all, x0_all, rfile, cfile, log)
 
     # 3. Straightness of the teacher's flow and of the reflowed one, on held-out noise.
     measured = {"teacher": straightness(model.velocity, teacher_unet, held_out, cfg.reflow_ode_steps),
@@ -182,40 +164,85 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
     log(f"straightness (per pixel, {cfg.reflow_ode_steps} Euler steps): teacher {measured['teacher']:.4f}, "
         f"reflowed {measured['reflowed']:.4f}")
 
-    # 4. Distillation of the reflowed flow into K Euler steps on the export's grid.
-    grid = euler_grid(T, K).to(dev)
-    final = reflowed
-    distilled = {}
+    # 4. Distillation of the reflowed flow into K Euler steps on the export's grid, towards the reflowed flow's own
+    #    couplings (the paper's), or the teacher's, which an exact reflow would reproduce (its paths do not cross).
+    final, distilled = reflowed, {}
     if cfg.distill_steps > 0:
-        if cfg.distill_targets == "reflowed":  # the paper's: the reflowed flow's own couplings
+        if cfg.distill_targets == "reflowed":
             targets = euler(v_student, reflowed, z_all, torch.linspace(1.0, 0.0, cfg.reflow_ode_steps + 1).to(dev))
             targets = targets.clamp(-1, 1)
-        else:  # the teacher's couplings, which an exact reflow would reproduce (its paths do not cross)
+        else:
             targets = x0_all
-        student = student_like(reflowed)
-        opt = torch.optim.AdamW(student.parameters(), lr=cfg.distill_lr or cfg.lr, weight_decay=0.0)
-        ema = new_ema(student, cfg.ema_decay)
-        gen = torch.Generator().manual_seed(cfg.seed + 2)
-
-        def distill_step():
-            idx = run.shard(torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen).to(dev))
-            x = z_all[idx]
-            for s, s_next in zip(grid[:-1], grid[1:]):  # the student's K-step sampler, back-propagated through
-                x = x + (s_next - s) * v_student(student, x, s.expand(len(x)))
-            loss = (x - targets[idx]).pow(2).mean()
-            run.backward(loss, student, opt, ema)
-            return {"loss": loss.item()}
-
-        distilled = run.phase(Phase(1, f"distillation ({K} Euler step{'s' if K > 1 else ''})", cfg.distill_steps,
-                                    {"student": student, "reflow": reflowed}, {"student": opt}, {"student": ema}, gen),
-                              distill_step)
-        ema.copy_to(student.parameters())
-        final = frozen(student)
+        final, distilled = train_few_step(run, cfg, reflowed, v_student, z_all, targets, euler_grid(T, K).to(dev))
 
     # 5. Export: the stock pipeline and the flow-matching scheduler that samples exactly this grid at K steps.
     summary = {"method": "rectified", "config": asdict(cfg), "teacher_kind": model.kind,
-               "straightness": measured, "reflow_loss": reflow.get("loss"), "final_loss": distilled.get("loss", reflow.get("loss")),
+               "straightness": measured, "reflow_loss": reflow.get("loss"),
+               "final_loss": distilled.get("loss", reflow.get("loss")),
                **sizes(teacher_unet, final), "couplings_file": str(cfile), "couplings_reused": reused,
                "reflow_file": str(rfile), "reflow_reused": reflow_reused,
                "wall_time_s": run.finish(), "num_inference_steps": K}
     return model.export(final.cpu(), euler_scheduler(T, K)), summary
+
+
+def train_reflow(run: Trainer, cfg: RectifiedConfig, student: torch.nn.Module, v_student: Callable, z_all: torch.Tensor,
+                 x0_all: torch.Tensor, rfile: Path, cfile: Path, log: Callable[[str], None]
+                 ) -> tuple[torch.nn.Module, dict, bool]:
+    """Phase 0, reflow: `student` learns the velocity of the couplings' straight paths. Returns (the reflowed flow,
+    its losses, reused). It depends on the couplings and the reflow's settings, not on the step count, so it is read
+    from `rfile` when there (students of other step counts reuse it) or from the checkpoint of a resumed run."""
+    if run.skips(0):  # resumed in the distillation: the reflowed flow is in the checkpoint
+        reflowed = frozen(student)
+        reflowed.load_state_dict(run.resumed_weights("reflow"))
+        return reflowed, {}, False
+    if rfile.is_file():
+        from safetensors.torch import load_file
+
+        log(f"reusing the reflowed flow from {rfile}")
+        reflowed = frozen(student)
+        reflowed.load_state_dict(load_file(rfile))
+        return reflowed, {}, True
+    dev = run.device
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = new_ema(student, cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def step():
+        # a coupling and a time on its straight path, t ~ U(0, 1): this process's shard of the global batch
+        idx = torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen).to(dev)
+        t = torch.rand((cfg.batch_size,), generator=gen).to(dev)
+        idx, t = run.shard(idx, t)
+        z, x0 = z_all[idx], x0_all[idx]
+        loss = reflow_loss(z, x0, v_student(student, interpolate(z, x0, t), t))
+        run.backward(loss, student, opt, ema)
+        return {"loss": loss.item()}
+
+    losses = run.phase(Phase(0, "reflow (2-rectified flow)", cfg.reflow_steps, {"student": student},
+                             {"student": opt}, {"student": ema}, gen), step)
+    ema.copy_to(student.parameters())
+    reflowed = frozen(student)
+    if run.main:
+        _save_atomic(reflowed, rfile, {"couplings": cfile.name, "reflow_loss": str(losses.get("loss"))})
+    return reflowed, losses, False
+
+
+def train_few_step(run: Trainer, cfg: RectifiedConfig, reflowed: torch.nn.Module, v_student: Callable,
+                   z_all: torch.Tensor, targets: torch.Tensor, grid: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+    """Phase 1, distillation: a copy of the reflowed flow, sampled with Euler on `grid` (K steps) and
+    back-propagated through every step, learns to map each noise z to its target (L2). Returns (student, losses)."""
+    K, dev = len(grid) - 1, run.device
+    student = student_like(reflowed)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.distill_lr or cfg.lr, weight_decay=0.0)
+    ema = new_ema(student, cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+
+    def step():
+        idx = run.shard(torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen).to(dev))
+        loss = (euler_path(v_student, student, z_all[idx], grid) - targets[idx]).pow(2).mean()
+        run.backward(loss, student, opt, ema)
+        return {"loss": loss.item()}
+
+    losses = run.phase(Phase(1, f"distillation ({K} Euler step{'s' if K > 1 else ''})", cfg.distill_steps,
+                             {"student": student, "reflow": reflowed}, {"student": opt}, {"student": ema}, gen), step)
+    ema.copy_to(student.parameters())
+    return frozen(student), losses
