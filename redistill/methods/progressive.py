@@ -13,8 +13,9 @@ Where the sampling grid starts decides the student's parametrisation (the paper'
   losses 4× lower, because the student no longer has to re-learn its output parametrisation.
 - `first_timestep` = T−1: DDIM's "trailing" grid, which starts at pure noise, where α ≈ 5e-5 and an x₀
   recovered from ε divides by almost 0, so the student predicts v, as the paper recommends.
-The export is the teacher kind's stock pipeline (a `DDPMPipeline` for pixel teachers) whose saved `DDIMScheduler` samples the student on exactly the grid
-it was trained on at the target step count ("leading" spacing with `steps_offset`, or "trailing").
+The export is the teacher kind's stock pipeline (a `DDPMPipeline` for pixel teachers) whose saved `DDIMScheduler`
+samples the student on exactly the grid it was trained on at the target step count ("leading" spacing with
+`steps_offset`, or "trailing").
 
 A warm start (the champion, a student of an earlier teacher at the same step count) needs no halving: it already
 takes the target's steps. It trains one round in which each of its steps learns to land where the new teacher's
@@ -85,7 +86,8 @@ def student_prediction(teacher_prediction: str, first_timestep: int, num_train_t
     return V_PREDICTION if first_timestep == num_train_timesteps - 1 else teacher_prediction
 
 
-def check_grid(target_steps: int, num_train_timesteps: int, first_timestep: int, teacher_steps: int | None = None) -> None:
+def check_grid(target_steps: int, num_train_timesteps: int, first_timestep: int,
+               teacher_steps: int | None = None) -> None:
     """Refuse a first timestep or step count whose grid stock DDIMScheduler cannot reproduce, or whose
     finest grid (the first round's teacher, `teacher_steps`) would step below t = 0."""
     T = num_train_timesteps
@@ -179,14 +181,16 @@ def distill(
         skip, rounds = cfg.teacher_steps // cfg.target_steps, [cfg.target_steps]
     check_grid(cfg.target_steps, T, cfg.first_timestep, cfg.teacher_steps)
     s_type = student_prediction(sched_cfg.prediction_type, cfg.first_timestep, T)
-    run = Trainer(ckpt_dir, {"method": "progressive", "config": asdict(cfg), "teacher_prediction": sched_cfg.prediction_type},
+    run = Trainer(ckpt_dir,
+                  {"method": "progressive", "config": asdict(cfg), "teacher_prediction": sched_cfg.prediction_type},
                   cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
     x_all = (data.float() * 2.0 - 1.0).to(run.device)
     # round 1's teacher is the guided one; later rounds' teachers are students
     current = RoundTeacher(frozen(copy.deepcopy(teacher.unet)).to(run.device), model.teacher_output,
                            sched_cfg.prediction_type)
-    if run.resume_phase > 0 and run.resume_path is not None:  # the round being resumed has an earlier student as teacher
-        if cfg.student_channels or cfg.student_layers:  # ... of the smaller student's shape, built from round 1's recipe
+    # a resumed later round has an earlier student as teacher, of the smaller student's shape when one is configured
+    if run.resume_phase > 0 and run.resume_path is not None:
+        if cfg.student_channels or cfg.student_layers:
             current.unet = frozen(student_like(current.unet, cfg.student_channels, cfg.student_layers))
         current.unet.load_state_dict(run.resumed_weights("teacher"))
         current.prediction_type, current.call = s_type, model.output
