@@ -12,9 +12,9 @@ Models for Improved Sampling Speed", arXiv:2101.02388), in one step or through a
      and the L2 loss on the chain's output is back-propagated through all K network calls. The paper's
      objective, applied to the sampler the student will be used with: what the evaluation pairs with the
      teacher on the same noise is exactly what is trained.
-3. Export the teacher kind's stock pipeline (a `DDPMPipeline` for pixel teachers): for one step a `DDIMScheduler` ("trailing", prediction_type "sample",
-   final α = 1) that runs exactly that call; for K steps the `DDIMScheduler` ("leading" with
-   `steps_offset`) that runs exactly the trained chain.
+3. Export the teacher kind's stock pipeline (a `DDPMPipeline` for pixel teachers): for one step a `DDIMScheduler`
+   ("trailing", prediction_type "sample", final α = 1) that runs exactly that call; for K steps the
+   `DDIMScheduler` ("leading" with `steps_offset`) that runs exactly the trained chain.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from redistill.config import OutputParams, settings
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
+from redistill.methods.training import Draws, Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
 from redistill.models.prediction import alpha_sigma, to_x0_eps
 
@@ -57,7 +57,9 @@ def pairs_file(pairs_dir: Path, teacher_sha256: str, cfg: OutputConfig, solver: 
     solver: DDIM for a diffusion teacher, Euler for a flow-matching one)."""
     seed = pair_seed(cfg)
     what = f"{teacher_sha256}|{cfg.pairs_steps}|{cfg.pairs}|{seed}" + ("" if solver == "ddim" else f"|{solver}")
-    return Path(pairs_dir) / f"{teacher_sha256[:16]}-{solver}{cfg.pairs_steps}-n{cfg.pairs}-s{seed}-{hashlib.sha256(what.encode()).hexdigest()[:8]}.safetensors"
+    digest = hashlib.sha256(what.encode()).hexdigest()[:8]
+    name = f"{teacher_sha256[:16]}-{solver}{cfg.pairs_steps}-n{cfg.pairs}-s{seed}-{digest}.safetensors"
+    return Path(pairs_dir) / name
 
 
 @torch.no_grad()
@@ -108,8 +110,10 @@ def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, d
     noise, x0, cond = teacher_pairs(teacher, cfg, shape, device)
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")
-    save_file({"noise": noise.contiguous(), "x0": x0.contiguous(), **({} if cond is None else {"cond": cond.contiguous()})},
-              tmp, metadata={"teacher_sha256": teacher_sha256, "pairs_steps": str(cfg.pairs_steps), "seed": str(pair_seed(cfg))})
+    tensors = {"noise": noise.contiguous(), "x0": x0.contiguous(),
+               **({} if cond is None else {"cond": cond.contiguous()})}
+    metadata = {"teacher_sha256": teacher_sha256, "pairs_steps": str(cfg.pairs_steps), "seed": str(pair_seed(cfg))}
+    save_file(tensors, tmp, metadata=metadata)
     tmp.replace(f)
     return noise, x0, cond, f, False
 
@@ -141,6 +145,20 @@ def _pairs_from_samples(teacher, teacher_sha256: str, cfg: OutputConfig, samples
     return noise.float(), model.to_model_space(images), None, Path(samples_dir), reused
 
 
+def student_chain(run: Trainer, model, student, z: torch.Tensor, cond, grid: torch.Tensor, alphas_cumprod: torch.Tensor,
+                  prediction_type: str) -> torch.Tensor:
+    """The student's K-step DDIM sampler on `grid` (K steps, then −1), as the exported DDIMScheduler runs it: x̂₀
+    clipped, the model's ε; differentiable through every call."""
+    for i in range(len(grid) - 1):
+        t = grid[i].expand(len(z))
+        a, s = alpha_sigma(alphas_cumprod, t)
+        a_next, s_next = alpha_sigma(alphas_cumprod, grid[i + 1].expand(len(z)))
+        with run.autocast():
+            x0_hat, eps = to_x0_eps(model.output(student, z, t, cond).float(), z, a, s, prediction_type)
+        z = a_next * x0_hat.clamp(-1, 1) + s_next * eps
+    return z
+
+
 def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
             init: dict | None = None,
             teacher_sha256: str | None = None, pairs_dir: Path | None = None, samples_dir: Path | None = None):
@@ -159,12 +177,14 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
     dev = run.device
     if teacher_sha256 is None:  # a teacher not loaded from a folder: key the cache on its weights
         teacher_sha256 = unkeyed_sha256(teacher)
+    # 1. The teacher's (x_T, x₀) pairs from its deterministic sampler, cached by the teacher's sha256.
     with run.main_first():  # the main process makes the cache, the others then read it
         noise, x0, cond, pfile, reused = load_or_make_pairs(teacher, teacher_sha256, cfg, tuple(data.shape[1:]), dev,
                                                             Path(pairs_dir or "data/pairs"), log, samples_dir)
     noise, x0 = noise.to(dev), x0.to(dev)
     cond = None if cond is None else cond.to(dev)
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
+    # 2. The student starts as a copy of the teacher's UNet (or a smaller one initialised from it).
     student = warm(student_like(teacher_unet, cfg.student_channels, cfg.student_layers), init)  # or the champion
     fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -173,28 +193,21 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
     t_last = run.shard(torch.full((cfg.batch_size,), T - 1, device=dev, dtype=torch.long))
     grid = student_grid(K, T, cfg.first_timestep).to(dev)  # K > 1: e.g. 959, 709, 459, 209, then −1 (clean)
     alphas_cumprod = model.alphas_cumprod.to(dev)
-
-    def chain(z, c):
-        """The student's K-step DDIM sampler, as the exported DDIMScheduler runs it: x̂₀ clipped, the model's ε."""
-        for i in range(K):
-            t = grid[i].expand(len(z))
-            a, s = alpha_sigma(alphas_cumprod, t)
-            a_next, s_next = alpha_sigma(alphas_cumprod, grid[i + 1].expand(len(z)))
-            with run.autocast():
-                x0_hat, eps = to_x0_eps(model.output(student, z, t, c).float(), z, a, s, ptype)
-            z = a_next * x0_hat.clamp(-1, 1) + s_next * eps
-        return z
+    draw = Draws(gen, run, cfg.batch_size, tuple(data.shape[1:]), dev)  # every draw, of the global batch
 
     def step():
-        # 2. A batch of pairs (this process's shard of it); the student's sampler maps x_T to x̂₀ (one call at
-        #    T−1, or its K-step chain); L2.
-        idx = run.shard(torch.randint(0, len(noise), (cfg.batch_size,), generator=gen).to(dev))
-        c = None if cond is None else cond[idx]
+        # A batch of pairs; the student's sampler maps x_T to x̂₀ (one call at T−1, the paper's, or its K-step
+        # DDIM chain, the sampler it will be used with), pulled to the teacher's x₀ by the L2 loss.
+        idx = draw.integers(len(noise))
+        z, c = noise[idx], None if cond is None else cond[idx]
         if cfg.feature_loss > 0:  # the teacher's block features on the same input, for feature matching
             with torch.no_grad(), fm.teacher():
-                model.output(teacher_unet, noise[idx], t_last if K == 1 else grid[0].expand(len(idx)), c)
+                model.output(teacher_unet, z, t_last if K == 1 else grid[0].expand(len(idx)), c)
         with run.autocast(), fm.student():
-            pred = model.output(student, noise[idx], t_last, c).float() if K == 1 else chain(noise[idx], c)
+            if K == 1:
+                pred = model.output(student, z, t_last, c).float()
+            else:
+                pred = student_chain(run, model, student, z, c, grid, alphas_cumprod, ptype)
         loss = (pred - x0[idx]).pow(2).mean() + fm.loss()
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
