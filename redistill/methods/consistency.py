@@ -28,7 +28,7 @@ import torch
 from redistill.config import ConsistencyParams, settings
 from redistill.models.lora import add_lora, fused_copy
 from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
+from redistill.methods.training import Draws, Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
 from redistill.models.prediction import alpha_sigma, to_x0_eps
 
@@ -74,6 +74,21 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (torch.sqrt((a - b).pow(2) + c**2) - c).mean()
 
 
+def ddim_solver_step(x0: torch.Tensor, z_t: torch.Tensor, a_t, s_t, a_s, s_s) -> torch.Tensor:
+    """One DDIM step of the teacher's ODE from z_t to s given its x̂₀ (LCM's DDIMSolver):
+    ẑ_s = α_s·x̂₀ + σ_s·ε̂, with ε̂ = (z_t − α_t·x̂₀)/σ_t."""
+    eps = (z_t - a_t * x0) / s_t
+    return a_s * x0 + s_s * eps
+
+
+def sampling_scheduler(teacher_scheduler_config, cfg: ConsistencyConfig, clip: bool):
+    """The stock scheduler the student is exported with: LCM's multistep sampling (re-noise each clean estimate with
+    fresh noise), or the deterministic DDIM one (`cfg.sampler: ddim`)."""
+    if cfg.sampler == "ddim":
+        return deterministic_scheduler(teacher_scheduler_config, cfg.solver_steps, cfg.target_steps, clip)
+    return lcm_scheduler(teacher_scheduler_config, cfg.solver_steps, clip)
+
+
 def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
             init: dict | None = None, teacher_sha256: str | None = None, teacher_uri: str | None = None):
     """Consistency-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline with an
@@ -107,27 +122,25 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     gen = torch.Generator().manual_seed(cfg.seed)
     ph = Phase(0, f"consistency (N={cfg.solver_steps}, k={k})", cfg.steps,
                {"student": student, "target": target}, {"student": opt}, {"student": ema, "target": ema_target}, gen)
+    draw = Draws(gen, run, cfg.batch_size, tuple(x_all.shape[1:]), dev)  # every draw, of the global batch
 
     def step():
         # 2. x ~ D, n ~ U{1..N}: t = t_n and its neighbour s = t − k on the solver grid; z_t = α_t·x + σ_t·ε.
         #    Drawn for the global batch; this process trains on its shard of it.
         i = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
-        x = x_all[i.to(dev)]
-        c = model.conditions_at(i, cfg.batch_size, gen, dev)  # the batch's conditions: its captions, or drawn; else None
-        t = grid[torch.randint(0, cfg.solver_steps, (cfg.batch_size,), generator=gen).to(dev)]
-        eps = torch.randn(x.shape, generator=gen).to(dev)
-        x, c, t, eps = run.shard(x, c, t, eps)
+        c = model.conditions_at(i, cfg.batch_size, gen, dev)  # the batch's captions, or drawn conditions; else None
+        x, c = run.shard(x_all[i.to(dev)], c)
+        t = grid[draw.integers(cfg.solver_steps)]
         s = t - k  # −1 for the first grid point: the clean end
         a_t, s_t = alpha_sigma(alphas_cumprod, t)
         a_s, s_s = alpha_sigma(alphas_cumprod, s)
-        z_t = model.add_noise(x, eps, t)
+        z_t = model.add_noise(x, draw.noise(), t)
         with torch.no_grad(), run.autocast():
             # 3. One DDIM step of the teacher along its ODE: ẑ_s = α_s·x̂₀ + σ_s·ε̂ (x̂₀ clipped, as its sampler does).
             with fm.teacher():
                 x0, _ = to_x0_eps(model.teacher_output(teacher_unet, z_t, t, c).float(), z_t, a_t, s_t, ptype)
             x0 = x0.clamp(-1, 1) if model.clips else x0  # pixels are clipped as the sampler clips them; latents not
-            eps = (z_t - a_t * x0) / s_t
-            z_s = a_s * x0 + s_s * eps
+            z_s = ddim_solver_step(x0, z_t, a_t, s_t, a_s, s_s)
             # 4. The target f_θ⁻(ẑ_s, s); at the clean end the boundary condition makes it ẑ_s itself.
             f_target = consistency_fn(model, target, z_s, s, c, ptype, alphas_cumprod).float()
         # 5. The student at z_t, and the pseudo-Huber distance to the target.
@@ -148,8 +161,7 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     summary = {"method": "consistency", "config": asdict(cfg), "final_loss": losses.get("loss"),
                **sizes(teacher_unet, student),
                "solver_skip": k, "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
-    sched = (deterministic_scheduler(sched_cfg, cfg.solver_steps, cfg.target_steps, model.clips) if cfg.sampler == "ddim"
-             else lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips))
+    sched = sampling_scheduler(sched_cfg, cfg, model.clips)
     if not cfg.lora_rank:
         return with_sampling(model.export(frozen(student).cpu(), sched), model, cfg.target_steps), summary
     # 8. LCM-LoRA: the pipeline holds the UNet with the adapter fused in (stock diffusers loads it as it is); the
@@ -162,8 +174,8 @@ def lora_student(teacher_unet, cfg, init: dict | None):
     """A copy of the teacher's UNet with a zero-effect LoRA adapter of `cfg.lora_rank`, of which only the adapter
     trains (LCM-LoRA); refused for a warm start (an adapter is trained on its base from the start)."""
     if init is not None:
-        raise ValueError("a LoRA student (distill.student.lora_rank > 0) is trained on its base teacher from the start: "
-                         "set distill.init: cold (or auto, which starts it cold), or set lora_rank: 0")
+        raise ValueError("a LoRA student (distill.student.lora_rank > 0) is trained on its base teacher from the "
+                         "start: set distill.init: cold (or auto, which starts it cold), or set lora_rank: 0")
     return add_lora(copy.deepcopy(teacher_unet), cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_targets)
 
 
@@ -174,7 +186,8 @@ def lora_export(model, student, sched, cfg, teacher_sha256, summary: dict, teach
     pipe = with_sampling(model.export(fused_copy(student), sched), model, cfg.target_steps)
     pipe.redistill_lora = {"unet": student, "base_sha256": teacher_sha256, "rank": cfg.lora_rank,
                            "alpha": cfg.lora_alpha or cfg.lora_rank, "base_uri": teacher_uri}
-    summary.update(lora_rank=cfg.lora_rank, adapter_params=sum(w.numel() for n, w in student.named_parameters() if "lora_" in n),
+    adapter_params = sum(w.numel() for n, w in student.named_parameters() if "lora_" in n)
+    summary.update(lora_rank=cfg.lora_rank, adapter_params=adapter_params,
                    base_sha256=teacher_sha256)
     return pipe, summary
 
