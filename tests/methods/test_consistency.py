@@ -119,3 +119,14 @@ def test_consistency_exports_the_target_network_or_a_deterministic_sampler(digit
     first = det(batch_size=2, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
     again = det(batch_size=2, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
     assert torch.equal(torch.as_tensor(first), torch.as_tensor(again))
+
+
+def test_the_consistency_solver_step_is_ddim():
+    from redistill.methods.consistency import ddim_solver_step
+
+    x0, z_t = torch.full((1, 1, 2, 2), 0.5), torch.full((1, 1, 2, 2), 1.0)
+    # ε̂ = (1 − 0.6·0.5)/0.8 = 0.875; ẑ_s = 0.8·0.5 + 0.6·0.875 = 0.925
+    assert torch.allclose(ddim_solver_step(x0, z_t, 0.6, 0.8, 0.8, 0.6), torch.full_like(z_t, 0.925))
+    from redistill.methods.progressive import ddim_step
+
+    assert torch.allclose(ddim_step(x0, z_t, 0.6, 0.8, 0.8, 0.6), ddim_solver_step(x0, z_t, 0.6, 0.8, 0.8, 0.6))

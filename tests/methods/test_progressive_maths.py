@@ -102,3 +102,12 @@ def test_a_first_timestep_whose_teacher_grid_goes_below_zero_is_refused():
     with pytest.raises(ValueError, match=r"too low for teacher_steps 16: the teacher's last step would be at t=-8.*≥ 937"):
         check_grid(4, 1000, 929, 16)
     check_grid(4, 1000, 929, 8)  # fewer teacher steps fit: 929 − 7·125 = 54
+
+
+def test_snr_weighted_loss_truncates_the_weight_at_one():
+    from redistill.methods.progressive import snr_weighted_loss
+
+    x, target = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)  # per-image squared error 1
+    a, s = torch.tensor([0.8, 0.6]).view(-1, 1, 1, 1), torch.tensor([0.6, 0.8]).view(-1, 1, 1, 1)
+    # weights max(α²/σ², 1): 0.64/0.36 = 16/9 for the first image, 1 (not 0.5625) for the second
+    assert snr_weighted_loss(x, target, a, s).item() == pytest.approx((16 / 9 + 1) / 2)

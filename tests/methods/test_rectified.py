@@ -303,3 +303,15 @@ def test_a_flow_matching_teachers_bench_has_euler_teacher_rows_rectified_rows_an
                 "_class_name"] == "FlowMatchEulerDiscreteScheduler"
     md = (root / "runs" / "bench" / "quick" / "bench.md").read_text()
     assert "| rectified | 1 |" in md and "straightness of the teacher's paths" in md
+
+
+def test_reflow_interpolation_and_loss():
+    from redistill.methods.rectified import euler_path, interpolate, reflow_loss
+
+    z, x0 = torch.ones(2, 1, 1, 1), torch.zeros(2, 1, 1, 1)
+    x_t = interpolate(z, x0, torch.tensor([0.25, 1.0]))
+    assert x_t.view(-1).tolist() == [0.25, 1.0]  # t = 1 is the noise end
+    assert reflow_loss(z, x0, torch.ones_like(z)).item() == 0.0  # the straight path's velocity is z − x₀
+    # a constant velocity z − x₀ carries Euler from z to x₀ in any number of steps
+    out = euler_path(lambda net, x, s: z - x0, None, z, torch.tensor([1.0, 0.5, 0.0]))
+    assert torch.allclose(out, x0)
