@@ -10,6 +10,9 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+
+from redistill.config import Params, load_params, workspace
+from redistill.evaluation.sampling import sample_store
 from redistill.tasks.concurrency import api_url, one_at_a_time
 from redistill.tasks.cycle import (
     bounded_http,
@@ -25,12 +28,13 @@ from redistill.tasks.cycle import (
 )
 from redistill.tasks.distill import adopt_student, distill_student, registered_form, warm_start
 from redistill.tasks.evaluate import evaluate_student, quality_vs_steps
+from redistill.tasks.events import emit
 from redistill.tasks.gate import gate_student
 from redistill.tasks.registry import (
     champion_evaluation,
+    describe_version,
     log_artifacts,
     log_evaluation,
-    describe_version,
     log_lineage_inputs,
     log_pyfunc,
     open_run,
@@ -40,12 +44,8 @@ from redistill.tasks.registry import (
     set_tags,
     with_retries,
 )
-from redistill.tasks.events import emit
 from redistill.tasks.validate import check_teacher, validate_data
 from redistill.tasks.watch import watch_data, watch_teacher
-
-from redistill.config import Params, load_params, workspace
-from redistill.evaluation.sampling import sample_store
 
 
 class CycleStopped(RuntimeError):
@@ -59,7 +59,7 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
     `trigger_info` says what started it (the drift report or the new teacher); its files are logged under
     the run's `trigger/` folder and its summary in the tag `redistill.trigger_detail`.
     """
-    teacher, data, key = Path(inputs["teacher_uri"]), Path(inputs["data_uri"]), inputs["key"]
+    key = inputs["key"]
     run_dir = root / "runs" / "cycles" / key
     tags = {"redistill.key": key, "redistill.trigger": trigger, "redistill.prefect_flow_run_id": str(flow_run.id),
             "redistill.pid": str(os.getpid()), "redistill.host": socket.gethostname(),  # to tell a dead run from a live one

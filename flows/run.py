@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from redistill.config import Params
-from redistill.tasks.cycle import servers_in_trouble, stopped_by_servers
 from redistill.flows.cycle import CycleStopped, locked_cycle
 from redistill.tasks.concurrency import api_url
+from redistill.tasks.cycle import servers_in_trouble, stopped_by_servers
 
 
 class CycleNotRun(RuntimeError):

@@ -21,10 +21,10 @@ SUMMARY = "redistill_distill.json"
 def warm_start(root: Path, p: Params, teacher: Path, run_dir: Path) -> dict:
     """Where the student starts (`distill.init`): {"init": "cold" | "warm:<version>", "note", and for a warm
     start the champion's student folder and sha256}; {"refused": reason} when `warm` cannot be honoured."""
+    from redistill.cycle.warm import why_not
+    from redistill.models.pipelines import pipeline_sha256
     from redistill.registry import client as registry
     from redistill.registry.client import tracking_uri
-    from redistill.models.pipelines import pipeline_sha256
-    from redistill.cycle.warm import why_not
 
     mode, name = p.distill.init, p.registry.student_name
     if mode == "cold":
@@ -56,10 +56,10 @@ def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path, 
     champion when `start` (from `warm_start`) says so."""
     import torch
 
+    from redistill.cycle.warm import load_init
     from redistill.data.images import load_image_folder
     from redistill.methods import distill
     from redistill.models.pipelines import load_pipeline, save_pipeline
-    from redistill.cycle.warm import load_init
 
     out = Path(run_dir) / "student"
     init_tag = (start or {}).get("init", "cold")

@@ -30,8 +30,8 @@ def quality_vs_steps(result: dict, teacher: Path, data: Path, features: Path, p:
     import matplotlib.pyplot as plt
     import torch
 
-    from redistill.evaluation import spaces as feature_spaces
     from redistill.data.images import load_image_folder
+    from redistill.evaluation import spaces as feature_spaces
     from redistill.evaluation.fid import fid
     from redistill.evaluation.sampling import configure_scheduler, sample_cached
     from redistill.models.pipelines import load_pipeline

@@ -9,7 +9,6 @@ import pytest
 
 from helpers import ENCODER_EPOCHS, SUMMARY_LINES, make_tiny_pipeline
 
-
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -10,7 +10,6 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import LENIENT_GATE
-
 from redistill.cli import app
 
 runner = CliRunner()

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from helpers import REPO
 
+from helpers import REPO
 from redistill.config import Params
 from redistill.data.images import dir_md5
 
@@ -204,7 +204,6 @@ def _cli_module(fn_name: str):
 
 
 def test_every_stage_lists_the_params_it_reads():
-    import ast
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     missing = {}

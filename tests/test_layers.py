@@ -36,8 +36,9 @@ def test_flows_and_tasks_install_namespaced():
 
 def test_every_library_subpackage_is_in_the_wheel():
     """An editable install finds any subpackage; a wheel only those listed in pyproject.toml."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(redistill.__file__).parent
     listed = set(tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])

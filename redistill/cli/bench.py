@@ -4,28 +4,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from redistill.cli.common import ParamsOpt, WorkspaceOpt, _settings, echo_err, fail
 
+
 def bench(
     quick: bool = typer.Option(False, "--quick", help="CI-sized smoke run: 200 samples, a few dozen optimiser steps per method, no DDPM row."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole result as one JSON object."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for bench.json, bench.md, quality_vs_nfe.png and one student folder per row (<method>-<steps>/). Default: runs/bench (runs/bench/quick with --quick)."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for bench.json, bench.md, quality_vs_nfe.png and one student folder per row (<method>-<steps>/). Default: runs/bench (runs/bench/quick with --quick)."),
+    teacher: Path | None = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
     device: str = typer.Option("cpu", "--device", help="torch device for sampling and timing, e.g. cpu or cuda."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods to bench. Default: all (progressive,consistency,output,adversarial,dmd,rectified); those that do not serve the teacher's kind are skipped and listed."),
+    methods: str | None = typer.Option(None, "--methods", help="Comma-separated methods to bench. Default: all (progressive,consistency,output,adversarial,dmd,rectified); those that do not serve the teacher's kind are skipped and listed."),
     teacher_rows: bool = typer.Option(True, "--teacher-rows/--no-teacher-rows", help="Include the teacher's rows (DDIM/DDPM; a flow-matching teacher's own Euler sampler)."),
     ddpm: bool = typer.Option(True, "--ddpm/--no-ddpm", help="Include the teacher's DDPM row at its full training steps (about 9 minutes on 2 CPU cores)."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Benchmark the teacher (DDIM 10/25/50/100, DDPM 1000) and every method at 1/2/4/8 steps; logs to MLflow."""
-    from redistill.ops.bench import log_bench, run_bench
     from redistill.data.images import DataError
     from redistill.models.pipelines import PipelineError
+    from redistill.ops.bench import log_bench, run_bench
 
     root, p = _settings(ws, params)
     teacher = teacher or root / "data" / "teachers" / p.teacher.name

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -43,7 +42,7 @@ def _floors(q: dict) -> str:
     return f"{q['fid_gap_floors']:.2f} ± {q['fid_gap_halfwidth_floors']:.2f}"
 
 
-def _settings(ws: Optional[Path], params: Optional[Path]):
+def _settings(ws: Path | None, params: Path | None):
     root = workspace(ws)
     try:
         p = load_params(params, root)
@@ -55,7 +54,7 @@ def _settings(ws: Optional[Path], params: Optional[Path]):
     return root, p  # costs bounded retries, not MLflow's minutes per request
 
 
-def _with_method(p, method: Optional[str], steps: Optional[int] = None):
+def _with_method(p, method: str | None, steps: int | None = None):
     """The settings with --method and --steps (distill.target_steps) applied."""
     from redistill.config.overrides import with_method
 

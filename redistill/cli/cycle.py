@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from redistill.cli.common import (ParamsOpt, StepsOpt, WorkspaceOpt, _check_method, _settings, _with_method, echo_err,
-                                  fail)
+from redistill.cli.common import (
+    ParamsOpt,
+    StepsOpt,
+    WorkspaceOpt,
+    _check_method,
+    _settings,
+    _with_method,
+    echo_err,
+    fail,
+)
 
 
 def run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bool, student: Path | None = None,
-              params: Optional[Path] = None) -> dict:
+              params: Path | None = None) -> dict:
     """Resolve the inputs, return an earlier decision for the same key, else run the flow (with `student`, trigger
     bootstrap: judge and register that student instead of distilling one).
 
@@ -72,16 +79,16 @@ def print_decision(result: dict, name: str) -> None:
 
 
 def cycle(
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: the newest teacher `redistill watch` accepted, else data/teachers/<teacher.name>."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Representative images. Default: data/representative once drift has grown it, else data/reference."),
-    trigger: Optional[str] = typer.Option(None, "--trigger", help="Why this cycle runs: manual (default), schedule, drift, teacher, or bootstrap (with --student)."),
-    student: Optional[Path] = typer.Option(None, "--student", help="Judge and register this student folder (distilled elsewhere, e.g. the committed champion data/champion/digits-student) instead of distilling one: trigger bootstrap, the same validation, evaluation and gate."),
-    method: Optional[str] = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
-    steps: Optional[int] = StepsOpt,
+    teacher: Path | None = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: the newest teacher `redistill watch` accepted, else data/teachers/<teacher.name>."),
+    data: Path | None = typer.Option(None, "--data", help="Representative images. Default: data/representative once drift has grown it, else data/reference."),
+    trigger: str | None = typer.Option(None, "--trigger", help="Why this cycle runs: manual (default), schedule, drift, teacher, or bootstrap (with --student)."),
+    student: Path | None = typer.Option(None, "--student", help="Judge and register this student folder (distilled elsewhere, e.g. the committed champion data/champion/digits-student) instead of distilling one: trigger bootstrap, the same validation, evaluation and gate."),
+    method: str | None = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
+    steps: int | None = StepsOpt,
     force: bool = typer.Option(False, "--force", help="Run even if these exact inputs already have a decision."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """One re-distillation cycle as a Prefect flow: validate, distil, evaluate, gate, register.
 

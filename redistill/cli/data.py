@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,13 +11,13 @@ from redistill.cli.common import ParamsOpt, WorkspaceOpt, _relative, _settings, 
 
 
 def prepare(
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Build the embedded data set from sklearn's digits: data/reference, data/holdout, data/incoming/*."""
-    from redistill.data.images import DataError
     from redistill.data.digits import prepare as build
+    from redistill.data.images import DataError
 
     root, p = _settings(ws, params)
     try:
@@ -33,8 +32,8 @@ def prepare(
 
 
 def features(
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Train the FID/KID feature spaces on data/reference: the digit classifier (tested on data/holdout) and the label-free encoder."""
@@ -56,12 +55,12 @@ def features(
 
 
 def validate(
-    folder: Optional[Path] = typer.Argument(None, help="Image folder to validate. Default: data/reference."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for suite.json, result.json and the GX data docs. Default: runs/validation/<name>-<time>."),
-    metrics_out: Optional[Path] = typer.Option(None, "--metrics-out", help="Also write a JSON summary here (for DVC)."),
+    folder: Path | None = typer.Argument(None, help="Image folder to validate. Default: data/reference."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for suite.json, result.json and the GX data docs. Default: runs/validation/<name>-<time>."),
+    metrics_out: Path | None = typer.Option(None, "--metrics-out", help="Also write a JSON summary here (for DVC)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Validate an image folder with the great_expectations suite learnt from data/reference; exit 1 if it fails."""
     from datetime import datetime, timezone

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from redistill.cli.common import ParamsOpt, WorkspaceOpt, _floors, _settings, _with_method, echo_err, fail
 from redistill.cli.cycle import print_decision, run_cycle
 
+
 def demo(
     kind: str = typer.Option("digits", "--kind", help="digits (the default: the continuous loop on the embedded digits) or text-to-image (the embedded latent text-to-image teacher and an LCM-LoRA student, in its own workspace runs/demo-text-to-image)."),
     cold: bool = typer.Option(False, "--cold", help="Instead of the loop: one cold cycle of demo.cold_method (progressive) from the committed teacher, about 7 minutes."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (the model, versions, decisions and figures)."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """The main job on the embedded digits: the committed champion is registered (version 1, through the real
     evaluation and gate), a fine-tuned teacher lands in data/teachers/, the watch finds it, a warm re-distillation
@@ -46,7 +46,7 @@ def demo(
         except DemoStopped as e:
             if e.message:
                 fail(e.message, e.code)
-            raise typer.Exit(e.code)
+            raise typer.Exit(e.code) from None
         return _print_loop(r, as_json)
     p = _with_method(p, p.demo.cold_method, p.demo.cold_steps)
     result, timings = demo_cycle(root, p, teacher, prepare, train, recipe, log, cycle)

@@ -6,21 +6,32 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from redistill.cli.common import (ParamsOpt, StepsOpt, WorkspaceOpt, _check_method, _floors, _num, _relative, _settings,
-                                  _with_method, echo_err, fail)
+from redistill.cli.common import (
+    ParamsOpt,
+    StepsOpt,
+    WorkspaceOpt,
+    _check_method,
+    _floors,
+    _num,
+    _relative,
+    _settings,
+    _with_method,
+    echo_err,
+    fail,
+)
+
 
 def distill(
     out: Path = typer.Option(..., "--out", help="Student pipeline folder to write (must not exist)."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Training images. Default: data/reference."),
-    method: Optional[str] = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
-    steps: Optional[int] = StepsOpt,
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    teacher: Path | None = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
+    data: Path | None = typer.Option(None, "--data", help="Training images. Default: data/reference."),
+    method: str | None = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
+    steps: int | None = StepsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Distil a student with the `distill` settings, without the registry (the DVC distill stage); resumes if killed.
 
@@ -75,21 +86,21 @@ def distill(
 def evaluate(
     pipeline: Path = typer.Argument(..., help="A diffusers pipeline folder (save_pretrained layout, safetensors weights)."),
     steps: int = typer.Option(..., "--steps", min=1, help="Denoising steps for the candidate (≥ 1)."),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="Reference pipeline for fidelity and speedup. Default: the teacher, data/teachers/<teacher.name>."),
-    reference_steps: Optional[int] = typer.Option(None, "--reference-steps", min=1, help="Reference steps. Default: evaluate.reference_steps (50)."),
+    reference: Path | None = typer.Option(None, "--reference", help="Reference pipeline for fidelity and speedup. Default: the teacher, data/teachers/<teacher.name>."),
+    reference_steps: int | None = typer.Option(None, "--reference-steps", min=1, help="Reference steps. Default: evaluate.reference_steps (50)."),
     scheduler: str = typer.Option("auto", "--scheduler", help="Candidate sampler: auto (saved one; DDPM below its training steps → DDIM), saved, ddim, ddpm."),
     reference_scheduler: str = typer.Option("auto", "--reference-scheduler", help="Reference sampler, as --scheduler."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Real images for FID/KID. Default: data/reference."),
-    features_dir: Optional[Path] = typer.Option(None, "--features", help="Folder of the feature classifier and encoder. Default: data/features."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception-v3 .safetensors file: FID/KID in Inception space instead of evaluate.features."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2, help="Generated samples, exactly. Default: evaluate.num_samples, doubled up to evaluate.max_samples until the FID gap's CI lies on one side of the gate's bound."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder for metrics.json and grid.png. Default: runs/evaluate/<name>-<steps>-<time>."),
-    metrics_out: Optional[Path] = typer.Option(None, "--metrics-out", help="Also write the JSON here (for `dvc metrics show`)."),
+    data: Path | None = typer.Option(None, "--data", help="Real images for FID/KID. Default: data/reference."),
+    features_dir: Path | None = typer.Option(None, "--features", help="Folder of the feature classifier and encoder. Default: data/features."),
+    inception_weights: Path | None = typer.Option(None, "--inception-weights", help="Local Inception-v3 .safetensors file: FID/KID in Inception space instead of evaluate.features."),
+    num_samples: int | None = typer.Option(None, "--num-samples", min=2, help="Generated samples, exactly. Default: evaluate.num_samples, doubled up to evaluate.max_samples until the FID gap's CI lies on one side of the gate's bound."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder for metrics.json and grid.png. Default: runs/evaluate/<name>-<steps>-<time>."),
+    metrics_out: Path | None = typer.Option(None, "--metrics-out", help="Also write the JSON here (for `dvc metrics show`)."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Sample the reference afresh instead of reusing the workspace's store of drawn samples (data/samples)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every figure."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Measure quality (FID/KID + CI), fidelity (PSNR/SSIM), latency, throughput and memory of a pipeline."""
     import dataclasses
@@ -160,9 +171,9 @@ def evaluate(
 
 
 def champion(
-    out: Optional[Path] = typer.Option(None, "--out", help="The champion's folder (must not exist). Default: champion.out."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    out: Path | None = typer.Option(None, "--out", help="The champion's folder (must not exist). Default: champion.out."),
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Build the committed champion (the DVC stage `champion`): distil the committed teacher with the `distill`
     settings, judge it as a cycle would, and write a stock diffusers folder with its lineage and model card; resumes
@@ -190,17 +201,17 @@ def champion(
 
 
 def calibrate(
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="The teacher whose controls are measured. Default: data/teachers/<teacher.name>."),
+    teacher: Path | None = typer.Option(None, "--teacher", help="The teacher whose controls are measured. Default: data/teachers/<teacher.name>."),
     metrics_out: Path = typer.Option(Path("metrics/calibration.json"), "--metrics-out", help="The JSON written (relative to the workspace; `dvc metrics show` reads it)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Measure the gate's FID gap on controls (the DVC stage `calibrate`): positive controls a user accepts as the
     teacher, negative ones a user rejects, in every evaluate.features space; print where each space's bound belongs."""
     from redistill.cycle.calibration import run
-    from redistill.evaluation.sampling import sample_store
     from redistill.data.images import DataError
+    from redistill.evaluation.sampling import sample_store
     from redistill.models.pipelines import PipelineError
 
     root, p = _settings(ws, params)

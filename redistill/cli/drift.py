@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,12 +15,12 @@ drift_app = typer.Typer(help="Drift detection: test a batch, or calibrate the fa
 @drift_app.command("check")
 def drift_check(
     batch: Path = typer.Argument(..., help="A folder of PNG images (one incoming batch)."),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="Representative set. Default: data/representative, else data/reference."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for drift.json and drift.png. Default: runs/drift/<batch>."),
-    features: Optional[str] = typer.Option(None, "--features", help="Embedding for the MMD test: auto, a feature space in data/features (classifier, encoder, inception:FILE, clip:DIR, dinov2:DIR), or pixels (no weights: any images). Default: drift.features."),
+    reference: Path | None = typer.Option(None, "--reference", help="Representative set. Default: data/representative, else data/reference."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for drift.json and drift.png. Default: runs/drift/<batch>."),
+    features: str | None = typer.Option(None, "--features", help="Embedding for the MMD test: auto, a feature space in data/features (classifier, encoder, inception:FILE, clip:DIR, dinov2:DIR), or pixels (no weights: any images). Default: drift.features."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Test one batch for drift (MMD permutation test + Holm-corrected KS tests); exit 1 when it drifted."""
     from redistill.data.images import DataError, safe_name
@@ -49,7 +48,7 @@ def drift_check(
         raise typer.Exit(1)
 
 
-def _drift_embedding(root: Path, p, features: Optional[str]):
+def _drift_embedding(root: Path, p, features: str | None):
     """(name, embedding) of the drift commands' MMD test: --features, else drift.features; a clear error otherwise."""
     from redistill.drift.features import PIXELS, embedding
 
@@ -64,16 +63,16 @@ def _drift_embedding(root: Path, p, features: Optional[str]):
 
 @drift_app.command("calibrate")
 def drift_calibrate(
-    splits: Optional[int] = typer.Option(None, "--splits", min=50, help="Reference-against-reference splits (≥ 50). Default: drift.calibration_splits."),
+    splits: int | None = typer.Option(None, "--splits", min=50, help="Reference-against-reference splits (≥ 50). Default: drift.calibration_splits."),
     batches: bool = typer.Option(True, "--batches/--no-batches", help="Also test every batch folder under --incoming (the detection rate)."),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="Image folder split against itself (grey or RGB, any size). Default: data/reference."),
-    incoming: Optional[Path] = typer.Option(None, "--incoming", help="Folder of batch folders to test. Default: data/incoming."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Images per pseudo-batch; below half the reference. Default: prepare.batch_size."),
-    features: Optional[str] = typer.Option(None, "--features", help="Embedding for the MMD test: auto, a feature space in data/features (classifier, encoder, inception:FILE, clip:DIR, dinov2:DIR), or pixels (no weights: any images). Default: drift.features."),
-    out: Optional[Path] = typer.Option(None, "--out", help="JSON file to write. Default: metrics/drift.json."),
+    reference: Path | None = typer.Option(None, "--reference", help="Image folder split against itself (grey or RGB, any size). Default: data/reference."),
+    incoming: Path | None = typer.Option(None, "--incoming", help="Folder of batch folders to test. Default: data/incoming."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=2, help="Images per pseudo-batch; below half the reference. Default: prepare.batch_size."),
+    features: str | None = typer.Option(None, "--features", help="Embedding for the MMD test: auto, a feature space in data/features (classifier, encoder, inception:FILE, clip:DIR, dinov2:DIR), or pixels (no weights: any images). Default: drift.features."),
+    out: Path | None = typer.Option(None, "--out", help="JSON file to write. Default: metrics/drift.json."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Measure the drift tests' false-alarm rate on reference splits, and which incoming batches they flag."""
     import time

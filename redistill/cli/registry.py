@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from redistill.cli.common import ModelOpt, ParamsOpt, WorkspaceOpt, _settings, echo_err, fail
 
 
-def _model(root: Path, p, model: Optional[str]):
+def _model(root: Path, p, model: str | None):
     """(registry client, the model a command works on: --model, else registry.student_name)."""
     from redistill.registry.queries import UnknownModel, model_name, registry_client
 
@@ -27,7 +26,7 @@ def _status_hint(name: str, p) -> str:
     return "`redistill status`" if name == p.registry.student_name else f"`redistill status --model {name}`"
 
 
-def _one_version(c, name: str, alias_name: Optional[str], version: Optional[int]):
+def _one_version(c, name: str, alias_name: str | None, version: int | None):
     from redistill.registry.lineage import LineageError, resolve_version
 
     if (alias_name is None) == (version is None):
@@ -40,9 +39,9 @@ def _one_version(c, name: str, alias_name: Optional[str], version: Optional[int]
 
 def status(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    model: Optional[str] = ModelOpt,
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    model: str | None = ModelOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """The champion, the last ten decisions and the pending triggers (reads the registry and the watch state; starts nothing)."""
     from redistill.registry.queries import last_decisions
@@ -83,11 +82,11 @@ def status(
 
 def export(
     out: Path = typer.Option(..., "--out", help="Folder to write (must not exist)."),
-    alias_name: Optional[str] = typer.Option(None, "--alias", help="Registry alias, e.g. champion or previous."),
-    version: Optional[int] = typer.Option(None, "--version", help="Registry version number."),
-    model: Optional[str] = ModelOpt,
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    alias_name: str | None = typer.Option(None, "--alias", help="Registry alias, e.g. champion or previous."),
+    version: int | None = typer.Option(None, "--version", help="Registry version number."),
+    model: str | None = ModelOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Write a registered student as a diffusers pipeline folder (DiffusionPipeline.from_pretrained loads it)."""
     from redistill.registry.client import alias
@@ -123,12 +122,12 @@ def export(
 
 
 def lineage(
-    alias_name: Optional[str] = typer.Option(None, "--alias", help="Registry alias, e.g. champion or previous."),
-    version: Optional[int] = typer.Option(None, "--version", help="Registry version number."),
+    alias_name: str | None = typer.Option(None, "--alias", help="Registry alias, e.g. champion or previous."),
+    version: int | None = typer.Option(None, "--version", help="Registry version number."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole chain as one JSON object."),
-    model: Optional[str] = ModelOpt,
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    model: str | None = ModelOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Which teacher, data, settings, code and flow run made a student, why it ran, and how the gate judged it; and
     where MLflow's own records of it (datasets, the teacher input, the logged model, the summary) are in the MLflow UI."""
@@ -143,12 +142,12 @@ def lineage(
 
 
 def rollback(
-    to: Optional[int] = typer.Option(None, "--to", help="Version to make champion (it must have passed its gate). Default: `previous`."),
+    to: int | None = typer.Option(None, "--to", help="Version to make champion (it must have passed its gate). Default: `previous`."),
     reason: str = typer.Option("", "--reason", help="Why; recorded with who and when."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    model: Optional[str] = ModelOpt,
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    model: str | None = ModelOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Move `champion` back to `previous` (or to --to N), and `previous` to the old champion; recorded as a tag and a run.
 
@@ -178,17 +177,17 @@ def rollback(
 
 def reproduce(
     version: int = typer.Option(..., "--version", help="Registry version to rebuild."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Work folder. Default: runs/reproduce/v<N> "
+    out: Path | None = typer.Option(None, "--out", help="Work folder. Default: runs/reproduce/v<N> "
                                        "(runs/reproduce/<model>/v<N> for a --model other than registry.student_name)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    model: Optional[str] = ModelOpt,
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    model: str | None = ModelOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Re-run a version's distillation and evaluation from its recorded lineage; each figure next to its record."""
-    from redistill.data.images import DataError, safe_name
     from redistill.cycle.reproduce import ReproduceError
     from redistill.cycle.reproduce import reproduce as rebuild
+    from redistill.data.images import DataError, safe_name
     from redistill.models.pipelines import PipelineError
 
     root, p = _settings(ws, params)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,8 +15,8 @@ stack_app = typer.Typer(help="The production shape on one machine: PostgreSQL, a
 @stack_app.command("up")
 def stack_up(
     as_json: bool = typer.Option(False, "--json", help="Print the client environment as one JSON object of variables (progress goes to stderr)."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Start what of the stack is not running (PostgreSQL, MLflow server, Prefect server, work pool, workers, DVC
     remote) and print the environment to export; a failure stops what this call started."""
@@ -43,7 +42,7 @@ def stack_up(
 
 
 @stack_app.command("down")
-def stack_down(ws: Optional[Path] = WorkspaceOpt) -> None:
+def stack_down(ws: Path | None = WorkspaceOpt) -> None:
     """Stop the stack's workers, servers and PostgreSQL; the databases, artifacts and DVC remote stay."""
     from redistill.config import workspace as _workspace
     from redistill.ops.servers import StackError
@@ -58,7 +57,7 @@ def stack_down(ws: Optional[Path] = WorkspaceOpt) -> None:
 @stack_app.command("status")
 def stack_status(
     as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
-    ws: Optional[Path] = WorkspaceOpt,
+    ws: Path | None = WorkspaceOpt,
 ) -> None:
     """Each service of the stack: running or not, pid, port, URL, health and log; exits 1 unless all are up."""
     from redistill.config import workspace as _workspace

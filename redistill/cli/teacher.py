@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,10 +13,10 @@ teacher_app = typer.Typer(help="The teacher: train the embedded teachers (the de
 
 @teacher_app.command("train")
 def teacher_train(
-    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/teachers/<teacher.name>. Must not exist."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Training images. Default: data/reference."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    out: Path | None = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/teachers/<teacher.name>. Must not exist."),
+    data: Path | None = typer.Option(None, "--data", help="Training images. Default: data/reference."),
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Train a teacher with the `teacher` recipe: a DDPM (UNet2DModel + DDPMScheduler, ε, EMA) or, with
     teacher.objective flow_matching, a flow-matching one; resumes if killed."""
@@ -36,10 +35,10 @@ def teacher_train(
 
 @teacher_app.command("flow")
 def teacher_flow(
-    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/flow-teachers/<flow_teacher.name> (outside data/teachers/, where the watch would take it as a new teacher for the workspace's method). Must not exist."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Training images. Default: data/reference."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    out: Path | None = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/flow-teachers/<flow_teacher.name> (outside data/teachers/, where the watch would take it as a new teacher for the workspace's method). Must not exist."),
+    data: Path | None = typer.Option(None, "--data", help="Training images. Default: data/reference."),
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Train the flow-matching teacher (velocity on the straight path, FlowMatchEulerDiscreteScheduler, saved as a
     stock DDPMPipeline folder): the `teacher` recipe with the `flow_teacher` overrides; resumes if killed."""
@@ -63,9 +62,9 @@ def teacher_flow(
 
 @teacher_app.command("text-to-image")
 def teacher_text_to_image(
-    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/t2i-teachers/<t2i_teacher.name> (outside data/teachers/, where the watch would take it as a new teacher for the workspace's method). Must not exist."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    out: Path | None = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/t2i-teachers/<t2i_teacher.name> (outside data/teachers/, where the watch would take it as a new teacher for the workspace's method). Must not exist."),
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Train the embedded latent text-to-image teacher (a StableDiffusionPipeline: CLIP tokenizer and text encoder,
     AutoencoderKL, UNet2DConditionModel) on the captioned digits: the `t2i_teacher` recipe; resumes if killed."""
@@ -87,11 +86,11 @@ def teacher_text_to_image(
 
 @teacher_app.command("finetune")
 def teacher_finetune(
-    start: Optional[Path] = typer.Option(None, "--from", help="Teacher to fine-tune. Default: data/teachers/<teacher.name>."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/teachers/<finetune.name>. Must not exist."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Training images. Default: data/reference."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    start: Path | None = typer.Option(None, "--from", help="Teacher to fine-tune. Default: data/teachers/<teacher.name>."),
+    out: Path | None = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/teachers/<finetune.name>. Must not exist."),
+    data: Path | None = typer.Option(None, "--data", help="Training images. Default: data/reference."),
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Make a new teacher by training an existing one `finetune.steps` more steps (the teacher recipe, another seed)."""
     import dataclasses

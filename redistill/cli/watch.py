@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from redistill.cli.common import ParamsOpt, WorkspaceOpt, _settings, fail
 
 
-def watch_once(root: Path, p, params: Optional[Path], look: tuple[str, ...] | None = None) -> dict:
+def watch_once(root: Path, p, params: Path | None, look: tuple[str, ...] | None = None) -> dict:
     """One look (`look`: only "teachers" or only "batches"; default both). With nothing new it only lists folders:
     no model, no Prefect server."""
     import time
@@ -67,10 +66,10 @@ def _print_watch(r: dict) -> None:
 
 def watch(
     once: bool = typer.Option(False, "--once", help="Look once and exit (default: look every watch.interval_minutes)."),
-    only: Optional[str] = typer.Option(None, "--only", help="Look only for new `teachers` (data/teachers/) or only for drifted `batches` (data/incoming/); default both."),
+    only: str | None = typer.Option(None, "--only", help="Look only for new `teachers` (data/teachers/) or only for drifted `batches` (data/incoming/); default both."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per look."),
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Look for new teachers in data/teachers/ and new batches in data/incoming/; start cycles when needed.
 
@@ -96,8 +95,8 @@ def watch(
 
 
 def serve(
-    ws: Optional[Path] = WorkspaceOpt,
-    params: Optional[Path] = ParamsOpt,
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
 ) -> None:
     """Serve two Prefect deployments in this process: `nightly` (cron watch.nightly_cron) and `watch` (every
     watch.interval_minutes). Against a Prefect server when PREFECT_API_URL is set; Ctrl-C stops."""

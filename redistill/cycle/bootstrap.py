@@ -23,9 +23,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 RECORD = "bootstrap.json"
 
@@ -101,10 +101,9 @@ def ensure_workspace(root: Path, data: Path, p, log: Callable[[str], None] = pri
     Raises `DataError` (nothing written) when `data` is not a usable image folder."""
     from filelock import FileLock
 
-    from redistill.evaluation import encoder
-
-    from redistill.evaluation import spaces as feature_spaces
     from redistill.data.images import dir_md5, load_image_folder
+    from redistill.evaluation import encoder
+    from redistill.evaluation import spaces as feature_spaces
 
     root, data = Path(root), Path(data)
     if not data.is_dir() or not needs_bootstrap(root, p.evaluate.features):

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -254,8 +254,8 @@ def run(root: Path, p, teacher: Path, cache_dir: Path | None, out_dir: Path,
     None where the controls overlap)."""
     import dataclasses
 
-    from redistill.evaluation import spaces as feature_spaces
     from redistill.data.images import load_image_folder
+    from redistill.evaluation import spaces as feature_spaces
     from redistill.evaluation.sampling import configure_scheduler, sample_cached
     from redistill.models.pipelines import load_pipeline, pipeline_sha256
 

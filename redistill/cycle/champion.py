@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 LINEAGE_FILE = "redistill_lineage.json"
 
@@ -30,8 +30,8 @@ def lineage(root: Path, p, teacher: Path, data: Path, summary: dict, budget_s: f
     import torch
 
     from redistill.data.images import dir_md5
-    from redistill.registry.lineage import code_version
     from redistill.models.pipelines import pipeline_sha256
+    from redistill.registry.lineage import code_version
 
     code = code_version()
     rel = lambda x: os.path.relpath(Path(x).resolve(), Path(root).resolve())  # noqa: E731

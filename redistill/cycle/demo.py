@@ -5,8 +5,8 @@ decides the steps and returns what happened, and the command prints it."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 Log = Callable[[str], None]
 RunCycle = Callable[..., dict]  # (workspace, settings, teacher, data, trigger, student) -> the cycle's result

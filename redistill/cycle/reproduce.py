@@ -13,8 +13,8 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 class ReproduceError(RuntimeError):
@@ -219,10 +219,10 @@ def reproduce(c, name: str, mv, root: Path, out_dir: Path, log: Callable[[str], 
 
     from redistill.config import ConfigError, parse_params
     from redistill.data.images import load_image_folder
-    from redistill.registry.lineage import artifact_json, code_version
-    from redistill.methods import distill
     from redistill.evaluation.suite import evaluate_student
+    from redistill.methods import distill
     from redistill.models.pipelines import load_pipeline, save_pipeline
+    from redistill.registry.lineage import artifact_json, code_version
 
     t0 = time.perf_counter()
     tag = lambda k: mv.tags.get("redistill." + k)  # noqa: E731

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from redistill.config import Params
 from redistill.data.images import DataError, dir_md5
-from redistill.registry.lineage import code_version, idempotency_key
-from redistill.models.pipelines import check_pipeline_folder, pipeline_sha256
 from redistill.data.validation import image_table, validation_basis
+from redistill.models.pipelines import check_pipeline_folder, pipeline_sha256
+from redistill.registry.lineage import code_version, idempotency_key
 
 KEYED_SECTIONS = ["distill", "evaluate", "gate", "validate"]  # every section the cycle reads
 

@@ -3,8 +3,8 @@ run left behind recovered, and an earlier decision for the same key found (the f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 TRIGGERS = ("manual", "schedule", "drift", "teacher", "bootstrap")
 

@@ -24,17 +24,17 @@ embeddings; `embed_folder` and `check_folder` read image folders through the cal
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import json
 
 import numpy as np
 import torch
 
 from redistill.data.stats import image_stats
 from redistill.drift.features import PIXELS, WORDS, tested_stats, text_embedding
+
 
 @dataclass
 class DriftReport:

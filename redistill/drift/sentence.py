@@ -15,8 +15,9 @@ the pooling config says so), then L2-normalised. Weights load from safetensors o
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch

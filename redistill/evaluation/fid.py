@@ -3,7 +3,7 @@ KID over seeded subsets, bootstrap intervals, and PSNR/SSIM between paired image
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -132,8 +132,7 @@ def check_folder(name: str, folder: Path) -> dict:
 def weights_file(name: str, features_dir: Path) -> Path:
     """Where the weights of space `name` live (the features stage writes the built-in ones): a file, or
     for clip: and dinov2: the folder."""
-    from redistill.evaluation import encoder
-    from redistill.evaluation import features
+    from redistill.evaluation import encoder, features
 
     check_name(name)
     if name == "classifier":

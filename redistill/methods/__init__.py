@@ -7,11 +7,10 @@ training, a step count or shape that the method cannot serve.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from redistill.config import DistillParams
-
 
 # the kinds of model (the adapter's `family`) each method can distil; the rest serve diffusion teachers only
 FAMILIES_SERVED = {"rectified": ("flow", "diffusion")}

@@ -19,9 +19,9 @@ the timesteps that `LCMScheduler` uses for `target_steps` (and therefore for eve
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

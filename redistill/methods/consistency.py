@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from redistill.config import ConsistencyParams, settings
-from redistill.models.lora import add_lora, fused_copy
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Draws, Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
+from redistill.models.lora import add_lora, fused_copy
 from redistill.models.prediction import alpha_sigma, to_x0_eps
 
 SIGMA_DATA = 0.5  # LCM's σ_data in the boundary scalings

@@ -34,11 +34,11 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 

@@ -26,18 +26,18 @@ import copy
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from redistill.core import checkpoint
 from redistill.config import DistillParams, StudentParams, same_as, settings
-
+from redistill.core import checkpoint
 
 AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

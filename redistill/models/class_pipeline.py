@@ -18,14 +18,13 @@ its folder says `guidance_scale` 1.0 and `distilled_guidance_scale` w.
 from __future__ import annotations
 
 import inspect
-from typing import List, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
-def guided_output(unet, sample: torch.Tensor, t, class_labels: torch.Tensor, null_class: Optional[int],
+def guided_output(unet, sample: torch.Tensor, t, class_labels: torch.Tensor, null_class: int | None,
                   guidance_scale: float) -> torch.Tensor:
     """`unet`'s output for `class_labels` at `t` (one timestep, or one per sample), guided u + w·(c − u) when
     `guidance_scale` w ≠ 1 and a null class is set: one call on the class and the null class together."""
@@ -42,8 +41,8 @@ def guided_output(unet, sample: torch.Tensor, t, class_labels: torch.Tensor, nul
 class ClassConditionalPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, num_classes: Optional[int] = None, null_class: Optional[int] = None,
-                 guidance_scale: float = 1.0, distilled_guidance_scale: Optional[float] = None):
+    def __init__(self, unet, scheduler, num_classes: int | None = None, null_class: int | None = None,
+                 guidance_scale: float = 1.0, distilled_guidance_scale: float | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         if num_classes is None:
@@ -56,9 +55,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return guided_output(self.unet, sample, t, class_labels, self.config.null_class, guidance_scale)
 
     @torch.no_grad()
-    def __call__(self, class_labels: Optional[Union[int, List[int], torch.Tensor]] = None, batch_size: int = 1,
-                 generator: Optional[torch.Generator] = None, num_inference_steps: int = 50,
-                 guidance_scale: Optional[float] = None, output_type: str = "pil", return_dict: bool = True):
+    def __call__(self, class_labels: int | list[int] | torch.Tensor | None = None, batch_size: int = 1,
+                 generator: torch.Generator | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float | None = None, output_type: str = "pil", return_dict: bool = True):
         """Sample images of `class_labels` (one per label; without them, `batch_size` labels drawn uniformly
         with `generator`). `guidance_scale` defaults to the folder's."""
         device = self.unet.device

@@ -111,7 +111,7 @@ class TextToImageLatent(ModelAdapter):
         """Images (N, C, H, W) in [0, 1] → the scaled latents the UNet works on (the posterior's mean)."""
         vae = self.pipe.vae
         dev, dtype = vae.device, vae.dtype
-        out = [vae.encode((x.to(dev, dtype) * 2 - 1)).latent_dist.mean for x in images.split(batch)]
+        out = [vae.encode(x.to(dev, dtype) * 2 - 1).latent_dist.mean for x in images.split(batch)]
         return torch.cat(out).float() * float(vae.config.scaling_factor)
 
     @torch.no_grad()
@@ -125,7 +125,7 @@ class TextToImageLatent(ModelAdapter):
     def to_model_space(self, images):
         return self.encode(images)
 
-    def use_prompts(self, prompts: list[str], paired: bool = False) -> "TextToImageLatent":
+    def use_prompts(self, prompts: list[str], paired: bool = False) -> TextToImageLatent:
         """Training batches and unprompted samples draw from `prompts` (the representative set's captions).
         `paired`: prompts[i] is the caption of training image i, and `conditions_at` gives each image its own."""
         prompts = [p if isinstance(p, str) else "" for p in prompts]

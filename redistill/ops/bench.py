@@ -24,8 +24,8 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from redistill.config import METHODS, EvaluateParams, Params
 
@@ -80,9 +80,9 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
 
     from redistill.data.images import load_image_folder
     from redistill.evaluation import spaces as feature_spaces
-    from redistill.methods import distill
     from redistill.evaluation.sampling import sample_store
     from redistill.evaluation.suite import Side, evaluate
+    from redistill.methods import distill
     from redistill.models.pipelines import load_pipeline, save_pipeline
 
     t0 = time.perf_counter()
@@ -155,7 +155,7 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         if method == "progressive":
             # one halving run down to 1 step serves every row: each round's student is kept
             rounds: dict[int, object] = {}
-            _, summary, wall = train(method, 1, on_round=lambda n, pipe: rounds.__setitem__(n, pipe))
+            _, summary, wall = train(method, 1, on_round=rounds.__setitem__)
             targets = [(n, keep(rounds[n], summary, method, n), wall) for n in sorted(rounds) if n in METHOD_STEPS]
         elif method in PER_STEP_METHODS:
             for n in PER_STEP_METHODS[method]:

@@ -24,8 +24,8 @@ import os
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from redistill.core.processes import die_with_parent, die_with_parent_hook
 from redistill.ops.servers import free_port, stop_group
@@ -99,10 +99,10 @@ def main(job_file: str) -> int:
     import torch
 
     from redistill.config import parse_params
+    from redistill.cycle.warm import load_init
     from redistill.data.images import DataError, load_image_folder
     from redistill.methods import distill, process_group
     from redistill.models.pipelines import PipelineError, load_pipeline, save_pipeline
-    from redistill.cycle.warm import load_init
 
     job = json.loads(Path(job_file).read_text())
     n, main_process = process_group()

@@ -66,9 +66,9 @@ def versions(c, name: str) -> list[dict]:
     champ, prev = alias(c, name, "champion"), alias(c, name, "previous")
     out = []
     for mv in sorted(c.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version)):
-        tag = lambda k: mv.tags.get(PREFIX + k, "?")  # noqa: E731
-        out.append({"version": str(mv.version), "gate": tag("gate"), "trigger": tag("trigger"), "init": tag("init"),
-                    "teacher": Path(tag("teacher_uri")).name, "reasons": tag("gate_reasons"), "run_id": mv.run_id,
+        tag = {k: mv.tags.get(PREFIX + k, "?") for k in ("gate", "trigger", "init", "teacher_uri", "gate_reasons")}
+        out.append({"version": str(mv.version), "gate": tag["gate"], "trigger": tag["trigger"], "init": tag["init"],
+                    "teacher": Path(tag["teacher_uri"]).name, "reasons": tag["gate_reasons"], "run_id": mv.run_id,
                     "champion": champ is not None and str(champ.version) == str(mv.version),
                     "previous": prev is not None and str(prev.version) == str(mv.version),
                     "metrics": version_metrics(c, mv.run_id)})

@@ -21,8 +21,8 @@ def build_tokenizer(p: T2ITeacherParams, out: Path):
     """Step 1: a CLIP tokenizer whose merges make each word of the class prompts one token."""
     from transformers import CLIPTokenizer
 
-    from redistill.models.tiny_sd import write_clip_tokenizer
     from redistill.data.captions import vocabulary
+    from redistill.models.tiny_sd import write_clip_tokenizer
 
     write_clip_tokenizer(out, vocabulary(), p.model_max_length)
     return CLIPTokenizer.from_pretrained(str(out), local_files_only=True)

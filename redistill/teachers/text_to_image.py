@@ -35,20 +35,30 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from redistill.core import checkpoint
 from redistill.config import T2ITeacherParams
+from redistill.core import checkpoint
 from redistill.models.pipelines import PipelineError, save_pipeline
-from redistill.teachers.t2i_parts import (EMPTY_PROMPT, build_scheduler, build_text_encoder, build_tokenizer,
-                                           build_unet, build_vae, drop_captions, latent_scaling_factor, tokenize,
-                                           vae_loss)
+from redistill.teachers.t2i_parts import (
+    EMPTY_PROMPT,
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    drop_captions,
+    latent_scaling_factor,
+    tokenize,
+    vae_loss,
+)
 from redistill.teachers.train import min_snr_weight
+
 
 def _recipe_hash(p: T2ITeacherParams, images: np.ndarray, captions: list[str]) -> str:
     d = dict(vars(p))
@@ -261,9 +271,9 @@ def prompt_adherence(pipe, classifier, guidance_scale: float, steps: int, num_sa
     them to 8×8 (area), and classify them with the digits classifier. Returns the share whose class is the
     prompt's (`adherence`), the share recognisable (a digit class at probability ≥ `confidence`), the share
     both, and the adherence per class."""
+    from redistill.data.captions import TEMPLATES, class_prompt
     from redistill.evaluation.features import NOT_A_DIGIT, recognisable
     from redistill.models.text_to_image import TextToImageLatent
-    from redistill.data.captions import TEMPLATES, class_prompt
 
     model = TextToImageLatent(pipe, guidance_scale=guidance_scale)
     labels = torch.arange(num_samples) % 10
@@ -295,9 +305,9 @@ def train_embedded(root: Path, params, out: Path | None = None, log: Callable[[s
     """The embedded teacher as it was made: the captioned digits written to data/t2i/ unless present, then the
     `t2i_teacher` recipe into `out` (default data/t2i-teachers/<name>), its guidance w chosen with the workspace's
     digits classifier (data/features) where there is one; resumes from runs/t2i-teacher/<name>/checkpoints."""
+    from redistill.data.captions import prepare_t2i
     from redistill.data.images import DataError, load_image_folder
     from redistill.evaluation.features import load_classifier
-    from redistill.data.captions import prepare_t2i
 
     p = params.t2i_teacher
     data_dir = root / "data" / "t2i"

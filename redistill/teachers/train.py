@@ -24,14 +24,14 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from redistill.core import checkpoint
 from redistill.config import TeacherParams
+from redistill.core import checkpoint
 from redistill.data.images import ImageSet
 from redistill.models.pipelines import PipelineError, pipeline_sha256, save_pipeline
 

@@ -18,8 +18,6 @@ from typer.testing import CliRunner
 from helpers import LENIENT_GATE, make_tiny_class_pipeline, make_tiny_pipeline
 from helpers_cycle import TINY_METHODS, check_cycle_from_empty_workspace, run_cycle
 
-from redistill.cli import app
-
 runner = CliRunner()
 
 METHODS = ["progressive", "consistency", "output", "adversarial", "dmd"]

@@ -68,9 +68,9 @@ def test_calibration_on_the_committed_teacher_orders_the_controls(digits_ws, tmp
     negative control's, in both feature spaces, and the file and table say so."""
     import shutil
 
-    from helpers import REPO
     from typer.testing import CliRunner
 
+    from helpers import REPO
     from redistill.cli import app
 
     ws = tmp_path / "ws"
@@ -101,11 +101,10 @@ def test_a_workspace_of_your_own_data_calibrates_its_own_bounds_once(tmp_path):
     data/calibration.json, and every later load of its settings judges with them, unless the settings set
     gate.fid_gap_max by hand. The embedded workspace and a teacher kind without DDIM controls keep the settings'."""
     from helpers import make_tiny_flow_pipeline, make_tiny_pipeline
-
-    from redistill.data import shapes
+    from redistill.config import FID_GAP_MAX, load_params
     from redistill.cycle.bootstrap import ensure_workspace
     from redistill.cycle.calibration import calibrate_workspace
-    from redistill.config import FID_GAP_MAX, load_params
+    from redistill.data import shapes
 
     ws = tmp_path / "ws"
     ws.mkdir()

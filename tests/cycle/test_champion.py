@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import yaml
-from helpers import REPO
 
+from helpers import REPO
 from redistill.config import _Yaml12Loader, load_params
 from redistill.data.images import dir_md5
 from redistill.models.pipelines import pipeline_sha256

@@ -13,7 +13,6 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import LENIENT_GATE
-
 from redistill.cli import app
 from redistill.registry.client import PREFIX, alias, client
 

@@ -27,7 +27,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from helpers import LENIENT_GATE, TINY_CYCLE
-
 from redistill.cli import app
 from redistill.registry.client import alias, client
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from helpers import LENIENT_GATE, TINY_CYCLE, UNMEETABLE_GAP, tiny_trial_workspace, trial_env
-
 from redistill.registry.client import PREFIX, alias, client
 
 pytestmark = pytest.mark.trials

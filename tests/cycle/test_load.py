@@ -19,7 +19,6 @@ from collections import Counter
 import pytest
 
 from helpers import LENIENT_GATE, TINY_CYCLE, tiny_trial_workspace, trial_env
-
 from redistill.registry.client import PREFIX, client
 
 pytestmark = pytest.mark.trials

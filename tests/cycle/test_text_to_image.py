@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from redistill.models import adapter_for
 from redistill.models.adapter_files import LORA_META, LORA_WEIGHTS, AdapterBaseMismatch, check_base
 from redistill.models.lora import add_lora, fused_copy, load_adapter
-from redistill.models import adapter_for
+from redistill.models.pipelines import PipelineError, load_pipeline, pipeline_sha256, save_pipeline, validate_teacher
 from redistill.models.text_to_image import SAMPLING_FILE, TextToImageLatent
 from redistill.models.tiny_sd import tiny_sd_pipeline, write_clip_tokenizer
-from redistill.models.pipelines import PipelineError, load_pipeline, pipeline_sha256, save_pipeline, validate_teacher
 
 WORDS = "a handwritten digit zero one two three four five six seven eight nine".split()
 NUMBERS = WORDS[3:]
@@ -273,16 +273,15 @@ def test_a_text_to_image_teacher_runs_the_whole_cycle_with_an_lcm_lora_student(t
     pass against the teacher's two), promotes and registers it; lineage shows the base teacher the adapter
     points at; the export is a complete pipeline with the adapter beside it; the served model takes a prompt."""
     import pandas as pd
+    from typer.testing import CliRunner
 
     from helpers import LENIENT_GATE
     from helpers_cycle import TINY_METHODS, run_cycle
-
-    from redistill.data import shapes
     from redistill.cli import app
+    from redistill.data import shapes
     from redistill.data.images import load_image_folder, write_captions
     from redistill.registry.client import client, tracking_uri
     from redistill.registry.serving import StudentModel
-    from typer.testing import CliRunner
 
     tok = write_clip_tokenizer(tmp_path / "tok", SHAPE_WORDS)
     teacher = tmp_path / "teacher"
@@ -442,7 +441,6 @@ def test_the_text_to_image_demo_runs_in_its_own_workspace_and_names_its_model(tm
     from typer.testing import CliRunner
 
     from helpers import LENIENT_GATE
-
     from redistill.cli import app
 
     ws = tmp_path / "ws"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from redistill.config import ConfigError, DriftParams, ValidateParams
+from redistill.data.growth import merge_batch
 from redistill.data.images import (
     CAPTIONS_CSV,
     METADATA_JSONL,
@@ -21,11 +22,10 @@ from redistill.data.images import (
     read_captions,
     write_image_folder,
 )
-from redistill.data.growth import merge_batch
-from redistill.drift.detect import check_folder, detect
 from redistill.data.stats import image_stats
-from redistill.drift.features import pixel_features, word_features
 from redistill.data.validation import caption_counter
+from redistill.drift.detect import check_folder, detect
+from redistill.drift.features import pixel_features, word_features
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a handwritten digit {}", "the digit {} written by hand", "a {} drawn in ink", "handwritten number {}"]

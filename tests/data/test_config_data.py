@@ -18,6 +18,7 @@ from redistill.data.images import (
 
 def test_repository_params_yaml_loads_and_covers_every_field(tmp_path):
     import yaml
+
     from helpers import REPO
 
     p = load_params(REPO / "params.yaml")
@@ -68,7 +69,6 @@ def test_method_configs_have_the_params_yaml_defaults(method):
     import importlib
 
     from helpers import REPO
-
     from redistill.methods import method_config
 
     cls = getattr(importlib.import_module(f"redistill.methods.{method}"), METHOD_CONFIGS[method])

@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from redistill.tasks.validate import validate_data
 
 from redistill.config import ValidateParams
 from redistill.data.expectations import validate_folder, validate_table
 from redistill.data.validation import image_table, reference_profile
+from redistill.tasks.validate import validate_data
 
 
 @pytest.fixture()

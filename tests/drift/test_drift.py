@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from redistill.cli import app
-from redistill.drift.detect import calibrate, detect, holm, mmd_permutation_test
 from redistill.data.stats import image_stats
+from redistill.drift.detect import calibrate, detect, holm, mmd_permutation_test
 
 runner = CliRunner()
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from redistill.data import shapes
 from redistill.cli import app
 from redistill.config import ValidateParams
-from redistill.drift.detect import calibrate, detect
+from redistill.data import shapes
 from redistill.data.stats import LUMA, image_stats
-from redistill.drift.features import pixel_features
 from redistill.data.validation import image_table, reference_profile
+from redistill.drift.detect import calibrate, detect
+from redistill.drift.features import pixel_features
 
 runner = CliRunner()
 ALPHA, PERMUTATIONS = 0.02, 199
@@ -111,7 +111,7 @@ def folders(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("shapes")
     ref = shapes.write(root / "reference", 160, seed=0, labels=True)
-    like = shapes.write(root / "like", 120, seed=1)
+    shapes.write(root / "like", 120, seed=1)
     images = shapes.draw(120, 16, 3, seed=2)[0].astype(np.float64) / 255
     red = images.copy()
     red[..., 0] = 0.85 + 0.15 * red[..., 0]  # a red cast: only the first channel moves

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from redistill.evaluation import spaces as feature_spaces
 from redistill.config import ConfigError, EvaluateParams, GateParams
+from redistill.evaluation import spaces as feature_spaces
 from redistill.evaluation.gate import judge
 
 CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,

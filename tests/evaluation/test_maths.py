@@ -7,7 +7,17 @@ import math
 import pytest
 import torch
 
-from redistill.evaluation.fid import bootstrap_ci, fid, fid_fast, fid_floor, kid, kid_ci, kid_subsets, paired_fid, psnr_ssim
+from redistill.evaluation.fid import (
+    bootstrap_ci,
+    fid,
+    fid_fast,
+    fid_floor,
+    kid,
+    kid_ci,
+    kid_subsets,
+    paired_fid,
+    psnr_ssim,
+)
 from redistill.teachers.train import min_snr_weight
 
 

@@ -13,8 +13,9 @@ from redistill.models.pipelines import load_pipeline, save_pipeline
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_adversarial_student_exports_and_samples_on_its_trained_timesteps(digits_ws, tmp_path, prediction_type):
-    from helpers import make_tiny_pipeline
     from diffusers import DiffusionPipeline, LCMScheduler
+
+    from helpers import make_tiny_pipeline
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher", prediction_type=prediction_type))
     before = {k: v.clone() for k, v in teacher.unet.state_dict().items()}

@@ -47,8 +47,9 @@ def test_pseudo_huber_is_zero_at_equality_and_l2_without_c():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_consistency_student_exports_and_samples_with_lcm_scheduler(digits_ws, tmp_path, prediction_type):
-    from helpers import make_tiny_pipeline
     from diffusers import DiffusionPipeline, LCMScheduler
+
+    from helpers import make_tiny_pipeline
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher", prediction_type=prediction_type))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:256])
@@ -101,8 +102,9 @@ def test_settings_a_method_cannot_serve_fail_before_training():
 
 
 def test_consistency_exports_the_target_network_or_a_deterministic_sampler(digits_ws, tmp_path):
-    from helpers import make_tiny_pipeline
     from diffusers import DDIMScheduler, LCMScheduler
+
+    from helpers import make_tiny_pipeline
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])

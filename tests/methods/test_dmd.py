@@ -13,8 +13,9 @@ from redistill.models.pipelines import load_pipeline, save_pipeline
 
 @pytest.mark.parametrize("prediction_type,gan", [("epsilon", 0.0), ("v_prediction", 0.1)])
 def test_dmd_student_exports_and_samples(digits_ws, tmp_path, prediction_type, gan):
-    from helpers import make_tiny_pipeline
     from diffusers import DiffusionPipeline, LCMScheduler
+
+    from helpers import make_tiny_pipeline
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher", prediction_type=prediction_type))
     before = {k: v.clone() for k, v in teacher.unet.state_dict().items()}
@@ -75,9 +76,9 @@ def test_dmd_regression_on_cached_teacher_pairs_is_for_one_step_generators(digit
 def test_a_one_step_generator_can_start_from_the_output_distilled_student(digits_ws, tmp_path):
     # DMD1's start: the regression-trained noise → image map (methods/output.py), exported as its one DDIM
     # x₀ step; the DMD gradient then moves it, and the output run's files are cleaned up with the checkpoints
-    from helpers import make_tiny_pipeline
     from diffusers import DDIMScheduler, DiffusionPipeline
 
+    from helpers import make_tiny_pipeline
     from redistill.methods.output import OutputConfig
     from redistill.methods.output import distill as output_distill
 
@@ -105,8 +106,9 @@ def test_a_one_step_generator_can_start_from_the_output_distilled_student(digits
 def test_a_few_step_generator_can_be_a_deterministic_chain_started_from_another_method(digits_ws, tmp_path, start):
     # K = 2 from a distilled deterministic student: DDIM on the progressive grid, regression through the
     # chain, and the stock export runs the same chain
-    from helpers import make_tiny_pipeline
     from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from helpers import make_tiny_pipeline
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])

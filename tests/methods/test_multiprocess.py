@@ -97,7 +97,6 @@ def test_settings_refuse_a_global_batch_that_does_not_split():
 @pytest.mark.trials
 def test_two_processes_follow_one_with_the_same_global_batch_for_every_method(digits_ws, tmp_path):
     from helpers import make_tiny_pipeline
-
     from redistill.models.pipelines import load_pipeline
 
     teacher = make_tiny_pipeline(tmp_path / "teacher")
@@ -194,9 +193,9 @@ def _session(sid: int) -> list[int]:
 
 @pytest.mark.trials
 def test_a_cycle_distils_on_two_processes_and_registers_from_its_own(digits_ws, tmp_path, prefect_harness):
-    from helpers import make_tiny_pipeline
     from typer.testing import CliRunner
 
+    from helpers import make_tiny_pipeline
     from redistill.cli import app
     from redistill.registry.client import PREFIX, client, tracking_uri
 

@@ -14,8 +14,9 @@ from redistill.models.pipelines import load_pipeline, pipeline_sha256, save_pipe
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_output_student_samples_in_one_stock_step_and_reuses_the_pairs(digits_ws, tmp_path, prediction_type):
-    from helpers import make_tiny_pipeline
     from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from helpers import make_tiny_pipeline
 
     teacher_dir = make_tiny_pipeline(tmp_path / "teacher", prediction_type=prediction_type)
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
@@ -53,7 +54,6 @@ def test_a_pixel_teachers_pairs_are_its_stored_samples_on_noise_the_evaluation_n
     teacher's ODE output from its pair's noise. That noise is never the evaluation's (seeded evaluate.seed + i): a
     student must not be judged on the noises it was trained on."""
     from helpers import make_tiny_pipeline
-
     from redistill.config import GENERATION_BATCH
     from redistill.evaluation.sampling import configure_scheduler, sample_cached
     from redistill.methods.output import OutputConfig, load_or_make_pairs, pair_seed
@@ -81,9 +81,9 @@ def test_a_pixel_teachers_pairs_are_its_stored_samples_on_noise_the_evaluation_n
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_a_few_step_output_student_is_trained_through_the_chain_the_stock_sampler_runs(digits_ws, tmp_path, prediction_type):
     # K = 2: the stock DDIMScheduler export on the trained grid must reproduce the chain the loss went through
-    from helpers import make_tiny_pipeline
     from diffusers import DDIMScheduler, DiffusionPipeline
 
+    from helpers import make_tiny_pipeline
     from redistill.methods.output import OutputConfig
     from redistill.methods.output import distill as output_distill
 

@@ -12,8 +12,9 @@ from redistill.models.pipelines import load_pipeline, save_pipeline
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_distilled_student_exports_and_samples_in_stock_diffusers(digits_ws, tmp_path, prediction_type):
-    from helpers import make_tiny_pipeline
     from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from helpers import make_tiny_pipeline
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher", prediction_type=prediction_type))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:256])
@@ -72,7 +73,6 @@ def test_a_warm_start_is_one_round_from_the_champion_against_the_teachers_k_step
     the teacher's DDIM lands in teacher_steps/target_steps steps of its finest grid. A champion that already lands
     there (the k-step teacher sampled exactly) gets a near-zero loss from the first step; another start does not."""
     from helpers import make_tiny_pipeline
-
     from redistill.methods.progressive import ddim_step, distillation_target, student_grid
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))

@@ -8,11 +8,11 @@ import torch
 from redistill.methods.progressive import (
     check_grid,
     ddim_grid,
-    student_grid,
-    student_scheduler,
     ddim_step,
     distillation_target,
     halving_schedule,
+    student_grid,
+    student_scheduler,
 )
 from redistill.models.prediction import PREDICTION_TYPES, alpha_sigma, from_x0_eps, to_x0_eps
 

@@ -77,8 +77,9 @@ def test_feature_matching_pulls_student_blocks_towards_the_teacher():
     ("dmd", 2, {"dmd": {"steps": 2, "fake_updates": 1}}),
 ])
 def test_every_method_distils_into_a_smaller_stock_student(digits_ws, tmp_path, method, steps, section):
-    from helpers import make_tiny_pipeline
     from diffusers import DiffusionPipeline
+
+    from helpers import make_tiny_pipeline
 
     teacher_dir = make_tiny_pipeline(tmp_path / "teacher")  # channels (8, 16)
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])

@@ -62,7 +62,6 @@ def test_feature_matching_compares_student_and_teacher_on_the_same_inputs(digits
     # a same-shape student starts as an exact copy of the teacher, so on the same (z, t) the two see
     # identical block features and the first step's feature loss is exactly 0; on different inputs it is not
     from helpers import make_tiny_pipeline
-
     from redistill.config import parse_params
     from redistill.methods import method_config
 
@@ -78,7 +77,6 @@ def test_feature_matching_compares_student_and_teacher_on_the_same_inputs(digits
 
 def test_a_smaller_progressive_student_resumes_after_round_one(digits_ws, tmp_path):
     from helpers import crash_when, make_tiny_pipeline, resume_matches_unbroken
-
     from redistill.methods.progressive import ProgressiveConfig, distill
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))  # channels (8, 16)

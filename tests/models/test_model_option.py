@@ -14,7 +14,6 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import make_tiny_pipeline
-
 from redistill.cli import app
 from redistill.registry.client import CHAMPION, PREFIX, PREVIOUS, REQUIRED_TAGS, alias, client, register_student
 
@@ -38,8 +37,8 @@ def template(tmp_path_factory) -> Path:
     """A workspace whose registry holds MAIN v1, v2 (champion 2, previous 1) and OTHER v1, v2, v3 (champion 2,
     previous 1, v3 rejected). Each model's students are tiny pipelines of their own seed. OTHER v1 also records
     settings, metrics and its teacher (its own student's folder), so `reproduce` gets as far as finding its data."""
-    from redistill.tasks.registry import _experiment
     from redistill.models.pipelines import pipeline_sha256
+    from redistill.tasks.registry import _experiment
 
     root = tmp_path_factory.mktemp("modelws")
     (root / "params.yaml").write_text(f"registry: {{student_name: {MAIN}}}\n")

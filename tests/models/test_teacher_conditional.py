@@ -8,10 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from redistill.core import checkpoint
-
-from redistill.data import shapes
 from redistill.config import ConfigError, TeacherParams, load_params
+from redistill.core import checkpoint
+from redistill.data import shapes
 from redistill.data.images import DataError, load_image_folder
 
 

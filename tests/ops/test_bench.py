@@ -14,8 +14,9 @@ from redistill.cli import app
 
 @pytest.mark.trials  # about 90 s: every method at every step count; `make trials` (.ci/run runs it)
 def test_quick_bench_has_every_row_and_logs_its_files(digits_ws, tmp_path):
-    from helpers import make_tiny_pipeline
     from mlflow import MlflowClient
+
+    from helpers import make_tiny_pipeline
 
     root = tmp_path / "ws"
     shutil.copytree(digits_ws / "data", root / "data")

@@ -31,7 +31,6 @@ from pathlib import Path
 import pytest
 
 from helpers import LENIENT_GATE, TINY_CYCLE, tiny_trial_workspace, trial_env
-
 from redistill.registry.client import PREFIX, client
 
 pytestmark = pytest.mark.trials
@@ -68,7 +67,7 @@ class Server:
     def __init__(self, cmd: list[str], health: str, env: dict | None = None, log: Path | None = None):
         self.cmd, self.health, self.env, self.log, self.proc = cmd, health, env, log, None
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         wait_healthy(self.health, self.proc)

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from redistill.config import ConfigError, StackParams
-from redistill.registry.client import pid_alive
 from redistill.ops.servers import _alive
 from redistill.ops.stack import down, status
+from redistill.registry.client import pid_alive
 
 BIN = Path(sys.executable).parent
 

@@ -23,7 +23,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from helpers import LENIENT_GATE, TINY_CYCLE, UNMEETABLE_GAP
-
 from redistill.cli import app
 from redistill.registry.client import PREFIX, alias, client
 

@@ -228,9 +228,9 @@ def test_the_exported_folder_gets_the_card_of_its_registered_version(tmp_path):
 
     from PIL import Image
 
+    from redistill.registry.client import REQUIRED_TAGS, client, register_student
     from redistill.registry.lineage import write_model_card
     from redistill.registry.mlflow_lineage import dataset, log_datasets
-    from redistill.registry.client import REQUIRED_TAGS, client, register_student
 
     c = client(f"sqlite:///{tmp_path}/mlflow.db")
     exp = c.create_experiment("redistill", artifact_location=(tmp_path / "artifacts").as_uri())

@@ -43,8 +43,8 @@ def _missing() -> str | None:
 def test_the_champions_lineage_is_on_its_mlflow_ui_pages(digits_ws):
     from playwright.sync_api import sync_playwright
 
-    from redistill.registry.client import pid_alive
     from redistill.ops.servers import free_port
+    from redistill.registry.client import pid_alive
 
     root = Path(tempfile.mkdtemp(prefix="redistill-ui-"))
     tiny_trial_workspace(digits_ws, root)

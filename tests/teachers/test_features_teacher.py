@@ -181,9 +181,9 @@ def test_teacher_validation_accepts_a_good_teacher(tiny_pipeline):
 
 
 def test_teacher_validation_refuses_broken_teachers_with_reasons(tmp_path):
-    from helpers import make_tiny_pipeline
     from safetensors.torch import load_file, save_file
 
+    from helpers import make_tiny_pipeline
     from redistill.models.pipelines import validate_teacher
 
     truncated = make_tiny_pipeline(tmp_path / "truncated")

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from redistill.core import checkpoint
 from redistill.config import Params, T2ITeacherParams
+from redistill.core import checkpoint
+from redistill.data.captions import TEMPLATES, class_prompt, class_prompts, prepare_t2i, vocabulary
 from redistill.data.digits import build_digits
 from redistill.data.images import load_image_folder
-from redistill.data.captions import TEMPLATES, class_prompt, class_prompts, prepare_t2i, vocabulary
 from redistill.teachers.t2i_parts import build_tokenizer
 from redistill.teachers.text_to_image import train_t2i_teacher
 
@@ -102,8 +102,8 @@ def test_the_toy_recipe_saves_a_text_to_image_teacher(toy_teacher, toy_set):
     from diffusers import StableDiffusionPipeline
 
     from redistill.models import adapter_for
-    from redistill.models.text_to_image import SAMPLING_FILE
     from redistill.models.pipelines import load_pipeline, validate_teacher
+    from redistill.models.text_to_image import SAMPLING_FILE
 
     pipe = load_pipeline(toy_teacher)
     model = adapter_for(pipe)

@@ -19,7 +19,6 @@ import yaml
 from typer.testing import CliRunner
 
 from helpers import LENIENT_GATE, TINY_CYCLE, UNMEETABLE_GAP
-
 from redistill.cli import app
 from redistill.registry.client import PREFIX, alias, client
 
@@ -143,8 +142,9 @@ def test_a_half_written_teacher_is_not_picked_up(ws):
 
 def test_broken_teachers_are_recorded_and_skipped_and_the_champion_stays(ws, events):
     import torch
-    from helpers import make_tiny_pipeline
     from diffusers import DDPMPipeline
+
+    from helpers import make_tiny_pipeline
 
     before = champion(ws)
     trunc = make_tiny_pipeline(ws / "data" / "teachers" / "truncated", seed=4)
@@ -260,8 +260,8 @@ def test_a_bad_batch_is_recorded_as_bad_and_never_acted_on(ws, events):
     the representative set, and is skipped until its contents change (it used to be merged, then fail)."""
     from PIL import Image
 
-    from redistill.data.images import dir_md5
     from redistill.core.watch_state import load_state
+    from redistill.data.images import dir_md5
 
     n, champ = len(versions(ws)), champion(ws)
     rep = ws / "data" / "representative"
