@@ -103,8 +103,11 @@ def _command(cmd: Any, ctx: Any, level: int) -> list[str]:
         if getattr(p, "hidden", False) or p.name == "help":
             continue
         is_option = bool(getattr(p, "opts", None)) and str(p.opts[0]).startswith("-")
-        names = " / ".join(_code(o) for o in [*p.opts, *getattr(p, "secondary_opts", [])]) if is_option \
+        names = (
+            " / ".join(_code(o) for o in [*p.opts, *getattr(p, "secondary_opts", [])])
+            if is_option
             else _code(str(getattr(p, "metavar", None) or p.name).upper())
+        )
         kind = "flag" if getattr(p, "is_flag", False) else _param_type(p)
         default = p.default
         if getattr(p, "is_flag", False) and getattr(p, "secondary_opts", None):
@@ -201,8 +204,7 @@ def _section(cls: type, path: str, level: int) -> list[str]:
     for name, ann, default, desc in _fields(cls):
         if dataclasses.is_dataclass(ann):
             nested.append((ann, f"{path}.{name}"))
-            rows.append(f"| `{name}` | section | [`{path}.{name}`](#{_anchor(path + '.' + name)}) "
-                        f"| {_cell(desc)} |")
+            rows.append(f"| `{name}` | section | [`{path}.{name}`](#{_anchor(path + '.' + name)}) | {_cell(desc)} |")
         else:
             rows.append(f"| `{name}` | {_cell(_type_name(ann))} | {_default(default)} | {_cell(desc)} |")
     if rows:

@@ -61,14 +61,21 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
     """
     key = inputs["key"]
     run_dir = root / "runs" / "cycles" / key
-    tags = {"redistill.key": key, "redistill.trigger": trigger, "redistill.prefect_flow_run_id": str(flow_run.id),
-            "redistill.pid": str(os.getpid()), "redistill.host": socket.gethostname(),  # to tell a dead run from a live one
-            "redistill.method": p.distill.method, **{f"redistill.{k}": str(v) for k, v in inputs.items() if k != "key"}}
+    tags = {
+        "redistill.key": key,
+        "redistill.trigger": trigger,
+        "redistill.prefect_flow_run_id": str(flow_run.id),
+        "redistill.pid": str(os.getpid()),
+        "redistill.host": socket.gethostname(),  # to tell a dead run from a live one
+        "redistill.method": p.distill.method,
+        **{f"redistill.{k}": str(v) for k, v in inputs.items() if k != "key"},
+    }
     if os.environ.get("PREFECT_API_URL") and flow_run.ui_url:  # a real server: the run can be looked at later
         tags["redistill.prefect_flow_run_url"] = str(flow_run.ui_url)
     if trigger_info:
-        tags["redistill.trigger_detail"] = json.dumps({k: v for k, v in trigger_info.items() if k != "report_dir"},
-                                                      default=str)[:5000]
+        tags["redistill.trigger_detail"] = json.dumps(
+            {k: v for k, v in trigger_info.items() if k != "report_dir"}, default=str
+        )[:5000]
     run_id = with_retries(open_run, p.registry.retry_delays_s)(root, p.registry.experiment, tags, p.to_dict())
     failpoint("run-opened")
     progress = {"stage": "validate"}
@@ -97,22 +104,39 @@ def cycle(inputs: dict, p: Params, root: Path, trigger: str = "manual", trigger_
         raise CycleStopped(stopped_by_servers(trouble, progress["stage"], run_dir, reason)) from e
 
 
-def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dict | None, run_id: str, tags: dict,
-            run_dir: Path, progress: dict) -> dict:
+def _stages(
+    inputs: dict,
+    p: Params,
+    root: Path,
+    trigger: str,
+    trigger_info: dict | None,
+    run_id: str,
+    tags: dict,
+    run_dir: Path,
+    progress: dict,
+) -> dict:
     """The cycle's stages after its run is open; see `cycle`. `progress["stage"]` says where it is."""
     teacher, data, key = Path(inputs["teacher_uri"]), Path(inputs["data_uri"]), inputs["key"]
     delays = p.registry.retry_delays_s  # every MLflow step is tried again after these pauses
     log_artifacts_, record_failure_, set_tags_, warm_start_, champion_evaluation_ = (
-        with_retries(t, delays) for t in (log_artifacts, record_failure, set_tags, warm_start, champion_evaluation))
+        with_retries(t, delays) for t in (log_artifacts, record_failure, set_tags, warm_start, champion_evaluation)
+    )
     log_evaluation_, log_pyfunc_, register_, log_lineage_inputs_, describe_version_ = (
-        with_retries(t, delays) for t in (log_evaluation, log_pyfunc, register, log_lineage_inputs, describe_version))
+        with_retries(t, delays) for t in (log_evaluation, log_pyfunc, register, log_lineage_inputs, describe_version)
+    )
     if trigger_info and trigger_info.get("report_dir"):
         log_artifacts_(root, run_id, Path(trigger_info["report_dir"]), "trigger")
     # the data, a drift batch that triggered the cycle, and the teacher, as MLflow's own inputs of the run
     logged = log_lineage_inputs_(root, run_id, inputs, teacher.name, trigger_info)
 
-    report = validate_data(data, root / "data" / "reference", p.validate, run_dir / "validation",
-                           inputs["validation_reference_md5"], teacher)  # captions: counted by the teacher's tokenizer
+    report = validate_data(
+        data,
+        root / "data" / "reference",
+        p.validate,
+        run_dir / "validation",
+        inputs["validation_reference_md5"],
+        teacher,
+    )  # captions: counted by the teacher's tokenizer
     log_artifacts_(root, run_id, run_dir / "validation", "validation")
     if not report.success:
         record_failure_(root, run_id, "validate", report.message())
@@ -150,25 +174,37 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
         tags["redistill.method"] = method
         set_tags_(root, run_id, {"redistill.method": method})
     if summary.get("lora_rank"):  # a LoRA student: the lineage names its form and its base
-        tags["redistill.adapter"] = json.dumps({"rank": summary["lora_rank"], "base_sha256": summary.get("base_sha256")})
+        tags["redistill.adapter"] = json.dumps(
+            {"rank": summary["lora_rank"], "base_sha256": summary.get("base_sha256")}
+        )
         set_tags_(root, run_id, {"redistill.adapter": tags["redistill.adapter"]})
     failpoint("distilled")
     progress["stage"] = "evaluate"
     student = run_dir / "student"
-    result = evaluate_student(student, steps, teacher, data, root / "data" / "features", p,
-                              run_dir / "evaluation", sample_store(root))
-    curve = quality_vs_steps(result, teacher, data, root / "data" / "features", p, run_dir / "evaluation",
-                             sample_store(root))
+    result = evaluate_student(
+        student, steps, teacher, data, root / "data" / "features", p, run_dir / "evaluation", sample_store(root)
+    )
+    curve = quality_vs_steps(
+        result, teacher, data, root / "data" / "features", p, run_dir / "evaluation", sample_store(root)
+    )
     result["teacher_fid_by_steps"] = curve["teacher_fid_by_steps"]
     with tempfile.TemporaryDirectory() as tmp:
         # the change thresholds compare like with like: the champion measured on this cycle's data, in this
         # cycle's feature spaces, with these evaluate settings (its recorded figures when they are those)
         champ_version, champ_result, champ_student, champ_steps = champion_evaluation_(
-            root, p.registry.student_name, Path(tmp), inputs, p.to_dict()["evaluate"])
+            root, p.registry.student_name, Path(tmp), inputs, p.to_dict()["evaluate"]
+        )
         if champ_student is not None:
-            champ_result = evaluate_student(champ_student, champ_steps or steps, teacher, data,
-                                            root / "data" / "features", p, run_dir / "champion-evaluation",
-                                            sample_store(root))
+            champ_result = evaluate_student(
+                champ_student,
+                champ_steps or steps,
+                teacher,
+                data,
+                root / "data" / "features",
+                p,
+                run_dir / "champion-evaluation",
+                sample_store(root),
+            )
             champ_result["evaluated_on"] = f"champion v{champ_version} re-evaluated on this cycle's data"
     decision = gate_student(result, champ_result, p.gate, method)
     failpoint("evaluated")
@@ -179,37 +215,66 @@ def _stages(inputs: dict, p: Params, root: Path, trigger: str, trigger_info: dic
     progress["stage"] = "register"
     kept = registered_form(student, run_dir)  # a LoRA student: the adapter and its base's sha256, not the base
     log_artifacts_(root, run_id, kept, "student")
-    card = cycle_card(p.registry.student_name, inputs, logged, decision, tags, run_id, steps, kept,
-                      champion_before=champ_version)
+    card = cycle_card(
+        p.registry.student_name, inputs, logged, decision, tags, run_id, steps, kept, champion_before=champ_version
+    )
     model_id = log_pyfunc_(root, run_id, kept, {"redistill.key": key, "redistill.method": method}, card)
     evaluation_set = next(d for d in logged["datasets"] if d["context"] == "evaluation")
     log_evaluation_(root, run_id, result, decision, model_id, evaluation_set)  # metrics linked to the logged model
     log_artifacts_(root, run_id, run_dir / "evaluation", "evaluation")
     if (run_dir / "champion-evaluation").is_dir():
         log_artifacts_(root, run_id, run_dir / "champion-evaluation", "champion-evaluation")
-    reg = register_(root, p.registry.student_name, run_id, {
-        **{k.removeprefix("redistill."): v for k, v in tags.items()},
-        "num_inference_steps": str(steps),
-        "gate": "passed" if decision["passed"] else "rejected",
-        "gate_reasons": decision["reasons"][:5000],
-    }, promote=decision["passed"], model_id=model_id)
+    reg = register_(
+        root,
+        p.registry.student_name,
+        run_id,
+        {
+            **{k.removeprefix("redistill."): v for k, v in tags.items()},
+            "num_inference_steps": str(steps),
+            "gate": "passed" if decision["passed"] else "rejected",
+            "gate_reasons": decision["reasons"][:5000],
+        },
+        promote=decision["passed"],
+        model_id=model_id,
+    )
     name = p.registry.student_name
     try:  # the decision is registered: a description, report or event that cannot be written now does not undo it
         describe_version_(root, name, reg, inputs, logged, decision, tags, champ_version, run_id, steps)
         publish_reports(root, run_id, "promoted" if reg["promoted"] else "rejected", reg["version"])
-        emit("redistill.student.promoted" if reg["promoted"] else "redistill.student.rejected",
-             f"redistill.model.{name}", {"version": reg["version"], "key": key, "trigger": trigger, "run_id": run_id,
-                                         "replaced": reg["replaced"], "reasons": decision["reasons"][:2000]}, name)
+        emit(
+            "redistill.student.promoted" if reg["promoted"] else "redistill.student.rejected",
+            f"redistill.model.{name}",
+            {
+                "version": reg["version"],
+                "key": key,
+                "trigger": trigger,
+                "run_id": run_id,
+                "replaced": reg["replaced"],
+                "reasons": decision["reasons"][:2000],
+            },
+            name,
+        )
     except Exception as e:
-        get_run_logger().warning(f"version {reg['version']} is registered, but its description, reports or event "
-                                 f"were not written: {type(e).__name__}: {str(e)[:300]}")
-    return {"key": key, "decision": "promoted" if reg["promoted"] else "rejected", "version": reg["version"],
-            "replaced": reg["replaced"], "run_id": run_id,
-            "reasons": decision["reasons"], "metrics": result, "distill": summary, "deduplicated": False}
+        get_run_logger().warning(
+            f"version {reg['version']} is registered, but its description, reports or event "
+            f"were not written: {type(e).__name__}: {str(e)[:300]}"
+        )
+    return {
+        "key": key,
+        "decision": "promoted" if reg["promoted"] else "rejected",
+        "version": reg["version"],
+        "replaced": reg["replaced"],
+        "run_id": run_id,
+        "reasons": decision["reasons"],
+        "metrics": result,
+        "distill": summary,
+        "deduplicated": False,
+    }
 
 
-def locked_cycle(inputs: dict, p: Params, root: Path, trigger: str, force: bool = False,
-                 trigger_info: dict | None = None) -> dict:
+def locked_cycle(
+    inputs: dict, p: Params, root: Path, trigger: str, force: bool = False, trigger_info: dict | None = None
+) -> dict:
     """The cycle under the one-distillation-at-a-time slot, checking the key again once the slot is held.
 
     Simultaneous triggers with the same key queue on the slot; the first distils and registers, the

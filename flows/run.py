@@ -23,8 +23,10 @@ def run_cycle(inputs: dict, p: Params, root: Path, trigger: str, force: bool) ->
     """The cycle on `inputs` under the one-distillation slot; raises CycleNotRun with the reason it did not finish."""
     prefect = api_url()
     if prefect and (trouble := servers_in_trouble(root, prefect)):  # before any work, like the tracking server
-        raise CycleNotRun(f"the Prefect API at {prefect} {next(iter(trouble.values()))}; start it (`prefect server "
-                          "start`) or unset PREFECT_API_URL to let the cycle start a temporary one")
+        raise CycleNotRun(
+            f"the Prefect API at {prefect} {next(iter(trouble.values()))}; start it (`prefect server "
+            "start`) or unset PREFECT_API_URL to let the cycle start a temporary one"
+        )
     try:
         return locked_cycle(inputs, p, root, trigger, force)
     except CycleStopped as e:

@@ -46,12 +46,21 @@ def serve(root: Path, p: Params, params: Path | None) -> None:
             raise AlreadyDeployed(
                 f"{', '.join(taken)} already exist on this Prefect server for a work pool (from `prefect deploy`), "
                 "where a worker runs them. Use one or the other: delete them (`prefect deployment delete NAME`) "
-                "to serve from this process, or keep the worker and skip `redistill serve`")
+                "to serve from this process, or keep the worker and skip `redistill serve`"
+            )
     prefect_serve(
-        nightly.to_deployment(name="nightly", schedule=Cron(p.watch.nightly_cron, timezone=p.watch.timezone),
-                              parameters=parameters, tags=["redistill"],
-                              description="The nightly re-distillation cycle (trigger=schedule)."),
-        watch.to_deployment(name="watch", schedule=Interval(timedelta(minutes=p.watch.interval_minutes)),
-                            parameters=parameters, tags=["redistill"],
-                            description="New teachers and drifted batches."),
+        nightly.to_deployment(
+            name="nightly",
+            schedule=Cron(p.watch.nightly_cron, timezone=p.watch.timezone),
+            parameters=parameters,
+            tags=["redistill"],
+            description="The nightly re-distillation cycle (trigger=schedule).",
+        ),
+        watch.to_deployment(
+            name="watch",
+            schedule=Interval(timedelta(minutes=p.watch.interval_minutes)),
+            parameters=parameters,
+            tags=["redistill"],
+            description="New teachers and drifted batches.",
+        ),
     )

@@ -50,64 +50,137 @@ def _cycle(root: Path, p: Params, teacher: Path, data: Path, trigger: str, info:
 
 
 def _refuse_teacher(root: Path, p: Params, a: policy.RefuseTeacher) -> dict:
-    rid = log_watch_run(root, p.registry.experiment, f"teacher-refused-{a.name}",
-                        {"redistill.kind": "teacher-check", "redistill.teacher_uri": a.path,
-                         "redistill.failed_stage": "teacher-watch", "redistill.failure": a.reason[:5000]}, {},
-                        failed=True)
-    emit("redistill.teacher.rejected", f"redistill.teacher.{a.name}",
-         {"path": a.path, "reason": a.reason, "run_id": rid}, a.name)
+    rid = log_watch_run(
+        root,
+        p.registry.experiment,
+        f"teacher-refused-{a.name}",
+        {
+            "redistill.kind": "teacher-check",
+            "redistill.teacher_uri": a.path,
+            "redistill.failed_stage": "teacher-watch",
+            "redistill.failure": a.reason[:5000],
+        },
+        {},
+        failed=True,
+    )
+    emit(
+        "redistill.teacher.rejected",
+        f"redistill.teacher.{a.name}",
+        {"path": a.path, "reason": a.reason, "run_id": rid},
+        a.name,
+    )
     return {"teacher": a.name, "status": "refused", "reason": a.reason, "run_id": rid}
 
 
 def _distil_teacher(root: Path, p: Params, state, a: policy.DistilTeacher, data: Path) -> dict:
     save_watch_state(root, state)
-    emit("redistill.teacher.new", f"redistill.teacher.{a.sha256[:16]}",
-         {"path": a.path, "sha256": a.sha256, "params": a.params}, a.name)
-    result = _cycle(root, p, Path(a.path), data, "teacher",
-                    {"teacher": a.name, "teacher_sha256": a.sha256, "event": "redistill.teacher.new",
-                     **({"teacher_registry": a.registry} if a.registry else {})})
+    emit(
+        "redistill.teacher.new",
+        f"redistill.teacher.{a.sha256[:16]}",
+        {"path": a.path, "sha256": a.sha256, "params": a.params},
+        a.name,
+    )
+    result = _cycle(
+        root,
+        p,
+        Path(a.path),
+        data,
+        "teacher",
+        {
+            "teacher": a.name,
+            "teacher_sha256": a.sha256,
+            "event": "redistill.teacher.new",
+            **({"teacher_registry": a.registry} if a.registry else {}),
+        },
+    )
     policy.teacher_distilled(state, a.name, result)
     return {"teacher": a.name, "status": "new", "sha256": a.sha256, "cycle": result}
 
 
 def _refuse_batch(root: Path, p: Params, a: policy.RefuseBatch) -> dict:
     """A batch that cannot be read as images: recorded as bad, never acted on, skipped until its contents change."""
-    rid = log_watch_run(root, p.registry.experiment, f"batch-refused-{a.name}",
-                        {"redistill.kind": "drift-check", "redistill.batch": a.name, "redistill.data_uri": a.path,
-                         "redistill.failed_stage": "batch-watch", "redistill.failure": a.reason[:5000]}, {},
-                        failed=True)
-    emit("redistill.batch.rejected", f"redistill.batch.{a.name}", {"path": a.path, "reason": a.reason, "run_id": rid},
-         a.name)
-    return {"batch": a.name, "status": "refused", "drifted": None, "action": "refused", "reason": a.reason,
-            "run_id": rid}
+    rid = log_watch_run(
+        root,
+        p.registry.experiment,
+        f"batch-refused-{a.name}",
+        {
+            "redistill.kind": "drift-check",
+            "redistill.batch": a.name,
+            "redistill.data_uri": a.path,
+            "redistill.failed_stage": "batch-watch",
+            "redistill.failure": a.reason[:5000],
+        },
+        {},
+        failed=True,
+    )
+    emit(
+        "redistill.batch.rejected",
+        f"redistill.batch.{a.name}",
+        {"path": a.path, "reason": a.reason, "run_id": rid},
+        a.name,
+    )
+    return {
+        "batch": a.name,
+        "status": "refused",
+        "drifted": None,
+        "action": "refused",
+        "reason": a.reason,
+        "run_id": rid,
+    }
 
 
 def _record_drift(root: Path, p: Params, a: policy.RecordDrift) -> None:
     report = a.report
-    log_watch_run(root, p.registry.experiment, f"drift-{a.name}",
-                  {"redistill.kind": "drift-check", "redistill.batch": a.name,
-                   "redistill.drifted": str(report["drifted"]).lower(),
-                   "redistill.drift_reasons": "; ".join(report["reasons"])[:5000] or "none"},
-                  {"mmd2": report["mmd2"], "mmd_p": report["mmd_p"],
-                   **({"text_mmd2": report["text_mmd2"], "text_mmd_p": report["text_mmd_p"]}
-                      if report.get("text_mmd_p") is not None else {}),
-                   **{f"ks_p_holm.{k}": v["p_holm"] for k, v in report["ks"].items()}},
-                  folder=Path(report["report_dir"]))
+    log_watch_run(
+        root,
+        p.registry.experiment,
+        f"drift-{a.name}",
+        {
+            "redistill.kind": "drift-check",
+            "redistill.batch": a.name,
+            "redistill.drifted": str(report["drifted"]).lower(),
+            "redistill.drift_reasons": "; ".join(report["reasons"])[:5000] or "none",
+        },
+        {
+            "mmd2": report["mmd2"],
+            "mmd_p": report["mmd_p"],
+            **(
+                {"text_mmd2": report["text_mmd2"], "text_mmd_p": report["text_mmd_p"]}
+                if report.get("text_mmd_p") is not None
+                else {}
+            ),
+            **{f"ks_p_holm.{k}": v["p_holm"] for k, v in report["ks"].items()},
+        },
+        folder=Path(report["report_dir"]),
+    )
 
 
 def _keep_champion(root: Path, p: Params, a: policy.KeepChampion) -> dict:
     fit, batch = a.fit, a.batch
-    rid = log_watch_run(root, p.registry.experiment, f"champion-still-fit-{batch}",
-                        {"redistill.kind": "fit-check", "redistill.trigger": "drift",
-                         "redistill.decision": "champion_still_fit", "redistill.batch": batch,
-                         "redistill.champion_version": fit["version"], "redistill.gate_reasons": fit["reasons"]},
-                        {"fid_ratio": fit["fid_ratio"]} if fit["fid_ratio"] is not None else {},
-                        folder=Path(fit["run_dir"]))
-    tag_version(root, p.registry.student_name, fit["version"],
-                {"redistill.still_fit": f"batch {batch}, MLflow run {rid}"})
-    emit("redistill.champion.still-fit", f"redistill.model.{p.registry.student_name}",
-         {"version": fit["version"], "batch": batch, "run_id": rid, "reasons": fit["reasons"]},
-         p.registry.student_name)
+    rid = log_watch_run(
+        root,
+        p.registry.experiment,
+        f"champion-still-fit-{batch}",
+        {
+            "redistill.kind": "fit-check",
+            "redistill.trigger": "drift",
+            "redistill.decision": "champion_still_fit",
+            "redistill.batch": batch,
+            "redistill.champion_version": fit["version"],
+            "redistill.gate_reasons": fit["reasons"],
+        },
+        {"fid_ratio": fit["fid_ratio"]} if fit["fid_ratio"] is not None else {},
+        folder=Path(fit["run_dir"]),
+    )
+    tag_version(
+        root, p.registry.student_name, fit["version"], {"redistill.still_fit": f"batch {batch}, MLflow run {rid}"}
+    )
+    emit(
+        "redistill.champion.still-fit",
+        f"redistill.model.{p.registry.student_name}",
+        {"version": fit["version"], "batch": batch, "run_id": rid, "reasons": fit["reasons"]},
+        p.registry.student_name,
+    )
     get_run_logger().info(f"drift in {batch}: champion v{fit['version']} still fit ({fit['reasons']})")
     return {"decision": "champion still fit", "version": fit["version"], "run_id": rid, "reasons": fit["reasons"]}
 
@@ -120,9 +193,16 @@ def _redistill(root: Path, p: Params, state, a: policy.Redistill, path: Path) ->
         policy.redistill_stopped(state, str(e))
         return {"decision": "stopped", "reasons": str(e), "why": a.why}
     report = a.report
-    info = {"batch": a.batch, "batch_path": str(path), "drift_reasons": report["reasons"], "mmd_p": report["mmd_p"],
-            "fit_check": a.why, "data_md5": grown["md5"], "dvc_file": grown.get("dvc_file"),
-            "report_dir": report["report_dir"]}
+    info = {
+        "batch": a.batch,
+        "batch_path": str(path),
+        "drift_reasons": report["reasons"],
+        "mmd_p": report["mmd_p"],
+        "fit_check": a.why,
+        "data_md5": grown["md5"],
+        "dvc_file": grown.get("dvc_file"),
+        "report_dir": report["report_dir"],
+    }
     result = _cycle(root, p, watch_teacher(root, p.teacher.name, state), Path(grown["path"]), "drift", info)
     policy.redistilled(state, grown["path"], result, time.time())
     return {**result, "data_md5": grown["md5"], "why": a.why}
@@ -173,8 +253,14 @@ def watch(workspace_dir: str | None = None, params_file: str | None = None, look
     # 2. Batches, in arrival order: drift test, episode bookkeeping, then at most one action per episode.
     for f in (f for f in found.ready if f.kind == "batch"):
         teacher = watch_teacher(root, p.teacher.name, state) if p.drift.text_features == "teacher" else None
-        report = drift_test(Path(f.path), watch_data(root), root / "data" / "features", p.drift,
-                            root / "runs" / "watch" / "drift" / f"{f.name}-{f.signature[:8]}", teacher)
+        report = drift_test(
+            Path(f.path),
+            watch_data(root),
+            root / "data" / "features",
+            p.drift,
+            root / "runs" / "watch" / "drift" / f"{f.name}-{f.signature[:8]}",
+            teacher,
+        )
         tested = policy.BatchTested(f, report, time.time(), p.drift.clear_batches, p.drift.cooldown_hours)
         outcome = None
         for a in policy.plan(state, tested):
@@ -183,8 +269,12 @@ def watch(workspace_dir: str | None = None, params_file: str | None = None, look
             elif isinstance(a, policy.RecordDrift):
                 _record_drift(root, p, a)
             elif isinstance(a, policy.EmitDrift):
-                emit("redistill.drift.detected", f"redistill.batch.{a.name}",
-                     {"batch": a.name, "reasons": a.reasons, "mmd_p": a.mmd_p, "action": a.action}, a.name)
+                emit(
+                    "redistill.drift.detected",
+                    f"redistill.batch.{a.name}",
+                    {"batch": a.name, "reasons": a.reasons, "mmd_p": a.mmd_p, "action": a.action},
+                    a.name,
+                )
             elif isinstance(a, policy.CheckChampion):
                 outcome = _act_on_drift(root, p, state, a)
             else:  # SaveBatch: the batch's record, with the outcome of its action

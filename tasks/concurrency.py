@@ -82,8 +82,9 @@ def _prefect_slot(name: str) -> Iterator[None]:
     while True:
         with get_client(sync_client=True) as client:
             try:
-                lease_id = client.increment_concurrency_slots_with_lease(
-                    [name], 1, "concurrency", LEASE_S).json()["lease_id"]
+                lease_id = client.increment_concurrency_slots_with_lease([name], 1, "concurrency", LEASE_S).json()[
+                    "lease_id"
+                ]
                 break
             except PrefectHTTPStatusError as e:
                 if e.response.status_code != 423:  # 423: every slot is taken
@@ -112,8 +113,10 @@ def _prefect_slot(name: str) -> Iterator[None]:
                 client.release_concurrency_slots_with_lease(lease_id)
             Variable.unset(_holder_var(name))
         except Exception as e:  # the server is away: the lease (or a waiter, via the heartbeat) frees the slot
-            log.warning(f"could not release the Prefect concurrency slot {name} ({type(e).__name__}); it frees "
-                        f"itself within {STALE_S:.0f} s")
+            log.warning(
+                f"could not release the Prefect concurrency slot {name} ({type(e).__name__}); it frees "
+                f"itself within {STALE_S:.0f} s"
+            )
 
 
 def _holder_var(name: str) -> str:
@@ -167,5 +170,7 @@ def _free_orphaned_slot(name: str, beat) -> None:
         if limit.active_slots < limit.limit:
             return
         client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
-    log.warning(f"freed the Prefect concurrency slot {name}: its holder ({beat or 'unknown'}) stopped beating for "
-                f"{STALE_S:.0f} s, so it died or the server restarted and lost its lease")
+    log.warning(
+        f"freed the Prefect concurrency slot {name}: its holder ({beat or 'unknown'}) stopped beating for "
+        f"{STALE_S:.0f} s, so it died or the server restarted and lost its lease"
+    )

@@ -43,5 +43,7 @@ def settle_key(root: Path, p: Params, key: str, force: bool) -> dict | None:
     """With the slot held: undo what a killed cycle of `key` left half done, then its earlier decision (None when
     there is none, or `force`)."""
     c = client(tracking_uri(root))
-    recover(c, p.registry.student_name, p.registry.experiment, key, root)  # the slot is ours: any RUNNING run of this key is dead
+    recover(
+        c, p.registry.student_name, p.registry.experiment, key, root
+    )  # the slot is ours: any RUNNING run of this key is dead
     return None if force else earlier_decision(c, p.registry.student_name, key)

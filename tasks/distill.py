@@ -33,8 +33,13 @@ def warm_start(root: Path, p: Params, teacher: Path, run_dir: Path) -> dict:
     champ = registry.champion(c, name)
     if champ is None:
         note = f"{name} has no champion yet"
-        return {"refused": f"distill.init is warm, but {note}; the first cycle must start cold (distill.init: auto or cold)"} \
-            if mode == "warm" else {"init": "cold", "note": note}
+        return (
+            {
+                "refused": f"distill.init is warm, but {note}; the first cycle must start cold (distill.init: auto or cold)"
+            }
+            if mode == "warm"
+            else {"init": "cold", "note": note}
+        )
     dst = Path(run_dir) / "init" / f"v{champ.version}"
     if not (dst / "student" / "model_index.json").is_file():
         dst.mkdir(parents=True, exist_ok=True)
@@ -42,16 +47,24 @@ def warm_start(root: Path, p: Params, teacher: Path, run_dir: Path) -> dict:
     reason = why_not(champ.tags, dst / "student", Path(teacher), p)
     if reason is not None:
         if mode == "warm":
-            return {"refused": f"distill.init is warm, but the champion (version {champ.version}) does not fit this "
-                               f"cycle: {reason}. Set distill.init: auto to fall back to a cold start, or cold"}
+            return {
+                "refused": f"distill.init is warm, but the champion (version {champ.version}) does not fit this "
+                f"cycle: {reason}. Set distill.init: auto to fall back to a cold start, or cold"
+            }
         return {"init": "cold", "note": f"champion version {champ.version} does not fit: {reason}"}
-    return {"init": f"warm:{champ.version}", "version": str(champ.version), "student": str(dst / "student"),
-            "sha256": pipeline_sha256(dst / "student"), "note": f"from champion version {champ.version}"}
+    return {
+        "init": f"warm:{champ.version}",
+        "version": str(champ.version),
+        "student": str(dst / "student"),
+        "sha256": pipeline_sha256(dst / "student"),
+        "note": f"from champion version {champ.version}",
+    }
 
 
 @task(name="distill-student", task_run_name="distill {p.method}")
-def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path, root: Path | None = None,
-                    start: dict | None = None) -> dict:
+def distill_student(
+    teacher: Path, data: Path, p: DistillParams, run_dir: Path, root: Path | None = None, start: dict | None = None
+) -> dict:
     """Distil `teacher` on `data` into `run_dir/student` (a stock diffusers pipeline folder), from the
     champion when `start` (from `warm_start`) says so."""
     import torch
@@ -73,17 +86,36 @@ def distill_student(teacher: Path, data: Path, p: DistillParams, run_dir: Path, 
     if p.num_processes > 1:  # data parallel under `accelerate launch`; its main process writes `out`
         from redistill.ops.launch import distill_in_processes
 
-        summary = distill_in_processes(p, Path(teacher), Path(data), Path(run_dir) / "checkpoints", out, log=logger.info,
-                                       workspace=root, init_student=(start or {}).get("student"),
-                                       init_sha256=(start or {}).get("sha256", ""), init_tag=init_tag, summary_name=SUMMARY)
+        summary = distill_in_processes(
+            p,
+            Path(teacher),
+            Path(data),
+            Path(run_dir) / "checkpoints",
+            out,
+            log=logger.info,
+            workspace=root,
+            init_student=(start or {}).get("student"),
+            init_sha256=(start or {}).get("sha256", ""),
+            init_tag=init_tag,
+            summary_name=SUMMARY,
+        )
         check_adapter_base(out, Path(teacher))
         return summary
     folder = load_image_folder(data)
     images = torch.from_numpy(folder.images)
     init = load_init(Path(start["student"])) if start and start.get("student") else None
-    student, summary = distill(p, load_pipeline(teacher), images, Path(run_dir) / "checkpoints", log=logger.info,
-                               teacher_path=Path(teacher), workspace=root, init=init,
-                               init_sha256=(start or {}).get("sha256", ""), captions=getattr(folder, "captions", None))
+    student, summary = distill(
+        p,
+        load_pipeline(teacher),
+        images,
+        Path(run_dir) / "checkpoints",
+        log=logger.info,
+        teacher_path=Path(teacher),
+        workspace=root,
+        init=init,
+        init_sha256=(start or {}).get("sha256", ""),
+        captions=getattr(folder, "captions", None),
+    )
     summary["init"] = init_tag
     save_pipeline(student, out, extra={SUMMARY: summary})
     check_adapter_base(out, Path(teacher))
@@ -101,18 +133,24 @@ def adopt_student(student: Path, sha256: str, teacher: Path, run_dir: Path) -> d
     out = Path(run_dir) / "student"
     if not (out / SUMMARY).is_file():
         if pipeline_sha256(student) != sha256:
-            raise ValueError(f"{student} changed while the cycle read it (sha256 {sha256[:16]}… at the start); run again "
-                             "once it is complete")
+            raise ValueError(
+                f"{student} changed while the cycle read it (sha256 {sha256[:16]}… at the start); run again "
+                "once it is complete"
+            )
         if not (Path(student) / SUMMARY).is_file():
-            raise ValueError(f"{student} has no {SUMMARY} (what distilled it, and its step count): it was not written by "
-                             "redistill distill or the champion stage")
+            raise ValueError(
+                f"{student} has no {SUMMARY} (what distilled it, and its step count): it was not written by "
+                "redistill distill or the champion stage"
+            )
         copy_folder(Path(student), out)
     summary = json.loads((out / SUMMARY).read_text())
     lineage = summary.get("lineage", {})
     summary["init"] = summary.get("init", "cold")
-    summary["init_note"] = (f"adopted from {student} (sha256 {sha256[:16]}…), distilled {summary['init']} by "
-                            f"{summary['method']} in {summary.get('wall_time_s', 0):.0f} s"
-                            + (f" at commit {lineage['git_commit']}" if lineage.get("git_commit") else ""))
+    summary["init_note"] = (
+        f"adopted from {student} (sha256 {sha256[:16]}…), distilled {summary['init']} by "
+        f"{summary['method']} in {summary.get('wall_time_s', 0):.0f} s"
+        + (f" at commit {lineage['git_commit']}" if lineage.get("git_commit") else "")
+    )
     check_adapter_base(out, Path(teacher))
     return summary
 

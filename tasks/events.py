@@ -18,8 +18,15 @@ from __future__ import annotations
 
 from prefect import task
 
-EVENTS = ("redistill.teacher.new", "redistill.teacher.rejected", "redistill.batch.rejected", "redistill.drift.detected",
-          "redistill.champion.still-fit", "redistill.student.promoted", "redistill.student.rejected")
+EVENTS = (
+    "redistill.teacher.new",
+    "redistill.teacher.rejected",
+    "redistill.batch.rejected",
+    "redistill.drift.detected",
+    "redistill.champion.still-fit",
+    "redistill.student.promoted",
+    "redistill.student.rejected",
+)
 
 
 @task(name="emit-event", task_run_name="event {event}")

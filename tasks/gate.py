@@ -32,10 +32,13 @@ def gate_student(result: dict, champion: dict | None, p: GateParams, method: str
             f"{refusals}"
             f"| | teacher@{result['reference']['steps']} | student@{result['steps']} |\n|---|---|---|\n"
             f"| FID | {q['reference_fid']:.4g} | {q['fid']:.4g} [{q['fid_ci95'][0]:.3g}, {q['fid_ci95'][1]:.3g}] |\n"
-            + "".join(f"| FID gap [{n}] (floors) | floor {sq['fid_floor']:.4g} | {sq['fid_gap']:+.4g} = "
-                      f"{sq['fid_gap_floors']:.3g} ± {sq['fid_gap_halfwidth_floors']:.2g} |\n"
-                      for n, sq in q.get("spaces", {}).items() if sq.get("fid_gap_floors") is not None) +
-            f"| KID | {q['reference_kid']:.4g} | {q['kid']:.4g} |\n"
+            + "".join(
+                f"| FID gap [{n}] (floors) | floor {sq['fid_floor']:.4g} | {sq['fid_gap']:+.4g} = "
+                f"{sq['fid_gap_floors']:.3g} ± {sq['fid_gap_halfwidth_floors']:.2g} |\n"
+                for n, sq in q.get("spaces", {}).items()
+                if sq.get("fid_gap_floors") is not None
+            )
+            + f"| KID | {q['reference_kid']:.4g} | {q['kid']:.4g} |\n"
             f"| latency p50 (ms) | {s['reference_latency_ms_p50']:.1f} | {s['latency_ms_p50']:.1f} |\n"
             f"| throughput (img/s) | {s['reference_throughput_img_s']:.1f} | {s['throughput_img_s']:.1f} |\n"
         ),

@@ -58,8 +58,9 @@ def log_artifacts(root: Path, run_id: str, folder: Path, artifact_path: str) -> 
 
 
 @task(name="log-evaluation", **IO_RETRIES)
-def log_evaluation(root: Path, run_id: str, result: dict, decision: dict, model_id: str | None = None,
-                   dataset: dict | None = None) -> None:
+def log_evaluation(
+    root: Path, run_id: str, result: dict, decision: dict, model_id: str | None = None, dataset: dict | None = None
+) -> None:
     """Every numeric figure as a metric (linked to the student's logged model `model_id` and the evaluation
     `dataset` {name, digest} when given), the evaluation JSON, and the gate's checks."""
     c = registry.client(tracking_uri(root))
@@ -76,7 +77,9 @@ def log_evaluation(root: Path, run_id: str, result: dict, decision: dict, model_
 
 
 @task(name="log-pyfunc-model", **IO_RETRIES)
-def log_pyfunc(root: Path, run_id: str, student: Path, tags: dict[str, str] | None = None, card: str | None = None) -> str:
+def log_pyfunc(
+    root: Path, run_id: str, student: Path, tags: dict[str, str] | None = None, card: str | None = None
+) -> str:
     """Log the student as an MLflow logged model of the pyfunc flavour (loader module and its code shipped, no pickle),
     the run's output, with its model `card`; returns its id, which the registered version is created from
     (redistill/mlflow_lineage.py)."""
@@ -86,8 +89,9 @@ def log_pyfunc(root: Path, run_id: str, student: Path, tags: dict[str, str] | No
 
 
 @task(name="log-lineage-inputs", **IO_RETRIES)
-def log_lineage_inputs(root: Path, run_id: str, inputs: dict, teacher_name: str,
-                       trigger_info: dict | None = None) -> dict:
+def log_lineage_inputs(
+    root: Path, run_id: str, inputs: dict, teacher_name: str, trigger_info: dict | None = None
+) -> dict:
     """The run's inputs as MLflow records the UI shows: the data as datasets (context training and evaluation; a
     drift batch that triggered the cycle, context drift), digest the DVC md5; the teacher as a model input.
     Returns what was logged: {"datasets": [...], "teacher_model_id"}."""
@@ -102,14 +106,32 @@ def log_lineage_inputs(root: Path, run_id: str, inputs: dict, teacher_name: str,
         items.append(dataset(root, batch, dir_md5(batch), "drift"))
     log_datasets(c, run_id, items)
     teacher_id = log_teacher_input(c, run_id, teacher_name, inputs["teacher_uri"], inputs["teacher_sha256"])
-    return {"datasets": [{"context": ctx, "name": ds.name, "digest": ds.digest,
-                          "path": json.loads(ds.source)["dvc_path"], "md5": json.loads(ds.source)["md5"]}
-                         for ds, ctx in items], "teacher_model_id": teacher_id, "data_path": dvc_path(root, data)}
+    return {
+        "datasets": [
+            {
+                "context": ctx,
+                "name": ds.name,
+                "digest": ds.digest,
+                "path": json.loads(ds.source)["dvc_path"],
+                "md5": json.loads(ds.source)["md5"],
+            }
+            for ds, ctx in items
+        ],
+        "teacher_model_id": teacher_id,
+        "data_path": dvc_path(root, data),
+    }
 
 
 @task(name="register-student", **IO_RETRIES)
-def register(root: Path, name: str, run_id: str, tags: dict[str, str], promote: bool, artifact_path: str = "model",
-             model_id: str | None = None) -> dict:
+def register(
+    root: Path,
+    name: str,
+    run_id: str,
+    tags: dict[str, str],
+    promote: bool,
+    artifact_path: str = "model",
+    model_id: str | None = None,
+) -> dict:
     """Register the run's pyfunc model (the logged model `model_id`) with its tags; move the aliases only when it
     passed."""
     c = registry.client(tracking_uri(root))
@@ -119,27 +141,50 @@ def register(root: Path, name: str, run_id: str, tags: dict[str, str], promote: 
 
 
 @task(name="describe-version", **IO_RETRIES)
-def describe_version(root: Path, name: str, reg: dict, inputs: dict, logged: dict, decision: dict, tags: dict,
-                     champion_before: str | None, run_id: str, steps: int) -> str:
+def describe_version(
+    root: Path,
+    name: str,
+    reg: dict,
+    inputs: dict,
+    logged: dict,
+    decision: dict,
+    tags: dict,
+    champion_before: str | None,
+    run_id: str,
+    steps: int,
+) -> str:
     """The registered version's description (its page in the MLflow UI): a markdown lineage summary of the
     teacher, data, settings hash, commit, trigger, the gate's checks and the champion it replaced."""
     from redistill.registry.mlflow_lineage import version_description
 
     detail = tags.get("redistill.trigger_detail")
     text = version_description(
-        name=name, version=str(reg["version"]), teacher_uri=inputs["teacher_uri"], teacher_sha256=inputs["teacher_sha256"],
-        datasets=logged["datasets"], params_sha256=inputs["params_sha256"], git_commit=inputs["git_commit"],
-        trigger=tags.get("redistill.trigger", "?"), trigger_detail=json.loads(detail) if detail else None,
-        method=tags.get("redistill.method", "?"), steps=str(steps), checks=decision["checks"],
-        verdict="passed" if decision["passed"] else "rejected", replaced=reg.get("replaced"),
-        champion_before=champion_before, run_id=run_id, flow_run_url=tags.get("redistill.prefect_flow_run_url"))
+        name=name,
+        version=str(reg["version"]),
+        teacher_uri=inputs["teacher_uri"],
+        teacher_sha256=inputs["teacher_sha256"],
+        datasets=logged["datasets"],
+        params_sha256=inputs["params_sha256"],
+        git_commit=inputs["git_commit"],
+        trigger=tags.get("redistill.trigger", "?"),
+        trigger_detail=json.loads(detail) if detail else None,
+        method=tags.get("redistill.method", "?"),
+        steps=str(steps),
+        checks=decision["checks"],
+        verdict="passed" if decision["passed"] else "rejected",
+        replaced=reg.get("replaced"),
+        champion_before=champion_before,
+        run_id=run_id,
+        flow_run_url=tags.get("redistill.prefect_flow_run_url"),
+    )
     registry.client(tracking_uri(root)).update_model_version(name, str(reg["version"]), description=text)
     return text
 
 
 @task(name="champion-evaluation", **IO_RETRIES)
-def champion_evaluation(root: Path, name: str, tmp: Path, inputs: dict,
-                        evaluate_settings: dict) -> tuple[str | None, dict | None, Path | None, int]:
+def champion_evaluation(
+    root: Path, name: str, tmp: Path, inputs: dict, evaluate_settings: dict
+) -> tuple[str | None, dict | None, Path | None, int]:
     """The current champion: (version, its recorded evaluation, None) when that evaluation measured what
     the candidate's will (same data md5, feature spaces and evaluate settings), else (version, None, its
     student folder downloaded under `tmp`, its step count) so the flow re-evaluates it on the candidate's data;
@@ -150,9 +195,11 @@ def champion_evaluation(root: Path, name: str, tmp: Path, inputs: dict,
         return None, None, None, 0
     steps = int(champ.tags.get(registry.PREFIX + "num_inference_steps", 0) or 0)
     tags, params = champ.tags, c.get_run(champ.run_id).data.params
-    same = (tags.get(registry.PREFIX + "data_md5") == inputs["data_md5"]
-            and tags.get(registry.PREFIX + "features_sha256") == inputs["features_sha256"]
-            and all(params.get(k) == str(v) for k, v in _flatten({"evaluate": evaluate_settings}).items()))
+    same = (
+        tags.get(registry.PREFIX + "data_md5") == inputs["data_md5"]
+        and tags.get(registry.PREFIX + "features_sha256") == inputs["features_sha256"]
+        and all(params.get(k) == str(v) for k, v in _flatten({"evaluate": evaluate_settings}).items())
+    )
     if same:
         recorded = c.download_artifacts(champ.run_id, "evaluation/metrics.json", str(tmp))
         return str(champ.version), json.loads(Path(recorded).read_text()), None, steps
@@ -180,14 +227,17 @@ def publish_reports(root: Path, run_id: str, decision: str, version: str) -> str
 
     c = registry.client(tracking_uri(root))
     base = c.get_run(run_id).info.artifact_uri
-    have = {a.path for a in c.list_artifacts(run_id, "evaluation")} | {a.path for a in c.list_artifacts(run_id, "trigger")}
-    links = [("teacher and student samples on the same noise", "evaluation/grid.png"),
-             ("quality against steps", "evaluation/quality_vs_steps.png"),
-             ("great_expectations data docs", "validation/data_docs/index.html"),
-             ("drift report (the trigger)", "trigger/drift.png"),
-             ("metrics", "evaluation/metrics.json")]
-    lines = [f"- [{label}]({base}/{path})" for label, path in links
-             if path in have or path.startswith("validation/")]
-    md = (f"# redistill: version {version} {decision}\n\nMLflow run `{run_id}`.\n\n" + "\n".join(lines) + "\n")
+    have = {a.path for a in c.list_artifacts(run_id, "evaluation")} | {
+        a.path for a in c.list_artifacts(run_id, "trigger")
+    }
+    links = [
+        ("teacher and student samples on the same noise", "evaluation/grid.png"),
+        ("quality against steps", "evaluation/quality_vs_steps.png"),
+        ("great_expectations data docs", "validation/data_docs/index.html"),
+        ("drift report (the trigger)", "trigger/drift.png"),
+        ("metrics", "evaluation/metrics.json"),
+    ]
+    lines = [f"- [{label}]({base}/{path})" for label, path in links if path in have or path.startswith("validation/")]
+    md = f"# redistill: version {version} {decision}\n\nMLflow run `{run_id}`.\n\n" + "\n".join(lines) + "\n"
     create_markdown_artifact(key="redistill-reports", markdown=md, description="links to the cycle's reports")
     return md

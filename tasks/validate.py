@@ -12,8 +12,14 @@ from redistill.data.expectations import ValidationReport, validate_folder
 
 
 @task(name="validate-data", retries=2, retry_delay_seconds=[2, 10], task_run_name="validate {folder}")
-def validate_data(folder: Path, reference: Path, p: ValidateParams, out_dir: Path,
-                  reference_md5: str | None = None, teacher: Path | None = None) -> ValidationReport:
+def validate_data(
+    folder: Path,
+    reference: Path,
+    p: ValidateParams,
+    out_dir: Path,
+    reference_md5: str | None = None,
+    teacher: Path | None = None,
+) -> ValidationReport:
     """Prefect task: validate a data folder; retried on I/O errors (a failed validation is a result, not an error)."""
     return validate_folder(folder, reference, p, out_dir, reference_md5, teacher)
 

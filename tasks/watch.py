@@ -60,8 +60,9 @@ def known_teacher_shas(root: Path, name: str) -> list[str]:
 
 
 @task(name="drift-test", task_run_name="drift test {batch}")
-def drift_test(batch: Path, reference: Path, features: Path, p: DriftParams, out_dir: Path,
-               teacher: Path | None = None) -> dict:
+def drift_test(
+    batch: Path, reference: Path, features: Path, p: DriftParams, out_dir: Path, teacher: Path | None = None
+) -> dict:
     """MMD permutation test on the embeddings, Holm-corrected KS tests and, when the batch and the reference both
     have captions, the MMD test on their prompts (`drift.text_features`: hashed words, or the text-to-image
     `teacher`'s own text encoder); writes drift.json and drift.png."""
@@ -70,11 +71,24 @@ def drift_test(batch: Path, reference: Path, features: Path, p: DriftParams, out
 
     try:
         text = prompt_embedding(teacher, p.text_features)
-        report = check_folder(batch, reference, embedding(p.features, features), p.alpha, p.permutations,
-                              p.seed, out_dir, text_extractor=text, text_features=p.text_features if text else None)
+        report = check_folder(
+            batch,
+            reference,
+            embedding(p.features, features),
+            p.alpha,
+            p.permutations,
+            p.seed,
+            out_dir,
+            text_extractor=text,
+            text_features=p.text_features if text else None,
+        )
     except (ValueError, OSError) as e:  # unreadable, or images of another shape: a bad batch, not drift
-        return {"batch": Path(batch).name, "drifted": None, "error": True,
-                "reasons": [f"{e}. Fix or remove the batch folder {batch}: it is skipped until its contents change"]}
+        return {
+            "batch": Path(batch).name,
+            "drifted": None,
+            "error": True,
+            "reasons": [f"{e}. Fix or remove the batch folder {batch}: it is skipped until its contents change"],
+        }
     return {**report.to_dict(), "reference": str(reference), "batch_path": str(batch), "report_dir": str(out_dir)}
 
 
@@ -93,14 +107,23 @@ def prompt_embedding(teacher: Path | None, space: str = "teacher"):
 
     model = adapter_for(load_pipeline(teacher)) if teacher is not None else None
     if model is None or not hasattr(model, "embed_prompts"):
-        raise ValueError("drift.text_features is teacher, but the current teacher is not a text-to-image model with a "
-                         "text encoder; set drift.text_features: words")
+        raise ValueError(
+            "drift.text_features is teacher, but the current teacher is not a text-to-image model with a "
+            "text encoder; set drift.text_features: words"
+        )
     return model.embed_prompts
 
 
 @task(name="log-watch-run", **IO_RETRIES)
-def log_watch_run(root: Path, experiment: str, run_name: str, tags: dict[str, str], metrics: dict[str, float],
-                  folder: Path | None = None, failed: bool = False) -> str:
+def log_watch_run(
+    root: Path,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    metrics: dict[str, float],
+    folder: Path | None = None,
+    failed: bool = False,
+) -> str:
     """One MLflow run recording what the watch saw and decided (drift checks, refused teachers, fit checks)."""
     from redistill.tasks.registry import _experiment
 
@@ -135,24 +158,38 @@ def champion_fit(root: Path, p: Params, batch: Path, out_dir: Path) -> dict | No
         return None
     teacher = Path(champ.tags.get(PREFIX + "teacher_uri", ""))
     if not (teacher / "model_index.json").is_file():
-        return {"version": str(champ.version), "passed": False,
-                "reasons": f"the champion's teacher {teacher} is no longer there; cannot re-check it"}
+        return {
+            "version": str(champ.version),
+            "passed": False,
+            "reasons": f"the champion's teacher {teacher} is no longer there; cannot re-check it",
+        }
     steps = int(champ.tags.get(PREFIX + "num_inference_steps", p.distill.target_steps))
     with tempfile.TemporaryDirectory() as tmp:
         student = Path(c.download_artifacts(champ.run_id, "student", tmp))
-        result = evaluate_student(student, steps, teacher, batch, Path(root) / "data" / "features", p,
-                                  Path(out_dir), sample_store(root))
+        result = evaluate_student(
+            student, steps, teacher, batch, Path(root) / "data" / "features", p, Path(out_dir), sample_store(root)
+        )
     gate: GateParams = dataclasses.replace(p.gate, first_run="absolute")
     decision = judge(result, None, gate, method=champ.tags.get(PREFIX + "method"))
     passed, reasons = fit_verdict(decision.checks)
-    (Path(out_dir) / "fit.json").write_text(json.dumps({"version": str(champ.version), "passed": passed,
-                                                        "reasons": reasons, "metrics": result}, indent=2) + "\n")
-    create_markdown_artifact(key="redistill-champion-fit", description="champion re-checked after drift",
-                             markdown=f"# Champion v{champ.version} {'still fit' if passed else 'no longer fit'} "
-                                      f"on batch {Path(batch).name}\n\n" + "\n".join(f"- {r}" for r in reasons.split("; ")))
-    return {"version": str(champ.version), "passed": passed, "reasons": reasons,
-            "fid_ratio": result["quality"]["fid_ratio"], "fid_gap_floors": result["quality"]["fid_gap_floors"],
-            "run_dir": str(out_dir)}
+    (Path(out_dir) / "fit.json").write_text(
+        json.dumps({"version": str(champ.version), "passed": passed, "reasons": reasons, "metrics": result}, indent=2)
+        + "\n"
+    )
+    create_markdown_artifact(
+        key="redistill-champion-fit",
+        description="champion re-checked after drift",
+        markdown=f"# Champion v{champ.version} {'still fit' if passed else 'no longer fit'} "
+        f"on batch {Path(batch).name}\n\n" + "\n".join(f"- {r}" for r in reasons.split("; ")),
+    )
+    return {
+        "version": str(champ.version),
+        "passed": passed,
+        "reasons": reasons,
+        "fid_ratio": result["quality"]["fid_ratio"],
+        "fid_gap_floors": result["quality"]["fid_gap_floors"],
+        "run_dir": str(out_dir),
+    }
 
 
 @task(name="tag-version", **IO_RETRIES)
@@ -215,8 +252,14 @@ def fetch_registered_teacher(root: Path, model: str, which: str, seen: str | Non
                 inner = [p.parent for p in local.rglob("model_index.json")]
                 local = inner[0] if len(inner) == 1 else local
             shutil.move(str(local), str(out))
-    return {"name": out.name, "path": str(out), "version": str(mv.version), "model": model, "alias": which,
-            "signature": signature(out)[0]}
+    return {
+        "name": out.name,
+        "path": str(out),
+        "version": str(mv.version),
+        "model": model,
+        "alias": which,
+        "signature": signature(out)[0],
+    }
 
 
 def load_watch_state(root: Path) -> WatchState:

@@ -53,8 +53,6 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     return make_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "tiny")
 
 
-
-
 def pytest_terminal_summary(terminalreporter):
     for line in SUMMARY_LINES:
         terminalreporter.write_line(line)

@@ -29,17 +29,23 @@ LENIENT_GATE = """gate: {fid_gap_max: 1000000000.0, speedup_min: 0.0, recognisab
 UNMEETABLE_GAP = "fid_gap_max: -1000000000.0"  # replaces LENIENT_GATE's gap bound: no student can pass
 
 
-
-def make_tiny_pipeline(out: Path, channels: int = 1, size: int = 8, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+def make_tiny_pipeline(
+    out: Path, channels: int = 1, size: int = 8, seed: int = 0, prediction_type: str = "epsilon"
+) -> Path:
     """A ~40k-parameter DDPMPipeline saved with safetensors: untrained, but a real diffusers pipeline."""
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(seed)
     unet = UNet2DModel(
-        sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1, norm_num_groups=8,
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
     )
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
     DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(out, safe_serialization=True)
@@ -54,17 +60,23 @@ def make_tiny_flow_pipeline(out: Path, channels: int = 1, size: int = 8, seed: i
 
     torch.manual_seed(seed)
     unet = UNet2DModel(
-        sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1, norm_num_groups=8,
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
     )
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(out, safe_serialization=True)
     return out
 
 
-def make_tiny_class_pipeline(out: Path, channels: int = 3, size: int = 16, num_classes: int = 5, seed: int = 0,
-                             guidance_scale: float = 2.0) -> Path:
+def make_tiny_class_pipeline(
+    out: Path, channels: int = 3, size: int = 16, num_classes: int = 5, seed: int = 0, guidance_scale: float = 2.0
+) -> Path:
     """A tiny class-conditional teacher: a UNet2DModel with num_classes + 1 class embeddings (the last is the
     null class of classifier-free guidance) in a ClassConditionalPipeline guided at `guidance_scale`."""
     import torch
@@ -75,9 +87,15 @@ def make_tiny_class_pipeline(out: Path, channels: int = 3, size: int = 16, num_c
 
     torch.manual_seed(seed)
     unet = UNet2DModel(
-        sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1, norm_num_groups=8, num_class_embeds=num_classes + 1,
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        num_class_embeds=num_classes + 1,
     )
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     save_pipeline(ClassConditionalPipeline(unet, sched, null_class=num_classes, guidance_scale=guidance_scale), out)
@@ -111,7 +129,6 @@ def resume_matches_unbroken(distill, teacher, data, cfg, ckpt: Path, fresh: Path
     return logs
 
 
-
 def tiny_trial_workspace(digits_ws: Path, root: Path) -> Path:
     """A workspace for trials that run `redistill` as processes: the embedded reference data and feature
     spaces, and a tiny teacher at data/teachers/tiny."""
@@ -126,12 +143,13 @@ def tiny_trial_workspace(digits_ws: Path, root: Path) -> Path:
 def trial_env(**extra: str) -> dict:
     """The environment for a `redistill` process a trial starts: none of the caller's servers, failpoints or
     MLflow settings leak in; one thread each, so that many processes share 2 cores fairly."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_API", "MLFLOW_", "REDISTILL_KILL", "REDISTILL_PAUSE"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_API", "MLFLOW_", "REDISTILL_KILL", "REDISTILL_PAUSE"))
+    }
     env.update(OMP_NUM_THREADS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", **extra)
     return env
 
 
 SUMMARY_LINES: list[str] = []  # lines a test module wants at the end of the run ("faults: N/N handled")
-
-

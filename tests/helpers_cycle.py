@@ -26,15 +26,19 @@ features: {encoder_epochs: 3}
 validate: {min_count: 50}
 """
 
+
 def run_cycle(ws: Path, teacher: Path, data: Path, method: str):
-    r = runner.invoke(app, ["cycle", "--workspace", str(ws), "--teacher", str(teacher), "--data", str(data),
-                            "--method", method, "--json"])
+    r = runner.invoke(
+        app,
+        ["cycle", "--workspace", str(ws), "--teacher", str(teacher), "--data", str(data), "--method", method, "--json"],
+    )
     assert r.exit_code == 0, r.output[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def check_cycle_from_empty_workspace(ws: Path, teacher: Path, data: Path, method: str, conditional: bool,
-                                      tmp_path: Path, reproduce: bool = False) -> None:
+def check_cycle_from_empty_workspace(
+    ws: Path, teacher: Path, data: Path, method: str, conditional: bool, tmp_path: Path, reproduce: bool = False
+) -> None:
     """One cycle in an empty workspace: derives reference + encoder, decides, registers with every tag; the
     export loads and samples; lineage names the derived feature space; the pyfunc model answers; with
     `reproduce`, the version is rebuilt from its lineage and its figures land within the recorded CIs."""
@@ -61,12 +65,28 @@ def check_cycle_from_empty_workspace(ws: Path, teacher: Path, data: Path, method
     assert json.loads((ws / "data" / "bootstrap.json").read_text())[-1]["student_name"] == name
     assert [m.name for m in c.search_registered_models()] == [name]
     mv = c.get_model_version(name, result["version"])
-    for tag in ("key", "teacher_sha256", "teacher_uri", "data_md5", "data_uri", "params_sha256", "git_commit",
-                "trigger", "method", "num_inference_steps", "prefect_flow_run_id", "gate", "gate_reasons", "init",
-                "features_sha256"):
+    for tag in (
+        "key",
+        "teacher_sha256",
+        "teacher_uri",
+        "data_md5",
+        "data_uri",
+        "params_sha256",
+        "git_commit",
+        "trigger",
+        "method",
+        "num_inference_steps",
+        "prefect_flow_run_id",
+        "gate",
+        "gate_reasons",
+        "init",
+        "features_sha256",
+    ):
         assert mv.tags.get(f"redistill.{tag}"), tag
     assert list(json.loads(mv.tags["redistill.features_sha256"])) == ["encoder"]
-    assert "recognisable_share" in mv.tags["redistill.gate_reasons"] and "not gated" in mv.tags["redistill.gate_reasons"]
+    assert (
+        "recognisable_share" in mv.tags["redistill.gate_reasons"] and "not gated" in mv.tags["redistill.gate_reasons"]
+    )
     # lineage, export, and the served model
     r = runner.invoke(app, ["lineage", "--workspace", str(ws), "--alias", "champion", "--json"])
     assert r.exit_code == 0, r.output[-2000:]

@@ -19,8 +19,9 @@ from redistill.data.images import dir_md5
 
 def _copy_tracked_repo(dst: Path) -> None:
     """Copy what a clone would hold (tracked + unignored files) into a fresh git repository."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for f in files:
         src = REPO / f
         if src.is_file():
@@ -34,8 +35,11 @@ def test_dvc_repro_prepare_rebuilds_the_locked_data(tmp_path):
     repo.mkdir()
     _copy_tracked_repo(repo)
     assert not (repo / "data" / "reference").exists()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
     dvc = [sys.executable, "-m", "dvc"]
     r = subprocess.run([*dvc, "repro", "prepare"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -73,8 +77,11 @@ NOT_DEPS = {"redistill/__init__.py", "tasks/__init__.py"}
 
 
 def _not_dep(f: str) -> bool:
-    return (f in NOT_DEPS or f.startswith(("redistill/cli/", "redistill/config/"))
-            or (f.endswith("/__init__.py") and not _imports((REPO / f).read_text())))
+    return (
+        f in NOT_DEPS
+        or f.startswith(("redistill/cli/", "redistill/config/"))
+        or (f.endswith("/__init__.py") and not _imports((REPO / f).read_text()))
+    )
 
 
 def _imports(source: str) -> bool:
@@ -88,7 +95,7 @@ def _module_file(name: str) -> Path | None:
     if parts[0] != "redistill":
         return None
     base = {"tasks": REPO / "tasks", "flows": REPO / "flows"}.get(parts[1] if len(parts) > 1 else "", None)
-    path = (base.joinpath(*parts[2:]) if base is not None else REPO.joinpath(*parts))
+    path = base.joinpath(*parts[2:]) if base is not None else REPO.joinpath(*parts)
     for cand in (path.with_suffix(".py"), path / "__init__.py"):
         if cand.is_file():
             return cand
@@ -129,6 +136,7 @@ def test_every_stage_lists_the_code_it_runs():
 
 # --- params: each stage lists every params.yaml key its command reads, and `dvc status` sees a change to it ---
 
+
 def _stage_command(cmd: str) -> str:
     """The redistill/cli/ function a stage's `cmd` runs: `redistill teacher train --out …` → `teacher_train`,
     `redistill teacher text-to-image` → `teacher_text_to_image`."""
@@ -136,7 +144,9 @@ def _stage_command(cmd: str) -> str:
     assert words[0] == "redistill", cmd
     name = []
     for w in words[1:]:
-        if w.startswith("-") or not w.replace("_", "").replace("-", "").isalpha():  # an option, a path or an interpolation: the name ended
+        if (
+            w.startswith("-") or not w.replace("_", "").replace("-", "").isalpha()
+        ):  # an option, a path or an interpolation: the name ended
             break
         name.append(w.replace("-", "_"))  # typer's command `text-to-image` is the function `..._text_to_image`
     return "_".join(name)
@@ -160,8 +170,12 @@ def _params_read(tree, fn_name: str, pname: str = "p", module: str = "redistill.
     seen.add((module, fn_name))
     fn = next((n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == fn_name), None)
     assert fn is not None, f"{fn_name} not found in {module}"
-    imported = {a.asname or a.name: (node.module, a.name) for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) and node.module for a in node.names}
+    imported = {
+        a.asname or a.name: (node.module, a.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+        for a in node.names
+    }
     inner = {id(n.value) for n in ast.walk(fn) if isinstance(n, ast.Attribute)}
     reads: set[tuple] = set()
     for node in ast.walk(fn):
@@ -268,8 +282,11 @@ def test_dvc_status_sees_a_change_to_every_params_key_a_stage_lists(tmp_path, mo
             if not path.exists():
                 path.write_text("stub\n")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "commit", "-f", "-q"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "commit", "-f", "-q"],
+    ):
         r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
     monkeypatch.chdir(repo)  # DVC names stages relative to the working directory, as `dvc status` run there does
@@ -284,17 +301,21 @@ def test_dvc_status_sees_a_change_to_every_params_key_a_stage_lists(tmp_path, mo
 
     def marks(key: str) -> set[str]:
         """The stages a change to `key` must mark: those listing it or a section above it, or interpolating it."""
-        return {name for name, spec in stages.items()
-                if any(key == str(e) or key.startswith(f"{e}.") for e in spec.get("params", []))
-                or "${" + key + "}" in spec["cmd"]}
+        return {
+            name
+            for name, spec in stages.items()
+            if any(key == str(e) or key.startswith(f"{e}.") for e in spec.get("params", []))
+            or "${" + key + "}" in spec["cmd"]
+        }
 
     # every key changed at once: each stage reports each params entry it lists as modified, and nothing else
     everything = params
     for key, value in _leaves(params):
         everything = _with(everything, key, _another(value))
-    reported = {name: {k for item in st if isinstance(item, dict)
-                       for k in item.get("changed deps", {}).get("params.yaml", {})}
-                for name, st in status(everything).items()}
+    reported = {
+        name: {k for item in st if isinstance(item, dict) for k in item.get("changed deps", {}).get("params.yaml", {})}
+        for name, st in status(everything).items()
+    }
     assert reported == {name: {str(e) for e in spec["params"]} for name, spec in stages.items() if spec.get("params")}
 
     # one key at a time, one key for each (section, stages it must mark): exactly those stages change

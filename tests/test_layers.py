@@ -10,7 +10,9 @@ import redistill
 
 
 def test_library_imports_neither_prefect_nor_gx():
-    modules = [m.name for m in pkgutil.walk_packages(redistill.__path__, "redistill.") if not m.name.endswith("__main__")]
+    modules = [
+        m.name for m in pkgutil.walk_packages(redistill.__path__, "redistill.") if not m.name.endswith("__main__")
+    ]
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
@@ -42,8 +44,11 @@ def test_every_library_subpackage_is_in_the_wheel():
 
     root = Path(redistill.__file__).parent
     listed = set(tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {"redistill." + ".".join(p.parent.relative_to(root).parts) for p in root.rglob("__init__.py")
-             if p.parent != root and "__pycache__" not in p.parts}
+    found = {
+        "redistill." + ".".join(p.parent.relative_to(root).parts)
+        for p in root.rglob("__init__.py")
+        if p.parent != root and "__pycache__" not in p.parts
+    }
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
 
 
@@ -62,8 +67,13 @@ def test_the_cli_only_parses_calls_and_prints():
         if len(text.splitlines()) > 250:
             long[f.name] = len(text.splitlines())
         for node in ast.walk(ast.parse(text)):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
                 if any(name == b or name.startswith(b + ".") for b in banned):
                     found.setdefault(f.name, []).append(name)
@@ -73,8 +83,13 @@ def test_the_cli_only_parses_calls_and_prints():
 
 # Flows only wire: they import tasks, other flows, the settings and these pure policy modules (decisions that take
 # data and return a decision). `redistill.evaluation.sampling` is there for `sample_store`, the samples folder's path.
-FLOW_ALLOWED = ("redistill.tasks", "redistill.flows", "redistill.config", "redistill.watch.policy",
-                "redistill.evaluation.sampling")
+FLOW_ALLOWED = (
+    "redistill.tasks",
+    "redistill.flows",
+    "redistill.config",
+    "redistill.watch.policy",
+    "redistill.evaluation.sampling",
+)
 
 
 def _imported(path):
@@ -91,16 +106,37 @@ def test_flows_import_only_tasks_settings_and_policy_and_tasks_no_flows():
     from pathlib import Path
 
     repo = Path(redistill.__file__).parent.parent
-    bad = {f"{f.name}: {m}" for f in (repo / "flows").glob("*.py") for m in _imported(f)
-           if m.split(".")[0] == "redistill" and not any(m == a or m.startswith(a + ".") for a in FLOW_ALLOWED)}
-    bad |= {f"{f.name}: {m}" for f in (repo / "tasks").glob("*.py") for m in _imported(f)
-            if m == "redistill.flows" or m.startswith("redistill.flows.")}
+    bad = {
+        f"{f.name}: {m}"
+        for f in (repo / "flows").glob("*.py")
+        for m in _imported(f)
+        if m.split(".")[0] == "redistill" and not any(m == a or m.startswith(a + ".") for a in FLOW_ALLOWED)
+    }
+    bad |= {
+        f"{f.name}: {m}"
+        for f in (repo / "tasks").glob("*.py")
+        for m in _imported(f)
+        if m == "redistill.flows" or m.startswith("redistill.flows.")
+    }
     assert not bad, f"flows import only tasks, settings and pure policy; tasks never import flows: {sorted(bad)}"
 
 
 # the library's folders from the ground up (redistill/__init__.py): each imports only folders before it
-ORDER = ["config", "core", "data", "models", "evaluation", "teachers", "methods", "drift", "registry", "cycle", "watch",
-         "ops", "cli"]
+ORDER = [
+    "config",
+    "core",
+    "data",
+    "models",
+    "evaluation",
+    "teachers",
+    "methods",
+    "drift",
+    "registry",
+    "cycle",
+    "watch",
+    "ops",
+    "cli",
+]
 
 
 def _folder_imports(path) -> set[str]:
@@ -111,7 +147,9 @@ def _folder_imports(path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == "redistill" else [])
+            names = [node.module] + (
+                [f"{node.module}.{a.name}" for a in node.names] if node.module == "redistill" else []
+            )
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         for n in names:
@@ -127,9 +165,13 @@ def test_every_library_import_points_down():
     root = Path(redistill.__file__).parent
     folders = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
     assert folders == set(ORDER), f"place {sorted(folders - set(ORDER))} in ORDER (and redistill/__init__.py)"
-    up = [f"{f.relative_to(root.parent)} imports redistill.{d}"
-          for folder in ORDER for f in sorted((root / folder).glob("*.py"))
-          for d in sorted(_folder_imports(f)) if ORDER.index(d) > ORDER.index(folder)]
+    up = [
+        f"{f.relative_to(root.parent)} imports redistill.{d}"
+        for folder in ORDER
+        for f in sorted((root / folder).glob("*.py"))
+        for d in sorted(_folder_imports(f))
+        if ORDER.index(d) > ORDER.index(folder)
+    ]
     assert not up, up
 
 

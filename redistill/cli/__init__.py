@@ -25,9 +25,25 @@ app = typer.Typer(
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(drift_app, name="drift")
 app.add_typer(stack_app, name="stack")
-for command in (data.prepare, data.features, distill.evaluate, distill.champion, distill.calibrate, data.validate,
-                distill.distill, cycle.cycle, demo.demo, bench.bench, watch.watch, watch.serve, registry.status,
-                registry.export, registry.lineage, registry.rollback, registry.reproduce):
+for command in (
+    data.prepare,
+    data.features,
+    distill.evaluate,
+    distill.champion,
+    distill.calibrate,
+    data.validate,
+    distill.distill,
+    cycle.cycle,
+    demo.demo,
+    bench.bench,
+    watch.watch,
+    watch.serve,
+    registry.status,
+    registry.export,
+    registry.lineage,
+    registry.rollback,
+    registry.reproduce,
+):
     app.command()(command)
 
 

@@ -8,11 +8,16 @@ import typer
 
 from redistill.config import ConfigError, load_params, workspace
 
-WorkspaceOpt = typer.Option(None, "--workspace", help="Workspace folder (data/, MLflow store, runs). Default: $REDISTILL_HOME or the current folder.")
+WorkspaceOpt = typer.Option(
+    None,
+    "--workspace",
+    help="Workspace folder (data/, MLflow store, runs). Default: $REDISTILL_HOME or the current folder.",
+)
 ParamsOpt = typer.Option(None, "--params", help="Settings file. Default: params.yaml in the workspace.")
 StepsOpt = typer.Option(None, "--steps", help="The student's sampling steps (overrides distill.target_steps).")
-ModelOpt = typer.Option(None, "--model", metavar="NAME",
-                        help="Registered model to read (default: registry.student_name in params.yaml).")
+ModelOpt = typer.Option(
+    None, "--model", metavar="NAME", help="Registered model to read (default: registry.student_name in params.yaml)."
+)
 
 
 def fail(message: str, code: int = 2) -> None:

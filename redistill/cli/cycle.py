@@ -19,8 +19,16 @@ from redistill.cli.common import (
 )
 
 
-def run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: bool, student: Path | None = None,
-              params: Path | None = None) -> dict:
+def run_cycle(
+    root: Path,
+    p,
+    teacher: Path,
+    data: Path,
+    trigger: str,
+    force: bool,
+    student: Path | None = None,
+    params: Path | None = None,
+) -> dict:
     """Resolve the inputs, return an earlier decision for the same key, else run the flow (with `student`, trigger
     bootstrap: judge and register that student instead of distilling one).
 
@@ -32,8 +40,10 @@ def run_cycle(root: Path, p, teacher: Path, data: Path, trigger: str, force: boo
     if trigger not in TRIGGERS:
         fail(f"--trigger must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
     if (trigger == "bootstrap") != (student is not None):
-        fail("--student DIR and --trigger bootstrap go together: a bootstrap cycle judges and registers a student "
-             "distilled elsewhere (the committed champion), any other cycle distils its own")
+        fail(
+            "--student DIR and --trigger bootstrap go together: a bootstrap cycle judges and registers a student "
+            "distilled elsewhere (the committed champion), any other cycle distils its own"
+        )
     if student is None:
         _check_method(p)
     try:
@@ -79,10 +89,26 @@ def print_decision(result: dict, name: str) -> None:
 
 
 def cycle(
-    teacher: Path | None = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: the newest teacher `redistill watch` accepted, else data/teachers/<teacher.name>."),
-    data: Path | None = typer.Option(None, "--data", help="Representative images. Default: data/representative once drift has grown it, else data/reference."),
-    trigger: str | None = typer.Option(None, "--trigger", help="Why this cycle runs: manual (default), schedule, drift, teacher, or bootstrap (with --student)."),
-    student: Path | None = typer.Option(None, "--student", help="Judge and register this student folder (distilled elsewhere, e.g. the committed champion data/champion/digits-student) instead of distilling one: trigger bootstrap, the same validation, evaluation and gate."),
+    teacher: Path | None = typer.Option(
+        None,
+        "--teacher",
+        help="Teacher pipeline folder. Default: the newest teacher `redistill watch` accepted, else data/teachers/<teacher.name>.",
+    ),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="Representative images. Default: data/representative once drift has grown it, else data/reference.",
+    ),
+    trigger: str | None = typer.Option(
+        None,
+        "--trigger",
+        help="Why this cycle runs: manual (default), schedule, drift, teacher, or bootstrap (with --student).",
+    ),
+    student: Path | None = typer.Option(
+        None,
+        "--student",
+        help="Judge and register this student folder (distilled elsewhere, e.g. the committed champion data/champion/digits-student) instead of distilling one: trigger bootstrap, the same validation, evaluation and gate.",
+    ),
     method: str | None = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
     steps: int | None = StepsOpt,
     force: bool = typer.Option(False, "--force", help="Run even if these exact inputs already have a decision."),

@@ -50,13 +50,19 @@ def features(
     if as_json:
         typer.echo(json.dumps(metrics))
     else:
-        typer.echo(f"held-out accuracy {metrics['heldout_accuracy']:.4f} on {metrics['num_test']} images; "
-                   f"not-a-digit examples rejected {metrics['not_digit_rejected']:.4f}")
+        typer.echo(
+            f"held-out accuracy {metrics['heldout_accuracy']:.4f} on {metrics['num_test']} images; "
+            f"not-a-digit examples rejected {metrics['not_digit_rejected']:.4f}"
+        )
 
 
 def validate(
     folder: Path | None = typer.Argument(None, help="Image folder to validate. Default: data/reference."),
-    out: Path | None = typer.Option(None, "--out", help="Folder for suite.json, result.json and the GX data docs. Default: runs/validation/<name>-<time>."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Folder for suite.json, result.json and the GX data docs. Default: runs/validation/<name>-<time>.",
+    ),
     metrics_out: Path | None = typer.Option(None, "--metrics-out", help="Also write a JSON summary here (for DVC)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ws: Path | None = WorkspaceOpt,
@@ -76,8 +82,12 @@ def validate(
         report = validate_folder(folder, root / "data" / "reference", p.validate, out)
     except (DataError, ValueError) as e:
         fail(str(e))
-    summary = {"success": report.success, "num_images": report.num_images, "failed": report.failed,
-               "data_docs": _relative(str(report.data_docs), root) if report.data_docs else None}
+    summary = {
+        "success": report.success,
+        "num_images": report.num_images,
+        "failed": report.failed,
+        "data_docs": _relative(str(report.data_docs), root) if report.data_docs else None,
+    }
     if metrics_out:
         metrics_out.parent.mkdir(parents=True, exist_ok=True)
         metrics_out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -13,9 +13,19 @@ from redistill.cli.cycle import print_decision, run_cycle
 
 
 def demo(
-    kind: str = typer.Option("digits", "--kind", help="digits (the default: the continuous loop on the embedded digits) or text-to-image (the embedded latent text-to-image teacher and an LCM-LoRA student, in its own workspace runs/demo-text-to-image)."),
-    cold: bool = typer.Option(False, "--cold", help="Instead of the loop: one cold cycle of demo.cold_method (progressive) from the committed teacher, about 7 minutes."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (the model, versions, decisions and figures)."),
+    kind: str = typer.Option(
+        "digits",
+        "--kind",
+        help="digits (the default: the continuous loop on the embedded digits) or text-to-image (the embedded latent text-to-image teacher and an LCM-LoRA student, in its own workspace runs/demo-text-to-image).",
+    ),
+    cold: bool = typer.Option(
+        False,
+        "--cold",
+        help="Instead of the loop: one cold cycle of demo.cold_method (progressive) from the committed teacher, about 7 minutes.",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the result as one JSON object (the model, versions, decisions and figures)."
+    ),
     ws: Path | None = WorkspaceOpt,
     params: Path | None = ParamsOpt,
 ) -> None:
@@ -33,16 +43,28 @@ def demo(
         return _demo_text_to_image(root, p, as_json)
     teacher = root / "data" / "teachers" / p.teacher.name
     log = echo_err if as_json else typer.echo
-    prepare, train = (lambda: build(p.prepare, root / "data"),
-                      lambda: train_in_workspace(root, p.teacher, teacher, root / "data" / "reference", log=echo_err))
+    prepare, train = (
+        lambda: build(p.prepare, root / "data"),
+        lambda: train_in_workspace(root, p.teacher, teacher, root / "data" / "reference", log=echo_err),
+    )
     recipe = "the `teacher` recipe (about 30 min on 2 cores)"
     cycle = lambda ws, sp, t, data, trigger, student: run_cycle(ws, sp, t, data, trigger, False, student)  # noqa: E731
     if not cold:
         from redistill.cli.watch import watch_once
 
         try:
-            r = demo_loop(root, p, teacher, prepare, train, recipe, log, echo_err, cycle,
-                          lambda: watch_once(root, p, params, ("teachers",)))
+            r = demo_loop(
+                root,
+                p,
+                teacher,
+                prepare,
+                train,
+                recipe,
+                log,
+                echo_err,
+                cycle,
+                lambda: watch_once(root, p, params, ("teachers",)),
+            )
         except DemoStopped as e:
             if e.message:
                 fail(e.message, e.code)
@@ -63,9 +85,12 @@ def _print_loop(r: dict, as_json: bool) -> None:
     name, versions, timings = r["model"], r["versions"], r["timings_s"]
     for v in versions:
         typer.echo("")
-        typer.echo(f"version {v['version']} of {name}: {v['gate']} ({v['trigger']}, init {v['init']}), "
-                   f"teacher {v['teacher']}" + (", champion" if v["champion"] else "")
-                   + (", previous" if v["previous"] else ""))
+        typer.echo(
+            f"version {v['version']} of {name}: {v['gate']} ({v['trigger']}, init {v['init']}), "
+            f"teacher {v['teacher']}"
+            + (", champion" if v["champion"] else "")
+            + (", previous" if v["previous"] else "")
+        )
         if v.get("metrics"):
             typer.echo(comparison_table(v["metrics"]))
         if v["gate"] != "passed":
@@ -73,8 +98,10 @@ def _print_loop(r: dict, as_json: bool) -> None:
     typer.echo("")
     newest = versions[-1] if versions else None
     if newest is not None:
-        typer.echo(f"decision: {'promoted' if newest['gate'] == 'passed' else 'rejected'}, version {newest['version']} "
-                   f"of {name} (init {newest['init']})")
+        typer.echo(
+            f"decision: {'promoted' if newest['gate'] == 'passed' else 'rejected'}, version {newest['version']} "
+            f"of {name} (init {newest['init']})"
+        )
     typer.echo("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     _demo_next(Path(r["workspace"]), name)
 
@@ -89,10 +116,16 @@ def _demo_next(root: Path, name: str) -> None:
     if champ is None:
         typer.echo("      no champion: the gate lines above say why")
         return
-    typer.echo(f"      redistill lineage --alias champion  (version {champ.version}: which teacher, which data, which code)")
+    typer.echo(
+        f"      redistill lineage --alias champion  (version {champ.version}: which teacher, which data, which code)"
+    )
     typer.echo("      redistill rollback  (champion back to the previous version; who, when and why are recorded)")
-    typer.echo("      redistill export --alias champion --out student/  (a stock diffusers pipeline folder with its model card)")
-    typer.echo(f"      mlflow models serve -m models:/{name}@champion -p 5001  (MLFLOW_TRACKING_URI={tracking_uri(root)})")
+    typer.echo(
+        "      redistill export --alias champion --out student/  (a stock diffusers pipeline folder with its model card)"
+    )
+    typer.echo(
+        f"      mlflow models serve -m models:/{name}@champion -p 5001  (MLFLOW_TRACKING_URI={tracking_uri(root)})"
+    )
 
 
 def _demo_report(kind: str, ws: Path, name: str, teacher: Path, result: dict, timings: dict, as_json: bool) -> bool:
@@ -103,8 +136,18 @@ def _demo_report(kind: str, ws: Path, name: str, teacher: Path, result: dict, ti
 
     metrics = result.get("metrics") or version_metrics(registry_client(ws), result["run_id"])
     if as_json:
-        typer.echo(json.dumps({"kind": kind, "workspace": str(ws), "model": name, "teacher": str(teacher),
-                               **demo_summary(result, metrics), "timings_s": timings}))
+        typer.echo(
+            json.dumps(
+                {
+                    "kind": kind,
+                    "workspace": str(ws),
+                    "model": name,
+                    "teacher": str(teacher),
+                    **demo_summary(result, metrics),
+                    "timings_s": timings,
+                }
+            )
+        )
         return True
     print_decision(result, name)
     if metrics:
@@ -132,8 +175,10 @@ def _demo_text_to_image(root: Path, p, as_json: bool) -> None:
     if _demo_report("text-to-image", sub, name, teacher, result, timings, as_json):
         return
     typer.echo(f"look: redistill status --workspace {sub} --model {name}")
-    typer.echo(f"      redistill export --workspace {sub} --model {name} --alias champion --out t2i-student/  "
-               "(a StableDiffusionPipeline folder with the adapter fused in and beside it)")
+    typer.echo(
+        f"      redistill export --workspace {sub} --model {name} --alias champion --out t2i-student/  "
+        "(a StableDiffusionPipeline folder with the adapter fused in and beside it)"
+    )
 
 
 def comparison_table(m: dict) -> str:
@@ -142,23 +187,56 @@ def comparison_table(m: dict) -> str:
     ref, cand = f"teacher@{m['reference']['steps']}", f"student@{m['steps']}"
     psnr = "identical" if f["psnr_db"] is None else f"{f['psnr_db']:.2f} dB"
     rows = [
-        ("FID (95% CI)", f"{q['reference_fid']:.3f} [{q['reference_fid_ci95'][0]:.3f}, {q['reference_fid_ci95'][1]:.3f}]",
-         f"{q['fid']:.3f} [{q['fid_ci95'][0]:.3f}, {q['fid_ci95'][1]:.3f}]"),
+        (
+            "FID (95% CI)",
+            f"{q['reference_fid']:.3f} [{q['reference_fid_ci95'][0]:.3f}, {q['reference_fid_ci95'][1]:.3f}]",
+            f"{q['fid']:.3f} [{q['fid_ci95'][0]:.3f}, {q['fid_ci95'][1]:.3f}]",
+        ),
         ("KID", f"{q['reference_kid']:.4f}", f"{q['kid']:.4f}"),
-        *[(f"FID gap [{name}]", f"floor {sq['fid_floor']:.3f}",
-           f"{sq['fid_gap']:+.3f} [{sq['fid_gap_ci95'][0]:+.3f}, {sq['fid_gap_ci95'][1]:+.3f}] = {_floors(sq)} floors")
-          for name, sq in q.get("spaces", {}).items()],
-        ("recognisable", f"{q.get('reference_recognisable_share', float('nan')):.3f}", f"{q.get('recognisable_share', float('nan')):.3f}"),
-        *([("prompt adherence", f"{q['reference_prompt_adherence']:.3f}",
-            f"{q['prompt_adherence']:.3f} ({-q['prompt_adherence_gap_points']:+.1f} points)")] if "prompt_adherence" in q else []),
-        *([("UNet passes per step", f"{s['reference_unet_passes_per_step']}", f"{s['unet_passes_per_step']}"),
-           ("VAE decode (in the latency)", "", f"{s['vae_decode_ms_p50']:.1f} ms")] if "vae_decode_ms_p50" in s else []),
+        *[
+            (
+                f"FID gap [{name}]",
+                f"floor {sq['fid_floor']:.3f}",
+                f"{sq['fid_gap']:+.3f} [{sq['fid_gap_ci95'][0]:+.3f}, {sq['fid_gap_ci95'][1]:+.3f}] = {_floors(sq)} floors",
+            )
+            for name, sq in q.get("spaces", {}).items()
+        ],
+        (
+            "recognisable",
+            f"{q.get('reference_recognisable_share', float('nan')):.3f}",
+            f"{q.get('recognisable_share', float('nan')):.3f}",
+        ),
+        *(
+            [
+                (
+                    "prompt adherence",
+                    f"{q['reference_prompt_adherence']:.3f}",
+                    f"{q['prompt_adherence']:.3f} ({-q['prompt_adherence_gap_points']:+.1f} points)",
+                )
+            ]
+            if "prompt_adherence" in q
+            else []
+        ),
+        *(
+            [
+                ("UNet passes per step", f"{s['reference_unet_passes_per_step']}", f"{s['unet_passes_per_step']}"),
+                ("VAE decode (in the latency)", "", f"{s['vae_decode_ms_p50']:.1f} ms"),
+            ]
+            if "vae_decode_ms_p50" in s
+            else []
+        ),
         ("PSNR / SSIM to teacher", "—", f"{psnr} / {f['ssim']:.3f}"),
         ("latency p50 (batch 1)", f"{s['reference_latency_ms_p50']:.1f} ms", f"{s['latency_ms_p50']:.1f} ms"),
-        (f"throughput (batch {s['throughput_batch']})", f"{s['reference_throughput_img_s']:.0f} img/s",
-         f"{s['throughput_img_s']:.0f} img/s (×{s['speedup_throughput']:.1f})"),
-        ("peak sampling memory", "—" if mem["reference_peak_sampling_mb"] is None else f"{mem['reference_peak_sampling_mb']:.0f} MB",
-         f"{mem['peak_sampling_mb']:.0f} MB"),
+        (
+            f"throughput (batch {s['throughput_batch']})",
+            f"{s['reference_throughput_img_s']:.0f} img/s",
+            f"{s['throughput_img_s']:.0f} img/s (×{s['speedup_throughput']:.1f})",
+        ),
+        (
+            "peak sampling memory",
+            "—" if mem["reference_peak_sampling_mb"] is None else f"{mem['reference_peak_sampling_mb']:.0f} MB",
+            f"{mem['peak_sampling_mb']:.0f} MB",
+        ),
         ("parameters", f"{mem['reference_params']:,}", f"{mem['params']:,}"),
     ]
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows + [("", ref, "")])

@@ -26,7 +26,9 @@ from redistill.cli.common import (
 
 def distill(
     out: Path = typer.Option(..., "--out", help="Student pipeline folder to write (must not exist)."),
-    teacher: Path | None = typer.Option(None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."),
+    teacher: Path | None = typer.Option(
+        None, "--teacher", help="Teacher pipeline folder. Default: data/teachers/<teacher.name>."
+    ),
     data: Path | None = typer.Option(None, "--data", help="Training images. Default: data/reference."),
     method: str | None = typer.Option(None, "--method", help="Distillation method (overrides distill.method)."),
     steps: int | None = StepsOpt,
@@ -64,16 +66,26 @@ def distill(
             from redistill.ops.launch import distill_in_processes
 
             try:
-                summary = distill_in_processes(p.distill, teacher, data or root / "data" / "reference", ckpt_dir, out,
-                                               log=echo_err, workspace=root)
+                summary = distill_in_processes(
+                    p.distill, teacher, data or root / "data" / "reference", ckpt_dir, out, log=echo_err, workspace=root
+                )
             except RuntimeError as e:
                 fail(str(e))
-            typer.echo(f"student saved to {out} ({summary['num_inference_steps']} steps, {summary['wall_time_s']:.0f} s, "
-                       f"{summary['num_processes']} processes)")
+            typer.echo(
+                f"student saved to {out} ({summary['num_inference_steps']} steps, {summary['wall_time_s']:.0f} s, "
+                f"{summary['num_processes']} processes)"
+            )
             return
-        student, summary = run_method(p.distill, load_pipeline(teacher), torch.from_numpy(images.images),
-                                      ckpt_dir, log=echo_err, teacher_path=teacher, workspace=root,
-                                      captions=getattr(images, "captions", None))
+        student, summary = run_method(
+            p.distill,
+            load_pipeline(teacher),
+            torch.from_numpy(images.images),
+            ckpt_dir,
+            log=echo_err,
+            teacher_path=teacher,
+            workspace=root,
+            captions=getattr(images, "captions", None),
+        )
     except (DataError, PipelineError, ValueError) as e:
         fail(str(e))
     from redistill.methods import process_group
@@ -84,20 +96,51 @@ def distill(
 
 
 def evaluate(
-    pipeline: Path = typer.Argument(..., help="A diffusers pipeline folder (save_pretrained layout, safetensors weights)."),
+    pipeline: Path = typer.Argument(
+        ..., help="A diffusers pipeline folder (save_pretrained layout, safetensors weights)."
+    ),
     steps: int = typer.Option(..., "--steps", min=1, help="Denoising steps for the candidate (≥ 1)."),
-    reference: Path | None = typer.Option(None, "--reference", help="Reference pipeline for fidelity and speedup. Default: the teacher, data/teachers/<teacher.name>."),
-    reference_steps: int | None = typer.Option(None, "--reference-steps", min=1, help="Reference steps. Default: evaluate.reference_steps (50)."),
-    scheduler: str = typer.Option("auto", "--scheduler", help="Candidate sampler: auto (saved one; DDPM below its training steps → DDIM), saved, ddim, ddpm."),
+    reference: Path | None = typer.Option(
+        None,
+        "--reference",
+        help="Reference pipeline for fidelity and speedup. Default: the teacher, data/teachers/<teacher.name>.",
+    ),
+    reference_steps: int | None = typer.Option(
+        None, "--reference-steps", min=1, help="Reference steps. Default: evaluate.reference_steps (50)."
+    ),
+    scheduler: str = typer.Option(
+        "auto",
+        "--scheduler",
+        help="Candidate sampler: auto (saved one; DDPM below its training steps → DDIM), saved, ddim, ddpm.",
+    ),
     reference_scheduler: str = typer.Option("auto", "--reference-scheduler", help="Reference sampler, as --scheduler."),
     data: Path | None = typer.Option(None, "--data", help="Real images for FID/KID. Default: data/reference."),
-    features_dir: Path | None = typer.Option(None, "--features", help="Folder of the feature classifier and encoder. Default: data/features."),
-    inception_weights: Path | None = typer.Option(None, "--inception-weights", help="Local Inception-v3 .safetensors file: FID/KID in Inception space instead of evaluate.features."),
-    num_samples: int | None = typer.Option(None, "--num-samples", min=2, help="Generated samples, exactly. Default: evaluate.num_samples, doubled up to evaluate.max_samples until the FID gap's CI lies on one side of the gate's bound."),
-    out: Path | None = typer.Option(None, "--out", help="Run folder for metrics.json and grid.png. Default: runs/evaluate/<name>-<steps>-<time>."),
-    metrics_out: Path | None = typer.Option(None, "--metrics-out", help="Also write the JSON here (for `dvc metrics show`)."),
+    features_dir: Path | None = typer.Option(
+        None, "--features", help="Folder of the feature classifier and encoder. Default: data/features."
+    ),
+    inception_weights: Path | None = typer.Option(
+        None,
+        "--inception-weights",
+        help="Local Inception-v3 .safetensors file: FID/KID in Inception space instead of evaluate.features.",
+    ),
+    num_samples: int | None = typer.Option(
+        None,
+        "--num-samples",
+        min=2,
+        help="Generated samples, exactly. Default: evaluate.num_samples, doubled up to evaluate.max_samples until the FID gap's CI lies on one side of the gate's bound.",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Run folder for metrics.json and grid.png. Default: runs/evaluate/<name>-<steps>-<time>."
+    ),
+    metrics_out: Path | None = typer.Option(
+        None, "--metrics-out", help="Also write the JSON here (for `dvc metrics show`)."
+    ),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Sample the reference afresh instead of reusing the workspace's store of drawn samples (data/samples)."),
+    no_cache: bool = typer.Option(
+        False,
+        "--no-cache",
+        help="Sample the reference afresh instead of reusing the workspace's store of drawn samples (data/samples).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every figure."),
     ws: Path | None = WorkspaceOpt,
     params: Path | None = ParamsOpt,
@@ -118,8 +161,11 @@ def evaluate(
         if choice not in SCHEDULER_CHOICES:
             fail(f"{name} must be one of {', '.join(SCHEDULER_CHOICES)}, got {choice!r}")
     # --num-samples fixes the sample (no growth towards the gate's precision target)
-    ep = p.evaluate if num_samples is None else dataclasses.replace(p.evaluate, num_samples=num_samples,
-                                                                     max_samples=num_samples)
+    ep = (
+        p.evaluate
+        if num_samples is None
+        else dataclasses.replace(p.evaluate, num_samples=num_samples, max_samples=num_samples)
+    )
     reference = reference or root / "data" / "teachers" / p.teacher.name
     data = data or root / "data" / "reference"
     try:
@@ -135,9 +181,17 @@ def evaluate(
         result = run_suite(
             Side(pipeline, steps, scheduler),
             Side(reference, reference_steps or ep.reference_steps, reference_scheduler),
-            images, extractor, ep, classifier=classifier, confidence=p.features.confidence,
-            out_dir=out, device=device, data_path=data, log=echo_err,
-            cache_dir=None if no_cache else sample_store(root), bounds=p.gate.fid_gap_max,
+            images,
+            extractor,
+            ep,
+            classifier=classifier,
+            confidence=p.features.confidence,
+            out_dir=out,
+            device=device,
+            data_path=data,
+            log=echo_err,
+            cache_dir=None if no_cache else sample_store(root),
+            bounds=p.gate.fid_gap_max,
         )
     except (PipelineError, DataError, FileNotFoundError, ValueError) as e:
         fail(str(e))
@@ -153,25 +207,37 @@ def evaluate(
         return
     q, f, s, m = result["quality"], result["fidelity"], result["speed"], result["memory"]
     ci = lambda v: f"[{v[0]:.3g}, {v[1]:.3g}]"  # noqa: E731
-    typer.echo(f"{result['pipeline']} @ {result['steps']} steps ({result['scheduler']}) vs "
-               f"{result['reference']['pipeline']} @ {result['reference']['steps']} ({result['reference']['scheduler']})")
+    typer.echo(
+        f"{result['pipeline']} @ {result['steps']} steps ({result['scheduler']}) vs "
+        f"{result['reference']['pipeline']} @ {result['reference']['steps']} ({result['reference']['scheduler']})"
+    )
     for name, sq in q["spaces"].items():
-        typer.echo(f"  [{name}] FID {sq['fid']:.4g} {ci(sq['fid_ci95'])}, reference {sq['reference_fid']:.4g}; "
-                   f"gap {sq['fid_gap']:+.4g} {ci(sq['fid_gap_ci95'])} = {_floors(sq)} floors "
-                   f"(real-vs-real floor {sq['fid_floor']:.4g}); ratio {_num(sq['fid_ratio'], '.3f')}; KID {sq['kid']:.4g}")
+        typer.echo(
+            f"  [{name}] FID {sq['fid']:.4g} {ci(sq['fid_ci95'])}, reference {sq['reference_fid']:.4g}; "
+            f"gap {sq['fid_gap']:+.4g} {ci(sq['fid_gap_ci95'])} = {_floors(sq)} floors "
+            f"(real-vs-real floor {sq['fid_floor']:.4g}); ratio {_num(sq['fid_ratio'], '.3f')}; KID {sq['kid']:.4g}"
+        )
     if "recognisable_share" in q:
         typer.echo(f"  recognisable {q['recognisable_share']:.3f}  all classes: {q['all_classes_present']}")
     psnr = "identical" if f["psnr_db"] is None else f"{f['psnr_db']:.2f} dB"
     typer.echo(f"  PSNR {psnr}   SSIM {f['ssim']:.4f}")
-    typer.echo(f"  latency p50 {s['latency_ms_p50']:.1f} ms  p95 {s['latency_ms_p95']:.1f} ms   "
-               f"throughput {s['throughput_img_s']:.1f} img/s @ {s['throughput_batch']}   "
-               f"speedup ×{s['speedup_throughput']:.2f} (batch) ×{s['speedup_latency']:.2f} (latency)")
-    typer.echo(f"  memory peak {m['peak_sampling_mb']:.1f} MB   params {m['params']:,}   checkpoint {m['checkpoint_mb']:.2f} MB")
-    typer.echo(f"  wrote {_relative(str(out / 'metrics.json'), root)} and {result['grid']}  ({result['wall_time_s']:.0f} s)")
+    typer.echo(
+        f"  latency p50 {s['latency_ms_p50']:.1f} ms  p95 {s['latency_ms_p95']:.1f} ms   "
+        f"throughput {s['throughput_img_s']:.1f} img/s @ {s['throughput_batch']}   "
+        f"speedup ×{s['speedup_throughput']:.2f} (batch) ×{s['speedup_latency']:.2f} (latency)"
+    )
+    typer.echo(
+        f"  memory peak {m['peak_sampling_mb']:.1f} MB   params {m['params']:,}   checkpoint {m['checkpoint_mb']:.2f} MB"
+    )
+    typer.echo(
+        f"  wrote {_relative(str(out / 'metrics.json'), root)} and {result['grid']}  ({result['wall_time_s']:.0f} s)"
+    )
 
 
 def champion(
-    out: Path | None = typer.Option(None, "--out", help="The champion's folder (must not exist). Default: champion.out."),
+    out: Path | None = typer.Option(
+        None, "--out", help="The champion's folder (must not exist). Default: champion.out."
+    ),
     ws: Path | None = WorkspaceOpt,
     params: Path | None = ParamsOpt,
 ) -> None:
@@ -187,22 +253,30 @@ def champion(
     _check_method(p)
     teacher = root / "data" / "teachers" / p.teacher.name
     try:
-        record = build(root, p, teacher, root / "data" / "reference", out, p.champion.budget_minutes,
-                       log=echo_err)
+        record = build(root, p, teacher, root / "data" / "reference", out, p.champion.budget_minutes, log=echo_err)
     except (DataError, PipelineError, FileExistsError, ValueError) as e:
         fail(str(e))
     g, b = record["figures"], record["budget"]
-    typer.echo(f"champion written to {_relative(str(out), root)}: {g['steps']}-step {p.distill.method} student, "
-               f"distilled in {b['wall_time_s'] / 60:.1f} min (budget {b['limit_s'] / 60:.0f} min), gate "
-               f"{'passed' if g['gate']['passed'] else 'REJECTED'}; FID gap "
-               + ", ".join(f"{k} {v:+.2f}" for k, v in g["fid_gap_floors"].items()) + " floors")
+    typer.echo(
+        f"champion written to {_relative(str(out), root)}: {g['steps']}-step {p.distill.method} student, "
+        f"distilled in {b['wall_time_s'] / 60:.1f} min (budget {b['limit_s'] / 60:.0f} min), gate "
+        f"{'passed' if g['gate']['passed'] else 'REJECTED'}; FID gap "
+        + ", ".join(f"{k} {v:+.2f}" for k, v in g["fid_gap_floors"].items())
+        + " floors"
+    )
     if not g["gate"]["passed"]:
         typer.echo("  " + "; ".join(c["name"] for c in g["gate"]["checks"] if not c["passed"]) + " failed", err=True)
 
 
 def calibrate(
-    teacher: Path | None = typer.Option(None, "--teacher", help="The teacher whose controls are measured. Default: data/teachers/<teacher.name>."),
-    metrics_out: Path = typer.Option(Path("metrics/calibration.json"), "--metrics-out", help="The JSON written (relative to the workspace; `dvc metrics show` reads it)."),
+    teacher: Path | None = typer.Option(
+        None, "--teacher", help="The teacher whose controls are measured. Default: data/teachers/<teacher.name>."
+    ),
+    metrics_out: Path = typer.Option(
+        Path("metrics/calibration.json"),
+        "--metrics-out",
+        help="The JSON written (relative to the workspace; `dvc metrics show` reads it).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ws: Path | None = WorkspaceOpt,
     params: Path | None = ParamsOpt,
@@ -229,7 +303,14 @@ def calibrate(
         return
     typer.echo(result["table"])
     for space, s in result["summary"]["spaces"].items():
-        typer.echo(f"{space}: " + (f"the controls separate; a bound belongs between {s['positive_max']:.2f} and "
-                                   f"{s['negative_min']:.2f} floors (suggested {s['suggested_bound']:.2f}; the gate's bounds "
-                                   "are in params.yaml, gate)" if s["separates"] else f"reports only: {s['why']}"))
+        typer.echo(
+            f"{space}: "
+            + (
+                f"the controls separate; a bound belongs between {s['positive_max']:.2f} and "
+                f"{s['negative_min']:.2f} floors (suggested {s['suggested_bound']:.2f}; the gate's bounds "
+                "are in params.yaml, gate)"
+                if s["separates"]
+                else f"reports only: {s['why']}"
+            )
+        )
     typer.echo(f"wrote {_relative(str(out), root)} ({result['wall_time_s']:.0f} s)")

@@ -15,9 +15,17 @@ drift_app = typer.Typer(help="Drift detection: test a batch, or calibrate the fa
 @drift_app.command("check")
 def drift_check(
     batch: Path = typer.Argument(..., help="A folder of PNG images (one incoming batch)."),
-    reference: Path | None = typer.Option(None, "--reference", help="Representative set. Default: data/representative, else data/reference."),
-    out: Path | None = typer.Option(None, "--out", help="Folder for drift.json and drift.png. Default: runs/drift/<batch>."),
-    features: str | None = typer.Option(None, "--features", help="Embedding for the MMD test: auto, a feature space in data/features (classifier, encoder, inception:FILE, clip:DIR, dinov2:DIR), or pixels (no weights: any images). Default: drift.features."),
+    reference: Path | None = typer.Option(
+        None, "--reference", help="Representative set. Default: data/representative, else data/reference."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Folder for drift.json and drift.png. Default: runs/drift/<batch>."
+    ),
+    features: str | None = typer.Option(
+        None,
+        "--features",
+        help="Embedding for the MMD test: auto, a feature space in data/features (classifier, encoder, inception:FILE, clip:DIR, dinov2:DIR), or pixels (no weights: any images). Default: drift.features.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ws: Path | None = WorkspaceOpt,
     params: Path | None = ParamsOpt,
@@ -38,9 +46,11 @@ def drift_check(
     if as_json:
         typer.echo(json.dumps(rep.to_dict()))
     else:
-        typer.echo(f"{rep.batch}: {'DRIFT' if rep.drifted else 'no drift'} (MMD p {rep.mmd_p:.4g} on {features}; "
-                   f"min Holm KS p {min(v['p_holm'] for v in rep.ks.values()):.4g}; colour-histogram TV "
-                   f"{rep.histogram_tv:.3f}; alpha {rep.alpha:g})")
+        typer.echo(
+            f"{rep.batch}: {'DRIFT' if rep.drifted else 'no drift'} (MMD p {rep.mmd_p:.4g} on {features}; "
+            f"min Holm KS p {min(v['p_holm'] for v in rep.ks.values()):.4g}; colour-histogram TV "
+            f"{rep.histogram_tv:.3f}; alpha {rep.alpha:g})"
+        )
         for r in rep.reasons:
             typer.echo(f"  {r}")
         typer.echo(f"  wrote {out / 'drift.json'} and {out / 'drift.png'}")
@@ -63,12 +73,29 @@ def _drift_embedding(root: Path, p, features: str | None):
 
 @drift_app.command("calibrate")
 def drift_calibrate(
-    splits: int | None = typer.Option(None, "--splits", min=50, help="Reference-against-reference splits (≥ 50). Default: drift.calibration_splits."),
-    batches: bool = typer.Option(True, "--batches/--no-batches", help="Also test every batch folder under --incoming (the detection rate)."),
-    reference: Path | None = typer.Option(None, "--reference", help="Image folder split against itself (grey or RGB, any size). Default: data/reference."),
-    incoming: Path | None = typer.Option(None, "--incoming", help="Folder of batch folders to test. Default: data/incoming."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=2, help="Images per pseudo-batch; below half the reference. Default: prepare.batch_size."),
-    features: str | None = typer.Option(None, "--features", help="Embedding for the MMD test: auto, a feature space in data/features (classifier, encoder, inception:FILE, clip:DIR, dinov2:DIR), or pixels (no weights: any images). Default: drift.features."),
+    splits: int | None = typer.Option(
+        None, "--splits", min=50, help="Reference-against-reference splits (≥ 50). Default: drift.calibration_splits."
+    ),
+    batches: bool = typer.Option(
+        True, "--batches/--no-batches", help="Also test every batch folder under --incoming (the detection rate)."
+    ),
+    reference: Path | None = typer.Option(
+        None, "--reference", help="Image folder split against itself (grey or RGB, any size). Default: data/reference."
+    ),
+    incoming: Path | None = typer.Option(
+        None, "--incoming", help="Folder of batch folders to test. Default: data/incoming."
+    ),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        min=2,
+        help="Images per pseudo-batch; below half the reference. Default: prepare.batch_size.",
+    ),
+    features: str | None = typer.Option(
+        None,
+        "--features",
+        help="Embedding for the MMD test: auto, a feature space in data/features (classifier, encoder, inception:FILE, clip:DIR, dinov2:DIR), or pixels (no weights: any images). Default: drift.features.",
+    ),
     out: Path | None = typer.Option(None, "--out", help="JSON file to write. Default: metrics/drift.json."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ws: Path | None = WorkspaceOpt,
@@ -87,19 +114,31 @@ def drift_calibrate(
     features, ext = _drift_embedding(root, p, features)
     try:
         feats, stats, shape = embed_folder(reference, ext)
-        result = calibrate(feats, stats, batch_size or p.prepare.batch_size, splits or p.drift.calibration_splits,
-                           p.drift.alpha, p.drift.permutations, p.drift.seed)
+        result = calibrate(
+            feats,
+            stats,
+            batch_size or p.prepare.batch_size,
+            splits or p.drift.calibration_splits,
+            p.drift.alpha,
+            p.drift.permutations,
+            p.drift.seed,
+        )
         result.update({"reference": str(reference), "features": features, "batches": {}})
         if batches and incoming.is_dir():
             for b in sorted(x for x in incoming.iterdir() if x.is_dir()):
                 b_feats, b_stats, b_shape = embed_folder(b, ext)
                 if b_shape != shape:
-                    raise ValueError(f"batch {b} holds {b_shape[0]}-channel {b_shape[1]} images, the reference "
-                                     f"{shape[0]}-channel {shape[1]}; drift is tested between sets of one shape")
+                    raise ValueError(
+                        f"batch {b} holds {b_shape[0]}-channel {b_shape[1]} images, the reference "
+                        f"{shape[0]}-channel {shape[1]}; drift is tested between sets of one shape"
+                    )
                 rep = detect(b.name, feats, stats, b_feats, b_stats, p.drift.alpha, p.drift.permutations, p.drift.seed)
-                result["batches"][b.name] = {"drifted": rep.drifted, "mmd_p": rep.mmd_p,
-                                             "ks_min_p_holm": min(v["p_holm"] for v in rep.ks.values()),
-                                             "reasons": rep.reasons}
+                result["batches"][b.name] = {
+                    "drifted": rep.drifted,
+                    "mmd_p": rep.mmd_p,
+                    "ks_min_p_holm": min(v["p_holm"] for v in rep.ks.values()),
+                    "reasons": rep.reasons,
+                }
             flagged = [b["drifted"] for b in result["batches"].values()]
             result["flagged_batches"] = f"{sum(flagged)} of {len(flagged)}"
     except (DataError, FileNotFoundError, ValueError) as e:
@@ -113,11 +152,15 @@ def drift_calibrate(
         typer.echo(json.dumps(slim))
         return
     lo, hi = result["false_alarm_ci95"]
-    typer.echo(f"false alarms: {result['false_alarms']} of {result['splits']} reference splits "
-               f"(rate {result['false_alarm_rate']:.3f}, 95% CI {lo:.3f}–{hi:.3f}) at alpha {result['alpha']:g}")
+    typer.echo(
+        f"false alarms: {result['false_alarms']} of {result['splits']} reference splits "
+        f"(rate {result['false_alarm_rate']:.3f}, 95% CI {lo:.3f}–{hi:.3f}) at alpha {result['alpha']:g}"
+    )
     for name, b in result["batches"].items():
-        typer.echo(f"  batch {name}: {'DRIFT' if b['drifted'] else 'no drift'} (MMD p {b['mmd_p']:.4g}, "
-                   f"min Holm KS p {b['ks_min_p_holm']:.3g})" + (f": {b['reasons'][0]}" if b["reasons"] else ""))
+        typer.echo(
+            f"  batch {name}: {'DRIFT' if b['drifted'] else 'no drift'} (MMD p {b['mmd_p']:.4g}, "
+            f"min Holm KS p {b['ks_min_p_holm']:.3g})" + (f": {b['reasons'][0]}" if b["reasons"] else "")
+        )
     if result["batches"]:
         typer.echo(f"flagged batches: {result['flagged_batches']}")
     typer.echo(f"wrote {out} ({result['wall_time_s']:.0f} s)")

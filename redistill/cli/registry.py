@@ -52,9 +52,15 @@ def status(
     d = last_decisions(c, name)
     rows = d["rows"]
     pending, state = pending_triggers(root, p)
-    out = {"model": name, "champion": d["champion"], "previous": d["previous"], "last_decisions": rows,
-           "pending_triggers": pending, "drift_episode": state.get("episode"),
-           "current_teacher": state.get("current_teacher")}
+    out = {
+        "model": name,
+        "champion": d["champion"],
+        "previous": d["previous"],
+        "last_decisions": rows,
+        "pending_triggers": pending,
+        "drift_episode": state.get("episode"),
+        "current_teacher": state.get("current_teacher"),
+    }
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -62,15 +68,20 @@ def status(
 
     typer.echo(f"{name}: champion {out['champion'] or '(none)'}, previous {out['previous'] or '(none)'}")
     if not rows:
-        typer.echo("no decisions yet: run `redistill cycle` or `make demo`" if name == p.registry.student_name
-                   else f"{name} has no versions yet")
+        typer.echo(
+            "no decisions yet: run `redistill cycle` or `make demo`"
+            if name == p.registry.student_name
+            else f"{name} has no versions yet"
+        )
     if rows:
         typer.echo(f"  {'version':<8} {'gate':<9} {'created (UTC)':<17} {'trigger':<9} {'method':<12} {'steps':<5} key")
     for r in rows:
         when = datetime.fromtimestamp(r["created"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
         mark = " *" if r["version"] == out["champion"] else ""
-        typer.echo(f"  {'v' + r['version'] + mark:<8} {r['gate'] or '?':<9} {when:<17} {r['trigger'] or '?':<9} "
-                   f"{r['method'] or '?':<12} {r['steps'] or '?':<5} {r['key']}")
+        typer.echo(
+            f"  {'v' + r['version'] + mark:<8} {r['gate'] or '?':<9} {when:<17} {r['trigger'] or '?':<9} "
+            f"{r['method'] or '?':<12} {r['steps'] or '?':<5} {r['key']}"
+        )
     if pending:
         typer.echo("pending triggers (`redistill watch --once` handles them):")
         for f in pending:
@@ -113,12 +124,18 @@ def export(
     load = f"DiffusionPipeline.from_pretrained('{out}'{', trust_remote_code=True' if own_code else ''})"
     call = f"(class_labels=[0, 1], num_inference_steps={steps})" if own_code else f"(num_inference_steps={steps})"
     if e["sampling"]:  # text-to-image: a prompt, and the guidance it was distilled to be sampled at
-        call = f"(\"a prompt\", num_inference_steps={steps}, guidance_scale={e['sampling'].get('guidance_scale', 1.0)})"
-    typer.echo(f"wrote version {mv.version} of {name} to {out}; sample it with {load}{call}"
-               + (f" (its pipeline code is {out}/pipeline_redistill.py; read it before trusting it)" if own_code else "")
-               + f"; its model card is {out}/README.md"
-               + (f"; its LoRA adapter alone is {out}/pytorch_lora_weights.safetensors: pipe.load_lora_weights('{out}') "
-                  "on its base teacher, then this folder's scheduler" if adapter else ""))
+        call = f'("a prompt", num_inference_steps={steps}, guidance_scale={e["sampling"].get("guidance_scale", 1.0)})'
+    typer.echo(
+        f"wrote version {mv.version} of {name} to {out}; sample it with {load}{call}"
+        + (f" (its pipeline code is {out}/pipeline_redistill.py; read it before trusting it)" if own_code else "")
+        + f"; its model card is {out}/README.md"
+        + (
+            f"; its LoRA adapter alone is {out}/pytorch_lora_weights.safetensors: pipe.load_lora_weights('{out}') "
+            "on its base teacher, then this folder's scheduler"
+            if adapter
+            else ""
+        )
+    )
 
 
 def lineage(
@@ -142,7 +159,9 @@ def lineage(
 
 
 def rollback(
-    to: int | None = typer.Option(None, "--to", help="Version to make champion (it must have passed its gate). Default: `previous`."),
+    to: int | None = typer.Option(
+        None, "--to", help="Version to make champion (it must have passed its gate). Default: `previous`."
+    ),
     reason: str = typer.Option("", "--reason", help="Why; recorded with who and when."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     model: str | None = ModelOpt,
@@ -171,14 +190,20 @@ def rollback(
     if as_json:
         typer.echo(json.dumps(record))
     else:
-        typer.echo(f"champion of {name}: version {record['from']} → {record['to']} "
-                   f"(previous is now {record['from']}); recorded by {who} in MLflow run {run_id}")
+        typer.echo(
+            f"champion of {name}: version {record['from']} → {record['to']} "
+            f"(previous is now {record['from']}); recorded by {who} in MLflow run {run_id}"
+        )
 
 
 def reproduce(
     version: int = typer.Option(..., "--version", help="Registry version to rebuild."),
-    out: Path | None = typer.Option(None, "--out", help="Work folder. Default: runs/reproduce/v<N> "
-                                       "(runs/reproduce/<model>/v<N> for a --model other than registry.student_name)."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Work folder. Default: runs/reproduce/v<N> "
+        "(runs/reproduce/<model>/v<N> for a --model other than registry.student_name).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     model: str | None = ModelOpt,
     ws: Path | None = WorkspaceOpt,
@@ -202,8 +227,10 @@ def reproduce(
     if as_json:
         typer.echo(json.dumps(r, default=str))
         return
-    typer.echo(f"version {r['version']} of {name} rebuilt from its lineage in {r['wall_time_s']:.0f} s "
-               f"(teacher {r['teacher']}; data from the {r['data_source']})")
+    typer.echo(
+        f"version {r['version']} of {name} rebuilt from its lineage in {r['wall_time_s']:.0f} s "
+        f"(teacher {r['teacher']}; data from the {r['data_source']})"
+    )
     if not r["same_code"]:
         typer.echo(f"  note: recorded code {r['code_then']}, running {r['code_now']}")
     typer.echo(f"  {'metric':<20} {'recorded':>12} {'now':>12}  recorded 95% CI       verdict")
@@ -213,5 +240,7 @@ def reproduce(
         verdict = "no CI recorded" if row["within_ci"] is None else ("within CI" if row["within_ci"] else "OUTSIDE CI")
         ci_s = "" if ci is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
         typer.echo(f"  {row['metric']:<20} {fmt(row['recorded']):>12} {fmt(row['new']):>12}  {ci_s:<20}  {verdict}")
-    typer.echo(f"  {'all recorded CIs hold' if r['all_within_ci'] else 'SOME FIGURES FELL OUTSIDE THEIR RECORDED CI'}; "
-               f"wrote {r['out_dir']}/reproduce.json")
+    typer.echo(
+        f"  {'all recorded CIs hold' if r['all_within_ci'] else 'SOME FIGURES FELL OUTSIDE THEIR RECORDED CI'}; "
+        f"wrote {r['out_dir']}/reproduce.json"
+    )

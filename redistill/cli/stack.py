@@ -9,12 +9,17 @@ import typer
 
 from redistill.cli.common import ParamsOpt, WorkspaceOpt, _settings, echo_err, fail
 
-stack_app = typer.Typer(help="The production shape on one machine: PostgreSQL, an MLflow server (artifacts proxied) and a Prefect server on it, a process work pool with workers, a DVC remote (the `stack` settings; data under <workspace>/stack/).", no_args_is_help=True)
+stack_app = typer.Typer(
+    help="The production shape on one machine: PostgreSQL, an MLflow server (artifacts proxied) and a Prefect server on it, a process work pool with workers, a DVC remote (the `stack` settings; data under <workspace>/stack/).",
+    no_args_is_help=True,
+)
 
 
 @stack_app.command("up")
 def stack_up(
-    as_json: bool = typer.Option(False, "--json", help="Print the client environment as one JSON object of variables (progress goes to stderr)."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the client environment as one JSON object of variables (progress goes to stderr)."
+    ),
     ws: Path | None = WorkspaceOpt,
     params: Path | None = ParamsOpt,
 ) -> None:
@@ -37,8 +42,10 @@ def stack_up(
     typer.echo("")
     for k, v in state["env"].items():
         typer.echo(f"export {k}={v}")
-    typer.echo(f"# then: prefect deploy --all (work pool {p.stack.work_pool}); redistill cycle, status, lineage ... "
-               "talk to the servers; redistill stack down stops them")
+    typer.echo(
+        f"# then: prefect deploy --all (work pool {p.stack.work_pool}); redistill cycle, status, lineage ... "
+        "talk to the servers; redistill stack down stops them"
+    )
 
 
 @stack_app.command("down")

@@ -8,12 +8,17 @@ import typer
 
 from redistill.cli.common import ParamsOpt, WorkspaceOpt, _settings, echo_err, fail
 
-teacher_app = typer.Typer(help="The teacher: train the embedded teachers (the default DDPM, the flow-matching and the text-to-image one), or fine-tune one into a new teacher.", no_args_is_help=True)
+teacher_app = typer.Typer(
+    help="The teacher: train the embedded teachers (the default DDPM, the flow-matching and the text-to-image one), or fine-tune one into a new teacher.",
+    no_args_is_help=True,
+)
 
 
 @teacher_app.command("train")
 def teacher_train(
-    out: Path | None = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/teachers/<teacher.name>. Must not exist."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Pipeline folder to write. Default: data/teachers/<teacher.name>. Must not exist."
+    ),
     data: Path | None = typer.Option(None, "--data", help="Training images. Default: data/reference."),
     ws: Path | None = WorkspaceOpt,
     params: Path | None = ParamsOpt,
@@ -35,7 +40,11 @@ def teacher_train(
 
 @teacher_app.command("flow")
 def teacher_flow(
-    out: Path | None = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/flow-teachers/<flow_teacher.name> (outside data/teachers/, where the watch would take it as a new teacher for the workspace's method). Must not exist."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Pipeline folder to write. Default: data/flow-teachers/<flow_teacher.name> (outside data/teachers/, where the watch would take it as a new teacher for the workspace's method). Must not exist.",
+    ),
     data: Path | None = typer.Option(None, "--data", help="Training images. Default: data/reference."),
     ws: Path | None = WorkspaceOpt,
     params: Path | None = ParamsOpt,
@@ -51,18 +60,32 @@ def teacher_flow(
     root, p = _settings(ws, params)
     f = p.flow_teacher
     out = out or root / "data" / "flow-teachers" / f.name
-    recipe = dataclasses.replace(p.teacher, objective="flow_matching", name=f.name, train_steps=f.train_steps,
-                                 shift=f.shift, ema_decay=f.ema_decay, seed=f.seed, class_conditional=False)
+    recipe = dataclasses.replace(
+        p.teacher,
+        objective="flow_matching",
+        name=f.name,
+        train_steps=f.train_steps,
+        shift=f.shift,
+        ema_decay=f.ema_decay,
+        seed=f.seed,
+        class_conditional=False,
+    )
     try:
         summary = train_in_workspace(root, recipe, out, data or root / "data" / "reference", log=echo_err)
     except (DataError, PipelineError) as e:
         fail(str(e))
-    typer.echo(f"flow-matching teacher saved to {out} ({summary['train_steps']} steps in {summary['train_time_s']:.0f}s)")
+    typer.echo(
+        f"flow-matching teacher saved to {out} ({summary['train_steps']} steps in {summary['train_time_s']:.0f}s)"
+    )
 
 
 @teacher_app.command("text-to-image")
 def teacher_text_to_image(
-    out: Path | None = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/t2i-teachers/<t2i_teacher.name> (outside data/teachers/, where the watch would take it as a new teacher for the workspace's method). Must not exist."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Pipeline folder to write. Default: data/t2i-teachers/<t2i_teacher.name> (outside data/teachers/, where the watch would take it as a new teacher for the workspace's method). Must not exist.",
+    ),
     ws: Path | None = WorkspaceOpt,
     params: Path | None = ParamsOpt,
 ) -> None:
@@ -80,14 +103,20 @@ def teacher_text_to_image(
         summary = train_embedded(root, p, out, log=echo_err)
     except (DataError, PipelineError) as e:
         fail(str(e))
-    typer.echo(f"text-to-image teacher saved to {out} ({summary['train_steps']} UNet steps in {summary['train_time_s']:.0f}s, "
-               f"guidance_scale {summary['guidance_scale']})")
+    typer.echo(
+        f"text-to-image teacher saved to {out} ({summary['train_steps']} UNet steps in {summary['train_time_s']:.0f}s, "
+        f"guidance_scale {summary['guidance_scale']})"
+    )
 
 
 @teacher_app.command("finetune")
 def teacher_finetune(
-    start: Path | None = typer.Option(None, "--from", help="Teacher to fine-tune. Default: data/teachers/<teacher.name>."),
-    out: Path | None = typer.Option(None, "--out", help="Pipeline folder to write. Default: data/teachers/<finetune.name>. Must not exist."),
+    start: Path | None = typer.Option(
+        None, "--from", help="Teacher to fine-tune. Default: data/teachers/<teacher.name>."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Pipeline folder to write. Default: data/teachers/<finetune.name>. Must not exist."
+    ),
     data: Path | None = typer.Option(None, "--data", help="Training images. Default: data/reference."),
     ws: Path | None = WorkspaceOpt,
     params: Path | None = ParamsOpt,
@@ -103,8 +132,15 @@ def teacher_finetune(
     start = start or root / "data" / "teachers" / p.teacher.name
     out = out or root / "data" / "teachers" / p.finetune.name
     f = p.finetune
-    recipe = dataclasses.replace(p.teacher, train_steps=f.steps, lr=f.lr, warmup_steps=f.warmup_steps, seed=f.seed,
-                                 name=out.name, checkpoint_every=max(1, min(p.teacher.checkpoint_every, f.steps // 3)))
+    recipe = dataclasses.replace(
+        p.teacher,
+        train_steps=f.steps,
+        lr=f.lr,
+        warmup_steps=f.warmup_steps,
+        seed=f.seed,
+        name=out.name,
+        checkpoint_every=max(1, min(p.teacher.checkpoint_every, f.steps // 3)),
+    )
     try:
         summary = train_in_workspace(root, recipe, out, data or root / "data" / "reference", log=echo_err, init=start)
     except (DataError, PipelineError) as e:

@@ -60,13 +60,19 @@ def _print_watch(r: dict) -> None:
         typer.echo(f"pending {f['kind']} {f['name']}: {f['reason']}")
     if r.get("episode"):
         e = r["episode"]
-        typer.echo(f"drift episode open since batch {e['id']} ({len(e['batches'])} drifted batch(es), "
-                   f"{e.get('clean_streak', 0)} clean since; action: {e.get('action') or 'deferred by cooldown'})")
+        typer.echo(
+            f"drift episode open since batch {e['id']} ({len(e['batches'])} drifted batch(es), "
+            f"{e.get('clean_streak', 0)} clean since; action: {e.get('action') or 'deferred by cooldown'})"
+        )
 
 
 def watch(
     once: bool = typer.Option(False, "--once", help="Look once and exit (default: look every watch.interval_minutes)."),
-    only: str | None = typer.Option(None, "--only", help="Look only for new `teachers` (data/teachers/) or only for drifted `batches` (data/incoming/); default both."),
+    only: str | None = typer.Option(
+        None,
+        "--only",
+        help="Look only for new `teachers` (data/teachers/) or only for drifted `batches` (data/incoming/); default both.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per look."),
     ws: Path | None = WorkspaceOpt,
     params: Path | None = ParamsOpt,

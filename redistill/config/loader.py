@@ -42,7 +42,8 @@ _Yaml12Loader.yaml_implicit_resolvers = {
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
 }
 _Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -57,8 +58,9 @@ def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode,
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise _DuplicateKey(f"the key {key!r} is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); "
-                                "keep one")
+            raise _DuplicateKey(
+                f"the key {key!r} is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); keep one"
+            )
         seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=deep)
 
@@ -166,8 +168,11 @@ def load_params(path: str | os.PathLike | None = None, ws: Path | None = None) -
         raise ConfigError(f"{p}: {e}") from e
     registry = raw.get("registry") if isinstance(raw, dict) else None
     gate = raw.get("gate") if isinstance(raw, dict) else None
-    return _calibrated(_named(params, isinstance(registry, dict) and "student_name" in registry, root),
-                       isinstance(gate, dict) and "fid_gap_max" in gate, root)
+    return _calibrated(
+        _named(params, isinstance(registry, dict) and "student_name" in registry, root),
+        isinstance(gate, dict) and "fid_gap_max" in gate,
+        root,
+    )
 
 
 def recorded_model_name(root: Path) -> str | None:

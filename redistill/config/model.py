@@ -20,17 +20,27 @@ class ConfigError(ValueError):
 # extra="forbid": an unknown key is an error, never ignored
 SETTINGS = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
-_EXPECTED = {"int_type": "a whole number", "float_type": "a number", "finite_number": "a finite number",
-             "bool_type": "true or false", "string_type": "a string", "list_type": "a list", "tuple_type": "a list",
-             "dataclass_type": "its settings model", "dataclass_exact_type": "its settings model"}
+_EXPECTED = {
+    "int_type": "a whole number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "dataclass_type": "its settings model",
+    "dataclass_exact_type": "its settings model",
+}
 
 
 def unknown_key(where: str, key: Any, valid: list[str], source: str = "") -> str:
     """The message for a key `where.key` that is not one of `valid`, with the closest valid key."""
     near = difflib.get_close_matches(str(key), valid, n=1)
     hint = f" (did you mean {where}.{near[0]}?)" if near else ""
-    return (f"unknown key {where}.{key}{source}{hint}; valid keys of {where} are: {', '.join(valid)}. "
-            "Fix the spelling or remove the key.")
+    return (
+        f"unknown key {where}.{key}{source}{hint}; valid keys of {where} are: {', '.join(valid)}. "
+        "Fix the spelling or remove the key."
+    )
 
 
 def _explain(cls: type, error: ValidationError) -> str:
@@ -48,8 +58,11 @@ def _explain(cls: type, error: ValidationError) -> str:
         for part in loc:
             key = f"{key}[{part}]" if isinstance(part, int) else f"{key}.{part}" if key else str(part)
         if e["type"] == "unexpected_keyword_argument":
-            lines.append(unknown_key(where, loc[0], list(fields)) if where else
-                         f"unknown section {loc[0]!r}; valid sections are: {', '.join(fields)}")
+            lines.append(
+                unknown_key(where, loc[0], list(fields))
+                if where
+                else f"unknown section {loc[0]!r}; valid sections are: {', '.join(fields)}"
+            )
             continue
         what = _EXPECTED.get(e["type"])
         info = fields.get(loc[0]) if loc else None

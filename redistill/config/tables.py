@@ -17,8 +17,14 @@ FEATURE_SPACE_KINDS = ("inception", "clip", "dinov2")  # spaces read from a loca
 METHODS = ("progressive", "consistency", "output", "adversarial", "dmd", "rectified")
 
 # the survey's three families (Fan et al. 2025): what each method promises decides which fidelity bound applies
-METHOD_FAMILY = {"output": "fidelity", "progressive": "trajectory", "consistency": "trajectory",
-                 "adversarial": "distribution", "dmd": "distribution", "rectified": "trajectory"}
+METHOD_FAMILY = {
+    "output": "fidelity",
+    "progressive": "trajectory",
+    "consistency": "trajectory",
+    "adversarial": "distribution",
+    "dmd": "distribution",
+    "rectified": "trajectory",
+}
 
 # the FID-gap bounds in floors, per feature space, from the calibration on controls (metrics/calibration.json, README
 # "The gate, calibrated"): each sits between the positive controls' highest gap and the negative controls' lowest
@@ -29,8 +35,18 @@ FID_GAP_MAX = {"classifier": 1.15, "encoder": 0.30, "default": 0.30}
 # checking the setting imports nothing.
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 # diffusers' train_lcm_distill_lora_sd_wds.py default: every linear and convolution of the UNet's blocks
-LCM = ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
-                   "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+LCM = ATTENTION + (
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
 PRESETS = {"lcm": LCM, "attention": ATTENTION}
 
 
@@ -44,6 +60,8 @@ def resolve_targets(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
         value = [v for v in value.split(",")]
     names = tuple(v.strip() for v in value if v.strip())
     if not names:
-        raise ValueError(f"distill.student.lora_targets names no module; use {' or '.join(PRESETS)}, or module names "
-                         "such as to_q, to_k, to_v, to_out.0")
+        raise ValueError(
+            f"distill.student.lora_targets names no module; use {' or '.join(PRESETS)}, or module names "
+            "such as to_q, to_k, to_v, to_out.0"
+        )
     return names

@@ -57,8 +57,9 @@ def load_weights(path: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(Path(path) / f"{name}.safetensors")
 
 
-def update(loss: torch.Tensor, model: torch.nn.Module, optimizer, ema=None, lr_scheduler=None,
-           max_grad_norm: float = 1.0) -> None:
+def update(
+    loss: torch.Tensor, model: torch.nn.Module, optimizer, ema=None, lr_scheduler=None, max_grad_norm: float = 1.0
+) -> None:
     """One optimiser step: backward, clip the gradient norm, step, advance the LR schedule and the EMA."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -20,7 +20,9 @@ def safetensors_problem(path: Path) -> str | None:
                 return f"{path.name} is {size} bytes, too short for a safetensors header"
             (n,) = struct.unpack("<Q", head)
             if n > min(size, 100_000_000):
-                return f"{path.name} declares a {n}-byte header but the file is {size} bytes: truncated or not safetensors"
+                return (
+                    f"{path.name} declares a {n}-byte header but the file is {size} bytes: truncated or not safetensors"
+                )
             header = json.loads(f.read(n))
     except (OSError, ValueError) as e:
         return f"{path.name} has an unreadable safetensors header ({e})"

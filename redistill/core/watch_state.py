@@ -20,9 +20,17 @@ def state_path(root: Path) -> Path:
 
 def empty_state() -> dict:
     """The state of a watch that has seen nothing yet."""
-    return {"version": STATE_VERSION, "teachers": {}, "batches": {}, "registry_teachers": {},
-            "episode": None, "last_redistill_at": None, "current_teacher": None, "current_data": None,
-            "history": []}
+    return {
+        "version": STATE_VERSION,
+        "teachers": {},
+        "batches": {},
+        "registry_teachers": {},
+        "episode": None,
+        "last_redistill_at": None,
+        "current_teacher": None,
+        "current_data": None,
+        "history": [],
+    }
 
 
 def load_state(root: Path) -> dict:
@@ -33,8 +41,10 @@ def load_state(root: Path) -> dict:
     try:
         state = json.loads(f.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"the watch state {f} is damaged ({e}); move it aside and run `redistill watch --once` "
-                         "again (everything is re-checked; the registry deduplicates what was already done)") from e
+        raise ValueError(
+            f"the watch state {f} is damaged ({e}); move it aside and run `redistill watch --once` "
+            "again (everything is re-checked; the registry deduplicates what was already done)"
+        ) from e
     return {**empty_state(), **state}
 
 

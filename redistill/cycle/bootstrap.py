@@ -45,9 +45,20 @@ def name_model(root: Path, p, teacher: Path, named_by_settings: bool) -> str:
     history = previous if isinstance(previous, list) else [previous]
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_name(f".{RECORD}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(history + [{"named_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                          "student_name": name, "after_teacher": str(Path(teacher).resolve())}],
-                              indent=2) + "\n")
+    tmp.write_text(
+        json.dumps(
+            history
+            + [
+                {
+                    "named_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "student_name": name,
+                    "after_teacher": str(Path(teacher).resolve()),
+                }
+            ],
+            indent=2,
+        )
+        + "\n"
+    )
     tmp.replace(f)
     p.registry.student_name = name
     return name
@@ -60,7 +71,9 @@ def needs_bootstrap(root: Path, names: list[str]) -> bool:
 
     data = Path(root) / "data"
     wants_encoder = "encoder" in feature_spaces.resolve(names, data / "features")
-    return not (data / "reference").is_dir() or (wants_encoder and not (data / "features" / encoder.WEIGHTS_FILE).is_file())
+    return not (data / "reference").is_dir() or (
+        wants_encoder and not (data / "features" / encoder.WEIGHTS_FILE).is_file()
+    )
 
 
 def _copy_reference(src: Path, out: Path) -> int:
@@ -112,33 +125,49 @@ def ensure_workspace(root: Path, data: Path, p, log: Callable[[str], None] = pri
     with FileLock(str(root / "data" / ".bootstrap.lock")):
         if not needs_bootstrap(root, p.evaluate.features):  # another process derived them while this one waited
             return None
-        record: dict = {"derived_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "from_data": str(data.resolve())}
+        record: dict = {
+            "derived_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "from_data": str(data.resolve()),
+        }
         reference = root / "data" / "reference"
         if not reference.is_dir():
             images = load_image_folder(data)  # refuses unreadable, mixed-size or mislabelled data: nothing written
             n = _copy_reference(data, reference)
-            record["reference"] = {"images": n, "channels": images.channels, "size": list(images.size),
-                                   "labels": images.labels is not None, "from_md5": dir_md5(data),
-                                   "md5": dir_md5(reference), "dvc": _version(root, reference)}
-            log(f"workspace: data/reference derived from {data} ({n} images, {images.channels} channel(s), "
-                f"{images.size[0]}×{images.size[1]}{', labelled' if images.labels is not None else ', no labels'})")
+            record["reference"] = {
+                "images": n,
+                "channels": images.channels,
+                "size": list(images.size),
+                "labels": images.labels is not None,
+                "from_md5": dir_md5(data),
+                "md5": dir_md5(reference),
+                "dvc": _version(root, reference),
+            }
+            log(
+                f"workspace: data/reference derived from {data} ({n} images, {images.channels} channel(s), "
+                f"{images.size[0]}×{images.size[1]}{', labelled' if images.labels is not None else ', no labels'})"
+            )
         features_dir = root / "data" / "features"
-        if "encoder" in feature_spaces.resolve(p.evaluate.features, features_dir) and \
-                not (features_dir / encoder.WEIGHTS_FILE).is_file():
+        if (
+            "encoder" in feature_spaces.resolve(p.evaluate.features, features_dir)
+            and not (features_dir / encoder.WEIGHTS_FILE).is_file()
+        ):
             ref, ref_md5 = load_image_folder(reference), dir_md5(reference)
             log(f"workspace: training the label-free encoder on data/reference ({p.features.encoder_epochs} epochs)")
-            model, metrics = encoder.train_encoder(ref.images, epochs=p.features.encoder_epochs,
-                                                   dim=p.features.encoder_dim, seed=p.features.seed, log=log)
-            encoder.save_encoder(model, features_dir, {"params": vars(p.features), "metrics": metrics,
-                                                       "trained_on": ref_md5})
-            record["encoder"] = {"sha256": feature_spaces.sha256s(["encoder"], features_dir)["encoder"],
-                                 "metrics": metrics, "trained_on_md5": ref_md5,
-                                 "dvc": _version(root, features_dir)}
+            model, metrics = encoder.train_encoder(
+                ref.images, epochs=p.features.encoder_epochs, dim=p.features.encoder_dim, seed=p.features.seed, log=log
+            )
+            encoder.save_encoder(
+                model, features_dir, {"params": vars(p.features), "metrics": metrics, "trained_on": ref_md5}
+            )
+            record["encoder"] = {
+                "sha256": feature_spaces.sha256s(["encoder"], features_dir)["encoder"],
+                "metrics": metrics,
+                "trained_on_md5": ref_md5,
+                "dvc": _version(root, features_dir),
+            }
         previous = json.loads((root / "data" / RECORD).read_text()) if (root / "data" / RECORD).is_file() else []
         history = previous if isinstance(previous, list) else [previous]
         tmp = root / "data" / f".{RECORD}.tmp"
         tmp.write_text(json.dumps(history + [record], indent=2) + "\n")
         tmp.replace(root / "data" / RECORD)
         return record
-

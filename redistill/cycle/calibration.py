@@ -85,11 +85,18 @@ def separation(rows: list[dict], space: str) -> dict:
         return {"separates": False, "why": "needs at least one positive and one negative control"}
     hi, hi_name = max(pos)
     lo, lo_name = min(neg)
-    out = {"positive_max": hi, "positive_max_control": hi_name, "negative_min": lo, "negative_min_control": lo_name,
-           "separates": hi < lo}
+    out = {
+        "positive_max": hi,
+        "positive_max_control": hi_name,
+        "negative_min": lo,
+        "negative_min_control": lo_name,
+        "separates": hi < lo,
+    }
     if not out["separates"]:
-        out["why"] = (f"the positive control {hi_name} reaches {hi:.3g} floors, above the negative control {lo_name} "
-                      f"at {lo:.3g}: no bound passes every positive control and fails every negative one")
+        out["why"] = (
+            f"the positive control {hi_name} reaches {hi:.3g} floors, above the negative control {lo_name} "
+            f"at {lo:.3g}: no bound passes every positive control and fails every negative one"
+        )
     return out
 
 
@@ -112,8 +119,16 @@ def suggest_bound(sep: dict, step: float = 0.05) -> float | None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def measure(controls: list[Control], reference: torch.Tensor, real_images, spaces: list, p_eval,
-            log: Callable[[str], None] = lambda m: None, classifier=None, confidence: float = 0.9) -> list[dict]:
+def measure(
+    controls: list[Control],
+    reference: torch.Tensor,
+    real_images,
+    spaces: list,
+    p_eval,
+    log: Callable[[str], None] = lambda m: None,
+    classifier=None,
+    confidence: float = 0.9,
+) -> list[dict]:
     """Each control's FID gap to `reference` (the teacher at the reference steps) in floors, per feature space,
     as `metrics.quality_in_space` measures a student's; with a `classifier`, its recognisable share too (the
     gate's other quality check, which mode dropping does not move: a lost class leaves digits recognisable)."""
@@ -125,17 +140,30 @@ def measure(controls: list[Control], reference: torch.Tensor, real_images, space
         t = time.perf_counter()
         images = c.draw()
         log(f"  {c.group} control {c.name}: {len(images)} samples in {time.perf_counter() - t:.0f} s")
-        row = {"name": c.name, "group": c.group, "what": c.what, "num_samples": len(images),
-               "paired": c.paired and len(images) == len(reference), "spaces": {},
-               "recognisable_share": classify(classifier, images, confidence)["recognisable_share"] if classifier else None}
+        row = {
+            "name": c.name,
+            "group": c.group,
+            "what": c.what,
+            "num_samples": len(images),
+            "paired": c.paired and len(images) == len(reference),
+            "spaces": {},
+            "recognisable_share": classify(classifier, images, confidence)["recognisable_share"]
+            if classifier
+            else None,
+        }
         for sp in spaces:
             q = quality_in_space(sp.extractor, real_images, images, reference, False, p_eval)
             floor = q["fid_floor"]
             lo, hi = q["fid_gap_ci95"]
-            row["spaces"][sp.name] = {"fid": q["fid"], "reference_fid": q["reference_fid"], "fid_gap": q["fid_gap"],
-                                      "fid_floor": floor, "gap_floors": q["fid_gap_floors"],
-                                      "gap_floors_ci95": [lo / floor, hi / floor],
-                                      "fid_ratio": q.get("fid_ratio")}
+            row["spaces"][sp.name] = {
+                "fid": q["fid"],
+                "reference_fid": q["reference_fid"],
+                "fid_gap": q["fid_gap"],
+                "fid_floor": floor,
+                "gap_floors": q["fid_gap_floors"],
+                "gap_floors_ci95": [lo / floor, hi / floor],
+                "fid_ratio": q.get("fid_ratio"),
+            }
         rows.append(row)
     return rows
 
@@ -160,8 +188,12 @@ def table(rows: list[dict], summary: dict, bounds: dict[str, float | None]) -> s
     """The calibration table in Markdown: each control's gap in floors [95% CI] per space, the edges, the bounds."""
     spaces = list(summary["spaces"])
     recog = any(r.get("recognisable_share") is not None for r in rows)
-    head = "| control | group | " + " | ".join(f"{s}: gap in floors [95% CI]" for s in spaces) + " |" + \
-        (" recognisable |" if recog else "")
+    head = (
+        "| control | group | "
+        + " | ".join(f"{s}: gap in floors [95% CI]" for s in spaces)
+        + " |"
+        + (" recognisable |" if recog else "")
+    )
     lines = [head, "|" + "---|" * (2 + len(spaces) + recog)]
     for r in rows:
         cells = []
@@ -175,20 +207,36 @@ def table(rows: list[dict], summary: dict, bounds: dict[str, float | None]) -> s
                 ok = passes == (r["group"] == POSITIVE)
                 verdict = f" {'pass' if passes else 'fail'}{'' if ok else ' (WRONG)'}"
             cells.append(f"{q['gap_floors']:+.2f} [{lo:+.2f}, {hi:+.2f}]{verdict}")
-        lines.append(f"| {r['name']}: {r['what']} | {r['group']} | " + " | ".join(cells) + " |"
-                     + (f" {r['recognisable_share']:.1%} |" if recog and r.get("recognisable_share") is not None
-                        else " |" if recog else ""))
+        lines.append(
+            f"| {r['name']}: {r['what']} | {r['group']} | "
+            + " | ".join(cells)
+            + " |"
+            + (
+                f" {r['recognisable_share']:.1%} |"
+                if recog and r.get("recognisable_share") is not None
+                else " |"
+                if recog
+                else ""
+            )
+        )
     edge = []
     for s in spaces:
         sep = summary["spaces"][s]
         if "positive_max" in sep:
-            edge.append(f"{sep['positive_max']:+.2f} / {sep['negative_min']:+.2f}"
-                        + ("" if sep["separates"] else " (overlap)"))
+            edge.append(
+                f"{sep['positive_max']:+.2f} / {sep['negative_min']:+.2f}" + ("" if sep["separates"] else " (overlap)")
+            )
         else:
             edge.append("n/a")
-    lines.append("| highest positive / lowest negative (CI ends) | | " + " | ".join(edge) + " |" + (" |" if recog else ""))
-    lines.append("| bound | | " + " | ".join("report only" if bounds.get(s) is None else f"{bounds[s]:.2f}"
-                                            for s in spaces) + " |" + (" |" if recog else ""))
+    lines.append(
+        "| highest positive / lowest negative (CI ends) | | " + " | ".join(edge) + " |" + (" |" if recog else "")
+    )
+    lines.append(
+        "| bound | | "
+        + " | ".join("report only" if bounds.get(s) is None else f"{bounds[s]:.2f}" for s in spaces)
+        + " |"
+        + (" |" if recog else "")
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -204,17 +252,24 @@ def class_labels(images: torch.Tensor, classifier, first_space, k: int, seed: in
         import torch.nn.functional as F
 
         with torch.no_grad():
-            probs = torch.cat([F.softmax(classifier(images[i:i + 1000].float()), 1) for i in range(0, len(images), 1000)])
+            probs = torch.cat(
+                [F.softmax(classifier(images[i : i + 1000].float()), 1) for i in range(0, len(images), 1000)]
+            )
         return probs[:, :-1].argmax(1)  # the last class is "not a digit"
     from sklearn.cluster import KMeans
 
     with torch.no_grad():
-        f = torch.cat([first_space.extractor(images[i:i + 1000].float()) for i in range(0, len(images), 1000)])
+        f = torch.cat([first_space.extractor(images[i : i + 1000].float()) for i in range(0, len(images), 1000)])
     return torch.as_tensor(KMeans(k, n_init=3, random_state=seed).fit_predict(f.double().numpy()))
 
 
-def workspace_controls(teacher: Path, p, draw: Callable, half_trained: Callable[[], Path] | None,
-                       labels: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, list[Control]]:
+def workspace_controls(
+    teacher: Path,
+    p,
+    draw: Callable,
+    half_trained: Callable[[], Path] | None,
+    labels: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, list[Control]]:
     """(the reference samples, the controls) of the `calibrate` settings for `teacher`.
 
     `draw(folder, scheduler, steps, seed, n)` samples a pipeline folder (cached); `half_trained()` distils the
@@ -222,33 +277,82 @@ def workspace_controls(teacher: Path, p, draw: Callable, half_trained: Callable[
     c, e = p.calibrate, p.evaluate
     n, ref_steps = e.num_samples, e.reference_steps
     reference = draw(teacher, "ddim", ref_steps, e.seed, n)
-    controls = [Control(f"ddim{k}", POSITIVE, f"the teacher, DDIM {k} steps", lambda k=k: draw(teacher, "ddim", k, e.seed, n))
-                for k in c.positive_steps if k != ref_steps]
+    controls = [
+        Control(f"ddim{k}", POSITIVE, f"the teacher, DDIM {k} steps", lambda k=k: draw(teacher, "ddim", k, e.seed, n))
+        for k in c.positive_steps
+        if k != ref_steps
+    ]
     if c.ddpm_samples:
-        controls.append(Control("ddpm1000", POSITIVE, "the teacher, ancestral DDPM 1,000 steps",
-                                lambda: draw(teacher, "ddpm", 1000, e.seed, c.ddpm_samples), paired=False))
-    controls.append(Control("seed", POSITIVE, f"the teacher, DDIM {ref_steps} steps, other noise",
-                            lambda: draw(teacher, "ddim", ref_steps, e.seed + c.other_seed, n), paired=False))
+        controls.append(
+            Control(
+                "ddpm1000",
+                POSITIVE,
+                "the teacher, ancestral DDPM 1,000 steps",
+                lambda: draw(teacher, "ddpm", 1000, e.seed, c.ddpm_samples),
+                paired=False,
+            )
+        )
+    controls.append(
+        Control(
+            "seed",
+            POSITIVE,
+            f"the teacher, DDIM {ref_steps} steps, other noise",
+            lambda: draw(teacher, "ddim", ref_steps, e.seed + c.other_seed, n),
+            paired=False,
+        )
+    )
     if c.finetuned:
         ft = Path(c.finetuned)
-        controls.append(Control("finetuned", POSITIVE, f"a lightly fine-tuned teacher ({ft.name}), DDIM {ref_steps} steps",
-                                lambda: draw(ft, "ddim", ref_steps, e.seed, n)))
-    controls += [Control(f"teacher@{k}", NEGATIVE, f"the undistilled teacher, DDIM {k} step{'s' if k > 1 else ''}",
-                         lambda k=k: draw(teacher, "ddim", k, e.seed, n)) for k in c.undistilled_steps]
+        controls.append(
+            Control(
+                "finetuned",
+                POSITIVE,
+                f"a lightly fine-tuned teacher ({ft.name}), DDIM {ref_steps} steps",
+                lambda: draw(ft, "ddim", ref_steps, e.seed, n),
+            )
+        )
+    controls += [
+        Control(
+            f"teacher@{k}",
+            NEGATIVE,
+            f"the undistilled teacher, DDIM {k} step{'s' if k > 1 else ''}",
+            lambda k=k: draw(teacher, "ddim", k, e.seed, n),
+        )
+        for k in c.undistilled_steps
+    ]
     if half_trained is not None and c.half_trained_steps:
-        controls.append(Control("half-trained", NEGATIVE, f"a 1-step output student after {c.half_trained_steps} steps",
-                                lambda: draw(half_trained(), "saved", 1, e.seed, n)))
-    controls.append(Control("blurred", NEGATIVE, f"the teacher's samples, Gaussian blur sigma {c.blur_sigma} px",
-                            lambda: blurred(reference, c.blur_sigma)))
+        controls.append(
+            Control(
+                "half-trained",
+                NEGATIVE,
+                f"a 1-step output student after {c.half_trained_steps} steps",
+                lambda: draw(half_trained(), "saved", 1, e.seed, n),
+            )
+        )
+    controls.append(
+        Control(
+            "blurred",
+            NEGATIVE,
+            f"the teacher's samples, Gaussian blur sigma {c.blur_sigma} px",
+            lambda: blurred(reference, c.blur_sigma),
+        )
+    )
     if c.dropped_classes:
-        controls.append(Control("mode-drop", NEGATIVE, f"the teacher's samples without classes "
-                                                       f"{', '.join(map(str, c.dropped_classes))}",
-                                lambda: without_classes(reference, labels(reference), c.dropped_classes), paired=False))
+        controls.append(
+            Control(
+                "mode-drop",
+                NEGATIVE,
+                f"the teacher's samples without classes {', '.join(map(str, c.dropped_classes))}",
+                lambda: without_classes(reference, labels(reference), c.dropped_classes),
+                paired=False,
+            )
+        )
     return reference, controls
 
 
-def run(root: Path, p, teacher: Path, cache_dir: Path | None, out_dir: Path,
-        log: Callable[[str], None] = lambda m: None) -> dict:
+def run(
+    root: Path, p, teacher: Path, cache_dir: Path | None, out_dir: Path, log: Callable[[str], None] = lambda m: None
+) -> dict:
     """Measure every control of the `calibrate` settings against `teacher` in the `evaluate.features` spaces of the
     workspace `root`; returns {"controls": rows, "summary", "bounds", "table", ...} (the bound a space suggests, or
     None where the controls overlap)."""
@@ -280,11 +384,23 @@ def run(root: Path, p, teacher: Path, cache_dir: Path | None, out_dir: Path,
         if (folder / "model_index.json").is_file():
             return folder
         d = p.distill
-        dp = dataclasses.replace(d, method="output", target_steps=1, init="cold",
-                                 output=dataclasses.replace(d.output, steps=p.calibrate.half_trained_steps))
+        dp = dataclasses.replace(
+            d,
+            method="output",
+            target_steps=1,
+            init="cold",
+            output=dataclasses.replace(d.output, steps=p.calibrate.half_trained_steps),
+        )
         log(f"  distilling the half-trained student ({p.calibrate.half_trained_steps} output steps)")
-        student, _ = distill(dp, load_pipeline(teacher), torch.from_numpy(data.images), folder.parent / "checkpoints",
-                             log=lambda m: None, teacher_path=teacher, workspace=root)
+        student, _ = distill(
+            dp,
+            load_pipeline(teacher),
+            torch.from_numpy(data.images),
+            folder.parent / "checkpoints",
+            log=lambda m: None,
+            teacher_path=teacher,
+            workspace=root,
+        )
         save_pipeline(student, folder)
         return folder
 
@@ -297,20 +413,36 @@ def run(root: Path, p, teacher: Path, cache_dir: Path | None, out_dir: Path,
     p = dataclasses.replace(p, calibrate=dataclasses.replace(p.calibrate, finetuned=ft))
     first = spaces[0]
     reference, controls = workspace_controls(
-        Path(teacher), p, draw, half_trained,
-        lambda images: class_labels(images, classifier, first, max(10, max(p.calibrate.dropped_classes) + 1), p.evaluate.seed))
+        Path(teacher),
+        p,
+        draw,
+        half_trained,
+        lambda images: class_labels(
+            images, classifier, first, max(10, max(p.calibrate.dropped_classes) + 1), p.evaluate.seed
+        ),
+    )
     log(f"reference: the teacher at DDIM {p.evaluate.reference_steps} steps, {len(reference)} samples")
     rows = measure(controls, reference, data.images, spaces, p.evaluate, log, classifier, p.features.confidence)
     names = [sp.name for sp in spaces]
     summary = summarise(rows, names)
     bounds = {s: summary["spaces"][s]["suggested_bound"] for s in names}
-    return {"teacher": str(teacher), "teacher_sha256": pipeline_sha256(teacher), "reference_steps": p.evaluate.reference_steps,
-            "num_samples": p.evaluate.num_samples, "feature_spaces": {sp.name: sp.sha256 for sp in spaces},
-            "controls": rows, "summary": summary, "bounds": bounds, "table": table(rows, summary, bounds),
-            "wall_time_s": time.perf_counter() - t0}
+    return {
+        "teacher": str(teacher),
+        "teacher_sha256": pipeline_sha256(teacher),
+        "reference_steps": p.evaluate.reference_steps,
+        "num_samples": p.evaluate.num_samples,
+        "feature_spaces": {sp.name: sp.sha256 for sp in spaces},
+        "controls": rows,
+        "summary": summary,
+        "bounds": bounds,
+        "table": table(rows, summary, bounds),
+        "wall_time_s": time.perf_counter() - t0,
+    }
 
 
-WORKSPACE_RECORD = "calibration.json"  # data/calibration.json: a user's workspace's own bounds (config.recorded_gap_bounds)
+WORKSPACE_RECORD = (
+    "calibration.json"  # data/calibration.json: a user's workspace's own bounds (config.recorded_gap_bounds)
+)
 CALIBRATED_KINDS = ("unconditional-pixel", "class-conditional-pixel")  # teachers whose controls are DDIM draws
 
 
@@ -338,14 +470,19 @@ def for_workspace(root: Path, p, teacher: Path, log: Callable[[str], None] = lam
         return json.loads(f.read_text())
     kind = adapter_for(load_pipeline(teacher)).kind
     if kind not in CALIBRATED_KINDS:
-        log(f"workspace: the gate keeps gate.fid_gap_max's bounds: a {kind} teacher's controls are not calibrated "
-            "automatically (set gate.fid_gap_max in params.yaml)")
+        log(
+            f"workspace: the gate keeps gate.fid_gap_max's bounds: a {kind} teacher's controls are not calibrated "
+            "automatically (set gate.fid_gap_max in params.yaml)"
+        )
         return None
-    quick = dataclasses.replace(p, calibrate=dataclasses.replace(p.calibrate, ddpm_samples=0, half_trained_steps=0,
-                                                                 finetuned=""))
+    quick = dataclasses.replace(
+        p, calibrate=dataclasses.replace(p.calibrate, ddpm_samples=0, half_trained_steps=0, finetuned="")
+    )
     log("workspace: calibrating the gate's FID-gap bounds on this workspace's controls (once; data/calibration.json)")
     result = run(root, quick, teacher, sample_store(root), Path(root) / "runs" / "calibrate", log)
-    result["made_by"] = "the first cycle of this workspace (redistill cycle); `redistill calibrate` measures every control"
+    result["made_by"] = (
+        "the first cycle of this workspace (redistill cycle); `redistill calibrate` measures every control"
+    )
     result["left_out"] = ["ddpm1000", "half-trained", "finetuned"]
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_name(f".{WORKSPACE_RECORD}.tmp{os.getpid()}")
@@ -354,20 +491,30 @@ def for_workspace(root: Path, p, teacher: Path, log: Callable[[str], None] = lam
     return result
 
 
-def calibrate_workspace(root: Path, p, teacher: Path, settings: Path | None = None,
-                        log: Callable[[str], None] = lambda m: None) -> dict | None:
+def calibrate_workspace(
+    root: Path, p, teacher: Path, settings: Path | None = None, log: Callable[[str], None] = lambda m: None
+) -> dict | None:
     """Before a cycle: in a workspace derived from a user's data whose settings (`settings`, default its params.yaml)
     do not set gate.fid_gap_max, calibrate its bounds once (`for_workspace`) and put them in `p.gate`; returns the
     record, or None where the settings' bounds stay (the embedded workspace, bounds set by hand, a recorded
     calibration, which `config.load_params` already applied, or a teacher kind not calibrated automatically)."""
     from redistill.config import gap_bounds_with, recorded_gap_bounds, settings_set, workspace_derived
 
-    if not workspace_derived(root) or recorded_gap_bounds(root) is not None or settings_set("gate", "fid_gap_max", settings, root):
+    if (
+        not workspace_derived(root)
+        or recorded_gap_bounds(root) is not None
+        or settings_set("gate", "fid_gap_max", settings, root)
+    ):
         return None
     record = for_workspace(root, p, teacher, log)
     if record is not None:
         gap_bounds_with(p, record["bounds"])
-        log("workspace: the gate's FID-gap bounds, calibrated on this workspace's controls: " + ", ".join(
-            f"{s} {'reports only (its controls overlap)' if b is None else f'{b:.2f} floors'}"
-            for s, b in record["bounds"].items()) + " (data/calibration.json)")
+        log(
+            "workspace: the gate's FID-gap bounds, calibrated on this workspace's controls: "
+            + ", ".join(
+                f"{s} {'reports only (its controls overlap)' if b is None else f'{b:.2f} floors'}"
+                for s, b in record["bounds"].items()
+            )
+            + " (data/calibration.json)"
+        )
     return record

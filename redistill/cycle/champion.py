@@ -40,9 +40,14 @@ def lineage(root: Path, p, teacher: Path, data: Path, summary: dict, budget_s: f
         "data": {"path": rel(data), "dvc_md5": dir_md5(data)},
         "params": {"distill": p.to_dict()["distill"], "sha256": p.sha256(["distill"])},
         "code": {"git_commit": code["git_commit"], "dirty": code["dirty"]},
-        "budget": {"limit_s": budget_s, "wall_time_s": summary["wall_time_s"], "within": summary["wall_time_s"] <= budget_s,
-                   "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                   "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        "budget": {
+            "limit_s": budget_s,
+            "wall_time_s": summary["wall_time_s"],
+            "within": summary["wall_time_s"] <= budget_s,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+        },
         "figures": figures,
         "made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -52,18 +57,25 @@ def figures(result: dict, decision) -> dict:
     """The headline figures of an evaluation and the gate's checks, for the lineage and the model card."""
     q, s, f = result["quality"], result["speed"], result["fidelity"]
     return {
-        "num_samples": result["num_samples"], "steps": result["steps"], "reference_steps": result["reference"]["steps"],
+        "num_samples": result["num_samples"],
+        "steps": result["steps"],
+        "reference_steps": result["reference"]["steps"],
         "fid_gap_floors": {name: sq["fid_gap_floors"] for name, sq in q["spaces"].items()},
         "fid_gap_halfwidth_floors": {name: sq["fid_gap_halfwidth_floors"] for name, sq in q["spaces"].items()},
-        "fid": q["fid"], "reference_fid": q["reference_fid"], "feature_space": q["feature_space"],
-        "recognisable_share": q.get("recognisable_share"), "reference_recognisable_share": q.get("reference_recognisable_share"),
-        "psnr_db": f["psnr_db"], "speedup_throughput": s["speedup_throughput"],
+        "fid": q["fid"],
+        "reference_fid": q["reference_fid"],
+        "feature_space": q["feature_space"],
+        "recognisable_share": q.get("recognisable_share"),
+        "reference_recognisable_share": q.get("reference_recognisable_share"),
+        "psnr_db": f["psnr_db"],
+        "speedup_throughput": s["speedup_throughput"],
         "gate": {"passed": decision.passed, "checks": decision.to_dict()["checks"]},
     }
 
 
-def build(root: Path, p, teacher: Path, data: Path, out: Path, budget_minutes: float,
-          log: Callable[[str], None] = print) -> dict:
+def build(
+    root: Path, p, teacher: Path, data: Path, out: Path, budget_minutes: float, log: Callable[[str], None] = print
+) -> dict:
     """Distil, judge and write the champion folder `out` (atomically; never over an existing one); returns its lineage."""
     import torch
 
@@ -80,8 +92,15 @@ def build(root: Path, p, teacher: Path, data: Path, out: Path, budget_minutes: f
     images = load_image_folder(data)
     validate_teacher(teacher, images.channels, images.size)
     work = Path(root) / "runs" / "champion" / out.name
-    student, summary = distill(p.distill, load_pipeline(teacher), torch.from_numpy(images.images), work / "checkpoints",
-                               log=log, teacher_path=teacher, workspace=root)
+    student, summary = distill(
+        p.distill,
+        load_pipeline(teacher),
+        torch.from_numpy(images.images),
+        work / "checkpoints",
+        log=log,
+        teacher_path=teacher,
+        workspace=root,
+    )
     summary["init"] = "cold"
     candidate = work / "student"
     if candidate.exists():
@@ -90,12 +109,23 @@ def build(root: Path, p, teacher: Path, data: Path, out: Path, budget_minutes: f
         shutil.rmtree(candidate)
     save_pipeline(student, candidate, extra={"redistill_distill.json": summary})
     log(f"distilled in {summary['wall_time_s']:.0f} s; evaluating it against the teacher as a cycle would")
-    result = evaluate_student(candidate, summary["num_inference_steps"], teacher, data, Path(root) / "data" / "features", p,
-                              work / "evaluation", sample_store(root), log=log)
+    result = evaluate_student(
+        candidate,
+        summary["num_inference_steps"],
+        teacher,
+        data,
+        Path(root) / "data" / "features",
+        p,
+        work / "evaluation",
+        sample_store(root),
+        log=log,
+    )
     decision = judge(result, None, p.gate, p.distill.method)
     record = lineage(root, p, teacher, data, summary, budget_minutes * 60, figures(result, decision))
     if not record["budget"]["within"]:
-        log(f"warning: the distillation took {summary['wall_time_s'] / 60:.1f} min, over its budget of {budget_minutes} min")
+        log(
+            f"warning: the distillation took {summary['wall_time_s'] / 60:.1f} min, over its budget of {budget_minutes} min"
+        )
     record["path"] = os.path.relpath(out.resolve(), Path(root).resolve())
     (candidate / LINEAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     (candidate / "README.md").write_text(model_card_for(record, summary, p.registry.student_name, candidate))
@@ -110,12 +140,26 @@ def model_card_for(record: dict, summary: dict, name: str, folder: Path) -> str:
 
     g = record["figures"]
     return model_card(
-        name=name, version=None, teacher_uri=record["teacher"]["path"], teacher_sha256=record["teacher"]["sha256"],
-        datasets=[{"context": "training and evaluation", "path": record["data"]["path"], "md5": record["data"]["dvc_md5"]}],
+        name=name,
+        version=None,
+        teacher_uri=record["teacher"]["path"],
+        teacher_sha256=record["teacher"]["sha256"],
+        datasets=[
+            {"context": "training and evaluation", "path": record["data"]["path"], "md5": record["data"]["dvc_md5"]}
+        ],
         params_sha256=record["params"]["sha256"],
         git_commit=record["code"]["git_commit"] + ("-dirty" if record["code"]["dirty"] else ""),
-        trigger="the DVC stage champion", trigger_detail=None, method=summary["method"],
-        steps=str(summary["num_inference_steps"]), checks=g["gate"]["checks"],
-        verdict="passed" if g["gate"]["passed"] else "rejected", replaced=None, champion_before=None,
-        run_id="none (made by `redistill champion`; `redistill demo` registers it)", flow_run_url=None, init="cold",
-        path=str(record.get("path", "data/champion/digits-student")), **folder_facts(folder))
+        trigger="the DVC stage champion",
+        trigger_detail=None,
+        method=summary["method"],
+        steps=str(summary["num_inference_steps"]),
+        checks=g["gate"]["checks"],
+        verdict="passed" if g["gate"]["passed"] else "rejected",
+        replaced=None,
+        champion_before=None,
+        run_id="none (made by `redistill champion`; `redistill demo` registers it)",
+        flow_run_url=None,
+        init="cold",
+        path=str(record.get("path", "data/champion/digits-student")),
+        **folder_facts(folder),
+    )

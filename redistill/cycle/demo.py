@@ -25,8 +25,17 @@ def _relative(path: Path, root: Path) -> str:
     return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
 
 
-def demo_cycle(ws: Path, p, teacher: Path, prepare: Callable[[], object], train_teacher: Callable[[], object],
-               recipe: str, log: Log, run_cycle: RunCycle, student: Path | None = None) -> tuple[dict, dict]:
+def demo_cycle(
+    ws: Path,
+    p,
+    teacher: Path,
+    prepare: Callable[[], object],
+    train_teacher: Callable[[], object],
+    recipe: str,
+    log: Log,
+    run_cycle: RunCycle,
+    student: Path | None = None,
+) -> tuple[dict, dict]:
     """A demo's steps in workspace `ws`: its data (`prepare`) and feature spaces where missing, its teacher
     (`train_teacher` with `recipe` where missing), one cycle (with `student`: trigger bootstrap, that student judged
     and registered); returns (the cycle's result, seconds per step)."""
@@ -61,8 +70,18 @@ def watch_until_handled(p, teacher_name: str, watch_teachers: Callable[[], dict]
         time.sleep(5)
 
 
-def demo_loop(root: Path, p, teacher: Path, prepare: Callable[[], object], train: Callable[[], object], recipe: str,
-              log: Log, log_err: Log, run_cycle: RunCycle, watch_teachers: Callable[[], dict]) -> dict:
+def demo_loop(
+    root: Path,
+    p,
+    teacher: Path,
+    prepare: Callable[[], object],
+    train: Callable[[], object],
+    recipe: str,
+    log: Log,
+    log_err: Log,
+    run_cycle: RunCycle,
+    watch_teachers: Callable[[], dict],
+) -> dict:
     """The committed champion as version 1 (trigger bootstrap), a new teacher landing, the watch's look, the warm
     cycle it starts; returns the model, the bootstrap, the watch's result, every version and the time per step. A
     second run finds every step done and changes nothing."""
@@ -73,23 +92,31 @@ def demo_loop(root: Path, p, teacher: Path, prepare: Callable[[], object], train
     timings = {}
     champion_dir = root / p.champion.out
     if not (champion_dir / "model_index.json").is_file():
-        raise DemoStopped(f"no committed champion at {champion_dir}; restore it (`git checkout -- {p.champion.out}`) "
-                          "or rebuild it with `dvc repro -s champion` (about 90 minutes on 2 cores)")
-    log(f"1. the committed champion {p.champion.out}: registered through the evaluation and the gate (trigger bootstrap)")
+        raise DemoStopped(
+            f"no committed champion at {champion_dir}; restore it (`git checkout -- {p.champion.out}`) "
+            "or rebuild it with `dvc repro -s champion` (about 90 minutes on 2 cores)"
+        )
+    log(
+        f"1. the committed champion {p.champion.out}: registered through the evaluation and the gate (trigger bootstrap)"
+    )
     v1, step = demo_cycle(root, p, teacher, prepare, train, recipe, log, run_cycle, student=champion_dir)
     timings.update(step)
     if v1["decision"] != "promoted":
         log(f"the committed champion was {v1['decision']} (version {v1['version']}): {v1['reasons']}")
-        log("no champion to re-distil from; see `redistill lineage --version "
-            f"{v1['version']}` and the calibration (`redistill calibrate`)")
+        log(
+            "no champion to re-distil from; see `redistill lineage --version "
+            f"{v1['version']}` and the calibration (`redistill calibrate`)"
+        )
         raise DemoStopped(None, 1)
     t = time.perf_counter()
     landed = root / "data" / "teachers" / Path(p.demo.new_teacher).name
     source = root / p.demo.new_teacher
     if not (landed / "model_index.json").is_file():
         if not (source / "model_index.json").is_file():
-            raise DemoStopped(f"no new teacher at {source}; restore it (`git checkout -- {p.demo.new_teacher}`) or "
-                              "make one with `redistill teacher finetune` (the DVC stage finetune)")
+            raise DemoStopped(
+                f"no new teacher at {source}; restore it (`git checkout -- {p.demo.new_teacher}`) or "
+                "make one with `redistill teacher finetune` (the DVC stage finetune)"
+            )
         copy_folder(source, landed)  # whole or not at all, as a finished download lands
         log(f"2. a new teacher landed: {_relative(landed, root)} (fine-tuned from {p.teacher.name})")
     else:
@@ -97,8 +124,15 @@ def demo_loop(root: Path, p, teacher: Path, prepare: Callable[[], object], train
     log("3. the watch looks for new teachers (`redistill watch --once --only teachers`, as the watch deployment does)")
     look = watch_until_handled(p, landed.name, watch_teachers, log_err)
     timings["watch and cycle"] = time.perf_counter() - t
-    return {"kind": "digits", "workspace": str(root), "model": name, "bootstrap": v1, "watch": look,
-            "versions": versions(registry_client(root), name), "timings_s": timings}
+    return {
+        "kind": "digits",
+        "workspace": str(root),
+        "model": name,
+        "bootstrap": v1,
+        "watch": look,
+        "versions": versions(registry_client(root), name),
+        "timings_s": timings,
+    }
 
 
 def text_to_image_workspace(root: Path, p) -> tuple[Path, object]:
@@ -111,12 +145,16 @@ def text_to_image_workspace(root: Path, p) -> tuple[Path, object]:
     raw, sp = t2i_demo_settings(p)
     sub = root / "runs" / "demo-text-to-image"
     sub.mkdir(parents=True, exist_ok=True)
-    (sub / "params.yaml").write_text("# written by `redistill demo --kind text-to-image` from the workspace's params.yaml "
-                                     "and its t2i_demo section\n" + yaml.safe_dump(raw, sort_keys=False))
+    (sub / "params.yaml").write_text(
+        "# written by `redistill demo --kind text-to-image` from the workspace's params.yaml "
+        "and its t2i_demo section\n" + yaml.safe_dump(raw, sort_keys=False)
+    )
     return sub, sp
 
 
-def demo_text_to_image(root: Path, sub: Path, sp, log: Log, log_err: Log, run_cycle: RunCycle) -> tuple[Path, dict, dict]:
+def demo_text_to_image(
+    root: Path, sub: Path, sp, log: Log, log_err: Log, run_cycle: RunCycle
+) -> tuple[Path, dict, dict]:
     """The captioned digits, the embedded latent text-to-image teacher (trained here if missing), and one cycle that
     distils an LCM-LoRA student in workspace `sub` with settings `sp`; returns (teacher, result, timings)."""
     from redistill.data.captions import prepare_t2i
@@ -124,10 +162,15 @@ def demo_text_to_image(root: Path, sub: Path, sp, log: Log, log_err: Log, run_cy
 
     teacher = root / "data" / "t2i-teachers" / sp.t2i_teacher.name
     result, timings = demo_cycle(
-        sub, sp, teacher,
+        sub,
+        sp,
+        teacher,
         lambda: prepare_t2i(sp.prepare, sub / "data", seed=sp.t2i_teacher.seed, image_size=sp.t2i_teacher.image_size),
-        lambda: train_embedded(root, sp, teacher, log=log_err), "the `t2i_teacher` recipe (about 45 min on one core)",
-        log, run_cycle)
+        lambda: train_embedded(root, sp, teacher, log=log_err),
+        "the `t2i_teacher` recipe (about 45 min on one core)",
+        log,
+        run_cycle,
+    )
     return teacher, result, timings
 
 
@@ -136,11 +179,33 @@ def demo_summary(result: dict, metrics: dict | None) -> dict:
     out = {k: result.get(k) for k in ("decision", "version", "run_id", "key", "deduplicated", "reasons")}
     if metrics:
         q, s = metrics["quality"], metrics["speed"]
-        out["figures"] = {"steps": metrics["steps"], "reference_steps": metrics["reference"]["steps"],
-                          "fid": q["fid"], "reference_fid": q["reference_fid"],
-                          "fid_ratio": q["fid"] / q["reference_fid"] if q["reference_fid"] else None,
-                          **{k: q[k] for k in ("recognisable_share", "reference_recognisable_share", "prompt_adherence",
-                                               "reference_prompt_adherence", "prompt_adherence_gap_points") if k in q},
-                          **{k: s[k] for k in ("speedup_throughput", "speedup_latency", "unet_passes_per_step",
-                                               "reference_unet_passes_per_step", "vae_decode_ms_p50") if k in s}}
+        out["figures"] = {
+            "steps": metrics["steps"],
+            "reference_steps": metrics["reference"]["steps"],
+            "fid": q["fid"],
+            "reference_fid": q["reference_fid"],
+            "fid_ratio": q["fid"] / q["reference_fid"] if q["reference_fid"] else None,
+            **{
+                k: q[k]
+                for k in (
+                    "recognisable_share",
+                    "reference_recognisable_share",
+                    "prompt_adherence",
+                    "reference_prompt_adherence",
+                    "prompt_adherence_gap_points",
+                )
+                if k in q
+            },
+            **{
+                k: s[k]
+                for k in (
+                    "speedup_throughput",
+                    "speedup_latency",
+                    "unet_passes_per_step",
+                    "reference_unet_passes_per_step",
+                    "vae_decode_ms_p50",
+                )
+                if k in s
+            },
+        }
     return out

@@ -56,10 +56,17 @@ def resolve_inputs(teacher: Path, data: Path, p: Params, root: Path, student: Pa
     if student is not None:
         check_pipeline_folder(student)
         inputs["student_uri"], inputs["student_sha256"] = str(Path(student).resolve()), pipeline_sha256(student)
-    features = hashlib.sha256((inputs["features_sha256"] + "\n" + inputs["validation_reference_md5"]
-                               + (f"\nstudent {inputs['student_sha256']}" if student is not None else "")).encode()).hexdigest()
-    inputs["key"] = idempotency_key(inputs["teacher_sha256"], inputs["data_md5"], inputs["params_sha256"],
-                                    inputs["git_commit"], features)
+    features = hashlib.sha256(
+        (
+            inputs["features_sha256"]
+            + "\n"
+            + inputs["validation_reference_md5"]
+            + (f"\nstudent {inputs['student_sha256']}" if student is not None else "")
+        ).encode()
+    ).hexdigest()
+    inputs["key"] = idempotency_key(
+        inputs["teacher_sha256"], inputs["data_md5"], inputs["params_sha256"], inputs["git_commit"], features
+    )
     return inputs
 
 
@@ -71,12 +78,16 @@ def inputs_changed(inputs: dict) -> str | None:
     data, teacher = Path(inputs["data_uri"]), Path(inputs["teacher_uri"])
     now = dir_md5(data) if data.is_dir() else "missing"
     if now != inputs["data_md5"]:
-        return (f"the data folder {data} changed while the cycle read it (md5 {inputs['data_md5']} at the start, "
-                f"{now} now); nothing was registered. Run the cycle again once the folder is complete")
+        return (
+            f"the data folder {data} changed while the cycle read it (md5 {inputs['data_md5']} at the start, "
+            f"{now} now); nothing was registered. Run the cycle again once the folder is complete"
+        )
     sha = pipeline_sha256(teacher) if teacher.is_dir() else "missing"
     if sha != inputs["teacher_sha256"]:
-        return (f"the teacher folder {teacher} changed while the cycle read it (sha256 {inputs['teacher_sha256'][:16]}… "
-                f"at the start, {sha[:16]}… now); nothing was registered. Run the cycle again once it is complete")
+        return (
+            f"the teacher folder {teacher} changed while the cycle read it (sha256 {inputs['teacher_sha256'][:16]}… "
+            f"at the start, {sha[:16]}… now); nothing was registered. Run the cycle again once it is complete"
+        )
     return None
 
 
@@ -105,8 +116,17 @@ def note_unrecorded_failure(run_dir: Path, run_id: str, stage: str, reason: str)
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(run_dir) / f".{UNRECORDED}.{os.getpid()}"
-    tmp.write_text(json.dumps({"run_id": run_id, "stage": stage, "reason": reason[:4000],
-                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+    tmp.write_text(
+        json.dumps(
+            {
+                "run_id": run_id,
+                "stage": stage,
+                "reason": reason[:4000],
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
+        + "\n"
+    )
     os.replace(tmp, Path(run_dir) / UNRECORDED)  # whole or absent: `recover` may read it meanwhile
 
 
@@ -115,18 +135,27 @@ def stopped_by_servers(trouble: dict[str, str], stage: str, run_dir: Path, reaso
     servers = "; ".join(f"the {what} {how}" for what, how in trouble.items())
     student = Path(run_dir) / "student"
     if (student / "redistill_distill.json").is_file():
-        kept = (f"the distilled student is kept in {student}, so running the same command again once the server is "
-                "back registers it without distilling again")
+        kept = (
+            f"the distilled student is kept in {student}, so running the same command again once the server is "
+            "back registers it without distilling again"
+        )
     elif any((Path(run_dir) / "checkpoints").glob("*/meta.json")):
-        kept = (f"the distillation's checkpoints are kept in {Path(run_dir) / 'checkpoints'}; running the same command "
-                "again once the server is back resumes from the last one")
+        kept = (
+            f"the distillation's checkpoints are kept in {Path(run_dir) / 'checkpoints'}; running the same command "
+            "again once the server is back resumes from the last one"
+        )
     else:
         kept = "nothing was distilled; run the same command again once the server is back"
-    registered = ("the registration may not have completed: the next run finishes it or registers afresh (one "
-                  "version per key), and only a passed gate moves the champion" if stage == "register" else
-                  "nothing was registered and the champion is untouched")
-    return (f"{servers} (during the {stage} stage, after the retries in registry.retry_delays_s): {registered}; "
-            f"{kept}. The run is marked FAILED then. Cause: {reason[:300]}")
+    registered = (
+        "the registration may not have completed: the next run finishes it or registers afresh (one "
+        "version per key), and only a passed gate moves the champion"
+        if stage == "register"
+        else "nothing was registered and the champion is untouched"
+    )
+    return (
+        f"{servers} (during the {stage} stage, after the retries in registry.retry_delays_s): {registered}; "
+        f"{kept}. The run is marked FAILED then. Cause: {reason[:300]}"
+    )
 
 
 def recover(c, name: str, experiment: str, key: str, root: Path | None = None) -> dict:
@@ -141,8 +170,11 @@ def recover(c, name: str, experiment: str, key: str, root: Path | None = None) -
     exp = c.get_experiment_by_name(experiment)
     closed = close_orphan_runs(c, [exp.experiment_id], key, "a later run of the same inputs closed it") if exp else []
     finished = bool(found) and finish_promotion(c, name, found[0])
-    return {"closed_runs": closed, "finished_promotion": str(found[0].version) if finished else None,
-            "late_failure": late}
+    return {
+        "closed_runs": closed,
+        "finished_promotion": str(found[0].version) if finished else None,
+        "late_failure": late,
+    }
 
 
 def _record_late_failure(c, note: Path, versions: list) -> str | None:
@@ -169,8 +201,11 @@ def _record_late_failure(c, note: Path, versions: list) -> str | None:
             c.set_terminated(rec["run_id"], status="FINISHED")
         else:
             c.set_tag(rec["run_id"], "redistill.failed_stage", rec.get("stage", "cycle"))
-            c.set_tag(rec["run_id"], "redistill.failure",
-                      f"{rec.get('reason', '')} (recorded late: a server was away when it failed at {rec.get('at')})"[:5000])
+            c.set_tag(
+                rec["run_id"],
+                "redistill.failure",
+                f"{rec.get('reason', '')} (recorded late: a server was away when it failed at {rec.get('at')})"[:5000],
+            )
             c.set_terminated(rec["run_id"], status="FAILED")
     note.unlink(missing_ok=True)
     return rec["run_id"]
@@ -184,6 +219,11 @@ def earlier_decision(c, name: str, key: str) -> dict | None:
     if not found:
         return None
     mv = found[0]
-    return {"key": key, "decision": "promoted" if mv.tags.get(PREFIX + "gate") == "passed" else "rejected",
-            "version": str(mv.version), "run_id": mv.run_id, "reasons": mv.tags.get(PREFIX + "gate_reasons", ""),
-            "deduplicated": True}
+    return {
+        "key": key,
+        "decision": "promoted" if mv.tags.get(PREFIX + "gate") == "passed" else "rejected",
+        "version": str(mv.version),
+        "run_id": mv.run_id,
+        "reasons": mv.tags.get(PREFIX + "gate_reasons", ""),
+        "deduplicated": True,
+    }

@@ -13,8 +13,16 @@ class CycleRefused(RuntimeError):
     """The cycle cannot start; the message says what to fix."""
 
 
-def start_cycle(root: Path, p, teacher: Path, data: Path, force: bool, student: Path | None = None,
-                params: Path | None = None, log: Callable[[str], None] = print) -> tuple[dict, dict | None]:
+def start_cycle(
+    root: Path,
+    p,
+    teacher: Path,
+    data: Path,
+    force: bool,
+    student: Path | None = None,
+    params: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[dict, dict | None]:
     """Resolve a cycle's inputs; returns (inputs, the earlier decision for the same key or None).
 
     An empty workspace gets its reference set and label-free feature space from `data` and its model's name;
@@ -40,8 +48,9 @@ def start_cycle(root: Path, p, teacher: Path, data: Path, force: bool, student: 
         try:
             calibrate_workspace(root, p, teacher, params, log=log)
         except (PipelineError, DataError, FileNotFoundError, ValueError) as e:
-            raise CycleRefused(f"cannot calibrate the gate in this workspace: {e}; or set gate.fid_gap_max in "
-                               "params.yaml") from e
+            raise CycleRefused(
+                f"cannot calibrate the gate in this workspace: {e}; or set gate.fid_gap_max in params.yaml"
+            ) from e
     try:
         inputs = resolve_inputs(teacher, data, p, root, student)
     except (PipelineError, DataError, FileNotFoundError) as e:
@@ -53,8 +62,10 @@ def start_cycle(root: Path, p, teacher: Path, data: Path, force: bool, student: 
     except Exception as e:  # any transport or store error: say which URI and stop before any work
         trouble = server_trouble(uri)
         why = f"it {trouble}" if trouble else f"{type(e).__name__}: {str(e)[:200]}"
-        raise CycleRefused(f"MLflow tracking URI {uri} cannot be reached: {why}, after {p.registry.http_retries} "
-                           "retries (registry.http_retries); start the server or unset MLFLOW_TRACKING_URI to use the "
-                           "workspace's SQLite store") from e
+        raise CycleRefused(
+            f"MLflow tracking URI {uri} cannot be reached: {why}, after {p.registry.http_retries} "
+            "retries (registry.http_retries); start the server or unset MLFLOW_TRACKING_URI to use the "
+            "workspace's SQLite store"
+        ) from e
     recover(c, p.registry.student_name, p.registry.experiment, inputs["key"], root)  # what a killed run left behind
     return inputs, (None if force else earlier_decision(c, p.registry.student_name, inputs["key"]))

@@ -62,12 +62,15 @@ def why_not(champion_tags: dict, champion_student: Path, teacher: Path, p) -> st
 
     d = p.distill
     if d.method not in WARM_METHODS:
-        why = {"rectified": "reflows the teacher's couplings, then distils the reflowed flow"}.get(d.method, "has no warm start")
-        return (f"{d.method} distillation {why}, so it always starts cold; "
-                f"warm starts serve {', '.join(WARM_METHODS)}")
+        why = {"rectified": "reflows the teacher's couplings, then distils the reflowed flow"}.get(
+            d.method, "has no warm start"
+        )
+        return f"{d.method} distillation {why}, so it always starts cold; warm starts serve {', '.join(WARM_METHODS)}"
     if d.student.lora_rank:
-        return ("a LoRA student (distill.student.lora_rank > 0) is an adapter trained on its base teacher from the "
-                "start, so it always starts cold")
+        return (
+            "a LoRA student (distill.student.lora_rank > 0) is an adapter trained on its base teacher from the "
+            "start, so it always starts cold"
+        )
     method, steps = champion_tags.get(PREFIX + "method"), champion_tags.get(PREFIX + "num_inference_steps")
     if method != d.method:
         return f"the champion was distilled with {method}, this cycle uses {d.method}"
@@ -78,17 +81,29 @@ def why_not(champion_tags: dict, champion_student: Path, teacher: Path, p) -> st
     diff = sorted(k for k in set(have) | set(want) if _norm(have.get(k)) != _norm(want.get(k)))
     if diff:
         k = diff[0]
-        return (f"the champion's UNet has {k}={have.get(k)!r} where this teacher's student has {want.get(k)!r} "
-                f"({len(diff)} setting(s) differ)")
-    ptype = json.loads((Path(champion_student) / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type")
-    teacher_ptype = json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type")
+        return (
+            f"the champion's UNet has {k}={have.get(k)!r} where this teacher's student has {want.get(k)!r} "
+            f"({len(diff)} setting(s) differ)"
+        )
+    ptype = json.loads((Path(champion_student) / "scheduler" / "scheduler_config.json").read_text()).get(
+        "prediction_type"
+    )
+    teacher_ptype = json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text()).get(
+        "prediction_type"
+    )
     want_ptype = "sample" if d.method == "output" else teacher_ptype
     if d.method == "progressive":  # v from pure noise (a trailing grid), else the teacher's own
         from redistill.methods.progressive import student_prediction
 
-        want_ptype = student_prediction(teacher_ptype, d.progressive.first_timestep,
-                                        int(json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text())
-                                            .get("num_train_timesteps", 1000)))
+        want_ptype = student_prediction(
+            teacher_ptype,
+            d.progressive.first_timestep,
+            int(
+                json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text()).get(
+                    "num_train_timesteps", 1000
+                )
+            ),
+        )
     if ptype != want_ptype:
         return f"the champion predicts {ptype}, a {d.method} student of this teacher predicts {want_ptype}"
     return None

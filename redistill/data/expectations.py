@@ -58,8 +58,12 @@ class ValidationReport:
 
     def message(self) -> str:
         if self.success:
-            return f"data validation passed ({self.num_images} images" + (f"; bands from {self.bands_from}" if self.bands_from else "") + \
-                (f"; {self.captions}" if self.captions else "") + ")"
+            return (
+                f"data validation passed ({self.num_images} images"
+                + (f"; bands from {self.bands_from}" if self.bands_from else "")
+                + (f"; {self.captions}" if self.captions else "")
+                + ")"
+            )
         return "data validation failed: " + "; ".join(self.failed) + (f" ({self.captions})" if self.captions else "")
 
 
@@ -79,8 +83,10 @@ def build_suite(profile: dict, p: ValidateParams, labelled: bool = True):
         E.ExpectColumnValuesToBeBetween(column="max", min_value=0.0, max_value=1.0),
         E.ExpectColumnValuesToBeInSet(column="nan_count", value_set=[0]),
         E.ExpectColumnValuesToBeInSet(column="inf_count", value_set=[0]),
-        *(E.ExpectColumnValuesToBeBetween(column=column, min_value=lo, max_value=hi, mostly=p.mostly)
-          for column, (lo, hi) in profile["bands"].items()),
+        *(
+            E.ExpectColumnValuesToBeBetween(column=column, min_value=lo, max_value=hi, mostly=p.mostly)
+            for column, (lo, hi) in profile["bands"].items()
+        ),
         E.ExpectColumnValuesToBeUnique(column="pixel_sha256"),
     ]
     if "label_values" in profile and labelled:  # labels are optional: without them on both sides, no label check
@@ -88,7 +94,8 @@ def build_suite(profile: dict, p: ValidateParams, labelled: bool = True):
             E.ExpectColumnValuesToNotBeNull(column="label"),
             E.ExpectColumnValuesToBeInSet(column="label", value_set=profile["label_values"]),
             E.ExpectColumnKLDivergenceToBeLessThan(
-                column="label", threshold=p.label_kl_max,
+                column="label",
+                threshold=p.label_kl_max,
                 partition_object={"values": profile["label_values"], "weights": profile["label_weights"]},
             ),
         ]
@@ -101,11 +108,16 @@ def build_caption_suite(caption_profile: dict, p: ValidateParams):
     import great_expectations as gx
 
     E = gx.expectations
-    return gx.ExpectationSuite(name=CAPTIONS_SUITE_NAME, expectations=[
-        E.ExpectColumnValuesToBeInSet(column="has_caption", value_set=[True]),
-        E.ExpectColumnValuesToBeBetween(column="n_tokens", min_value=0, max_value=caption_profile["token_limit"]),
-        E.ExpectColumnValuesToBeBetween(column="caption_share", min_value=0.0, max_value=p.max_duplicate_caption_share),
-    ])
+    return gx.ExpectationSuite(
+        name=CAPTIONS_SUITE_NAME,
+        expectations=[
+            E.ExpectColumnValuesToBeInSet(column="has_caption", value_set=[True]),
+            E.ExpectColumnValuesToBeBetween(column="n_tokens", min_value=0, max_value=caption_profile["token_limit"]),
+            E.ExpectColumnValuesToBeBetween(
+                column="caption_share", min_value=0.0, max_value=p.max_duplicate_caption_share
+            ),
+        ],
+    )
 
 
 def _offending_files(table, cfg) -> list[str]:
@@ -148,23 +160,33 @@ def _describe(result, table=None, unit: str = "tokens") -> str:
     elif cfg.type == "expect_table_row_count_to_be_between":
         detail += " images; validate.min_count asks for more: add images or lower validate.min_count"
     elif column == "has_caption":
-        detail, fix = f"{len(files)} images have no caption (none in the captions file, or only whitespace)", \
-            "write their captions"
+        detail, fix = (
+            f"{len(files)} images have no caption (none in the captions file, or only whitespace)",
+            "write their captions",
+        )
     elif column == "n_tokens":
         detail = f"{len(files)} captions are longer than {kw.get('max_value'):g} {unit} (the text encoder would truncate them)"
         fix = "shorten those captions"
     elif column == "caption_share" and files:
         top = table.loc[table["file"].isin(files)].sort_values("caption_share", ascending=False).iloc[0]
-        detail = (f"{len(files)} images share captions that each label more than {kw.get('max_value'):g} of the "
-                  f"images (the most common, {top['caption']!r}, labels {top['caption_share']:.1%})")
+        detail = (
+            f"{len(files)} images share captions that each label more than {kw.get('max_value'):g} of the "
+            f"images (the most common, {top['caption']!r}, labels {top['caption_share']:.1%})"
+        )
         fix = "write distinct captions for them, or raise validate.max_duplicate_caption_share"
     if files:
         detail += f" in {', '.join(files[:5])}" + (f" and {len(files) - 5} more" if len(files) > 5 else "") + f"; {fix}"
     return f"{cfg.type}({', '.join(f'{k}={v}' for k, v in kw.items())}): {detail}"
 
 
-def validate_folder(folder: Path, reference: Path, p: ValidateParams, out_dir: Path,
-                    reference_md5: str | None = None, teacher: Path | None = None) -> ValidationReport:
+def validate_folder(
+    folder: Path,
+    reference: Path,
+    p: ValidateParams,
+    out_dir: Path,
+    reference_md5: str | None = None,
+    teacher: Path | None = None,
+) -> ValidationReport:
     """Validate `folder` against the suite learnt from `reference`; GX files go under `out_dir`.
 
     A representative set the watch grew (it holds `grown_from.json`) is validated against the reference it grew
@@ -183,23 +205,29 @@ def validate_folder(folder: Path, reference: Path, p: ValidateParams, out_dir: P
     except DataError as e:
         return ValidationReport(False, [str(e)], len(table))
     if reference_md5 is not None and basis["reference_md5"] != reference_md5:
-        basis["problem"] = (f"{reference} changed since the cycle resolved its inputs (md5 {reference_md5} in its key, "
-                            f"{basis['reference_md5'] or 'missing'} now); run the cycle again")
+        basis["problem"] = (
+            f"{reference} changed since the cycle resolved its inputs (md5 {reference_md5} in its key, "
+            f"{basis['reference_md5'] or 'missing'} now); run the cycle again"
+        )
     (out_dir / "basis.json").write_text(json.dumps(basis, indent=2) + "\n")
     if basis["problem"]:
         return ValidationReport(False, [basis["problem"]], len(table), bands_from=basis["bands_from"])
     try:
         reference_table = image_table(reference)
-        profile = (grown_profile(reference_table, table, basis["batches"], p) if basis["batches"]
-                   else reference_profile(reference_table, p))
+        profile = (
+            grown_profile(reference_table, table, basis["batches"], p)
+            if basis["batches"]
+            else reference_profile(reference_table, p)
+        )
     except DataError as e:
         return ValidationReport(False, [str(e)], len(table), bands_from=basis["bands_from"])
     try:
         captions, caption_profile, mismatch = _captions(folder, reference, p, teacher)
     except DataError as e:  # a malformed captions file, or a teacher tokenizer that does not load
         return ValidationReport(False, [str(e)], len(table), bands_from=basis["bands_from"])
-    report = validate_table(table, {**profile, "bands_from": basis["bands_from"]}, p, out_dir,
-                            captions, caption_profile)
+    report = validate_table(
+        table, {**profile, "bands_from": basis["bands_from"]}, p, out_dir, captions, caption_profile
+    )
     report.bands_from = basis["bands_from"]
     if mismatch:
         report.success = False
@@ -212,25 +240,36 @@ def _captions(folder: Path, reference: Path, p: ValidateParams, teacher: Path | 
     mine, theirs = captions_file(folder), captions_file(reference)
     mismatch = None
     if mine is not None and theirs is None:
-        mismatch = (f"{folder} has captions ({mine.name}) but the reference {reference} has none: captioned data is "
-                    f"validated against a captioned reference. Add captions to {reference} (captions.csv or "
-                    f"metadata.jsonl), or remove {mine} to validate the images alone")
+        mismatch = (
+            f"{folder} has captions ({mine.name}) but the reference {reference} has none: captioned data is "
+            f"validated against a captioned reference. Add captions to {reference} (captions.csv or "
+            f"metadata.jsonl), or remove {mine} to validate the images alone"
+        )
     elif mine is None and theirs is not None:
-        mismatch = (f"{folder} has no captions but the reference {reference} has ({theirs.name}): a text-to-image "
-                    f"teacher needs a caption for every image. Add captions.csv (file,caption) or metadata.jsonl "
-                    f"(file_name, text) to {folder}")
+        mismatch = (
+            f"{folder} has no captions but the reference {reference} has ({theirs.name}): a text-to-image "
+            f"teacher needs a caption for every image. Add captions.csv (file,caption) or metadata.jsonl "
+            f"(file_name, text) to {folder}"
+        )
     if mine is None:
         return None, None, mismatch
     counter = caption_counter(teacher, p.max_caption_tokens)
     table = caption_table(folder, counter)
-    profile = {"captions_file": mine.name, "token_limit": counter.limit, "unit": counter.unit,
-               "counted_with": counter.name, "max_duplicate_caption_share": p.max_duplicate_caption_share,
-               "num_captioned": int(table["has_caption"].sum()), "num_images": int(len(table))}
+    profile = {
+        "captions_file": mine.name,
+        "token_limit": counter.limit,
+        "unit": counter.unit,
+        "counted_with": counter.name,
+        "max_duplicate_caption_share": p.max_duplicate_caption_share,
+        "num_captioned": int(table["has_caption"].sum()),
+        "num_images": int(len(table)),
+    }
     return table, profile, mismatch
 
 
-def validate_table(table, profile: dict, p: ValidateParams, out_dir: Path, captions=None,
-                   caption_profile: dict | None = None) -> ValidationReport:
+def validate_table(
+    table, profile: dict, p: ValidateParams, out_dir: Path, captions=None, caption_profile: dict | None = None
+) -> ValidationReport:
     """Run the suite for `profile` over a per-image table; writes suite, result, profile and data docs.
 
     With a caption table (`redistill.data.validation.caption_table`) and its `caption_profile` (token_limit,
@@ -248,24 +287,42 @@ def validate_table(table, profile: dict, p: ValidateParams, out_dir: Path, capti
         ctx = gx.get_context(mode="file", project_root_dir=tmp)
         # no "Calculating Metrics" bars on stderr: the report lists what failed
         ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-        batch = ctx.data_sources.add_pandas("images").add_dataframe_asset("table").add_batch_definition_whole_dataframe("all")
+        batch = (
+            ctx.data_sources.add_pandas("images")
+            .add_dataframe_asset("table")
+            .add_batch_definition_whole_dataframe("all")
+        )
         suite = ctx.suites.add(suite)
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="images", data=batch, suite=suite))
-        cp = ctx.checkpoints.add(gx.Checkpoint(name="validate", validation_definitions=[vd],
-                                               actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")]))
+        cp = ctx.checkpoints.add(
+            gx.Checkpoint(
+                name="validate", validation_definitions=[vd], actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")]
+            )
+        )
         run = cp.run(batch_parameters={"dataframe": table})
         (result,) = run.run_results.values()
         failed = [_describe(r, table) for r in result.results if not r.success]
         captions_result = None
         if captions is not None:  # a second asset and checkpoint: its own table, one row per image file
-            cbatch = ctx.data_sources.add_pandas("captions").add_dataframe_asset("table").add_batch_definition_whole_dataframe("all")
+            cbatch = (
+                ctx.data_sources.add_pandas("captions")
+                .add_dataframe_asset("table")
+                .add_batch_definition_whole_dataframe("all")
+            )
             csuite = ctx.suites.add(build_caption_suite(caption_profile, p))
             cvd = ctx.validation_definitions.add(gx.ValidationDefinition(name="captions", data=cbatch, suite=csuite))
-            ccp = ctx.checkpoints.add(gx.Checkpoint(name="validate-captions", validation_definitions=[cvd],
-                                                    actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")]))
+            ccp = ctx.checkpoints.add(
+                gx.Checkpoint(
+                    name="validate-captions",
+                    validation_definitions=[cvd],
+                    actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")],
+                )
+            )
             crun = ccp.run(batch_parameters={"dataframe": captions})
             (captions_result,) = crun.run_results.values()
-            failed += [_describe(r, captions, caption_profile["unit"]) for r in captions_result.results if not r.success]
+            failed += [
+                _describe(r, captions, caption_profile["unit"]) for r in captions_result.results if not r.success
+            ]
         docs_src = Path(tmp) / "gx" / "uncommitted" / "data_docs" / "local_site"
         docs = out_dir / "data_docs"
         shutil.rmtree(docs, ignore_errors=True)
@@ -274,15 +331,23 @@ def validate_table(table, profile: dict, p: ValidateParams, out_dir: Path, capti
     (out_dir / "result.json").write_text(json.dumps(result.to_json_dict(), indent=2, default=str) + "\n")
     (out_dir / "profile.json").write_text(json.dumps(profile, indent=2) + "\n")
     report = ValidationReport(
-        success=bool(run.success), failed=failed, num_images=len(table),
-        suite_json=out_dir / "suite.json", result_json=out_dir / "result.json", data_docs=docs / "index.html",
+        success=bool(run.success),
+        failed=failed,
+        num_images=len(table),
+        suite_json=out_dir / "suite.json",
+        result_json=out_dir / "result.json",
+        data_docs=docs / "index.html",
     )
     if captions_result is not None:
         (out_dir / "captions_suite.json").write_text(json.dumps(csuite.to_json_dict(), indent=2, default=str) + "\n")
-        (out_dir / "captions_result.json").write_text(json.dumps(captions_result.to_json_dict(), indent=2, default=str) + "\n")
+        (out_dir / "captions_result.json").write_text(
+            json.dumps(captions_result.to_json_dict(), indent=2, default=str) + "\n"
+        )
         (out_dir / "captions_profile.json").write_text(json.dumps(caption_profile, indent=2) + "\n")
         report.success = report.success and bool(crun.success)
         report.captions_result_json = out_dir / "captions_result.json"
-        report.captions = (f"captions: {caption_profile['num_captioned']} of {caption_profile['num_images']} images "
-                           f"({caption_profile['captions_file']}), lengths counted in {caption_profile['counted_with']}")
+        report.captions = (
+            f"captions: {caption_profile['num_captioned']} of {caption_profile['num_images']} images "
+            f"({caption_profile['captions_file']}), lengths counted in {caption_profile['counted_with']}"
+        )
     return report

@@ -35,14 +35,18 @@ def merge_batch(base: Path, batch: Path, out: Path, batch_name: str) -> int:
     # both sides must read as images of one shape before anything is written: a bad batch never enters
     base_shape, batch_shape = load_image_folder(base).images.shape[1:], load_image_folder(batch).images.shape[1:]
     if base_shape != batch_shape:
-        raise DataError(f"batch {batch} holds images of shape {tuple(batch_shape)}, the representative set "
-                        f"{base} {tuple(base_shape)}; it cannot grow the set. Fix or remove the batch")
+        raise DataError(
+            f"batch {batch} holds images of shape {tuple(batch_shape)}, the representative set "
+            f"{base} {tuple(base_shape)}; it cannot grow the set. Fix or remove the batch"
+        )
     base_labels, batch_labels = read_label_map(base), read_label_map(batch)
     base_caps, batch_caps = read_captions(base), read_captions(batch)  # DataError when either is malformed
     if base_caps is not None and batch_caps is None:
-        raise DataError(f"the set {base} has captions ({base_caps.path.name}) but batch {batch} has none, so the grown "
-                        "set would hold uncaptioned images; add the batch's captions (captions.csv or metadata.jsonl) "
-                        "or remove the batch")
+        raise DataError(
+            f"the set {base} has captions ({base_caps.path.name}) but batch {batch} has none, so the grown "
+            "set would hold uncaptioned images; add the batch's captions (captions.csv or metadata.jsonl) "
+            "or remove the batch"
+        )
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -53,14 +53,21 @@ class ImageSet:
 # ---------------------------------------------------------------------------------------------------
 
 
-def write_image_folder(out: Path, images: np.ndarray, labels: np.ndarray | None,
-                       captions: list[str] | None = None, captions_format: str = "csv") -> None:
+def write_image_folder(
+    out: Path,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    captions: list[str] | None = None,
+    captions_format: str = "csv",
+) -> None:
     """Write uint8 images (N×H×W or N×H×W×C) as PNGs plus `labels.csv`, replacing the folder; with `captions`
     (one per image) also `captions.csv` (`captions_format="csv"`) or `metadata.jsonl` (`"jsonl"`, column `text`)."""
     if captions is not None and len(captions) != len(images):
         raise DataError(f"{len(captions)} captions for {len(images)} images; pass one caption per image")
     if captions_format not in ("csv", "jsonl"):
-        raise DataError(f"captions_format must be csv (captions.csv) or jsonl (metadata.jsonl), got {captions_format!r}")
+        raise DataError(
+            f"captions_format must be csv (captions.csv) or jsonl (metadata.jsonl), got {captions_format!r}"
+        )
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -158,10 +165,14 @@ def read_label_map(folder: Path) -> dict[str, int]:
             by_file[name] = int(r["label"])
         except ValueError as e:
             raise DataError(f"{path}: label {r['label']!r} of {name} is not an integer") from e
-    unknown = sorted(n for n in by_file if Path(n).suffix.lower() not in IMAGE_SUFFIXES or not (Path(folder) / n).is_file())
+    unknown = sorted(
+        n for n in by_file if Path(n).suffix.lower() not in IMAGE_SUFFIXES or not (Path(folder) / n).is_file()
+    )
     if unknown:  # a label for an image that is not there: the labels belong to another folder
-        raise DataError(f"{path} labels {unknown[0]}, which is not an image in {folder} "
-                        f"(and {len(unknown) - 1} more); remove those rows")
+        raise DataError(
+            f"{path} labels {unknown[0]}, which is not an image in {folder} "
+            f"(and {len(unknown) - 1} more); remove those rows"
+        )
     return by_file
 
 
@@ -171,8 +182,10 @@ def _read_labels(folder: Path, files: list[str]) -> np.ndarray | None:
     by_file = read_label_map(folder)
     missing = [f for f in files if f not in by_file]
     if missing:
-        raise DataError(f"{folder / 'labels.csv'} has no label for {missing[0]} (and {len(missing) - 1} more); "
-                        "add them or delete labels.csv")
+        raise DataError(
+            f"{folder / 'labels.csv'} has no label for {missing[0]} (and {len(missing) - 1} more); "
+            "add them or delete labels.csv"
+        )
     return np.array([by_file[f] for f in files], dtype=np.int64)
 
 
@@ -214,8 +227,10 @@ def captions_file(folder: Path) -> Path | None:
     folder = Path(folder)
     present = [folder / name for name in CAPTION_FILES if (folder / name).is_file()]
     if len(present) > 1:
-        raise DataError(f"{folder} holds both {CAPTIONS_CSV} and {METADATA_JSONL}; keep one of them (redistill reads "
-                        "either, never both, so which captions are meant would be a guess)")
+        raise DataError(
+            f"{folder} holds both {CAPTIONS_CSV} and {METADATA_JSONL}; keep one of them (redistill reads "
+            "either, never both, so which captions are meant would be a guess)"
+        )
     return present[0] if present else None
 
 
@@ -227,8 +242,10 @@ def check_caption_file_name(name: object, where: str, images: set[str], folder: 
     if not isinstance(name, str) or not name.strip():
         raise DataError(f"{where}: the file name {name!r} is not a file name; write the PNG's name, e.g. 00001.png")
     if "/" in name or "\\" in name or ".." in name or any(ord(ch) < 32 for ch in name):
-        raise DataError(f"{where}: {name!r} is not a plain file name in {folder} (no '/', '\\\\', '..' or control "
-                        "characters: captions describe the images of this folder only); write the PNG's bare name")
+        raise DataError(
+            f"{where}: {name!r} is not a plain file name in {folder} (no '/', '\\\\', '..' or control "
+            "characters: captions describe the images of this folder only); write the PNG's bare name"
+        )
     if name not in images:
         raise DataError(f"{where}: {name} is not a PNG image in {folder}; remove that caption or add the image")
     return name
@@ -249,16 +266,20 @@ def _read_csv(path: Path, images: set[str], folder: Path) -> Captions:
     reader = csv.reader(io.StringIO(_text(path), newline=""))
     header = next(reader, None)
     if header is None or [h.strip() for h in header] != ["file", "caption"]:
-        raise DataError(f"{path} must start with the header `file,caption`, got {header}; write one row per image "
-                        "below it, e.g. 00001.png,a handwritten digit seven")
+        raise DataError(
+            f"{path} must start with the header `file,caption`, got {header}; write one row per image "
+            "below it, e.g. 00001.png,a handwritten digit seven"
+        )
     by_file: dict[str, str | None] = {}
     for row in reader:
         where = f"{path} line {reader.line_num}"
         if not row or row == [""]:
             continue  # a blank line, e.g. at the end
         if len(row) != 2:
-            raise DataError(f"{where}: {len(row)} fields where `file,caption` has 2; put a caption that holds a comma "
-                            f'in double quotes ("a cat, sitting"), got {row[:4]}')
+            raise DataError(
+                f"{where}: {len(row)} fields where `file,caption` has 2; put a caption that holds a comma "
+                f'in double quotes ("a cat, sitting"), got {row[:4]}'
+            )
         name = check_caption_file_name(row[0], where, images, folder)
         if name in by_file:
             raise DataError(f"{where}: {name} has a second caption; keep one row per image")
@@ -275,20 +296,28 @@ def _read_jsonl(path: Path, images: set[str], folder: Path) -> Captions:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where} is not valid JSON ({e.msg}, column {e.colno}); each line must be one object like "
-                            '{"file_name": "00001.png", "text": "a handwritten digit seven"}') from e
+            raise DataError(
+                f"{where} is not valid JSON ({e.msg}, column {e.colno}); each line must be one object like "
+                '{"file_name": "00001.png", "text": "a handwritten digit seven"}'
+            ) from e
         if not isinstance(obj, dict):
-            raise DataError(f"{where} is a JSON {type(obj).__name__}, not an object; each line must be one object like "
-                            '{"file_name": "00001.png", "text": "a handwritten digit seven"}')
+            raise DataError(
+                f"{where} is a JSON {type(obj).__name__}, not an object; each line must be one object like "
+                '{"file_name": "00001.png", "text": "a handwritten digit seven"}'
+            )
         if "file_name" not in obj:
-            raise DataError(f"{where} has no `file_name` (keys: {', '.join(map(str, obj)) or 'none'}); Hugging Face "
-                            "ImageFolder metadata names its image in `file_name`")
+            raise DataError(
+                f"{where} has no `file_name` (keys: {', '.join(map(str, obj)) or 'none'}); Hugging Face "
+                "ImageFolder metadata names its image in `file_name`"
+            )
         lines.append((where, obj))
     used = {k for _, obj in lines for k in obj}
     column = next((c for c in CAPTION_COLUMNS if c in used), None)
     if lines and column is None:
-        raise DataError(f"{path} has no caption column: its lines hold {', '.join(sorted(map(str, used)))}, and the "
-                        f"caption is read from the first of {', '.join(CAPTION_COLUMNS)}; rename the caption field")
+        raise DataError(
+            f"{path} has no caption column: its lines hold {', '.join(sorted(map(str, used)))}, and the "
+            f"caption is read from the first of {', '.join(CAPTION_COLUMNS)}; rename the caption field"
+        )
     by_file: dict[str, str | None] = {}
     extra: dict[str, dict] = {}
     for where, obj in lines:
@@ -297,8 +326,10 @@ def _read_jsonl(path: Path, images: set[str], folder: Path) -> Captions:
             raise DataError(f"{where}: {name} has a second line; keep one line per image")
         caption = obj.get(column)
         if caption is not None and not isinstance(caption, str):
-            raise DataError(f"{where}: `{column}` of {name} is a JSON {type(caption).__name__}, not a string; write the "
-                            "caption as a string")
+            raise DataError(
+                f"{where}: `{column}` of {name} is a JSON {type(caption).__name__}, not a string; write the "
+                "caption as a string"
+            )
         by_file[name] = caption  # None (absent or null): a missing caption, which the validation names
         rest = {k: v for k, v in obj.items() if k not in ("file_name", column)}
         if rest:
@@ -325,8 +356,13 @@ def caption_list(folder: Path, files: list[str]) -> list[str] | None:
     return [caps.by_file.get(f) or "" for f in files]
 
 
-def write_captions(folder: Path, by_file: dict[str, str | None], fmt: str = "csv", column: str = "text",
-                   extra: dict[str, dict] | None = None) -> Path:
+def write_captions(
+    folder: Path,
+    by_file: dict[str, str | None],
+    fmt: str = "csv",
+    column: str = "text",
+    extra: dict[str, dict] | None = None,
+) -> Path:
     """Write `by_file` as captions.csv (`fmt="csv"`) or metadata.jsonl (`fmt="jsonl"`, the caption under
     `column`, each line's `extra` fields after it), rows sorted by file name; returns the file."""
     folder = Path(folder)
@@ -338,13 +374,17 @@ def write_captions(folder: Path, by_file: dict[str, str | None], fmt: str = "csv
             w.writerows((name, by_file[name] or "") for name in sorted(by_file))
     elif fmt == "jsonl":
         if column not in CAPTION_COLUMNS:
-            raise ValueError(f"the caption column of metadata.jsonl must be one of {', '.join(CAPTION_COLUMNS)}, got {column!r}")
+            raise ValueError(
+                f"the caption column of metadata.jsonl must be one of {', '.join(CAPTION_COLUMNS)}, got {column!r}"
+            )
         path = folder / METADATA_JSONL
         extra = extra or {}
         with open(path, "w", encoding="utf-8") as f:
             for name in sorted(by_file):
-                f.write(json.dumps({"file_name": name, column: by_file[name], **extra.get(name, {})},
-                                   ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps({"file_name": name, column: by_file[name], **extra.get(name, {})}, ensure_ascii=False)
+                    + "\n"
+                )
     else:
         raise ValueError(f"captions format must be csv (captions.csv) or jsonl (metadata.jsonl), got {fmt!r}")
     return path

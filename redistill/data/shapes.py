@@ -54,8 +54,9 @@ def _mask(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(f"unknown shape class {kind}")
 
 
-def draw(n: int, size: int = 16, channels: int = 3, seed: int = 0,
-         classes: tuple[int, ...] = tuple(range(len(CLASSES)))) -> tuple[np.ndarray, np.ndarray]:
+def draw(
+    n: int, size: int = 16, channels: int = 3, seed: int = 0, classes: tuple[int, ...] = tuple(range(len(CLASSES)))
+) -> tuple[np.ndarray, np.ndarray]:
     """`n` images as uint8 (N, H, W, C) (C=3) or (N, H, W) (C=1) and their class labels; pure and seeded."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -77,8 +78,15 @@ def draw(n: int, size: int = 16, channels: int = 3, seed: int = 0,
     return out, labels
 
 
-def write(out: Path, n: int, size: int = 16, channels: int = 3, seed: int = 0, labels: bool = False,
-          classes: tuple[int, ...] = tuple(range(len(CLASSES)))) -> Path:
+def write(
+    out: Path,
+    n: int,
+    size: int = 16,
+    channels: int = 3,
+    seed: int = 0,
+    labels: bool = False,
+    classes: tuple[int, ...] = tuple(range(len(CLASSES))),
+) -> Path:
     """Draw `n` images into the PNG folder `out` (replaced), with `labels.csv` when `labels`."""
     from redistill.data.images import write_image_folder
 

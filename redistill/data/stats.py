@@ -27,7 +27,7 @@ def image_stats(images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         out[f"std_c{k}"] = x[:, k].reshape(n, -1).std(1, ddof=1) if h * w > 1 else np.zeros(n)
     luma = x[:, 0] if c == 1 else np.einsum("nchw,c->nhw", x, LUMA)
     gy, gx = np.diff(luma, axis=1)[:, :, : w - 1], np.diff(luma, axis=2)[:, : h - 1, :]
-    out["sharpness"] = np.sqrt(gy ** 2 + gx ** 2).mean((1, 2)) if h > 1 and w > 1 else np.zeros(n)
+    out["sharpness"] = np.sqrt(gy**2 + gx**2).mean((1, 2)) if h > 1 and w > 1 else np.zeros(n)
     if c == 3:
         hi, lo = x.max(1), x.min(1)
         out["saturation"] = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-12), 0.0).mean((1, 2))

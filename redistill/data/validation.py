@@ -33,16 +33,35 @@ from redistill.data.images import IMAGE_SUFFIXES, DataError, dir_md5, read_capti
 GROWN_FROM = "grown_from.json"  # inside a grown representative set: the reference and batches it grew from
 MAX_CHANNELS = 3  # read_png gives grey (1) or RGB (3) images
 CHANNEL_STATS = ("mean", "std")  # learnt per channel: columns mean_c0, std_c0, … (redistill.drift.image_stats)
-TABLE_COLUMNS = ("file", "readable", "height", "width", "channels", "min", "max", "mean", "std",
-                 *(f"{s}_c{k}" for s in CHANNEL_STATS for k in range(MAX_CHANNELS)), "sharpness", "saturation",
-                 "nan_count", "inf_count", "pixel_sha256", "label", "error")  # error: why a file was unreadable
+TABLE_COLUMNS = (
+    "file",
+    "readable",
+    "height",
+    "width",
+    "channels",
+    "min",
+    "max",
+    "mean",
+    "std",
+    *(f"{s}_c{k}" for s in CHANNEL_STATS for k in range(MAX_CHANNELS)),
+    "sharpness",
+    "saturation",
+    "nan_count",
+    "inf_count",
+    "pixel_sha256",
+    "label",
+    "error",
+)  # error: why a file was unreadable
 
 
 def band_columns(channels: int) -> list[str]:
     """The table columns whose bands are learnt from the reference, for images of `channels` channels:
     per-channel mean and spread, sharpness, and saturation (colour only: grey images have none)."""
-    return [f"{s}_c{k}" for s in CHANNEL_STATS for k in range(channels)] + ["sharpness"] + \
-        (["saturation"] if channels == 3 else [])
+    return (
+        [f"{s}_c{k}" for s in CHANNEL_STATS for k in range(channels)]
+        + ["sharpness"]
+        + (["saturation"] if channels == 3 else [])
+    )
 
 
 def image_table(folder: Path):
@@ -53,44 +72,68 @@ def image_table(folder: Path):
     from redistill.data.stats import image_stats
 
     folder = Path(folder)
-    files = sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    files = (
+        sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if folder.is_dir()
+        else []
+    )
     labels = read_label_map(folder) if files else {}  # a file without a label gets None: a failing row
     rows = []
     for name in files:
         try:
             x = read_png(folder / name).astype(np.float32) / 255.0
         except Exception as e:  # any decoder error: the row records it, the expectation on `readable` fails
-            rows.append({"file": name, "readable": False, **{c: None for c in TABLE_COLUMNS[2:-1]},
-                         "error": f"{type(e).__name__}: {e}"[:300]})
+            rows.append(
+                {
+                    "file": name,
+                    "readable": False,
+                    **{c: None for c in TABLE_COLUMNS[2:-1]},
+                    "error": f"{type(e).__name__}: {e}"[:300],
+                }
+            )
             continue
         finite = x[np.isfinite(x)]
         chw = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
         stats = image_stats(chw[None])
-        per_channel = {f"{c}_c{k}": float(stats[f"{c}_c{k}"][0]) if k < chw.shape[0] else None
-                       for c in CHANNEL_STATS for k in range(MAX_CHANNELS)}
-        rows.append({
-            "file": name,
-            "readable": True,
-            "height": int(x.shape[0]),
-            "width": int(x.shape[1]),
-            "channels": 1 if x.ndim == 2 else int(x.shape[2]),
-            "min": float(finite.min()) if finite.size else None,
-            "max": float(finite.max()) if finite.size else None,
-            "mean": float(finite.mean()) if finite.size else None,
-            "std": float(finite.std()) if finite.size else None,
-            **per_channel,
-            "sharpness": float(stats["sharpness"][0]),
-            "saturation": float(stats["saturation"][0]),
-            "nan_count": int(np.isnan(x).sum()),
-            "inf_count": int(np.isinf(x).sum()),
-            "pixel_sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
-            "label": labels.get(name) if labels else None,
-            "error": "",
-        })
+        per_channel = {
+            f"{c}_c{k}": float(stats[f"{c}_c{k}"][0]) if k < chw.shape[0] else None
+            for c in CHANNEL_STATS
+            for k in range(MAX_CHANNELS)
+        }
+        rows.append(
+            {
+                "file": name,
+                "readable": True,
+                "height": int(x.shape[0]),
+                "width": int(x.shape[1]),
+                "channels": 1 if x.ndim == 2 else int(x.shape[2]),
+                "min": float(finite.min()) if finite.size else None,
+                "max": float(finite.max()) if finite.size else None,
+                "mean": float(finite.mean()) if finite.size else None,
+                "std": float(finite.std()) if finite.size else None,
+                **per_channel,
+                "sharpness": float(stats["sharpness"][0]),
+                "saturation": float(stats["saturation"][0]),
+                "nan_count": int(np.isnan(x).sum()),
+                "inf_count": int(np.isinf(x).sum()),
+                "pixel_sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
+                "label": labels.get(name) if labels else None,
+                "error": "",
+            }
+        )
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
-CAPTION_TABLE_COLUMNS = ("file", "has_caption", "caption", "n_chars", "n_words", "n_tokens", "caption_key", "caption_share")
+CAPTION_TABLE_COLUMNS = (
+    "file",
+    "has_caption",
+    "caption",
+    "n_chars",
+    "n_words",
+    "n_tokens",
+    "caption_key",
+    "caption_share",
+)
 
 
 @dataclass
@@ -110,16 +153,21 @@ def caption_counter(teacher: Path | None, max_words: int) -> CaptionCounter:
     folder = Path(teacher) / "tokenizer" if teacher is not None else None
     if folder is None or not folder.is_dir():
         why = "no teacher given" if teacher is None else f"{teacher} has no tokenizer/"
-        return CaptionCounter(lambda caps: [len(c.split()) for c in caps], max_words,
-                              f"whitespace words ({why}; limit validate.max_caption_tokens = {max_words})",
-                              "whitespace words")
+        return CaptionCounter(
+            lambda caps: [len(c.split()) for c in caps],
+            max_words,
+            f"whitespace words ({why}; limit validate.max_caption_tokens = {max_words})",
+            "whitespace words",
+        )
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises many types for a broken tokenizer folder
-        raise DataError(f"the teacher's tokenizer {folder} does not load ({type(e).__name__}: {str(e)[:200]}); fix the "
-                        "folder: it must load with transformers.AutoTokenizer.from_pretrained") from e
+        raise DataError(
+            f"the teacher's tokenizer {folder} does not load ({type(e).__name__}: {str(e)[:200]}); fix the "
+            "folder: it must load with transformers.AutoTokenizer.from_pretrained"
+        ) from e
     limit = int(tok.model_max_length) if 0 < tok.model_max_length < 1_000_000 else max_words  # unset: a huge sentinel
     source = "its model_max_length" if limit == tok.model_max_length else "validate.max_caption_tokens: it sets none"
 
@@ -130,8 +178,11 @@ def caption_counter(teacher: Path | None, max_words: int) -> CaptionCounter:
         ids = tok(list(caps), add_special_tokens=True, truncation=False, padding=False, verbose=False)["input_ids"]
         return [len(i) for i in ids]
 
-    return CaptionCounter(count, limit, f"the teacher's tokenizer {folder} ({type(tok).__name__}, special tokens "
-                                        f"counted; limit {limit} = {source})")
+    return CaptionCounter(
+        count,
+        limit,
+        f"the teacher's tokenizer {folder} ({type(tok).__name__}, special tokens counted; limit {limit} = {source})",
+    )
 
 
 def normalise_caption(caption: str) -> str:
@@ -160,16 +211,19 @@ def caption_table(folder: Path, counter: CaptionCounter):
     keys = [normalise_caption(c) if ok else None for c, ok in zip(captions, present)]
     counts = pd.Series([k for k in keys if k is not None], dtype=object).value_counts()
     n = int(sum(present))
-    rows = [{
-        "file": name,
-        "has_caption": ok,
-        "caption": c,
-        "n_chars": len(c.strip()) if ok else None,
-        "n_words": len(c.split()) if ok else None,
-        "n_tokens": int(next(lengths)) if ok else None,
-        "caption_key": key,
-        "caption_share": float(counts[key] / n) if ok else None,
-    } for name, c, ok, key in zip(files, captions, present, keys)]
+    rows = [
+        {
+            "file": name,
+            "has_caption": ok,
+            "caption": c,
+            "n_chars": len(c.strip()) if ok else None,
+            "n_words": len(c.split()) if ok else None,
+            "n_tokens": int(next(lengths)) if ok else None,
+            "caption_key": key,
+            "caption_share": float(counts[key] / n) if ok else None,
+        }
+        for name, c, ok, key in zip(files, captions, present, keys)
+    ]
     return pd.DataFrame(rows, columns=list(CAPTION_TABLE_COLUMNS))
 
 
@@ -210,13 +264,16 @@ def read_grown_from(folder: Path) -> dict | None:
     try:
         record = json.loads(f.read_text())
         whole = isinstance(record["reference"]["md5"], str) and all(
-            isinstance(b["name"], str) and isinstance(b["prefix"], str) and b["prefix"] for b in record["batches"])
+            isinstance(b["name"], str) and isinstance(b["prefix"], str) and b["prefix"] for b in record["batches"]
+        )
     except (ValueError, KeyError, TypeError):
         whole = False
     if not whole:
-        raise DataError(f"{f} is damaged: it must name the reference {folder} grew from (md5) and the batches it "
-                        f"accepted. Restore it with `dvc checkout {Path(folder).name}.dvc`, or remove the folder and "
-                        "its .dvc file so cycles use data/reference again")
+        raise DataError(
+            f"{f} is damaged: it must name the reference {folder} grew from (md5) and the batches it "
+            f"accepted. Restore it with `dvc checkout {Path(folder).name}.dvc`, or remove the folder and "
+            "its .dvc file so cycles use data/reference again"
+        )
     return record
 
 
@@ -227,15 +284,24 @@ def grown_from(root: Path, base: Path, batch: Path, batch_name: str) -> dict:
     root, base = Path(root), Path(base)
     before = read_grown_from(base)
     if before is None and base.resolve() != (root / "data" / "reference").resolve():
-        raise DataError(f"{base} has no {GROWN_FROM}: an older redistill grew it, so what it grew from is unknown and "
-                        f"it cannot be validated honestly. Remove it and {base.name}.dvc; the watch then grows the "
-                        "representative set from data/reference again")
+        raise DataError(
+            f"{base} has no {GROWN_FROM}: an older redistill grew it, so what it grew from is unknown and "
+            f"it cannot be validated honestly. Remove it and {base.name}.dvc; the watch then grows the "
+            "representative set from data/reference again"
+        )
     before = before or {"reference": {"path": "data/reference", "md5": dir_md5(base)}, "batches": []}
-    entry = {"name": safe_name(batch_name), "prefix": safe_name(batch_name) + "__", "md5": dir_md5(batch),
-             "images": sum(1 for p in Path(batch).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)}
-    return {"reference": before["reference"], "batches": before["batches"] + [entry],
-            "note": "written by `redistill watch` when it grew this set: validation uses the bands of this reference "
-                    "widened by these batches' own bands, and refuses when the reference on disk has another md5"}
+    entry = {
+        "name": safe_name(batch_name),
+        "prefix": safe_name(batch_name) + "__",
+        "md5": dir_md5(batch),
+        "images": sum(1 for p in Path(batch).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+    }
+    return {
+        "reference": before["reference"],
+        "batches": before["batches"] + [entry],
+        "note": "written by `redistill watch` when it grew this set: validation uses the bands of this reference "
+        "widened by these batches' own bands, and refuses when the reference on disk has another md5",
+    }
 
 
 def validation_basis(folder: Path, reference: Path) -> dict:
@@ -249,14 +315,19 @@ def validation_basis(folder: Path, reference: Path) -> dict:
         return {"reference_md5": md5, "batches": [], "problem": None, "bands_from": f"{reference} {md5 or '(missing)'}"}
     path, grew_md5 = record["reference"].get("path", "data/reference"), record["reference"]["md5"]
     names = ", ".join(b["name"] for b in record["batches"]) or "(none)"
-    basis = {"reference_md5": md5, "batches": record["batches"], "problem": None,
-             "bands_from": f"{path} {grew_md5} widened by the accepted batches {names} ({GROWN_FROM})"}
+    basis = {
+        "reference_md5": md5,
+        "batches": record["batches"],
+        "problem": None,
+        "bands_from": f"{path} {grew_md5} widened by the accepted batches {names} ({GROWN_FROM})",
+    }
     if grew_md5 != md5:
         basis["problem"] = (
             f"{folder} grew from {path} at {grew_md5} (its {GROWN_FROM}), but {reference} is now {md5 or 'missing'}: "
             f"the bands it would be validated against are not those of the reference it grew from. Restore that "
             f"reference (`git checkout <commit> -- dvc.lock && dvc checkout {path}`), or start the representative "
-            f"set again from the new one: remove {folder} and its .dvc file")
+            f"set again from the new one: remove {folder} and its .dvc file"
+        )
     return basis
 
 
@@ -271,8 +342,10 @@ def grown_profile(reference_table, table, batches: list[dict], p: ValidateParams
     for b in batches:
         rows = table[table["file"].str.startswith(b["prefix"]) & table["readable"].astype(bool)]
         if rows.empty:
-            raise DataError(f"the accepted batch {b['name']} has no readable images ({b['prefix']}*) in the grown set; "
-                            "it was changed after the watch grew it: remove it and its .dvc file to start again")
+            raise DataError(
+                f"the accepted batch {b['name']} has no readable images ({b['prefix']}*) in the grown set; "
+                "it was changed after the watch grew it: remove it and its .dvc file to start again"
+            )
         own = reference_profile(rows, p)
         for column, (lo, hi) in profile["bands"].items():
             if column in own["bands"]:  # a batch of another channel count fails the channels expectation instead

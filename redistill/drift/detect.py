@@ -79,8 +79,15 @@ class DriftReport:
             d.pop("null_mmd2")
             d.pop("null_text_mmd2")
         if not self.prompts_tested:
-            for k in ("text_features", "text_mmd2", "text_mmd_p", "text_bandwidth", "n_batch_captions",
-                      "n_reference_captions", "null_text_mmd2"):
+            for k in (
+                "text_features",
+                "text_mmd2",
+                "text_mmd_p",
+                "text_bandwidth",
+                "n_batch_captions",
+                "n_reference_captions",
+                "null_text_mmd2",
+            ):
                 d.pop(k, None)
         if not self.notes:
             d.pop("notes")
@@ -90,8 +97,9 @@ class DriftReport:
         """One line: the verdict and why (the prompts named first when they drifted)."""
         if not self.drifted:
             tested = "images and prompts" if self.prompts_tested else "images"
-            return f"{self.batch}: no drift in its {tested} (alpha {self.alpha:g})" + \
-                (f"; {'; '.join(self.notes)}" if self.notes else "")
+            return f"{self.batch}: no drift in its {tested} (alpha {self.alpha:g})" + (
+                f"; {'; '.join(self.notes)}" if self.notes else ""
+            )
         return f"{self.batch}: drift: " + "; ".join(self.reasons)
 
 
@@ -106,8 +114,9 @@ def median_bandwidth(z: torch.Tensor, max_points: int = 1000, seed: int = 0) -> 
     return med if med > 0 else 1.0
 
 
-def mmd_permutation_test(x: torch.Tensor, y: torch.Tensor, permutations: int = 1000, seed: int = 0,
-                         bandwidth: float | None = None) -> tuple[float, float, float, np.ndarray]:
+def mmd_permutation_test(
+    x: torch.Tensor, y: torch.Tensor, permutations: int = 1000, seed: int = 0, bandwidth: float | None = None
+) -> tuple[float, float, float, np.ndarray]:
     """MMD² of samples x (n, d) and y (m, d) with a Gaussian kernel; returns (mmd², p, bandwidth, null).
 
     The statistic for a labelling w (1/n on one side, −1/m on the other) is wᵀKw; all permutations are
@@ -149,10 +158,19 @@ def holm(pvalues: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def detect(batch_name: str, ref_features: torch.Tensor, ref_stats: dict[str, np.ndarray],
-           batch_features: torch.Tensor, batch_stats: dict[str, np.ndarray], alpha: float = 0.05,
-           permutations: int = 1000, seed: int = 0, ref_text: torch.Tensor | None = None,
-           batch_text: torch.Tensor | None = None, text_features: str = WORDS) -> DriftReport:
+def detect(
+    batch_name: str,
+    ref_features: torch.Tensor,
+    ref_stats: dict[str, np.ndarray],
+    batch_features: torch.Tensor,
+    batch_stats: dict[str, np.ndarray],
+    alpha: float = 0.05,
+    permutations: int = 1000,
+    seed: int = 0,
+    ref_text: torch.Tensor | None = None,
+    batch_text: torch.Tensor | None = None,
+    text_features: str = WORDS,
+) -> DriftReport:
     """Every test on one batch; drift when any family rejects at its share of alpha.
 
     Without prompt embeddings two families (the image MMD, the Holm-corrected KS tests) get alpha / 2 each. With
@@ -164,14 +182,16 @@ def detect(batch_name: str, ref_features: torch.Tensor, ref_stats: dict[str, np.
     if not 0 < alpha < 1:
         raise ValueError(f"drift alpha must be between 0 and 1, got {alpha}")
     if len(batch_features) < 2 or len(ref_features) < 2:
-        raise ValueError(f"drift tests need at least 2 images on each side, got {len(batch_features)} and "
-                         f"{len(ref_features)}")
+        raise ValueError(
+            f"drift tests need at least 2 images on each side, got {len(batch_features)} and {len(ref_features)}"
+        )
     if (ref_text is None) != (batch_text is None):
         raise ValueError("the prompts' drift test needs the captions' embeddings of both the reference and the batch")
     prompts = ref_text is not None
     if prompts and (len(batch_text) < 2 or len(ref_text) < 2):
-        raise ValueError(f"the prompts' drift test needs at least 2 captions on each side, got {len(batch_text)} and "
-                         f"{len(ref_text)}")
+        raise ValueError(
+            f"the prompts' drift test needs at least 2 captions on each side, got {len(batch_text)} and {len(ref_text)}"
+        )
     ref_1d, new_1d, hist_tv = tested_stats(ref_stats, batch_stats)  # first: it names a channel-count mismatch
     mmd2, mmd_p, bw, null = mmd_permutation_test(batch_features, ref_features, permutations, seed)
     raw, ks = {}, {}
@@ -186,25 +206,55 @@ def detect(batch_name: str, ref_features: torch.Tensor, ref_stats: dict[str, np.
     text = {}
     if prompts:
         t_mmd2, t_p, t_bw, t_null = mmd_permutation_test(batch_text, ref_text, permutations, seed)
-        text = dict(text_features=text_features, text_mmd2=t_mmd2, text_mmd_p=t_p, text_bandwidth=t_bw,
-                    n_batch_captions=len(batch_text), n_reference_captions=len(ref_text), null_text_mmd2=t_null.tolist())
+        text = dict(
+            text_features=text_features,
+            text_mmd2=t_mmd2,
+            text_mmd_p=t_p,
+            text_bandwidth=t_bw,
+            n_batch_captions=len(batch_text),
+            n_reference_captions=len(ref_text),
+            null_text_mmd2=t_null.tolist(),
+        )
         if t_p <= level:
-            reasons.append(f"the prompts drifted: MMD² {t_mmd2:.4g} on the captions' {text_features} embeddings, "
-                           f"permutation p {t_p:.4g} ≤ {level:g}")
+            reasons.append(
+                f"the prompts drifted: MMD² {t_mmd2:.4g} on the captions' {text_features} embeddings, "
+                f"permutation p {t_p:.4g} ≤ {level:g}"
+            )
     if mmd_p <= level:
         reasons.append(f"MMD² {mmd2:.4g} on the embeddings, permutation p {mmd_p:.4g} ≤ {level:g}")
     for s in ks:
         if ks[s]["p_holm"] <= level:
             shift = float(np.median(new_1d[s]) - np.median(ref_1d[s]))
-            reasons.append(f"KS on per-image {s}: D {ks[s]['statistic']:.3f}, Holm p {ks[s]['p_holm']:.3g} ≤ {level:g} "
-                           f"(median {'+' if shift >= 0 else '−'}{abs(shift):.3g} against the reference)")
-    return DriftReport(batch=batch_name, n_batch=len(batch_features), n_reference=len(ref_features), alpha=alpha,
-                       mmd2=mmd2, mmd_p=mmd_p, mmd_bandwidth=bw, ks=ks, drifted=bool(reasons), reasons=reasons,
-                       histogram_tv=hist_tv, null_mmd2=null.tolist(), **text)
+            reasons.append(
+                f"KS on per-image {s}: D {ks[s]['statistic']:.3f}, Holm p {ks[s]['p_holm']:.3g} ≤ {level:g} "
+                f"(median {'+' if shift >= 0 else '−'}{abs(shift):.3g} against the reference)"
+            )
+    return DriftReport(
+        batch=batch_name,
+        n_batch=len(batch_features),
+        n_reference=len(ref_features),
+        alpha=alpha,
+        mmd2=mmd2,
+        mmd_p=mmd_p,
+        mmd_bandwidth=bw,
+        ks=ks,
+        drifted=bool(reasons),
+        reasons=reasons,
+        histogram_tv=hist_tv,
+        null_mmd2=null.tolist(),
+        **text,
+    )
 
 
-def calibrate(features: torch.Tensor, stats: dict[str, np.ndarray], batch_size: int, splits: int = 100,
-              alpha: float = 0.05, permutations: int = 500, seed: int = 0) -> dict:
+def calibrate(
+    features: torch.Tensor,
+    stats: dict[str, np.ndarray],
+    batch_size: int,
+    splits: int = 100,
+    alpha: float = 0.05,
+    permutations: int = 500,
+    seed: int = 0,
+) -> dict:
     """False-alarm rate on reference-against-reference splits.
 
     Each split draws `batch_size` reference images as a pseudo-batch and tests it against the disjoint
@@ -215,27 +265,53 @@ def calibrate(features: torch.Tensor, stats: dict[str, np.ndarray], batch_size: 
 
     n = len(features)
     if batch_size >= n // 2:
-        raise ValueError(f"calibration needs a batch ({batch_size}) smaller than half the reference ({n}); "
-                         "pass a smaller --batch-size or a larger reference")
+        raise ValueError(
+            f"calibration needs a batch ({batch_size}) smaller than half the reference ({n}); "
+            "pass a smaller --batch-size or a larger reference"
+        )
     rng = np.random.default_rng(seed)
     alarms, rows = 0, []
     for i in range(splits):
         order = rng.permutation(n)
         a, b = order[:batch_size], order[batch_size:]
-        rep = detect(f"split{i}", features[b], {k: v[b] for k, v in stats.items()}, features[a],
-                     {k: v[a] for k, v in stats.items()}, alpha, permutations, seed + i)
+        rep = detect(
+            f"split{i}",
+            features[b],
+            {k: v[b] for k, v in stats.items()},
+            features[a],
+            {k: v[a] for k, v in stats.items()},
+            alpha,
+            permutations,
+            seed + i,
+        )
         alarms += rep.drifted
-        rows.append({"mmd_p": rep.mmd_p, "ks_min_p_holm": min(v["p_holm"] for v in rep.ks.values()),
-                     "drifted": rep.drifted, "reasons": rep.reasons})
+        rows.append(
+            {
+                "mmd_p": rep.mmd_p,
+                "ks_min_p_holm": min(v["p_holm"] for v in rep.ks.values()),
+                "drifted": rep.drifted,
+                "reasons": rep.reasons,
+            }
+        )
     lo = 0.0 if alarms == 0 else float(beta.ppf(0.025, alarms, splits - alarms + 1))
     hi = 1.0 if alarms == splits else float(beta.ppf(0.975, alarms + 1, splits - alarms))
-    return {"splits": splits, "batch_size": batch_size, "alpha": alpha, "permutations": permutations,
-            "n_reference": n, "statistics": sorted(rep.ks) if splits else [], "false_alarms": alarms,
-            "false_alarm_rate": alarms / splits, "false_alarm_ci95": [lo, hi], "per_split": rows}
+    return {
+        "splits": splits,
+        "batch_size": batch_size,
+        "alpha": alpha,
+        "permutations": permutations,
+        "n_reference": n,
+        "statistics": sorted(rep.ks) if splits else [],
+        "false_alarms": alarms,
+        "false_alarm_rate": alarms / splits,
+        "false_alarm_ci95": [lo, hi],
+        "per_split": rows,
+    }
 
 
-def plot_report(report: DriftReport, ref_stats: dict[str, np.ndarray], batch_stats: dict[str, np.ndarray],
-                out: Path) -> Path:
+def plot_report(
+    report: DriftReport, ref_stats: dict[str, np.ndarray], batch_stats: dict[str, np.ndarray], out: Path
+) -> Path:
     """One PNG: the MMD² null distribution with the observed value (the prompts' too, when tested), and the ECDFs
     of every tested statistic."""
     import matplotlib
@@ -247,15 +323,16 @@ def plot_report(report: DriftReport, ref_stats: dict[str, np.ndarray], batch_sta
     names = list(report.ks)
     nulls = [(report.null_mmd2, report.mmd2, report.mmd_p, "MMD² on embeddings")]
     if report.prompts_tested:
-        nulls.append((report.null_text_mmd2, report.text_mmd2, report.text_mmd_p,
-                      f"MMD² on prompts ({report.text_features})"))
+        nulls.append(
+            (report.null_text_mmd2, report.text_mmd2, report.text_mmd_p, f"MMD² on prompts ({report.text_features})")
+        )
     fig, axes = plt.subplots(1, len(nulls) + len(names), figsize=(3.2 * (len(nulls) + len(names)), 3.0))
     for ax, (null, observed, pval, title) in zip(axes, nulls):
         ax.hist(null, bins=40, color="0.7", label="null (permutations)")
         ax.axvline(observed, color="crimson", label=f"observed, p={pval:.3g}")
         ax.set_title(title, fontsize=9 if len(nulls) > 1 else None)
         ax.legend(fontsize=7)
-    for ax, s in zip(axes[len(nulls):], names):
+    for ax, s in zip(axes[len(nulls) :], names):
         for vals, label, colour in ((ref_1d[s], "reference", "0.4"), (new_1d[s], report.batch, "crimson")):
             v = np.sort(vals)
             ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=label, color=colour)
@@ -277,20 +354,32 @@ def embed_folder(folder: Path, extractor) -> tuple[torch.Tensor, dict[str, np.nd
     return (*_embed(im.images, extractor, folder), (im.channels, im.size))
 
 
-def _embed(images: np.ndarray, extractor, folder: Path | str = "the images") -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+def _embed(
+    images: np.ndarray, extractor, folder: Path | str = "the images"
+) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
     """Embeddings and per-image statistics of images (N, C, H, W) in [0, 1]."""
     try:
         features = extractor(torch.from_numpy(images))
     except RuntimeError as e:  # a conv layer made for another channel count or size
         _, c, h, w = images.shape
-        raise ValueError(f"the feature space cannot embed {folder} ({c}-channel {h}×{w} images): {str(e)[:200]}. "
-                         f"Pass --features {PIXELS} (no weights), or a feature space trained on this data") from e
+        raise ValueError(
+            f"the feature space cannot embed {folder} ({c}-channel {h}×{w} images): {str(e)[:200]}. "
+            f"Pass --features {PIXELS} (no weights), or a feature space trained on this data"
+        ) from e
     return features, image_stats(images)
 
 
-def check_folder(batch: Path, reference: Path, extractor, alpha: float, permutations: int, seed: int,
-                 out_dir: Path | None = None, text_extractor: Callable[[list[str]], torch.Tensor] | None = None,
-                 text_features: str | None = None) -> DriftReport:
+def check_folder(
+    batch: Path,
+    reference: Path,
+    extractor,
+    alpha: float,
+    permutations: int,
+    seed: int,
+    out_dir: Path | None = None,
+    text_extractor: Callable[[list[str]], torch.Tensor] | None = None,
+    text_features: str | None = None,
+) -> DriftReport:
     """Every test on the image folder `batch` against `reference`; with `out_dir`, writes drift.json and
     drift.png there. ValueError when the two folders hold images of different shapes.
 
@@ -301,18 +390,25 @@ def check_folder(batch: Path, reference: Path, extractor, alpha: float, permutat
     ref, new = load_image_folder(reference), load_image_folder(batch)  # DataError (a ValueError) when unreadable
     if ref.images.shape[1:] != new.images.shape[1:]:
         (rc, rh, rw), (bc, bh, bw) = ref.images.shape[1:], new.images.shape[1:]
-        raise ValueError(f"{batch} holds {bc}×{bh}×{bw} images, {reference} {rc}×{rh}×{rw}; drift is tested "
-                         "between sets of one shape")
+        raise ValueError(
+            f"{batch} holds {bc}×{bh}×{bw} images, {reference} {rc}×{rh}×{rw}; drift is tested "
+            "between sets of one shape"
+        )
     (ref_f, ref_s), (new_f, new_s) = _embed(ref.images, extractor, reference), _embed(new.images, extractor, batch)
     ref_t, new_t, notes = None, None, []
     space = text_features or (WORDS if text_extractor is None else getattr(text_extractor, "name", "text_extractor"))
     if ref.captions is not None and new.captions is not None:
         ref_c, new_c = ([c.strip() for c in caps if c.strip()] for caps in (ref.captions, new.captions))
         if len(ref_c) < 2 or len(new_c) < 2:
-            notes.append(f"prompts not tested: {len(new_c)} captions in {batch} and {len(ref_c)} in {reference}, "
-                         "at least 2 on each side are needed")
+            notes.append(
+                f"prompts not tested: {len(new_c)} captions in {batch} and {len(ref_c)} in {reference}, "
+                "at least 2 on each side are needed"
+            )
         else:
-            ref_t, new_t = text_embedding(ref_c, text_extractor, reference), text_embedding(new_c, text_extractor, batch)
+            ref_t, new_t = (
+                text_embedding(ref_c, text_extractor, reference),
+                text_embedding(new_c, text_extractor, batch),
+            )
     elif ref.captions is not None or new.captions is not None:
         has, hasnt = (batch, reference) if new.captions is not None else (reference, batch)
         notes.append(f"prompts not tested: {has} has captions but {hasnt} has none")

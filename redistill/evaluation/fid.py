@@ -56,8 +56,9 @@ def _recentred(values: list[float], point: float, level: float = 0.95) -> list[f
     return [float(point - (med - lo)), float(point + (hi - med))]
 
 
-def paired_fid(real: torch.Tensor, cand: torch.Tensor, ref: torch.Tensor, resamples: int, seed: int,
-               level: float = 0.95) -> dict:
+def paired_fid(
+    real: torch.Tensor, cand: torch.Tensor, ref: torch.Tensor, resamples: int, seed: int, level: float = 0.95
+) -> dict:
     """FIDs of a candidate and a reference against the same real set, their gap and ratio, with a paired bootstrap.
 
     Candidate and reference were sampled from the same initial noises (row i of each shares its noise), so
@@ -80,17 +81,26 @@ def paired_fid(real: torch.Tensor, cand: torch.Tensor, ref: torch.Tensor, resamp
         ic = torch.randint(0, len(cand), (len(cand),), generator=gen)
         jr = ic if paired else torch.randint(0, len(ref), (len(ref),), generator=gen)
         # the real set held fixed
-        gaps.append(fid_from_stats(*real_stats, *gaussian_stats(cand[ic])) - fid_from_stats(*real_stats, *gaussian_stats(ref[jr])))
+        gaps.append(
+            fid_from_stats(*real_stats, *gaussian_stats(cand[ic]))
+            - fid_from_stats(*real_stats, *gaussian_stats(ref[jr]))
+        )
         # and resampled too
         ir = torch.randint(0, len(real), (len(real),), generator=gen)
         cs.append(fid_fast(real[ir], cand[ic]))
         rs.append(fid_fast(real[ir], ref[jr]))
     cs, rs = np.array(cs), np.array(rs)
     gap = point_c - point_r
-    out = {"fid": point_c, "fid_ci95": _recentred(cs, point_c, level), "reference_fid": point_r,
-           "reference_fid_ci95": _recentred(rs, point_r, level), "fid_gap": gap,
-           "fid_gap_ci95": _recentred(gaps, gap, level), "fid_gap_ci95_data": _recentred(cs - rs, gap, level),
-           "paired": paired}
+    out = {
+        "fid": point_c,
+        "fid_ci95": _recentred(cs, point_c, level),
+        "reference_fid": point_r,
+        "reference_fid_ci95": _recentred(rs, point_r, level),
+        "fid_gap": gap,
+        "fid_gap_ci95": _recentred(gaps, gap, level),
+        "fid_gap_ci95_data": _recentred(cs - rs, gap, level),
+        "paired": paired,
+    }
     if point_r > 0:
         out["fid_ratio"] = point_c / point_r
         out["fid_ratio_ci95"] = _recentred(cs / np.maximum(rs, 1e-12), point_c / point_r, level)
@@ -109,7 +119,7 @@ def fid_floor(real: torch.Tensor, splits: int, seed: int) -> tuple[float, float]
     vals = []
     for _ in range(splits):
         perm = torch.randperm(len(real), generator=gen)
-        vals.append(fid_fast(real[perm[:half]], real[perm[half:2 * half]]))
+        vals.append(fid_fast(real[perm[:half]], real[perm[half : 2 * half]]))
     return float(np.mean(vals)), float(np.std(vals))
 
 

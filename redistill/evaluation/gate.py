@@ -61,7 +61,8 @@ class Check:
         fmt = lambda x: "n/a" if x is None else f"{x:.4g}"  # noqa: E731
         verdict = "pass" if self.passed else "FAIL"
         return f"{verdict} {self.kind} {self.name}: {fmt(self.value)} {self.op} {fmt(self.bound)}" + (
-            f" ({self.note})" if self.note else "")
+            f" ({self.note})" if self.note else ""
+        )
 
 
 @dataclass
@@ -102,21 +103,51 @@ def _gap_checks(result: dict, p: GateParams) -> list[Check]:
         check_name = f"fid_gap.{name}"
         bound = gap_bound(p.fid_gap_max, name)
         if value is None or not math.isfinite(value):
-            checks.append(Check(check_name, "absolute", None, bound, "<=", bound is None,
-                                "not measured (no FID gap or a zero floor)"))
+            checks.append(
+                Check(
+                    check_name,
+                    "absolute",
+                    None,
+                    bound,
+                    "<=",
+                    bound is None,
+                    "not measured (no FID gap or a zero floor)",
+                )
+            )
             continue
         half = q.get("fid_gap_halfwidth_floors")
-        gap = (f"gap {q['fid_gap']:+.4g} (CI {q['fid_gap_ci95'][0]:+.4g}…{q['fid_gap_ci95'][1]:+.4g}) over a real-vs-real "
-               f"floor of {q['fid_floor']:.4g}" + (f"; CI ±{half:.2g} floors" if half is not None else ""))
+        gap = (
+            f"gap {q['fid_gap']:+.4g} (CI {q['fid_gap_ci95'][0]:+.4g}…{q['fid_gap_ci95'][1]:+.4g}) over a real-vs-real "
+            f"floor of {q['fid_floor']:.4g}" + (f"; CI ±{half:.2g} floors" if half is not None else "")
+        )
         if bound is None:  # no bound separated the calibration's controls in this space: it reports, it does not decide
-            checks.append(Check(check_name, "absolute", value, None, "<=", True,
-                                f"{gap}; reported, not gated: gate.fid_gap_max gives this space no bound"))
+            checks.append(
+                Check(
+                    check_name,
+                    "absolute",
+                    value,
+                    None,
+                    "<=",
+                    True,
+                    f"{gap}; reported, not gated: gate.fid_gap_max gives this space no bound",
+                )
+            )
             continue
-        note = (f"{gap}: " + ("decided, the CI is clear of the bound" if decided(q, bound) else
-                              "NOT decided, the CI contains the bound even at evaluate.max_samples: raise it")
-                if half is not None else "")
-        checks.append(Check(check_name, "absolute", value, bound, "<=",
-                            _mlflow_verdict("fid_gap_floors", value, bound, False), note))
+        note = (
+            f"{gap}: "
+            + (
+                "decided, the CI is clear of the bound"
+                if decided(q, bound)
+                else "NOT decided, the CI contains the bound even at evaluate.max_samples: raise it"
+            )
+            if half is not None
+            else ""
+        )
+        checks.append(
+            Check(
+                check_name, "absolute", value, bound, "<=", _mlflow_verdict("fid_gap_floors", value, bound, False), note
+            )
+        )
     return checks
 
 
@@ -147,8 +178,9 @@ def _describe(primary: str | None, spaces: dict[str, str] | None) -> str:
     if spaces is None:
         return "feature spaces that it does not record"
     names = sorted(spaces, key=lambda n: n != primary)  # the primary, whose FID and KID are compared, first
-    return "feature space(s) " + ", ".join(f"{n} (sha256 {spaces[n][:12] + '…' if spaces[n] else 'not recorded'})"
-                                           for n in names)
+    return "feature space(s) " + ", ".join(
+        f"{n} (sha256 {spaces[n][:12] + '…' if spaces[n] else 'not recorded'})" for n in names
+    )
 
 
 def space_mismatch(candidate: dict, champion: dict) -> str | None:
@@ -161,13 +193,19 @@ def space_mismatch(candidate: dict, champion: dict) -> str | None:
     if cs is None and bs is None:
         return None
     ident = lambda spaces, name: (spaces.get(name) or name) if name in spaces else name  # noqa: E731
-    if cs is not None and bs is not None and ident(cs, cp) == ident(bs, bp) and \
-            {ident(cs, n) for n in cs} == {ident(bs, n) for n in bs}:
+    if (
+        cs is not None
+        and bs is not None
+        and ident(cs, cp) == ident(bs, bp)
+        and {ident(cs, n) for n in cs} == {ident(bs, n) for n in bs}
+    ):
         return None
-    return (f"the champion's figures are in {_describe(bp, bs)} and the student's in {_describe(cp, cs)}, so "
-            "they are never compared; re-evaluate the champion in the student's feature spaces (`redistill "
-            "evaluate` on its student folder with this evaluate.features; a cycle does so itself when the "
-            "champion's features_sha256 tag differs) and gate again")
+    return (
+        f"the champion's figures are in {_describe(bp, bs)} and the student's in {_describe(cp, cs)}, so "
+        "they are never compared; re-evaluate the champion in the student's feature spaces (`redistill "
+        "evaluate` on its student folder with this evaluate.features; a cycle does so itself when the "
+        "champion's features_sha256 tag differs) and gate again"
+    )
 
 
 def _mlflow_verdict(name: str, value: float, bound: float, greater_is_better: bool) -> bool:
@@ -200,31 +238,70 @@ def judge(candidate: dict, champion: dict | None, p: GateParams, method: str | N
         stochastic = name == "psnr_db" and bound > 0 and candidate.get("fidelity", {}).get("fresh_noise")
         if name == "psnr_db":
             note = (f"{family} family" if family else "method unknown: the strictest family bound") + (
-                ": fidelity to the teacher is not gated" if bound <= 0 else "")
+                ": fidelity to the teacher is not gated" if bound <= 0 else ""
+            )
         if stochastic:  # "the same noise" fixes only the start of a sampler that draws noise between steps
-            checks.append(Check(name, "absolute", value, bound, ">=", True,
-                                f"{note}: not gated: the student's {stochastic}, so its samples are not a function of "
-                                "the initial noise and cannot keep the teacher's noise-to-image map; the FID gap judges it"))
+            checks.append(
+                Check(
+                    name,
+                    "absolute",
+                    value,
+                    bound,
+                    ">=",
+                    True,
+                    f"{note}: not gated: the student's {stochastic}, so its samples are not a function of "
+                    "the initial noise and cannot keep the teacher's noise-to-image map; the FID gap judges it",
+                )
+            )
             continue
-        if math.isnan(value) and name == "recognisable_share" and "classifier" not in (candidate.get("feature_spaces") or {}):
+        if (
+            math.isnan(value)
+            and name == "recognisable_share"
+            and "classifier" not in (candidate.get("feature_spaces") or {})
+        ):
             # recognisability needs a classifier of labelled data; label-free evaluation does not measure it
-            checks.append(Check(name, "absolute", None, bound, ">=", True,
-                                "not gated: no classifier in evaluate.features (label-free data)"))
+            checks.append(
+                Check(
+                    name,
+                    "absolute",
+                    None,
+                    bound,
+                    ">=",
+                    True,
+                    "not gated: no classifier in evaluate.features (label-free data)",
+                )
+            )
             continue
         if math.isnan(value):
             checks.append(Check(name, "absolute", None, bound, ">=" if greater else "<=", False, "not measured"))
             continue
-        ok = bound <= 0 and name == "psnr_db" or (math.isinf(value) and (value > 0) == greater) or \
-            _mlflow_verdict(name, value, bound, greater)
+        ok = (
+            bound <= 0
+            and name == "psnr_db"
+            or (math.isinf(value) and (value > 0) == greater)
+            or _mlflow_verdict(name, value, bound, greater)
+        )
         checks.append(Check(name, "absolute", value, bound, ">=" if greater else "<=", ok, note))
 
     if champion is None:
         if p.first_run == "reject":
-            checks.append(Check("champion", "change", None, None, "exists", False,
-                                "no champion yet and gate.first_run is 'reject'"))
+            checks.append(
+                Check(
+                    "champion", "change", None, None, "exists", False, "no champion yet and gate.first_run is 'reject'"
+                )
+            )
         else:
-            checks.append(Check("champion", "change", None, None, "exists", True,
-                                "no champion yet: absolute thresholds only (gate.first_run = 'absolute')"))
+            checks.append(
+                Check(
+                    "champion",
+                    "change",
+                    None,
+                    None,
+                    "exists",
+                    True,
+                    "no champion yet: absolute thresholds only (gate.first_run = 'absolute')",
+                )
+            )
     elif (mismatch := space_mismatch(candidate, champion)) is not None:
         checks.append(Check("feature_spaces_vs_champion", "change", None, None, "==", False, mismatch))
     else:
@@ -232,12 +309,28 @@ def judge(candidate: dict, champion: dict | None, p: GateParams, method: str | N
         source = champion.get("evaluated_on", "the champion's recorded evaluation (same data and feature spaces)")
         # favourable end of the candidate's CI against the champion's point value plus Δ
         fid_bound = bq["fid"] * (1.0 + p.fid_change_max)
-        checks.append(Check("fid_vs_champion", "change", cq["fid_ci95"][0], fid_bound, "<=",
-                            cq["fid_ci95"][0] <= fid_bound,
-                            f"candidate FID {cq['fid']:.4g} CI {cq['fid_ci95'][0]:.4g}–{cq['fid_ci95'][1]:.4g}, "
-                            f"champion {bq['fid']:.4g} × (1 + {p.fid_change_max}); {source}"))
+        checks.append(
+            Check(
+                "fid_vs_champion",
+                "change",
+                cq["fid_ci95"][0],
+                fid_bound,
+                "<=",
+                cq["fid_ci95"][0] <= fid_bound,
+                f"candidate FID {cq['fid']:.4g} CI {cq['fid_ci95'][0]:.4g}–{cq['fid_ci95'][1]:.4g}, "
+                f"champion {bq['fid']:.4g} × (1 + {p.fid_change_max}); {source}",
+            )
+        )
         kid_bound = bq["kid"] + p.kid_change_max
-        checks.append(Check("kid_vs_champion", "change", cq["kid_ci95"][0], kid_bound, "<=",
-                            cq["kid_ci95"][0] <= kid_bound,
-                            f"candidate KID {cq['kid']:.4g}, champion {bq['kid']:.4g} + {p.kid_change_max}"))
+        checks.append(
+            Check(
+                "kid_vs_champion",
+                "change",
+                cq["kid_ci95"][0],
+                kid_bound,
+                "<=",
+                cq["kid_ci95"][0] <= kid_bound,
+                f"candidate KID {cq['kid']:.4g}, champion {bq['kid']:.4g} + {p.kid_change_max}",
+            )
+        )
     return Decision(all(c.passed for c in checks), checks)

@@ -29,8 +29,10 @@ def configure_scheduler(pipe, steps: int, choice: str = "auto") -> str:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_CHOICES)}, got {choice!r}")
     current = pipe.scheduler
     if choice in ("ddim", "ddpm") and not hasattr(current, "alphas_cumprod"):
-        raise ValueError(f"a {type(current).__name__} pipeline (flow matching) has no DDPM schedule to sample with "
-                         f"{choice}; use the scheduler it was saved with (auto or saved)")
+        raise ValueError(
+            f"a {type(current).__name__} pipeline (flow matching) has no DDPM schedule to sample with "
+            f"{choice}; use the scheduler it was saved with (auto or saved)"
+        )
     if choice == "ddim" or (
         choice == "auto" and isinstance(current, DDPMScheduler) and steps < current.config.num_train_timesteps
     ):
@@ -78,13 +80,17 @@ def sample_store(root: Path) -> Path:
     return Path(root) / "data" / "samples"
 
 
-def _cache_file(cache_dir: Path, pipe, sha256: str, scheduler: str, steps: int, seed: int, size: int) -> tuple[Path, str]:
+def _cache_file(
+    cache_dir: Path, pipe, sha256: str, scheduler: str, steps: int, seed: int, size: int
+) -> tuple[Path, str]:
     # One file per generation batch: the key covers the folder's bytes (weights and configs), the sampler and
     # the batch's draw (its seed and size), so a larger sample reuses every batch a smaller one drew.
     from redistill.models import adapter_for
 
     draw = getattr(adapter_for(pipe), "draw_key", None)  # a text-to-image model: its prompt set and guidance
-    key = json.dumps([sha256, scheduler, steps, seed, size, pipe.device.type, str(pipe.unet.dtype)] + ([draw()] if draw else []))
+    key = json.dumps(
+        [sha256, scheduler, steps, seed, size, pipe.device.type, str(pipe.unet.dtype)] + ([draw()] if draw else [])
+    )
     return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors", key
 
 
@@ -93,8 +99,18 @@ def _batches(n: int, seed: int, batch: int) -> list[tuple[int, int]]:
     return [(seed + i, min(batch, n - start)) for i, start in enumerate(range(0, n, batch))]
 
 
-def cache_samples(images: torch.Tensor, cache_dir: Path | None, pipe, path: Path | None, scheduler: str, n: int,
-                  steps: int, seed: int, batch: int, sha256: str | None = None) -> None:
+def cache_samples(
+    images: torch.Tensor,
+    cache_dir: Path | None,
+    pipe,
+    path: Path | None,
+    scheduler: str,
+    n: int,
+    steps: int,
+    seed: int,
+    batch: int,
+    sha256: str | None = None,
+) -> None:
     """Store samples drawn by `sample(pipe, n, steps, seed, batch)`, one file per batch under its content key
     (the folder at `path` hashed, unless its `sha256` is given)."""
     from safetensors.torch import save_file
@@ -107,13 +123,22 @@ def cache_samples(images: torch.Tensor, cache_dir: Path | None, pipe, path: Path
         f, key = _cache_file(cache_dir, pipe, sha, scheduler, steps, b_seed, size)
         if not f.is_file():
             tmp = f.with_suffix(f".tmp{os.getpid()}")  # written aside, then renamed: never half a file
-            save_file({"images": images[start:start + size].contiguous()}, tmp, metadata={"key": key})
+            save_file({"images": images[start : start + size].contiguous()}, tmp, metadata={"key": key})
             os.replace(tmp, f)
         start += size
 
 
-def sample_cached(pipe, path: Path | None, scheduler: str, n: int, steps: int, seed: int, batch: int,
-                  cache_dir: Path | None, sha256: str | None = None) -> tuple[torch.Tensor, bool]:
+def sample_cached(
+    pipe,
+    path: Path | None,
+    scheduler: str,
+    n: int,
+    steps: int,
+    seed: int,
+    batch: int,
+    cache_dir: Path | None,
+    sha256: str | None = None,
+) -> tuple[torch.Tensor, bool]:
     """`sample`, reusing the batches an earlier run drew when the pipeline's bytes and the draw are the same.
 
     The cache holds safetensors written by `cache_samples`, nothing else. The folder at `path` is hashed once,
@@ -152,7 +177,11 @@ def use_data_prompts(pipes: list, data: ImageSet):
 
     def asked(pipe, n: int, seed: int, batch: int) -> torch.Tensor:
         model = adapter_for(pipe)
-        return torch.cat([model.draw_indices(size, torch.Generator(device=pipe.device).manual_seed(b_seed))
-                          for b_seed, size in _batches(n, seed, batch)])
+        return torch.cat(
+            [
+                model.draw_indices(size, torch.Generator(device=pipe.device).manual_seed(b_seed))
+                for b_seed, size in _batches(n, seed, batch)
+            ]
+        )
 
     return asked

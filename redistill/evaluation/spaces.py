@@ -41,8 +41,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # what each folder kind must hold, for the messages: (model_type values accepted, the class to save)
-_EXPECTED = {"clip": (("clip_vision_model", "clip"), "CLIPVisionModelWithProjection"),
-             "dinov2": (("dinov2",), "Dinov2Model")}
+_EXPECTED = {
+    "clip": (("clip_vision_model", "clip"), "CLIPVisionModelWithProjection"),
+    "dinov2": (("dinov2",), "Dinov2Model"),
+}
 
 
 @dataclass
@@ -63,8 +65,12 @@ def _sha256(path: Path) -> str:
 
 def _folder_files(folder: Path) -> list[Path]:
     """The files that define a folder space: its config and safetensors weights (with a sharded index)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and (
-        p.name == "config.json" or p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")))
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and (p.name == "config.json" or p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json"))
+    )
 
 
 def _folder_sha256(folder: Path) -> str:
@@ -86,9 +92,11 @@ def check_name(name: str) -> None:
     kind, colon, path = name.partition(":")  # inception: as it always was; a folder space needs its folder
     if name in BUILT_IN or (kind in FEATURE_SPACE_KINDS and colon and (path or kind == "inception")):
         return
-    raise ValueError(f"unknown feature space {name!r} in evaluate.features; valid are: {', '.join(BUILT_IN)}, "
-                     "inception:/path/to/inception.safetensors, clip:/path/to/clip-folder or "
-                     "dinov2:/path/to/dinov2-folder")
+    raise ValueError(
+        f"unknown feature space {name!r} in evaluate.features; valid are: {', '.join(BUILT_IN)}, "
+        "inception:/path/to/inception.safetensors, clip:/path/to/clip-folder or "
+        "dinov2:/path/to/dinov2-folder"
+    )
 
 
 def check_folder(name: str, folder: Path) -> dict:
@@ -98,16 +106,19 @@ def check_folder(name: str, folder: Path) -> dict:
     the kind the name says."""
     kind, folder = name.split(":", 1)[0], Path(folder)
     model_types, cls = _EXPECTED[kind]
-    how = (f"pass a folder written by transformers' {cls}.save_pretrained(folder, safe_serialization=True) "
-           f"(config.json + model.safetensors); make one where the model can be downloaded, e.g. "
-           f"{cls}.from_pretrained('{'openai/clip-vit-base-patch32' if kind == 'clip' else 'facebook/dinov2-base'}')"
-           ".save_pretrained(folder), and copy the folder here")
+    how = (
+        f"pass a folder written by transformers' {cls}.save_pretrained(folder, safe_serialization=True) "
+        f"(config.json + model.safetensors); make one where the model can be downloaded, e.g. "
+        f"{cls}.from_pretrained('{'openai/clip-vit-base-patch32' if kind == 'clip' else 'facebook/dinov2-base'}')"
+        ".save_pretrained(folder), and copy the folder here"
+    )
     if not folder.is_dir():
         raise FileNotFoundError(f"feature space {name!r}: folder {folder} does not exist; {how}")
     config = folder / "config.json"
     if not config.is_file():
-        raise ValueError(f"feature space {name!r}: {folder} has no config.json, so it is not a save_pretrained "
-                         f"folder; {how}")
+        raise ValueError(
+            f"feature space {name!r}: {folder} has no config.json, so it is not a save_pretrained folder; {how}"
+        )
     if not any(p.suffix == ".safetensors" for p in folder.iterdir()):
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -115,17 +126,19 @@ def check_folder(name: str, folder: Path) -> dict:
                 f"feature space {name!r}: {folder} has only pickle weights ({', '.join(pickles)}); redistill never "
                 f"unpickles files it did not write. Convert them once in a trusted environment: "
                 f"{cls}.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True), and pass "
-                f"{kind}:new_folder")
+                f"{kind}:new_folder"
+            )
         raise ValueError(f"feature space {name!r}: {folder} has no model.safetensors; {how}")
     cfg = json.loads(config.read_text())
     model_type = cfg.get("model_type")
     if model_type not in model_types:
         other = next((k for k, (types, _) in _EXPECTED.items() if model_type in types), None)
-        hint = (f"pass it as {other}:{folder}" if other else
-                f"evaluate.features takes {cls} folders after {kind}:")
-        raise ValueError(f"feature space {name!r}: {folder} holds a {model_type!r} model "
-                         f"({', '.join(cfg.get('architectures') or ['no architectures'])}), not a "
-                         f"{'CLIP vision' if kind == 'clip' else 'DINOv2'} model; {hint}")
+        hint = f"pass it as {other}:{folder}" if other else f"evaluate.features takes {cls} folders after {kind}:"
+        raise ValueError(
+            f"feature space {name!r}: {folder} holds a {model_type!r} model "
+            f"({', '.join(cfg.get('architectures') or ['no architectures'])}), not a "
+            f"{'CLIP vision' if kind == 'clip' else 'DINOv2'} model; {hint}"
+        )
     return cfg
 
 
@@ -140,8 +153,9 @@ def weights_file(name: str, features_dir: Path) -> Path:
     if name == "encoder":
         return Path(features_dir) / encoder.WEIGHTS_FILE
     if ":" not in name:  # a built-in name that stands for another space: resolve it before asking for weights
-        raise ValueError(f"feature space {name!r} has no weights of its own; resolve it to one of "
-                         "classifier or encoder first")
+        raise ValueError(
+            f"feature space {name!r} has no weights of its own; resolve it to one of classifier or encoder first"
+        )
     return Path(name.split(":", 1)[1]).expanduser()
 
 
@@ -179,8 +193,10 @@ def sha256s(names: list[str], features_dir: Path) -> dict[str, str]:
             out[name] = _folder_sha256(f)
             continue
         if not f.is_file():
-            raise FileNotFoundError(f"the weights of feature space {name!r} are missing ({f}); "
-                                    "run `redistill features` (or `dvc repro features`) first")
+            raise FileNotFoundError(
+                f"the weights of feature space {name!r} are missing ({f}); "
+                "run `redistill features` (or `dvc repro features`) first"
+            )
         out[name] = _sha256(f)
     return out
 
@@ -204,21 +220,27 @@ class PretrainedImageFeatures(nn.Module):
             cls, mean, std = transformers.CLIPVisionModel, CLIP_MEAN, CLIP_STD
         else:  # CLIPVisionModelWithProjection, or a whole CLIPModel whose vision tower and projection it reads
             cls, mean, std = transformers.CLIPVisionModelWithProjection, CLIP_MEAN, CLIP_STD
-        model, info = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True,
-                                          output_loading_info=True)
+        model, info = cls.from_pretrained(
+            str(folder), use_safetensors=True, local_files_only=True, output_loading_info=True
+        )
         if info["missing_keys"]:
             # from_pretrained fills missing weights with random ones: features from those mean nothing
             missing = sorted(info["missing_keys"])
-            raise ValueError(f"feature space {name!r}: the weights in {folder} do not fill a {cls.__name__} "
-                             f"({len(missing)} missing, e.g. {', '.join(missing[:3])}); pass a folder saved from "
-                             f"that class (or a whole CLIPModel for clip:)")
+            raise ValueError(
+                f"feature space {name!r}: the weights in {folder} do not fill a {cls.__name__} "
+                f"({len(missing)} missing, e.g. {', '.join(missing[:3])}); pass a folder saved from "
+                f"that class (or a whole CLIPModel for clip:)"
+            )
         self.model = model.float().eval().requires_grad_(False)
         self.kind, self.batch = kind, batch
         self.image_size = int(model.config.image_size)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-        self.num_features = model.config.projection_dim if cls is transformers.CLIPVisionModelWithProjection \
+        self.num_features = (
+            model.config.projection_dim
+            if cls is transformers.CLIPVisionModelWithProjection
             else model.config.hidden_size
+        )
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] images (N, 1 or 3, H, W) → the model's normalised (N, 3, image_size, image_size)."""
@@ -277,10 +299,16 @@ class CLIPScore(nn.Module):
         folder = Path(folder)
         cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
         if "text_config" not in cfg or not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
-            raise ValueError(f"{folder} is not a whole CLIPModel with its tokenizer (config.json with text_config, "
-                             "tokenizer files), so it gives no CLIP score")
-        self.model = transformers.CLIPModel.from_pretrained(str(folder), use_safetensors=True,
-                                                            local_files_only=True).float().eval().requires_grad_(False)
+            raise ValueError(
+                f"{folder} is not a whole CLIPModel with its tokenizer (config.json with text_config, "
+                "tokenizer files), so it gives no CLIP score"
+            )
+        self.model = (
+            transformers.CLIPModel.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
+            .float()
+            .eval()
+            .requires_grad_(False)
+        )
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.image_size, self.batch = int(self.model.config.vision_config.image_size), batch
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1))

@@ -127,5 +127,9 @@ def _latent_costs(cand, ref, dev, repeats: int) -> dict:
     z = torch.randn((1, mc.channels, *mc.sample_size), generator=torch.Generator().manual_seed(0)).to(dev)
     mc.decode(z)  # warm-up
     decode = sorted(_timed(lambda: mc.decode(z), dev) for _ in range(max(1, repeats)))
-    return {"unet_passes_per_step": mc.unet_passes_per_step(), "reference_unet_passes_per_step": mr.unet_passes_per_step(),
-            "vae_decode_ms_p50": 1000 * float(np.median(decode)), "vae_decode_included": True}
+    return {
+        "unet_passes_per_step": mc.unet_passes_per_step(),
+        "reference_unet_passes_per_step": mr.unet_passes_per_step(),
+        "vae_decode_ms_p50": 1000 * float(np.median(decode)),
+        "vae_decode_included": True,
+    }

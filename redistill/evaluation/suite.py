@@ -63,10 +63,17 @@ class _Unnamed:
     sha256: str = ""
 
 
-def quality_in_space(extractor: nn.Module, real_images: np.ndarray, fake: torch.Tensor, ref_fake: torch.Tensor,
-                     identical: bool, p: EvaluateParams) -> dict:
+def quality_in_space(
+    extractor: nn.Module,
+    real_images: np.ndarray,
+    fake: torch.Tensor,
+    ref_fake: torch.Tensor,
+    identical: bool,
+    p: EvaluateParams,
+) -> dict:
     """FID of candidate and reference, their gap and ratio (paired bootstrap CIs), KID, and the split-half
     floor, all in one feature space."""
+
     def embed(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return torch.cat([extractor(x[i : i + 1000].float()) for i in range(0, len(x), 1000)]).double()
@@ -79,17 +86,22 @@ def quality_in_space(extractor: nn.Module, real_images: np.ndarray, fake: torch.
     ref_kids = kids if identical else kid_subsets(real_f, ref_f, p.kid_subset_size, p.bootstrap, p.seed)
     floor, floor_sd = fid_floor(real_f, p.floor_splits, p.seed)
     lo, hi = q["fid_gap_ci95"]
-    q.update({
-        "kid": float(np.mean(kids)), "kid_ci95": list(kid_ci(kids)),
-        "reference_kid": float(np.mean(ref_kids)), "reference_kid_ci95": list(kid_ci(ref_kids)),
-        "fid_floor": floor, "fid_floor_sd": floor_sd,
-        # the gated figure: how much further from the data than the teacher, in units of the floor
-        "fid_gap_floors": q["fid_gap"] / floor if floor > 0 else None,
-        "fid_gap_halfwidth": (hi - lo) / 2,
-        "fid_gap_halfwidth_floors": (hi - lo) / 2 / floor if floor > 0 else None,
-        "num_features": int(real_f.shape[1]),
-        "dead_features": int((real_f.std(0) < 1e-8).sum()),
-    })
+    q.update(
+        {
+            "kid": float(np.mean(kids)),
+            "kid_ci95": list(kid_ci(kids)),
+            "reference_kid": float(np.mean(ref_kids)),
+            "reference_kid_ci95": list(kid_ci(ref_kids)),
+            "fid_floor": floor,
+            "fid_floor_sd": floor_sd,
+            # the gated figure: how much further from the data than the teacher, in units of the floor
+            "fid_gap_floors": q["fid_gap"] / floor if floor > 0 else None,
+            "fid_gap_halfwidth": (hi - lo) / 2,
+            "fid_gap_halfwidth_floors": (hi - lo) / 2 / floor if floor > 0 else None,
+            "num_features": int(real_f.shape[1]),
+            "dead_features": int((real_f.std(0) < 1e-8).sum()),
+        }
+    )
     return q
 
 
@@ -106,8 +118,16 @@ def _load_pair(candidate: Side, reference: Side, data: ImageSet, data_path: Path
     return cand, ref
 
 
-def _recognisability(fake: torch.Tensor, ref_fake: torch.Tensor, identical: bool, data: ImageSet,
-                     asked: torch.Tensor | None, classifier: nn.Module | None, confidence: float, clip_score) -> dict:
+def _recognisability(
+    fake: torch.Tensor,
+    ref_fake: torch.Tensor,
+    identical: bool,
+    data: ImageSet,
+    asked: torch.Tensor | None,
+    classifier: nn.Module | None,
+    confidence: float,
+    clip_score,
+) -> dict:
     """The share of the candidate's and the reference's samples recognised as a digit; with prompts (`asked`: which
     caption each sample was asked for), prompt adherence and the CLIP score of each image against its own prompt."""
     from redistill.evaluation.features import classify
@@ -124,8 +144,11 @@ def _recognisability(fake: torch.Tensor, ref_fake: torch.Tensor, identical: bool
 
             labels = torch.as_tensor(np.asarray(data.labels))[asked]
             a, ra = adherence(classifier, fake, labels), adherence(classifier, ref_fake, labels)
-            recog.update(a, reference_prompt_adherence=ra["prompt_adherence"],
-                         prompt_adherence_gap_points=100 * (ra["prompt_adherence"] - a["prompt_adherence"]))
+            recog.update(
+                a,
+                reference_prompt_adherence=ra["prompt_adherence"],
+                prompt_adherence_gap_points=100 * (ra["prompt_adherence"] - a["prompt_adherence"]),
+            )
     if asked is not None and clip_score is not None:  # CLIP score of each image against its own prompt
         words = [data.captions[i] for i in asked.tolist()]
         cs, rcs = float(clip_score(fake, words).mean()), float(clip_score(ref_fake, words).mean())
@@ -181,32 +204,58 @@ def evaluate(
             with PeakMemory(dev) as mem:
                 fake = sample(cand, n, candidate.steps, p.seed, p.sample_batch_size)
         else:  # the first len(fake) images are the same draw: only the new batches are sampled
-            more = _batches(n, p.seed, p.sample_batch_size)[len(_batches(len(fake), p.seed, p.sample_batch_size)):]
+            more = _batches(n, p.seed, p.sample_batch_size)[len(_batches(len(fake), p.seed, p.sample_batch_size)) :]
             fake = torch.cat([fake] + [sample(cand, size, candidate.steps, b_seed, size) for b_seed, size in more])
         if not torch.isfinite(fake).all():
             raise PipelineError(f"pipeline at {candidate.path} produced non-finite images; its weights are broken")
         if identical:
             ref_fake, ref_mem = fake, mem
-            cache_samples(fake, cache_dir, cand, candidate.path, cand_sched, n, candidate.steps, p.seed,
-                          p.sample_batch_size, sha256=cand_sha)
+            cache_samples(
+                fake,
+                cache_dir,
+                cand,
+                candidate.path,
+                cand_sched,
+                n,
+                candidate.steps,
+                p.seed,
+                p.sample_batch_size,
+                sha256=cand_sha,
+            )
         else:
             log(f"sampling {n} images from the reference at {reference.steps} steps ({ref_sched})")
             first = ref_fake is None
             with PeakMemory(dev) as measured:
-                ref_fake, ref_cached = sample_cached(ref, reference.path, ref_sched, n, reference.steps,
-                                                     p.seed, p.sample_batch_size, cache_dir, sha256=ref_sha)
+                ref_fake, ref_cached = sample_cached(
+                    ref,
+                    reference.path,
+                    ref_sched,
+                    n,
+                    reference.steps,
+                    p.seed,
+                    p.sample_batch_size,
+                    cache_dir,
+                    sha256=ref_sha,
+                )
             if first:  # the peak of the first draw, unless it came from the cache (then not measured)
                 ref_mem = None if ref_cached else measured
             if ref_cached:
                 log("  (reused cached reference samples; reference peak memory not re-measured)")
         log("computing FID/KID with paired bootstrap CIs")
-        per_space = {sp.name: quality_in_space(sp.extractor, data.images, fake, ref_fake, identical, p) for sp in spaces}
+        per_space = {
+            sp.name: quality_in_space(sp.extractor, data.images, fake, ref_fake, identical, p) for sp in spaces
+        }
         open_ = {s: b for s, q in per_space.items() if not decided(q, b := gap_bound(bounds, s))}
         if not open_ or n >= p.max_samples:
             break
-        log("  the FID-gap CI contains the gate's bound (" + ", ".join(
-            f"{s}: {per_space[s]['fid_gap_floors']:+.3f} ±{per_space[s]['fid_gap_halfwidth_floors']:.3f} floors, bound {b}"
-            for s, b in open_.items()) + "): more samples")
+        log(
+            "  the FID-gap CI contains the gate's bound ("
+            + ", ".join(
+                f"{s}: {per_space[s]['fid_gap_floors']:+.3f} ±{per_space[s]['fid_gap_halfwidth_floors']:.3f} floors, bound {b}"
+                for s, b in open_.items()
+            )
+            + "): more samples"
+        )
         n = min(2 * n, p.max_samples)
     primary = spaces[0].name
     # 2b. recognisability, prompt adherence and CLIP score of what the candidate and the reference drew
@@ -240,8 +289,12 @@ def evaluate(
         "feature_spaces": {sp.name: sp.sha256 for sp in spaces},
         # the first space's figures at the top level (the bench's FID ratio), every space's under "spaces"
         "quality": {**per_space[primary], "feature_space": primary, **recog, "spaces": per_space},
-        "fidelity": {"psnr_db": psnr, "ssim": ssim, "identical_to_reference": psnr is None,
-                     "fresh_noise": None if identical else fresh_noise(cand.scheduler, candidate.steps)},
+        "fidelity": {
+            "psnr_db": psnr,
+            "ssim": ssim,
+            "identical_to_reference": psnr is None,
+            "fresh_noise": None if identical else fresh_noise(cand.scheduler, candidate.steps),
+        },
         "speed": speed,
         "memory": {
             "peak_sampling_mb": mem.peak_mb,
@@ -263,9 +316,17 @@ def evaluate(
     return result
 
 
-def evaluate_student(student: Path, steps: int, teacher: Path, data: Path, features: Path, p,
-                     out_dir: Path | None = None, cache_dir: Path | None = None,
-                     log: Callable[[str], None] = lambda m: None) -> dict:
+def evaluate_student(
+    student: Path,
+    steps: int,
+    teacher: Path,
+    data: Path,
+    features: Path,
+    p,
+    out_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict:
     """The suite on a student folder (its saved scheduler, `steps`) against its teacher at
     `evaluate.reference_steps`, in the `evaluate.features` spaces; `p` is the whole `Params`.
 
@@ -279,15 +340,30 @@ def evaluate_student(student: Path, steps: int, teacher: Path, data: Path, featu
     data_set = load_image_folder(data)
     clip = feature_spaces.clip_scorer(p.evaluate.features, features) if data_set.captions else None
     return evaluate(
-        Side(student, steps, "saved"), Side(teacher, p.evaluate.reference_steps), data_set,
-        feature_spaces.load_all(p.evaluate.features, features), p.evaluate, classifier=classifier,
-        confidence=p.features.confidence, out_dir=out_dir, cache_dir=cache_dir, log=log,
-        bounds=p.gate.fid_gap_max, clip_score=clip,
+        Side(student, steps, "saved"),
+        Side(teacher, p.evaluate.reference_steps),
+        data_set,
+        feature_spaces.load_all(p.evaluate.features, features),
+        p.evaluate,
+        classifier=classifier,
+        confidence=p.features.confidence,
+        out_dir=out_dir,
+        cache_dir=cache_dir,
+        log=log,
+        bounds=p.gate.fid_gap_max,
+        clip_score=clip,
     )
 
 
-def save_grid(candidate: torch.Tensor, reference: torch.Tensor, path: Path, per_row: int = 16, scale: int = 4,
-              max_width: int = 1024, max_tile: int = 256) -> None:
+def save_grid(
+    candidate: torch.Tensor,
+    reference: torch.Tensor,
+    path: Path,
+    per_row: int = 16,
+    scale: int = 4,
+    max_width: int = 1024,
+    max_tile: int = 256,
+) -> None:
     """PNG: the candidate's samples (top rows) above the reference's on the same noise (bottom rows).
 
     A readable size at any resolution: tiles larger than `max_tile` are shrunk (area average), fewer tiles go

@@ -16,7 +16,13 @@ from redistill.config import DistillParams
 FAMILIES_SERVED = {"rectified": ("flow", "diffusion")}
 
 
-WARM_METHODS = ("progressive", "consistency", "output", "adversarial", "dmd")  # rectified reflows the teacher's couplings
+WARM_METHODS = (
+    "progressive",
+    "consistency",
+    "output",
+    "adversarial",
+    "dmd",
+)  # rectified reflows the teacher's couplings
 LORA_METHODS = ("consistency", "dmd")  # the methods whose student may be a LoRA adapter (distill.student.lora_rank)
 
 # kinds of teacher only some methods serve yet (the rest: every method of the kind's family)
@@ -26,12 +32,16 @@ KIND_METHODS = {"text-to-image-latent": ("consistency", "dmd")}
 def refuses(method: str, family: str, kind: str) -> str | None:
     """Why `method` cannot distil a teacher of adapter family `family` (kind `kind`), or None when it can."""
     if kind in KIND_METHODS and method not in KIND_METHODS[kind]:
-        return (f"distill.method {method} does not serve {kind} teachers yet; use distill.method: "
-                f"{' or '.join(KIND_METHODS[kind])} (a LoRA student with distill.student.lora_rank > 0)")
+        return (
+            f"distill.method {method} does not serve {kind} teachers yet; use distill.method: "
+            f"{' or '.join(KIND_METHODS[kind])} (a LoRA student with distill.student.lora_rank > 0)"
+        )
     if family in FAMILIES_SERVED.get(method, ("diffusion",)):
         return None
-    return (f"distill.method {method} distils diffusion (ε/v/x₀) teachers; this teacher is a {kind} model. "
-            "Use distill.method: rectified, which serves flow-matching teachers")
+    return (
+        f"distill.method {method} distils diffusion (ε/v/x₀) teachers; this teacher is a {kind} model. "
+        "Use distill.method: rectified, which serves flow-matching teachers"
+    )
 
 
 def _fill(cls, p: DistillParams, section):
@@ -39,11 +49,16 @@ def _fill(cls, p: DistillParams, section):
 
     Every field of the config comes from the settings (only `init_from` is set later, by a warm start), so a
     config built from params.yaml cannot keep a default of its own."""
-    values = {**{name: getattr(p, name) for name in p.__pydantic_fields__ if not dataclasses.is_dataclass(getattr(p, name))},
-              **dataclasses.asdict(section), "student_channels": tuple(p.student.block_out_channels),
-              "student_layers": p.student.layers_per_block, "feature_loss": p.student.feature_loss,
-              "lora_rank": p.student.lora_rank, "lora_alpha": p.student.lora_alpha,
-              "lora_targets": p.student.lora_targets}
+    values = {
+        **{name: getattr(p, name) for name in p.__pydantic_fields__ if not dataclasses.is_dataclass(getattr(p, name))},
+        **dataclasses.asdict(section),
+        "student_channels": tuple(p.student.block_out_channels),
+        "student_layers": p.student.layers_per_block,
+        "feature_loss": p.student.feature_loss,
+        "lora_rank": p.student.lora_rank,
+        "lora_alpha": p.student.lora_alpha,
+        "lora_targets": p.student.lora_targets,
+    }
     names = [f.name for f in dataclasses.fields(cls)]
     missing = sorted(set(names) - set(values) - {"init_from"})
     if missing:
@@ -62,11 +77,15 @@ def method_config(p: DistillParams):
         raise ValueError(f"distill.student.feature_loss must be ≥ 0, got {p.student.feature_loss}")
     if p.student.lora_rank:
         if p.method not in LORA_METHODS:
-            raise ValueError(f"distill.student.lora_rank > 0 (a LoRA student) serves {' and '.join(LORA_METHODS)}, "
-                             f"not {p.method}; set lora_rank: 0 for a full-UNet student")
+            raise ValueError(
+                f"distill.student.lora_rank > 0 (a LoRA student) serves {' and '.join(LORA_METHODS)}, "
+                f"not {p.method}; set lora_rank: 0 for a full-UNet student"
+            )
         if p.student.block_out_channels or p.student.layers_per_block:
-            raise ValueError("a LoRA student is the teacher's own UNet plus an adapter: it keeps the teacher's shape. "
-                             "Leave distill.student.block_out_channels and layers_per_block empty, or set lora_rank: 0")
+            raise ValueError(
+                "a LoRA student is the teacher's own UNet plus an adapter: it keeps the teacher's shape. "
+                "Leave distill.student.block_out_channels and layers_per_block empty, or set lora_rank: 0"
+            )
     if p.method == "progressive":
         from redistill.methods.progressive import ProgressiveConfig, distill, halving_schedule
 
@@ -78,8 +97,10 @@ def method_config(p: DistillParams):
 
         cfg = _fill(ConsistencyConfig, p, p.consistency)
         if not 1 <= cfg.target_steps <= cfg.solver_steps:
-            raise ValueError(f"consistency serves 1 to solver_steps ({cfg.solver_steps}) sampling steps, "
-                             f"not target_steps={cfg.target_steps}")
+            raise ValueError(
+                f"consistency serves 1 to solver_steps ({cfg.solver_steps}) sampling steps, "
+                f"not target_steps={cfg.target_steps}"
+            )
         return cfg, distill
     if p.method == "output":
         from redistill.methods.output import OutputConfig, distill
@@ -95,8 +116,10 @@ def method_config(p: DistillParams):
             from redistill.methods.dmd import distill
         cfg = _fill(Config, p, getattr(p, p.method))
         if not 1 <= cfg.target_steps <= cfg.solver_steps:
-            raise ValueError(f"{p.method} serves 1 to solver_steps ({cfg.solver_steps}) sampling steps, "
-                             f"not target_steps={cfg.target_steps}")
+            raise ValueError(
+                f"{p.method} serves 1 to solver_steps ({cfg.solver_steps}) sampling steps, "
+                f"not target_steps={cfg.target_steps}"
+            )
         if p.method == "dmd" and not 0 <= cfg.t_min < cfg.t_max <= 1000:
             raise ValueError(f"distill.dmd needs 0 ≤ t_min < t_max ≤ 1000, got {cfg.t_min} and {cfg.t_max}")
         return cfg, distill
@@ -107,9 +130,19 @@ def method_config(p: DistillParams):
     raise ValueError(f"unknown distillation method {p.method!r}")  # DistillParams already refuses these
 
 
-def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[str], None] = print, on_round=None,
-            teacher_path: Path | None = None, workspace: Path | None = None, init: dict | None = None,
-            init_sha256: str = "", captions: list[str] | None = None):
+def distill(
+    p: DistillParams,
+    teacher,
+    images,
+    ckpt_dir: Path,
+    log: Callable[[str], None] = print,
+    on_round=None,
+    teacher_path: Path | None = None,
+    workspace: Path | None = None,
+    init: dict | None = None,
+    init_sha256: str = "",
+    captions: list[str] | None = None,
+):
     """Run the method `p.method` with its settings from `p`; returns (student pipeline, summary).
 
     `on_round(steps, pipeline)` receives intermediate students of methods that make them (progressive).
@@ -122,8 +155,10 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
     cfg, run = method_config(p)
     processes, main = process_group()
     if p.batch_size % processes:
-        raise ValueError(f"distill.batch_size {p.batch_size} is the global batch, split evenly over the {processes} "
-                         f"processes: make it a multiple of {processes}")
+        raise ValueError(
+            f"distill.batch_size {p.batch_size} is the global batch, split evenly over the {processes} "
+            f"processes: make it a multiple of {processes}"
+        )
     if not main:  # under `accelerate launch`, one process speaks for all
         from redistill.methods.training import quiet
 
@@ -136,8 +171,10 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
         raise ValueError(why)
     if hasattr(kind, "use_prompts"):  # text-to-image: the data's captions are its conditions
         if not captions:
-            raise ValueError("a text-to-image teacher is distilled on captioned images, and this data has no captions: "
-                             "add captions.csv (file,caption) or metadata.jsonl (file_name,text) to the image folder")
+            raise ValueError(
+                "a text-to-image teacher is distilled on captioned images, and this data has no captions: "
+                "add captions.csv (file,caption) or metadata.jsonl (file_name,text) to the image folder"
+            )
         if len(captions) != len(images):
             raise ValueError(f"{len(captions)} captions for {len(images)} images; give every image its caption")
         kind.use_prompts(list(captions), paired=True)
@@ -165,7 +202,9 @@ def distill(p: DistillParams, teacher, images, ckpt_dir: Path, log: Callable[[st
 
         extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None
         extra["teacher_uri"] = str(Path(teacher_path).resolve()) if teacher_path is not None else None
-    if p.method in ("output", "rectified") or (p.method == "dmd" and (p.dmd.regression_weight > 0 or p.dmd.start == "output")):
+    if p.method in ("output", "rectified") or (
+        p.method == "dmd" and (p.dmd.regression_weight > 0 or p.dmd.start == "output")
+    ):
         from redistill.models.pipelines import pipeline_sha256
 
         extra["teacher_sha256"] = pipeline_sha256(teacher_path) if teacher_path is not None else None

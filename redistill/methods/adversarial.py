@@ -63,8 +63,14 @@ class Discriminator(nn.Module):
         return sum(head(f).mean(dim=(1, 2, 3)) for head, f in zip(self.heads, feats))
 
 
-def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
-            init: dict | None = None):
+def distill(
+    teacher,
+    data: torch.Tensor,
+    cfg: AdversarialConfig,
+    ckpt_dir: Path,
+    log: Callable[[str], None] = print,
+    init: dict | None = None,
+):
     """ADD-distil `teacher` on images `data` in [0, 1]; returns (the teacher kind's stock pipeline + LCMScheduler,
     summary)."""
     model = adapter_for(teacher)  # every network call, condition and the export go through it
@@ -73,8 +79,14 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
     T = sched_cfg.num_train_timesteps
     sampler = lcm_scheduler(sched_cfg, cfg.solver_steps)
     sampler.set_timesteps(cfg.target_steps)
-    run = Trainer(ckpt_dir, {"method": "adversarial", "config": asdict(cfg), "teacher_prediction": ptype},
-                  cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
+    run = Trainer(
+        ckpt_dir,
+        {"method": "adversarial", "config": asdict(cfg), "teacher_prediction": ptype},
+        cfg.checkpoint_every,
+        log,
+        cfg.mixed_precision,
+        seed=cfg.seed,
+    )
     dev = run.device
     student_t = sampler.timesteps.to(dev)  # the student's sampling timesteps, e.g. 959, 719, 479, 239
     alphas_cumprod = model.alphas_cumprod.to(dev)
@@ -88,9 +100,15 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
     opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99), weight_decay=0.0)
     ema = new_ema(student, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ph = Phase(0, f"adversarial (steps at {student_t.tolist()})", cfg.steps,
-               {"student": student, "discriminator": disc.heads}, {"student": opt, "discriminator": opt_d},
-               {"student": ema}, gen)
+    ph = Phase(
+        0,
+        f"adversarial (steps at {student_t.tolist()})",
+        cfg.steps,
+        {"student": student, "discriminator": disc.heads},
+        {"student": opt, "discriminator": opt_d},
+        {"student": ema},
+        gen,
+    )
 
     draw = Draws(gen, run, cfg.batch_size, tuple(x_all.shape[1:]), dev)  # every draw, of the global batch
 
@@ -110,7 +128,9 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
         x_fake_t = model.add_noise(x_fake, draw.noise(), t)
         with torch.no_grad(), run.autocast():
             a_t, s_t = alpha_sigma(alphas_cumprod, t)
-            x_teacher, _ = to_x0_eps(model.teacher_output(teacher_unet, x_fake_t, t, c).float(), x_fake_t, a_t, s_t, ptype)
+            x_teacher, _ = to_x0_eps(
+                model.teacher_output(teacher_unet, x_fake_t, t, c).float(), x_fake_t, a_t, s_t, ptype
+            )
             x_teacher = x_teacher.clamp(-1, 1)
         weight = (a_t**2).view(-1)
         l_distill = (weight * (x_fake - x_teacher).pow(2).mean(dim=(1, 2, 3))).mean()
@@ -126,15 +146,29 @@ def distill(teacher, data: torch.Tensor, cfg: AdversarialConfig, ckpt_dir: Path,
         fake = disc(model.add_noise(x_fake.detach(), draw.noise(), t_d), t_d, c)
         l_disc = torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
         run.backward(l_disc, disc.heads, opt_d)
-        return {"distill": l_distill.item(), "adv": l_adv.item(), "disc": l_disc.item(),
-                **({"feature": float(l_feat.detach() if torch.is_tensor(l_feat) else l_feat)} if cfg.feature_loss > 0 else {})}
+        return {
+            "distill": l_distill.item(),
+            "adv": l_adv.item(),
+            "disc": l_disc.item(),
+            **(
+                {"feature": float(l_feat.detach() if torch.is_tensor(l_feat) else l_feat)}
+                if cfg.feature_loss > 0
+                else {}
+            ),
+        }
 
     losses = run.phase(ph, step)
     fm.remove()
     disc.features.remove()
     # 6. Export the EMA student with the stock multistep sampler (predict x₀, re-noise, repeat).
     ema.copy_to(student.parameters())
-    summary = {"method": "adversarial", "config": asdict(cfg), "final_losses": losses,
-               **sizes(teacher_unet, student), "student_timesteps": student_t.tolist(),
-               "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
+    summary = {
+        "method": "adversarial",
+        "config": asdict(cfg),
+        "final_losses": losses,
+        **sizes(teacher_unet, student),
+        "student_timesteps": student_t.tolist(),
+        "wall_time_s": run.finish(),
+        "num_inference_steps": cfg.target_steps,
+    }
     return model.export(frozen(student).cpu(), lcm_scheduler(sched_cfg, cfg.solver_steps)), summary

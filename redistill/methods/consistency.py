@@ -89,8 +89,16 @@ def sampling_scheduler(teacher_scheduler_config, cfg: ConsistencyConfig, clip: b
     return lcm_scheduler(teacher_scheduler_config, cfg.solver_steps, clip)
 
 
-def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
-            init: dict | None = None, teacher_sha256: str | None = None, teacher_uri: str | None = None):
+def distill(
+    teacher,
+    data: torch.Tensor,
+    cfg: ConsistencyConfig,
+    ckpt_dir: Path,
+    log: Callable[[str], None] = print,
+    init: dict | None = None,
+    teacher_sha256: str | None = None,
+    teacher_uri: str | None = None,
+):
     """Consistency-distil `teacher` on images `data` in [0, 1]; returns (stock DDPMPipeline with an
     LCMScheduler, summary). Resumes from the latest checkpoint in `ckpt_dir`."""
     model = adapter_for(teacher)  # every network call, condition and the export go through it
@@ -100,8 +108,14 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     grid, k = solver_grid(cfg.solver_steps, T)
     if cfg.target_steps > cfg.solver_steps:
         raise ValueError(f"target_steps ({cfg.target_steps}) cannot exceed solver_steps ({cfg.solver_steps})")
-    run = Trainer(ckpt_dir, {"method": "consistency", "config": asdict(cfg), "teacher_prediction": ptype},
-                  cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
+    run = Trainer(
+        ckpt_dir,
+        {"method": "consistency", "config": asdict(cfg), "teacher_prediction": ptype},
+        cfg.checkpoint_every,
+        log,
+        cfg.mixed_precision,
+        seed=cfg.seed,
+    )
     dev = run.device
     alphas_cumprod = model.alphas_cumprod.to(dev)
     grid = grid.to(dev)
@@ -120,8 +134,15 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     ema = new_ema(student, cfg.ema_decay)
     ema_target = new_ema(student, cfg.target_ema, warmup=False)  # θ⁻ as diffusers' EMAModel with a fixed μ
     gen = torch.Generator().manual_seed(cfg.seed)
-    ph = Phase(0, f"consistency (N={cfg.solver_steps}, k={k})", cfg.steps,
-               {"student": student, "target": target}, {"student": opt}, {"student": ema, "target": ema_target}, gen)
+    ph = Phase(
+        0,
+        f"consistency (N={cfg.solver_steps}, k={k})",
+        cfg.steps,
+        {"student": student, "target": target},
+        {"student": opt},
+        {"student": ema, "target": ema_target},
+        gen,
+    )
     draw = Draws(gen, run, cfg.batch_size, tuple(x_all.shape[1:]), dev)  # every draw, of the global batch
 
     def step():
@@ -158,9 +179,15 @@ def distill(teacher, data: torch.Tensor, cfg: ConsistencyConfig, ckpt_dir: Path,
     # 7. Export θ's EMA (or θ⁻ itself, as diffusers' LCM script does) with the scheduler that samples it:
     #    LCM's multistep sampling (re-noise each clean estimate with fresh noise) or the deterministic one.
     (ema_target if cfg.export == "target" else ema).copy_to(student.parameters())
-    summary = {"method": "consistency", "config": asdict(cfg), "final_loss": losses.get("loss"),
-               **sizes(teacher_unet, student),
-               "solver_skip": k, "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
+    summary = {
+        "method": "consistency",
+        "config": asdict(cfg),
+        "final_loss": losses.get("loss"),
+        **sizes(teacher_unet, student),
+        "solver_skip": k,
+        "wall_time_s": run.finish(),
+        "num_inference_steps": cfg.target_steps,
+    }
     sched = sampling_scheduler(sched_cfg, cfg, model.clips)
     if not cfg.lora_rank:
         return with_sampling(model.export(frozen(student).cpu(), sched), model, cfg.target_steps), summary
@@ -174,8 +201,10 @@ def lora_student(teacher_unet, cfg, init: dict | None):
     """A copy of the teacher's UNet with a zero-effect LoRA adapter of `cfg.lora_rank`, of which only the adapter
     trains (LCM-LoRA); refused for a warm start (an adapter is trained on its base from the start)."""
     if init is not None:
-        raise ValueError("a LoRA student (distill.student.lora_rank > 0) is trained on its base teacher from the "
-                         "start: set distill.init: cold (or auto, which starts it cold), or set lora_rank: 0")
+        raise ValueError(
+            "a LoRA student (distill.student.lora_rank > 0) is trained on its base teacher from the "
+            "start: set distill.init: cold (or auto, which starts it cold), or set lora_rank: 0"
+        )
     return add_lora(copy.deepcopy(teacher_unet), cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_targets)
 
 
@@ -184,11 +213,15 @@ def lora_export(model, student, sched, cfg, teacher_sha256, summary: dict, teach
     it is), carrying the adapter itself and its base teacher's sha256, written beside it when it is saved."""
     student = student.cpu()
     pipe = with_sampling(model.export(fused_copy(student), sched), model, cfg.target_steps)
-    pipe.redistill_lora = {"unet": student, "base_sha256": teacher_sha256, "rank": cfg.lora_rank,
-                           "alpha": cfg.lora_alpha or cfg.lora_rank, "base_uri": teacher_uri}
+    pipe.redistill_lora = {
+        "unet": student,
+        "base_sha256": teacher_sha256,
+        "rank": cfg.lora_rank,
+        "alpha": cfg.lora_alpha or cfg.lora_rank,
+        "base_uri": teacher_uri,
+    }
     adapter_params = sum(w.numel() for n, w in student.named_parameters() if "lora_" in n)
-    summary.update(lora_rank=cfg.lora_rank, adapter_params=adapter_params,
-                   base_sha256=teacher_sha256)
+    summary.update(lora_rank=cfg.lora_rank, adapter_params=adapter_params, base_sha256=teacher_sha256)
     return pipe, summary
 
 
@@ -198,8 +231,11 @@ def with_sampling(pipe, model, steps: int):
     if getattr(model, "kind", "") != "text-to-image-latent":
         return pipe
     embedded = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
-    pipe.redistill_sampling = {"guidance_scale": model.guidance_scale if embedded else 1.0,
-                               "distilled_guidance_scale": model.guidance_scale, "num_inference_steps": steps}
+    pipe.redistill_sampling = {
+        "guidance_scale": model.guidance_scale if embedded else 1.0,
+        "distilled_guidance_scale": model.guidance_scale,
+        "num_inference_steps": steps,
+    }
     return pipe
 
 
@@ -212,8 +248,13 @@ def deterministic_scheduler(teacher_scheduler_config, solver_steps: int, steps: 
 
     T = teacher_scheduler_config.num_train_timesteps
     first = int(solver_grid(solver_steps, T)[0][-1])
-    return DDIMScheduler.from_config(teacher_scheduler_config, clip_sample=clip, set_alpha_to_one=True,
-                                     timestep_spacing="leading", steps_offset=first - (steps - 1) * (T // steps))
+    return DDIMScheduler.from_config(
+        teacher_scheduler_config,
+        clip_sample=clip,
+        set_alpha_to_one=True,
+        timestep_spacing="leading",
+        steps_offset=first - (steps - 1) * (T // steps),
+    )
 
 
 def lcm_scheduler(teacher_scheduler_config, solver_steps: int, clip: bool = True):
@@ -223,8 +264,11 @@ def lcm_scheduler(teacher_scheduler_config, solver_steps: int, clip: bool = True
 
     known = inspect.signature(LCMScheduler.__init__).parameters  # DDPM-only keys (variance_type) would only warn
     return LCMScheduler.from_config(
-        {k: v for k, v in teacher_scheduler_config.items() if k in known}, original_inference_steps=solver_steps,
-        timestep_scaling=TIMESTEP_SCALING, clip_sample=clip, set_alpha_to_one=True, timestep_spacing="leading",
+        {k: v for k, v in teacher_scheduler_config.items() if k in known},
+        original_inference_steps=solver_steps,
+        timestep_scaling=TIMESTEP_SCALING,
+        clip_sample=clip,
+        set_alpha_to_one=True,
+        timestep_spacing="leading",
         steps_offset=0,
     )
-

@@ -67,8 +67,14 @@ def dmd_loss(x_gen: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x_gen - (x_gen - grad).detach()).pow(2).mean()
 
 
-def fake_score_loss(pred: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
-                    prediction_type: str) -> torch.Tensor:
+def fake_score_loss(
+    pred: torch.Tensor,
+    eps: torch.Tensor,
+    x0: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
     """The fake score's denoising loss on generator samples `x0` noised with `eps`, in the teacher's parametrisation."""
     target = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0}[prediction_type]
     return (pred - target).pow(2).mean()
@@ -84,8 +90,9 @@ def generator_gan_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(-fake_logits).mean()
 
 
-def x0_estimate(output: torch.Tensor, z: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
-                prediction_type: str) -> torch.Tensor:
+def x0_estimate(
+    output: torch.Tensor, z: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """x̂₀ of a score network's output on z_t."""
     a, s = alpha_sigma(alphas_cumprod, t)
     return to_x0_eps(output.float(), z, a, s, prediction_type)[0]
@@ -153,7 +160,9 @@ class Generator:
         """The LCM generator's clean image at its i-th sampling step."""
         t = self.timesteps[i].expand(len(z))
         with self.run.autocast():
-            return consistency_fn(self.model, self.student, z, t, cond, self.prediction_type, self.alphas_cumprod).float()
+            return consistency_fn(
+                self.model, self.student, z, t, cond, self.prediction_type, self.alphas_cumprod
+            ).float()
 
     def chain(self, z: torch.Tensor, cond) -> torch.Tensor:
         """A deterministic generator: one x₀ call at T−1, or DDIM on its grid as the stock scheduler runs it
@@ -178,10 +187,18 @@ def disc_logits(run: Trainer, disc, model, draw: Draws, x: torch.Tensor, t: torc
         return disc(model.add_noise(x, draw.noise(), t), t, cond).float()
 
 
-def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
-            init: dict | None = None,
-            teacher_sha256: str | None = None, pairs_dir: Path | None = None, teacher_uri: str | None = None,
-            samples_dir: Path | None = None):
+def distill(
+    teacher,
+    data: torch.Tensor,
+    cfg: DMDConfig,
+    ckpt_dir: Path,
+    log: Callable[[str], None] = print,
+    init: dict | None = None,
+    teacher_sha256: str | None = None,
+    pairs_dir: Path | None = None,
+    teacher_uri: str | None = None,
+    samples_dir: Path | None = None,
+):
     """DMD2-distil `teacher` on images `data` in [0, 1]; returns (the teacher kind's stock pipeline + its
     scheduler, summary)."""
     model = adapter_for(teacher)  # every network call, condition, noising and the export go through it
@@ -200,9 +217,19 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
 
         check_grid(K, T, cfg.first_timestep)
     keyed = cfg.regression_weight > 0 or cfg.start == "output"  # the teacher's pairs enter the run
-    run = Trainer(ckpt_dir, {"method": "dmd", "config": asdict(cfg), "teacher_prediction": ptype,
-                             **({"teacher": teacher_sha256} if keyed else {})},
-                  cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
+    run = Trainer(
+        ckpt_dir,
+        {
+            "method": "dmd",
+            "config": asdict(cfg),
+            "teacher_prediction": ptype,
+            **({"teacher": teacher_sha256} if keyed else {}),
+        },
+        cfg.checkpoint_every,
+        log,
+        cfg.mixed_precision,
+        seed=cfg.seed,
+    )
     dev = run.device
     gen_t = generator_timesteps(sched_cfg, cfg, chain, x0_call).to(dev)
     alphas_cumprod = model.alphas_cumprod.to(dev)
@@ -214,8 +241,16 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
 
         pcfg = OutputConfig(pairs=cfg.pairs, pairs_steps=cfg.pairs_steps, seed=cfg.seed)
         with run.main_first():  # the main process makes the cache, the others then read it
-            noise, x0, cond, _, _ = load_or_make_pairs(teacher, teacher_sha256 or unkeyed_sha256(teacher), pcfg, shape, dev,
-                                                       Path(pairs_dir or "data/pairs"), log, samples_dir)
+            noise, x0, cond, _, _ = load_or_make_pairs(
+                teacher,
+                teacher_sha256 or unkeyed_sha256(teacher),
+                pcfg,
+                shape,
+                dev,
+                Path(pairs_dir or "data/pairs"),
+                log,
+                samples_dir,
+            )
         pairs = (noise.to(dev), x0.to(dev), None if cond is None else cond.to(dev))
     real_score = frozen(copy.deepcopy(teacher.unet)).to(dev)
     # Generator and fake score both start as the teacher (DMD section 3.1); or the generator starts as a
@@ -234,7 +269,9 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     disc = Discriminator(fake_score, model.output).to(dev) if cfg.gan_weight > 0 else None
     fm = FeatureMatch(real_score, student, cfg.feature_loss)
     opt = torch.optim.AdamW([w for w in student.parameters() if w.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    opt_fake = torch.optim.AdamW([w for w in fake_score.parameters() if w.requires_grad], lr=cfg.fake_lr, weight_decay=0.0)
+    opt_fake = torch.optim.AdamW(
+        [w for w in fake_score.parameters() if w.requires_grad], lr=cfg.fake_lr, weight_decay=0.0
+    )
     models = {"student": student, "fake_score": fake_score}
     optimizers = {"student": opt, "fake_score": opt_fake}
     if disc is not None:
@@ -242,11 +279,31 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         models["discriminator"], optimizers["discriminator"] = disc.heads, opt_disc
     ema = new_ema(student, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ph = Phase(0, f"dmd (steps at {gen_t.tolist()}, {cfg.fake_updates} fake updates)", cfg.steps, models,
-               optimizers, {"student": ema}, gen)
+    ph = Phase(
+        0,
+        f"dmd (steps at {gen_t.tolist()}, {cfg.fake_updates} fake updates)",
+        cfg.steps,
+        models,
+        optimizers,
+        {"student": ema},
+        gen,
+    )
     draw = Draws(gen, run, cfg.batch_size, shape, dev)
-    g = Generator(run, model, student, gen_t, alphas_cumprod, ptype, K, chain, x0_call, cfg.backward_simulation,
-                  real_score, fm, cfg.feature_loss)
+    g = Generator(
+        run,
+        model,
+        student,
+        gen_t,
+        alphas_cumprod,
+        ptype,
+        K,
+        chain,
+        x0_call,
+        cfg.backward_simulation,
+        real_score,
+        fm,
+        cfg.feature_loss,
+    )
 
     def step():
         # 1. A real batch and its conditions (the batch's captions, or drawn conditions; else None).
@@ -287,7 +344,15 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
         l_dmd = dmd_loss(x_gen, grad)
         l_feat = fm.loss()
         loss = l_dmd + l_feat
-        losses = {"dmd": l_dmd.item(), "fake": l_fake.item(), **({"feature": float(l_feat.detach() if torch.is_tensor(l_feat) else l_feat)} if cfg.feature_loss > 0 else {})}
+        losses = {
+            "dmd": l_dmd.item(),
+            "fake": l_fake.item(),
+            **(
+                {"feature": float(l_feat.detach() if torch.is_tensor(l_feat) else l_feat)}
+                if cfg.feature_loss > 0
+                else {}
+            ),
+        }
         # 5. GAN term on real images: the generator's noised samples should pass the discriminator as real.
         if disc is not None:
             t_d = draw.integers(cfg.t_max, cfg.t_min)
@@ -311,17 +376,32 @@ def distill(teacher, data: torch.Tensor, cfg: DMDConfig, ckpt_dir: Path, log: Ca
     # Export the EMA generator with the stock sampler that runs it: LCM's multistep sampler; the output method's
     # one DDIM step that returns its x₀; or DDIM on the deterministic chain's grid.
     ema.copy_to(student.parameters())
-    summary = {"method": "dmd", "config": asdict(cfg), "final_losses": losses, **sizes(real_score, student),
-               "student_timesteps": [t for t in gen_t.tolist() if t >= 0], "wall_time_s": run.finish(),
-               "num_inference_steps": K}
+    summary = {
+        "method": "dmd",
+        "config": asdict(cfg),
+        "final_losses": losses,
+        **sizes(real_score, student),
+        "student_timesteps": [t for t in gen_t.tolist() if t >= 0],
+        "wall_time_s": run.finish(),
+        "num_inference_steps": K,
+    }
     if run.main:
         shutil.rmtree(_output_dir(ckpt_dir), ignore_errors=True)
     if cfg.lora_rank:  # start: teacher (a LoRA generator is an LCM one)
-        return lora_export(model, frozen(student), lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips), cfg,
-                           teacher_sha256, summary, teacher_uri)
+        return lora_export(
+            model,
+            frozen(student),
+            lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips),
+            cfg,
+            teacher_sha256,
+            summary,
+            teacher_uri,
+        )
     student = frozen(student).cpu()
     if not chain:
-        return with_sampling(model.export(student, lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips)), model, K), summary
+        return with_sampling(
+            model.export(student, lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips)), model, K
+        ), summary
     if x0_call:
         from redistill.methods.output import one_step_scheduler
 
@@ -336,10 +416,14 @@ def check_settings(cfg: DMDConfig, model) -> None:
     if cfg.start not in STARTS:
         raise ValueError(f"distill.dmd.start must be one of {', '.join(STARTS)}, got {cfg.start!r}")
     if not model.clips and (cfg.start != "teacher" or cfg.regression_weight > 0):
-        raise ValueError(f"a {model.kind} teacher is distilled by dmd from the teacher itself (distill.dmd.start: teacher, "
-                         "regression_weight: 0): the deterministic starts and the regression clip x̂₀ to pixel range")
+        raise ValueError(
+            f"a {model.kind} teacher is distilled by dmd from the teacher itself (distill.dmd.start: teacher, "
+            "regression_weight: 0): the deterministic starts and the regression clip x̂₀ to pixel range"
+        )
     if cfg.lora_rank and cfg.start != "teacher":
-        raise ValueError("a LoRA generator (distill.student.lora_rank > 0) starts as the teacher: set distill.dmd.start: teacher")
+        raise ValueError(
+            "a LoRA generator (distill.student.lora_rank > 0) starts as the teacher: set distill.dmd.start: teacher"
+        )
 
 
 def generator_timesteps(sched_cfg, cfg: DMDConfig, chain: bool, x0_call: bool) -> torch.Tensor:
@@ -361,36 +445,64 @@ def _output_dir(ckpt_dir: Path) -> Path:
     return Path(ckpt_dir).parent / (Path(ckpt_dir).name + "-output")
 
 
-def _first_student(teacher, data, cfg: DMDConfig, ckpt_dir: Path, log, teacher_sha256, pairs_dir, main: bool = True,
-                   samples_dir: Path | None = None) -> dict:
+def _first_student(
+    teacher,
+    data,
+    cfg: DMDConfig,
+    ckpt_dir: Path,
+    log,
+    teacher_sha256,
+    pairs_dir,
+    main: bool = True,
+    samples_dir: Path | None = None,
+) -> dict:
     """The weights of the deterministic student the generator starts from: output-distilled (on the shared
     pair cache) or progressive, at the generator's step count. Kept beside the checkpoints until the DMD run
     ends, so a resumed run does not distil it again."""
     from safetensors.torch import load_file, save_file
 
     folder = _output_dir(ckpt_dir)
-    key = (f"{cfg.start}-{teacher_sha256 or 'unkeyed'}-{cfg.target_steps}-{cfg.pairs}-{cfg.pairs_steps}-"
-           f"{cfg.output_steps if cfg.start == 'output' else cfg.progressive_steps}-{cfg.first_timestep}-{cfg.seed}")
+    key = (
+        f"{cfg.start}-{teacher_sha256 or 'unkeyed'}-{cfg.target_steps}-{cfg.pairs}-{cfg.pairs_steps}-"
+        f"{cfg.output_steps if cfg.start == 'output' else cfg.progressive_steps}-{cfg.first_timestep}-{cfg.seed}"
+    )
     done = folder / f"student-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if done.is_file():
         return load_file(done)
-    shared = dict(batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
-                  mixed_precision=cfg.mixed_precision, student_channels=cfg.student_channels,
-                  student_layers=cfg.student_layers, target_steps=cfg.target_steps)
+    shared = dict(
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        checkpoint_every=cfg.checkpoint_every,
+        mixed_precision=cfg.mixed_precision,
+        student_channels=cfg.student_channels,
+        student_layers=cfg.student_layers,
+        target_steps=cfg.target_steps,
+    )
     if cfg.start == "output":
         from redistill.methods.output import OutputConfig
         from redistill.methods.output import distill as first
 
-        fcfg = OutputConfig(pairs=cfg.pairs, pairs_steps=cfg.pairs_steps, steps=cfg.output_steps, lr=cfg.lr,
-                            first_timestep=cfg.first_timestep, **shared)
+        fcfg = OutputConfig(
+            pairs=cfg.pairs,
+            pairs_steps=cfg.pairs_steps,
+            steps=cfg.output_steps,
+            lr=cfg.lr,
+            first_timestep=cfg.first_timestep,
+            **shared,
+        )
         extra = {"teacher_sha256": teacher_sha256, "pairs_dir": pairs_dir, "samples_dir": samples_dir}
     else:
         from redistill.methods.progressive import ProgressiveConfig
         from redistill.methods.progressive import distill as first
 
         teacher_steps = cfg.target_steps * 4  # two halving rounds, as the progressive default (16 → 4)
-        fcfg = ProgressiveConfig(teacher_steps=teacher_steps, steps_per_round=cfg.progressive_steps,
-                                 first_timestep=cfg.first_timestep, lr=cfg.lr, **shared)
+        fcfg = ProgressiveConfig(
+            teacher_steps=teacher_steps,
+            steps_per_round=cfg.progressive_steps,
+            first_timestep=cfg.first_timestep,
+            lr=cfg.lr,
+            **shared,
+        )
         extra = {}
     log(f"dmd: distilling the {cfg.start} student the generator starts from")
     pipe, _ = first(teacher, data, fcfg, folder / "checkpoints", log=log, **extra)

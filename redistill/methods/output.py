@@ -89,9 +89,16 @@ def unkeyed_sha256(teacher) -> str:
     return h.hexdigest()
 
 
-def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, device, pairs_dir: Path,
-                       log: Callable[[str], None], samples_dir: Path | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Path, bool]:
+def load_or_make_pairs(
+    teacher,
+    teacher_sha256: str,
+    cfg: OutputConfig,
+    shape,
+    device,
+    pairs_dir: Path,
+    log: Callable[[str], None],
+    samples_dir: Path | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Path, bool]:
     """The cached pairs of this teacher, or new ones written atomically to the cache; (x_T, x₀, conditions, file,
     reused). A teacher whose pairs are its own samples (`pairs_from_samples`) takes them from the workspace's store of
     drawn samples, `samples_dir`, where the evaluation finds the same draw."""
@@ -110,16 +117,20 @@ def load_or_make_pairs(teacher, teacher_sha256: str, cfg: OutputConfig, shape, d
     noise, x0, cond = teacher_pairs(teacher, cfg, shape, device)
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")
-    tensors = {"noise": noise.contiguous(), "x0": x0.contiguous(),
-               **({} if cond is None else {"cond": cond.contiguous()})}
+    tensors = {
+        "noise": noise.contiguous(),
+        "x0": x0.contiguous(),
+        **({} if cond is None else {"cond": cond.contiguous()}),
+    }
     metadata = {"teacher_sha256": teacher_sha256, "pairs_steps": str(cfg.pairs_steps), "seed": str(pair_seed(cfg))}
     save_file(tensors, tmp, metadata=metadata)
     tmp.replace(f)
     return noise, x0, cond, f, False
 
 
-def _pairs_from_samples(teacher, teacher_sha256: str, cfg: OutputConfig, samples_dir: Path,
-                        log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor, None, Path, bool]:
+def _pairs_from_samples(
+    teacher, teacher_sha256: str, cfg: OutputConfig, samples_dir: Path, log: Callable[[str], None]
+) -> tuple[torch.Tensor, torch.Tensor, None, Path, bool]:
     """The pairs drawn as the evaluation draws the teacher (`metrics.sample` with DDIM at `pairs_steps`, generation
     batch i seeded `pair_seed + i`, `GENERATION_BATCH` images each) and kept in the same store, `samples_dir`, one
     file per batch: every method and every cycle on this teacher shares them, and a larger set reuses a smaller one's
@@ -136,17 +147,42 @@ def _pairs_from_samples(teacher, teacher_sha256: str, cfg: OutputConfig, samples
     model = adapter_for(view)
     log(f"teacher pairs: {cfg.pairs} DDIM {cfg.pairs_steps}-step samples from the store {samples_dir}")
     seed = pair_seed(cfg)
-    images, reused = sample_cached(view, None, "DDIMScheduler", cfg.pairs, cfg.pairs_steps, seed, GENERATION_BATCH,
-                                   Path(samples_dir), sha256=teacher_sha256)
+    images, reused = sample_cached(
+        view,
+        None,
+        "DDIMScheduler",
+        cfg.pairs,
+        cfg.pairs_steps,
+        seed,
+        GENERATION_BATCH,
+        Path(samples_dir),
+        sha256=teacher_sha256,
+    )
     shape = (model.channels, *model.sample_size)
-    noise = torch.cat([randn_tensor((size, *shape), generator=torch.Generator(device=view.device).manual_seed(s),
-                                    device=view.device, dtype=view.unet.dtype).cpu()
-                       for s, size in _batches(cfg.pairs, seed, GENERATION_BATCH)])
+    noise = torch.cat(
+        [
+            randn_tensor(
+                (size, *shape),
+                generator=torch.Generator(device=view.device).manual_seed(s),
+                device=view.device,
+                dtype=view.unet.dtype,
+            ).cpu()
+            for s, size in _batches(cfg.pairs, seed, GENERATION_BATCH)
+        ]
+    )
     return noise.float(), model.to_model_space(images), None, Path(samples_dir), reused
 
 
-def student_chain(run: Trainer, model, student, z: torch.Tensor, cond, grid: torch.Tensor, alphas_cumprod: torch.Tensor,
-                  prediction_type: str) -> torch.Tensor:
+def student_chain(
+    run: Trainer,
+    model,
+    student,
+    z: torch.Tensor,
+    cond,
+    grid: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
     """The student's K-step DDIM sampler on `grid` (K steps, then −1), as the exported DDIMScheduler runs it: x̂₀
     clipped, the model's ε; differentiable through every call."""
     for i in range(len(grid) - 1):
@@ -159,9 +195,17 @@ def student_chain(run: Trainer, model, student, z: torch.Tensor, cond, grid: tor
     return z
 
 
-def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
-            init: dict | None = None,
-            teacher_sha256: str | None = None, pairs_dir: Path | None = None, samples_dir: Path | None = None):
+def distill(
+    teacher,
+    data: torch.Tensor,
+    cfg: OutputConfig,
+    ckpt_dir: Path,
+    log: Callable[[str], None] = print,
+    init: dict | None = None,
+    teacher_sha256: str | None = None,
+    pairs_dir: Path | None = None,
+    samples_dir: Path | None = None,
+):
     """Output-distil `teacher` into a student of `cfg.target_steps` steps; `data` only fixes the image shape
     (the pairs are the training set). Returns (the teacher kind's stock pipeline, summary)."""
     from redistill.methods.progressive import check_grid, student_grid, student_scheduler
@@ -172,15 +216,22 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
     K, ptype = cfg.target_steps, sched_cfg.prediction_type
     if K > 1:
         check_grid(K, T, cfg.first_timestep)
-    run = Trainer(ckpt_dir, {"method": "output", "config": asdict(cfg), "teacher": teacher_sha256},
-                  cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
+    run = Trainer(
+        ckpt_dir,
+        {"method": "output", "config": asdict(cfg), "teacher": teacher_sha256},
+        cfg.checkpoint_every,
+        log,
+        cfg.mixed_precision,
+        seed=cfg.seed,
+    )
     dev = run.device
     if teacher_sha256 is None:  # a teacher not loaded from a folder: key the cache on its weights
         teacher_sha256 = unkeyed_sha256(teacher)
     # 1. The teacher's (x_T, x₀) pairs from its deterministic sampler, cached by the teacher's sha256.
     with run.main_first():  # the main process makes the cache, the others then read it
-        noise, x0, cond, pfile, reused = load_or_make_pairs(teacher, teacher_sha256, cfg, tuple(data.shape[1:]), dev,
-                                                            Path(pairs_dir or "data/pairs"), log, samples_dir)
+        noise, x0, cond, pfile, reused = load_or_make_pairs(
+            teacher, teacher_sha256, cfg, tuple(data.shape[1:]), dev, Path(pairs_dir or "data/pairs"), log, samples_dir
+        )
     noise, x0 = noise.to(dev), x0.to(dev)
     cond = None if cond is None else cond.to(dev)
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
@@ -212,18 +263,33 @@ def distill(teacher, data: torch.Tensor, cfg: OutputConfig, ckpt_dir: Path, log:
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
 
-    losses = run.phase(Phase(0, f"output distillation ({K} step{'s' if K > 1 else ''})", cfg.steps,
-                             {"student": student}, {"student": opt}, {"student": ema}, gen), step)
+    losses = run.phase(
+        Phase(
+            0,
+            f"output distillation ({K} step{'s' if K > 1 else ''})",
+            cfg.steps,
+            {"student": student},
+            {"student": opt},
+            {"student": ema},
+            gen,
+        ),
+        step,
+    )
     fm.remove()
     # 3. Export: DDIM "trailing" at 1 step calls the student once at T−1 and returns its x₀; at K steps,
     #    DDIM on the trained grid.
     ema.copy_to(student.parameters())
-    summary = {"method": "output", "config": asdict(cfg), "final_loss": losses.get("loss"),
-               **sizes(teacher_unet, student),
-               "pairs_file": str(pfile), "pairs_reused": reused, "wall_time_s": run.finish(),
-               "num_inference_steps": K}
-    scheduler = (one_step_scheduler(sched_cfg) if K == 1
-                 else student_scheduler(sched_cfg, ptype, cfg.first_timestep, K))
+    summary = {
+        "method": "output",
+        "config": asdict(cfg),
+        "final_loss": losses.get("loss"),
+        **sizes(teacher_unet, student),
+        "pairs_file": str(pfile),
+        "pairs_reused": reused,
+        "wall_time_s": run.finish(),
+        "num_inference_steps": K,
+    }
+    scheduler = one_step_scheduler(sched_cfg) if K == 1 else student_scheduler(sched_cfg, ptype, cfg.first_timestep, K)
     return model.export(frozen(student).cpu(), scheduler), summary
 
 
@@ -232,5 +298,10 @@ def one_step_scheduler(teacher_scheduler_config):
     output."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(teacher_scheduler_config, prediction_type=STUDENT_PREDICTION,
-                                     timestep_spacing="trailing", clip_sample=True, set_alpha_to_one=True)
+    return DDIMScheduler.from_config(
+        teacher_scheduler_config,
+        prediction_type=STUDENT_PREDICTION,
+        timestep_spacing="trailing",
+        clip_sample=True,
+        set_alpha_to_one=True,
+    )

@@ -86,8 +86,9 @@ def student_prediction(teacher_prediction: str, first_timestep: int, num_train_t
     return V_PREDICTION if first_timestep == num_train_timesteps - 1 else teacher_prediction
 
 
-def check_grid(target_steps: int, num_train_timesteps: int, first_timestep: int,
-               teacher_steps: int | None = None) -> None:
+def check_grid(
+    target_steps: int, num_train_timesteps: int, first_timestep: int, teacher_steps: int | None = None
+) -> None:
     """Refuse a first timestep or step count whose grid stock DDIMScheduler cannot reproduce, or whose
     finest grid (the first round's teacher, `teacher_steps`) would step below t = 0."""
     T = num_train_timesteps
@@ -95,16 +96,19 @@ def check_grid(target_steps: int, num_train_timesteps: int, first_timestep: int,
         raise ValueError(f"first_timestep must be between 1 and {T - 1}, got {first_timestep}")
     if first_timestep < T - 1:
         if T % target_steps:
-            raise ValueError(f"with first_timestep < {T - 1}, target_steps must divide {T} (DDIM's leading grid), "
-                             f"got {target_steps}")
+            raise ValueError(
+                f"with first_timestep < {T - 1}, target_steps must divide {T} (DDIM's leading grid), got {target_steps}"
+            )
         if first_timestep - (target_steps - 1) * (T // target_steps) < 0:
             raise ValueError(f"first_timestep {first_timestep} is too low for {target_steps} steps")
         finest = int(student_grid(teacher_steps or target_steps, T, first_timestep)[-2])
         if finest < 0:
             lowest = int(np.floor((teacher_steps - 1) * T / teacher_steps))
-            raise ValueError(f"distill.progressive.first_timestep {first_timestep} is too low for teacher_steps "
-                             f"{teacher_steps}: the teacher's last step would be at t={finest}. Use first_timestep "
-                             f"≥ {lowest} or fewer teacher_steps")
+            raise ValueError(
+                f"distill.progressive.first_timestep {first_timestep} is too low for teacher_steps "
+                f"{teacher_steps}: the teacher's last step would be at t={finest}. Use first_timestep "
+                f"≥ {lowest} or fewer teacher_steps"
+            )
 
 
 def ddim_step(x0: torch.Tensor, z: torch.Tensor, a_t, s_t, a_s, s_s) -> torch.Tensor:
@@ -181,13 +185,19 @@ def distill(
         skip, rounds = cfg.teacher_steps // cfg.target_steps, [cfg.target_steps]
     check_grid(cfg.target_steps, T, cfg.first_timestep, cfg.teacher_steps)
     s_type = student_prediction(sched_cfg.prediction_type, cfg.first_timestep, T)
-    run = Trainer(ckpt_dir,
-                  {"method": "progressive", "config": asdict(cfg), "teacher_prediction": sched_cfg.prediction_type},
-                  cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
+    run = Trainer(
+        ckpt_dir,
+        {"method": "progressive", "config": asdict(cfg), "teacher_prediction": sched_cfg.prediction_type},
+        cfg.checkpoint_every,
+        log,
+        cfg.mixed_precision,
+        seed=cfg.seed,
+    )
     x_all = (data.float() * 2.0 - 1.0).to(run.device)
     # round 1's teacher is the guided one; later rounds' teachers are students
-    current = RoundTeacher(frozen(copy.deepcopy(teacher.unet)).to(run.device), model.teacher_output,
-                           sched_cfg.prediction_type)
+    current = RoundTeacher(
+        frozen(copy.deepcopy(teacher.unet)).to(run.device), model.teacher_output, sched_cfg.prediction_type
+    )
     # a resumed later round has an earlier student as teacher, of the smaller student's shape when one is configured
     if run.resume_phase > 0 and run.resume_path is not None:
         if cfg.student_channels or cfg.student_layers:
@@ -205,17 +215,38 @@ def distill(
         current = RoundTeacher(frozen(student), model.output, s_type)
         history.append({"round": r + 1, "student_steps": n, "final_loss": losses.get("loss")})
         if on_round is not None:
-            on_round(n, model.export(copy.deepcopy(current.unet).cpu(),
-                                     student_scheduler(sched_cfg, s_type, cfg.first_timestep, n)))
+            on_round(
+                n,
+                model.export(
+                    copy.deepcopy(current.unet).cpu(), student_scheduler(sched_cfg, s_type, cfg.first_timestep, n)
+                ),
+            )
 
-    summary = {"method": "progressive", "config": asdict(cfg), "rounds": history, **sizes(teacher.unet, current.unet),
-               "wall_time_s": run.finish(), "num_inference_steps": cfg.target_steps}
+    summary = {
+        "method": "progressive",
+        "config": asdict(cfg),
+        "rounds": history,
+        **sizes(teacher.unet, current.unet),
+        "wall_time_s": run.finish(),
+        "num_inference_steps": cfg.target_steps,
+    }
     scheduler = student_scheduler(sched_cfg, s_type, cfg.first_timestep, cfg.target_steps)
     return model.export(current.unet.cpu(), scheduler), summary
 
 
-def train_round(run: Trainer, model, cfg: ProgressiveConfig, x_all: torch.Tensor, teacher: RoundTeacher, r: int, n: int,
-                skip: int, s_type: str, init: dict | None, label: str) -> tuple[torch.nn.Module, dict]:
+def train_round(
+    run: Trainer,
+    model,
+    cfg: ProgressiveConfig,
+    x_all: torch.Tensor,
+    teacher: RoundTeacher,
+    r: int,
+    n: int,
+    skip: int,
+    s_type: str,
+    init: dict | None,
+    label: str,
+) -> tuple[torch.nn.Module, dict]:
     """Round r of Algorithm 2: a student of n steps learns to take, in one DDIM step, `skip` steps of `teacher`.
     Returns the student holding its EMA weights, and the round's final losses."""
     dev, T = run.device, model.num_train_timesteps
@@ -230,8 +261,15 @@ def train_round(run: Trainer, model, cfg: ProgressiveConfig, x_all: torch.Tensor
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     ema = new_ema(student, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + r)
-    ph = Phase(r, label, cfg.steps_per_round, {"student": student, **({"teacher": teacher.unet} if r > 0 else {})},
-               {"student": opt}, {"student": ema}, gen)
+    ph = Phase(
+        r,
+        label,
+        cfg.steps_per_round,
+        {"student": student, **({"teacher": teacher.unet} if r > 0 else {})},
+        {"student": opt},
+        {"student": ema},
+        gen,
+    )
     draw = Draws(gen, run, cfg.batch_size, tuple(x_all.shape[1:]), dev)  # every draw, of the global batch
 
     def step():
@@ -274,6 +312,7 @@ def student_scheduler(teacher_scheduler_config, prediction_type: str, first_time
         spacing = {"timestep_spacing": "trailing", "steps_offset": 0}
     else:
         spacing = {"timestep_spacing": "leading", "steps_offset": first_timestep - (steps - 1) * (T // steps)}
-    scheduler = DDIMScheduler.from_config(teacher_scheduler_config, prediction_type=prediction_type, clip_sample=True,
-                                          set_alpha_to_one=True, **spacing)
+    scheduler = DDIMScheduler.from_config(
+        teacher_scheduler_config, prediction_type=prediction_type, clip_sample=True, set_alpha_to_one=True, **spacing
+    )
     return scheduler

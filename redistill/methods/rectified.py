@@ -106,10 +106,20 @@ def straightness(velocity: Callable, net, z: torch.Tensor, steps: int) -> float:
 
 def reflow_file(couplings: Path, cfg: RectifiedConfig, teacher_kind: str) -> Path:
     """The cache file of the reflowed flow: beside its couplings, named by what fixes the reflow."""
-    what = json.dumps({"couplings": couplings.name, "kind": teacher_kind, "steps": cfg.reflow_steps,
-                       "batch": cfg.batch_size, "lr": cfg.lr, "ema": cfg.ema_decay, "seed": cfg.seed,
-                       "shape": [list(cfg.student_channels), cfg.student_layers], "amp": cfg.mixed_precision},
-                      sort_keys=True)
+    what = json.dumps(
+        {
+            "couplings": couplings.name,
+            "kind": teacher_kind,
+            "steps": cfg.reflow_steps,
+            "batch": cfg.batch_size,
+            "lr": cfg.lr,
+            "ema": cfg.ema_decay,
+            "seed": cfg.seed,
+            "shape": [list(cfg.student_channels), cfg.student_layers],
+            "amp": cfg.mixed_precision,
+        },
+        sort_keys=True,
+    )
     digest = hashlib.sha256(what.encode()).hexdigest()[:8]
     return couplings.with_name(f"{couplings.stem}-reflow{cfg.reflow_steps}-{digest}.safetensors")
 
@@ -123,22 +133,38 @@ def _save_atomic(net: torch.nn.Module, path: Path, metadata: dict) -> None:
     os.replace(tmp, path)
 
 
-def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, log: Callable[[str], None] = print,
-            teacher_sha256: str | None = None, pairs_dir: Path | None = None, samples_dir: Path | None = None):
+def distill(
+    teacher,
+    data: torch.Tensor,
+    cfg: RectifiedConfig,
+    ckpt_dir: Path,
+    log: Callable[[str], None] = print,
+    teacher_sha256: str | None = None,
+    pairs_dir: Path | None = None,
+    samples_dir: Path | None = None,
+):
     """Reflow `teacher` and distil the 2-rectified flow into a `cfg.target_steps`-step Euler student; `data` only
     fixes the image shape (the couplings are the training set). Returns (stock pipeline, summary)."""
     from redistill.methods.output import load_or_make_pairs, unkeyed_sha256
 
     model = adapter_for(teacher)  # the teacher's kind: its ODE sampler, its velocity
     if model.conditional:
-        raise ValueError("rectified serves unconditional teachers (flow-matching or diffusion); a conditional "
-                         "flow-matching student kind does not exist yet. Use another distill.method for a "
-                         f"{model.kind} teacher")
+        raise ValueError(
+            "rectified serves unconditional teachers (flow-matching or diffusion); a conditional "
+            "flow-matching student kind does not exist yet. Use another distill.method for a "
+            f"{model.kind} teacher"
+        )
     if cfg.feature_loss > 0:
         raise ValueError("distill.student.feature_loss is not used by rectified; set it to 0")
     T, K = model.num_train_timesteps, cfg.target_steps
-    run = Trainer(ckpt_dir, {"method": "rectified", "config": asdict(cfg), "teacher": teacher_sha256,
-                             "teacher_kind": model.kind}, cfg.checkpoint_every, log, cfg.mixed_precision, seed=cfg.seed)
+    run = Trainer(
+        ckpt_dir,
+        {"method": "rectified", "config": asdict(cfg), "teacher": teacher_sha256, "teacher_kind": model.kind},
+        cfg.checkpoint_every,
+        log,
+        cfg.mixed_precision,
+        seed=cfg.seed,
+    )
     dev = run.device
     teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
     # the student is a flow whatever the teacher is: its calls and export go through the flow-matching adapter
@@ -147,9 +173,16 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
     # 1. Couplings (z, x₀) from the teacher's ODE solver, cached by teacher sha256.
     pcfg = SimpleNamespace(pairs=cfg.couplings, pairs_steps=cfg.couplings_steps, seed=cfg.seed)
     with run.main_first():  # the main process makes the cache, the others then read it
-        z_all, x0_all, _, cfile, reused = load_or_make_pairs(teacher, teacher_sha256 or unkeyed_sha256(teacher), pcfg,
-                                                             tuple(data.shape[1:]), dev,
-                                                             Path(pairs_dir or "data/pairs"), log, samples_dir)
+        z_all, x0_all, _, cfile, reused = load_or_make_pairs(
+            teacher,
+            teacher_sha256 or unkeyed_sha256(teacher),
+            pcfg,
+            tuple(data.shape[1:]),
+            dev,
+            Path(pairs_dir or "data/pairs"),
+            log,
+            samples_dir,
+        )
     z_all, x0_all = z_all.to(dev), x0_all.to(dev)
     held_out = torch.randn((256, *data.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed + 7)).to(dev)
 
@@ -159,10 +192,14 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
     reflowed, reflow, reflow_reused = train_reflow(run, cfg, student, v_student, z_all, x0_all, rfile, cfile, log)
 
     # 3. Straightness of the teacher's flow and of the reflowed one, on held-out noise.
-    measured = {"teacher": straightness(model.velocity, teacher_unet, held_out, cfg.reflow_ode_steps),
-                "reflowed": straightness(v_student, reflowed, held_out, cfg.reflow_ode_steps)}
-    log(f"straightness (per pixel, {cfg.reflow_ode_steps} Euler steps): teacher {measured['teacher']:.4f}, "
-        f"reflowed {measured['reflowed']:.4f}")
+    measured = {
+        "teacher": straightness(model.velocity, teacher_unet, held_out, cfg.reflow_ode_steps),
+        "reflowed": straightness(v_student, reflowed, held_out, cfg.reflow_ode_steps),
+    }
+    log(
+        f"straightness (per pixel, {cfg.reflow_ode_steps} Euler steps): teacher {measured['teacher']:.4f}, "
+        f"reflowed {measured['reflowed']:.4f}"
+    )
 
     # 4. Distillation of the reflowed flow into K Euler steps on the export's grid, towards the reflowed flow's own
     #    couplings (the paper's), or the teacher's, which an exact reflow would reproduce (its paths do not cross).
@@ -176,18 +213,35 @@ def distill(teacher, data: torch.Tensor, cfg: RectifiedConfig, ckpt_dir: Path, l
         final, distilled = train_few_step(run, cfg, reflowed, v_student, z_all, targets, euler_grid(T, K).to(dev))
 
     # 5. Export: the stock pipeline and the flow-matching scheduler that samples exactly this grid at K steps.
-    summary = {"method": "rectified", "config": asdict(cfg), "teacher_kind": model.kind,
-               "straightness": measured, "reflow_loss": reflow.get("loss"),
-               "final_loss": distilled.get("loss", reflow.get("loss")),
-               **sizes(teacher_unet, final), "couplings_file": str(cfile), "couplings_reused": reused,
-               "reflow_file": str(rfile), "reflow_reused": reflow_reused,
-               "wall_time_s": run.finish(), "num_inference_steps": K}
+    summary = {
+        "method": "rectified",
+        "config": asdict(cfg),
+        "teacher_kind": model.kind,
+        "straightness": measured,
+        "reflow_loss": reflow.get("loss"),
+        "final_loss": distilled.get("loss", reflow.get("loss")),
+        **sizes(teacher_unet, final),
+        "couplings_file": str(cfile),
+        "couplings_reused": reused,
+        "reflow_file": str(rfile),
+        "reflow_reused": reflow_reused,
+        "wall_time_s": run.finish(),
+        "num_inference_steps": K,
+    }
     return model.export(final.cpu(), euler_scheduler(T, K)), summary
 
 
-def train_reflow(run: Trainer, cfg: RectifiedConfig, student: torch.nn.Module, v_student: Callable, z_all: torch.Tensor,
-                 x0_all: torch.Tensor, rfile: Path, cfile: Path, log: Callable[[str], None]
-                 ) -> tuple[torch.nn.Module, dict, bool]:
+def train_reflow(
+    run: Trainer,
+    cfg: RectifiedConfig,
+    student: torch.nn.Module,
+    v_student: Callable,
+    z_all: torch.Tensor,
+    x0_all: torch.Tensor,
+    rfile: Path,
+    cfile: Path,
+    log: Callable[[str], None],
+) -> tuple[torch.nn.Module, dict, bool]:
     """Phase 0, reflow: `student` learns the velocity of the couplings' straight paths. Returns (the reflowed flow,
     its losses, reused). It depends on the couplings and the reflow's settings, not on the step count, so it is read
     from `rfile` when there (students of other step counts reuse it) or from the checkpoint of a resumed run."""
@@ -217,8 +271,18 @@ def train_reflow(run: Trainer, cfg: RectifiedConfig, student: torch.nn.Module, v
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
 
-    losses = run.phase(Phase(0, "reflow (2-rectified flow)", cfg.reflow_steps, {"student": student},
-                             {"student": opt}, {"student": ema}, gen), step)
+    losses = run.phase(
+        Phase(
+            0,
+            "reflow (2-rectified flow)",
+            cfg.reflow_steps,
+            {"student": student},
+            {"student": opt},
+            {"student": ema},
+            gen,
+        ),
+        step,
+    )
     ema.copy_to(student.parameters())
     reflowed = frozen(student)
     if run.main:
@@ -226,8 +290,15 @@ def train_reflow(run: Trainer, cfg: RectifiedConfig, student: torch.nn.Module, v
     return reflowed, losses, False
 
 
-def train_few_step(run: Trainer, cfg: RectifiedConfig, reflowed: torch.nn.Module, v_student: Callable,
-                   z_all: torch.Tensor, targets: torch.Tensor, grid: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+def train_few_step(
+    run: Trainer,
+    cfg: RectifiedConfig,
+    reflowed: torch.nn.Module,
+    v_student: Callable,
+    z_all: torch.Tensor,
+    targets: torch.Tensor,
+    grid: torch.Tensor,
+) -> tuple[torch.nn.Module, dict]:
     """Phase 1, distillation: a copy of the reflowed flow, sampled with Euler on `grid` (K steps) and
     back-propagated through every step, learns to map each noise z to its target (L2). Returns (student, losses)."""
     K, dev = len(grid) - 1, run.device
@@ -242,7 +313,17 @@ def train_few_step(run: Trainer, cfg: RectifiedConfig, reflowed: torch.nn.Module
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
 
-    losses = run.phase(Phase(1, f"distillation ({K} Euler step{'s' if K > 1 else ''})", cfg.distill_steps,
-                             {"student": student, "reflow": reflowed}, {"student": opt}, {"student": ema}, gen), step)
+    losses = run.phase(
+        Phase(
+            1,
+            f"distillation ({K} Euler step{'s' if K > 1 else ''})",
+            cfg.distill_steps,
+            {"student": student, "reflow": reflowed},
+            {"student": opt},
+            {"student": ema},
+            gen,
+        ),
+        step,
+    )
     ema.copy_to(student.parameters())
     return frozen(student), losses

@@ -36,14 +36,18 @@ def build_student(teacher_unet, block_out_channels: list[int], layers_per_block:
     levels = len(cfg["block_out_channels"])
     if block_out_channels:
         if len(block_out_channels) != levels:
-            raise ShapeError(f"distill.student.block_out_channels needs {levels} entries, one per level of the teacher "
-                             f"({list(cfg['block_out_channels'])}), got {block_out_channels}")
+            raise ShapeError(
+                f"distill.student.block_out_channels needs {levels} entries, one per level of the teacher "
+                f"({list(cfg['block_out_channels'])}), got {block_out_channels}"
+            )
         groups = cfg.get("norm_num_groups") or 32
         bad = [c for c in block_out_channels if c <= 0 or c % groups]
         if bad:
-            raise ShapeError(f"distill.student.block_out_channels {block_out_channels}: every entry must be a positive "
-                             f"multiple of the teacher's norm_num_groups ({groups}); valid e.g. "
-                             f"{[max(groups, c // 2 // groups * groups) for c in cfg['block_out_channels']]}")
+            raise ShapeError(
+                f"distill.student.block_out_channels {block_out_channels}: every entry must be a positive "
+                f"multiple of the teacher's norm_num_groups ({groups}); valid e.g. "
+                f"{[max(groups, c // 2 // groups * groups) for c in cfg['block_out_channels']]}"
+            )
         cfg["block_out_channels"] = tuple(block_out_channels)
     if layers_per_block:
         if layers_per_block < 1:
@@ -53,8 +57,10 @@ def build_student(teacher_unet, block_out_channels: list[int], layers_per_block:
     try:
         student = UNet2DModel.from_config(cfg)
     except Exception as e:  # diffusers raises ValueError / RuntimeError for shapes it cannot build
-        raise ShapeError(f"the student shape {block_out_channels or 'teacher'} × {layers_per_block or 'teacher'} "
-                         f"layers cannot be built: {e}") from e
+        raise ShapeError(
+            f"the student shape {block_out_channels or 'teacher'} × {layers_per_block or 'teacher'} "
+            f"layers cannot be built: {e}"
+        ) from e
     teacher_sd = teacher_unet.state_dict()
     counts = {"copied": 0, "sliced": 0, "fresh": 0}
     new_sd = student.state_dict()
@@ -93,6 +99,7 @@ class FeatureMatch:
         def hook(_module, _inputs, output):
             if self._on[who]:
                 self.feats[who].append(output[0] if isinstance(output, tuple) else output)
+
         return hook
 
     @contextlib.contextmanager

@@ -62,8 +62,9 @@ class TrainingConfig:
     lora_rank: int = same_as(StudentParams, "lora_rank")
     lora_alpha: float = same_as(StudentParams, "lora_alpha")
     lora_targets: str | list[str] = same_as(StudentParams, "lora_targets")
-    init_from: str = Field("", description='sha256 of the champion a warm start begins from ("" = from the '
-                           "teacher); redistill/warm.py")
+    init_from: str = Field(
+        "", description='sha256 of the champion a warm start begins from ("" = from the teacher); redistill/warm.py'
+    )
 
 
 def new_ema(model: torch.nn.Module, decay: float, warmup: bool = True):
@@ -71,8 +72,9 @@ def new_ema(model: torch.nn.Module, decay: float, warmup: bool = True):
     scripts do; without it the decay is fixed (a consistency target network, whose μ is part of the method)."""
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(model.parameters(), decay=decay, use_ema_warmup=warmup, power=3 / 4,
-                    min_decay=0.0 if warmup else decay)
+    return EMAModel(
+        model.parameters(), decay=decay, use_ema_warmup=warmup, power=3 / 4, min_decay=0.0 if warmup else decay
+    )
 
 
 def student_like(unet: torch.nn.Module, channels: tuple = (), layers: int = 0) -> torch.nn.Module:
@@ -121,8 +123,16 @@ class Trainer:
     """A resumable run of one method. Checkpoints in `ckpt_dir` count only when their `fingerprint` (the
     method's settings and the teacher's prediction type) matches; others are discarded."""
 
-    def __init__(self, ckpt_dir: Path, fingerprint: dict, checkpoint_every: int, log: Callable[[str], None] = print,
-                 mixed_precision: str = "no", keep: int = 2, seed: int = 0):
+    def __init__(
+        self,
+        ckpt_dir: Path,
+        fingerprint: dict,
+        checkpoint_every: int,
+        log: Callable[[str], None] = print,
+        mixed_precision: str = "no",
+        keep: int = 2,
+        seed: int = 0,
+    ):
         from accelerate import Accelerator
 
         # fresh weights (a smaller student's new layers, discriminator heads) come from the global RNG:
@@ -142,7 +152,13 @@ class Trainer:
         self.scalers: dict[int, torch.amp.GradScaler] = {}  # fp16: one per optimiser, keyed by id
         self.skipped_steps = 0  # fp16 steps skipped because the gradient overflowed
         fingerprint = json.loads(json.dumps(fingerprint))  # as meta.json holds it (tuples become lists)
-        self.ckpt_dir, self.fingerprint, self.every, self.log, self.keep = Path(ckpt_dir), fingerprint, checkpoint_every, log, keep
+        self.ckpt_dir, self.fingerprint, self.every, self.log, self.keep = (
+            Path(ckpt_dir),
+            fingerprint,
+            checkpoint_every,
+            log,
+            keep,
+        )
         self.resume_path: Path | None = None
         self.resume_phase, self.resume_step, elapsed = 0, 0, 0.0
         found = checkpoint.latest(self.ckpt_dir)
@@ -183,8 +199,9 @@ class Trainer:
         for x in batch:
             if x is not None and n > 1:
                 if len(x) % n:
-                    raise ValueError(f"distill.batch_size {len(x)} does not split over {n} processes; make it a "
-                                     f"multiple of {n}")
+                    raise ValueError(
+                        f"distill.batch_size {len(x)} does not split over {n} processes; make it a multiple of {n}"
+                    )
                 x = x.chunk(n)[i]
             out.append(x)
         return out[0] if len(out) == 1 else tuple(out)
@@ -201,7 +218,9 @@ class Trainer:
             self.scalers[id(optimizer)] = torch.amp.GradScaler(self.device.type)
         return self.scalers[id(optimizer)]
 
-    def backward(self, loss: torch.Tensor, model: torch.nn.Module, optimizer, ema=None, max_grad_norm: float = 1.0) -> bool:
+    def backward(
+        self, loss: torch.Tensor, model: torch.nn.Module, optimizer, ema=None, max_grad_norm: float = 1.0
+    ) -> bool:
         """One optimiser step: backward (scaled under fp16), unscale, clip, step, then the EMA.
 
         Returns False when fp16 found an inf/NaN gradient: then neither the weights nor the EMA move."""
@@ -232,7 +251,9 @@ class Trainer:
 
     def autocast(self):
         """Forward passes in the run's mixed precision (a no-op without it)."""
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        return torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        )
 
     def phase(self, ph: Phase, step_fn: Callable[[], dict[str, float]]) -> dict[str, float]:
         """Run `step_fn` (one optimiser step; returns its losses) until `ph.steps`, with checkpoints, a
@@ -284,13 +305,23 @@ class Trainer:
         checkpoint.save(
             self.ckpt_dir / f"checkpoint-{ph.index:02d}-{step:07d}",
             {name: self.accelerator.unwrap_model(m).state_dict() for name, m in ph.models.items()},
-            {"optimizers": {n: o.state_dict() for n, o in ph.optimizers.items()},
-             "emas": {n: e.state_dict() for n, e in ph.emas.items()},
-             "scalers": {n: self.scaler(o).state_dict() for n, o in ph.optimizers.items() if self.scaler(o) is not None},
-             "generator": ph.generator.get_state(), "torch_rng": torch.get_rng_state(),
-             **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
-            {"phase": ph.index, "step": step, "order": ph.index * 10**9 + step, "fingerprint": self.fingerprint,
-             "elapsed_s": self.elapsed},
+            {
+                "optimizers": {n: o.state_dict() for n, o in ph.optimizers.items()},
+                "emas": {n: e.state_dict() for n, e in ph.emas.items()},
+                "scalers": {
+                    n: self.scaler(o).state_dict() for n, o in ph.optimizers.items() if self.scaler(o) is not None
+                },
+                "generator": ph.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+            },
+            {
+                "phase": ph.index,
+                "step": step,
+                "order": ph.index * 10**9 + step,
+                "fingerprint": self.fingerprint,
+                "elapsed_s": self.elapsed,
+            },
         )
         checkpoint.prune(self.ckpt_dir, self.keep)
 
@@ -328,4 +359,3 @@ class Draws:
 
 def quiet(message: str) -> None:
     """The log of a process other than the main one."""
-

@@ -24,8 +24,7 @@ from typing import Any
 
 from redistill.models.base import ModelAdapter, NotOffered, UnsupportedPipeline, text_to_image_only
 
-__all__ = ["ModelAdapter", "NotOffered", "UnsupportedPipeline", "adapter_for", "supported_kinds",
-           "text_to_image_only"]
+__all__ = ["ModelAdapter", "NotOffered", "UnsupportedPipeline", "adapter_for", "supported_kinds", "text_to_image_only"]
 
 
 def _kinds() -> list[type[ModelAdapter]]:
@@ -54,8 +53,10 @@ def adapter_for(pipe: Any) -> ModelAdapter:
                 pass
             return adapter
     kinds = "; ".join(f"{k.kind} ({k.description})" for k in _kinds())
-    raise UnsupportedPipeline(f"redistill has no adapter for a {type(pipe).__name__} "
-                              f"(unet: {type(getattr(pipe, 'unet', None)).__name__}); supported kinds: {kinds}")
+    raise UnsupportedPipeline(
+        f"redistill has no adapter for a {type(pipe).__name__} "
+        f"(unet: {type(getattr(pipe, 'unet', None)).__name__}); supported kinds: {kinds}"
+    )
 
 
 def supported_kinds() -> list[str]:

@@ -32,8 +32,15 @@ class AdapterBaseMismatch(ValueError):
     """A LoRA adapter offered to a base pipeline other than the one it was trained on."""
 
 
-def save_adapter(unet: torch.nn.Module, folder: Path, base_sha256: str | None, rank: int, alpha: float | None = None,
-                 extra: dict | None = None, base_uri: str | None = None) -> Path:
+def save_adapter(
+    unet: torch.nn.Module,
+    folder: Path,
+    base_sha256: str | None,
+    rank: int,
+    alpha: float | None = None,
+    extra: dict | None = None,
+    base_uri: str | None = None,
+) -> Path:
     """Write the adapter of `unet` into `folder` in diffusers' LoRA format, with its pointer to the base."""
     from diffusers import StableDiffusionPipeline
     from peft import get_peft_model_state_dict
@@ -43,11 +50,18 @@ def save_adapter(unet: torch.nn.Module, folder: Path, base_sha256: str | None, r
     # peft's naming, as diffusers' LCM-LoRA script saves it: converted to the older diffusers naming
     # (convert_state_dict_to_diffusers), an adapter on convolutions and attention loads back without its attention layers
     layers = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
-    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, weight_name=LORA_WEIGHTS,
-                                              safe_serialization=True)
-    meta = {"base_sha256": base_sha256, "base_uri": base_uri, "rank": rank, "alpha": alpha or rank,
-            "target_modules": sorted(unet.peft_config[ADAPTER].target_modules),
-            "weights": LORA_WEIGHTS, **(extra or {})}
+    StableDiffusionPipeline.save_lora_weights(
+        str(folder), unet_lora_layers=layers, weight_name=LORA_WEIGHTS, safe_serialization=True
+    )
+    meta = {
+        "base_sha256": base_sha256,
+        "base_uri": base_uri,
+        "rank": rank,
+        "alpha": alpha or rank,
+        "target_modules": sorted(unet.peft_config[ADAPTER].target_modules),
+        "weights": LORA_WEIGHTS,
+        **(extra or {}),
+    }
     (folder / LORA_META).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
@@ -79,7 +93,8 @@ def check_base(adapter_folder: Path, base_folder: Path) -> dict:
         raise AdapterBaseMismatch(
             f"the LoRA adapter in {adapter_folder} was trained on the base pipeline with sha256 {want}, but "
             f"{base_folder} has sha256 {have}. Load it on its own base teacher (redistill lineage shows which), or "
-            "re-distil a student from this teacher")
+            "re-distil a student from this teacher"
+        )
     return meta
 
 
@@ -92,8 +107,10 @@ def check_loaded(unet, folder: Path) -> None:
         layers = {k.split(".lora")[0] for k in f.keys() if ".lora" in k}
     loaded = sum(1 for n, _ in unet.named_modules() if n.endswith("lora_A"))
     if loaded < len(layers):
-        raise PipelineError(f"the LoRA adapter in {folder} adapts {len(layers)} layers but only {loaded} loaded into the "
-                            "base's UNet; the adapter file is damaged or in a naming this diffusers does not map")
+        raise PipelineError(
+            f"the LoRA adapter in {folder} adapts {len(layers)} layers but only {loaded} loaded into the "
+            "base's UNet; the adapter file is damaged or in a naming this diffusers does not map"
+        )
 
 
 def student_scheduler(folder: Path):

@@ -31,7 +31,9 @@ class ModelAdapter:
 
     kind = "abstract"
     description = ""
-    family = "diffusion"  # "diffusion": ε/v/x₀ on an ᾱ schedule; "flow": a velocity on the straight path (flow matching)
+    family = (
+        "diffusion"  # "diffusion": ε/v/x₀ on an ᾱ schedule; "flow": a velocity on the straight path (flow matching)
+    )
     clips = True  # x̂₀ lives in [−1, 1] (pixels) and samplers clip it there; a latent model's x̂₀ is not clipped
     solver = "ddim"  # the deterministic sampler `ode_sample` runs; it names cached teacher pairs
     # the teacher's (noise, ODE output) pairs are what its stock pipeline samples with DDIM from the same noise, so the
@@ -92,9 +94,15 @@ class ModelAdapter:
 
     def facts(self) -> dict:
         """What the lineage and the teacher check record about the model."""
-        return {"kind": self.kind, "family": self.family, "prediction_type": self.prediction_type,
-                "num_train_timesteps": self.num_train_timesteps, "channels": self.channels,
-                "sample_size": list(self.sample_size), "conditional": self.conditional}
+        return {
+            "kind": self.kind,
+            "family": self.family,
+            "prediction_type": self.prediction_type,
+            "num_train_timesteps": self.num_train_timesteps,
+            "channels": self.channels,
+            "sample_size": list(self.sample_size),
+            "conditional": self.conditional,
+        }
 
     # -- data ---------------------------------------------------------------------------------------------
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
@@ -102,8 +110,9 @@ class ModelAdapter:
         model: its VAE's scaled latents)."""
         return images.float() * 2.0 - 1.0
 
-    def conditions_at(self, index: torch.Tensor, n: int, generator: torch.Generator,
-                      device: torch.device | str = "cpu") -> Any:
+    def conditions_at(
+        self, index: torch.Tensor, n: int, generator: torch.Generator, device: torch.device | str = "cpu"
+    ) -> Any:
         """The conditions of the training images at `index` where the model pairs them with the data (a
         text-to-image model given the data's captions); else `conditions(n, generator, device)`."""
         return self.conditions(n, generator, device)
@@ -161,8 +170,12 @@ class ModelAdapter:
         for t in sched.timesteps:
             # a guided teacher's clipped x̂₀ needs its ε (ClassConditionalPipeline samples so); the unconditional
             # teachers keep the stock DDIM step, so their cached pairs stay what they were
-            x = sched.step(self.teacher_output(net, x, t.expand(len(x)).to(x.device), cond), t, x,
-                           use_clipped_model_output=self.conditional).prev_sample
+            x = sched.step(
+                self.teacher_output(net, x, t.expand(len(x)).to(x.device), cond),
+                t,
+                x,
+                use_clipped_model_output=self.conditional,
+            ).prev_sample
         return x
 
     # -- text-to-image only: pictures ↔ latents, prompts (models/text_to_image.py) -------------------------
@@ -200,8 +213,9 @@ class ModelAdapter:
 
     # -- sampling and export ---------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, steps: int, generator: torch.Generator, cond: Any = None,
-               guidance_scale: float | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, steps: int, generator: torch.Generator, cond: Any = None, guidance_scale: float | None = None
+    ) -> torch.Tensor:
         """`n` images in [0, 1], float (N, C, H, W), from the pipeline's own sampler at `steps` (a conditional
         model: under `cond`, drawn with `generator` when None, at `guidance_scale`, default its own)."""
         raise NotImplementedError

@@ -21,15 +21,19 @@ from redistill.models.class_pipeline import ClassConditionalPipeline, guided_out
 
 class ClassConditionalPixel(ModelAdapter):
     kind = "class-conditional-pixel"
-    description = ("a UNet2DModel with class embeddings (num_class_embeds) and a DDPM-family scheduler, in a "
-                   "ClassConditionalPipeline or a DDPMPipeline folder")
+    description = (
+        "a UNet2DModel with class embeddings (num_class_embeds) and a DDPM-family scheduler, in a "
+        "ClassConditionalPipeline or a DDPMPipeline folder"
+    )
 
     def __init__(self, pipe):
         super().__init__(pipe)
         if isinstance(pipe, ClassConditionalPipeline):
             self.runner = pipe
         else:  # a DDPMPipeline folder around a class-conditional UNet: sampled by the same loop, unguided
-            self.runner = ClassConditionalPipeline(pipe.unet, pipe.scheduler, num_classes=int(pipe.unet.config.num_class_embeds))
+            self.runner = ClassConditionalPipeline(
+                pipe.unet, pipe.scheduler, num_classes=int(pipe.unet.config.num_class_embeds)
+            )
             self.runner.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -37,9 +41,13 @@ class ClassConditionalPixel(ModelAdapter):
         from diffusers import UNet2DModel
 
         unet = getattr(pipe, "unet", None)
-        return (isinstance(unet, UNet2DModel) and getattr(unet, "class_embedding", None) is not None
-                and getattr(unet.config, "num_class_embeds", None) is not None
-                and hasattr(pipe, "scheduler") and hasattr(pipe.scheduler, "alphas_cumprod"))
+        return (
+            isinstance(unet, UNet2DModel)
+            and getattr(unet, "class_embedding", None) is not None
+            and getattr(unet.config, "num_class_embeds", None) is not None
+            and hasattr(pipe, "scheduler")
+            and hasattr(pipe.scheduler, "alphas_cumprod")
+        )
 
     @property
     def conditional(self) -> bool:
@@ -58,9 +66,13 @@ class ClassConditionalPixel(ModelAdapter):
         return float(self.runner.config.guidance_scale)
 
     def facts(self) -> dict:
-        return {**super().facts(), "num_classes": self.num_classes, "null_class": self.null_class,
-                "guidance_scale": self.guidance_scale,
-                "distilled_guidance_scale": self.runner.config.get("distilled_guidance_scale")}
+        return {
+            **super().facts(),
+            "num_classes": self.num_classes,
+            "null_class": self.null_class,
+            "guidance_scale": self.guidance_scale,
+            "distilled_guidance_scale": self.runner.config.get("distilled_guidance_scale"),
+        }
 
     def conditions(self, n, generator, device="cpu"):
         return torch.randint(0, self.num_classes, (n,), generator=generator).to(device)
@@ -80,11 +92,23 @@ class ClassConditionalPixel(ModelAdapter):
     @torch.no_grad()
     def sample(self, n, steps, generator, cond=None, guidance_scale=None):
         self.runner.scheduler = self.pipe.scheduler  # the evaluation may have swapped the sampler
-        return self.runner(class_labels=cond, batch_size=n, generator=generator, num_inference_steps=steps,
-                           guidance_scale=guidance_scale, output_type="pt").images.float()
+        return self.runner(
+            class_labels=cond,
+            batch_size=n,
+            generator=generator,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            output_type="pt",
+        ).images.float()
 
     def export(self, unet, scheduler):
-        pipe = ClassConditionalPipeline(unet, scheduler, num_classes=self.num_classes, null_class=self.null_class,
-                                        guidance_scale=1.0, distilled_guidance_scale=self.guidance_scale)
+        pipe = ClassConditionalPipeline(
+            unet,
+            scheduler,
+            num_classes=self.num_classes,
+            null_class=self.null_class,
+            guidance_scale=1.0,
+            distilled_guidance_scale=self.guidance_scale,
+        )
         pipe.set_progress_bar_config(disable=True)
         return pipe

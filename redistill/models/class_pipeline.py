@@ -24,16 +24,20 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
-def guided_output(unet, sample: torch.Tensor, t, class_labels: torch.Tensor, null_class: int | None,
-                  guidance_scale: float) -> torch.Tensor:
+def guided_output(
+    unet, sample: torch.Tensor, t, class_labels: torch.Tensor, null_class: int | None, guidance_scale: float
+) -> torch.Tensor:
     """`unet`'s output for `class_labels` at `t` (one timestep, or one per sample), guided u + w·(c − u) when
     `guidance_scale` w ≠ 1 and a null class is set: one call on the class and the null class together."""
     if null_class is None or guidance_scale == 1.0:
         return unet(sample, t, class_labels=class_labels).sample
     if torch.is_tensor(t) and t.ndim == 1:  # a timestep per sample: one for each half
         t = torch.cat([t, t])
-    both = unet(torch.cat([sample, sample]), t,
-                class_labels=torch.cat([class_labels, torch.full_like(class_labels, null_class)])).sample
+    both = unet(
+        torch.cat([sample, sample]),
+        t,
+        class_labels=torch.cat([class_labels, torch.full_like(class_labels, null_class)]),
+    ).sample
     cond, uncond = both.chunk(2)
     return uncond + guidance_scale * (cond - uncond)
 
@@ -41,29 +45,52 @@ def guided_output(unet, sample: torch.Tensor, t, class_labels: torch.Tensor, nul
 class ClassConditionalPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, num_classes: int | None = None, null_class: int | None = None,
-                 guidance_scale: float = 1.0, distilled_guidance_scale: float | None = None):
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        num_classes: int | None = None,
+        null_class: int | None = None,
+        guidance_scale: float = 1.0,
+        distilled_guidance_scale: float | None = None,
+    ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         if num_classes is None:
             num_classes = int(unet.config.num_class_embeds) - (1 if null_class is not None else 0)
-        self.register_to_config(num_classes=num_classes, null_class=null_class, guidance_scale=guidance_scale,
-                                distilled_guidance_scale=distilled_guidance_scale)
+        self.register_to_config(
+            num_classes=num_classes,
+            null_class=null_class,
+            guidance_scale=guidance_scale,
+            distilled_guidance_scale=distilled_guidance_scale,
+        )
 
     def model_output(self, sample: torch.Tensor, t, class_labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """The network's output at `t` for `class_labels`, guided when `guidance_scale` ≠ 1 and a null class is set."""
         return guided_output(self.unet, sample, t, class_labels, self.config.null_class, guidance_scale)
 
     @torch.no_grad()
-    def __call__(self, class_labels: int | list[int] | torch.Tensor | None = None, batch_size: int = 1,
-                 generator: torch.Generator | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float | None = None, output_type: str = "pil", return_dict: bool = True):
+    def __call__(
+        self,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        batch_size: int = 1,
+        generator: torch.Generator | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
         """Sample images of `class_labels` (one per label; without them, `batch_size` labels drawn uniformly
         with `generator`). `guidance_scale` defaults to the folder's."""
         device = self.unet.device
         if class_labels is None:
-            class_labels = torch.randint(0, self.config.num_classes, (batch_size,), generator=generator,
-                                         device=generator.device if generator is not None else "cpu")
+            class_labels = torch.randint(
+                0,
+                self.config.num_classes,
+                (batch_size,),
+                generator=generator,
+                device=generator.device if generator is not None else "cpu",
+            )
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).to(device)
         if ((labels < 0) | (labels >= self.config.num_classes)).any():
             raise ValueError(f"class labels must be in 0..{self.config.num_classes - 1}, got {labels.tolist()}")
@@ -75,8 +102,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         # a clipping DDIM must move along the ε of the clipped x₀: with the model's own ε, every clipped step
         # (frequent under guidance) leaves the sample off its trajectory and the images break up
-        extra = {"use_clipped_model_output": True} if "use_clipped_model_output" in inspect.signature(
-            self.scheduler.step).parameters else {}
+        extra = (
+            {"use_clipped_model_output": True}
+            if "use_clipped_model_output" in inspect.signature(self.scheduler.step).parameters
+            else {}
+        )
         for t in self.progress_bar(self.scheduler.timesteps):
             out = self.model_output(image, t, labels, w)
             image = self.scheduler.step(out, t, image, generator=generator, **extra).prev_sample

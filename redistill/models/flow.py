@@ -26,8 +26,10 @@ class FlowMatchingPixel(UnconditionalPixel):
     straight path instead of an ᾱ schedule."""
 
     kind = "flow-matching-pixel"
-    description = ("a UNet2DModel without class embeddings that predicts a velocity, with a "
-                   "FlowMatchEulerDiscreteScheduler, e.g. a DDPMPipeline folder")
+    description = (
+        "a UNet2DModel without class embeddings that predicts a velocity, with a "
+        "FlowMatchEulerDiscreteScheduler, e.g. a DDPMPipeline folder"
+    )
     family = "flow"
     solver = "euler"
     pairs_from_samples = False  # its couplings are Euler solves of its velocity, not DDIM draws: cached as pairs
@@ -37,8 +39,11 @@ class FlowMatchingPixel(UnconditionalPixel):
         from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
 
         unet = getattr(pipe, "unet", None)
-        return (isinstance(unet, UNet2DModel) and getattr(unet, "class_embedding", None) is None
-                and isinstance(getattr(pipe, "scheduler", None), FlowMatchEulerDiscreteScheduler))
+        return (
+            isinstance(unet, UNet2DModel)
+            and getattr(unet, "class_embedding", None) is None
+            and isinstance(getattr(pipe, "scheduler", None), FlowMatchEulerDiscreteScheduler)
+        )
 
     # -- facts ----------------------------------------------------------------------------------------
     @property
@@ -47,8 +52,10 @@ class FlowMatchingPixel(UnconditionalPixel):
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        raise ValueError(f"a {self.kind} model has no ᾱ schedule (it predicts a velocity on the straight path); "
-                         "this step serves diffusion models only")
+        raise ValueError(
+            f"a {self.kind} model has no ᾱ schedule (it predicts a velocity on the straight path); "
+            "this step serves diffusion models only"
+        )
 
     @property
     def shift(self) -> float:
@@ -56,8 +63,12 @@ class FlowMatchingPixel(UnconditionalPixel):
 
     def facts(self) -> dict:
         c = self.scheduler_config
-        return {**super().facts(), "shift": self.shift, "use_dynamic_shifting": bool(c.get("use_dynamic_shifting")),
-                "shift_terminal": c.get("shift_terminal")}
+        return {
+            **super().facts(),
+            "shift": self.shift,
+            "use_dynamic_shifting": bool(c.get("use_dynamic_shifting")),
+            "shift_terminal": c.get("shift_terminal"),
+        }
 
     # -- the network ----------------------------------------------------------------------------------
     def velocity(self, net, x, sigma, cond=None):
@@ -86,5 +97,6 @@ def euler_scheduler(num_train_timesteps: int, steps: int):
     setting: σ = 1, then 0.)"""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0,
-                                           shift_terminal=None if steps == 1 else 1.0 / steps)
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=num_train_timesteps, shift=1.0, shift_terminal=None if steps == 1 else 1.0 / steps
+    )

@@ -38,11 +38,15 @@ def check_pipeline_folder(path: Path) -> dict:
             continue
         sub = path / comp
         if not sub.is_dir():
-            raise PipelineError(f"{sub} is missing: model_index.json lists the component {comp!r}. Copy the whole "
-                                "folder that `pipeline.save_pretrained(...)` wrote")
+            raise PipelineError(
+                f"{sub} is missing: model_index.json lists the component {comp!r}. Copy the whole "
+                "folder that `pipeline.save_pretrained(...)` wrote"
+            )
         if not any((sub / c).is_file() for c in ("config.json", "scheduler_config.json", "tokenizer_config.json")):
-            raise PipelineError(f"{sub} has no config.json, scheduler_config.json or tokenizer_config.json; copy the "
-                                "whole pipeline folder")
+            raise PipelineError(
+                f"{sub} has no config.json, scheduler_config.json or tokenizer_config.json; copy the "
+                "whole pipeline folder"
+            )
         pickles = [p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES]
         tensors = [p.name for p in sub.iterdir() if p.suffix == ".safetensors"]
         if pickles and not tensors:
@@ -66,11 +70,15 @@ def check_files(path: Path) -> None:
         if f.is_symlink():
             target = f.resolve()
             if root not in target.parents:
-                raise PipelineError(f"{path}/{rel} is a symlink to {target}, outside the pipeline folder; "
-                                    "copy the file into the folder instead of linking to it")
+                raise PipelineError(
+                    f"{path}/{rel} is a symlink to {target}, outside the pipeline folder; "
+                    "copy the file into the folder instead of linking to it"
+                )
         if f.name.endswith(PARTIAL_SUFFIXES) or f.name.startswith(".~"):
-            raise PipelineError(f"{path}/{rel} looks like a file still being written (a partial download); "
-                                "wait until the copy has finished, then run again")
+            raise PipelineError(
+                f"{path}/{rel} looks like a file still being written (a partial download); "
+                "wait until the copy has finished, then run again"
+            )
         if f.suffix == ".safetensors" and f.is_file():
             problem = safetensors_problem(f)
             if problem:

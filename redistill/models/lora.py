@@ -39,8 +39,13 @@ def _matched(unet: torch.nn.Module, targets) -> set[str]:
     return {t for t in targets if any(n == t or n.endswith("." + t) for n in names)}
 
 
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None = None, targets=TARGETS,
-             init: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+def add_lora(
+    unet: torch.nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    targets=TARGETS,
+    init: dict[str, torch.Tensor] | None = None,
+) -> torch.nn.Module:
     """Add a LoRA adapter of `rank` (scale `alpha`/`rank`, alpha defaulting to the rank) to `unet` in place and
     freeze everything else: only the adapter's weights train. `init`: adapter weights to start from (in peft's
     naming, as `lora_state` returns them)."""
@@ -50,16 +55,22 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None = None, targe
         raise ValueError(f"a LoRA rank must be at least 1, got {rank}")
     targets = resolve_targets(targets)
     if not hasattr(unet, "add_adapter") or not _matched(unet, ATTENTION):  # UNet2DModel: no diffusers LoRA support
-        raise ValueError(f"this UNet ({type(unet).__name__}) takes no LoRA adapter: it has no attention projections "
-                         f"({', '.join(ATTENTION)}) or no diffusers LoRA support; a LoRA student needs a UNet2DConditionModel. "
-                         "Set distill.student.lora_rank: 0 for a full-UNet student")
+        raise ValueError(
+            f"this UNet ({type(unet).__name__}) takes no LoRA adapter: it has no attention projections "
+            f"({', '.join(ATTENTION)}) or no diffusers LoRA support; a LoRA student needs a UNet2DConditionModel. "
+            "Set distill.student.lora_rank: 0 for a full-UNet student"
+        )
     matched = _matched(unet, targets)
     if not matched:
-        raise ValueError(f"distill.student.lora_targets ({', '.join(targets)}) names no module of this UNet; use a "
-                         f"preset ({', '.join(PRESETS)}) or names of its modules")
+        raise ValueError(
+            f"distill.student.lora_targets ({', '.join(targets)}) names no module of this UNet; use a "
+            f"preset ({', '.join(PRESETS)}) or names of its modules"
+        )
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                target_modules=sorted(matched)), adapter_name=ADAPTER)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=sorted(matched)),
+        adapter_name=ADAPTER,
+    )
     if init is not None:
         set_peft_model_state_dict(unet, init, adapter_name=ADAPTER)
     for name, p in unet.named_parameters():

@@ -34,8 +34,17 @@ from redistill.models.folders import (
 )
 
 # the pipeline I/O API callers import from here, the folder checks and the hash included
-__all__ = ["PipelineError", "check_fits", "check_pipeline_folder", "folder_size_bytes", "load_adapter_only",
-           "load_pipeline", "pipeline_sha256", "save_pipeline", "validate_teacher"]
+__all__ = [
+    "PipelineError",
+    "check_fits",
+    "check_pipeline_folder",
+    "folder_size_bytes",
+    "load_adapter_only",
+    "load_pipeline",
+    "pipeline_sha256",
+    "save_pipeline",
+    "validate_teacher",
+]
 
 OWN_PIPELINES = ("ClassConditionalPipeline",)  # pipeline classes redistill defines (redistill/models/class_pipeline.py)
 OWN_PIPELINE_FILE = "pipeline_redistill.py"  # their code, copied into an exported folder for loading without redistill
@@ -56,16 +65,23 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
     name = model_index.get("_class_name")
     own = (name[-1] if isinstance(name, list) else name) in OWN_PIPELINES
     if isinstance(name, list) and not own:
-        raise PipelineError(f"{path} names custom pipeline code ({name[0]}.py); redistill never runs code from a "
-                            "model folder. Save the teacher as a stock diffusers pipeline (e.g. DDPMPipeline)")
+        raise PipelineError(
+            f"{path} names custom pipeline code ({name[0]}.py); redistill never runs code from a "
+            "model folder. Save the teacher as a stock diffusers pipeline (e.g. DDPMPipeline)"
+        )
     try:
         # a pipeline class of redistill's own (an exported class-conditional student) is assembled from its stock
         # components; the copy of its code inside the folder (for users without redistill) is never run here
-        pipe = (_load_own(Path(path), model_index) if own else
-                DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True))
+        pipe = (
+            _load_own(Path(path), model_index)
+            if own
+            else DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+        )
     except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError/safetensors errors
-        raise PipelineError(f"could not load the pipeline at {path} (check that each component's config.json, "
-                            f"e.g. unet/config.json, matches its weights): {e}") from e
+        raise PipelineError(
+            f"could not load the pipeline at {path} (check that each component's config.json, "
+            f"e.g. unet/config.json, matches its weights): {e}"
+        ) from e
     from redistill.models import UnsupportedPipeline, adapter_for
 
     try:
@@ -86,9 +102,11 @@ def load_adapter_only(folder: Path, device: str | torch.device = "cpu"):
     meta = adapter_meta(folder)
     base = meta.get("base_uri")
     if not base or not Path(base).is_dir():
-        raise PipelineError(f"{folder} is a LoRA adapter whose base teacher (sha256 {meta.get('base_sha256')}) is not at "
-                            f"{base!r}; put the base teacher folder there, or load the adapter yourself with "
-                            "pipe.load_lora_weights on that base")
+        raise PipelineError(
+            f"{folder} is a LoRA adapter whose base teacher (sha256 {meta.get('base_sha256')}) is not at "
+            f"{base!r}; put the base teacher folder there, or load the adapter yourself with "
+            "pipe.load_lora_weights on that base"
+        )
     check_base(folder, Path(base))
     pipe = load_pipeline(Path(base), device)
     pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
@@ -97,8 +115,10 @@ def load_adapter_only(folder: Path, device: str | torch.device = "cpu"):
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     sched = student_scheduler(folder)
     if sched is None:
-        raise PipelineError(f"{folder} is a LoRA adapter without its student's scheduler (scheduler/ with a stock "
-                            "diffusers scheduler_config.json); the registered student is damaged")
+        raise PipelineError(
+            f"{folder} is a LoRA adapter without its student's scheduler (scheduler/ with a stock "
+            "diffusers scheduler_config.json); the registered student is damaged"
+        )
     pipe.scheduler = sched
     sampling = folder / "redistill_sampling.json"
     if sampling.is_file():
@@ -129,8 +149,9 @@ def check_fits(pipe, path: Path, channels: int, size: tuple[int, int], data_path
 
 
 @torch.no_grad()
-def validate_teacher(path: Path, channels: int, size: tuple[int, int], probe: int = 4,
-                     data_path: Path | None = None) -> dict:
+def validate_teacher(
+    path: Path, channels: int, size: tuple[int, int], probe: int = 4, data_path: Path | None = None
+) -> dict:
     """Check a teacher before anything uses it: it loads from safetensors, fits the data, has finite
     weights and gives finite outputs on a probe batch. Returns its sha256 and the facts checked."""
     from redistill.models import adapter_for
@@ -140,8 +161,10 @@ def validate_teacher(path: Path, channels: int, size: tuple[int, int], probe: in
     model = adapter_for(pipe)
     bad = [name for name, w in pipe.unet.named_parameters() if not torch.isfinite(w).all()]
     if bad:
-        raise PipelineError(f"teacher at {path} has non-finite weights in {bad[0]} (and {len(bad) - 1} more); "
-                            "the checkpoint is corrupt, re-export it")
+        raise PipelineError(
+            f"teacher at {path} has non-finite weights in {bad[0]} (and {len(bad) - 1} more); "
+            "the checkpoint is corrupt, re-export it"
+        )
     g = torch.Generator().manual_seed(0)
     x = torch.randn((probe, model.channels, *model.sample_size), generator=g)  # the model's own space (latents)
     cond = model.conditions(probe, g)
@@ -149,8 +172,10 @@ def validate_teacher(path: Path, channels: int, size: tuple[int, int], probe: in
     for t in (T - 1, T // 2, 0):
         out = model.teacher_output(pipe.unet, x, torch.full((probe,), t), cond)
         if out.shape != x.shape or not torch.isfinite(out).all():
-            raise PipelineError(f"teacher at {path} gives {'non-finite' if out.shape == x.shape else 'mis-shaped'} "
-                                f"outputs on a probe batch at timestep {t}; it cannot be distilled")
+            raise PipelineError(
+                f"teacher at {path} gives {'non-finite' if out.shape == x.shape else 'mis-shaped'} "
+                f"outputs on a probe batch at timestep {t}; it cannot be distilled"
+            )
     return {
         "sha256": pipeline_sha256(path),
         **model.facts(),  # kind, prediction type, schedule length, channels, size, conditioning
@@ -190,8 +215,14 @@ def _write_attachments(pipe, folder: Path) -> None:
         (folder / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2) + "\n")
     lora = getattr(pipe, "redistill_lora", None)
     if lora:
-        save_adapter(lora["unet"], folder, lora.get("base_sha256"), lora["rank"], lora.get("alpha"),
-                     base_uri=lora.get("base_uri"))
+        save_adapter(
+            lora["unet"],
+            folder,
+            lora.get("base_sha256"),
+            lora["rank"],
+            lora.get("alpha"),
+            base_uri=lora.get("base_uri"),
+        )
 
 
 def _load_own(path: Path, model_index: dict):
@@ -204,12 +235,20 @@ def _load_own(path: Path, model_index: dict):
     for comp in ("unet", "scheduler"):
         library, cls_name = model_index[comp]
         if library != "diffusers" or not hasattr(diffusers, cls_name):
-            raise PipelineError(f"{path}/{comp} is a {library}.{cls_name}; redistill's own pipelines hold diffusers components")
+            raise PipelineError(
+                f"{path}/{comp} is a {library}.{cls_name}; redistill's own pipelines hold diffusers components"
+            )
         cls = getattr(diffusers, cls_name)
-        parts[comp] = (cls.from_pretrained(path / comp, use_safetensors=True, local_files_only=True) if comp == "unet"
-                       else cls.from_pretrained(path / comp))
-    extras = {k: model_index[k] for k in ("num_classes", "null_class", "guidance_scale", "distilled_guidance_scale")
-              if k in model_index}
+        parts[comp] = (
+            cls.from_pretrained(path / comp, use_safetensors=True, local_files_only=True)
+            if comp == "unet"
+            else cls.from_pretrained(path / comp)
+        )
+    extras = {
+        k: model_index[k]
+        for k in ("num_classes", "null_class", "guidance_scale", "distilled_guidance_scale")
+        if k in model_index
+    }
     return ClassConditionalPipeline(parts["unet"], parts["scheduler"], **extras)
 
 

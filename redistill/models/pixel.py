@@ -19,8 +19,12 @@ class UnconditionalPixel(ModelAdapter):
         from diffusers import UNet2DModel
 
         unet = getattr(pipe, "unet", None)
-        return (isinstance(unet, UNet2DModel) and getattr(unet, "class_embedding", None) is None
-                and hasattr(pipe, "scheduler") and hasattr(pipe.scheduler, "alphas_cumprod"))
+        return (
+            isinstance(unet, UNet2DModel)
+            and getattr(unet, "class_embedding", None) is None
+            and hasattr(pipe, "scheduler")
+            and hasattr(pipe.scheduler, "alphas_cumprod")
+        )
 
     def output(self, net, z, t, cond=None):
         return net(z, t).sample

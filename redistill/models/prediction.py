@@ -21,8 +21,9 @@ def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Te
     return abar.sqrt(), (1.0 - abar).clamp(min=0).sqrt()
 
 
-def to_x0_eps(output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
-              prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+def to_x0_eps(
+    output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂₀, ε̂) from a model output of the given prediction type."""
     if prediction_type == "epsilon":
         return (z - sigma * output) / alpha, output
@@ -33,8 +34,9 @@ def to_x0_eps(output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma:
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
 
 
-def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
-                prediction_type: str) -> torch.Tensor:
+def from_x0_eps(
+    x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """The model output of the given type that corresponds to (x₀, ε)."""
     if prediction_type == "epsilon":
         return eps

@@ -52,8 +52,10 @@ def folder_sampling(pipe) -> dict:
 class TextToImageLatent(ModelAdapter):
     kind = "text-to-image-latent"
     clips = False  # latents are not confined to [−1, 1]
-    description = ("a Stable Diffusion layout folder: UNet2DConditionModel, AutoencoderKL, a CLIP text encoder and "
-                   "tokenizer, and a DDPM-family scheduler (StableDiffusionPipeline)")
+    description = (
+        "a Stable Diffusion layout folder: UNet2DConditionModel, AutoencoderKL, a CLIP text encoder and "
+        "tokenizer, and a DDPM-family scheduler (StableDiffusionPipeline)"
+    )
 
     def __init__(self, pipe, guidance_scale: float | None = None):
         super().__init__(pipe)
@@ -61,8 +63,11 @@ class TextToImageLatent(ModelAdapter):
         self.paired = False
         self.sampling = folder_sampling(pipe)
         # the teacher's w: given, else the folder's (a student: the scale folded into it), else SD's default
-        w = guidance_scale if guidance_scale is not None else self.sampling.get(
-            "distilled_guidance_scale") or self.sampling.get("guidance_scale", DEFAULT_GUIDANCE)
+        w = (
+            guidance_scale
+            if guidance_scale is not None
+            else self.sampling.get("distilled_guidance_scale") or self.sampling.get("guidance_scale", DEFAULT_GUIDANCE)
+        )
         self.guidance_scale = float(w)
         self._uncond = None
 
@@ -70,10 +75,13 @@ class TextToImageLatent(ModelAdapter):
     def claims(cls, pipe) -> bool:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
-        return (isinstance(getattr(pipe, "unet", None), UNet2DConditionModel)
-                and isinstance(getattr(pipe, "vae", None), AutoencoderKL)
-                and getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
-                and hasattr(getattr(pipe, "scheduler", None), "alphas_cumprod"))
+        return (
+            isinstance(getattr(pipe, "unet", None), UNet2DConditionModel)
+            and isinstance(getattr(pipe, "vae", None), AutoencoderKL)
+            and getattr(pipe, "text_encoder", None) is not None
+            and getattr(pipe, "tokenizer", None) is not None
+            and hasattr(getattr(pipe, "scheduler", None), "alphas_cumprod")
+        )
 
     # -- facts ----------------------------------------------------------------------------------------
     @property
@@ -98,12 +106,19 @@ class TextToImageLatent(ModelAdapter):
         return int(self.pipe.tokenizer.model_max_length)
 
     def facts(self) -> dict:
-        return {**super().facts(), "image_channels": self.image_channels, "image_size": list(self.image_size),
-                "latent_channels": self.channels, "vae_scale_factor": self.vae_scale_factor,
-                "vae_scaling_factor": float(self.pipe.vae.config.scaling_factor),
-                "text_encoder": type(self.pipe.text_encoder).__name__, "max_prompt_tokens": self.max_prompt_tokens,
-                "cross_attention_dim": int(self.unet.config.cross_attention_dim),
-                "time_cond_proj_dim": self.unet.config.time_cond_proj_dim, "guidance_scale": self.guidance_scale}
+        return {
+            **super().facts(),
+            "image_channels": self.image_channels,
+            "image_size": list(self.image_size),
+            "latent_channels": self.channels,
+            "vae_scale_factor": self.vae_scale_factor,
+            "vae_scaling_factor": float(self.pipe.vae.config.scaling_factor),
+            "text_encoder": type(self.pipe.text_encoder).__name__,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "cross_attention_dim": int(self.unet.config.cross_attention_dim),
+            "time_cond_proj_dim": self.unet.config.time_cond_proj_dim,
+            "guidance_scale": self.guidance_scale,
+        }
 
     # -- pictures ↔ latents, prompts → embeddings ---------------------------------------------------------
     @torch.no_grad()
@@ -150,8 +165,9 @@ class TextToImageLatent(ModelAdapter):
     def _token_ids(self, prompts: list[str]) -> torch.Tensor:
         """`prompts` tokenised as StableDiffusionPipeline does: padded to the tokenizer's length, truncated past it."""
         tok = self.pipe.tokenizer
-        return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
+        return tok(
+            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.pipe.text_encoder.device)
 
     @torch.no_grad()
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -217,8 +233,11 @@ class TextToImageLatent(ModelAdapter):
         t = t.expand(len(z)) if t.ndim == 0 else t
         if self.guidance_scale == 1.0:
             return net(z, t, encoder_hidden_states=cond.to(z.dtype)).sample
-        both = net(torch.cat([z, z]), torch.cat([t, t]),
-                   encoder_hidden_states=torch.cat([cond, self.uncond(len(z), cond.device)]).to(z.dtype)).sample
+        both = net(
+            torch.cat([z, z]),
+            torch.cat([t, t]),
+            encoder_hidden_states=torch.cat([cond, self.uncond(len(z), cond.device)]).to(z.dtype),
+        ).sample
         c, u = both.chunk(2)
         return u + self.guidance_scale * (c - u)
 
@@ -233,19 +252,39 @@ class TextToImageLatent(ModelAdapter):
         if guidance_scale is None:  # the folder's own (a student: 1.0, or its embedded w), else the teacher's w
             guidance_scale = self.sampling.get("guidance_scale", self.guidance_scale)
         w = float(guidance_scale)
-        kw = {"prompt": list(cond)} if isinstance(cond, (list, tuple)) else {
-            "prompt_embeds": cond, "negative_prompt_embeds": self.uncond(len(cond), cond.device) if w > 1 else None}
+        kw = (
+            {"prompt": list(cond)}
+            if isinstance(cond, (list, tuple))
+            else {
+                "prompt_embeds": cond,
+                "negative_prompt_embeds": self.uncond(len(cond), cond.device) if w > 1 else None,
+            }
+        )
         size = self.image_size
-        out = self.pipe(**kw, num_inference_steps=steps, guidance_scale=w, generator=generator, height=size[0],
-                        width=size[1], output_type="pt").images
+        out = self.pipe(
+            **kw,
+            num_inference_steps=steps,
+            guidance_scale=w,
+            generator=generator,
+            height=size[0],
+            width=size[1],
+            output_type="pt",
+        ).images
         return out.float()
 
     def export(self, unet, scheduler):
         from diffusers import StableDiffusionPipeline
 
         p = self.pipe
-        pipe = StableDiffusionPipeline(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=p.vae,
+            text_encoder=p.text_encoder,
+            tokenizer=p.tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.set_progress_bar_config(disable=True)
         return pipe

@@ -40,41 +40,82 @@ SPEEDUP_SHARE = 0.8
 
 def quick_params(p: Params) -> Params:
     """CI-sized settings: few samples and repeats, a handful of optimiser steps per method."""
-    ev = dataclasses.replace(p.evaluate, num_samples=200, max_samples=200, bootstrap=20, kid_subset_size=100, sample_batch_size=200,
-                             latency_repeats=3, throughput_repeats=1, throughput_batch=16)
+    ev = dataclasses.replace(
+        p.evaluate,
+        num_samples=200,
+        max_samples=200,
+        bootstrap=20,
+        kid_subset_size=100,
+        sample_batch_size=200,
+        latency_repeats=3,
+        throughput_repeats=1,
+        throughput_batch=16,
+    )
     d = p.distill
-    d = dataclasses.replace(d, batch_size=16, checkpoint_every=10**6,
-                            progressive=dataclasses.replace(d.progressive, steps_per_round=20),
-                            consistency=dataclasses.replace(d.consistency, steps=40),
-                            output=dataclasses.replace(d.output, pairs=64, pairs_steps=10, steps=40),
-                            adversarial=dataclasses.replace(d.adversarial, steps=20),
-                            dmd=dataclasses.replace(d.dmd, steps=10, fake_updates=1),
-                            rectified=dataclasses.replace(d.rectified, couplings=64, couplings_steps=10, reflow_steps=40,
-                                                          reflow_ode_steps=4, distill_steps=20))
+    d = dataclasses.replace(
+        d,
+        batch_size=16,
+        checkpoint_every=10**6,
+        progressive=dataclasses.replace(d.progressive, steps_per_round=20),
+        consistency=dataclasses.replace(d.consistency, steps=40),
+        output=dataclasses.replace(d.output, pairs=64, pairs_steps=10, steps=40),
+        adversarial=dataclasses.replace(d.adversarial, steps=20),
+        dmd=dataclasses.replace(d.dmd, steps=10, fake_updates=1),
+        rectified=dataclasses.replace(
+            d.rectified, couplings=64, couplings_steps=10, reflow_steps=40, reflow_ode_steps=4, distill_steps=20
+        ),
+    )
     return dataclasses.replace(p, evaluate=ev, distill=d)
 
 
-def _row(kind: str, method: str, steps: int, result: dict, distill_s: float | None, sampler: str,
-         student: Path | None = None, summary: dict | None = None) -> dict:
+def _row(
+    kind: str,
+    method: str,
+    steps: int,
+    result: dict,
+    distill_s: float | None,
+    sampler: str,
+    student: Path | None = None,
+    summary: dict | None = None,
+) -> dict:
     q, f, s, m = result["quality"], result["fidelity"], result["speed"], result["memory"]
     return {
-        "kind": kind, "method": method, "steps": steps, "sampler": sampler,
+        "kind": kind,
+        "method": method,
+        "steps": steps,
+        "sampler": sampler,
         "student": str(student) if student else None,
-        "fid": q["fid"], "fid_ci95": q["fid_ci95"], "fid_ratio": q["fid_ratio"], "fid_ratio_ci95": q.get("fid_ratio_ci95"),
+        "fid": q["fid"],
+        "fid_ci95": q["fid_ci95"],
+        "fid_ratio": q["fid_ratio"],
+        "fid_ratio_ci95": q.get("fid_ratio_ci95"),
         "fid_gap_floors": {n: sq.get("fid_gap_floors") for n, sq in q.get("spaces", {}).items()},
         "kid": q["kid"],
         "recognisable_share": q.get("recognisable_share"),
-        "psnr_db": f["psnr_db"], "ssim": f["ssim"],
-        "latency_ms_p50": s["latency_ms_p50"], "throughput_img_s": s["throughput_img_s"],
-        "speedup": s["speedup_throughput"], "params": m["params"], "peak_mb": m["peak_sampling_mb"],
+        "psnr_db": f["psnr_db"],
+        "ssim": f["ssim"],
+        "latency_ms_p50": s["latency_ms_p50"],
+        "throughput_img_s": s["throughput_img_s"],
+        "speedup": s["speedup_throughput"],
+        "params": m["params"],
+        "peak_mb": m["peak_sampling_mb"],
         "distill_wall_s": distill_s,
         **({"straightness": summary["straightness"]} if summary and "straightness" in summary else {}),
     }
 
 
-def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = False, device: str = "cpu",
-              log: Callable[[str], None] = print, methods: tuple[str, ...] = METHODS, teacher_rows: bool = True,
-              ddpm: bool = True) -> dict:
+def run_bench(
+    root: Path,
+    p: Params,
+    teacher: Path,
+    out: Path,
+    quick: bool = False,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+    methods: tuple[str, ...] = METHODS,
+    teacher_rows: bool = True,
+    ddpm: bool = True,
+) -> dict:
     """Run the bench in `out`; returns {"rows": [...], ...} and writes bench.json, bench.md, the plot."""
     import torch
 
@@ -101,9 +142,19 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         (out / "bench.partial.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
 
     def measure(path: Path, steps: int, scheduler: str, ep: EvaluateParams = p.evaluate) -> dict:
-        return evaluate(Side(path, steps, scheduler), ref, data, extractor, ep, classifier=classifier,
-                        confidence=p.features.confidence, device=device, cache_dir=cache, data_path=root / "data" / "reference",
-                        bounds=p.gate.fid_gap_max)
+        return evaluate(
+            Side(path, steps, scheduler),
+            ref,
+            data,
+            extractor,
+            ep,
+            classifier=classifier,
+            confidence=p.features.confidence,
+            device=device,
+            cache_dir=cache,
+            data_path=root / "data" / "reference",
+            bounds=p.gate.fid_gap_max,
+        )
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -120,7 +171,9 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         log(f"{label}, {steps} steps")
         rows.append(_row("teacher", label, steps, measure(teacher, steps, sampler), None, sampler))
         save_partial()
-    if teacher_rows and ddpm and not quick and family == "diffusion":  # DDPM at 1,000 steps: ~9 minutes for 2,000 samples on 2 CPU cores
+    if (
+        teacher_rows and ddpm and not quick and family == "diffusion"
+    ):  # DDPM at 1,000 steps: ~9 minutes for 2,000 samples on 2 CPU cores
         ddpm_steps = teacher_pipe.scheduler.config.num_train_timesteps
         log(f"teacher, DDPM {ddpm_steps} steps")
         rows.append(_row("teacher", "teacher (DDPM)", ddpm_steps, measure(teacher, ddpm_steps, "ddpm"), None, "ddpm"))
@@ -132,9 +185,17 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
         d = dataclasses.replace(p.distill, method=method, target_steps=steps)
         log(f"distilling {method} for {steps} steps")
         t = time.perf_counter()
-        student, summary = distill(d, load_pipeline(teacher), images, out / "checkpoints" / f"{method}-{steps}",
-                                   log=log, teacher_path=teacher, workspace=root,
-                                   captions=getattr(data, "captions", None), **extra)
+        student, summary = distill(
+            d,
+            load_pipeline(teacher),
+            images,
+            out / "checkpoints" / f"{method}-{steps}",
+            log=log,
+            teacher_path=teacher,
+            workspace=root,
+            captions=getattr(data, "captions", None),
+            **extra,
+        )
         return student, summary, round(time.perf_counter() - t, 1)
 
     def keep(pipe, summary: dict, method: str, steps: int) -> Path:
@@ -176,14 +237,26 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
             rows.append(_row("method", method, n, measure(path, n, "saved"), wall, "saved", path, summaries.get(n)))
             save_partial()
 
-    result = {"quick": quick, "methods": list(methods), "feature_spaces": [sp.name for sp in extractor], "teacher": str(teacher), "reference_steps": p.evaluate.reference_steps,
-              "num_samples": p.evaluate.num_samples, "seed": p.evaluate.seed, "device": device,
-              "threads": torch.get_num_threads(), "rows": rows, "skipped": skipped, "wall_time_s": round(time.perf_counter() - t0, 1)}
+    result = {
+        "quick": quick,
+        "methods": list(methods),
+        "feature_spaces": [sp.name for sp in extractor],
+        "teacher": str(teacher),
+        "reference_steps": p.evaluate.reference_steps,
+        "num_samples": p.evaluate.num_samples,
+        "seed": p.evaluate.seed,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "skipped": skipped,
+        "wall_time_s": round(time.perf_counter() - t0, 1),
+    }
     result["goals"] = goals(result)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.partial.json").unlink(missing_ok=True)
-    (out / "bench.md").write_text(markdown_table(result) + "\n\n" + goals_table(result) + "\n"
-                                  + straightness_table(result))
+    (out / "bench.md").write_text(
+        markdown_table(result) + "\n\n" + goals_table(result) + "\n" + straightness_table(result)
+    )
     plot(result, out / "quality_vs_nfe.png")
     return result
 
@@ -191,10 +264,14 @@ def run_bench(root: Path, p: Params, teacher: Path, out: Path, quick: bool = Fal
 def markdown_table(result: dict) -> str:
     """The bench as a Markdown table, one row per (pipeline, steps)."""
     spaces = result.get("feature_spaces") or []
-    head = ("| pipeline | steps | FID [95% CI] | FID ÷ teacher@{r} | FID gap in floors ({sp}) | KID | recognisable | PSNR dB "
-            "| SSIM | latency p50 ms (b=1) | img/s (b={b}) | speedup | params | peak MB | distil s |")
-    lines = [head.format(r=result["reference_steps"], b="64" if not result["quick"] else "16", sp=" / ".join(spaces)),
-             "|" + "---|" * 15]
+    head = (
+        "| pipeline | steps | FID [95% CI] | FID ÷ teacher@{r} | FID gap in floors ({sp}) | KID | recognisable | PSNR dB "
+        "| SSIM | latency p50 ms (b=1) | img/s (b={b}) | speedup | params | peak MB | distil s |"
+    )
+    lines = [
+        head.format(r=result["reference_steps"], b="64" if not result["quick"] else "16", sp=" / ".join(spaces)),
+        "|" + "---|" * 15,
+    ]
 
     def num(v, fmt):
         return "–" if v is None else format(v, fmt)
@@ -206,7 +283,8 @@ def markdown_table(result: dict) -> str:
             f"| {' / '.join(num((r.get('fid_gap_floors') or {}).get(n), '.2f') for n in spaces)} "
             f"| {r['kid']:.4f} | {num(r['recognisable_share'], '.3f')} | {num(r['psnr_db'], '.2f')} | {r['ssim']:.3f} "
             f"| {r['latency_ms_p50']:.1f} | {r['throughput_img_s']:.0f} | ×{r['speedup']:.1f} | {r['params']:,} "
-            f"| {num(r['peak_mb'], '.0f')} | {num(r['distill_wall_s'], '.0f')} |")
+            f"| {num(r['peak_mb'], '.0f')} | {num(r['distill_wall_s'], '.0f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -215,9 +293,15 @@ def straightness_table(result: dict) -> str:
     rows = [r for r in result["rows"] if r.get("straightness")]
     if not rows:
         return ""
-    lines = ["", "| rectified student | straightness of the teacher's paths | of the reflowed flow's paths |", "|---|---|---|"]
+    lines = [
+        "",
+        "| rectified student | straightness of the teacher's paths | of the reflowed flow's paths |",
+        "|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['steps']} steps | {r['straightness']['teacher']:.4f} | {r['straightness']['reflowed']:.4f} |")
+        lines.append(
+            f"| {r['steps']} steps | {r['straightness']['teacher']:.4f} | {r['straightness']['reflowed']:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -233,24 +317,37 @@ def goals(result: dict) -> list[dict]:
         best = min(at, key=lambda r: r["fid_ratio"])
         speedup_min = SPEEDUP_SHARE * ref / steps
         met = best["fid_ratio"] <= ratio_max and (recog_min is None or (best["recognisable_share"] or 0) >= recog_min)
-        out.append({"steps": steps, "best": best["method"], "fid_ratio": best["fid_ratio"], "fid_ratio_max": ratio_max,
-                    "recognisable_share": best["recognisable_share"], "recognisable_min": recog_min,
-                    "speedup": best["speedup"], "speedup_min": speedup_min,
-                    "met": bool(met and best["speedup"] >= speedup_min),
-                    "rows_below_speedup": [r["method"] for r in at if r["speedup"] < speedup_min]})
+        out.append(
+            {
+                "steps": steps,
+                "best": best["method"],
+                "fid_ratio": best["fid_ratio"],
+                "fid_ratio_max": ratio_max,
+                "recognisable_share": best["recognisable_share"],
+                "recognisable_min": recog_min,
+                "speedup": best["speedup"],
+                "speedup_min": speedup_min,
+                "met": bool(met and best["speedup"] >= speedup_min),
+                "rows_below_speedup": [r["method"] for r in at if r["speedup"] < speedup_min],
+            }
+        )
     return out
 
 
 def goals_table(result: dict) -> str:
     """The goals as Markdown: the best student per step count, and whether it meets them."""
-    lines = ["| steps | best student | FID ratio (goal) | recognisable (goal) | speedup (goal ≥ 0.8 × step ratio) | met |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| steps | best student | FID ratio (goal) | recognisable (goal) | speedup (goal ≥ 0.8 × step ratio) | met |",
+        "|---|---|---|---|---|---|",
+    ]
     for g in goals(result):
         recog = "–" if g["recognisable_share"] is None else f"{g['recognisable_share']:.3f}"
         recog_goal = "" if g["recognisable_min"] is None else f" (≥ {g['recognisable_min']:.2f})"
         slow = f"; below the speedup goal: {', '.join(g['rows_below_speedup'])}" if g["rows_below_speedup"] else ""
-        lines.append(f"| {g['steps']} | {g['best']} | {g['fid_ratio']:.2f}× (≤ {g['fid_ratio_max']}×) | {recog}{recog_goal} "
-                     f"| ×{g['speedup']:.1f} (≥ ×{g['speedup_min']:.0f}) | {'yes' if g['met'] else 'NO'}{slow} |")
+        lines.append(
+            f"| {g['steps']} | {g['best']} | {g['fid_ratio']:.2f}× (≤ {g['fid_ratio_max']}×) | {recog}{recog_goal} "
+            f"| ×{g['speedup']:.1f} (≥ ×{g['speedup_min']:.0f}) | {'yes' if g['met'] else 'NO'}{slow} |"
+        )
     return "\n".join(lines)
 
 
@@ -298,8 +395,19 @@ def log_bench(root: Path, result: dict, out: Path) -> str:
     c.log_param(rid, "methods", ",".join(result["methods"]))
     for r in result["rows"]:
         name = ("teacher_" + r["sampler"] if r["kind"] == "teacher" else r["method"]) + f"_{r['steps']}"
-        for m in ("fid", "fid_ratio", "kid", "recognisable_share", "psnr_db", "ssim", "latency_ms_p50", "throughput_img_s",
-                  "speedup", "peak_mb", "distill_wall_s"):
+        for m in (
+            "fid",
+            "fid_ratio",
+            "kid",
+            "recognisable_share",
+            "psnr_db",
+            "ssim",
+            "latency_ms_p50",
+            "throughput_img_s",
+            "speedup",
+            "peak_mb",
+            "distill_wall_s",
+        ):
             if r[m] is not None:
                 c.log_metric(rid, f"{name}.{m}", float(r[m]))
         for space, gap in (r.get("fid_gap_floors") or {}).items():

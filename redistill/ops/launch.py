@@ -33,25 +33,50 @@ from redistill.ops.servers import free_port, stop_group
 ERROR = "error.txt"  # the main process's message for a refused job (bad settings or data)
 
 
-def distill_in_processes(p, teacher: Path, data: Path, ckpt_dir: Path, out: Path, log: Callable[[str], None] = print,
-                         workspace: Path | None = None, init_student: Path | None = None, init_sha256: str = "",
-                         init_tag: str = "cold", summary_name: str = "redistill_distill.json") -> dict:
+def distill_in_processes(
+    p,
+    teacher: Path,
+    data: Path,
+    ckpt_dir: Path,
+    out: Path,
+    log: Callable[[str], None] = print,
+    workspace: Path | None = None,
+    init_student: Path | None = None,
+    init_sha256: str = "",
+    init_tag: str = "cold",
+    summary_name: str = "redistill_distill.json",
+) -> dict:
     """Distil on `p.num_processes` processes into the pipeline folder `out`; returns the summary written beside it."""
     n = p.num_processes
     job_dir = Path(ckpt_dir).parent / "launch"
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / ERROR).unlink(missing_ok=True)
-    job = {"distill": dataclasses.asdict(p), "teacher": str(Path(teacher).resolve()), "data": str(Path(data).resolve()),
-           "ckpt_dir": str(Path(ckpt_dir).resolve()), "out": str(Path(out).resolve()),
-           "workspace": str(Path(workspace).resolve()) if workspace is not None else None,
-           "init_student": str(init_student) if init_student else None, "init_sha256": init_sha256,
-           "init_tag": init_tag, "summary_name": summary_name, "error": str(job_dir / ERROR)}
+    job = {
+        "distill": dataclasses.asdict(p),
+        "teacher": str(Path(teacher).resolve()),
+        "data": str(Path(data).resolve()),
+        "ckpt_dir": str(Path(ckpt_dir).resolve()),
+        "out": str(Path(out).resolve()),
+        "workspace": str(Path(workspace).resolve()) if workspace is not None else None,
+        "init_student": str(init_student) if init_student else None,
+        "init_sha256": init_sha256,
+        "init_tag": init_tag,
+        "summary_name": summary_name,
+        "error": str(job_dir / ERROR),
+    }
     (job_dir / "job.json").write_text(json.dumps(job, indent=2) + "\n")
     cmd = launch_command(n) + ["-m", "redistill.ops.launch", str(job_dir / "job.json")]
     log(f"distilling on {n} processes: {' '.join(cmd[2:])}")
     tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True, preexec_fn=die_with_parent_hook())
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+        preexec_fn=die_with_parent_hook(),
+    )
     try:
         for line in proc.stdout:
             line = line.rstrip()
@@ -73,14 +98,29 @@ def launch_command(n: int) -> list[str]:
     machine one GPU each (NCCL); without GPUs, the cores shared out among them (gloo)."""
     import torch
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port())]  # two launches at once must not share one
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(n),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]  # two launches at once must not share one
     if not torch.cuda.is_available():
         cmd += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // n))]
     elif torch.cuda.device_count() < n:
-        raise ValueError(f"distill.num_processes is {n}, but this machine has {torch.cuda.device_count()} GPU(s): "
-                         "one process per GPU; lower distill.num_processes")
+        raise ValueError(
+            f"distill.num_processes is {n}, but this machine has {torch.cuda.device_count()} GPU(s): "
+            "one process per GPU; lower distill.num_processes"
+        )
     return cmd
 
 
@@ -114,10 +154,18 @@ def main(job_file: str) -> int:
         p = parse_params({"distill": job["distill"]}).distill
         folder = load_image_folder(Path(job["data"]))
         init = load_init(Path(job["init_student"])) if job.get("init_student") else None
-        student, summary = distill(p, load_pipeline(Path(job["teacher"])), torch.from_numpy(folder.images),
-                                   Path(job["ckpt_dir"]), log=log, teacher_path=Path(job["teacher"]),
-                                   workspace=Path(job["workspace"]) if job.get("workspace") else None, init=init,
-                                   init_sha256=job.get("init_sha256", ""), captions=getattr(folder, "captions", None))
+        student, summary = distill(
+            p,
+            load_pipeline(Path(job["teacher"])),
+            torch.from_numpy(folder.images),
+            Path(job["ckpt_dir"]),
+            log=log,
+            teacher_path=Path(job["teacher"]),
+            workspace=Path(job["workspace"]) if job.get("workspace") else None,
+            init=init,
+            init_sha256=job.get("init_sha256", ""),
+            captions=getattr(folder, "captions", None),
+        )
     except (DataError, PipelineError, ValueError) as e:
         if main_process:
             Path(job["error"]).write_text(str(e) + "\n")

@@ -18,12 +18,16 @@ def pg_program(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0
+    )
     for d in reversed(versions):
         if (d / name).is_file():
             return str(d / name)
-    raise StackError(f"PostgreSQL's server program {name} is not installed: install the server (Debian: apt-get install "
-                     "postgresql; .ci/run does), then run redistill stack up again")
+    raise StackError(
+        f"PostgreSQL's server program {name} is not installed: install the server (Debian: apt-get install "
+        "postgresql; .ci/run does), then run redistill stack up again"
+    )
 
 
 def _as_postgres() -> list[str]:
@@ -35,8 +39,10 @@ def _as_postgres() -> list[str]:
     try:
         pwd.getpwnam("postgres")
     except KeyError:
-        raise StackError("PostgreSQL refuses to run as root and there is no `postgres` user to run it as: install "
-                         "Debian's postgresql package (it creates the user), or run redistill stack as another user") from None
+        raise StackError(
+            "PostgreSQL refuses to run as root and there is no `postgres` user to run it as: install "
+            "Debian's postgresql package (it creates the user), or run redistill stack as another user"
+        ) from None
     return ["runuser", "-u", "postgres", "--"]
 
 
@@ -52,14 +58,21 @@ def _check_reachable_by_postgres(folder: Path) -> None:
             continue
         st = d.stat()
         if st.st_uid != uid and not st.st_mode & 0o001:
-            raise StackError(f"PostgreSQL runs as the postgres user (it refuses root), who cannot enter {d} (mode "
-                             f"{oct(st.st_mode & 0o777)}); make it traversable (chmod o+x {d}) or put the workspace "
-                             "under a folder others can enter")
+            raise StackError(
+                f"PostgreSQL runs as the postgres user (it refuses root), who cannot enter {d} (mode "
+                f"{oct(st.st_mode & 0o777)}); make it traversable (chmod o+x {d}) or put the workspace "
+                "under a folder others can enter"
+            )
 
 
 def _psql(port: int, host: str, password: str, sql: str, db: str = "postgres") -> str:
-    r = subprocess.run(["psql", "-h", host, "-p", str(port), "-U", DB_USER, "-d", db, "-tAc", sql],
-                       env={**os.environ, "PGPASSWORD": password}, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["psql", "-h", host, "-p", str(port), "-U", DB_USER, "-d", db, "-tAc", sql],
+        env={**os.environ, "PGPASSWORD": password},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if r.returncode != 0:
         raise StackError(f"psql on {host}:{port} failed: {r.stderr.strip()[:400]}")
     return r.stdout.strip()
@@ -83,9 +96,24 @@ def _start_postgres(root: Path, p, port: int, password: str, state: dict, log) -
             shutil.chown(data, "postgres")
             shutil.chown(pwfile, "postgres")
         try:
-            r = subprocess.run([*prefix, pg_program("initdb"), "-D", str(data), "-U", DB_USER, "-E", "UTF8",
-                                "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"],
-                               capture_output=True, text=True, timeout=300)
+            r = subprocess.run(
+                [
+                    *prefix,
+                    pg_program("initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    DB_USER,
+                    "-E",
+                    "UTF8",
+                    "--auth-local=scram-sha-256",
+                    "--auth-host=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
         finally:
             pwfile.unlink(missing_ok=True)
         if r.returncode != 0:
@@ -99,17 +127,43 @@ def _start_postgres(root: Path, p, port: int, password: str, state: dict, log) -
         log(f"PostgreSQL: already running (pid {pid})")
     else:
         if not _port_free(p.host, port):
-            raise StackError(f"port {port} on {p.host} is taken: PostgreSQL cannot listen there; set stack.postgres_port "
-                             "to a free port (or 0)")
-        r = subprocess.run([*prefix, pg_program("pg_ctl"), "-D", str(data), "-l", str(logf), "-w", "-t", "120",
-                            "-o", f"-c listen_addresses={p.host} -p {port} -k {sock}", "start"],
-                           capture_output=True, text=True, timeout=180, start_new_session=True)
+            raise StackError(
+                f"port {port} on {p.host} is taken: PostgreSQL cannot listen there; set stack.postgres_port "
+                "to a free port (or 0)"
+            )
+        r = subprocess.run(
+            [
+                *prefix,
+                pg_program("pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(logf),
+                "-w",
+                "-t",
+                "120",
+                "-o",
+                f"-c listen_addresses={p.host} -p {port} -k {sock}",
+                "start",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            start_new_session=True,
+        )
         if r.returncode != 0:
-            raise StackError(f"PostgreSQL did not start: {(r.stderr or r.stdout).strip()[-400:]}; its log {logf} says:\n"
-                             f"{_tail(logf)}")
+            raise StackError(
+                f"PostgreSQL did not start: {(r.stderr or r.stdout).strip()[-400:]}; its log {logf} says:\n"
+                f"{_tail(logf)}"
+            )
         pid = _postmaster_pid(data)
-    state["services"]["postgres"] = {"pid": pid, "port": port, "marker": "postgres", "log": str(logf),
-                                     "url": f"postgresql://{DB_USER}@{p.host}:{port}"}
+    state["services"]["postgres"] = {
+        "pid": pid,
+        "port": port,
+        "marker": "postgres",
+        "log": str(logf),
+        "url": f"postgresql://{DB_USER}@{p.host}:{port}",
+    }
     _save_state(root, state)
     for db in ("mlflow", "prefect"):
         if _psql(port, p.host, password, f"SELECT 1 FROM pg_database WHERE datname = '{db}'") != "1":

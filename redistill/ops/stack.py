@@ -57,23 +57,45 @@ LIMIT_NAME = "redistill-distill"  # tasks/concurrency.py's global concurrency li
 
 
 def _base_env(root: Path) -> dict:
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
-           "PREFECT_HOME": str(stack_dir(root) / "prefect-home")}
+    env = {
+        **os.environ,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "PREFECT_HOME": str(stack_dir(root) / "prefect-home"),
+    }
     for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
         env.pop(k, None)
     return env
 
 
-def _start_server(root: Path, state: dict, name: str, cmd: list[str], env: dict, health: str, marker: str,
-                  port: int, url: str, log, spawned: dict) -> None:
+def _start_server(
+    root: Path,
+    state: dict,
+    name: str,
+    cmd: list[str],
+    env: dict,
+    health: str,
+    marker: str,
+    port: int,
+    url: str,
+    log,
+    spawned: dict,
+) -> None:
     svc = state["services"].get(name)
     if svc and _alive(svc.get("pid"), svc.get("marker")) and _healthy(svc.get("health")):
         log(f"{name}: already running (pid {svc['pid']})")
         return
     logf = stack_dir(root) / "logs" / f"{name}.log"
     proc = spawned[name] = _spawn(cmd, logf, env, root)
-    state["services"][name] = {"pid": proc.pid, "port": port, "marker": marker, "log": str(logf), "health": health,
-                               "url": url}
+    state["services"][name] = {
+        "pid": proc.pid,
+        "port": port,
+        "marker": marker,
+        "log": str(logf),
+        "health": health,
+        "url": url,
+    }
     _save_state(root, state)
     _wait(health, proc, name, logf)
     log(f"{name}: {url} (pid {proc.pid})")
@@ -93,15 +115,24 @@ def client_env(state: dict) -> dict[str, str]:
 def _prefect_setup(p, env: dict, log) -> None:
     """The work pool (type process) and the global concurrency limit, on the server."""
     prefect = [sys.executable, "-m", "prefect"]
-    r = subprocess.run([*prefect, "work-pool", "inspect", p.work_pool], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*prefect, "work-pool", "inspect", p.work_pool], env=env, capture_output=True, text=True, timeout=120
+    )
     if r.returncode != 0:
-        r = subprocess.run([*prefect, "work-pool", "create", p.work_pool, "--type", "process"], env=env,
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [*prefect, "work-pool", "create", p.work_pool, "--type", "process"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if r.returncode != 0:
             raise StackError(f"prefect work-pool create {p.work_pool} failed: {(r.stderr or r.stdout).strip()[-400:]}")
-    code = ("from prefect.client.orchestration import get_client\n"
-            "with get_client(sync_client=True) as c:\n"
-            f"    c.upsert_global_concurrency_limit_by_name({LIMIT_NAME!r}, {int(p.concurrency_slots)})\n")
+    code = (
+        "from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        f"    c.upsert_global_concurrency_limit_by_name({LIMIT_NAME!r}, {int(p.concurrency_slots)})\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise StackError(f"the global concurrency limit {LIMIT_NAME} could not be set: {r.stderr.strip()[-400:]}")
@@ -114,9 +145,14 @@ def _dvc_remote(root: Path, p, state: dict, log) -> None:
         Path(url).mkdir(parents=True, exist_ok=True)
     state["dvc_remote"] = url
     if (root / ".dvc").is_dir():
-        r = subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "--local", "--default", "--force", "stack", url],
-                           cwd=str(root), env={**os.environ, "DVC_NO_ANALYTICS": "1"}, capture_output=True, text=True,
-                           timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "dvc", "remote", "add", "--local", "--default", "--force", "stack", url],
+            cwd=str(root),
+            env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if r.returncode != 0:
             raise StackError(f"dvc remote add failed: {(r.stderr or r.stdout).strip()[-400:]}")
         log(f"dvc: default remote `stack` = {url} (.dvc/config.local)")
@@ -150,16 +186,48 @@ def up(root: Path, p, log=print) -> dict:
         db = f"{DB_USER}:{password}@{p.host}:{ports['postgres']}"
         (sd / "mlartifacts").mkdir(exist_ok=True)
         mlflow_url = f"http://{p.host}:{ports['mlflow']}"
-        _start_server(root, state, "mlflow",
-                      [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"postgresql+psycopg2://{db}/mlflow",
-                       "--artifacts-destination", str(sd / "mlartifacts"), "--host", p.host,
-                       "--port", str(ports["mlflow"]), "--workers", "1"],
-                      env, f"{mlflow_url}/health", f"--port {ports['mlflow']}", ports["mlflow"], mlflow_url, log, spawned)
+        _start_server(
+            root,
+            state,
+            "mlflow",
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"postgresql+psycopg2://{db}/mlflow",
+                "--artifacts-destination",
+                str(sd / "mlartifacts"),
+                "--host",
+                p.host,
+                "--port",
+                str(ports["mlflow"]),
+                "--workers",
+                "1",
+            ],
+            env,
+            f"{mlflow_url}/health",
+            f"--port {ports['mlflow']}",
+            ports["mlflow"],
+            mlflow_url,
+            log,
+            spawned,
+        )
         prefect_url = f"http://{p.host}:{ports['prefect']}/api"
-        _start_server(root, state, "prefect",
-                      [sys.executable, "-m", "prefect", "server", "start", "--host", p.host, "--port", str(ports["prefect"])],
-                      {**env, "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{db}/prefect"},
-                      f"{prefect_url}/health", f"--port {ports['prefect']}", ports["prefect"], prefect_url, log, spawned)
+        _start_server(
+            root,
+            state,
+            "prefect",
+            [sys.executable, "-m", "prefect", "server", "start", "--host", p.host, "--port", str(ports["prefect"])],
+            {**env, "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{db}/prefect"},
+            f"{prefect_url}/health",
+            f"--port {ports['prefect']}",
+            ports["prefect"],
+            prefect_url,
+            log,
+            spawned,
+        )
         cenv = {**env, "PREFECT_API_URL": prefect_url, "MLFLOW_TRACKING_URI": mlflow_url}
         _prefect_setup(p, cenv, log)
         for i in range(1, p.workers + 1):
@@ -171,11 +239,33 @@ def up(root: Path, p, log=print) -> dict:
             logf = sd / "logs" / f"{name}.log"
             offset = logf.stat().st_size if logf.is_file() else 0  # the log is appended to: read this start's lines
             wname = f"redistill-{name}"
-            proc = spawned[name] = _spawn([sys.executable, "-m", "prefect", "worker", "start", "--pool", p.work_pool,
-                                           "--type", "process", "--name", wname, "--limit", str(p.runs_per_worker)],
-                                          logf, cenv, root)
-            state["services"][name] = {"pid": proc.pid, "marker": wname, "log": str(logf), "worker_name": wname,
-                                       "log_offset": offset}
+            proc = spawned[name] = _spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "worker",
+                    "start",
+                    "--pool",
+                    p.work_pool,
+                    "--type",
+                    "process",
+                    "--name",
+                    wname,
+                    "--limit",
+                    str(p.runs_per_worker),
+                ],
+                logf,
+                cenv,
+                root,
+            )
+            state["services"][name] = {
+                "pid": proc.pid,
+                "marker": wname,
+                "log": str(logf),
+                "worker_name": wname,
+                "log_offset": offset,
+            }
             _save_state(root, state)
         _wait_workers(state, {k: v for k, v in spawned.items() if k.startswith("worker-")}, p, log)
         _dvc_remote(root, p, state, log)
@@ -222,8 +312,10 @@ def _wait_workers(state: dict, spawned: dict, p, log, seconds: float = START_TIM
         for k in list(waiting):
             v = workers[k]
             if spawned[k].poll() is not None:
-                raise StackError(f"{k} exited with {spawned[k].returncode} while starting; its log {v['log']} says:\n"
-                                 f"{_tail(Path(v['log']))}")
+                raise StackError(
+                    f"{k} exited with {spawned[k].returncode} while starting; its log {v['log']} says:\n"
+                    f"{_tail(Path(v['log']))}"
+                )
             try:
                 with open(v["log"], "rb") as f:
                     f.seek(v.get("log_offset", 0))
@@ -235,8 +327,10 @@ def _wait_workers(state: dict, spawned: dict, p, log, seconds: float = START_TIM
                 log(f"{k}: polling work pool {p.work_pool} (pid {v['pid']})")
         time.sleep(0.5)
     if waiting:
-        raise StackError(f"{', '.join(sorted(waiting))} did not start polling within {seconds:.0f} s; see "
-                         + ", ".join(workers[k]["log"] for k in sorted(waiting)))
+        raise StackError(
+            f"{', '.join(sorted(waiting))} did not start polling within {seconds:.0f} s; see "
+            + ", ".join(workers[k]["log"] for k in sorted(waiting))
+        )
 
 
 def down(root: Path, only: set[str] | None = None, log=print) -> dict:
@@ -257,8 +351,12 @@ def down(root: Path, only: set[str] | None = None, log=print) -> dict:
         data = stack_dir(root) / "postgres"
         pid = _postmaster_pid(data)
         if pid and _alive(pid, "postgres"):
-            r = subprocess.run([*_as_postgres(), pg_program("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60",
-                                "stop"], capture_output=True, text=True, timeout=120)
+            r = subprocess.run(
+                [*_as_postgres(), pg_program("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             if r.returncode != 0 and _alive(pid, "postgres"):
                 stop_group(pid, "postgres")
             log(f"postgres: stopped (pid {pid})")
@@ -277,9 +375,14 @@ def status(root: Path) -> dict:
     for name, svc in state.get("services", {}).items():
         pid = _postmaster_pid(stack_dir(root) / "postgres") if name == "postgres" else svc.get("pid")
         running = _alive(pid, svc.get("marker"))
-        out["services"][name] = {"running": running, "pid": pid if running else None, "port": svc.get("port"),
-                                 "url": svc.get("url"), "log": svc.get("log"),
-                                 **({"healthy": _healthy(svc.get("health"))} if svc.get("health") else {})}
+        out["services"][name] = {
+            "running": running,
+            "pid": pid if running else None,
+            "port": svc.get("port"),
+            "url": svc.get("url"),
+            "log": svc.get("log"),
+            **({"healthy": _healthy(svc.get("health"))} if svc.get("health") else {}),
+        }
     s = out["services"]
     out["up"] = bool(s) and all(v["running"] for v in s.values()) and all(v.get("healthy", True) for v in s.values())
     out["env"] = client_env(state) if out["up"] else {}

@@ -17,8 +17,20 @@ from redistill.core.failpoints import failpoint
 PREFIX = "redistill."
 CHAMPION, PREVIOUS = "champion", "previous"
 REQUIRED_TAGS = (
-    "key", "teacher_sha256", "teacher_uri", "data_md5", "data_uri", "params_sha256", "git_commit",
-    "trigger", "method", "num_inference_steps", "prefect_flow_run_id", "gate", "gate_reasons", "init",
+    "key",
+    "teacher_sha256",
+    "teacher_uri",
+    "data_md5",
+    "data_uri",
+    "params_sha256",
+    "git_commit",
+    "trigger",
+    "method",
+    "num_inference_steps",
+    "prefect_flow_run_id",
+    "gate",
+    "gate_reasons",
+    "init",
 )
 
 
@@ -127,8 +139,9 @@ def find_by_key(c, name: str, key: str) -> list:
     return sorted(found, key=lambda v: int(v.version), reverse=True)
 
 
-def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[str, str], promote: bool,
-                     model_id: str | None = None) -> Registered:
+def register_student(
+    c, name: str, run_id: str, artifact_path: str, tags: dict[str, str], promote: bool, model_id: str | None = None
+) -> Registered:
     """Register the student logged at `runs:/<run_id>/<artifact_path>`, or the logged model `model_id` (the version
     is then created from it: source `models:/<model_id>`, as `mlflow.register_model` does), with its tags; promote if
     asked.
@@ -159,13 +172,19 @@ def register_student(c, name: str, run_id: str, artifact_path: str, tags: dict[s
         from redistill.registry.mlflow_lineage import default_store
 
         with default_store(c):  # MLflow's SQL registry looks the logged model up with a default client
-            mv = c.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
-                                        tags={PREFIX + k: str(v) for k, v in tags.items()})
+            mv = c.create_model_version(
+                name,
+                source=f"models:/{model_id}",
+                run_id=run_id,
+                model_id=model_id,
+                tags={PREFIX + k: str(v) for k, v in tags.items()},
+            )
         link_versions(c, model_id, name, str(mv.version))
     else:
         source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
-        mv = c.create_model_version(name, source=source, run_id=run_id,
-                                    tags={PREFIX + k: str(v) for k, v in tags.items()})
+        mv = c.create_model_version(
+            name, source=source, run_id=run_id, tags={PREFIX + k: str(v) for k, v in tags.items()}
+        )
     failpoint("version-created")
     if not promote:
         return Registered(str(mv.version), False, None)
@@ -180,7 +199,9 @@ def link_versions(c, model_id: str, name: str, version: str) -> None:
 
     known = json.loads(c.get_logged_model(model_id).tags.get("mlflow.modelVersions") or "[]")
     if {"name": name, "version": version} not in known:
-        c.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(known + [{"name": name, "version": version}])})
+        c.set_logged_model_tags(
+            model_id, {"mlflow.modelVersions": json.dumps(known + [{"name": name, "version": version}])}
+        )
 
 
 def _promote(c, name: str, version: str) -> str | None:
@@ -225,8 +246,11 @@ def close_orphan_runs(c, experiment_ids: list[str], key: str, note: str) -> list
         if tags.get(PREFIX + "host") != socket.gethostname() or pid_alive(int(tags.get(PREFIX + "pid", "0") or 0)):
             continue
         c.set_tag(run.info.run_id, PREFIX + "failed_stage", "killed")
-        c.set_tag(run.info.run_id, PREFIX + "failure",
-                  f"the process running this cycle (pid {tags.get(PREFIX + 'pid')}) died before it finished; {note}")
+        c.set_tag(
+            run.info.run_id,
+            PREFIX + "failure",
+            f"the process running this cycle (pid {tags.get(PREFIX + 'pid')}) died before it finished; {note}",
+        )
         c.set_terminated(run.info.run_id, status="KILLED")
         closed.append(run.info.run_id)
     return closed
@@ -279,10 +303,17 @@ def rollback(c, name: str, to: str | None, who: str, why: str) -> dict:
         raise RegistryError(f"version {target.version} is already the champion of {name}")
     if target.tags.get(PREFIX + "gate") != "passed":
         reasons = target.tags.get(PREFIX + "gate_reasons", "")[:300]
-        raise RegistryError(f"version {target.version} did not pass its gate ({target.tags.get(PREFIX + 'gate')}: "
-                            f"{reasons}); only a version that passed may become champion")
-    record = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": who, "reason": why,
-              "from": str(current.version), "to": str(target.version)}
+        raise RegistryError(
+            f"version {target.version} did not pass its gate ({target.tags.get(PREFIX + 'gate')}: "
+            f"{reasons}); only a version that passed may become champion"
+        )
+    record = {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "by": who,
+        "reason": why,
+        "from": str(current.version),
+        "to": str(target.version),
+    }
     c.set_registered_model_alias(name, PREVIOUS, current.version)
     c.set_registered_model_alias(name, CHAMPION, target.version)
     c.set_model_version_tag(name, target.version, PREFIX + "rollback", json.dumps(record))

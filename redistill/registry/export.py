@@ -34,7 +34,12 @@ def export_version(c, name: str, mv, out: Path, root: Path) -> dict:
             shutil.copytree(local, out)
     write_model_card(c, name, mv, out, root)  # README.md: how to load it, its lineage and its gate's figures
     own_code = isinstance(json.loads((out / "model_index.json").read_text()).get("_class_name"), list)
-    sampling = (json.loads((out / "redistill_sampling.json").read_text())
-                if (out / "redistill_sampling.json").is_file() else {})
-    return {"steps": mv.tags.get("redistill.num_inference_steps"), "own_code": own_code, "adapter": adapter,
-            "sampling": sampling}
+    sampling = (
+        json.loads((out / "redistill_sampling.json").read_text()) if (out / "redistill_sampling.json").is_file() else {}
+    )
+    return {
+        "steps": mv.tags.get("redistill.num_inference_steps"),
+        "own_code": own_code,
+        "adapter": adapter,
+        "sampling": sampling,
+    }

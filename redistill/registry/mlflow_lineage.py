@@ -53,8 +53,13 @@ def dataset(root: Path, folder: Path, md5: str, context: str, num_images: int | 
     source = {"dvc_path": path, **({"dvc_remote": remote} if remote else {}), "md5": md5}
     profile = {"num_images": num_images} if num_images is not None else {}
     # name: the path and the context, so the same folder used for training and for evaluation is two inputs
-    return Dataset(name=f"{path} ({context})", digest=md5[:36], source_type="dvc", source=json.dumps(source),
-                   profile=json.dumps(profile) if profile else None), context
+    return Dataset(
+        name=f"{path} ({context})",
+        digest=md5[:36],
+        source_type="dvc",
+        source=json.dumps(source),
+        profile=json.dumps(profile) if profile else None,
+    ), context
 
 
 def log_datasets(c, run_id: str, datasets: list) -> None:
@@ -62,7 +67,9 @@ def log_datasets(c, run_id: str, datasets: list) -> None:
     from mlflow.entities import DatasetInput, InputTag
 
     have = {(d.dataset.name, d.dataset.digest) for d in (c.get_run(run_id).inputs.dataset_inputs or [])}
-    new = [DatasetInput(ds, tags=[InputTag(CONTEXT_TAG, ctx)]) for ds, ctx in datasets if (ds.name, ds.digest) not in have]
+    new = [
+        DatasetInput(ds, tags=[InputTag(CONTEXT_TAG, ctx)]) for ds, ctx in datasets if (ds.name, ds.digest) not in have
+    ]
     if new:
         c.log_inputs(run_id, datasets=new)
 
@@ -73,9 +80,13 @@ def teacher_model(c, experiment_id: str, name: str, uri: str, sha256: str) -> st
     found = c.search_logged_models([experiment_id], filter_string=f"tags.`{SHA_TAG}` = '{sha256}'", max_results=1)
     if len(found):
         return found[0].model_id
-    m = c.create_logged_model(experiment_id, name=f"teacher-{name}"[:250], model_type="teacher",
-                              tags={TEACHER_ROLE: "teacher", SHA_TAG: sha256, "redistill.teacher_uri": uri},
-                              params={"teacher_sha256": sha256, "teacher_uri": uri})
+    m = c.create_logged_model(
+        experiment_id,
+        name=f"teacher-{name}"[:250],
+        model_type="teacher",
+        tags={TEACHER_ROLE: "teacher", SHA_TAG: sha256, "redistill.teacher_uri": uri},
+        params={"teacher_sha256": sha256, "teacher_uri": uri},
+    )
     c.finalize_logged_model(m.model_id, "READY")
     return m.model_id
 
@@ -107,8 +118,13 @@ def log_student_model(c, run_id: str, student: Path, tags: dict[str, str], card:
     for m in c.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}' AND name = 'student'"):
         if str(m.status) in ("READY", "LoggedModelStatus.READY"):
             return m.model_id
-    m = c.create_logged_model(exp, name="student", source_run_id=run_id, model_type="diffusion-student",
-                              tags={k: str(v) for k, v in tags.items()})
+    m = c.create_logged_model(
+        exp,
+        name="student",
+        source_run_id=run_id,
+        model_type="diffusion-student",
+        tags={k: str(v) for k, v in tags.items()},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         save_pyfunc(Path(student), Path(tmp) / "model", card=card)
         c.log_model_artifacts(m.model_id, str(Path(tmp) / "model"))
@@ -138,13 +154,22 @@ def ui_base(tracking_uri: str) -> str | None:
     return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else None
 
 
-def ui_links(base: str | None, experiment_id: str, run_id: str, name: str, version: str,
-             model_id: str | None = None, teacher_model_id: str | None = None) -> dict:
+def ui_links(
+    base: str | None,
+    experiment_id: str,
+    run_id: str,
+    name: str,
+    version: str,
+    model_id: str | None = None,
+    teacher_model_id: str | None = None,
+) -> dict:
     """Where each record is in the MLflow UI (fragments after the UI's address when there is no server)."""
     b = base or ""
-    links = {"version": f"{b}/#/models/{name}/versions/{version}",
-             "run": f"{b}/#/experiments/{experiment_id}/runs/{run_id}",
-             "datasets": f"{b}/#/experiments/{experiment_id}/runs/{run_id}"}
+    links = {
+        "version": f"{b}/#/models/{name}/versions/{version}",
+        "run": f"{b}/#/experiments/{experiment_id}/runs/{run_id}",
+        "datasets": f"{b}/#/experiments/{experiment_id}/runs/{run_id}",
+    }
     if model_id:
         links["logged_model"] = f"{b}/#/experiments/{experiment_id}/models/{model_id}"
     if teacher_model_id:
@@ -152,34 +177,64 @@ def ui_links(base: str | None, experiment_id: str, run_id: str, name: str, versi
     return links
 
 
-def version_description(*, name: str, version: str, teacher_uri: str, teacher_sha256: str, datasets: list[dict],
-                        params_sha256: str, git_commit: str, trigger: str, trigger_detail: dict | None,
-                        method: str, steps: str, checks: list[dict], verdict: str, replaced: str | None,
-                        champion_before: str | None, run_id: str, flow_run_url: str | None) -> str:
+def version_description(
+    *,
+    name: str,
+    version: str,
+    teacher_uri: str,
+    teacher_sha256: str,
+    datasets: list[dict],
+    params_sha256: str,
+    git_commit: str,
+    trigger: str,
+    trigger_detail: dict | None,
+    method: str,
+    steps: str,
+    checks: list[dict],
+    verdict: str,
+    replaced: str | None,
+    champion_before: str | None,
+    run_id: str,
+    flow_run_url: str | None,
+) -> str:
     """The registered version's description: a short markdown lineage summary."""
-    lines = [f"**{name} v{version}**: {method} student at {steps} steps, gate **{verdict}**"
-             + (f"; replaced champion v{replaced}" if replaced else
-                f"; champion stays v{champion_before}" if champion_before and verdict != "passed" else ""),
-             "",
-             "| lineage | |", "|---|---|",
-             f"| teacher | `{teacher_uri}` (sha256 `{teacher_sha256[:16]}…`) |",
-             *[f"| data ({d['context']}) | `{d['path']}` (DVC md5 `{d['md5']}`) |" for d in datasets],
-             f"| settings | sha256 `{params_sha256[:16]}…` |",
-             f"| code | git `{git_commit[:12]}`{' (dirty tree)' if git_commit.endswith('-dirty') else ''} |",
-             f"| trigger | {trigger}{_trigger_note(trigger_detail)} |",
-             f"| source run | `{run_id}` |",
-             *([f"| Prefect flow run | {flow_run_url} |"] if flow_run_url else []),
-             "",
-             *gate_table(checks)]
+    lines = [
+        f"**{name} v{version}**: {method} student at {steps} steps, gate **{verdict}**"
+        + (
+            f"; replaced champion v{replaced}"
+            if replaced
+            else f"; champion stays v{champion_before}"
+            if champion_before and verdict != "passed"
+            else ""
+        ),
+        "",
+        "| lineage | |",
+        "|---|---|",
+        f"| teacher | `{teacher_uri}` (sha256 `{teacher_sha256[:16]}…`) |",
+        *[f"| data ({d['context']}) | `{d['path']}` (DVC md5 `{d['md5']}`) |" for d in datasets],
+        f"| settings | sha256 `{params_sha256[:16]}…` |",
+        f"| code | git `{git_commit[:12]}`{' (dirty tree)' if git_commit.endswith('-dirty') else ''} |",
+        f"| trigger | {trigger}{_trigger_note(trigger_detail)} |",
+        f"| source run | `{run_id}` |",
+        *([f"| Prefect flow run | {flow_run_url} |"] if flow_run_url else []),
+        "",
+        *gate_table(checks),
+    ]
     return "\n".join(lines)[:5000]
 
 
 def gate_table(checks: list[dict]) -> list[str]:
     """The gate's checks as markdown table lines: name, value, bound, verdict (the version description, the model
     card)."""
-    return ["| gate check | value | bound | |", "|---|---|---|---|",
-            *[f"| {ch.get('name')} | {_fmt(ch.get('value'))} | {ch.get('op', '')} {_fmt(ch.get('bound'))} | "
-              f"{'pass' if ch.get('passed') else 'FAIL'} |" for ch in checks]]
+    return [
+        "| gate check | value | bound | |",
+        "|---|---|---|---|",
+        *[
+            f"| {ch.get('name')} | {_fmt(ch.get('value'))} | {ch.get('op', '')} {_fmt(ch.get('bound'))} | "
+            f"{'pass' if ch.get('passed') else 'FAIL'} |"
+            for ch in checks
+        ],
+    ]
 
 
 def _trigger_note(detail: dict | None) -> str:
@@ -201,14 +256,21 @@ def mlflow_records(c, mv) -> dict:
     run = c.get_run(mv.run_id)
     inputs = run.inputs
     datasets = []
-    for d in (inputs.dataset_inputs or []):
+    for d in inputs.dataset_inputs or []:
         ctx = next((t.value for t in d.tags if t.key == CONTEXT_TAG), None)
         try:
             source = json.loads(d.dataset.source)
         except (TypeError, json.JSONDecodeError):
             source = d.dataset.source
-        datasets.append({"name": d.dataset.name, "digest": d.dataset.digest, "context": ctx,
-                         "source_type": d.dataset.source_type, "source": source})
+        datasets.append(
+            {
+                "name": d.dataset.name,
+                "digest": d.dataset.digest,
+                "context": ctx,
+                "source_type": d.dataset.source_type,
+                "source": source,
+            }
+        )
     model_inputs = [m.model_id for m in (getattr(inputs, "model_inputs", None) or [])]
     teacher = None
     for mid in model_inputs:
@@ -218,11 +280,17 @@ def mlflow_records(c, mv) -> dict:
             continue
         if lm.tags.get(TEACHER_ROLE) == "teacher":
             teacher = {"model_id": mid, "name": lm.name, "sha256": lm.tags.get(SHA_TAG)}
-    model_id = getattr(mv, "model_id", None) or (mv.source[len("models:/"):] if (mv.source or "").startswith("models:/m-")
-                                                  else None)
+    model_id = getattr(mv, "model_id", None) or (
+        mv.source[len("models:/") :] if (mv.source or "").startswith("models:/m-") else None
+    )
     if model_id is None:  # older versions: the run's own output model, if it has one
         outputs = getattr(run, "outputs", None)
         model_id = next((m.model_id for m in (getattr(outputs, "model_outputs", None) or [])), None)
-    return {"experiment_id": run.info.experiment_id, "datasets": datasets, "teacher_model": teacher,
-            "logged_model_id": model_id, "description": mv.description or None,
-            "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
+    return {
+        "experiment_id": run.info.experiment_id,
+        "datasets": datasets,
+        "teacher_model": teacher,
+        "logged_model_id": model_id,
+        "description": mv.description or None,
+        "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+    }

@@ -48,8 +48,10 @@ def model_name(c, default: str, model: str | None) -> str:
             raise
     names = registered_names(c)
     have = f"registered models: {', '.join(names)}" if names else "no model is registered yet"
-    raise UnknownModel(f"no registered model named {model!r} ({have}); pass one of them to --model, or leave --model "
-                       f"out for registry.student_name ({default!r})")
+    raise UnknownModel(
+        f"no registered model named {model!r} ({have}); pass one of them to --model, or leave --model "
+        f"out for registry.student_name ({default!r})"
+    )
 
 
 def version_metrics(c, run_id: str) -> dict | None:
@@ -67,11 +69,20 @@ def versions(c, name: str) -> list[dict]:
     out = []
     for mv in sorted(c.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version)):
         tag = {k: mv.tags.get(PREFIX + k, "?") for k in ("gate", "trigger", "init", "teacher_uri", "gate_reasons")}
-        out.append({"version": str(mv.version), "gate": tag["gate"], "trigger": tag["trigger"], "init": tag["init"],
-                    "teacher": Path(tag["teacher_uri"]).name, "reasons": tag["gate_reasons"], "run_id": mv.run_id,
-                    "champion": champ is not None and str(champ.version) == str(mv.version),
-                    "previous": prev is not None and str(prev.version) == str(mv.version),
-                    "metrics": version_metrics(c, mv.run_id)})
+        out.append(
+            {
+                "version": str(mv.version),
+                "gate": tag["gate"],
+                "trigger": tag["trigger"],
+                "init": tag["init"],
+                "teacher": Path(tag["teacher_uri"]).name,
+                "reasons": tag["gate_reasons"],
+                "run_id": mv.run_id,
+                "champion": champ is not None and str(champ.version) == str(mv.version),
+                "previous": prev is not None and str(prev.version) == str(mv.version),
+                "metrics": version_metrics(c, mv.run_id),
+            }
+        )
     return out
 
 
@@ -84,13 +95,23 @@ def last_decisions(c, name: str, n: int = 10) -> dict:
     except Exception:  # no registry yet
         found = []
     champ, prev = alias(c, name, CHAMPION), alias(c, name, PREVIOUS)
-    rows = [{
-        "version": str(v.version), "gate": v.tags.get(PREFIX + "gate"), "trigger": v.tags.get(PREFIX + "trigger"),
-        "method": v.tags.get(PREFIX + "method"), "steps": v.tags.get(PREFIX + "num_inference_steps"),
-        "created": v.creation_timestamp, "key": v.tags.get(PREFIX + "key"),
-    } for v in sorted(found, key=lambda v: int(v.version), reverse=True)[:n]]
-    return {"champion": str(champ.version) if champ else None, "previous": str(prev.version) if prev else None,
-            "rows": rows}
+    rows = [
+        {
+            "version": str(v.version),
+            "gate": v.tags.get(PREFIX + "gate"),
+            "trigger": v.tags.get(PREFIX + "trigger"),
+            "method": v.tags.get(PREFIX + "method"),
+            "steps": v.tags.get(PREFIX + "num_inference_steps"),
+            "created": v.creation_timestamp,
+            "key": v.tags.get(PREFIX + "key"),
+        }
+        for v in sorted(found, key=lambda v: int(v.version), reverse=True)[:n]
+    ]
+    return {
+        "champion": str(champ.version) if champ else None,
+        "previous": str(prev.version) if prev else None,
+        "rows": rows,
+    }
 
 
 def experiment_id(c, name: str, root: Path) -> str:
@@ -106,7 +127,10 @@ def experiment_id(c, name: str, root: Path) -> str:
 def record_rollback(c, experiment: str, root: Path, record: dict) -> str:
     """Record a rollback (`record`, from registry.client.rollback, with its model) as a finished MLflow run in
     `experiment`; returns the run id."""
-    run = c.create_run(experiment_id(c, experiment, root), run_name=f"rollback-v{record['from']}-to-v{record['to']}",
-                       tags={"redistill.kind": "rollback", **{f"redistill.rollback.{k}": v for k, v in record.items()}})
+    run = c.create_run(
+        experiment_id(c, experiment, root),
+        run_name=f"rollback-v{record['from']}-to-v{record['to']}",
+        tags={"redistill.kind": "rollback", **{f"redistill.rollback.{k}": v for k, v in record.items()}},
+    )
     c.set_terminated(run.info.run_id)
     return run.info.run_id

@@ -77,12 +77,13 @@ class StudentModel:
                 rows += [{**row, "prompt": label} for row in _png_rows(images, seed)]
                 continue
             if self.model.conditional:
-                labels = (torch.full((n,), label, dtype=torch.long) if label is not None
-                          else self.model.conditions(n, g))
+                labels = torch.full((n,), label, dtype=torch.long) if label is not None else self.model.conditions(n, g)
             with torch.no_grad():
                 images = self.model.sample(n, steps, g, labels, guidance).permute(0, 2, 3, 1).cpu().numpy()
-            rows += [{**row, **({"class_label": int(labels[i])} if labels is not None else {})}
-                     for i, row in enumerate(_png_rows(images, seed))]
+            rows += [
+                {**row, **({"class_label": int(labels[i])} if labels is not None else {})}
+                for i, row in enumerate(_png_rows(images, seed))
+            ]
         columns = ["seed", "index", "height", "width", "image_png_base64"]
         extra = ["prompt"] if text else ["class_label"] if self.model.conditional else []
         return pd.DataFrame(rows, columns=columns + extra)
@@ -99,8 +100,15 @@ def _png_rows(images, seed: int) -> list[dict]:
         arr = arr[..., 0] if arr.shape[-1] == 1 else arr
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="PNG")
-        rows.append({"seed": seed, "index": i, "height": int(arr.shape[0]), "width": int(arr.shape[1]),
-                     "image_png_base64": base64.b64encode(buf.getvalue()).decode()})
+        rows.append(
+            {
+                "seed": seed,
+                "index": i,
+                "height": int(arr.shape[0]),
+                "width": int(arr.shape[1]),
+                "image_png_base64": base64.b64encode(buf.getvalue()).decode(),
+            }
+        )
     return rows
 
 
@@ -128,8 +136,11 @@ def _check_row(r, default_steps: int, max_steps: int) -> tuple[int, int, int]:
     seed = _whole(r["seed"], "seed", 0, 2**63 - 1)
     n = _whole(r["num_images"], "num_images", 1, MAX_IMAGES)
     steps = r.get("num_inference_steps")
-    steps = default_steps if steps is None or (not isinstance(steps, str) and pd.isna(steps)) else \
-        _whole(steps, "num_inference_steps", 1, max_steps)
+    steps = (
+        default_steps
+        if steps is None or (not isinstance(steps, str) and pd.isna(steps))
+        else _whole(steps, "num_inference_steps", 1, max_steps)
+    )
     return seed, n, steps
 
 
@@ -166,7 +177,9 @@ def _check_condition(r, model) -> tuple[int | str | None, float | None]:
     if given("guidance_scale"):
         guidance = _guidance(r)
         if guidance != 1.0 and model.null_class is None:
-            raise ValueError("this student has no null class, so it cannot be guided further; leave guidance_scale at 1")
+            raise ValueError(
+                "this student has no null class, so it cannot be guided further; leave guidance_scale at 1"
+            )
     return label, guidance
 
 
@@ -191,8 +204,15 @@ def _load_pyfunc(data_path: str) -> StudentModel:
 # What `_load_pyfunc` -> StudentModel imports at load and predict time, and what that imports in turn (teacher.py:
 # files.py, lora.py; lora.py: config.py at its top; models/: prediction.py), shipped with the model as
 # `code/redistill/`. tests/test_serving.py checks that every `redistill` import in these files names one of them.
-SHIPPED_CODE = ("__init__.py", "registry/__init__.py", "registry/serving.py", "core/__init__.py", "core/files.py", "config",
-                "models")
+SHIPPED_CODE = (
+    "__init__.py",
+    "registry/__init__.py",
+    "registry/serving.py",
+    "core/__init__.py",
+    "core/files.py",
+    "config",
+    "models",
+)
 # the distributions that code imports (config/: yaml and pydantic), pinned to the versions installed here
 PINNED = ("torch", "diffusers", "safetensors", "pillow", "numpy", "pandas", "pyyaml", "pydantic")
 
@@ -221,8 +241,11 @@ def requirements(student: Path) -> list[str]:
         index = folder / "model_index.json"
         libs = set()
         if index.is_file():
-            libs = {v[0] for k, v in json.loads(index.read_text()).items()
-                    if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0]}
+            libs = {
+                v[0]
+                for k, v in json.loads(index.read_text()).items()
+                if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0]
+            }
         if "transformers" in libs:
             extra.append("transformers")
     return [pinned(d) for d in dict.fromkeys([*PINNED, *extra])]
@@ -256,17 +279,32 @@ def save_pyfunc(student: Path, out: Path, card: str | None = None) -> Path:
     from mlflow.types import ColSpec, Schema
 
     signature = ModelSignature(
-        inputs=Schema([ColSpec("long", "seed"), ColSpec("long", "num_images"),
-                       ColSpec("long", "num_inference_steps", required=False),
-                       ColSpec("long", "class_label", required=False),  # conditional students only
-                       ColSpec("double", "guidance_scale", required=False),
-                       ColSpec("string", "prompt", required=False)]),  # text-to-image students only
-        outputs=Schema([ColSpec("long", "seed"), ColSpec("long", "index"), ColSpec("long", "height"),
-                        ColSpec("long", "width"), ColSpec("string", "image_png_base64")]),
+        inputs=Schema(
+            [
+                ColSpec("long", "seed"),
+                ColSpec("long", "num_images"),
+                ColSpec("long", "num_inference_steps", required=False),
+                ColSpec("long", "class_label", required=False),  # conditional students only
+                ColSpec("double", "guidance_scale", required=False),
+                ColSpec("string", "prompt", required=False),
+            ]
+        ),  # text-to-image students only
+        outputs=Schema(
+            [
+                ColSpec("long", "seed"),
+                ColSpec("long", "index"),
+                ColSpec("long", "height"),
+                ColSpec("long", "width"),
+                ColSpec("string", "image_png_base64"),
+            ]
+        ),
     )
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.pyfunc.save_model(
-            path=str(out), loader_module="redistill.registry.serving", data_path=str(student), signature=signature,
+            path=str(out),
+            loader_module="redistill.registry.serving",
+            data_path=str(student),
+            signature=signature,
             input_example=pd.DataFrame([{"seed": 0, "num_images": 2}]),
             code_paths=[str(stage_code(Path(tmp)))],  # -> out/code/redistill/, first on sys.path at load
             pip_requirements=requirements(Path(student)),

@@ -75,9 +75,17 @@ def _recipe_hash(p: T2ITeacherParams, images: np.ndarray, captions: list[str]) -
 # ---------------------------------------------------------------------------------------------------
 
 
-def train_t2i_teacher(p: T2ITeacherParams, images: np.ndarray, captions: list[str], out: Path, ckpt_dir: Path,
-                      classifier=None, confidence: float = 0.9, log: Callable[[str], None] = print,
-                      keep_checkpoints: int = 2) -> dict:
+def train_t2i_teacher(
+    p: T2ITeacherParams,
+    images: np.ndarray,
+    captions: list[str],
+    out: Path,
+    ckpt_dir: Path,
+    classifier=None,
+    confidence: float = 0.9,
+    log: Callable[[str], None] = print,
+    keep_checkpoints: int = 2,
+) -> dict:
     """Train the text-to-image teacher on `images` (float (N, C, H, W) in [0, 1]) with one caption each, and save it
     as a StableDiffusionPipeline folder at `out` (which must not exist: a teacher is never overwritten).
 
@@ -94,8 +102,10 @@ def train_t2i_teacher(p: T2ITeacherParams, images: np.ndarray, captions: list[st
     if len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions for {len(images)} images; the teacher needs one caption per image")
     if tuple(images.shape[2:]) != (p.image_size, p.image_size):
-        raise ValueError(f"the images are {images.shape[2]}×{images.shape[3]} but t2i_teacher.image_size is "
-                         f"{p.image_size}; write the data at that size (redistill.t2i_data.prepare_t2i) or change it")
+        raise ValueError(
+            f"the images are {images.shape[2]}×{images.shape[3]} but t2i_teacher.image_size is "
+            f"{p.image_size}; write the data at that size (redistill.t2i_data.prepare_t2i) or change it"
+        )
     torch.manual_seed(p.seed)
     recipe = _recipe_hash(p, images, captions)
     x_all = torch.from_numpy(images).float() * 2.0 - 1.0  # the VAE's range, as StableDiffusionPipeline feeds it
@@ -127,10 +137,19 @@ def train_t2i_teacher(p: T2ITeacherParams, images: np.ndarray, captions: list[st
 
     def snapshot(phase: str, step: int, weights: dict, opt_state: dict, extra: dict | None = None) -> None:
         order = step if phase == "vae" else p.vae_steps + step
-        checkpoint.save(ckpt_dir / f"checkpoint-{order}", {k: m.state_dict() for k, m in weights.items()},
-                        {**opt_state, "generator": gen.get_state()},
-                        {"phase": phase, "step": step, "order": order, "recipe": recipe,
-                         "elapsed_s": time.perf_counter() - t_start, **(extra or {})})
+        checkpoint.save(
+            ckpt_dir / f"checkpoint-{order}",
+            {k: m.state_dict() for k, m in weights.items()},
+            {**opt_state, "generator": gen.get_state()},
+            {
+                "phase": phase,
+                "step": step,
+                "order": order,
+                "recipe": recipe,
+                "elapsed_s": time.perf_counter() - t_start,
+                **(extra or {}),
+            },
+        )
         checkpoint.prune(ckpt_dir, keep_checkpoints)
 
     # 3. The VAE, alone: reconstruction + a small KL, from posterior samples.
@@ -148,10 +167,14 @@ def train_t2i_teacher(p: T2ITeacherParams, images: np.ndarray, captions: list[st
         step += 1
         l1s.append(l1.item())
         if step % 100 == 0 or step == p.vae_steps:
-            log(f"vae step {step}/{p.vae_steps} l1 {np.mean(l1s[-100:]) / 2:.4f} (pixels in [0, 1]) "
-                f"{time.perf_counter() - t_start:.0f}s")
+            log(
+                f"vae step {step}/{p.vae_steps} l1 {np.mean(l1s[-100:]) / 2:.4f} (pixels in [0, 1]) "
+                f"{time.perf_counter() - t_start:.0f}s"
+            )
         if step % p.checkpoint_every == 0 or step == p.vae_steps:
-            snapshot("vae", step, {"vae": vae}, {"optimizer": vae_opt.state_dict(), "lr_scheduler": vae_sched.state_dict()})
+            snapshot(
+                "vae", step, {"vae": vae}, {"optimizer": vae_opt.state_dict(), "lr_scheduler": vae_sched.state_dict()}
+            )
     vae.eval().requires_grad_(False)
 
     # 3b. The latents of every image (the posterior means, as the adapter encodes) and their scaling factor.
@@ -189,8 +212,11 @@ def train_t2i_teacher(p: T2ITeacherParams, images: np.ndarray, captions: list[st
         idx = torch.randint(0, len(latents), (p.batch_size,), generator=gen)
         z0 = latents[idx]
         ids = drop_captions(ids_all[idx], empty_ids, p.caption_dropout, gen)
-        cond = (text_encoder(ids)[0] if p.train_text_encoder
-                else torch.stack([frozen_states[tuple(r)] for r in ids.tolist()]))
+        cond = (
+            text_encoder(ids)[0]
+            if p.train_text_encoder
+            else torch.stack([frozen_states[tuple(r)] for r in ids.tolist()])
+        )
         # 4b. Noised to a uniformly drawn timestep (Ho et al. Alg. 1); ε-loss, Min-SNR-γ weighted.
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, p.num_train_timesteps, (p.batch_size,), generator=gen)
@@ -205,21 +231,34 @@ def train_t2i_teacher(p: T2ITeacherParams, images: np.ndarray, captions: list[st
         losses.append(loss.item())
         if step % 100 == 0 or step == p.train_steps:
             rate = (time.perf_counter() - unet_start) / max(1, len(losses))
-            log(f"unet step {step}/{p.train_steps} loss {np.mean(losses[-100:]):.4f} lr {lr_sched.get_last_lr()[0]:.2e} "
-                f"{1000 * rate:.0f} ms/step {time.perf_counter() - t_start:.0f}s")
+            log(
+                f"unet step {step}/{p.train_steps} loss {np.mean(losses[-100:]):.4f} lr {lr_sched.get_last_lr()[0]:.2e} "
+                f"{1000 * rate:.0f} ms/step {time.perf_counter() - t_start:.0f}s"
+            )
         # 4d. Snapshot: resumable state, model weights, then the meta that marks it complete.
         if step % p.checkpoint_every == 0 or step == p.train_steps:
-            snapshot("unet", step, {"vae": vae, "unet": unet, "text_encoder": text_encoder},
-                     {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict()},
-                     {"loss": float(np.mean(losses[-200:]))})
+            snapshot(
+                "unet",
+                step,
+                {"vae": vae, "unet": unet, "text_encoder": text_encoder},
+                {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict()},
+                {"loss": float(np.mean(losses[-200:]))},
+            )
     train_time = time.perf_counter() - t_start
     ema.copy_to(trained.parameters())
     for m in (unet, text_encoder):
         m.eval().requires_grad_(False)
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
 
     # 5. The guidance scale: the measured best of the sweep, else the configured one.
@@ -227,8 +266,9 @@ def train_t2i_teacher(p: T2ITeacherParams, images: np.ndarray, captions: list[st
     w = p.guidance_scale
     if classifier is not None and p.guidance_sweep:
         for scale_w in p.guidance_sweep:
-            sweep[str(scale_w)] = prompt_adherence(pipe, classifier, scale_w, p.eval_steps, p.eval_samples, p.seed,
-                                                   confidence)
+            sweep[str(scale_w)] = prompt_adherence(
+                pipe, classifier, scale_w, p.eval_steps, p.eval_samples, p.seed, confidence
+            )
             log(f"w {scale_w}: {_figures(sweep[str(scale_w)])}")
         w = max(p.guidance_sweep, key=lambda s: (sweep[str(s)]["adherent_recognisable"], -s))
         log(f"guidance_scale {w} (best adherent-and-recognisable share at {p.eval_steps} steps)")
@@ -239,7 +279,9 @@ def train_t2i_teacher(p: T2ITeacherParams, images: np.ndarray, captions: list[st
         "train_time_s": round(train_time, 1),
         "vae_steps": p.vae_steps,
         "train_steps": p.train_steps,
-        "final_loss": float(np.mean(losses[-200:])) if losses else meta.get("loss"),  # resumed after the last step: the checkpoint's
+        "final_loss": float(np.mean(losses[-200:]))
+        if losses
+        else meta.get("loss"),  # resumed after the last step: the checkpoint's
         "vae_reconstruction_l1": round(vae_l1, 5),
         "vae_scaling_factor": scale,
         "num_images": len(images),
@@ -255,8 +297,10 @@ def train_t2i_teacher(p: T2ITeacherParams, images: np.ndarray, captions: list[st
 
 
 def _figures(r: dict) -> str:
-    return (f"adherence {r['adherence']:.3f} recognisable {r['recognisable']:.3f} "
-            f"adherent+recognisable {r['adherent_recognisable']:.3f}")
+    return (
+        f"adherence {r['adherence']:.3f} recognisable {r['recognisable']:.3f} "
+        f"adherent+recognisable {r['adherent_recognisable']:.3f}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,8 +309,16 @@ def _figures(r: dict) -> str:
 
 
 @torch.no_grad()
-def prompt_adherence(pipe, classifier, guidance_scale: float, steps: int, num_samples: int = 500, seed: int = 0,
-                     confidence: float = 0.9, batch: int = 250) -> dict:
+def prompt_adherence(
+    pipe,
+    classifier,
+    guidance_scale: float,
+    steps: int,
+    num_samples: int = 500,
+    seed: int = 0,
+    confidence: float = 0.9,
+    batch: int = 250,
+) -> dict:
     """Sample `num_samples` images for the prompts of each class (evenly over classes and templates), downsample
     them to 8×8 (area), and classify them with the digits classifier. Returns the share whose class is the
     prompt's (`adherence`), the share recognisable (a digit class at probability ≥ `confidence`), the share
@@ -279,8 +331,12 @@ def prompt_adherence(pipe, classifier, guidance_scale: float, steps: int, num_sa
     labels = torch.arange(num_samples) % 10
     prompts = [class_prompt(TEMPLATES[(i // 10) % len(TEMPLATES)], int(y)) for i, y in enumerate(labels)]
     gen = torch.Generator().manual_seed(seed)
-    images = torch.cat([model.sample(len(chunk), steps, gen, cond=chunk, guidance_scale=guidance_scale)
-                        for chunk in (prompts[i:i + batch] for i in range(0, num_samples, batch))])
+    images = torch.cat(
+        [
+            model.sample(len(chunk), steps, gen, cond=chunk, guidance_scale=guidance_scale)
+            for chunk in (prompts[i : i + batch] for i in range(0, num_samples, batch))
+        ]
+    )
     small = F.interpolate(images, size=(8, 8), mode="area")
     probs = F.softmax(classifier(small), dim=1)
     pred = probs[:, :NOT_A_DIGIT].argmax(1)
@@ -323,8 +379,16 @@ def train_embedded(root: Path, params, out: Path | None = None, log: Callable[[s
         log(f"{e}; writing guidance_scale {p.guidance_scale} unmeasured")
         classifier = None
     out = out or root / "data" / "t2i-teachers" / p.name
-    return train_t2i_teacher(p, data.images, data.captions, out, root / "runs" / "t2i-teacher" / p.name / "checkpoints",
-                             classifier, params.features.confidence, log=log)
+    return train_t2i_teacher(
+        p,
+        data.images,
+        data.captions,
+        out,
+        root / "runs" / "t2i-teacher" / p.name / "checkpoints",
+        classifier,
+        params.features.confidence,
+        log=log,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -343,8 +407,10 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params, root)
     out = args.out or root / "data" / "t2i-teachers" / params.t2i_teacher.name
     summary = train_embedded(root, params, out, log=lambda m: print(m, flush=True))
-    print(f"teacher saved to {out} ({summary['train_steps']} UNet steps in {summary['train_time_s']:.0f}s, "
-          f"guidance_scale {summary['guidance_scale']})")
+    print(
+        f"teacher saved to {out} ({summary['train_steps']} UNet steps in {summary['train_time_s']:.0f}s, "
+        f"guidance_scale {summary['guidance_scale']})"
+    )
 
 
 if __name__ == "__main__":

@@ -76,11 +76,14 @@ def class_labels(data: ImageSet) -> tuple[torch.Tensor, int]:
     from redistill.data.images import DataError
 
     if data.labels is None:
-        raise DataError("teacher.class_conditional is true but the training images have no labels; add a labels.csv "
-                        "(file,label rows) beside the images, or set teacher.class_conditional to false")
+        raise DataError(
+            "teacher.class_conditional is true but the training images have no labels; add a labels.csv "
+            "(file,label rows) beside the images, or set teacher.class_conditional to false"
+        )
     if len(data.labels) and data.labels.min() < 0:
-        raise DataError(f"class labels must be 0 or more for teacher.class_conditional, got {int(data.labels.min())} "
-                        "in labels.csv")
+        raise DataError(
+            f"class labels must be 0 or more for teacher.class_conditional, got {int(data.labels.min())} in labels.csv"
+        )
     return torch.from_numpy(data.labels).long(), int(data.labels.max()) + 1
 
 
@@ -97,8 +100,10 @@ def _fine_tune_start(teacher: Path, data: ImageSet):
     pipe = load_pipeline(teacher)
     check_fits(pipe, teacher, data.channels, data.size)
     if pipe.scheduler.config.prediction_type != "epsilon":
-        raise PipelineError(f"{teacher} predicts {pipe.scheduler.config.prediction_type}; the teacher recipe fine-tunes "
-                            "ε-prediction teachers only")
+        raise PipelineError(
+            f"{teacher} predicts {pipe.scheduler.config.prediction_type}; the teacher recipe fine-tunes "
+            "ε-prediction teachers only"
+        )
     return pipe.unet.train().requires_grad_(True), pipe.scheduler
 
 
@@ -159,8 +164,9 @@ def train_teacher(
     torch.manual_seed(p.seed)
     x_all = torch.from_numpy(data.images) * 2.0 - 1.0  # [0,1] → [-1,1], the range the scheduler assumes
     if p.objective == "flow_matching" and p.class_conditional:
-        raise PipelineError("teacher.objective flow_matching trains unconditional teachers; set teacher.class_conditional "
-                            "to false")
+        raise PipelineError(
+            "teacher.objective flow_matching trains unconditional teachers; set teacher.class_conditional to false"
+        )
     y_all, num_classes = class_labels(data) if p.class_conditional else (None, None)
     if init is None:
         unet, scheduler = build_unet(p, data.channels, data.size[0], num_classes), build_scheduler(p)
@@ -170,12 +176,16 @@ def train_teacher(
         unet, scheduler = _fine_tune_start(Path(init), data)
         embeds = unet.config.num_class_embeds
         if p.class_conditional and embeds != num_classes + 1:
-            raise PipelineError(f"{init} has {embeds or 'no'} class embeddings but the data's {num_classes} classes and "
-                                f"the null class need {num_classes + 1}; fine-tune a class-conditional teacher of "
-                                "these classes")
+            raise PipelineError(
+                f"{init} has {embeds or 'no'} class embeddings but the data's {num_classes} classes and "
+                f"the null class need {num_classes + 1}; fine-tune a class-conditional teacher of "
+                "these classes"
+            )
         if not p.class_conditional and embeds is not None:
-            raise PipelineError(f"{init} is class-conditional ({embeds} class embeddings); set teacher.class_conditional "
-                                "to true and train on labelled data to fine-tune it")
+            raise PipelineError(
+                f"{init} is class-conditional ({embeds} class embeddings); set teacher.class_conditional "
+                "to true and train on labelled data to fine-tune it"
+            )
     optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=0.0)
     lr_sched = get_cosine_schedule_with_warmup(optimizer, p.warmup_steps, p.train_steps)
     ema = EMAModel(unet.parameters(), decay=p.ema_decay, use_ema_warmup=True, power=2 / 3)
@@ -250,18 +260,36 @@ def train_teacher(
 
 def _progress(log, step: int, p: TeacherParams, losses: list[float], lr_sched, t_start: float) -> None:
     if step % 200 == 0 or step == p.train_steps:
-        log(f"step {step}/{p.train_steps} loss {np.mean(losses[-200:]):.4f} "
-            f"lr {lr_sched.get_last_lr()[0]:.2e} {time.perf_counter() - t_start:.0f}s")
+        log(
+            f"step {step}/{p.train_steps} loss {np.mean(losses[-200:]):.4f} "
+            f"lr {lr_sched.get_last_lr()[0]:.2e} {time.perf_counter() - t_start:.0f}s"
+        )
 
 
-def _snapshot(ckpt_dir: Path, step: int, p: TeacherParams, unet, optimizer, lr_sched, ema, gen, recipe: str,
-              t_start: float, keep: int) -> None:
+def _snapshot(
+    ckpt_dir: Path,
+    step: int,
+    p: TeacherParams,
+    unet,
+    optimizer,
+    lr_sched,
+    ema,
+    gen,
+    recipe: str,
+    t_start: float,
+    keep: int,
+) -> None:
     """A resumable checkpoint every `checkpoint_every` steps: state, model weights, then the meta that marks it complete."""
     if step % p.checkpoint_every == 0 and step < p.train_steps:
         checkpoint.save(
-            ckpt_dir / f"checkpoint-{step}", {"unet": unet.state_dict()},
-            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
-             "ema": ema.state_dict(), "generator": gen.get_state()},
+            ckpt_dir / f"checkpoint-{step}",
+            {"unet": unet.state_dict()},
+            {
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_sched.state_dict(),
+                "ema": ema.state_dict(),
+                "generator": gen.get_state(),
+            },
             {"step": step, "order": step, "recipe": recipe, "elapsed_s": time.perf_counter() - t_start},
         )
         checkpoint.prune(ckpt_dir, keep)
@@ -281,8 +309,14 @@ def _ddpm_loss(unet, scheduler, p: TeacherParams, x0, noise, idx, y_all, num_cla
     return per_example.mean()
 
 
-def train_in_workspace(root: Path, recipe: TeacherParams, out: Path, data: Path, log: Callable[[str], None] = print,
-                       init: Path | None = None) -> dict:
+def train_in_workspace(
+    root: Path,
+    recipe: TeacherParams,
+    out: Path,
+    data: Path,
+    log: Callable[[str], None] = print,
+    init: Path | None = None,
+) -> dict:
     """Train a teacher into `out` with `recipe` on the images in `data` (from `init` when given); its checkpoints
     resume under <root>/runs/teacher/<name>/checkpoints."""
     from redistill.data.images import load_image_folder, safe_name

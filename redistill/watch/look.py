@@ -41,8 +41,9 @@ def quick_look(root: Path, p, look: tuple[str, ...] | None = None) -> dict | Non
     if "teachers" in look and p.watch.teacher_model:
         from redistill.registry.queries import registry_client
 
-        registered = registered_teacher_changed(registry_client(root), p.watch.teacher_model, p.watch.teacher_alias,
-                                                state)
+        registered = registered_teacher_changed(
+            registry_client(root), p.watch.teacher_model, p.watch.teacher_alias, state
+        )
     if found.actionable or due is not None or registered:
         return None
     return {"changed": False, "pending": [f.to_dict() for f in found.pending], "episode": state.get("episode")}

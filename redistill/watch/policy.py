@@ -182,8 +182,9 @@ def plan(state: WatchState, seen) -> list:
     raise TypeError(f"the watch planner has no rule for {type(seen).__name__}")
 
 
-def teacher_findings(state: WatchState, findings: list[Finding], model: str | None, fetched: dict | None,
-                     now: float) -> list[Finding]:
+def teacher_findings(
+    state: WatchState, findings: list[Finding], model: str | None, fetched: dict | None, now: float
+) -> list[Finding]:
     """The teachers a look inspects: the scan's teacher `findings`, plus the folder `fetched` from the registered
     `model` (name, path, version, signature; None when nothing new), which the state then records as handled."""
     if fetched is None:
@@ -193,8 +194,16 @@ def teacher_findings(state: WatchState, findings: list[Finding], model: str | No
     if any(f.name == fetched["name"] for f in findings):
         return findings
     # written whole by the download, so it need not settle
-    return findings + [Finding("teacher", fetched["name"], fetched["path"], "ready", fetched["signature"],
-                               f"registered {model} v{fetched['version']}")]
+    return findings + [
+        Finding(
+            "teacher",
+            fetched["name"],
+            fetched["path"],
+            "ready",
+            fetched["signature"],
+            f"registered {model} v{fetched['version']}",
+        )
+    ]
 
 
 def _teachers(state: WatchState, seen: TeachersInspected) -> list:
@@ -219,8 +228,13 @@ def _teachers(state: WatchState, seen: TeachersInspected) -> list:
     if new:
         f, facts = new[-1]
         reg = f.reason.removeprefix("registered ") if f.reason.startswith("registered ") else None
-        state.teachers[f.name] = {"signature": f.signature, "sha256": facts["sha256"], "status": "accepted",
-                                  "at": seen.now, "registry": reg}
+        state.teachers[f.name] = {
+            "signature": f.signature,
+            "sha256": facts["sha256"],
+            "status": "accepted",
+            "at": seen.now,
+            "registry": reg,
+        }
         state.current_teacher = f.path
         state.note("teacher-new", at=seen.now, teacher=f.name, sha256=facts["sha256"])
         actions.append(DistilTeacher(f.name, f.path, facts["sha256"], facts.get("params"), reg))
@@ -240,8 +254,13 @@ def _batch(state: WatchState, seen: BatchTested) -> list:
         state.note("batch-refused", at=seen.now, batch=f.name, reason=reason)
         return [RefuseBatch(f.name, f.path, reason)]
     action = on_batch(state, f.name, report["drifted"], seen.now, seen.clear_batches, seen.cooldown_hours)
-    entry = {"batch": f.name, "drifted": report["drifted"], "action": action, "reasons": report["reasons"],
-             "mmd_p": report.get("mmd_p")}
+    entry = {
+        "batch": f.name,
+        "drifted": report["drifted"],
+        "action": action,
+        "reasons": report["reasons"],
+        "mmd_p": report.get("mmd_p"),
+    }
     actions = [RecordDrift(f.name, report)]
     if report["drifted"]:
         actions.append(EmitDrift(f.name, report["reasons"], report.get("mmd_p"), action))
@@ -257,6 +276,7 @@ def batch_done(state: WatchState, a: SaveBatch, outcome: dict | None) -> dict:
         entry["outcome"] = outcome
     state.batches[a.name] = {"signature": a.record["signature"], **entry, "at": a.record["at"]}
     return entry
+
 
 def _champion(state: WatchState, seen: ChampionChecked) -> list:
     ep = state.episode
@@ -283,8 +303,11 @@ def redistilled(state: WatchState, data: str, result: dict, now: float) -> None:
 def fit_verdict(checks) -> tuple[bool, str]:
     """Whether the champion is still fit (every absolute gate check passes) and the checks as one line."""
     absolute = [c for c in checks if c.kind == "absolute"]
-    reasons = "; ".join(f"{'pass' if c.passed else 'FAIL'} {c.name} {c.value if c.value is None else round(c.value, 4)} "
-                        f"{c.op} {c.bound}" for c in absolute)
+    reasons = "; ".join(
+        f"{'pass' if c.passed else 'FAIL'} {c.name} {c.value if c.value is None else round(c.value, 4)} "
+        f"{c.op} {c.bound}"
+        for c in absolute
+    )
     return all(c.passed for c in absolute), reasons
 
 
@@ -293,8 +316,9 @@ def fit_verdict(checks) -> tuple[bool, str]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def on_batch(state: WatchState, batch: str, drifted: bool, now: float, clear_batches: int,
-             cooldown_hours: float) -> str:
+def on_batch(
+    state: WatchState, batch: str, drifted: bool, now: float, clear_batches: int, cooldown_hours: float
+) -> str:
     """Update the drift episode for one tested batch; returns what to do about it.
 
     - "none": no drift (a clean batch; `clear_batches` clean batches in a row close an open episode);

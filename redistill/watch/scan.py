@@ -105,8 +105,13 @@ def folder_readiness(folder: Path, settle_seconds: float, now: float, teacher: b
 LOOKS = ("teachers", "batches")  # what a look covers: new teacher folders, new incoming batches
 
 
-def scan(root: Path, settle_seconds: float, state: WatchState | dict | None = None, now: float | None = None,
-         look: tuple[str, ...] = LOOKS) -> Scan:
+def scan(
+    root: Path,
+    settle_seconds: float,
+    state: WatchState | dict | None = None,
+    now: float | None = None,
+    look: tuple[str, ...] = LOOKS,
+) -> Scan:
     """Teacher folders under data/teachers/ and batches under data/incoming/ that changed since `state` (only the
     teachers, or only the batches, with `look`)."""
     from redistill.data.images import safe_name
@@ -115,8 +120,10 @@ def scan(root: Path, settle_seconds: float, state: WatchState | dict | None = No
     state = WatchState.load(root) if state is None else WatchState.of(state)
     now = time.time() if now is None else now
     out = Scan()
-    for kind, what, parent, known in (("teacher", "teachers", root / "data" / "teachers", state.teachers),
-                                      ("batch", "batches", root / "data" / "incoming", state.batches)):
+    for kind, what, parent, known in (
+        ("teacher", "teachers", root / "data" / "teachers", state.teachers),
+        ("batch", "batches", root / "data" / "incoming", state.batches),
+    ):
         if what not in look or not parent.is_dir():
             continue
         for folder in sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: (p.stat().st_mtime, p.name)):

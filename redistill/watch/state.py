@@ -54,12 +54,18 @@ class WatchState:
     def from_dict(cls, d: dict) -> WatchState:
         known = {f.name for f in fields(cls)} - {"extra"}
         ep = d.get("episode")
-        return cls(teachers=dict(d.get("teachers") or {}), batches=dict(d.get("batches") or {}),
-                   registry_teachers=dict(d.get("registry_teachers") or {}),
-                   episode=Episode.from_dict(ep) if ep else None, last_redistill_at=d.get("last_redistill_at"),
-                   current_teacher=d.get("current_teacher"), current_data=d.get("current_data"),
-                   history=list(d.get("history") or []), version=d.get("version", STATE_VERSION),
-                   extra={k: v for k, v in d.items() if k not in known})
+        return cls(
+            teachers=dict(d.get("teachers") or {}),
+            batches=dict(d.get("batches") or {}),
+            registry_teachers=dict(d.get("registry_teachers") or {}),
+            episode=Episode.from_dict(ep) if ep else None,
+            last_redistill_at=d.get("last_redistill_at"),
+            current_teacher=d.get("current_teacher"),
+            current_data=d.get("current_data"),
+            history=list(d.get("history") or []),
+            version=d.get("version", STATE_VERSION),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
 
     @classmethod
     def of(cls, state: WatchState | dict) -> WatchState:
@@ -75,13 +81,20 @@ class WatchState:
         save_state(root, self.to_dict())
 
     def to_dict(self) -> dict:
-        return {**self.extra, "version": self.version, "teachers": self.teachers, "batches": self.batches,
-                "registry_teachers": self.registry_teachers,
-                "episode": self.episode.to_dict() if self.episode else None,
-                "last_redistill_at": self.last_redistill_at, "current_teacher": self.current_teacher,
-                "current_data": self.current_data, "history": self.history}
+        return {
+            **self.extra,
+            "version": self.version,
+            "teachers": self.teachers,
+            "batches": self.batches,
+            "registry_teachers": self.registry_teachers,
+            "episode": self.episode.to_dict() if self.episode else None,
+            "last_redistill_at": self.last_redistill_at,
+            "current_teacher": self.current_teacher,
+            "current_data": self.current_data,
+            "history": self.history,
+        }
 
     def note(self, event: str, at: float | None = None, **details) -> None:
         """Append one line to the history (the last HISTORY_KEPT are kept)."""
         line = {"at": time.time() if at is None else at, "event": event, **details}
-        self.history = self.history[-(HISTORY_KEPT - 1):] + [line]
+        self.history = self.history[-(HISTORY_KEPT - 1) :] + [line]

@@ -32,8 +32,22 @@ COMMANDS = _all_commands()
 
 def test_the_command_list_covers_the_documented_commands():
     names = {" ".join(c) for c in COMMANDS}
-    assert {"demo", "cycle", "watch", "serve", "status", "evaluate", "bench", "export", "lineage", "reproduce",
-            "rollback", "drift check", "drift calibrate", "teacher train"} <= names
+    assert {
+        "demo",
+        "cycle",
+        "watch",
+        "serve",
+        "status",
+        "evaluate",
+        "bench",
+        "export",
+        "lineage",
+        "reproduce",
+        "rollback",
+        "drift check",
+        "drift calibrate",
+        "teacher train",
+    } <= names
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "redistill")
@@ -44,8 +58,21 @@ def test_every_command_has_help(cmd):
 
 def test_evaluate_json_prints_one_object(digits_ws, tiny_pipeline, tmp_path):
     out = tmp_path / "metrics.json"
-    r = invoke("evaluate", tiny_pipeline, "--steps", 2, "--reference", tiny_pipeline, "--json",
-               "--workspace", digits_ws, "--out", tmp_path / "run", "--metrics-out", out)
+    r = invoke(
+        "evaluate",
+        tiny_pipeline,
+        "--steps",
+        2,
+        "--reference",
+        tiny_pipeline,
+        "--json",
+        "--workspace",
+        digits_ws,
+        "--out",
+        tmp_path / "run",
+        "--metrics-out",
+        out,
+    )
     assert r.exit_code == 0, r.output
     obj = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(obj) >= {"quality", "fidelity", "speed", "memory", "steps", "sha256", "grid"}
@@ -60,8 +87,19 @@ def test_paths_inside_the_workspace_are_recorded_relative(digits_ws, tiny_pipeli
     inside = digits_ws / "data" / "teachers" / "tiny"
     if not inside.exists():
         shutil.copytree(tiny_pipeline, inside)
-    r = invoke("evaluate", inside, "--steps", 1, "--reference", inside, "--reference-steps", 1, "--json",
-               "--workspace", digits_ws)
+    r = invoke(
+        "evaluate",
+        inside,
+        "--steps",
+        1,
+        "--reference",
+        inside,
+        "--reference-steps",
+        1,
+        "--json",
+        "--workspace",
+        digits_ws,
+    )
     assert r.exit_code == 0, r.output
     obj = json.loads(r.stdout.strip().splitlines()[-1])
     assert obj["pipeline"] == "data/teachers/tiny" and obj["reference"]["pipeline"] == "data/teachers/tiny"
@@ -109,8 +147,18 @@ def test_pickled_weights_are_refused_and_never_unpickled(digits_ws, tmp_path):
 def test_inception_weights_must_be_safetensors(digits_ws, tiny_pipeline, tmp_path):
     w = tmp_path / "inception.pth"
     w.write_bytes(b"not really weights")
-    r = invoke("evaluate", tiny_pipeline, "--steps", 2, "--reference", tiny_pipeline,
-               "--inception-weights", w, "--workspace", digits_ws)
+    r = invoke(
+        "evaluate",
+        tiny_pipeline,
+        "--steps",
+        2,
+        "--reference",
+        tiny_pipeline,
+        "--inception-weights",
+        w,
+        "--workspace",
+        digits_ws,
+    )
     assert r.exit_code == 2 and "not a .safetensors file" in r.output
 
 
@@ -122,13 +170,23 @@ def test_unknown_params_key_fails_with_the_key(digits_ws, tiny_pipeline, tmp_pat
 
 
 def test_validate_command_exit_codes(digits_ws, tmp_path):
-    r = invoke("validate", digits_ws / "data" / "incoming" / "nodrift", "--workspace", digits_ws,
-               "--out", tmp_path / "ok", "--metrics-out", tmp_path / "ok.json")
+    r = invoke(
+        "validate",
+        digits_ws / "data" / "incoming" / "nodrift",
+        "--workspace",
+        digits_ws,
+        "--out",
+        tmp_path / "ok",
+        "--metrics-out",
+        tmp_path / "ok.json",
+    )
     assert r.exit_code == 0 and "passed" in r.output
     assert json.loads((tmp_path / "ok.json").read_text())["success"] is True
     assert (tmp_path / "ok" / "data_docs" / "index.html").is_file()
     # thicker strokes push 13% of the style batch above the reference's mean-intensity band
-    r = invoke("validate", digits_ws / "data" / "incoming" / "style", "--workspace", digits_ws, "--out", tmp_path / "bad")
+    r = invoke(
+        "validate", digits_ws / "data" / "incoming" / "style", "--workspace", digits_ws, "--out", tmp_path / "bad"
+    )
     assert r.exit_code == 1 and "data validation failed" in r.output and "column=mean" in r.output
 
 
@@ -136,7 +194,9 @@ def test_distill_command_writes_a_stock_student(digits_ws, tiny_pipeline, tmp_pa
     from diffusers import DiffusionPipeline
 
     params = tmp_path / "params.yaml"
-    params.write_text("distill: {method: progressive, target_steps: 2, batch_size: 8, progressive: {teacher_steps: 4, steps_per_round: 3}}\n")
+    params.write_text(
+        "distill: {method: progressive, target_steps: 2, batch_size: 8, progressive: {teacher_steps: 4, steps_per_round: 3}}\n"
+    )
     out = tmp_path / "student"
     r = invoke("distill", "--out", out, "--teacher", tiny_pipeline, "--params", params, "--workspace", digits_ws)
     assert r.exit_code == 0, r.output
@@ -149,6 +209,17 @@ def test_distill_command_writes_a_stock_student(digits_ws, tiny_pipeline, tmp_pa
     # a method that cannot serve the step count is refused before anything is trained
     narrow = tmp_path / "narrow.yaml"
     narrow.write_text("distill: {target_steps: 2, batch_size: 8, consistency: {solver_steps: 1}}\n")
-    r = invoke("distill", "--out", tmp_path / "s2", "--method", "consistency", "--teacher", tiny_pipeline, "--params",
-               narrow, "--workspace", digits_ws)
+    r = invoke(
+        "distill",
+        "--out",
+        tmp_path / "s2",
+        "--method",
+        "consistency",
+        "--teacher",
+        tiny_pipeline,
+        "--params",
+        narrow,
+        "--workspace",
+        digits_ws,
+    )
     assert r.exit_code == 2 and "serves 1 to solver_steps (1)" in r.output and not (tmp_path / "s2").exists()

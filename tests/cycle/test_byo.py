@@ -57,6 +57,7 @@ def _params(tmp: Path, text: str):
 
 # --- the adapter ---------------------------------------------------------------------------------------
 
+
 def test_each_kind_gets_its_adapter_and_an_unknown_pipeline_is_refused_naming_the_kinds(kinds):
     from types import SimpleNamespace
 
@@ -117,8 +118,11 @@ def test_redistill_never_runs_code_from_a_model_folder(kinds, tmp_path):
 
 # --- every kind through every method -----------------------------------------------------------------------
 
-CASES = [("class16", m) for m in METHODS] + [("rgb32", m) for m in METHODS] + [("grey8", "consistency"),
-                                                                             ("rgb16", "output")]
+CASES = (
+    [("class16", m) for m in METHODS]
+    + [("rgb32", m) for m in METHODS]
+    + [("grey8", "consistency"), ("rgb16", "output")]
+)
 
 
 @pytest.mark.parametrize("kind,method", CASES)
@@ -137,8 +141,9 @@ def test_every_method_distils_each_kind_into_a_stock_loadable_pipeline(kinds, ki
     p.distill = dataclasses.replace(p.distill, method=method)
     teacher = load_pipeline(teacher_dir)
     images = torch.from_numpy(load_image_folder(data_dir).images)
-    student, summary = distill(p.distill, teacher, images, tmp_path / "ckpt", log=lambda m: None,
-                               teacher_path=teacher_dir, workspace=tmp_path)
+    student, summary = distill(
+        p.distill, teacher, images, tmp_path / "ckpt", log=lambda m: None, teacher_path=teacher_dir, workspace=tmp_path
+    )
     save_pipeline(student, tmp_path / "student")
     # any diffusers user loads the folder; a conditional one with its own pipeline code
     pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "student"), trust_remote_code=conditional)
@@ -148,13 +153,15 @@ def test_every_method_distils_each_kind_into_a_stock_loadable_pipeline(kinds, ki
     out = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
     assert out.shape == (2, size, size, channels) and np.isfinite(out).all()
     if conditional:  # the label reaches the network, and the teacher's guidance is recorded as folded in
-        other = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np",
-                     class_labels=[3, 3]).images
+        other = pipe(
+            num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np", class_labels=[3, 3]
+        ).images
         assert not np.allclose(out, other)
         assert pipe.config.guidance_scale == 1.0 and pipe.config.distilled_guidance_scale == 2.0
 
 
 # --- whole cycles from an empty workspace ----------------------------------------------------------------
+
 
 def test_an_unlabelled_rgb_folder_runs_the_whole_cycle_in_an_empty_workspace(kinds, tmp_path, prefect_harness):
     teacher, data = kinds["rgb16"]
@@ -169,21 +176,27 @@ def test_an_unlabelled_rgb_folder_runs_the_whole_cycle_in_an_empty_workspace(kin
     bound = json.loads((ws / "data" / "calibration.json").read_text())["bounds"]["encoder"]
     from redistill.registry.client import client, tracking_uri
 
-    reasons = client(tracking_uri(ws)).get_model_version(f"{teacher.resolve().name}-student", result["version"]).tags[
-        "redistill.gate_reasons"]
-    assert ("fid_gap.encoder" in reasons and
-            ("reported, not gated" in reasons if bound is None else f"<= {bound:.4g}" in reasons)), (bound, reasons)
+    reasons = (
+        client(tracking_uri(ws))
+        .get_model_version(f"{teacher.resolve().name}-student", result["version"])
+        .tags["redistill.gate_reasons"]
+    )
+    assert "fid_gap.encoder" in reasons and (
+        "reported, not gated" in reasons if bound is None else f"<= {bound:.4g}" in reasons
+    ), (bound, reasons)
 
 
 @pytest.mark.trials
-@pytest.mark.parametrize("kind,method", [("grey8", "adversarial"), ("rgb32", "output"), ("class16", "consistency"),
-                                         ("class16", "dmd")])
+@pytest.mark.parametrize(
+    "kind,method", [("grey8", "adversarial"), ("rgb32", "output"), ("class16", "consistency"), ("class16", "dmd")]
+)
 def test_each_kind_runs_the_whole_cycle_in_an_empty_workspace(kinds, kind, method, tmp_path, prefect_harness):
     teacher, data = kinds[kind]
     check_cycle_from_empty_workspace(tmp_path / "ws", teacher, data, method, KINDS[kind][0], tmp_path, reproduce=True)
 
 
 # --- reports at any resolution ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("size,n", [(8, 40), (32, 40), (256, 10), (1024, 3)])
 def test_sample_grids_stay_a_readable_size_at_any_resolution(size, n, tmp_path):

@@ -13,12 +13,21 @@ from redistill.cycle.calibration import NEGATIVE, POSITIVE, blurred, separation,
 
 
 def _row(name, group, gap, lo, hi, space="s"):
-    return {"name": name, "group": group, "what": name, "spaces": {space: {"gap_floors": gap, "gap_floors_ci95": [lo, hi]}}}
+    return {
+        "name": name,
+        "group": group,
+        "what": name,
+        "spaces": {space: {"gap_floors": gap, "gap_floors_ci95": [lo, hi]}},
+    }
 
 
 def test_separation_uses_the_far_ends_of_the_intervals():
-    rows = [_row("ddim25", POSITIVE, 0.05, -0.02, 0.12), _row("ddim100", POSITIVE, 0.2, 0.1, 0.3),
-            _row("blurred", NEGATIVE, 3.0, 2.5, 3.5), _row("half", NEGATIVE, 1.2, 0.9, 1.5)]
+    rows = [
+        _row("ddim25", POSITIVE, 0.05, -0.02, 0.12),
+        _row("ddim100", POSITIVE, 0.2, 0.1, 0.3),
+        _row("blurred", NEGATIVE, 3.0, 2.5, 3.5),
+        _row("half", NEGATIVE, 1.2, 0.9, 1.5),
+    ]
     sep = separation(rows, "s")
     assert sep["separates"] is True
     assert (sep["positive_max"], sep["positive_max_control"]) == (0.3, "ddim100")
@@ -80,14 +89,20 @@ def test_calibration_on_the_committed_teacher_orders_the_controls(digits_ws, tmp
         "evaluate: {num_samples: 400, max_samples: 400, reference_steps: 10, bootstrap: 20, kid_subset_size: 100,"
         " sample_batch_size: 200}\n"
         "calibrate: {positive_steps: [20], ddpm_samples: 0, finetuned: '', undistilled_steps: [1],"
-        " half_trained_steps: 0, blur_sigma: 1.0, dropped_classes: [0, 1, 2, 3, 4]}\n")
+        " half_trained_steps: 0, blur_sigma: 1.0, dropped_classes: [0, 1, 2, 3, 4]}\n"
+    )
     r = CliRunner().invoke(app, ["calibrate", "--workspace", str(ws), "--json"])
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert json.loads((ws / "metrics" / "calibration.json").read_text())["controls"] == result["controls"]
     names = {row["name"]: row["group"] for row in result["controls"]}
-    assert names == {"ddim20": POSITIVE, "seed": POSITIVE, "teacher@1": NEGATIVE, "blurred": NEGATIVE,
-                     "mode-drop": NEGATIVE}
+    assert names == {
+        "ddim20": POSITIVE,
+        "seed": POSITIVE,
+        "teacher@1": NEGATIVE,
+        "blurred": NEGATIVE,
+        "mode-drop": NEGATIVE,
+    }
     for space in ("classifier", "encoder"):
         pos = [r["spaces"][space]["gap_floors"] for r in result["controls"] if r["group"] == POSITIVE]
         neg = [r["spaces"][space]["gap_floors"] for r in result["controls"] if r["group"] == NEGATIVE]
@@ -110,9 +125,11 @@ def test_a_workspace_of_your_own_data_calibrates_its_own_bounds_once(tmp_path):
     ws.mkdir()
     teacher = make_tiny_pipeline(tmp_path / "teacher")
     data = shapes.write(tmp_path / "data", 80, size=8, channels=1, seed=1)
-    settings = ("evaluate: {num_samples: 60, max_samples: 60, reference_steps: 10, bootstrap: 10, kid_subset_size: 30,"
-                " sample_batch_size: 60, floor_splits: 4}\nfeatures: {encoder_epochs: 3}\n"
-                "calibrate: {positive_steps: [20], undistilled_steps: [1]}\n")
+    settings = (
+        "evaluate: {num_samples: 60, max_samples: 60, reference_steps: 10, bootstrap: 10, kid_subset_size: 30,"
+        " sample_batch_size: 60, floor_splits: 4}\nfeatures: {encoder_epochs: 3}\n"
+        "calibrate: {positive_steps: [20], undistilled_steps: [1]}\n"
+    )
     (ws / "params.yaml").write_text(settings)
     p = load_params(ws=ws)
     assert calibrate_workspace(ws, p, teacher, log=print) is None  # not derived from a user's data: nothing to do

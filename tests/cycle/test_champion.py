@@ -50,8 +50,10 @@ def test_the_committed_champion_matches_its_stage_lock():
 def test_the_champion_carries_its_lineage_and_passed_its_gate():
     lineage = json.loads((REPO / FOLDER / "redistill_lineage.json").read_text())
     lock = _stage("champion")
-    assert lineage["teacher"] == {"path": "data/teachers/digits-ddpm",
-                                  "sha256": pipeline_sha256(REPO / "data" / "teachers" / "digits-ddpm")}
+    assert lineage["teacher"] == {
+        "path": "data/teachers/digits-ddpm",
+        "sha256": pipeline_sha256(REPO / "data" / "teachers" / "digits-ddpm"),
+    }
     deps = {d["path"]: d for d in lock["deps"]}
     assert lineage["data"] == {"path": "data/reference", "dvc_md5": deps["data/reference"]["md5"]}
     # the recipe is the repository's distill settings: a cycle warm-started from it continues the same method
@@ -83,8 +85,11 @@ def test_the_committed_teachers_evaluation_draw_travels_with_the_repository():
     teacher = REPO / "data" / "teachers" / "digits-ddpm"
     pipe = load_pipeline(teacher)
     sched = configure_scheduler(pipe, p.reference_steps, "auto")
-    tracked = set(subprocess.run(["git", "ls-files", "data/samples"], cwd=REPO, capture_output=True, text=True,
-                                 check=True).stdout.split())
+    tracked = set(
+        subprocess.run(
+            ["git", "ls-files", "data/samples"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
     sha = pipeline_sha256(teacher)
     for seed, size in _batches(p.num_samples, p.seed, p.sample_batch_size):
         f, key = _cache_file(sample_store(REPO), pipe, sha, sched, p.reference_steps, seed, size)

@@ -46,8 +46,21 @@ def test_first_cycle_promotes_and_an_identical_second_dedupes(ws):
     c = client(f"sqlite:///{ws / 'mlflow.db'}")
     mv = alias(c, NAME, "champion")
     assert str(mv.version) == "1"
-    for tag in ("key", "teacher_sha256", "teacher_uri", "data_md5", "data_uri", "params_sha256", "git_commit",
-                "trigger", "method", "num_inference_steps", "prefect_flow_run_id", "gate", "gate_reasons"):
+    for tag in (
+        "key",
+        "teacher_sha256",
+        "teacher_uri",
+        "data_md5",
+        "data_uri",
+        "params_sha256",
+        "git_commit",
+        "trigger",
+        "method",
+        "num_inference_steps",
+        "prefect_flow_run_id",
+        "gate",
+        "gate_reasons",
+    ):
         assert mv.tags.get(PREFIX + tag), tag
     assert mv.tags[PREFIX + "gate"] == "passed" and mv.tags[PREFIX + "num_inference_steps"] == "2"
     run = c.get_run(mv.run_id)
@@ -75,7 +88,9 @@ def test_the_versions_lineage_is_in_mlflows_own_records(ws):
     c = client(f"sqlite:///{ws / 'mlflow.db'}")
     mv = c.get_model_version(NAME, out["version"])
     run = c.get_run(mv.run_id)
-    datasets = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs}
+    datasets = {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs
+    }
     assert set(datasets) == {"training", "evaluation"}
     for ds in datasets.values():
         assert ds.digest == mv.tags[PREFIX + "data_md5"] and ds.source_type == "dvc"
@@ -96,18 +111,28 @@ def test_the_versions_lineage_is_in_mlflows_own_records(ws):
     import yaml
 
     with tempfile.TemporaryDirectory() as tmp:  # a pyfunc model with our loader module, not a pickle
-        mlmodel = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(f"{student.artifact_location}/MLmodel",
-                                                                          dst_path=tmp)).read_text())
+        mlmodel = yaml.safe_load(
+            Path(mlflow.artifacts.download_artifacts(f"{student.artifact_location}/MLmodel", dst_path=tmp)).read_text()
+        )
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "redistill.registry.serving"
-    for text in ("teacher", mv.tags[PREFIX + "teacher_sha256"][:16], mv.tags[PREFIX + "data_md5"], "gate check",
-                 "fid_gap", mv.run_id):
+    for text in (
+        "teacher",
+        mv.tags[PREFIX + "teacher_sha256"][:16],
+        mv.tags[PREFIX + "data_md5"],
+        "gate check",
+        "fid_gap",
+        mv.run_id,
+    ):
         assert text in mv.description, text
     r = runner.invoke(app, ["lineage", "--version", out["version"], "--json", "--workspace", str(ws)])
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)["mlflow"]
     assert m["logged_model_id"] == model_id and m["teacher_model"]["model_id"] == teacher.model_id
     assert {d["context"] for d in m["datasets"]} == {"training", "evaluation"} and m["description"] == mv.description
-    assert m["ui"]["version"].endswith(f"#/models/{NAME}/versions/{out['version']}") and model_id in m["ui"]["logged_model"]
+    assert (
+        m["ui"]["version"].endswith(f"#/models/{NAME}/versions/{out['version']}")
+        and model_id in m["ui"]["logged_model"]
+    )
     r = runner.invoke(app, ["lineage", "--version", out["version"], "--workspace", str(ws)])
     assert "in the MLflow UI" in r.stdout and model_id in r.stdout
 
@@ -122,7 +147,10 @@ def test_unmeetable_thresholds_reject_and_champion_stays(ws, tmp_path):
     assert out["decision"] == "rejected"
     assert str(alias(c, NAME, "champion").version) == before
     mv = c.get_model_version(NAME, out["version"])
-    assert mv.tags[PREFIX + "gate"] == "rejected" and "FAIL absolute fid_gap.classifier" in mv.tags[PREFIX + "gate_reasons"]
+    assert (
+        mv.tags[PREFIX + "gate"] == "rejected"
+        and "FAIL absolute fid_gap.classifier" in mv.tags[PREFIX + "gate_reasons"]
+    )
 
 
 def test_corrupted_data_stops_before_distillation_and_is_recorded(ws, tmp_path):
@@ -134,17 +162,21 @@ def test_corrupted_data_stops_before_distillation_and_is_recorded(ws, tmp_path):
     r, _ = cycle(ws, "--data", bad)
     assert r.exit_code == 2 and "data validation failed" in r.output and "column=height" in r.output
     assert len(c.search_model_versions(f"name='{NAME}'")) == versions
-    failed = c.search_runs([c.get_experiment_by_name("redistill").experiment_id],
-                           "attributes.status = 'FAILED'")
+    failed = c.search_runs([c.get_experiment_by_name("redistill").experiment_id], "attributes.status = 'FAILED'")
     assert any(run.data.tags.get("redistill.failed_stage") == "validate" for run in failed)
     assert not any((ws / "runs" / "cycles").glob("*/checkpoints"))  # nothing was distilled
 
 
 def test_settings_the_method_cannot_serve_with_this_teacher_stop_the_cycle_and_are_recorded(ws, tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text((ws / "params.yaml").read_text().replace(
-        "progressive: {teacher_steps: 4, steps_per_round: 3}",
-        "progressive: {teacher_steps: 16, steps_per_round: 3, first_timestep: 929}"))
+    params.write_text(
+        (ws / "params.yaml")
+        .read_text()
+        .replace(
+            "progressive: {teacher_steps: 4, steps_per_round: 3}",
+            "progressive: {teacher_steps: 16, steps_per_round: 3, first_timestep: 929}",
+        )
+    )
     c = client(f"sqlite:///{ws / 'mlflow.db'}")
     versions = len(c.search_model_versions(f"name='{NAME}'"))
     r, _ = cycle(ws, "--params", params)
@@ -241,15 +273,21 @@ def test_a_killed_cycle_resumes_and_registers_exactly_once(digits_ws, tmp_path):
     shutil.copytree(digits_ws / "data", root / "data")
     make_tiny_pipeline(root / "data" / "teachers" / "tiny")
     (root / "params.yaml").write_text(
-        TINY.replace("steps_per_round: 3", "steps_per_round: 1500").replace("checkpoint_every: 2", "checkpoint_every: 100")
-        + "teacher: {name: tiny}\n")
+        TINY.replace("steps_per_round: 3", "steps_per_round: 1500").replace(
+            "checkpoint_every: 2", "checkpoint_every: 100"
+        )
+        + "teacher: {name: tiny}\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # own ephemeral server
     env.update(OMP_NUM_THREADS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
     cmd = [sys.executable, "-m", "redistill", "cycle", "--workspace", str(root), "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list(
-            (root / "runs" / "cycles").glob("*/checkpoints/*/meta.json")):
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not list((root / "runs" / "cycles").glob("*/checkpoints/*/meta.json"))
+    ):
         time.sleep(0.1)
     servers = [pid for pid in _children(proc.pid) if b"prefect.server.api.server" in _cmdline(pid)]
     proc.send_signal(signal.SIGKILL)
@@ -290,7 +328,9 @@ def test_warm_start_from_the_champion_is_recorded_and_refused_when_it_does_not_f
     assert r.exit_code == 0, r.output
     assert c.get_model_version(NAME, warm["version"]).tags[PREFIX + "init"] == "warm:1"
     assert warm["distill"]["init"] == "warm:1" and warm["distill"]["config"]["steps"] == 2
-    d = json.loads(runner.invoke(app, ["lineage", "--workspace", str(root), "--version", warm["version"], "--json"]).stdout)
+    d = json.loads(
+        runner.invoke(app, ["lineage", "--workspace", str(root), "--version", warm["version"], "--json"]).stdout
+    )
     assert d["init"] == {"kind": "warm", "from_version": "1"}
 
     # a v-prediction teacher: the champion (an ε generator) cannot be its student's start
@@ -328,7 +368,9 @@ def test_the_key_covers_everything_the_cycle_reads(digits_ws, tiny_pipeline, tmp
     key = lambda q=p: resolve_inputs(tiny_pipeline, data, q, root)["key"]  # noqa: E731
     k0 = key()
     assert key() == k0
-    assert key(dataclasses.replace(p, validate=dataclasses.replace(p.validate, min_count=p.validate.min_count + 1))) != k0
+    assert (
+        key(dataclasses.replace(p, validate=dataclasses.replace(p.validate, min_count=p.validate.min_count + 1))) != k0
+    )
     assert key(dataclasses.replace(p, gate=dataclasses.replace(p.gate, fid_gap_max=0.5))) != k0
     assert key(dataclasses.replace(p, registry=dataclasses.replace(p.registry, experiment="other"))) == k0
     ref = sorted((root / "data" / "reference").glob("*.png"))[0]  # the bands' reference, not the cycle's data

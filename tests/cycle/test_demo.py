@@ -19,7 +19,8 @@ from redistill.registry.client import PREFIX, alias, client
 runner = CliRunner()
 NAME = "tiny-student"
 
-SETTINGS = f"""
+SETTINGS = (
+    f"""
 teacher: {{name: tiny}}
 registry: {{student_name: {NAME}}}
 champion: {{out: data/champion/{NAME}}}
@@ -29,7 +30,9 @@ distill: {{method: progressive, target_steps: 2, batch_size: 8, checkpoint_every
 evaluate: {{num_samples: 120, max_samples: 240, bootstrap: 10, kid_subset_size: 50, sample_batch_size: 60, latency_repeats: 2,
            throughput_repeats: 1, throughput_batch: 8, curve_samples: 0}}
 features: {{epochs: 12, encoder_epochs: 8}}
-""" + LENIENT_GATE
+"""
+    + LENIENT_GATE
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +55,17 @@ def test_the_champion_stage_writes_a_stock_folder_with_its_lineage(ws):
     from redistill.data.images import dir_md5
     from redistill.models.pipelines import pipeline_sha256
 
-    assert lineage["teacher"] == {"path": "data/teachers/tiny", "sha256": pipeline_sha256(ws / "data" / "teachers" / "tiny")}
+    assert lineage["teacher"] == {
+        "path": "data/teachers/tiny",
+        "sha256": pipeline_sha256(ws / "data" / "teachers" / "tiny"),
+    }
     assert lineage["data"]["dvc_md5"] == dir_md5(ws / "data" / "reference")
     assert lineage["params"]["distill"]["method"] == "progressive" and lineage["code"]["git_commit"]
     assert lineage["budget"]["limit_s"] == 90 * 60 and lineage["budget"]["wall_time_s"] > 0
-    assert lineage["figures"]["gate"]["passed"] is True and set(lineage["figures"]["fid_gap_floors"]) == {"classifier", "encoder"}
+    assert lineage["figures"]["gate"]["passed"] is True and set(lineage["figures"]["fid_gap_floors"]) == {
+        "classifier",
+        "encoder",
+    }
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers") and lineage["teacher"]["sha256"] in card
     from diffusers import DiffusionPipeline
@@ -110,6 +119,7 @@ def test_demo_registers_the_champion_then_promotes_a_warm_student_of_the_new_tea
 def test_a_bootstrap_needs_its_student_and_a_student_needs_the_bootstrap_trigger(ws):
     r = runner.invoke(app, ["cycle", "--workspace", str(ws), "--trigger", "bootstrap"])
     assert r.exit_code == 2 and "--student DIR and --trigger bootstrap go together" in r.output
-    r = runner.invoke(app, ["cycle", "--workspace", str(ws), "--trigger", "manual", "--student",
-                            str(ws / "data" / "champion" / NAME)])
+    r = runner.invoke(
+        app, ["cycle", "--workspace", str(ws), "--trigger", "manual", "--student", str(ws / "data" / "champion" / NAME)]
+    )
     assert r.exit_code == 2 and "go together" in r.output

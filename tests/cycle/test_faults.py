@@ -77,6 +77,7 @@ def _registry(root: Path):
 
 # ---- teachers ---------------------------------------------------------------------------------------
 
+
 def _teacher(tmp: Path, seed: int = 1) -> Path:
     from helpers import make_tiny_pipeline
 
@@ -202,6 +203,7 @@ def t_not_a_folder(tmp):
 
 # ---- data -------------------------------------------------------------------------------------------
 
+
 def _data(tmp, ws, n: int = 200) -> Path:
     """The first n reference images with their labels."""
     d = tmp / "data"
@@ -318,8 +320,10 @@ def d_changes_while_read(tmp, ws):
     """An image lands in the data folder while the cycle distils from it: nothing may be registered."""
     d = _data(tmp, ws)
     extra = sorted((ws / "data" / "reference").glob("*.png"))[-1]
-    return {"data": d, "during_distillation": lambda: shutil.copy2(extra, d / "late.png"),
-            "changed_inputs": True}, [str(d), "changed while the cycle read it"]
+    return {"data": d, "during_distillation": lambda: shutil.copy2(extra, d / "late.png"), "changed_inputs": True}, [
+        str(d),
+        "changed while the cycle read it",
+    ]
 
 
 def d_too_few(tmp, ws):
@@ -327,6 +331,7 @@ def d_too_few(tmp, ws):
 
 
 # ---- settings ---------------------------------------------------------------------------------------
+
 
 def _params(tmp, text: str) -> Path:
     p = tmp / "bad.yaml"
@@ -371,15 +376,50 @@ def s_bad_init(tmp, ws):
     return {"params": _rewrite(_params(tmp, ""), "distill: {", "distill: {init: tepid, ")}, ["init"]
 
 
-CASES = {f.__name__: f for f in (
-    t_truncated, t_zero_bytes, t_oversized_header, t_nan_weights, t_inf_weights, t_config_does_not_match_weights,
-    t_missing_unet, t_missing_model_index, t_missing_scheduler_config, t_pickle_bin, t_pickle_ckpt, t_pickle_pt,
-    t_symlink_outside, t_still_being_written, t_not_a_folder,
-    d_empty, d_missing, d_truncated_image, d_not_an_image, d_mixed_sizes, d_mixed_modes, d_sixteen_bit,
-    d_decompression_bomb, d_labels_bad_row, d_labels_unknown_file, d_labels_parent_path, d_labels_absolute_path,
-    d_constant_images, d_near_total_duplicates, d_too_few, d_changes_while_read,
-    s_unknown_key, s_unknown_section, s_wrong_type, s_halving_impossible, s_unknown_method, s_duplicate_key, s_zero_batch, s_bad_init,
-)}
+CASES = {
+    f.__name__: f
+    for f in (
+        t_truncated,
+        t_zero_bytes,
+        t_oversized_header,
+        t_nan_weights,
+        t_inf_weights,
+        t_config_does_not_match_weights,
+        t_missing_unet,
+        t_missing_model_index,
+        t_missing_scheduler_config,
+        t_pickle_bin,
+        t_pickle_ckpt,
+        t_pickle_pt,
+        t_symlink_outside,
+        t_still_being_written,
+        t_not_a_folder,
+        d_empty,
+        d_missing,
+        d_truncated_image,
+        d_not_an_image,
+        d_mixed_sizes,
+        d_mixed_modes,
+        d_sixteen_bit,
+        d_decompression_bomb,
+        d_labels_bad_row,
+        d_labels_unknown_file,
+        d_labels_parent_path,
+        d_labels_absolute_path,
+        d_constant_images,
+        d_near_total_duplicates,
+        d_too_few,
+        d_changes_while_read,
+        s_unknown_key,
+        s_unknown_section,
+        s_wrong_type,
+        s_halving_impossible,
+        s_unknown_method,
+        s_duplicate_key,
+        s_zero_batch,
+        s_bad_init,
+    )
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -418,8 +458,9 @@ def test_fault_is_refused_cleanly(ws, tmp_path, case, monkeypatch):
     assert aliases_after == aliases, f"{case}: an alias moved"
     for rid in set(runs_after) - set(runs):
         run = runs_after[rid]
-        assert run.info.status == "FAILED" and run.data.tags.get("redistill.failure"), \
+        assert run.info.status == "FAILED" and run.data.tags.get("redistill.failure"), (
             f"{case}: run {rid} is {run.info.status} without a recorded failure"
+        )
     assert _tree(ws / "data") == data_before, f"{case}: something was written under data/"
     if not spec.get("changed_inputs"):
         assert _tree(tmp_path) == inputs_before, f"{case}: the faulty input was changed"

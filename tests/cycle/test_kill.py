@@ -29,10 +29,20 @@ pytestmark = pytest.mark.trials
 NAME = "digits-student"
 # (stage, gate): the failpoints in the order a cycle reaches them, a kill mid-distillation, then the
 # registry stages again with a champion in place (previous moves) and once for a rejected student
-TRIALS = [("run-opened", "lenient"), ("validated", "lenient"), ("mid-distillation", "lenient"),
-          ("distilled", "lenient"), ("evaluated", "lenient"), ("version-created", "lenient"),
-          ("previous-moved", "lenient"), ("champion-moved", "lenient"), ("version-created", "strict"),
-          ("evaluated", "strict"), ("previous-moved", "lenient"), ("champion-moved", "lenient")]
+TRIALS = [
+    ("run-opened", "lenient"),
+    ("validated", "lenient"),
+    ("mid-distillation", "lenient"),
+    ("distilled", "lenient"),
+    ("evaluated", "lenient"),
+    ("version-created", "lenient"),
+    ("previous-moved", "lenient"),
+    ("champion-moved", "lenient"),
+    ("version-created", "strict"),
+    ("evaluated", "strict"),
+    ("previous-moved", "lenient"),
+    ("champion-moved", "lenient"),
+]
 RECOVERED: list[str] = []
 
 
@@ -65,8 +75,9 @@ def test_kill_9_then_run_again(ws, trial):
     slow = stage == "mid-distillation"
     cycle = TINY_CYCLE.replace("distill: {", f"distill: {{seed: {trial}, ")  # a new key per trial
     if slow:
-        cycle = cycle.replace("steps_per_round: 3", "steps_per_round: 1500").replace("checkpoint_every: 2",
-                                                                                      "checkpoint_every: 50")
+        cycle = cycle.replace("steps_per_round: 3", "steps_per_round: 1500").replace(
+            "checkpoint_every: 2", "checkpoint_every: 50"
+        )
     lenient = LENIENT_GATE if gate == "lenient" else LENIENT_GATE.replace("fid_gap_max: 1000000000.0", UNMEETABLE_GAP)
     params.write_text(cycle + "teacher: {name: tiny}\n" + lenient)
     cmd = [sys.executable, "-m", "redistill", "cycle", "--workspace", str(ws), "--params", str(params), "--json"]
@@ -77,8 +88,11 @@ def test_kill_9_then_run_again(ws, trial):
     if slow:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=trial_env())
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and not list(
-                (ws / "runs" / "cycles").glob("*/checkpoints/*/meta.json")):
+        while (
+            time.time() < deadline
+            and proc.poll() is None
+            and not list((ws / "runs" / "cycles").glob("*/checkpoints/*/meta.json"))
+        ):
             time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -99,7 +113,9 @@ def test_kill_9_then_run_again(ws, trial):
     if gate == "lenient":
         assert out["decision"] == "promoted" and champ is not None and str(champ.version) == str(mine[0].version)
         if champion_before is not None and str(champion_before) != str(champ.version):
-            assert prev is not None and str(prev.version) == str(champion_before), f"{stage}: previous is not the old champion"
+            assert prev is not None and str(prev.version) == str(champion_before), (
+                f"{stage}: previous is not the old champion"
+            )
     else:
         assert out["decision"] == "rejected"
         assert getattr(champ, "version", None) == champion_before, f"{stage}: a rejected student moved champion"
@@ -108,8 +124,9 @@ def test_kill_9_then_run_again(ws, trial):
     running = c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     assert not running, f"{stage}: runs left RUNNING: {[r.info.run_id for r in running]}"
     killed = c.search_runs([exp.experiment_id], f"tags.`{PREFIX}key` = '{out['key']}' and attributes.status = 'KILLED'")
-    assert len(killed) == 1 and "died before it finished" in killed[0].data.tags[PREFIX + "failure"], \
+    assert len(killed) == 1 and "died before it finished" in killed[0].data.tags[PREFIX + "failure"], (
         f"{stage}: the killed run was not closed with its reason"
+    )
     deadline = time.time() + 20
     while time.time() < deadline and _servers() - servers_before:
         time.sleep(0.2)

@@ -28,7 +28,9 @@ NAME = "digits-student"
 @pytest.fixture(scope="module")
 def ws(digits_ws, tmp_path_factory):
     root = tiny_trial_workspace(digits_ws, tmp_path_factory.mktemp("loadws"))
-    (root / "params.yaml").write_text(TINY_CYCLE + "teacher: {name: tiny}\nwatch: {settle_seconds: 0.0}\n" + LENIENT_GATE)
+    (root / "params.yaml").write_text(
+        TINY_CYCLE + "teacher: {name: tiny}\nwatch: {settle_seconds: 0.0}\n" + LENIENT_GATE
+    )
     return root
 
 
@@ -45,11 +47,18 @@ def test_five_same_five_different_a_watch_and_the_nightly_at_once(ws):
         commands[f"different{i}"] = redistill + ["cycle", "--workspace", str(ws), "--params", str(p), "--json"]
     make_tiny_pipeline(ws / "data" / "teachers" / "tiny-v2", seed=7)  # the watch finds a new teacher and distils it
     commands["watch"] = redistill + ["watch", "--once", "--workspace", str(ws), "--json"]
-    commands["nightly"] = [sys.executable, "-c", "import json, sys; from redistill.flows.cycle import nightly; "
-                           "print(json.dumps(nightly(workspace_dir=sys.argv[1]), default=str))", str(ws)]
+    commands["nightly"] = [
+        sys.executable,
+        "-c",
+        "import json, sys; from redistill.flows.cycle import nightly; "
+        "print(json.dumps(nightly(workspace_dir=sys.argv[1]), default=str))",
+        str(ws),
+    ]
 
-    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trial_env())
-             for name, cmd in commands.items()}
+    procs = {
+        name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trial_env())
+        for name, cmd in commands.items()
+    }
     results, failures = {}, []
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=1800)
@@ -78,5 +87,7 @@ def test_five_same_five_different_a_watch_and_the_nightly_at_once(ws):
     assert not c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     import helpers
 
-    helpers.SUMMARY_LINES.append(f"load: {len(procs)} processes at once, {len(by_key)} keys, "
-                                  f"{sum(distilled.values())} distillations, {len(versions)} versions, 0 failures")
+    helpers.SUMMARY_LINES.append(
+        f"load: {len(procs)} processes at once, {len(by_key)} keys, "
+        f"{sum(distilled.values())} distillations, {len(versions)} versions, 0 failures"
+    )

@@ -108,7 +108,9 @@ def test_lora_fused_equals_unfused_and_adapter_refuses_another_base(sd_teacher, 
 
     pipe = load_pipeline(sd_teacher)
     unet = add_lora(fused_copy_safe(pipe.unet), 4)
-    assert {n for n, w in unet.named_parameters() if w.requires_grad} == {n for n, _ in unet.named_parameters() if "lora_" in n}
+    assert {n for n, w in unet.named_parameters() if w.requires_grad} == {
+        n for n, _ in unet.named_parameters() if "lora_" in n
+    }
     with torch.no_grad():
         for n, w in unet.named_parameters():
             if "lora_B" in n:
@@ -149,8 +151,12 @@ def test_an_adapter_that_loads_only_in_part_is_refused(sd_teacher, tmp_path):
     load_adapter_only(good)
     bad = tmp_path / "bad"
     shutil.copytree(good, bad)
-    StableDiffusionPipeline.save_lora_weights(str(bad), unet_lora_layers=convert_state_dict_to_diffusers(lora_state(unet)),
-                                              weight_name=LORA_WEIGHTS, safe_serialization=True)
+    StableDiffusionPipeline.save_lora_weights(
+        str(bad),
+        unet_lora_layers=convert_state_dict_to_diffusers(lora_state(unet)),
+        weight_name=LORA_WEIGHTS,
+        safe_serialization=True,
+    )
     assert (bad / LORA_META).is_file()
     with pytest.raises(PipelineError, match=f"adapts {n_layers} layers but only"):
         load_adapter_only(bad)
@@ -169,7 +175,9 @@ def test_other_methods_refuse_the_kind_before_training(sd_teacher, tmp_path):
     pipe = load_pipeline(sd_teacher)
     for method in ("progressive", "output", "adversarial", "rectified"):
         p = parse_params({"distill": {"method": method}}).distill
-        with pytest.raises(ValueError, match="does not serve text-to-image-latent teachers yet; use distill.method: consistency or dmd"):
+        with pytest.raises(
+            ValueError, match="does not serve text-to-image-latent teachers yet; use distill.method: consistency or dmd"
+        ):
             distill(p, pipe, torch.rand(4, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher)
         assert not (tmp_path / "ckpt").exists()
 
@@ -186,21 +194,37 @@ def test_lcm_lora_student_trains_only_the_adapter_and_loads_in_stock_diffusers(s
     model = adapter_for(pipe).use_prompts(prompts(32), paired=True)
     model.guidance_scale = 3.0
     data = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    p = parse_params({"distill": {"method": "consistency", "batch_size": 4, "lr": 1e-3, "checkpoint_every": 4,
-                                  "consistency": {"steps": 6, "solver_steps": 10}, "student": {"lora_rank": 4}}}).distill
-    student, summary = distill(p, pipe, data, tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher,
-                               captions=prompts(32))
+    p = parse_params(
+        {
+            "distill": {
+                "method": "consistency",
+                "batch_size": 4,
+                "lr": 1e-3,
+                "checkpoint_every": 4,
+                "consistency": {"steps": 6, "solver_steps": 10},
+                "student": {"lora_rank": 4},
+            }
+        }
+    ).distill
+    student, summary = distill(
+        p, pipe, data, tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher, captions=prompts(32)
+    )
     assert summary["lora_rank"] == 4 and summary["base_sha256"] == pipeline_sha256(sd_teacher)
     # rank 4 on the LCM-LoRA layers (convolutions included) of this tiny UNet: about 9% of its weights
     assert 0 < summary["adapter_params"] < sum(w.numel() for w in pipe.unet.parameters()) / 5
     for name in ("vae", "text_encoder"):  # the base's other components are the teacher's own
-        assert all(torch.equal(a, b) for a, b in zip(getattr(student, name).parameters(), getattr(pipe, name).parameters()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(getattr(student, name).parameters(), getattr(pipe, name).parameters())
+        )
     save_pipeline(student, tmp_path / "student")
     folder = tmp_path / "student"
     meta = json.loads((folder / LORA_META).read_text())
     assert meta["base_sha256"] == pipeline_sha256(sd_teacher) and meta["rank"] == 4
-    assert json.loads((folder / SAMPLING_FILE).read_text()) == {"guidance_scale": 1.0, "distilled_guidance_scale": 3.0,
-                                                                "num_inference_steps": 4}
+    assert json.loads((folder / SAMPLING_FILE).read_text()) == {
+        "guidance_scale": 1.0,
+        "distilled_guidance_scale": 3.0,
+        "num_inference_steps": 4,
+    }
     check_base(folder, sd_teacher)
     assert adapter_for(load_pipeline(folder)).sampling["guidance_scale"] == 1.0
     # a cycle that finds this student in its run folder while its teacher is another base refuses to go on
@@ -245,20 +269,48 @@ def test_lcm_lora_refuses_a_warm_start_or_a_smaller_student(sd_teacher, tmp_path
     from redistill.methods import distill, method_config
 
     pipe = load_pipeline(sd_teacher)
-    p = parse_params({"distill": {"method": "consistency", "student": {"layers_per_block": 1, "lora_rank": 4},
-                                  "consistency": {"steps": 2}}}).distill
+    p = parse_params(
+        {
+            "distill": {
+                "method": "consistency",
+                "student": {"layers_per_block": 1, "lora_rank": 4},
+                "consistency": {"steps": 2},
+            }
+        }
+    ).distill
     with pytest.raises(ValueError, match="a LoRA student is the teacher's own UNet plus an adapter"):
-        distill(p, pipe, torch.rand(8, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher,
-                captions=prompts(8))
+        distill(
+            p,
+            pipe,
+            torch.rand(8, 3, 16, 16),
+            tmp_path / "ckpt",
+            log=lambda m: None,
+            teacher_path=sd_teacher,
+            captions=prompts(8),
+        )
     with pytest.raises(ValueError, match="serves consistency and dmd, not output"):
         method_config(parse_params({"distill": {"method": "output", "student": {"lora_rank": 4}}}).distill)
     with pytest.raises(ValueError, match="trained on its base teacher from the start"):
         p = parse_params({"distill": {"method": "consistency", "student": {"lora_rank": 4}}}).distill
-        distill(p, pipe, torch.rand(8, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher,
-                captions=prompts(8), init={k: v.clone() for k, v in pipe.unet.state_dict().items()})
+        distill(
+            p,
+            pipe,
+            torch.rand(8, 3, 16, 16),
+            tmp_path / "ckpt",
+            log=lambda m: None,
+            teacher_path=sd_teacher,
+            captions=prompts(8),
+            init={k: v.clone() for k, v in pipe.unet.state_dict().items()},
+        )
     with pytest.raises(ValueError, match="this data has no captions"):
-        distill(parse_params({"distill": {"method": "consistency"}}).distill, pipe, torch.rand(8, 3, 16, 16),
-                tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher)
+        distill(
+            parse_params({"distill": {"method": "consistency"}}).distill,
+            pipe,
+            torch.rand(8, 3, 16, 16),
+            tmp_path / "ckpt",
+            log=lambda m: None,
+            teacher_path=sd_teacher,
+        )
 
 
 # --- a whole cycle from an empty workspace, with an LCM-LoRA student -------------------------------------------
@@ -292,10 +344,12 @@ def test_a_text_to_image_teacher_runs_the_whole_cycle_with_an_lcm_lora_student(t
     ws = tmp_path / "ws"
     ws.mkdir()
     clip = make_tiny_clip(tmp_path / "clip", SHAPE_WORDS)  # a user's clip:DIR (random weights here)
-    (ws / "params.yaml").write_text(TINY_METHODS.replace("consistency: {steps: 3}",
-                                                         "consistency: {steps: 3, solver_steps: 10}, student: {lora_rank: 4}")
-                                    .replace("evaluate: {", f"evaluate: {{features: [auto, 'clip:{clip}'], ")
-                                    + LENIENT_GATE)
+    (ws / "params.yaml").write_text(
+        TINY_METHODS.replace(
+            "consistency: {steps: 3}", "consistency: {steps: 3, solver_steps: 10}, student: {lora_rank: 4}"
+        ).replace("evaluate: {", f"evaluate: {{features: [auto, 'clip:{clip}'], ")
+        + LENIENT_GATE
+    )
     result = run_cycle(ws, teacher, data, "consistency")
     assert result["decision"] == "promoted", result
     c = client(tracking_uri(ws))
@@ -303,7 +357,10 @@ def test_a_text_to_image_teacher_runs_the_whole_cycle_with_an_lcm_lora_student(t
     mv = c.get_model_version("teacher-student", result["version"])
     assert mv.tags["redistill.teacher_sha256"] == pipeline_sha256(teacher)
     run = c.get_run(mv.run_id)
-    assert run.data.metrics["speed.unet_passes_per_step"] == 1 and run.data.metrics["speed.reference_unet_passes_per_step"] == 2
+    assert (
+        run.data.metrics["speed.unet_passes_per_step"] == 1
+        and run.data.metrics["speed.reference_unet_passes_per_step"] == 2
+    )
     assert "speed.vae_decode_ms_p50" in run.data.metrics
     assert 0 <= run.data.metrics["quality.clip_score"] <= 100 and "quality.reference_clip_score" in run.data.metrics
     runner = CliRunner()
@@ -317,19 +374,26 @@ def test_a_text_to_image_teacher_runs_the_whole_cycle_with_an_lcm_lora_student(t
     out = tmp_path / "export"
     r = runner.invoke(app, ["export", "--workspace", str(ws), "--alias", "champion", "--out", str(out)])
     assert r.exit_code == 0, r.output[-2000:]
-    assert (out / LORA_WEIGHTS).is_file() and json.loads((out / LORA_META).read_text())["base_sha256"] == pipeline_sha256(teacher)
+    assert (out / LORA_WEIGHTS).is_file() and json.loads((out / LORA_META).read_text())[
+        "base_sha256"
+    ] == pipeline_sha256(teacher)
     check_base(out, teacher)
     assert "load_lora_weights" in r.stdout and "guidance_scale=1.0" in r.stdout
     # the registry keeps the adapter and its pointer, not a copy of the base
     kept = Path(c.download_artifacts(mv.run_id, "student", str(tmp_path / "kept")))
     assert not (kept / "model_index.json").exists() and not (kept / "vae").exists()
-    assert sum(f.stat().st_size for f in kept.rglob("*") if f.is_file()) < sum(
-        f.stat().st_size for f in out.rglob("*") if f.is_file()) / 3
+    assert (
+        sum(f.stat().st_size for f in kept.rglob("*") if f.is_file())
+        < sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 3
+    )
     z = torch.randn(1, 4, 8, 8)
     emb = adapter_for(load_pipeline(teacher)).encode_prompts(["a picture of a ring"])
     exported, rebuilt = load_pipeline(out), load_pipeline(kept)
-    assert torch.allclose(exported.unet(z, 500, encoder_hidden_states=emb).sample,
-                          rebuilt.unet(z, 500, encoder_hidden_states=emb).sample, atol=1e-5)
+    assert torch.allclose(
+        exported.unet(z, 500, encoder_hidden_states=emb).sample,
+        rebuilt.unet(z, 500, encoder_hidden_states=emb).sample,
+        atol=1e-5,
+    )
     assert adapter_for(rebuilt).sampling["guidance_scale"] == 1.0
     answer = StudentModel(out).predict(pd.DataFrame([{"seed": 1, "num_images": 2, "prompt": "a picture of a ring"}]))
     assert answer["prompt"].tolist() == ["a picture of a ring"] * 2 and len(answer["image_png_base64"][0]) > 50
@@ -345,16 +409,21 @@ def test_the_evaluation_draws_the_datas_prompts_and_scores_adherence_per_sample(
     from redistill.evaluation.sampling import _cache_file, use_data_prompts
 
     caps = prompts(10)
-    data = ImageSet(images=np.zeros((10, 3, 16, 16), np.float32), labels=np.arange(10), files=[f"{i}.png" for i in range(10)],
-                    captions=caps)
+    data = ImageSet(
+        images=np.zeros((10, 3, 16, 16), np.float32),
+        labels=np.arange(10),
+        files=[f"{i}.png" for i in range(10)],
+        captions=caps,
+    )
     pipe, other = load_pipeline(sd_teacher), load_pipeline(sd_teacher)
     key_before = _cache_file(Path("/c"), pipe, "sha", "DDIM", 4, 0, 4)[0]
     asked = use_data_prompts([pipe, other], data)
     assert _cache_file(Path("/c"), pipe, "sha", "DDIM", 4, 0, 4)[0] != key_before  # the prompt set is in the sample key
     labels = asked(pipe, 7, 3, 4)  # batches of 4 and 3 from generator seeds 3 and 4, as metrics.sample draws them
     assert torch.equal(labels, asked(other, 7, 3, 4))  # the same prompts for both pipelines
-    drawn = adapter_for(other).draw_prompts(4, torch.Generator().manual_seed(3)) + \
-        adapter_for(other).draw_prompts(3, torch.Generator().manual_seed(4))
+    drawn = adapter_for(other).draw_prompts(4, torch.Generator().manual_seed(3)) + adapter_for(other).draw_prompts(
+        3, torch.Generator().manual_seed(4)
+    )
     assert [caps[int(k)] for k in labels] == drawn
 
     class Says(torch.nn.Module):  # a classifier that calls every image the class in its first pixel
@@ -377,22 +446,54 @@ def test_dmd_trains_a_lora_generator_on_captioned_latents(sd_teacher, tmp_path):
 
     pipe = load_pipeline(sd_teacher)
     adapter_for(pipe).guidance_scale = 2.0
-    p = parse_params({"distill": {"method": "dmd", "batch_size": 4, "checkpoint_every": 4, "target_steps": 2,
-                                  "dmd": {"steps": 2, "fake_updates": 1, "solver_steps": 10}, "student": {"lora_rank": 4}}}).distill
-    student, summary = distill(p, pipe, torch.rand(16, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None,
-                               teacher_path=sd_teacher, captions=prompts(16))
-    assert summary["method"] == "dmd" and summary["lora_rank"] == 4 and summary["base_sha256"] == pipeline_sha256(sd_teacher)
+    p = parse_params(
+        {
+            "distill": {
+                "method": "dmd",
+                "batch_size": 4,
+                "checkpoint_every": 4,
+                "target_steps": 2,
+                "dmd": {"steps": 2, "fake_updates": 1, "solver_steps": 10},
+                "student": {"lora_rank": 4},
+            }
+        }
+    ).distill
+    student, summary = distill(
+        p,
+        pipe,
+        torch.rand(16, 3, 16, 16),
+        tmp_path / "ckpt",
+        log=lambda m: None,
+        teacher_path=sd_teacher,
+        captions=prompts(16),
+    )
+    assert (
+        summary["method"] == "dmd"
+        and summary["lora_rank"] == 4
+        and summary["base_sha256"] == pipeline_sha256(sd_teacher)
+    )
     moved = max((a - b).abs().max().item() for a, b in zip(student.unet.parameters(), pipe.unet.parameters()))
     assert moved > 0
     save_pipeline(student, tmp_path / "student")
     check_base(tmp_path / "student", sd_teacher)
     assert json.loads((tmp_path / "student" / SAMPLING_FILE).read_text())["distilled_guidance_scale"] == 2.0
-    out = adapter_for(load_pipeline(tmp_path / "student")).sample(2, 2, torch.Generator().manual_seed(0), ["a digit one", "two"])
+    out = adapter_for(load_pipeline(tmp_path / "student")).sample(
+        2, 2, torch.Generator().manual_seed(0), ["a digit one", "two"]
+    )
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="start: teacher"):
-        q = parse_params({"distill": {"method": "dmd", "dmd": {"start": "output"}, "student": {"lora_rank": 4}}}).distill
-        distill(q, pipe, torch.rand(16, 3, 16, 16), tmp_path / "ckpt2", log=lambda m: None, teacher_path=sd_teacher,
-                captions=prompts(16))
+        q = parse_params(
+            {"distill": {"method": "dmd", "dmd": {"start": "output"}, "student": {"lora_rank": 4}}}
+        ).distill
+        distill(
+            q,
+            pipe,
+            torch.rand(16, 3, 16, 16),
+            tmp_path / "ckpt2",
+            log=lambda m: None,
+            teacher_path=sd_teacher,
+            captions=prompts(16),
+        )
 
 
 def test_a_pixel_unet_without_attention_cannot_take_a_lora_student(tmp_path):
@@ -445,7 +546,8 @@ def test_the_text_to_image_demo_runs_in_its_own_workspace_and_names_its_model(tm
 
     ws = tmp_path / "ws"
     ws.mkdir()
-    (ws / "params.yaml").write_text("""
+    (ws / "params.yaml").write_text(
+        """
 features: {epochs: 2, encoder_epochs: 2}
 t2i_teacher: {vae_steps: 5, train_steps: 5, batch_size: 16, vae_batch_size: 16, checkpoint_every: 5, guidance_sweep: [],
               eval_samples: 10, eval_steps: 2}
@@ -453,7 +555,9 @@ t2i_demo: {steps: 3, batch_size: 8, lora_rank: 4}
 distill: {consistency: {solver_steps: 10}}
 evaluate: {num_samples: 60, max_samples: 60, bootstrap: 5, kid_subset_size: 30, sample_batch_size: 60, latency_repeats: 1,
            throughput_repeats: 1, throughput_batch: 4, reference_steps: 4, floor_splits: 4}
-""" + LENIENT_GATE)
+"""
+        + LENIENT_GATE
+    )
     runner = CliRunner()
     r = runner.invoke(app, ["demo", "--kind", "text-to-image", "--json", "--workspace", str(ws)])
     assert r.exit_code == 0, r.output[-3000:]
@@ -464,8 +568,20 @@ evaluate: {num_samples: 60, max_samples: 60, bootstrap: 5, kid_subset_size: 30, 
     assert 0 <= fig["prompt_adherence"] <= 1 and "vae_decode_ms_p50" in fig
     sub = Path(out["workspace"])
     assert sub == ws / "runs" / "demo-text-to-image" and (sub / "data" / "reference" / "captions.csv").is_file()
-    r = runner.invoke(app, ["export", "--workspace", str(sub), "--model", out["model"], "--alias", "champion",
-                            "--out", str(tmp_path / "student")])
+    r = runner.invoke(
+        app,
+        [
+            "export",
+            "--workspace",
+            str(sub),
+            "--model",
+            out["model"],
+            "--alias",
+            "champion",
+            "--out",
+            str(tmp_path / "student"),
+        ],
+    )
     assert r.exit_code == 0, r.output[-2000:]
     assert (tmp_path / "student" / LORA_WEIGHTS).is_file()
     r = runner.invoke(app, ["demo", "--kind", "pictures", "--workspace", str(ws)])
@@ -493,16 +609,31 @@ def make_tiny_clip(out: Path, words: list[str]) -> Path:
     """A whole CLIPModel from configs (random weights) with its tokenizer, saved as a local folder."""
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
-    tok = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(out.parent / f"{out.name}-tok", words)),
-                                        local_files_only=True)
-    cfg = CLIPConfig(text_config=CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37,
-                                                num_hidden_layers=1, num_attention_heads=4,
-                                                max_position_embeddings=tok.model_max_length,
-                                                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                                                pad_token_id=tok.pad_token_id).to_dict(),
-                     vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                                                    num_attention_heads=4, image_size=16, patch_size=8).to_dict(),
-                     projection_dim=512)  # as real CLIP checkpoints: the vision tower alone reads 512 too
+    tok = CLIPTokenizer.from_pretrained(
+        str(write_clip_tokenizer(out.parent / f"{out.name}-tok", words)), local_files_only=True
+    )
+    cfg = CLIPConfig(
+        text_config=CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=tok.model_max_length,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ).to_dict(),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=8,
+        ).to_dict(),
+        projection_dim=512,
+    )  # as real CLIP checkpoints: the vision tower alone reads 512 too
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -514,10 +645,25 @@ def test_a_full_unet_student_stays_possible(sd_teacher, tmp_path):
     from redistill.methods import distill
 
     pipe = load_pipeline(sd_teacher)
-    p = parse_params({"distill": {"method": "consistency", "batch_size": 4, "checkpoint_every": 4,
-                                  "consistency": {"steps": 2, "solver_steps": 10}}}).distill
-    student, summary = distill(p, pipe, torch.rand(8, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None,
-                               teacher_path=sd_teacher, captions=prompts(8))
+    p = parse_params(
+        {
+            "distill": {
+                "method": "consistency",
+                "batch_size": 4,
+                "checkpoint_every": 4,
+                "consistency": {"steps": 2, "solver_steps": 10},
+            }
+        }
+    ).distill
+    student, summary = distill(
+        p,
+        pipe,
+        torch.rand(8, 3, 16, 16),
+        tmp_path / "ckpt",
+        log=lambda m: None,
+        teacher_path=sd_teacher,
+        captions=prompts(8),
+    )
     assert "lora_rank" not in summary
     save_pipeline(student, tmp_path / "student")
     assert not (tmp_path / "student" / LORA_META).exists() and (tmp_path / "student" / SAMPLING_FILE).is_file()

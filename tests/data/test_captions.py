@@ -51,8 +51,11 @@ def images(n: int, seed: int, size: int = 8) -> np.ndarray:
 
 
 def folder(path, n=40, seed=0, captions="digits", fmt="csv"):
-    caps = {"digits": digit_prompts, "animals": animal_prompts}[captions](n, seed + 1000) if isinstance(captions, str) \
+    caps = (
+        {"digits": digit_prompts, "animals": animal_prompts}[captions](n, seed + 1000)
+        if isinstance(captions, str)
         else captions
+    )
     write_image_folder(path, images(n, seed), None, captions=caps, captions_format=fmt)
     return path
 
@@ -66,7 +69,9 @@ def folder(path, n=40, seed=0, captions="digits", fmt="csv"):
 def test_both_formats_round_trip_in_file_order(tmp_path, fmt, file):
     caps = ["a cat, sitting", "ünïcode prompt", 'a "quoted" dog', "one\ttab"]
     write_image_folder(tmp_path / "d", images(4, 0), np.arange(4), captions=caps, captions_format=fmt)
-    assert sorted(p.name for p in (tmp_path / "d").iterdir() if not p.name.endswith(".png")) == sorted(["labels.csv", file])
+    assert sorted(p.name for p in (tmp_path / "d").iterdir() if not p.name.endswith(".png")) == sorted(
+        ["labels.csv", file]
+    )
     im = load_image_folder(tmp_path / "d")
     assert im.captions == caps and im.labels.tolist() == [0, 1, 2, 3]
     assert load_image_folder(folder(tmp_path / "plain", n=3, captions=None)).captions is None
@@ -74,9 +79,11 @@ def test_both_formats_round_trip_in_file_order(tmp_path, fmt, file):
 
 def test_metadata_jsonl_in_the_hugging_face_layout_reads_text_then_caption_then_prompt(tmp_path):
     d = folder(tmp_path / "d", n=3, captions=None)
-    rows = [{"file_name": "00000.png", "prompt": "p0", "caption": "c0", "label": 3},
-            {"file_name": "00001.png", "prompt": "p1", "caption": "c1"},
-            {"file_name": "00002.png", "prompt": "p2"}]  # no `caption`: a missing caption, not a crash
+    rows = [
+        {"file_name": "00000.png", "prompt": "p0", "caption": "c0", "label": 3},
+        {"file_name": "00001.png", "prompt": "p1", "caption": "c1"},
+        {"file_name": "00002.png", "prompt": "p2"},
+    ]  # no `caption`: a missing caption, not a crash
     (d / METADATA_JSONL).write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     caps = read_captions(d)
     assert caps.column == "caption" and caps.extra["00000.png"] == {"prompt": "p0", "label": 3}
@@ -98,16 +105,32 @@ def bad_jsonl(d, text):
     return d
 
 
-@pytest.mark.parametrize("write, says", [
-    (lambda d: (d / METADATA_JSONL).write_text('{"file_name": "00000.png", "text": "x"}\n'), "holds both"),
-    (lambda d: (d / CAPTIONS_CSV).write_text("file,caption\n00000.png,a\nmissing.png,b\n"), "missing.png is not a PNG image"),
-    (lambda d: (d / CAPTIONS_CSV).write_text("file,caption\n../00000.png,a\n"), "not a plain file name"),
-    (lambda d: (d / CAPTIONS_CSV).write_text("file,caption\nsub/00000.png,a\n"), "not a plain file name"),
-    (lambda d: (d / CAPTIONS_CSV).write_text("file,caption\n00000.png,a\n00000.png,b\n"), "second caption"),
-    (lambda d: (d / CAPTIONS_CSV).write_text("file,caption\n00000.png,a cat, sitting\n"), "line 2: 3 fields"),
-    (lambda d: (d / CAPTIONS_CSV).write_text("file,text\n00000.png,a\n"), "header `file,caption`"),
-    (lambda d: (d / CAPTIONS_CSV).write_text("file,caption\nlabels.csv,a\n"), "not a PNG image"),
-], ids=["both-files", "unknown-file", "traversal", "subfolder", "duplicate-row", "unquoted-comma", "header", "not-png"])
+@pytest.mark.parametrize(
+    "write, says",
+    [
+        (lambda d: (d / METADATA_JSONL).write_text('{"file_name": "00000.png", "text": "x"}\n'), "holds both"),
+        (
+            lambda d: (d / CAPTIONS_CSV).write_text("file,caption\n00000.png,a\nmissing.png,b\n"),
+            "missing.png is not a PNG image",
+        ),
+        (lambda d: (d / CAPTIONS_CSV).write_text("file,caption\n../00000.png,a\n"), "not a plain file name"),
+        (lambda d: (d / CAPTIONS_CSV).write_text("file,caption\nsub/00000.png,a\n"), "not a plain file name"),
+        (lambda d: (d / CAPTIONS_CSV).write_text("file,caption\n00000.png,a\n00000.png,b\n"), "second caption"),
+        (lambda d: (d / CAPTIONS_CSV).write_text("file,caption\n00000.png,a cat, sitting\n"), "line 2: 3 fields"),
+        (lambda d: (d / CAPTIONS_CSV).write_text("file,text\n00000.png,a\n"), "header `file,caption`"),
+        (lambda d: (d / CAPTIONS_CSV).write_text("file,caption\nlabels.csv,a\n"), "not a PNG image"),
+    ],
+    ids=[
+        "both-files",
+        "unknown-file",
+        "traversal",
+        "subfolder",
+        "duplicate-row",
+        "unquoted-comma",
+        "header",
+        "not-png",
+    ],
+)
 def test_a_bad_captions_csv_is_a_data_error_that_says_what_to_fix(tmp_path, write, says):
     d = folder(tmp_path / "d", n=2)
     write(d)
@@ -115,15 +138,21 @@ def test_a_bad_captions_csv_is_a_data_error_that_says_what_to_fix(tmp_path, writ
         load_image_folder(d)
 
 
-@pytest.mark.parametrize("text, says", [
-    ('{"file_name": "00000.png", "text": "a"}\n{"file_name": "00001.png", "text": "b"\n', "line 2 is not valid JSON"),
-    ('["00000.png", "a"]\n', "line 1 is a JSON list, not an object"),
-    ('{"image": "00000.png", "text": "a"}\n', "no `file_name`"),
-    ('{"file_name": "00000.png", "text": 7}\n', "`text` of 00000.png is a JSON int"),
-    ('{"file_name": "00000.png", "description": "a"}\n', "no caption column"),
-    ('{"file_name": "../../etc/passwd.png", "text": "a"}\n', "not a plain file name"),
-    ('{"file_name": "nothere.png", "text": "a"}\n', "nothere.png is not a PNG image"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        (
+            '{"file_name": "00000.png", "text": "a"}\n{"file_name": "00001.png", "text": "b"\n',
+            "line 2 is not valid JSON",
+        ),
+        ('["00000.png", "a"]\n', "line 1 is a JSON list, not an object"),
+        ('{"image": "00000.png", "text": "a"}\n', "no `file_name`"),
+        ('{"file_name": "00000.png", "text": 7}\n', "`text` of 00000.png is a JSON int"),
+        ('{"file_name": "00000.png", "description": "a"}\n', "no caption column"),
+        ('{"file_name": "../../etc/passwd.png", "text": "a"}\n', "not a plain file name"),
+        ('{"file_name": "nothere.png", "text": "a"}\n', "nothere.png is not a PNG image"),
+    ],
+)
 def test_a_malformed_metadata_jsonl_is_a_data_error_with_its_line(tmp_path, text, says):
     d = bad_jsonl(folder(tmp_path / "d", n=2, captions=None), text)
     with pytest.raises(DataError, match=says):
@@ -148,8 +177,9 @@ def test_merge_batch_carries_the_captions_in_the_sets_format(tmp_path):
 
     # a jsonl set stays jsonl, with its caption column and each line's other fields
     jbase = folder(tmp_path / "jbase", n=2, seed=2, captions=None)
-    (jbase / METADATA_JSONL).write_text("".join(json.dumps({"file_name": f"0000{i}.png", "prompt": f"p{i}", "score": i}) + "\n"
-                                                for i in range(2)))
+    (jbase / METADATA_JSONL).write_text(
+        "".join(json.dumps({"file_name": f"0000{i}.png", "prompt": f"p{i}", "score": i}) + "\n" for i in range(2))
+    )
     merge_batch(jbase, base, tmp_path / "jout", "b2")
     lines = [json.loads(x) for x in (tmp_path / "jout" / METADATA_JSONL).read_text().splitlines()]
     assert lines[0] == {"file_name": "00000.png", "prompt": "p0", "score": 0} and len(lines) == 6
@@ -206,12 +236,20 @@ def test_a_clean_captioned_folder_passes_and_says_how_it_counted(reference, tmp_
 def test_empty_missing_overlong_and_duplicated_captions_fail_naming_the_files(reference, tmp_path):
     from redistill.data.expectations import validate_folder
 
-    batch = rewrite(folder(tmp_path / "batch", n=40, seed=0),
-                    {"00003.png": "   ", "00004.png": None, "00005.png": " ".join(["word"] * 78),
-                     **{f"000{i}.png": "An  image" if i % 2 else "an image" for i in range(20, 32)}})
+    batch = rewrite(
+        folder(tmp_path / "batch", n=40, seed=0),
+        {
+            "00003.png": "   ",
+            "00004.png": None,
+            "00005.png": " ".join(["word"] * 78),
+            **{f"000{i}.png": "An  image" if i % 2 else "an image" for i in range(20, 32)},
+        },
+    )
     r = validate_folder(batch, reference, LENIENT, tmp_path / "out")
     assert not r.success
-    by_column = {c: next(f for f in r.failed if f"column={c}" in f) for c in ("has_caption", "n_tokens", "caption_share")}
+    by_column = {
+        c: next(f for f in r.failed if f"column={c}" in f) for c in ("has_caption", "n_tokens", "caption_share")
+    }
     assert "2 images have no caption" in by_column["has_caption"]
     assert "00003.png" in by_column["has_caption"] and "00004.png" in by_column["has_caption"]
     assert "00005.png" in by_column["n_tokens"] and "longer than 77 whitespace words" in by_column["n_tokens"]
@@ -220,7 +258,9 @@ def test_empty_missing_overlong_and_duplicated_captions_fail_naming_the_files(re
     assert len(r.failed) == 3  # the images themselves are fine: no image expectation fails
     assert json.loads((tmp_path / "out" / "captions_result.json").read_text())["success"] is False
     # the share is a setting: 1 turns the duplicate check off
-    r = validate_folder(batch, reference, ValidateParams(min_count=10, max_duplicate_caption_share=1.0), tmp_path / "o2")
+    r = validate_folder(
+        batch, reference, ValidateParams(min_count=10, max_duplicate_caption_share=1.0), tmp_path / "o2"
+    )
     assert not any("caption_share" in f for f in r.failed)
 
 
@@ -243,9 +283,18 @@ def write_clip_tokenizer(out, words: list[str], model_max_length: int):
         vocab[s] = len(vocab)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n", encoding="utf-8")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": model_max_length,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        )
+    )
     return out
 
 
@@ -294,8 +343,13 @@ def test_without_captions_the_validation_is_the_image_only_one(tmp_path):
     r = validate_folder(ref, ref, LENIENT, tmp_path / "out")
     assert r.success and r.captions == "" and r.captions_result_json is None
     assert r.message() == f"data validation passed (40 images; bands from {r.bands_from})"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["basis.json", "data_docs", "profile.json",
-                                                                     "result.json", "suite.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "basis.json",
+        "data_docs",
+        "profile.json",
+        "result.json",
+        "suite.json",
+    ]
     assert json.loads(r.suite_json.read_text())["name"] == SUITE_NAME
 
 
@@ -309,10 +363,17 @@ def test_word_features_are_deterministic_across_processes_and_l2_normalised():
     z = word_features(caps)
     assert z.shape == (4, 1024) and np.allclose(z.norm(dim=1).numpy(), [1, 1, 0, 1])
     assert np.allclose(z[0].numpy(), z[1].numpy())  # case and punctuation do not matter
-    code = ("import json; from redistill.drift.features import word_features; "
-            f"print(json.dumps(word_features({caps!r}).tolist()))")
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": "123"}).stdout
+    code = (
+        "import json; from redistill.drift.features import word_features; "
+        f"print(json.dumps(word_features({caps!r}).tolist()))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+    ).stdout
     assert np.allclose(np.array(json.loads(other)), z.numpy())
 
 
@@ -356,8 +417,16 @@ def test_a_callers_text_extractor_is_used_and_named(drift_folders):
 
         return torch.tensor([[len(c.split()), len(c)] for c in captions], dtype=torch.float32)
 
-    rep = check_folder(f["animals"], f["reference"], pixel_features, ALPHA, 199, 0, text_extractor=by_length,
-                       text_features="clip-pooled")
+    rep = check_folder(
+        f["animals"],
+        f["reference"],
+        pixel_features,
+        ALPHA,
+        199,
+        0,
+        text_extractor=by_length,
+        text_features="clip-pooled",
+    )
     assert seen == [240, 120] and rep.text_features == "clip-pooled" and rep.text_mmd_p is not None
 
 
@@ -365,17 +434,39 @@ def test_without_captions_the_image_only_drift_result_is_unchanged(drift_folders
     f = drift_folders
     plain = check_folder(f["plain_same"], f["plain_ref"], pixel_features, ALPHA, PERMUTATIONS, 0, tmp_path / "p")
     captioned = check_folder(f["same"], f["reference"], pixel_features, ALPHA, PERMUTATIONS, 0)  # the same images
-    old_keys = {"batch", "n_batch", "n_reference", "alpha", "mmd2", "mmd_p", "mmd_bandwidth", "ks", "drifted",
-                "reasons", "histogram_tv"}
-    assert set(plain.to_dict()) == old_keys == set(json.loads((tmp_path / "p" / "drift.json").read_text())) - {
-        "reference", "batch_path"}
+    old_keys = {
+        "batch",
+        "n_batch",
+        "n_reference",
+        "alpha",
+        "mmd2",
+        "mmd_p",
+        "mmd_bandwidth",
+        "ks",
+        "drifted",
+        "reasons",
+        "histogram_tv",
+    }
+    assert (
+        set(plain.to_dict())
+        == old_keys
+        == set(json.loads((tmp_path / "p" / "drift.json").read_text())) - {"reference", "batch_path"}
+    )
     assert plain.text_mmd_p is None and not plain.prompts_drifted
     # the image tests do not depend on the captions
     assert (plain.mmd2, plain.mmd_p, plain.ks) == (captioned.mmd2, captioned.mmd_p, captioned.ks)
     # and equal the two-family detect called as before captions existed
     ref, new = load_image_folder(f["plain_ref"]), load_image_folder(f["plain_same"])
-    direct = detect("plain_same", pixel_features(ref.images), image_stats(ref.images), pixel_features(new.images),
-                    image_stats(new.images), ALPHA, PERMUTATIONS, 0)
+    direct = detect(
+        "plain_same",
+        pixel_features(ref.images),
+        image_stats(ref.images),
+        pixel_features(new.images),
+        image_stats(new.images),
+        ALPHA,
+        PERMUTATIONS,
+        0,
+    )
     assert direct.to_dict() == plain.to_dict()
 
 
@@ -389,8 +480,13 @@ def test_the_watch_task_tests_the_prompts_of_a_captioned_batch(drift_folders, tm
     from redistill.tasks.watch import drift_test
 
     f = drift_folders
-    out = drift_test.fn(f["animals"], f["reference"], tmp_path / "features", DriftParams(features="pixels", permutations=199),
-                        tmp_path / "report")
+    out = drift_test.fn(
+        f["animals"],
+        f["reference"],
+        tmp_path / "features",
+        DriftParams(features="pixels", permutations=199),
+        tmp_path / "report",
+    )
     assert out["drifted"] and out["text_features"] == "words" and out["reasons"][0].startswith("the prompts drifted")
 
 
@@ -411,7 +507,11 @@ def test_the_minilm_sentence_encoder_embeds_meaning_and_flags_other_subjects(dri
     same = drift_test.fn(f["same"], f["reference"], tmp_path / "features", p, tmp_path / "r1")
     other = drift_test.fn(f["animals"], f["reference"], tmp_path / "features", p, tmp_path / "r2")
     assert same["text_features"] == "minilm" and same["text_mmd_p"] > 0.05 and not same["drifted"]
-    assert other["drifted"] and other["text_features"] == "minilm" and other["reasons"][0].startswith("the prompts drifted")
+    assert (
+        other["drifted"]
+        and other["text_features"] == "minilm"
+        and other["reasons"][0].startswith("the prompts drifted")
+    )
 
 
 def test_a_sentence_folder_without_safetensors_is_refused_with_how_to_fix(tmp_path):

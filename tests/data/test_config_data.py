@@ -23,6 +23,7 @@ def test_repository_params_yaml_loads_and_covers_every_field(tmp_path):
 
     p = load_params(REPO / "params.yaml")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
+
     # every setting is written out in params.yaml: it is the single, complete source
     def keys(d):  # nested key sets: method subsections must be complete too
         return {k: keys(v) if isinstance(v, dict) else None for k, v in d.items()}
@@ -57,8 +58,13 @@ def test_load_params_reports_the_file(tmp_path):
         load_params(f)
 
 
-METHOD_CONFIGS = {"progressive": "ProgressiveConfig", "consistency": "ConsistencyConfig", "output": "OutputConfig",
-                  "adversarial": "AdversarialConfig", "dmd": "DMDConfig"}
+METHOD_CONFIGS = {
+    "progressive": "ProgressiveConfig",
+    "consistency": "ConsistencyConfig",
+    "output": "OutputConfig",
+    "adversarial": "AdversarialConfig",
+    "dmd": "DMDConfig",
+}
 
 
 @pytest.mark.parametrize("method", list(METHOD_CONFIGS))
@@ -84,11 +90,27 @@ def test_method_configs_have_the_params_yaml_defaults(method):
         assert own[name] == getattr(d, name), name
     assert own["student_channels"] == tuple(d.student.block_out_channels)
     assert own["student_layers"] == d.student.layers_per_block and own["feature_loss"] == d.student.feature_loss
-    assert (own["lora_rank"], own["lora_alpha"], own["lora_targets"]) == (d.student.lora_rank, d.student.lora_alpha,
-                                                                          d.student.lora_targets)
-    assert set(own) == set(section) | {"target_steps", "batch_size", "lr", "ema_decay", "seed", "checkpoint_every",
-                                        "mixed_precision", "student_channels", "student_layers", "feature_loss",
-                                        "lora_rank", "lora_alpha", "lora_targets", "init_from"}
+    assert (own["lora_rank"], own["lora_alpha"], own["lora_targets"]) == (
+        d.student.lora_rank,
+        d.student.lora_alpha,
+        d.student.lora_targets,
+    )
+    assert set(own) == set(section) | {
+        "target_steps",
+        "batch_size",
+        "lr",
+        "ema_decay",
+        "seed",
+        "checkpoint_every",
+        "mixed_precision",
+        "student_channels",
+        "student_layers",
+        "feature_loss",
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "init_from",
+    }
 
 
 def test_progressive_config_default_teacher_steps_is_params_yaml_s():
@@ -181,7 +203,9 @@ def test_prepare_splits_and_drifts():
     assert len(ref_y) + len(s["holdout"][1]) == 1797
     # holdout images never appear in the reference (the classifier's test split is really held out)
     ref_set = {im.tobytes() + bytes([y]) for im, y in zip(ref_imgs, ref_y)}
-    assert sum(im.tobytes() + bytes([y]) in ref_set for im, y in zip(*s["holdout"])) < 5  # digits has a few exact duplicates
+    assert (
+        sum(im.tobytes() + bytes([y]) in ref_set for im, y in zip(*s["holdout"])) < 5
+    )  # digits has a few exact duplicates
     share = lambda y: np.isin(y, p.class_mix_classes).mean()  # noqa: E731
     assert abs(share(s["nodrift"][1]) - share(ref_y)) < 0.1
     assert share(s["class_mix"][1]) == pytest.approx(p.class_mix_share, abs=0.01)

@@ -35,8 +35,11 @@ def test_reference_and_a_like_batch_pass_and_leave_gx_files(digits_ws, ref, tmp_
     assert r.success and r.num_images == 150
     suite = json.loads(r.suite_json.read_text())
     types = {e["type"] for e in suite["expectations"]}
-    assert {"expect_column_values_to_be_unique", "expect_table_row_count_to_be_between",
-            "expect_column_kl_divergence_to_be_less_than"} <= types
+    assert {
+        "expect_column_values_to_be_unique",
+        "expect_table_row_count_to_be_between",
+        "expect_column_kl_divergence_to_be_less_than",
+    } <= types
     assert json.loads(r.result_json.read_text())["success"] is True
     assert r.data_docs.is_file() and "<html" in r.data_docs.read_text().lower()
 
@@ -116,7 +119,8 @@ def test_a_set_grown_by_a_dimmed_batch_fails_against_the_reference_bands_alone(d
 
 
 def test_a_grown_set_is_validated_against_the_reference_it_grew_from_widened_by_its_batches(
-        digits_ws, grown_ws, tiny_pipeline, tmp_path):
+    digits_ws, grown_ws, tiny_pipeline, tmp_path
+):
     from redistill.config import Params
     from redistill.cycle.runs import resolve_inputs
     from redistill.data.images import dir_md5
@@ -126,7 +130,9 @@ def test_a_grown_set_is_validated_against_the_reference_it_grew_from_widened_by_
     rep, ref = root / "data" / "representative", root / "data" / "reference"
     record = json.loads((rep / "grown_from.json").read_text())
     assert grown["grown_from"] == record and record["reference"] == {"path": "data/reference", "md5": dir_md5(ref)}
-    assert [(b["name"], b["prefix"], b["images"], b["md5"]) for b in record["batches"]] == [("dim", "dim__", 150, dir_md5(dim))]
+    assert [(b["name"], b["prefix"], b["images"], b["md5"]) for b in record["batches"]] == [
+        ("dim", "dim__", 150, dir_md5(dim))
+    ]
     assert grown["md5"] == dir_md5(rep)  # the record is part of the set's md5: the key and DVC cover it
 
     r = validate_data.fn(rep, ref, ValidateParams(), tmp_path / "out", dir_md5(ref))

@@ -74,15 +74,48 @@ def test_every_prepared_drift_is_detected_and_the_clean_batch_is_not(digits_ws, 
 
 
 def test_cli_check_and_calibrate(digits_ws, tmp_path):
-    r = runner.invoke(app, ["drift", "check", str(digits_ws / "data" / "incoming" / "style"), "--workspace",
-                            str(digits_ws), "--out", str(tmp_path / "style"), "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "drift",
+            "check",
+            str(digits_ws / "data" / "incoming" / "style"),
+            "--workspace",
+            str(digits_ws),
+            "--out",
+            str(tmp_path / "style"),
+            "--json",
+        ],
+    )
     assert r.exit_code == 1, r.output  # drifted
     assert json.loads(r.stdout)["drifted"] and (tmp_path / "style" / "drift.png").stat().st_size > 0
-    r = runner.invoke(app, ["drift", "check", str(digits_ws / "data" / "incoming" / "nodrift"), "--workspace",
-                            str(digits_ws), "--out", str(tmp_path / "nodrift")])
+    r = runner.invoke(
+        app,
+        [
+            "drift",
+            "check",
+            str(digits_ws / "data" / "incoming" / "nodrift"),
+            "--workspace",
+            str(digits_ws),
+            "--out",
+            str(tmp_path / "nodrift"),
+        ],
+    )
     assert r.exit_code == 0 and "no drift" in r.output
-    r = runner.invoke(app, ["drift", "calibrate", "--splits", "50", "--workspace", str(digits_ws), "--out",
-                            str(tmp_path / "cal.json"), "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "drift",
+            "calibrate",
+            "--splits",
+            "50",
+            "--workspace",
+            str(digits_ws),
+            "--out",
+            str(tmp_path / "cal.json"),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["splits"] == 50 and out["false_alarm_rate"] <= 0.05

@@ -69,8 +69,17 @@ def test_batches_from_the_same_generator_do_not_drift(rgb, seed):
     b = batch(seed)
     rep = detect(f"seed{seed}", feats, stats, *embed(b), ALPHA, PERMUTATIONS, seed)
     assert not rep.drifted, rep.reasons
-    assert set(rep.ks) == {"mean_c0", "mean_c1", "mean_c2", "std_c0", "std_c1", "std_c2", "sharpness", "saturation",
-                           "hist_tv"}
+    assert set(rep.ks) == {
+        "mean_c0",
+        "mean_c1",
+        "mean_c2",
+        "std_c0",
+        "std_c1",
+        "std_c2",
+        "sharpness",
+        "saturation",
+        "hist_tv",
+    }
     assert rep.histogram_tv < 0.1
 
 
@@ -126,8 +135,16 @@ def test_gx_bands_are_learnt_per_channel_and_refuse_an_out_of_band_batch(folders
 
     root, ref = folders
     profile = reference_profile(image_table(ref), ValidateParams())
-    assert set(profile["bands"]) == {"mean_c0", "mean_c1", "mean_c2", "std_c0", "std_c1", "std_c2", "sharpness",
-                                     "saturation"}
+    assert set(profile["bands"]) == {
+        "mean_c0",
+        "mean_c1",
+        "mean_c2",
+        "std_c0",
+        "std_c1",
+        "std_c2",
+        "sharpness",
+        "saturation",
+    }
     assert profile["channels"] == 3 and "label_values" in profile
     like = validate_folder(root / "like", ref, ValidateParams(), tmp_path / "like")  # no labels.csv: no label check
     assert like.success, like.message()
@@ -157,22 +174,54 @@ def test_cli_calibrates_and_checks_any_reference_folder(folders, tmp_path):
     shapes.write(incoming / "like", 60, seed=11)
     from redistill.data.images import write_image_folder
 
-    write_image_folder(incoming / "washed", np.rint(desaturate(batch(12, 60), 0.4).transpose(0, 2, 3, 1) * 255)
-                       .astype(np.uint8), None)
+    write_image_folder(
+        incoming / "washed", np.rint(desaturate(batch(12, 60), 0.4).transpose(0, 2, 3, 1) * 255).astype(np.uint8), None
+    )
     (tmp_path / "params.yaml").write_text("drift: {permutations: 99}\n")
     args = ["--workspace", str(tmp_path), "--features", "pixels"]
-    r = runner.invoke(app, ["drift", "calibrate", "--splits", "50", "--reference", str(ref), "--incoming", str(incoming),
-                            "--batch-size", "40", "--out", str(tmp_path / "cal.json"), "--json", *args])
+    r = runner.invoke(
+        app,
+        [
+            "drift",
+            "calibrate",
+            "--splits",
+            "50",
+            "--reference",
+            str(ref),
+            "--incoming",
+            str(incoming),
+            "--batch-size",
+            "40",
+            "--out",
+            str(tmp_path / "cal.json"),
+            "--json",
+            *args,
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["splits"] == 50 and out["batch_size"] == 40 and out["false_alarm_rate"] <= 0.05, out
     assert out["batches"]["washed"]["drifted"] and not out["batches"]["like"]["drifted"], out["batches"]
     assert out["flagged_batches"] == "1 of 2" and out["features"] == "pixels"
 
-    r = runner.invoke(app, ["drift", "check", str(incoming / "washed"), "--reference", str(ref), "--out",
-                            str(tmp_path / "washed"), *args])
+    r = runner.invoke(
+        app,
+        ["drift", "check", str(incoming / "washed"), "--reference", str(ref), "--out", str(tmp_path / "washed"), *args],
+    )
     assert r.exit_code == 1 and "saturation" in r.output, r.output
     assert (tmp_path / "washed" / "drift.png").stat().st_size > 0
-    r = runner.invoke(app, ["drift", "check", str(incoming / "like"), "--reference", str(ref), "--workspace",
-                            str(tmp_path), "--features", "nonsense"])
+    r = runner.invoke(
+        app,
+        [
+            "drift",
+            "check",
+            str(incoming / "like"),
+            "--reference",
+            str(ref),
+            "--workspace",
+            str(tmp_path),
+            "--features",
+            "nonsense",
+        ],
+    )
     assert r.exit_code == 2 and "pixels" in r.output, r.output

@@ -108,8 +108,15 @@ def test_reference_samples_are_cached_by_content(suite, tiny_pipeline, tmp_path)
     cache = tmp_path / "cache"
 
     def go(ref):
-        return evaluate(Side(tiny_pipeline, 1), Side(ref, 4), data, FeatureExtractor(clf), p.evaluate,
-                        classifier=clf, cache_dir=cache)
+        return evaluate(
+            Side(tiny_pipeline, 1),
+            Side(ref, 4),
+            data,
+            FeatureExtractor(clf),
+            p.evaluate,
+            classifier=clf,
+            cache_dir=cache,
+        )
 
     batches = -(-p.evaluate.num_samples // p.evaluate.sample_batch_size)  # one cache file per generation batch
     ref = tmp_path / "ref"
@@ -117,7 +124,10 @@ def test_reference_samples_are_cached_by_content(suite, tiny_pipeline, tmp_path)
     first = go(ref)
     assert len(list(cache.glob("*.safetensors"))) == batches
     second = go(ref)  # same bytes, same draw: the cached samples give the same figures
-    assert second["fidelity"] == first["fidelity"] and second["quality"]["reference_fid"] == first["quality"]["reference_fid"]
+    assert (
+        second["fidelity"] == first["fidelity"]
+        and second["quality"]["reference_fid"] == first["quality"]["reference_fid"]
+    )
     assert len(list(cache.glob("*.safetensors"))) == batches
     shutil.rmtree(ref)
     make_tiny_pipeline(ref, seed=7)  # new weights under the same path: sampled afresh
@@ -129,11 +139,25 @@ def test_reference_samples_are_cached_by_content(suite, tiny_pipeline, tmp_path)
 def test_a_reference_evaluated_as_candidate_fills_the_cache(suite, tiny_pipeline, tmp_path):
     p, clf, data = suite
     cache = tmp_path / "cache"
-    first = evaluate(Side(tiny_pipeline, 4), Side(tiny_pipeline, 4), data, FeatureExtractor(clf), p.evaluate,
-                     classifier=clf, cache_dir=cache)
+    first = evaluate(
+        Side(tiny_pipeline, 4),
+        Side(tiny_pipeline, 4),
+        data,
+        FeatureExtractor(clf),
+        p.evaluate,
+        classifier=clf,
+        cache_dir=cache,
+    )
     assert len(list(cache.glob("*.safetensors"))) == -(-p.evaluate.num_samples // p.evaluate.sample_batch_size)
-    later = evaluate(Side(tiny_pipeline, 1), Side(tiny_pipeline, 4), data, FeatureExtractor(clf), p.evaluate,
-                     classifier=clf, cache_dir=cache)
+    later = evaluate(
+        Side(tiny_pipeline, 1),
+        Side(tiny_pipeline, 4),
+        data,
+        FeatureExtractor(clf),
+        p.evaluate,
+        classifier=clf,
+        cache_dir=cache,
+    )
     assert later["quality"]["reference_fid"] == first["quality"]["fid"]
     assert later["memory"]["reference_peak_sampling_mb"] is None  # reused, so not re-measured
 
@@ -164,14 +188,30 @@ def test_the_sample_grows_until_the_gap_is_clear_of_the_gates_bound(suite, tiny_
     # evaluate.max_samples and says the verdict is not decided. The reference batches drawn first are cached and
     # reused by the larger sample.
     p, clf, data = suite
-    loose = evaluate(Side(tiny_pipeline, 2), Side(tiny_pipeline, 8), data, FeatureExtractor(clf), p.evaluate,
-                     classifier=clf, cache_dir=tmp_path / "cache", bounds=1e9)
+    loose = evaluate(
+        Side(tiny_pipeline, 2),
+        Side(tiny_pipeline, 8),
+        data,
+        FeatureExtractor(clf),
+        p.evaluate,
+        classifier=clf,
+        cache_dir=tmp_path / "cache",
+        bounds=1e9,
+    )
     assert loose["num_samples"] == p.evaluate.num_samples and loose["decided"]
     cached = len(list((tmp_path / "cache").glob("*.safetensors")))
     q = loose["quality"]["spaces"]["features"]
     inside = q["fid_gap_floors"]  # the point estimate itself: inside the interval at any sample size
-    tight = evaluate(Side(tiny_pipeline, 2), Side(tiny_pipeline, 8), data, FeatureExtractor(clf), p.evaluate,
-                     classifier=clf, cache_dir=tmp_path / "cache", bounds={"default": 1e9, "features": inside})
+    tight = evaluate(
+        Side(tiny_pipeline, 2),
+        Side(tiny_pipeline, 8),
+        data,
+        FeatureExtractor(clf),
+        p.evaluate,
+        classifier=clf,
+        cache_dir=tmp_path / "cache",
+        bounds={"default": 1e9, "features": inside},
+    )
     assert tight["num_samples"] == p.evaluate.max_samples > p.evaluate.num_samples and not tight["decided"]
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2 * cached  # only the new batches were added
     assert tight["memory"]["reference_peak_sampling_mb"] is None  # the first reference batches came from the cache

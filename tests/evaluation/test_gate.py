@@ -13,16 +13,37 @@ from redistill.evaluation.gate import judge
 
 def space(gap_floors=0.1, floor=0.4, half=0.05):
     gap = gap_floors * floor
-    return {"fid_gap_floors": gap_floors, "fid_gap": gap, "fid_gap_ci95": [gap - half * floor, gap + half * floor],
-            "fid_floor": floor, "fid_gap_halfwidth_floors": half}
+    return {
+        "fid_gap_floors": gap_floors,
+        "fid_gap": gap,
+        "fid_gap_ci95": [gap - half * floor, gap + half * floor],
+        "fid_floor": floor,
+        "fid_gap_halfwidth_floors": half,
+    }
 
 
-def result(fid=0.40, ci=(0.30, 0.55), kid=0.010, kid_ci=(0.0, 0.03), gaps=(0.1, 0.1), speedup=12.0, psnr=25.0,
-           recog=0.9, half=0.05):
+def result(
+    fid=0.40,
+    ci=(0.30, 0.55),
+    kid=0.010,
+    kid_ci=(0.0, 0.03),
+    gaps=(0.1, 0.1),
+    speedup=12.0,
+    psnr=25.0,
+    recog=0.9,
+    half=0.05,
+):
     spaces = {name: space(g, half=half) for name, g in zip(("classifier", "encoder"), gaps)}
     return {
-        "quality": {"fid": fid, "fid_ci95": list(ci), "kid": kid, "kid_ci95": list(kid_ci), "fid_ratio": 1.2,
-                    "recognisable_share": recog, "spaces": spaces},
+        "quality": {
+            "fid": fid,
+            "fid_ci95": list(ci),
+            "kid": kid,
+            "kid_ci95": list(kid_ci),
+            "fid_ratio": 1.2,
+            "recognisable_share": recog,
+            "spaces": spaces,
+        },
         "fidelity": {"psnr_db": psnr, "ssim": 0.95},
         "speed": {"speedup_throughput": speedup},
     }
@@ -32,16 +53,27 @@ def test_first_student_passing_every_absolute_threshold_is_promoted():
     d = judge(result(), None, GateParams(), "progressive")
     assert d.passed, d.reasons()
     names = [c.name for c in d.checks]
-    assert names == ["fid_gap.classifier", "fid_gap.encoder", "speedup_throughput", "recognisable_share", "psnr_db",
-                     "champion"]
+    assert names == [
+        "fid_gap.classifier",
+        "fid_gap.encoder",
+        "speedup_throughput",
+        "recognisable_share",
+        "psnr_db",
+        "champion",
+    ]
     assert "no champion yet" in d.reasons()
     # each space's interval is clear of its calibrated bound: the verdict is decided, not a coin flip
     assert "decided, the CI is clear of the bound" in d.checks[0].note and "decided" in d.checks[1].note
 
 
-@pytest.mark.parametrize("field,value,name", [
-    ("speedup", 7.9, "speedup_throughput"), ("psnr", 19.9, "psnr_db"), ("recog", 0.84, "recognisable_share"),
-])
+@pytest.mark.parametrize(
+    "field,value,name",
+    [
+        ("speedup", 7.9, "speedup_throughput"),
+        ("psnr", 19.9, "psnr_db"),
+        ("recog", 0.84, "recognisable_share"),
+    ],
+)
 def test_each_absolute_threshold_can_reject(field, value, name):
     d = judge(result(**{field: value}), None, GateParams(), "progressive")
     assert not d.passed
@@ -52,8 +84,14 @@ def test_each_absolute_threshold_can_reject(field, value, name):
 CLS, ENC = FID_GAP_MAX["classifier"], FID_GAP_MAX["encoder"]  # the calibrated bounds (metrics/calibration.json)
 
 
-@pytest.mark.parametrize("gaps,failed", [((CLS + 0.05, 0.1), ["fid_gap.classifier"]), ((0.1, ENC + 0.01), ["fid_gap.encoder"]),
-                                          ((CLS + 0.5, ENC + 0.2), ["fid_gap.classifier", "fid_gap.encoder"])])
+@pytest.mark.parametrize(
+    "gaps,failed",
+    [
+        ((CLS + 0.05, 0.1), ["fid_gap.classifier"]),
+        ((0.1, ENC + 0.01), ["fid_gap.encoder"]),
+        ((CLS + 0.5, ENC + 0.2), ["fid_gap.classifier", "fid_gap.encoder"]),
+    ],
+)
 def test_the_fid_gap_is_gated_in_every_feature_space_at_its_own_bound(gaps, failed):
     d = judge(result(gaps=gaps, half=0.001), None, GateParams(), "dmd")
     assert [c.name for c in d.failed()] == failed
@@ -61,8 +99,9 @@ def test_the_fid_gap_is_gated_in_every_feature_space_at_its_own_bound(gaps, fail
 
 def test_one_bound_for_every_space_and_a_space_that_reports_but_does_not_decide():
     # one number: every space is held to it
-    assert [c.name for c in judge(result(gaps=(0.3, 0.1)), None, GateParams(fid_gap_max=0.25), "dmd").failed()] == \
-        ["fid_gap.classifier"]
+    assert [c.name for c in judge(result(gaps=(0.3, 0.1)), None, GateParams(fid_gap_max=0.25), "dmd").failed()] == [
+        "fid_gap.classifier"
+    ]
     # a space whose bound is null reports its gap and passes; an unnamed space takes the default
     gate = GateParams(fid_gap_max={"classifier": None, "default": 0.2})
     d = judge(result(gaps=(5.0, 0.3)), None, gate, "dmd")
@@ -107,7 +146,9 @@ def test_a_sampler_that_draws_noise_between_steps_is_not_held_to_the_teachers_ma
 
     assert "re-noises" in fresh_noise(LCMScheduler(), 4) and fresh_noise(LCMScheduler(), 1) is None
     assert fresh_noise(DDIMScheduler(), 50) is None
-    assert "ancestral" in fresh_noise(DDPMScheduler(), 1000) and "ancestral" in fresh_noise(EulerAncestralDiscreteScheduler(), 8)
+    assert "ancestral" in fresh_noise(DDPMScheduler(), 1000) and "ancestral" in fresh_noise(
+        EulerAncestralDiscreteScheduler(), 8
+    )
 
 
 def test_a_value_exactly_at_its_bound_passes_as_mlflow_defines_it():
@@ -148,7 +189,13 @@ def test_reasons_record_every_value_bound_and_verdict():
         assert c.name in text
     first = copy.deepcopy(d.to_dict())["checks"][0]
     assert {k: first[k] for k in ("name", "kind", "value", "bound", "op", "passed")} == {
-        "name": "fid_gap.classifier", "kind": "absolute", "value": 0.1, "bound": CLS, "op": "<=", "passed": True}
+        "name": "fid_gap.classifier",
+        "kind": "absolute",
+        "value": 0.1,
+        "bound": CLS,
+        "op": "<=",
+        "passed": True,
+    }
 
 
 def test_thresholds_that_are_not_numbers_are_a_settings_error():
@@ -170,21 +217,31 @@ SPACES = {"classifier": "a" * 64, "encoder": "b" * 64}
 
 
 def test_same_space_results_are_compared_exactly_as_before():
-    for cand, champ in [(result(), result(fid=0.40)), (result(fid=0.60, ci=(0.50, 0.75)), result(fid=0.40)),
-                        (result(kid=0.05, kid_ci=(0.03, 0.07)), result(kid=0.005))]:
+    for cand, champ in [
+        (result(), result(fid=0.40)),
+        (result(fid=0.60, ci=(0.50, 0.75)), result(fid=0.40)),
+        (result(kid=0.05, kid_ci=(0.03, 0.07)), result(kid=0.005)),
+    ]:
         before = judge(cand, champ, GateParams(), "progressive")
         recorded = judge(measured_in(cand, SPACES), measured_in(champ, SPACES), GateParams(), "progressive")
         assert recorded.to_dict() == before.to_dict()
 
 
-@pytest.mark.parametrize("champion_spaces,described", [
-    ({"classifier": "c" * 64, "encoder": "b" * 64},  # a retrained classifier
-     "feature space(s) classifier (sha256 cccccccccccc…), encoder (sha256 bbbbbbbbbbbb…)"),
-    ({"encoder": "b" * 64, "classifier": "a" * 64},  # its top-level FID and KID are the encoder's
-     "feature space(s) encoder (sha256 bbbbbbbbbbbb…), classifier (sha256 aaaaaaaaaaaa…)"),
-    ({"classifier": "a" * 64}, "feature space(s) classifier (sha256 aaaaaaaaaaaa…)"),
-    (None, "feature spaces that it does not record"),
-])
+@pytest.mark.parametrize(
+    "champion_spaces,described",
+    [
+        (
+            {"classifier": "c" * 64, "encoder": "b" * 64},  # a retrained classifier
+            "feature space(s) classifier (sha256 cccccccccccc…), encoder (sha256 bbbbbbbbbbbb…)",
+        ),
+        (
+            {"encoder": "b" * 64, "classifier": "a" * 64},  # its top-level FID and KID are the encoder's
+            "feature space(s) encoder (sha256 bbbbbbbbbbbb…), classifier (sha256 aaaaaaaaaaaa…)",
+        ),
+        ({"classifier": "a" * 64}, "feature space(s) classifier (sha256 aaaaaaaaaaaa…)"),
+        (None, "feature spaces that it does not record"),
+    ],
+)
 def test_a_champion_measured_in_other_feature_spaces_is_never_compared(champion_spaces, described):
     # the champion is far worse: compared, the student would pass the change thresholds
     champion = result(fid=2.0, ci=(1.8, 2.2), kid=0.5)
@@ -194,11 +251,14 @@ def test_a_champion_measured_in_other_feature_spaces_is_never_compared(champion_
     assert not d.passed
     assert [c.name for c in d.failed()] == ["feature_spaces_vs_champion"]
     assert "fid_vs_champion" not in d.reasons()
-    assert (f"FAIL change feature_spaces_vs_champion: n/a == n/a (the champion's figures are in {described} "
-            "and the student's in feature space(s) classifier (sha256 aaaaaaaaaaaa…), encoder (sha256 "
-            "bbbbbbbbbbbb…), so they are never compared; re-evaluate the champion in the student's feature "
-            "spaces") in d.reasons()
+    assert (
+        f"FAIL change feature_spaces_vs_champion: n/a == n/a (the champion's figures are in {described} "
+        "and the student's in feature space(s) classifier (sha256 aaaaaaaaaaaa…), encoder (sha256 "
+        "bbbbbbbbbbbb…), so they are never compared; re-evaluate the champion in the student's feature "
+        "spaces"
+    ) in d.reasons()
     # the same space under another name (the same weights file at another path) is the same space
     renamed = measured_in(result(fid=2.0, ci=(1.8, 2.2)), {"inception:/b/x.safetensors": "f" * 64})
-    assert judge(measured_in(result(), {"inception:/a/x.safetensors": "f" * 64}), renamed, GateParams(),
-                 "progressive").passed
+    assert judge(
+        measured_in(result(), {"inception:/a/x.safetensors": "f" * 64}), renamed, GateParams(), "progressive"
+    ).passed

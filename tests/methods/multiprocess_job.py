@@ -19,8 +19,16 @@ SETTINGS = {
     "output": {"target_steps": 1, "output": {"steps": 6, "pairs": 32, "pairs_steps": 4}},
     "adversarial": {"target_steps": 1, "adversarial": {"steps": 4}},
     "dmd": {"target_steps": 1, "dmd": {"steps": 3, "fake_updates": 2, "gan_weight": 0.5}},
-    "rectified": {"target_steps": 1, "rectified": {"couplings": 32, "couplings_steps": 4, "reflow_steps": 4,
-                                                   "reflow_ode_steps": 4, "distill_steps": 3}},
+    "rectified": {
+        "target_steps": 1,
+        "rectified": {
+            "couplings": 32,
+            "couplings_steps": 4,
+            "reflow_steps": 4,
+            "reflow_ode_steps": 4,
+            "distill_steps": 3,
+        },
+    },
 }
 
 
@@ -37,14 +45,32 @@ def main(teacher: str, data: str, workspace: str, out: str, *methods: str) -> No
     images = torch.from_numpy(load_image_folder(Path(data)).images[:256])
     summaries = {}
     for method in methods or SETTINGS:
-        p = parse_params({"distill": {"method": method, "batch_size": 8, "checkpoint_every": 2, "lr": 1e-3,
-                                      "seed": int(os.environ.get("JOB_SEED", "0")),
-                                      **SETTINGS[method]}}).distill
-        student, summary = distill(p, load_pipeline(Path(teacher)), images, Path(workspace) / "ckpt" / method,
-                                   log=lambda m: None, teacher_path=Path(teacher), workspace=Path(workspace))
+        p = parse_params(
+            {
+                "distill": {
+                    "method": method,
+                    "batch_size": 8,
+                    "checkpoint_every": 2,
+                    "lr": 1e-3,
+                    "seed": int(os.environ.get("JOB_SEED", "0")),
+                    **SETTINGS[method],
+                }
+            }
+        ).distill
+        student, summary = distill(
+            p,
+            load_pipeline(Path(teacher)),
+            images,
+            Path(workspace) / "ckpt" / method,
+            log=lambda m: None,
+            teacher_path=Path(teacher),
+            workspace=Path(workspace),
+        )
         if main_process:
             Path(out).mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in student.unet.state_dict().items()}, Path(out) / f"{method}.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in student.unet.state_dict().items()}, Path(out) / f"{method}.safetensors"
+            )
             summaries[method] = {"num_processes": summary["num_processes"], "wall_time_s": summary["wall_time_s"]}
     if main_process:
         (Path(out) / "summaries.json").write_text(json.dumps({"processes": n, "methods": summaries}))

@@ -20,7 +20,9 @@ def test_adversarial_student_exports_and_samples_on_its_trained_timesteps(digits
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher", prediction_type=prediction_type))
     before = {k: v.clone() for k, v in teacher.unet.state_dict().items()}
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
-    student, summary = distill(teacher, data, AdversarialConfig(steps=4, batch_size=4), tmp_path / "ck", log=lambda m: None)
+    student, summary = distill(
+        teacher, data, AdversarialConfig(steps=4, batch_size=4), tmp_path / "ck", log=lambda m: None
+    )
     assert summary["student_timesteps"] == [959, 719, 479, 239]
     assert set(summary["final_losses"]) == {"distill", "adv", "disc"}
     # the discriminator trains heads only: the teacher it stands on is unchanged

@@ -90,14 +90,18 @@ def test_settings_a_method_cannot_serve_fail_before_training():
     with pytest.raises(ConfigError, match="valid methods are: progressive, consistency, output, adversarial, dmd"):
         parse_params({"distill": {"method": "dmd3"}})
     with pytest.raises(ValueError, match="1 to solver_steps"):
-        method_config(parse_params({"distill": {"method": "consistency", "target_steps": 8,
-                                                "consistency": {"solver_steps": 4}}}).distill)
+        method_config(
+            parse_params(
+                {"distill": {"method": "consistency", "target_steps": 8, "consistency": {"solver_steps": 4}}}
+            ).distill
+        )
     with pytest.raises(ValueError, match="power of two"):
         method_config(parse_params({"distill": {"target_steps": 3}}).distill)
     with pytest.raises(ConfigError, match="unknown key distill.consistency.skip"):
         parse_params({"distill": {"consistency": {"skip": 3}}})
-    cfg, _ = method_config(parse_params({"distill": {"method": "consistency", "lr": 0.001,
-                                                     "consistency": {"steps": 7}}}).distill)
+    cfg, _ = method_config(
+        parse_params({"distill": {"method": "consistency", "lr": 0.001, "consistency": {"steps": 7}}}).distill
+    )
     assert (cfg.steps, cfg.lr, cfg.target_steps) == (7, 0.001, 4)
 
 
@@ -110,7 +114,9 @@ def test_consistency_exports_the_target_network_or_a_deterministic_sampler(digit
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
     base = dict(steps=4, batch_size=4, solver_steps=10, target_steps=2, target_ema=0.5)
     ema_student, _ = distill(teacher, data, ConsistencyConfig(**base), tmp_path / "a", log=lambda m: None)
-    target_student, _ = distill(teacher, data, ConsistencyConfig(**base, export="target"), tmp_path / "b", log=lambda m: None)
+    target_student, _ = distill(
+        teacher, data, ConsistencyConfig(**base, export="target"), tmp_path / "b", log=lambda m: None
+    )
     assert isinstance(ema_student.scheduler, LCMScheduler)
     assert any(not torch.equal(a, b) for a, b in zip(ema_student.unet.parameters(), target_student.unet.parameters()))
     det, _ = distill(teacher, data, ConsistencyConfig(**base, sampler="ddim"), tmp_path / "c", log=lambda m: None)
@@ -118,8 +124,12 @@ def test_consistency_exports_the_target_network_or_a_deterministic_sampler(digit
     det.scheduler.set_timesteps(2)
     assert det.scheduler.timesteps.tolist() == [999, 499]  # the top of the solver grid (N = 10: k = 100), T/2 apart
     det.set_progress_bar_config(disable=True)
-    first = det(batch_size=2, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
-    again = det(batch_size=2, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    first = det(
+        batch_size=2, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
+    again = det(
+        batch_size=2, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
     assert torch.equal(torch.as_tensor(first), torch.as_tensor(again))
 
 

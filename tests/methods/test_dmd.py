@@ -21,8 +21,13 @@ def test_dmd_student_exports_and_samples(digits_ws, tmp_path, prediction_type, g
     before = {k: v.clone() for k, v in teacher.unet.state_dict().items()}
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
     logs = []
-    student, summary = distill(teacher, data, DMDConfig(steps=3, fake_updates=2, gan_weight=gan, batch_size=4),
-                               tmp_path / "ck", log=logs.append)
+    student, summary = distill(
+        teacher,
+        data,
+        DMDConfig(steps=3, fake_updates=2, gan_weight=gan, batch_size=4),
+        tmp_path / "ck",
+        log=logs.append,
+    )
     assert set(summary["final_losses"]) == ({"dmd", "fake", "gan", "disc"} if gan else {"dmd", "fake"})
     assert all(torch.equal(v, teacher.unet.state_dict()[k]) for k, v in before.items())  # real score frozen
     moved = max((a - b).abs().max().item() for a, b in zip(student.unet.parameters(), teacher.unet.parameters()))
@@ -44,7 +49,10 @@ def test_dmd_resumes_exactly_with_fake_score_and_discriminator(digits_ws, tmp_pa
     cfg = DMDConfig(steps=4, fake_updates=1, gan_weight=0.1, batch_size=4, checkpoint_every=2)
     crash_when(distill, teacher, data, cfg, tmp_path / "ck", "step 4/4")
     assert {p.name for p in next((tmp_path / "ck").glob("checkpoint-*")).glob("*.safetensors")} == {
-        "student.safetensors", "fake_score.safetensors", "discriminator.safetensors"}
+        "student.safetensors",
+        "fake_score.safetensors",
+        "discriminator.safetensors",
+    }
     resume_matches_unbroken(distill, teacher, data, cfg, tmp_path / "ck", tmp_path / "ck2")
 
 
@@ -61,15 +69,30 @@ def test_dmd_regression_on_cached_teacher_pairs_is_for_one_step_generators(digit
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
-    cfg = DMDConfig(steps=2, fake_updates=1, batch_size=4, target_steps=1, regression_weight=0.5, pairs=8, pairs_steps=3,
-                    start="output", output_steps=2)
-    _, summary = distill(teacher, data, cfg, tmp_path / "ck", log=lambda m: None, teacher_sha256="ab" * 32,
-                         pairs_dir=tmp_path / "pairs")
+    cfg = DMDConfig(
+        steps=2,
+        fake_updates=1,
+        batch_size=4,
+        target_steps=1,
+        regression_weight=0.5,
+        pairs=8,
+        pairs_steps=3,
+        start="output",
+        output_steps=2,
+    )
+    _, summary = distill(
+        teacher, data, cfg, tmp_path / "ck", log=lambda m: None, teacher_sha256="ab" * 32, pairs_dir=tmp_path / "pairs"
+    )
     assert "reg" in summary["final_losses"] and summary["student_timesteps"] == [999]
     (cached,) = (tmp_path / "pairs").glob("abababababababab-*.safetensors")  # reused by the next run and by `output`
     # an LCM generator takes no regression (its first step estimates a mean, its later ones add fresh noise)
-    _, two = distill(teacher, data, DMDConfig(steps=1, fake_updates=1, batch_size=4, target_steps=2, regression_weight=0.5),
-                     tmp_path / "ck2", log=lambda m: None)
+    _, two = distill(
+        teacher,
+        data,
+        DMDConfig(steps=1, fake_updates=1, batch_size=4, target_steps=2, regression_weight=0.5),
+        tmp_path / "ck2",
+        log=lambda m: None,
+    )
     assert "reg" not in two["final_losses"] and two["config"]["regression_weight"] == 0.0
 
 
@@ -86,12 +109,20 @@ def test_a_one_step_generator_can_start_from_the_output_distilled_student(digits
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
     kw = dict(batch_size=4, pairs=8, pairs_steps=3)
     cfg = DMDConfig(steps=2, fake_updates=1, target_steps=1, start="output", output_steps=3, **kw)
-    student, summary = distill(teacher, data, cfg, tmp_path / "ck", log=lambda m: None, teacher_sha256="cd" * 32,
-                               pairs_dir=tmp_path / "pairs")
+    student, summary = distill(
+        teacher, data, cfg, tmp_path / "ck", log=lambda m: None, teacher_sha256="cd" * 32, pairs_dir=tmp_path / "pairs"
+    )
     assert summary["student_timesteps"] == [999]
     assert not (tmp_path / "ck-output").exists()
-    start, _ = output_distill(teacher, data, OutputConfig(steps=3, target_steps=1, **kw), tmp_path / "o", log=lambda m: None,
-                              teacher_sha256="cd" * 32, pairs_dir=tmp_path / "pairs")
+    start, _ = output_distill(
+        teacher,
+        data,
+        OutputConfig(steps=3, target_steps=1, **kw),
+        tmp_path / "o",
+        log=lambda m: None,
+        teacher_sha256="cd" * 32,
+        pairs_dir=tmp_path / "pairs",
+    )
     moved = max((a - b).abs().max().item() for a, b in zip(student.unet.parameters(), start.unet.parameters()))
     assert moved > 0
     save_pipeline(student, tmp_path / "student")
@@ -99,7 +130,6 @@ def test_a_one_step_generator_can_start_from_the_output_distilled_student(digits
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.prediction_type == "sample"
     pipe.set_progress_bar_config(disable=True)
     assert torch.isfinite(torch.as_tensor(pipe(batch_size=2, num_inference_steps=1, output_type="pt").images)).all()
-
 
 
 @pytest.mark.parametrize("start", ["output", "progressive"])
@@ -112,10 +142,21 @@ def test_a_few_step_generator_can_be_a_deterministic_chain_started_from_another_
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
-    cfg = DMDConfig(steps=2, fake_updates=1, batch_size=4, target_steps=2, start=start, regression_weight=0.5,
-                    output_steps=2, progressive_steps=2, pairs=8, pairs_steps=3)
-    student, summary = distill(teacher, data, cfg, tmp_path / "ck", log=lambda m: None, teacher_sha256="ab" * 32,
-                               pairs_dir=tmp_path / "pairs")
+    cfg = DMDConfig(
+        steps=2,
+        fake_updates=1,
+        batch_size=4,
+        target_steps=2,
+        start=start,
+        regression_weight=0.5,
+        output_steps=2,
+        progressive_steps=2,
+        pairs=8,
+        pairs_steps=3,
+    )
+    student, summary = distill(
+        teacher, data, cfg, tmp_path / "ck", log=lambda m: None, teacher_sha256="ab" * 32, pairs_dir=tmp_path / "pairs"
+    )
     assert summary["student_timesteps"] == [959, 459] and "reg" in summary["final_losses"]
     save_pipeline(student, tmp_path / "student")
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "student", use_safetensors=True)

@@ -26,7 +26,7 @@ TOLERANCE = 0.05  # ‖w(2 processes) − w(1 process)‖ / ‖w(1 process) − 
 
 # Installed as sitecustomize in every process of a run: the processes other than the main one (RANK > 0) record
 # each file they open for writing, create, rename or delete under the watched folder.
-AUDIT = '''
+AUDIT = """
 import atexit, os, sys
 if os.environ.get("RANK", "0") != "0" and os.environ.get("AUDIT_WATCH"):
     _watch, _seen = os.path.realpath(os.environ["AUDIT_WATCH"]), []
@@ -48,7 +48,7 @@ if os.environ.get("RANK", "0") != "0" and os.environ.get("AUDIT_WATCH"):
             f.write("\\n".join(_seen))
     atexit.register(_report)
     sys.addaudithook(_hook)
-'''
+"""
 
 
 def _env(tmp_path: Path, watch: Path | None = None) -> dict:
@@ -58,8 +58,11 @@ def _env(tmp_path: Path, watch: Path | None = None) -> dict:
         site = tmp_path / "audit-site"
         site.mkdir(exist_ok=True)
         (site / "sitecustomize.py").write_text(AUDIT)
-        env.update(PYTHONPATH=os.pathsep.join([str(site), str(REPO), env.get("PYTHONPATH", "")]),
-                   AUDIT_WATCH=str(watch), AUDIT_OUT=str(tmp_path / "audit"))
+        env.update(
+            PYTHONPATH=os.pathsep.join([str(site), str(REPO), env.get("PYTHONPATH", "")]),
+            AUDIT_WATCH=str(watch),
+            AUDIT_OUT=str(tmp_path / "audit"),
+        )
     return env
 
 
@@ -106,8 +109,20 @@ def test_two_processes_follow_one_with_the_same_global_batch_for_every_method(di
         ws = tmp_path / name  # own workspace: each run makes its own pair caches (the two-process one: its main)
         env = _env(tmp_path, watch=ws if n > 1 else None)
         env["JOB_SEED"] = seed
-        r = subprocess.run(_launch(n) + [str(REPO / "tests" / "methods" / "multiprocess_job.py"), str(teacher), str(data), str(ws),
-                                         str(ws / "out")], env=env, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            _launch(n)
+            + [
+                str(REPO / "tests" / "methods" / "multiprocess_job.py"),
+                str(teacher),
+                str(data),
+                str(ws),
+                str(ws / "out"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert json.loads((ws / "out" / "summaries.json").read_text())["processes"] == n
         runs[name] = _weights(ws / "out")
@@ -141,13 +156,19 @@ def test_a_killed_two_process_distillation_resumes_to_the_unbroken_student(digit
         (root / "params.yaml").write_text(
             "teacher: {name: tiny}\n"
             "distill: {method: consistency, target_steps: 2, batch_size: 8, lr: 0.001, checkpoint_every: 5,\n"
-            "          num_processes: 2, consistency: {steps: 60}}\n")
+            "          num_processes: 2, consistency: {steps: 60}}\n"
+        )
         return root
 
     def distill(root: Path, env: dict) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "redistill", "distill", "--workspace", str(root), "--out",
-                                 str(root / "student")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "redistill", "distill", "--workspace", str(root), "--out", str(root / "student")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
     unbroken = workspace("unbroken")
     proc = distill(unbroken, _env(tmp_path, watch=unbroken))
@@ -187,8 +208,11 @@ def test_a_killed_two_process_distillation_resumes_to_the_unbroken_student(digit
 def _session(sid: int) -> list[int]:
     """Live processes of session `sid` (zombies excluded)."""
     r = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True)
-    return [int(pid) for pid, s, stat in (line.split()[:3] for line in r.stdout.splitlines())
-            if int(s) == sid and not stat.startswith("Z")]
+    return [
+        int(pid)
+        for pid, s, stat in (line.split()[:3] for line in r.stdout.splitlines())
+        if int(s) == sid and not stat.startswith("Z")
+    ]
 
 
 @pytest.mark.trials
@@ -202,8 +226,11 @@ def test_a_cycle_distils_on_two_processes_and_registers_from_its_own(digits_ws, 
     root = tmp_path / "ws"
     shutil.copytree(digits_ws / "data", root / "data")
     make_tiny_pipeline(root / "data" / "teachers" / "tiny")
-    (root / "params.yaml").write_text(TINY_CYCLE.replace("batch_size: 8,", "batch_size: 8, num_processes: 2,")
-                                      + LENIENT_GATE + "teacher: {name: tiny}\n")
+    (root / "params.yaml").write_text(
+        TINY_CYCLE.replace("batch_size: 8,", "batch_size: 8, num_processes: 2,")
+        + LENIENT_GATE
+        + "teacher: {name: tiny}\n"
+    )
     r = CliRunner().invoke(app, ["cycle", "--workspace", str(root), "--json"])
     assert r.exit_code == 0, r.output[-3000:]
     decision = json.loads(r.stdout.strip().splitlines()[-1])

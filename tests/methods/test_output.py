@@ -20,17 +20,39 @@ def test_output_student_samples_in_one_stock_step_and_reuses_the_pairs(digits_ws
 
     teacher_dir = make_tiny_pipeline(tmp_path / "teacher", prediction_type=prediction_type)
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
-    p = parse_params({"distill": {"method": "output", "target_steps": 1, "batch_size": 8,
-                                  "output": {"pairs": 24, "pairs_steps": 5, "steps": 6}}}).distill
-    student, summary = distill(p, load_pipeline(teacher_dir), data, tmp_path / "ck", log=lambda m: None,
-                               teacher_path=teacher_dir, workspace=tmp_path)
+    p = parse_params(
+        {
+            "distill": {
+                "method": "output",
+                "target_steps": 1,
+                "batch_size": 8,
+                "output": {"pairs": 24, "pairs_steps": 5, "steps": 6},
+            }
+        }
+    ).distill
+    student, summary = distill(
+        p,
+        load_pipeline(teacher_dir),
+        data,
+        tmp_path / "ck",
+        log=lambda m: None,
+        teacher_path=teacher_dir,
+        workspace=tmp_path,
+    )
     # a pixel teacher's pairs are its DDIM samples, in the workspace's store of drawn samples (one file per batch)
     assert not list((tmp_path / "data" / "pairs").glob("*.safetensors"))
     assert len(list((tmp_path / "data" / "samples").glob("*.safetensors"))) == 1
     assert summary["pairs_reused"] is False and summary["pairs_file"] == str(tmp_path / "data" / "samples")
     # a second run (another cycle) reuses the cached pairs instead of sampling the teacher again
-    _, again = distill(p, load_pipeline(teacher_dir), data, tmp_path / "ck2", log=lambda m: None,
-                       teacher_path=teacher_dir, workspace=tmp_path)
+    _, again = distill(
+        p,
+        load_pipeline(teacher_dir),
+        data,
+        tmp_path / "ck2",
+        log=lambda m: None,
+        teacher_path=teacher_dir,
+        workspace=tmp_path,
+    )
     assert again["pairs_reused"] is True and again["pairs_file"] == summary["pairs_file"]
 
     save_pipeline(student, tmp_path / "student")
@@ -45,7 +67,9 @@ def test_output_student_samples_in_one_stock_step_and_reuses_the_pairs(digits_ws
     noise = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         direct = pipe.unet(noise, torch.tensor([999, 999])).sample.clamp(-1, 1)
-    assert torch.allclose(img.permute(0, 3, 1, 2) if img.shape[-1] == 1 else img, (direct / 2 + 0.5).clamp(0, 1), atol=1e-5)
+    assert torch.allclose(
+        img.permute(0, 3, 1, 2) if img.shape[-1] == 1 else img, (direct / 2 + 0.5).clamp(0, 1), atol=1e-5
+    )
 
 
 def test_a_pixel_teachers_pairs_are_its_stored_samples_on_noise_the_evaluation_never_draws(tmp_path):
@@ -63,8 +87,9 @@ def test_a_pixel_teachers_pairs_are_its_stored_samples_on_noise_the_evaluation_n
     teacher, store = load_pipeline(teacher_dir), tmp_path / "samples"
     n = GENERATION_BATCH + 7  # two generation batches, the second short
     cfg = OutputConfig(pairs=n, pairs_steps=4, seed=3)
-    noise, x0, cond, where, reused = load_or_make_pairs(teacher, pipeline_sha256(teacher_dir), cfg, (1, 8, 8), "cpu",
-                                                        tmp_path / "pairs", lambda m: None, store)
+    noise, x0, cond, where, reused = load_or_make_pairs(
+        teacher, pipeline_sha256(teacher_dir), cfg, (1, 8, 8), "cpu", tmp_path / "pairs", lambda m: None, store
+    )
     assert cond is None and where == store and reused is False and noise.shape == x0.shape == (n, 1, 8, 8)
     ode = adapter_for(teacher).ode_sample(teacher.unet, noise[-9:], 4).clamp(-1, 1)  # across the batch boundary
     assert torch.allclose(x0[-9:], ode, atol=1e-5)
@@ -79,7 +104,9 @@ def test_a_pixel_teachers_pairs_are_its_stored_samples_on_noise_the_evaluation_n
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_a_few_step_output_student_is_trained_through_the_chain_the_stock_sampler_runs(digits_ws, tmp_path, prediction_type):
+def test_a_few_step_output_student_is_trained_through_the_chain_the_stock_sampler_runs(
+    digits_ws, tmp_path, prediction_type
+):
     # K = 2: the stock DDIMScheduler export on the trained grid must reproduce the chain the loss went through
     from diffusers import DDIMScheduler, DiffusionPipeline
 
@@ -91,8 +118,9 @@ def test_a_few_step_output_student_is_trained_through_the_chain_the_stock_sample
     teacher = load_pipeline(teacher_dir)
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
     cfg = OutputConfig(target_steps=2, pairs=16, pairs_steps=4, steps=4, batch_size=4, lr=1e-3)
-    student, summary = output_distill(teacher, data, cfg, tmp_path / "ck", log=lambda m: None,
-                                      teacher_sha256="ef" * 32, pairs_dir=tmp_path / "pairs")
+    student, summary = output_distill(
+        teacher, data, cfg, tmp_path / "ck", log=lambda m: None, teacher_sha256="ef" * 32, pairs_dir=tmp_path / "pairs"
+    )
     assert summary["num_inference_steps"] == 2
     assert any(not torch.equal(a, b) for a, b in zip(student.unet.parameters(), teacher.unet.parameters()))
     save_pipeline(student, tmp_path / "student")

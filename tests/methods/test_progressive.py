@@ -85,7 +85,9 @@ def test_a_warm_start_is_one_round_from_the_champion_against_the_teachers_k_step
     assert [r["student_steps"] for r in summary["rounds"]] == [2]  # one round, no halving
     assert any("round 1/1 (8→2 steps), warm from the champion" in m for m in logs)
     moved = max((a - b).abs().max().item() for a, b in zip(warm.unet.state_dict().values(), init.values()))
-    assert 0 < moved < max((a - b).abs().max().item() for a, b in zip(init.values(), teacher.unet.state_dict().values()))
+    assert (
+        0 < moved < max((a - b).abs().max().item() for a, b in zip(init.values(), teacher.unet.state_dict().values()))
+    )
     # the k-step target: one DDIM step to it from z_t lands on the teacher's 4-step result over the same span
     T, fine = 1000, student_grid(8, 1000, 959)
     ac = teacher.scheduler.alphas_cumprod

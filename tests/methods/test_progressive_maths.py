@@ -99,7 +99,9 @@ def test_student_grid_is_what_the_exported_scheduler_samples_and_nests(n):
 
 def test_a_first_timestep_whose_teacher_grid_goes_below_zero_is_refused():
     check_grid(4, 1000, 959, 16)  # the default: the 16-step teacher grid ends at t=22
-    with pytest.raises(ValueError, match=r"too low for teacher_steps 16: the teacher's last step would be at t=-8.*≥ 937"):
+    with pytest.raises(
+        ValueError, match=r"too low for teacher_steps 16: the teacher's last step would be at t=-8.*≥ 937"
+    ):
         check_grid(4, 1000, 929, 16)
     check_grid(4, 1000, 929, 8)  # fewer teacher steps fit: 929 − 7·125 = 54
 

@@ -21,8 +21,13 @@ from redistill.config import parse_params
 from redistill.methods import distill, method_config
 from redistill.models.pipelines import load_pipeline, pipeline_sha256, save_pipeline
 
-TINY = {"method": "rectified", "target_steps": 2, "batch_size": 8, "checkpoint_every": 3,
-        "rectified": {"couplings": 24, "couplings_steps": 4, "reflow_steps": 7, "reflow_ode_steps": 4, "distill_steps": 7}}
+TINY = {
+    "method": "rectified",
+    "target_steps": 2,
+    "batch_size": 8,
+    "checkpoint_every": 3,
+    "rectified": {"couplings": 24, "couplings_steps": 4, "reflow_steps": 7, "reflow_ode_steps": 4, "distill_steps": 7},
+}
 
 
 def _params(**over):
@@ -45,6 +50,7 @@ def flow_teacher(tmp_path_factory) -> Path:
 
 
 # --- the kind -------------------------------------------------------------------------------------------------
+
 
 def test_a_flow_matching_pipeline_is_its_own_kind_with_the_teachers_shift(flow_teacher):
     from redistill.models import adapter_for
@@ -140,7 +146,8 @@ def test_the_flow_teacher_recipe_trains_a_stock_flow_matching_pipeline(tmp_path)
     data = shapes.write(tmp_path / "data", 64, size=8, channels=1, seed=2)
     (tmp_path / "params.yaml").write_text(
         "teacher: {block_out_channels: [8, 16], layers_per_block: 1, norm_num_groups: 8, batch_size: 16, warmup_steps: 5,"
-        " checkpoint_every: 20, lr: 0.002}\nflow_teacher: {name: tiny-flow, train_steps: 60, shift: 2.0}\n")
+        " checkpoint_every: 20, lr: 0.002}\nflow_teacher: {name: tiny-flow, train_steps: 60, shift: 2.0}\n"
+    )
     r = CliRunner().invoke(app, ["teacher", "flow", "--workspace", str(tmp_path), "--data", str(data)])
     assert r.exit_code == 0, r.output[-2000:]
     out = tmp_path / "data" / "flow-teachers" / "tiny-flow"
@@ -166,25 +173,54 @@ def test_the_flow_teacher_recipe_trains_a_stock_flow_matching_pipeline(tmp_path)
 
 # --- the method -----------------------------------------------------------------------------------------------
 
+
 def test_couplings_are_cached_by_teacher_sha_and_reused(flow_teacher, tmp_path):
     p = _params()
-    _, first = distill(p, load_pipeline(flow_teacher), _data(), tmp_path / "ck1", log=lambda m: None,
-                       teacher_path=flow_teacher, workspace=tmp_path)
+    _, first = distill(
+        p,
+        load_pipeline(flow_teacher),
+        _data(),
+        tmp_path / "ck1",
+        log=lambda m: None,
+        teacher_path=flow_teacher,
+        workspace=tmp_path,
+    )
     files = [f for f in (tmp_path / "data" / "pairs").glob("*.safetensors") if "-reflow" not in f.name]
     assert len(files) == 1 and files[0].name.startswith(pipeline_sha256(flow_teacher)[:16] + "-euler4-n24")
     assert first["couplings_reused"] is False and first["teacher_kind"] == "flow-matching-pixel"
-    _, again = distill(p, load_pipeline(flow_teacher), _data(), tmp_path / "ck2", log=lambda m: None,
-                       teacher_path=flow_teacher, workspace=tmp_path)
+    _, again = distill(
+        p,
+        load_pipeline(flow_teacher),
+        _data(),
+        tmp_path / "ck2",
+        log=lambda m: None,
+        teacher_path=flow_teacher,
+        workspace=tmp_path,
+    )
     assert again["couplings_reused"] is True and again["couplings_file"] == first["couplings_file"]
     # so is the reflowed flow, which does not depend on the step count: a 1-step student reuses it too
     assert first["reflow_reused"] is False and again["reflow_reused"] is True
-    _, one = distill(_params(target_steps=1), load_pipeline(flow_teacher), _data(), tmp_path / "ck3", log=lambda m: None,
-                     teacher_path=flow_teacher, workspace=tmp_path)
+    _, one = distill(
+        _params(target_steps=1),
+        load_pipeline(flow_teacher),
+        _data(),
+        tmp_path / "ck3",
+        log=lambda m: None,
+        teacher_path=flow_teacher,
+        workspace=tmp_path,
+    )
     assert one["reflow_reused"] is True and one["reflow_file"] == first["reflow_file"]
     assert one["straightness"] == first["straightness"]
     # another reflow setting is another reflowed flow
-    _, other = distill(_params(reflow_steps=4), load_pipeline(flow_teacher), _data(), tmp_path / "ck4",
-                       log=lambda m: None, teacher_path=flow_teacher, workspace=tmp_path)
+    _, other = distill(
+        _params(reflow_steps=4),
+        load_pipeline(flow_teacher),
+        _data(),
+        tmp_path / "ck4",
+        log=lambda m: None,
+        teacher_path=flow_teacher,
+        workspace=tmp_path,
+    )
     assert other["reflow_reused"] is False and other["reflow_file"] != first["reflow_file"]
     # the couplings are the teacher's own sampler from the saved noise
     from safetensors.torch import load_file
@@ -193,19 +229,42 @@ def test_couplings_are_cached_by_teacher_sha_and_reused(flow_teacher, tmp_path):
 
     saved = load_file(files[0])
     teacher = load_pipeline(flow_teacher)
-    assert torch.allclose(saved["x0"], adapter_for(teacher).ode_sample(teacher.unet, saved["noise"], 4).clamp(-1, 1),
-                          atol=1e-5)
+    assert torch.allclose(
+        saved["x0"], adapter_for(teacher).ode_sample(teacher.unet, saved["noise"], 4).clamp(-1, 1), atol=1e-5
+    )
 
 
 def test_a_diffusion_teacher_is_reflowed_from_the_output_methods_pairs(tmp_path):
     # a DDPM teacher's couplings are its DDIM pairs: the same cache file the output method writes and reads
     teacher_dir = make_tiny_pipeline(tmp_path / "ddpm")
-    out_p = parse_params({"distill": {"method": "output", "target_steps": 1, "batch_size": 8,
-                                      "output": {"pairs": 24, "pairs_steps": 4, "steps": 2}}}).distill
-    _, out_summary = distill(out_p, load_pipeline(teacher_dir), _data(), tmp_path / "o", log=lambda m: None,
-                             teacher_path=teacher_dir, workspace=tmp_path)
-    student, summary = distill(_params(), load_pipeline(teacher_dir), _data(), tmp_path / "r", log=lambda m: None,
-                               teacher_path=teacher_dir, workspace=tmp_path)
+    out_p = parse_params(
+        {
+            "distill": {
+                "method": "output",
+                "target_steps": 1,
+                "batch_size": 8,
+                "output": {"pairs": 24, "pairs_steps": 4, "steps": 2},
+            }
+        }
+    ).distill
+    _, out_summary = distill(
+        out_p,
+        load_pipeline(teacher_dir),
+        _data(),
+        tmp_path / "o",
+        log=lambda m: None,
+        teacher_path=teacher_dir,
+        workspace=tmp_path,
+    )
+    student, summary = distill(
+        _params(),
+        load_pipeline(teacher_dir),
+        _data(),
+        tmp_path / "r",
+        log=lambda m: None,
+        teacher_path=teacher_dir,
+        workspace=tmp_path,
+    )
     assert summary["couplings_reused"] is True and summary["couplings_file"] == out_summary["pairs_file"]
     # the student is a flow: the reflowed paths of an untrained ε teacher's converted ODE are far straighter
     from redistill.models import adapter_for
@@ -238,19 +297,32 @@ def test_the_exported_student_samples_in_a_fresh_process_with_stock_diffusers(fl
     from redistill.models import adapter_for
 
     for k in (1, 2, 4):
-        student, summary = distill(_params(target_steps=k), load_pipeline(flow_teacher), _data(), tmp_path / f"ck{k}",
-                                   log=lambda m: None, teacher_path=flow_teacher, workspace=tmp_path)
+        student, summary = distill(
+            _params(target_steps=k),
+            load_pipeline(flow_teacher),
+            _data(),
+            tmp_path / f"ck{k}",
+            log=lambda m: None,
+            teacher_path=flow_teacher,
+            workspace=tmp_path,
+        )
         assert summary["num_inference_steps"] == k
         folder = tmp_path / f"student{k}"
         save_pipeline(student, folder)
-        code = ("import sys, torch; from diffusers import DiffusionPipeline; "
-                "p = DiffusionPipeline.from_pretrained(sys.argv[1], use_safetensors=True); p.set_progress_bar_config(disable=True); "
-                "x = p(batch_size=3, num_inference_steps=int(sys.argv[2]), generator=torch.Generator().manual_seed(5), "
-                "output_type='pt').images; "
-                "print(type(p).__name__, type(p.scheduler).__name__, p.scheduler.timesteps.tolist()); "
-                "torch.save(x, sys.argv[3])")
-        r = subprocess.run([sys.executable, "-c", code, str(folder), str(k), str(tmp_path / "x.pt")],
-                           capture_output=True, text=True, timeout=300)
+        code = (
+            "import sys, torch; from diffusers import DiffusionPipeline; "
+            "p = DiffusionPipeline.from_pretrained(sys.argv[1], use_safetensors=True); p.set_progress_bar_config(disable=True); "
+            "x = p(batch_size=3, num_inference_steps=int(sys.argv[2]), generator=torch.Generator().manual_seed(5), "
+            "output_type='pt').images; "
+            "print(type(p).__name__, type(p.scheduler).__name__, p.scheduler.timesteps.tolist()); "
+            "torch.save(x, sys.argv[3])"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(folder), str(k), str(tmp_path / "x.pt")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.split()[:2] == ["DDPMPipeline", "FlowMatchEulerDiscreteScheduler"]
         # stock diffusers runs exactly the K Euler steps the student was trained on: 1, (K−1)/K, ... 1/K
@@ -275,6 +347,7 @@ def test_a_flow_matching_pipeline_refuses_a_ddpm_family_sampler(flow_teacher):
 
 # --- the bench ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.trials  # about two minutes: seven evaluated rows and three rectified students
 def test_a_flow_matching_teachers_bench_has_euler_teacher_rows_rectified_rows_and_skips_the_rest(digits_ws, tmp_path):
     import shutil
@@ -287,8 +360,20 @@ def test_a_flow_matching_teachers_bench_has_euler_teacher_rows_rectified_rows_an
     shutil.copytree(digits_ws / "data", root / "data")
     shutil.copy(digits_ws / "params.yaml", root / "params.yaml")
     teacher = make_tiny_flow_pipeline(root / "data" / "teachers" / "flow")
-    r = CliRunner().invoke(app, ["bench", "--quick", "--json", "--workspace", str(root), "--teacher", str(teacher),
-                                 "--methods", "rectified,progressive"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--quick",
+            "--json",
+            "--workspace",
+            str(root),
+            "--teacher",
+            str(teacher),
+            "--methods",
+            "rectified,progressive",
+        ],
+    )
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout.strip().splitlines()[-1])
     rows = {(row["method"], row["steps"]) for row in result["rows"]}
@@ -297,8 +382,10 @@ def test_a_flow_matching_teachers_bench_has_euler_teacher_rows_rectified_rows_an
     for row in result["rows"]:
         if row["method"] == "rectified":
             assert set(row["straightness"]) == {"teacher", "reflowed"}
-            assert json.loads((Path(row["student"]) / "scheduler" / "scheduler_config.json").read_text())[
-                "_class_name"] == "FlowMatchEulerDiscreteScheduler"
+            assert (
+                json.loads((Path(row["student"]) / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+                == "FlowMatchEulerDiscreteScheduler"
+            )
     md = (root / "runs" / "bench" / "quick" / "bench.md").read_text()
     assert "| rectified | 1 |" in md and "straightness of the teacher's paths" in md
 

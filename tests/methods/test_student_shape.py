@@ -17,9 +17,16 @@ def _unet(channels=(16, 32), layers=2):
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=channels,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=layers, norm_num_groups=8)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=channels,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=layers,
+        norm_num_groups=8,
+    )
 
 
 def test_smaller_student_is_initialised_from_the_teacher_where_shapes_allow():
@@ -69,13 +76,16 @@ def test_feature_matching_pulls_student_blocks_towards_the_teacher():
     assert off.loss() == 0.0
 
 
-@pytest.mark.parametrize("method,steps,section", [
-    ("progressive", 2, {"progressive": {"teacher_steps": 4, "steps_per_round": 3}}),
-    ("consistency", 2, {"consistency": {"steps": 4, "solver_steps": 10}}),
-    ("output", 1, {"output": {"pairs": 16, "pairs_steps": 4, "steps": 4}}),
-    ("adversarial", 2, {"adversarial": {"steps": 3}}),
-    ("dmd", 2, {"dmd": {"steps": 2, "fake_updates": 1}}),
-])
+@pytest.mark.parametrize(
+    "method,steps,section",
+    [
+        ("progressive", 2, {"progressive": {"teacher_steps": 4, "steps_per_round": 3}}),
+        ("consistency", 2, {"consistency": {"steps": 4, "solver_steps": 10}}),
+        ("output", 1, {"output": {"pairs": 16, "pairs_steps": 4, "steps": 4}}),
+        ("adversarial", 2, {"adversarial": {"steps": 3}}),
+        ("dmd", 2, {"dmd": {"steps": 2, "fake_updates": 1}}),
+    ],
+)
 def test_every_method_distils_into_a_smaller_stock_student(digits_ws, tmp_path, method, steps, section):
     from diffusers import DiffusionPipeline
 
@@ -83,10 +93,26 @@ def test_every_method_distils_into_a_smaller_stock_student(digits_ws, tmp_path, 
 
     teacher_dir = make_tiny_pipeline(tmp_path / "teacher")  # channels (8, 16)
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
-    p = parse_params({"distill": {"method": method, "target_steps": steps, "batch_size": 4, **section,
-                                  "student": {"block_out_channels": [8, 8], "feature_loss": 0.1}}}).distill
-    student, summary = distill(p, load_pipeline(teacher_dir), data, tmp_path / "ck", log=lambda m: None,
-                               teacher_path=teacher_dir, workspace=tmp_path)
+    p = parse_params(
+        {
+            "distill": {
+                "method": method,
+                "target_steps": steps,
+                "batch_size": 4,
+                **section,
+                "student": {"block_out_channels": [8, 8], "feature_loss": 0.1},
+            }
+        }
+    ).distill
+    student, summary = distill(
+        p,
+        load_pipeline(teacher_dir),
+        data,
+        tmp_path / "ck",
+        log=lambda m: None,
+        teacher_path=teacher_dir,
+        workspace=tmp_path,
+    )
     assert summary["student_params"] < summary["teacher_params"] and summary["student_param_ratio"] < 1
     save_pipeline(student, tmp_path / "student")
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "student", use_safetensors=True)

@@ -68,8 +68,17 @@ def test_feature_matching_compares_student_and_teacher_on_the_same_inputs(digits
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
     section = {"adversarial": {"steps": 1}, "dmd": {"steps": 1, "fake_updates": 1}}[method]
-    p = parse_params({"distill": {"method": method, "target_steps": 2, "batch_size": 4, method: section,
-                                  "student": {"feature_loss": 1.0}}}).distill
+    p = parse_params(
+        {
+            "distill": {
+                "method": method,
+                "target_steps": 2,
+                "batch_size": 4,
+                method: section,
+                "student": {"feature_loss": 1.0},
+            }
+        }
+    ).distill
     cfg, run = method_config(p)
     _, summary = run(teacher, data, cfg, tmp_path / "ck", log=lambda m: None)
     assert summary["final_losses"]["feature"] == 0.0
@@ -81,8 +90,15 @@ def test_a_smaller_progressive_student_resumes_after_round_one(digits_ws, tmp_pa
 
     teacher = load_pipeline(make_tiny_pipeline(tmp_path / "teacher"))  # channels (8, 16)
     data = torch.from_numpy(load_image_folder(digits_ws / "data" / "reference").images[:64])
-    cfg = ProgressiveConfig(teacher_steps=8, target_steps=2, steps_per_round=4, batch_size=4, checkpoint_every=2,
-                            student_channels=(8, 8), student_layers=1)
+    cfg = ProgressiveConfig(
+        teacher_steps=8,
+        target_steps=2,
+        steps_per_round=4,
+        batch_size=4,
+        checkpoint_every=2,
+        student_channels=(8, 8),
+        student_layers=1,
+    )
     crash_when(distill, teacher, data, cfg, tmp_path / "ck", "round 2/2 (4→2 steps) step 4/4")
     logs = resume_matches_unbroken(distill, teacher, data, cfg, tmp_path / "ck", tmp_path / "ck2")
     assert any("resumed from checkpoint-01-0000002" in m for m in logs)

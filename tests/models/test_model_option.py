@@ -53,8 +53,12 @@ def template(tmp_path_factory) -> Path:
             if (name, i) == (OTHER, 1):
                 c.log_dict(run.info.run_id, {}, "params.json")
                 c.log_dict(run.info.run_id, {}, "evaluation/metrics.json")
-                tags.update(teacher_uri=str(student), teacher_sha256=pipeline_sha256(student), data_uri="",
-                            data_md5="0" * 32 + ".dir")  # no data folder recorded, no DVC repository to restore it
+                tags.update(
+                    teacher_uri=str(student),
+                    teacher_sha256=pipeline_sha256(student),
+                    data_uri="",
+                    data_md5="0" * 32 + ".dir",
+                )  # no data folder recorded, no DVC repository to restore it
             c.set_terminated(run.info.run_id)
             register_student(c, name, run.info.run_id, "student", tags, promote=gate == "passed")
     return root
@@ -96,7 +100,11 @@ def test_status_reads_the_named_model_and_defaults_to_params(ws):
     assert r.exit_code == 0, r.output
     other = json.loads(r.stdout)
     assert other["model"] == OTHER and (other["champion"], other["previous"]) == ("2", "1")
-    assert [(d["version"], d["gate"]) for d in other["last_decisions"]] == [("3", "rejected"), ("2", "passed"), ("1", "passed")]
+    assert [(d["version"], d["gate"]) for d in other["last_decisions"]] == [
+        ("3", "rejected"),
+        ("2", "passed"),
+        ("1", "passed"),
+    ]
     assert {d["method"] for d in other["last_decisions"]} == {f"method-of-{OTHER}"}
     text = cli(ws, "status", "--model", OTHER).output
     assert text.startswith(f"{OTHER}: champion 2, previous 1") and "v3" in text
@@ -162,8 +170,13 @@ def test_reproduce_reads_the_named_model(ws):
 
 @pytest.mark.parametrize("cmd", READERS)
 def test_an_unknown_model_is_refused_naming_the_registered_ones_and_touches_nothing(ws, tmp_path, cmd):
-    args = {"status": [], "lineage": ["--alias", "champion"], "export": ["--alias", "champion", "--out", tmp_path / "x"],
-            "rollback": ["--reason", "typo"], "reproduce": ["--version", "1"]}[cmd]
+    args = {
+        "status": [],
+        "lineage": ["--alias", "champion"],
+        "export": ["--alias", "champion", "--out", tmp_path / "x"],
+        "rollback": ["--reason", "typo"],
+        "reproduce": ["--version", "1"],
+    }[cmd]
     r = cli(ws, cmd, "--model", "othr-student", *args)
     assert r.exit_code == 2, r.output
     assert "no registered model named 'othr-student'" in r.output

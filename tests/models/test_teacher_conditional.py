@@ -15,8 +15,18 @@ from redistill.data.images import DataError, load_image_folder
 
 
 def tiny_recipe(**kw) -> TeacherParams:
-    base = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8, train_steps=30, batch_size=8,
-                warmup_steps=5, checkpoint_every=10, class_conditional=True, label_dropout=0.5, guidance_scale=2.5)
+    base = dict(
+        block_out_channels=[8, 16],
+        layers_per_block=1,
+        norm_num_groups=8,
+        train_steps=30,
+        batch_size=8,
+        warmup_steps=5,
+        checkpoint_every=10,
+        class_conditional=True,
+        label_dropout=0.5,
+        guidance_scale=2.5,
+    )
     base.update(kw)
     return TeacherParams(**base)
 
@@ -73,8 +83,13 @@ def test_the_null_class_is_trained_at_the_dropout_rate(labelled, tmp_path):
     init = build_unet(tiny_recipe(), 3, 8, 5).class_embedding.weight[5].detach().clone()
     for dropout, moved in ((0.0, False), (0.5, True)):
         out = tmp_path / f"d{dropout}"
-        train_teacher(tiny_recipe(label_dropout=dropout, guidance_scale=1.0, train_steps=10), data, out,
-                      tmp_path / "ckpt", log=lambda m: None)
+        train_teacher(
+            tiny_recipe(label_dropout=dropout, guidance_scale=1.0, train_steps=10),
+            data,
+            out,
+            tmp_path / "ckpt",
+            log=lambda m: None,
+        )
         null = load_pipeline(out).unet.class_embedding.weight[5]
         assert (not torch.equal(null, init)) == moved, f"label_dropout {dropout}"
 
@@ -90,10 +105,25 @@ def test_unlabelled_data_is_refused_naming_labels_csv(tmp_path):
     assert not out.exists()
     # the CLI says the same for any folder given with --data
     params = tmp_path / "params.yaml"
-    params.write_text("teacher: {block_out_channels: [8, 16], layers_per_block: 1, norm_num_groups: 8, train_steps: 2, "
-                      "batch_size: 4, warmup_steps: 1, class_conditional: true}\n")
-    r = CliRunner().invoke(app, ["teacher", "train", "--data", str(bare), "--out", str(out),
-                                 "--workspace", str(tmp_path), "--params", str(params)])
+    params.write_text(
+        "teacher: {block_out_channels: [8, 16], layers_per_block: 1, norm_num_groups: 8, train_steps: 2, "
+        "batch_size: 4, warmup_steps: 1, class_conditional: true}\n"
+    )
+    r = CliRunner().invoke(
+        app,
+        [
+            "teacher",
+            "train",
+            "--data",
+            str(bare),
+            "--out",
+            str(out),
+            "--workspace",
+            str(tmp_path),
+            "--params",
+            str(params),
+        ],
+    )
     assert r.exit_code != 0 and "labels.csv" in r.output, r.output
     assert not out.exists()
 
@@ -103,11 +133,26 @@ def test_cli_trains_a_conditional_teacher_on_any_labelled_folder(labelled, tmp_p
     from redistill.models.pipelines import load_pipeline
 
     params = tmp_path / "params.yaml"
-    params.write_text("teacher: {block_out_channels: [8, 16], layers_per_block: 1, norm_num_groups: 8, train_steps: 2, "
-                      "batch_size: 4, warmup_steps: 1, class_conditional: true, guidance_scale: 3.0}\n")
+    params.write_text(
+        "teacher: {block_out_channels: [8, 16], layers_per_block: 1, norm_num_groups: 8, train_steps: 2, "
+        "batch_size: 4, warmup_steps: 1, class_conditional: true, guidance_scale: 3.0}\n"
+    )
     out = tmp_path / "teachers" / "cond"
-    r = CliRunner().invoke(app, ["teacher", "train", "--data", str(labelled), "--out", str(out),
-                                 "--workspace", str(tmp_path), "--params", str(params)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "teacher",
+            "train",
+            "--data",
+            str(labelled),
+            "--out",
+            str(out),
+            "--workspace",
+            str(tmp_path),
+            "--params",
+            str(params),
+        ],
+    )
     assert r.exit_code == 0, r.output
     pipe = load_pipeline(out)
     assert pipe.config.null_class == 5 and pipe.config.guidance_scale == 3.0
@@ -178,28 +223,54 @@ def test_fine_tuning_keeps_a_conditional_teacher_conditional(labelled, tmp_path)
 
     data = load_image_folder(labelled)
     train_teacher(tiny_recipe(train_steps=3), data, tmp_path / "cond", tmp_path / "k1", log=lambda m: None)
-    train_teacher(tiny_recipe(train_steps=3, class_conditional=False), data, tmp_path / "plain", tmp_path / "k2",
-                  log=lambda m: None)
-    train_teacher(tiny_recipe(train_steps=3, seed=1), data, tmp_path / "ft", tmp_path / "k3", log=lambda m: None,
-                  init=tmp_path / "cond")
+    train_teacher(
+        tiny_recipe(train_steps=3, class_conditional=False),
+        data,
+        tmp_path / "plain",
+        tmp_path / "k2",
+        log=lambda m: None,
+    )
+    train_teacher(
+        tiny_recipe(train_steps=3, seed=1),
+        data,
+        tmp_path / "ft",
+        tmp_path / "k3",
+        log=lambda m: None,
+        init=tmp_path / "cond",
+    )
     ft = load_pipeline(tmp_path / "ft")
     assert isinstance(ft, ClassConditionalPipeline) and ft.config.null_class == 5
     with pytest.raises(PipelineError, match="no class embeddings"):
-        train_teacher(tiny_recipe(train_steps=3), data, tmp_path / "x", tmp_path / "k4", log=lambda m: None,
-                      init=tmp_path / "plain")
+        train_teacher(
+            tiny_recipe(train_steps=3),
+            data,
+            tmp_path / "x",
+            tmp_path / "k4",
+            log=lambda m: None,
+            init=tmp_path / "plain",
+        )
     with pytest.raises(PipelineError, match="set teacher.class_conditional to true"):
-        train_teacher(tiny_recipe(train_steps=3, class_conditional=False), data, tmp_path / "y", tmp_path / "k5",
-                      log=lambda m: None, init=tmp_path / "cond")
+        train_teacher(
+            tiny_recipe(train_steps=3, class_conditional=False),
+            data,
+            tmp_path / "y",
+            tmp_path / "k5",
+            log=lambda m: None,
+            init=tmp_path / "cond",
+        )
 
 
-@pytest.mark.parametrize("bad, key", [
-    (dict(label_dropout=1.0), "teacher.label_dropout"),
-    (dict(label_dropout=-0.1), "teacher.label_dropout"),
-    (dict(guidance_scale=-1.0), "teacher.guidance_scale"),
-    (dict(guidance_scale=float("nan")), "teacher.guidance_scale"),
-    (dict(guidance_scale=float("inf")), "teacher.guidance_scale"),
-    (dict(class_conditional=True, label_dropout=0.0, guidance_scale=2.0), "teacher.label_dropout is 0"),
-])
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        (dict(label_dropout=1.0), "teacher.label_dropout"),
+        (dict(label_dropout=-0.1), "teacher.label_dropout"),
+        (dict(guidance_scale=-1.0), "teacher.guidance_scale"),
+        (dict(guidance_scale=float("nan")), "teacher.guidance_scale"),
+        (dict(guidance_scale=float("inf")), "teacher.guidance_scale"),
+        (dict(class_conditional=True, label_dropout=0.0, guidance_scale=2.0), "teacher.label_dropout is 0"),
+    ],
+)
 def test_bad_conditional_settings_are_refused_naming_the_key(bad, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         TeacherParams(**bad)

@@ -49,14 +49,22 @@ def test_quick_bench_has_every_row_and_logs_its_files(digits_ws, tmp_path):
 
     students = {row["student"] for row in result["rows"] if row["kind"] == "method"}
     assert {Path(s).name for s in students} >= {"progressive-1", "dmd-1", "dmd-2", "dmd-4", "output-4", "consistency-8"}
-    dmd = {row["steps"]: json.loads((Path(row["student"]) / "redistill_distill.json").read_text())
-           for row in result["rows"] if row["method"] == "dmd"}
+    dmd = {
+        row["steps"]: json.loads((Path(row["student"]) / "redistill_distill.json").read_text())
+        for row in result["rows"]
+        if row["method"] == "dmd"
+    }
     assert {n: d["num_inference_steps"] for n, d in dmd.items()} == {1: 1, 2: 2, 4: 4}
     pipe = DiffusionPipeline.from_pretrained(out / "dmd-2", use_safetensors=True)
     assert pipe.unet is not None
     c = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     run = c.get_run(result["mlflow_run_id"])
-    assert {a.path for a in c.list_artifacts(run.info.run_id)} == {"bench.json", "bench.md", "quality_vs_nfe.png", "students"}
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} == {
+        "bench.json",
+        "bench.md",
+        "quality_vs_nfe.png",
+        "students",
+    }
     assert "students/dmd-2" in {a.path for a in c.list_artifacts(run.info.run_id, "students")}
     assert "progressive_4.fid" in run.data.metrics and "dmd_1.fid_gap_floors.encoder" in run.data.metrics
 
@@ -67,6 +75,17 @@ def test_bench_without_data_says_what_to_run(tmp_path):
 
 
 def test_bench_refuses_an_unknown_method(digits_ws):
-    r = CliRunner().invoke(app, ["bench", "--quick", "--methods", "progressive,lcm2", "--workspace", str(digits_ws),
-                                 "--teacher", str(digits_ws)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--quick",
+            "--methods",
+            "progressive,lcm2",
+            "--workspace",
+            str(digits_ws),
+            "--teacher",
+            str(digits_ws),
+        ],
+    )
     assert r.exit_code != 0 and "valid methods are" in r.output

@@ -69,7 +69,9 @@ class Server:
 
     def start(self) -> Server:
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         wait_healthy(self.health, self.proc)
         return self
 
@@ -93,18 +95,44 @@ class Server:
 
 
 def mlflow_server(tmp: Path, port: int) -> Server:
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-           "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(tmp / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     return Server(cmd, f"http://127.0.0.1:{port}/health", log=tmp / "mlflow-server.log")
 
 
 def prefect_server(tmp: Path, port: int) -> Server:
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_UI_ENABLED": "false",
+    }
     env.pop("PREFECT_API_URL", None)
-    cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-           "--no-ui"]
+    cmd = [
+        str(Path(sys.executable).with_name("prefect")),
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-ui",
+    ]
     return Server(cmd, f"http://127.0.0.1:{port}/api/health", env=env, log=tmp / "prefect-server.log")
 
 
@@ -129,8 +157,11 @@ class Gateway:
                     time.sleep(30)
                 body = self._body()
                 conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("host", "connection", "transfer-encoding", "content-length")}
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("host", "connection", "transfer-encoding", "content-length")
+                }
                 headers["Content-Length"] = str(len(body))
                 try:
                     conn.request(self.command, self.path, body=body or None, headers=headers)
@@ -179,8 +210,12 @@ class Gateway:
 
 def params(ws: Path, seed: int) -> Path:
     f = ws / f"servers{seed}.yaml"
-    f.write_text(TINY_CYCLE.replace("distill: {", f"distill: {{seed: {seed}, ") + "teacher: {name: tiny}\n"
-                 + LENIENT_GATE + FAST_RETRIES)
+    f.write_text(
+        TINY_CYCLE.replace("distill: {", f"distill: {{seed: {seed}, ")
+        + "teacher: {name: tiny}\n"
+        + LENIENT_GATE
+        + FAST_RETRIES
+    )
     return f
 
 
@@ -191,8 +226,13 @@ def cycle_cmd(ws: Path, p: Path) -> list[str]:
 def run_paused(cmd: list[str], e: dict, stage: str, flag: Path, while_paused) -> subprocess.CompletedProcess:
     """Run the cycle, hold it at failpoint `stage`, call `while_paused()`, let it go on; its result."""
     flag.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**e, "REDISTILL_PAUSE_AT": stage, "REDISTILL_PAUSE_FILE": str(flag)})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**e, "REDISTILL_PAUSE_AT": stage, "REDISTILL_PAUSE_FILE": str(flag)},
+    )
     deadline = time.time() + 600
     while not flag.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -230,8 +270,13 @@ def rerun_registers_once_without_distilling(ws: Path, c, cmd: list[str], e: dict
 def test_mlflow_server_down_at_start_stops_before_any_work(ws, tmp_path):
     p = params(ws, 101)
     before = summary_stamp(ws)
-    r = subprocess.run(cycle_cmd(ws, p), capture_output=True, text=True, timeout=300,
-                       env=trial_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}"))
+    r = subprocess.run(
+        cycle_cmd(ws, p),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=trial_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}"),
+    )
     assert r.returncode == 2
     line = one_error_line(r.stderr)
     assert "cannot be reached" in line and "MLFLOW_TRACKING_URI" in line
@@ -244,8 +289,13 @@ def test_a_gateway_answering_503_or_too_slowly_at_start_is_a_clear_error(ws, tmp
     try:
         for mode, needle in (("503", "503"), ("slow", "timed out")):
             gw.mode = mode
-            r = subprocess.run(cycle_cmd(ws, params(ws, 102)), capture_output=True, text=True, timeout=300,
-                               env=trial_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{gw.port}"))
+            r = subprocess.run(
+                cycle_cmd(ws, params(ws, 102)),
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=trial_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{gw.port}"),
+            )
             assert r.returncode == 2, r.stderr[-2000:]
             line = one_error_line(r.stderr)
             assert "cannot be reached" in line and needle in line.lower(), line
@@ -264,6 +314,7 @@ def test_mlflow_server_gone_during_the_cycle_then_back(ws, tmp_path, how):
     p, flag = params(ws, seed), tmp_path / "paused"
     cmd, e = cycle_cmd(ws, p), trial_env(MLFLOW_TRACKING_URI=uri)
     try:
+
         def go_away():
             if how == "stopped":
                 server.stop()
@@ -297,10 +348,17 @@ def test_prefect_api_down_at_start_stops_before_any_work(ws, tmp_path):
     gw = Gateway(free_port())
     gw.mode = "503"
     try:
-        for url, needle in ((f"http://127.0.0.1:{free_port()}/api", "does not answer"),
-                            (f"http://127.0.0.1:{gw.port}/api", "503")):
-            r = subprocess.run(cycle_cmd(ws, params(ws, 120)), capture_output=True, text=True, timeout=300,
-                               env=trial_env(PREFECT_API_URL=url))
+        for url, needle in (
+            (f"http://127.0.0.1:{free_port()}/api", "does not answer"),
+            (f"http://127.0.0.1:{gw.port}/api", "503"),
+        ):
+            r = subprocess.run(
+                cycle_cmd(ws, params(ws, 120)),
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=trial_env(PREFECT_API_URL=url),
+            )
             assert r.returncode == 2, r.stderr[-2000:]
             line = one_error_line(r.stderr)
             assert "Prefect API" in line and url in line and needle in line and "prefect server start" in line, line
@@ -313,8 +371,11 @@ def test_prefect_server_gone_during_the_cycle_then_back(ws, tmp_path):
     port = free_port()
     server = prefect_server(tmp_path, port).start()
     p, flag = params(ws, 130), tmp_path / "paused"
-    e = trial_env(PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_CLIENT_MAX_RETRIES="1",
-            PREFECT_HOME=str(tmp_path / "client-home"))
+    e = trial_env(
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_CLIENT_MAX_RETRIES="1",
+        PREFECT_HOME=str(tmp_path / "client-home"),
+    )
     cmd = cycle_cmd(ws, p)
     c = client(f"sqlite:///{ws / 'mlflow.db'}")
     try:

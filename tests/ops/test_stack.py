@@ -42,9 +42,22 @@ def test_a_recorded_pid_that_is_no_longer_the_stacks_is_not_signalled(tmp_path):
     other = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
         (tmp_path / "stack").mkdir()
-        (tmp_path / "stack" / "stack.json").write_text(json.dumps({"services": {
-            "mlflow": {"pid": other.pid, "port": 1, "marker": "--port 1", "log": "x", "health": "http://127.0.0.1:1/health",
-                       "url": "http://127.0.0.1:1"}}}))
+        (tmp_path / "stack" / "stack.json").write_text(
+            json.dumps(
+                {
+                    "services": {
+                        "mlflow": {
+                            "pid": other.pid,
+                            "port": 1,
+                            "marker": "--port 1",
+                            "log": "x",
+                            "health": "http://127.0.0.1:1/health",
+                            "url": "http://127.0.0.1:1",
+                        }
+                    }
+                }
+            )
+        )
         st = status(tmp_path)
         assert st["services"]["mlflow"]["running"] is False and st["up"] is False and st["env"] == {}
         down(tmp_path, log=lambda m: None)
@@ -75,8 +88,10 @@ def _postgres_installed() -> bool:
 
 
 @pytest.mark.trials
-@pytest.mark.skipif(not _postgres_installed(), reason="PostgreSQL's server programs are not installed (Debian: "
-                    "apt-get install postgresql; .ci/run installs them)")
+@pytest.mark.skipif(
+    not _postgres_installed(),
+    reason="PostgreSQL's server programs are not installed (Debian: apt-get install postgresql; .ci/run installs them)",
+)
 def test_the_stack_comes_up_does_its_jobs_and_goes_down_leaving_no_process():
     # PostgreSQL runs as the postgres user when we are root: the workspace must be a folder it can enter
     root = Path(tempfile.mkdtemp(prefix="redistill-stack-"))
@@ -121,16 +136,34 @@ def test_the_stack_comes_up_does_its_jobs_and_goes_down_leaving_no_process():
         password = json.loads((root / "stack" / "secrets.json").read_text())["postgres_password"]
         assert oct((root / "stack" / "secrets.json").stat().st_mode & 0o777) == "0o600"
         port = st["services"]["postgres"]["port"]
-        names = _run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "redistill", "-d", "mlflow", "-tAc",
-                      "SELECT name FROM experiments"], env={**env, "PGPASSWORD": password}).stdout.split()
+        names = _run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "redistill",
+                "-d",
+                "mlflow",
+                "-tAc",
+                "SELECT name FROM experiments",
+            ],
+            env={**env, "PGPASSWORD": password},
+        ).stdout.split()
         assert "stack-check" in names
 
         # Prefect: the server answers, both workers poll the pool, the global limit has its slot
         api = client_env["PREFECT_API_URL"]
 
         def post(path, body):
-            req = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
+            req = urllib.request.Request(
+                f"{api}{path}",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
             with urllib.request.urlopen(req, timeout=10) as r:
                 return json.loads(r.read())
 
@@ -179,10 +212,11 @@ def test_the_stack_comes_up_does_its_jobs_and_goes_down_leaving_no_process():
             urllib.request.urlopen(url.rstrip("/") + "/health", timeout=3)
 
 
-
 @pytest.mark.trials
-@pytest.mark.skipif(not _postgres_installed(), reason="PostgreSQL's server programs are not installed (Debian: "
-                    "apt-get install postgresql; .ci/run installs them)")
+@pytest.mark.skipif(
+    not _postgres_installed(),
+    reason="PostgreSQL's server programs are not installed (Debian: apt-get install postgresql; .ci/run installs them)",
+)
 def test_deployed_flows_run_on_the_workers_and_two_triggers_make_one_distillation(digits_ws):
     """`prefect deploy --all` against the stack's server; two runs of the nightly deployment at once are taken by
     the two workers (one flow run each), share one key and make one distillation and one registered version,
@@ -192,7 +226,9 @@ def test_deployed_flows_run_on_the_workers_and_two_triggers_make_one_distillatio
     root = Path(tempfile.mkdtemp(prefix="redistill-stack-"))
     os.chmod(root, 0o755)
     tiny_trial_workspace(digits_ws, root)
-    (root / "params.yaml").write_text(TINY_CYCLE + LENIENT_GATE + "teacher: {name: tiny}\nwatch: {settle_seconds: 0.0}\n")
+    (root / "params.yaml").write_text(
+        TINY_CYCLE + LENIENT_GATE + "teacher: {name: tiny}\nwatch: {settle_seconds: 0.0}\n"
+    )
     env = trial_env(REDISTILL_HOME=str(root), DVC_NO_ANALYTICS="1")  # the workers' flow runs work in this workspace
     redistill = [str(BIN / "redistill")]
     try:
@@ -215,9 +251,13 @@ def test_deployed_flows_run_on_the_workers_and_two_triggers_make_one_distillatio
             if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states.values()):
                 break
             time.sleep(3)
-        logs = {k: Path(v["log"]).read_text(errors="replace") for k, v in
-                json.loads(_run([*redistill, "stack", "status", "--json", "--workspace", str(root)], env=env).stdout)
-                ["services"].items() if k.startswith("worker-")}
+        logs = {
+            k: Path(v["log"]).read_text(errors="replace")
+            for k, v in json.loads(
+                _run([*redistill, "stack", "status", "--json", "--workspace", str(root)], env=env).stdout
+            )["services"].items()
+            if k.startswith("worker-")
+        }
         assert set(states.values()) == {"COMPLETED"}, (states, {k: v[-3000:] for k, v in logs.items()})
         took = {w: [fr for fr in runs if fr in text] for w, text in logs.items()}
         assert sorted(len(v) for v in took.values()) == [1, 1], took  # each worker ran one of the two
@@ -229,8 +269,9 @@ def test_deployed_flows_run_on_the_workers_and_two_triggers_make_one_distillatio
         assert len(versions) == 1, [v.version for v in versions]  # two triggers, one key, one distillation
         tags = versions[0].tags
         assert tags[f"{PREFIX}trigger"] == "schedule" and tags[f"{PREFIX}teacher_sha256"]
-        lineage = _run([*redistill, "lineage", "--version", versions[0].version, "--json", "--workspace", str(root)],
-                       env=cenv)
+        lineage = _run(
+            [*redistill, "lineage", "--version", versions[0].version, "--json", "--workspace", str(root)], env=cenv
+        )
         assert json.loads(lineage.stdout)["version"] == versions[0].version
 
         # the watch deployment runs on a worker as well (nothing new arrived: it says so and ends)
@@ -246,12 +287,17 @@ def test_deployed_flows_run_on_the_workers_and_two_triggers_make_one_distillatio
         assert state == "COMPLETED", state
 
         # the decision is an event on the server, where automations can hang on it
-        req = urllib.request.Request(f"{api}/events/filter", method="POST", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"filter": {"event": {"prefix": ["redistill."]}}, "limit": 50}).encode())
+        req = urllib.request.Request(
+            f"{api}/events/filter",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"filter": {"event": {"prefix": ["redistill."]}}, "limit": 50}).encode(),
+        )
         events = json.loads(urllib.request.urlopen(req, timeout=10).read())["events"]
         promoted = [e for e in events if e["event"] == "redistill.student.promoted"]
-        assert promoted and promoted[0]["resource"]["prefect.resource.id"] == "redistill.model.digits-student", \
-            [e["event"] for e in events]
+        assert promoted and promoted[0]["resource"]["prefect.resource.id"] == "redistill.model.digits-student", [
+            e["event"] for e in events
+        ]
 
         # the CLI unchanged against the servers: status, a cycle, rollback, export, reproduce
         st = json.loads(_run([*redistill, "status", "--json", "--workspace", str(root)], env=cenv).stdout)
@@ -259,15 +305,37 @@ def test_deployed_flows_run_on_the_workers_and_two_triggers_make_one_distillatio
         forced = _run([*redistill, "cycle", "--force", "--json", "--workspace", str(root)], env=cenv)
         second = json.loads(forced.stdout.strip().splitlines()[-1])
         assert second["decision"] == "promoted" and str(second["version"]) != versions[0].version
-        rb = json.loads(_run([*redistill, "rollback", "--to", versions[0].version, "--reason", "stack check", "--json",
-                              "--workspace", str(root)], env=cenv).stdout)
+        rb = json.loads(
+            _run(
+                [
+                    *redistill,
+                    "rollback",
+                    "--to",
+                    versions[0].version,
+                    "--reason",
+                    "stack check",
+                    "--json",
+                    "--workspace",
+                    str(root),
+                ],
+                env=cenv,
+            ).stdout
+        )
         assert str(rb["to"]) == versions[0].version
         assert c.get_model_version_by_alias("digits-student", "champion").version == versions[0].version
-        _run([*redistill, "export", "--alias", "champion", "--out", str(root / "exported"), "--workspace", str(root)],
-             env=cenv)
+        _run(
+            [*redistill, "export", "--alias", "champion", "--out", str(root / "exported"), "--workspace", str(root)],
+            env=cenv,
+        )
         assert (root / "exported" / "model_index.json").is_file()
-        rep = json.loads(_run([*redistill, "reproduce", "--version", versions[0].version, "--json", "--workspace",
-                               str(root)], env=cenv).stdout.strip().splitlines()[-1])
+        rep = json.loads(
+            _run(
+                [*redistill, "reproduce", "--version", versions[0].version, "--json", "--workspace", str(root)],
+                env=cenv,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         assert str(rep["version"]) == versions[0].version and rep["rows"], rep
     finally:
         _run([*redistill, "stack", "down", "--workspace", str(root)], env=env, check=False)
@@ -275,8 +343,10 @@ def test_deployed_flows_run_on_the_workers_and_two_triggers_make_one_distillatio
 
 
 @pytest.mark.trials
-@pytest.mark.skipif(not _postgres_installed(), reason="PostgreSQL's server programs are not installed (Debian: "
-                    "apt-get install postgresql; .ci/run installs them)")
+@pytest.mark.skipif(
+    not _postgres_installed(),
+    reason="PostgreSQL's server programs are not installed (Debian: apt-get install postgresql; .ci/run installs them)",
+)
 def test_an_up_that_fails_half_way_stops_what_it_started_and_says_why():
     """The Prefect server cannot bind its port (another process listens there): `up` fails with the server's
     own words, and PostgreSQL and the MLflow server it had started are stopped again."""
@@ -292,10 +362,12 @@ def test_an_up_that_fails_half_way_stops_what_it_started_and_says_why():
     try:
         r = _run([str(BIN / "redistill"), "stack", "up", "--workspace", str(root)], env=env, check=False)
         assert r.returncode != 0 and "prefect exited" in r.stderr and "stopping what this call started" in r.stdout, (
-            r.stdout[-2000:], r.stderr[-2000:])
+            r.stdout[-2000:],
+            r.stderr[-2000:],
+        )
         state = json.loads((root / "stack" / "stack.json").read_text())
         left = {k: v["pid"] for k, v in state["services"].items() if v.get("pid") and pid_alive(v["pid"])}
-        pg = (root / "stack" / "postgres" / "postmaster.pid")
+        pg = root / "stack" / "postgres" / "postmaster.pid"
         assert not left and not pg.exists(), (left, pg.exists())
     finally:
         blocker.close()

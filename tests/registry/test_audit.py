@@ -48,12 +48,20 @@ def ws(digits_ws, tmp_path_factory, prefect_harness):
     make_tiny_pipeline(root / "data" / "teachers" / "tiny")
     (root / "params.yaml").write_text(TINY)
     (root / "seed1.yaml").write_text(TINY.replace("batch_size: 8,", "batch_size: 8, seed: 1,"))
-    (root / "strict.yaml").write_text(TINY.replace("fid_gap_max: 1000000000.0", UNMEETABLE_GAP)
-                                      .replace("batch_size: 8,", "batch_size: 8, seed: 2,"))
-    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "--no-scm", "-q"], cwd=root, check=True,
-                   env={**os.environ, "DVC_NO_ANALYTICS": "1"})
-    for args in (["--data", root / "data" / "ref-copy"], ["--params", root / "seed1.yaml"],
-                 ["--params", root / "strict.yaml"]):
+    (root / "strict.yaml").write_text(
+        TINY.replace("fid_gap_max: 1000000000.0", UNMEETABLE_GAP).replace("batch_size: 8,", "batch_size: 8, seed: 2,")
+    )
+    subprocess.run(
+        [str(Path(sys.executable).with_name("dvc")), "init", "--no-scm", "-q"],
+        cwd=root,
+        check=True,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+    )
+    for args in (
+        ["--data", root / "data" / "ref-copy"],
+        ["--params", root / "seed1.yaml"],
+        ["--params", root / "strict.yaml"],
+    ):
         r = cli(root, "cycle", "--json", *args)
         assert r.exit_code == 0, r.output
     return root
@@ -72,8 +80,14 @@ def test_lineage_of_the_champion_holds_the_whole_chain_and_round_trips(ws):
     assert len(d["code"]["git_commit"]) >= 7 and isinstance(d["code"]["dirty"], bool)
     assert d["prefect"]["flow_run_id"]
     assert d["trigger"]["kind"] == "manual"
-    assert {c["name"] for c in d["gate"]["checks"]} >= {"fid_gap.classifier", "fid_gap.encoder", "speedup_throughput", "psnr_db",
-                                                        "fid_vs_champion", "kid_vs_champion"}
+    assert {c["name"] for c in d["gate"]["checks"]} >= {
+        "fid_gap.classifier",
+        "fid_gap.encoder",
+        "speedup_throughput",
+        "psnr_db",
+        "fid_vs_champion",
+        "kid_vs_champion",
+    }
     assert all({"value", "bound", "passed"} <= set(c) for c in d["gate"]["checks"])
     assert d["replaced"] == "1"
     text = cli(ws, "lineage", "--alias", "champion").stdout
@@ -128,8 +142,17 @@ def test_reproduce_fetches_data_that_only_a_dvc_remote_holds(ws, tmp_path):
     from redistill.data.images import dir_md5
 
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    dvc = lambda *a: subprocess.run([str(Path(sys.executable).with_name("dvc")), *a], cwd=ws, env=env,  # noqa: E731
-                                    check=True, capture_output=True, text=True)
+
+    def dvc(*a):
+        return subprocess.run(
+            [str(Path(sys.executable).with_name("dvc")), *a],
+            cwd=ws,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+
     md5 = client(f"sqlite:///{ws / 'mlflow.db'}").get_model_version(NAME, "1").tags[PREFIX + "data_md5"]
     pristine = ws / "data" / "pristine"  # v1's data again (data/ref-copy began as a copy of data/reference)
     shutil.copytree(ws / "data" / "reference", pristine)
@@ -171,12 +194,16 @@ def test_reports_are_logged_with_the_cycle(ws):
 
     with get_client(sync_client=True) as pc:  # the run's Prefect markdown artifact links to the reports
         arts = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["redistill-reports"])))
-    assert len(arts) == 3 and any(mv.run_id in a.data and "quality_vs_steps.png" in a.data and "data_docs" in a.data
-                                  for a in arts)
+    assert len(arts) == 3 and any(
+        mv.run_id in a.data and "quality_vs_steps.png" in a.data and "data_docs" in a.data for a in arts
+    )
     r = cli(ws, "status")
     assert r.exit_code == 0 and "version" in r.output and "v2 *" in r.output
     assert [line.split()[0] for line in r.output.splitlines() if line.startswith("  v") and line[3].isdigit()] == [
-        "v3", "v2", "v1"]
+        "v3",
+        "v2",
+        "v1",
+    ]
 
 
 def _free_port() -> int:
@@ -197,21 +224,46 @@ def test_the_champion_loads_as_pyfunc_and_is_served_over_http(ws, monkeypatch):
     out = model.predict(pd.DataFrame([{"seed": 3, "num_images": 2}]))
     assert list(out["index"]) == [0, 1] and (out["height"] == 8).all()
     # the input is validated before any work: each bad request names its field
-    for bad, field in ([{"seed": 0, "num_images": 65}, "num_images"], [{"seed": 0, "num_images": 2.5}, "num_images"],
-                       [{"seed": -1, "num_images": 1}, "seed"], [{"seed": "x", "num_images": 1}, "seed"],
-                       [{"seed": 0, "num_images": 1, "num_inference_steps": 10**6}, "num_inference_steps"]):
+    for bad, field in (
+        [{"seed": 0, "num_images": 65}, "num_images"],
+        [{"seed": 0, "num_images": 2.5}, "num_images"],
+        [{"seed": -1, "num_images": 1}, "seed"],
+        [{"seed": "x", "num_images": 1}, "seed"],
+        [{"seed": 0, "num_images": 1, "num_inference_steps": 10**6}, "num_inference_steps"],
+    ):
         with pytest.raises(Exception, match=field):
             model.predict(pd.DataFrame([bad]))
     with pytest.raises(Exception, match="images per request"):
         model.predict(pd.DataFrame([{"seed": i, "num_images": 64} for i in range(5)]))
 
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,  # uvicorn is in the venv's bin
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,  # uvicorn is in the venv's bin
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=ws,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            mlflow_bin,
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        cwd=ws,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -224,8 +276,9 @@ def test_the_champion_loads_as_pyfunc_and_is_served_over_http(ws, monkeypatch):
             assert proc.poll() is None and time.time() < deadline, "the model server did not come up"
             time.sleep(1)
         body = json.dumps({"dataframe_records": [{"seed": 0, "num_images": 3}]}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             preds = json.loads(resp.read())["predictions"]
         assert len(preds) == 3 and {p["index"] for p in preds} == {0, 1, 2}

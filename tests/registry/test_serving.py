@@ -21,8 +21,10 @@ TEACHER_SHA = "a1" * 32
 DATA_MD5 = "0123456789abcdef0123456789abcdef.dir"
 PARAMS_SHA = "c3" * 32
 COMMIT = "d4" * 20
-CHECKS = [{"name": "fid_gap.classifier", "kind": "absolute", "value": 1.5, "op": "<=", "bound": 2.0, "passed": True},
-          {"name": "speedup", "kind": "absolute", "value": 12.25, "op": ">=", "bound": 2.0, "passed": True}]
+CHECKS = [
+    {"name": "fid_gap.classifier", "kind": "absolute", "value": 1.5, "op": "<=", "bound": 2.0, "passed": True},
+    {"name": "speedup", "kind": "absolute", "value": 12.25, "op": ">=", "bound": 2.0, "passed": True},
+]
 
 
 def _requirements(model: Path) -> list[str]:
@@ -45,9 +47,19 @@ def test_the_pyfunc_folder_ships_its_code_and_pins_what_an_index_serves(saved):
     conf = yaml.safe_load((model / "MLmodel").read_text())["flavors"]["python_function"]
     assert conf["loader_module"] == "redistill.registry.serving" and conf["code"] == "code"
     code = model / "code" / "redistill"  # a package folder in code_paths keeps its name
-    for f in ("__init__.py", "registry/serving.py", "models/pipelines.py", "core/files.py", "models/lora.py",
-              "config/__init__.py", "models/prediction.py", "models/__init__.py", "models/pixel.py",
-              "models/class_pipeline.py", "models/text_to_image.py"):
+    for f in (
+        "__init__.py",
+        "registry/serving.py",
+        "models/pipelines.py",
+        "core/files.py",
+        "models/lora.py",
+        "config/__init__.py",
+        "models/prediction.py",
+        "models/__init__.py",
+        "models/pixel.py",
+        "models/class_pipeline.py",
+        "models/text_to_image.py",
+    ):
         assert (code / f).is_file(), f
     for f in ("cli", "cycle", "registry/client.py", "registry/mlflow_lineage.py", "watch", "ops"):  # not the tools
         assert not (code / f).exists(), f
@@ -64,10 +76,17 @@ def test_the_pyfunc_folder_ships_its_code_and_pins_what_an_index_serves(saved):
 def test_a_text_to_image_student_pins_transformers(tmp_path):
     from redistill.registry.serving import requirements
 
-    (tmp_path / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "safety_checker": [None, None]}))
+    (tmp_path / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "safety_checker": [None, None],
+            }
+        )
+    )
     assert f"transformers=={version('transformers')}" in requirements(tmp_path)
 
 
@@ -84,25 +103,32 @@ def test_every_redistill_import_of_the_shipped_code_is_shipped(tmp_path):
         rel = Path(*name.split(".")[1:])
         return next((f for f in ((repo / rel).with_suffix(".py"), repo / rel / "__init__.py") if f.is_file()), None)
 
-    shipped = {".".join(("redistill", *f.relative_to(pkg).with_suffix("").parts)).removesuffix(".__init__")
-               for f in pkg.rglob("*.py")}
+    shipped = {
+        ".".join(("redistill", *f.relative_to(pkg).with_suffix("").parts)).removesuffix(".__init__")
+        for f in pkg.rglob("*.py")
+    }
     needed = set()
     for f in pkg.rglob("*.py"):
         here = ".".join(("redistill", *f.relative_to(pkg).parent.parts))
         tree = ast.parse(f.read_text())
         # config.py is shipped for lora.py's module-level import of its LoRA target presets: the loader runs none of
         # its functions (settings parsing, which may import the workspace's tools), so only its top level counts
-        for node in (tree.body if f.parent == pkg / "config" else ast.walk(tree)):
+        for node in tree.body if f.parent == pkg / "config" else ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:  # relative: from the file's package
-                    base = ".".join([*here.split(".")[:len(here.split(".")) - node.level + 1], *filter(None, [base])])
+                    base = ".".join([*here.split(".")[: len(here.split(".")) - node.level + 1], *filter(None, [base])])
                 if base.split(".")[0] == "redistill":
-                    needed |= {(f.name, base)} | {(f.name, f"{base}.{a.name}") for a in node.names
-                                                   if module(f"{base}.{a.name}")}
+                    needed |= {(f.name, base)} | {
+                        (f.name, f"{base}.{a.name}") for a in node.names if module(f"{base}.{a.name}")
+                    }
             elif isinstance(node, ast.Import):
                 needed |= {(f.name, a.name) for a in node.names if a.name.split(".")[0] == "redistill"}
-    assert needed and {m for _, m in needed} >= {"redistill.models.pipelines", "redistill.models.adapter_files", "redistill.core.files"}
+    assert needed and {m for _, m in needed} >= {
+        "redistill.models.pipelines",
+        "redistill.models.adapter_files",
+        "redistill.core.files",
+    }
     missing = sorted(f"{where}: {m}" for where, m in needed if m not in shipped)
     assert not missing, missing
 
@@ -129,12 +155,18 @@ def test_the_pyfunc_model_loads_and_predicts_where_redistill_is_not_installed(sa
     """`python -I -S`: neither the repository (not the cwd, no PYTHONPATH) nor the installed redistill (its editable
     finder is a .pth file, which -S does not run) is on the path; the model folder alone must do."""
     site = sysconfig.get_paths()["purelib"]
-    r = subprocess.run([sys.executable, "-I", "-S", "-c", ISOLATED, site, str(saved)], cwd=saved,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", ISOLATED, site, str(saved)],
+        cwd=saved,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    assert Path(out["serving_file"]).resolve().is_relative_to((saved / "cond-model" / "code").resolve()) or \
-        Path(out["serving_file"]).resolve().is_relative_to((saved / "model" / "code").resolve())
+    out = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
+    assert Path(out["serving_file"]).resolve().is_relative_to((saved / "cond-model" / "code").resolve()) or Path(
+        out["serving_file"]
+    ).resolve().is_relative_to((saved / "model" / "code").resolve())
     assert all(str(saved) in p for p in out["package_path"])
     for name in ("model", "cond-model"):
         rows = out[name]["rows"]
@@ -146,13 +178,31 @@ def test_the_pyfunc_model_loads_and_predicts_where_redistill_is_not_installed(sa
 def _card(**over) -> str:
     from redistill.registry.model_card import model_card
 
-    args = dict(name="digits-student", version="7", teacher_uri="data/teachers/tiny", teacher_sha256=TEACHER_SHA,
-                datasets=[{"context": "training", "path": "data/reference", "md5": DATA_MD5},
-                          {"context": "evaluation", "path": "data/reference", "md5": DATA_MD5}],
-                params_sha256=PARAMS_SHA, git_commit=COMMIT, trigger="drift",
-                trigger_detail={"batch": "data/incoming/b1"}, method="progressive", steps="2", checks=CHECKS,
-                verdict="passed", replaced="6", champion_before="6", run_id="run0123", flow_run_url=None,
-                init="warm:6", aliases=["champion"], path="/exports/v7")
+    args = dict(
+        name="digits-student",
+        version="7",
+        teacher_uri="data/teachers/tiny",
+        teacher_sha256=TEACHER_SHA,
+        datasets=[
+            {"context": "training", "path": "data/reference", "md5": DATA_MD5},
+            {"context": "evaluation", "path": "data/reference", "md5": DATA_MD5},
+        ],
+        params_sha256=PARAMS_SHA,
+        git_commit=COMMIT,
+        trigger="drift",
+        trigger_detail={"batch": "data/incoming/b1"},
+        method="progressive",
+        steps="2",
+        checks=CHECKS,
+        verdict="passed",
+        replaced="6",
+        champion_before="6",
+        run_id="run0123",
+        flow_run_url=None,
+        init="warm:6",
+        aliases=["champion"],
+        path="/exports/v7",
+    )
     return model_card(**{**args, **over})
 
 
@@ -165,12 +215,25 @@ def test_the_model_card_has_diffusers_front_matter_lineage_and_figures():
     card = _card()
     front = _front(card)
     assert front["library_name"] == "diffusers" and front["base_model"] == "data/teachers/tiny"
-    assert {"diffusers", "distillation", "progressive-distillation", "unconditional-image-generation"} <= set(front["tags"])
-    for text in (TEACHER_SHA, DATA_MD5, PARAMS_SHA, COMMIT, "| trigger | drift (batch `data/incoming/b1`) |",
-                 "from champion version 6 (warm)", "`digits-student` version 7 (aliases: champion)", "`run0123`",
-                 "replaced champion version 6", "DiffusionPipeline.from_pretrained('/exports/v7')",
-                 "num_inference_steps=2", "| gate check | value | bound | |",
-                 "| fid_gap.classifier | 1.5 | <= 2 | pass |", "| speedup | 12.25 | >= 2 | pass |"):
+    assert {"diffusers", "distillation", "progressive-distillation", "unconditional-image-generation"} <= set(
+        front["tags"]
+    )
+    for text in (
+        TEACHER_SHA,
+        DATA_MD5,
+        PARAMS_SHA,
+        COMMIT,
+        "| trigger | drift (batch `data/incoming/b1`) |",
+        "from champion version 6 (warm)",
+        "`digits-student` version 7 (aliases: champion)",
+        "`run0123`",
+        "replaced champion version 6",
+        "DiffusionPipeline.from_pretrained('/exports/v7')",
+        "num_inference_steps=2",
+        "| gate check | value | bound | |",
+        "| fid_gap.classifier | 1.5 | <= 2 | pass |",
+        "| speedup | 12.25 | >= 2 | pass |",
+    ):
         assert text in card, text
     rejected = _card(verdict="rejected", replaced=None, checks=[{**CHECKS[0], "value": 3.0, "passed": False}])
     assert "| fid_gap.classifier | 3 | <= 2 | FAIL |" in rejected and "the champion stayed version 6" in rejected
@@ -183,16 +246,36 @@ def test_the_cycle_card_reads_what_the_flow_holds_before_it_registers(tmp_path):
     from redistill.registry.model_card import cycle_card
 
     card = cycle_card(
-        "digits-student", {"teacher_uri": "data/teachers/tiny", "teacher_sha256": TEACHER_SHA, "params_sha256": PARAMS_SHA,
-                           "git_commit": COMMIT},
+        "digits-student",
+        {
+            "teacher_uri": "data/teachers/tiny",
+            "teacher_sha256": TEACHER_SHA,
+            "params_sha256": PARAMS_SHA,
+            "git_commit": COMMIT,
+        },
         {"datasets": [{"context": "training", "path": "data/reference", "md5": DATA_MD5}]},
         {"passed": True, "checks": CHECKS},
         {"redistill.trigger": "new-teacher", "redistill.method": "consistency", "redistill.init": "cold"},
-        "run0123", 4, make_tiny_pipeline(tmp_path / "student"), champion_before="3", model_id="m-abc")
+        "run0123",
+        4,
+        make_tiny_pipeline(tmp_path / "student"),
+        champion_before="3",
+        model_id="m-abc",
+    )
     assert _front(card)["tags"][:3] == ["diffusers", "diffusers-training", "distillation"]
-    for text in (TEACHER_SHA, DATA_MD5, PARAMS_SHA, COMMIT, "| trigger | new-teacher |", "consistency at 4 steps",
-                 "from the teacher (cold)", "`m-abc`", "not registered yet", "| fid_gap.classifier | 1.5 | <= 2 | pass |",
-                 "num_inference_steps=4"):
+    for text in (
+        TEACHER_SHA,
+        DATA_MD5,
+        PARAMS_SHA,
+        COMMIT,
+        "| trigger | new-teacher |",
+        "consistency at 4 steps",
+        "from the teacher (cold)",
+        "`m-abc`",
+        "not registered yet",
+        "| fid_gap.classifier | 1.5 | <= 2 | pass |",
+        "num_inference_steps=4",
+    ):
         assert text in card, text
 
 
@@ -203,11 +286,14 @@ def test_the_card_tells_how_to_sample_each_kind_of_student(tmp_path):
     card = _card(**cond)
     assert "trust_remote_code=True" in card and "class_labels=[0, 1], num_inference_steps=2" in card
     assert "class-conditional-image-generation" in _front(card)["tags"]
-    t2i = _card(model_index={"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"]},
-                sampling={"guidance_scale": 1.0})
+    t2i = _card(
+        model_index={"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"]},
+        sampling={"guidance_scale": 1.0},
+    )
     assert '"a prompt", num_inference_steps=2, guidance_scale=1.0' in t2i and "text-to-image" in _front(t2i)["tags"]
-    lora = _card(adapter={"base_uri": "/teachers/sd", "base_sha256": "e5" * 32, "rank": 4},
-                 sampling={"guidance_scale": 1.0})
+    lora = _card(
+        adapter={"base_uri": "/teachers/sd", "base_sha256": "e5" * 32, "rank": 4}, sampling={"guidance_scale": 1.0}
+    )
     assert "load_lora_weights('/exports/v7'" in lora and "from_pretrained('/teachers/sd')" in lora
     assert "lora" in _front(lora)["tags"]
 
@@ -244,18 +330,41 @@ def test_the_exported_folder_gets_the_card_of_its_registered_version(tmp_path):
     (tmp_path / "data" / "reference").mkdir(parents=True)
     log_datasets(c, run_id, [dataset(tmp_path, tmp_path / "data" / "reference", DATA_MD5, "training")])
     tags = {k: f"{k}-value" for k in REQUIRED_TAGS}
-    tags.update(teacher_uri="data/teachers/tiny", teacher_sha256=TEACHER_SHA, data_md5=DATA_MD5,
-                data_uri="data/reference", params_sha256=PARAMS_SHA, git_commit=COMMIT, trigger="schedule",
-                method="progressive", num_inference_steps="2", gate="passed", gate_reasons="", init="cold")
-    mv = c.get_model_version("digits-student", register_student(c, "digits-student", run_id, "student", tags,
-                                                                promote=True).version)
+    tags.update(
+        teacher_uri="data/teachers/tiny",
+        teacher_sha256=TEACHER_SHA,
+        data_md5=DATA_MD5,
+        data_uri="data/reference",
+        params_sha256=PARAMS_SHA,
+        git_commit=COMMIT,
+        trigger="schedule",
+        method="progressive",
+        num_inference_steps="2",
+        gate="passed",
+        gate_reasons="",
+        init="cold",
+    )
+    mv = c.get_model_version(
+        "digits-student", register_student(c, "digits-student", run_id, "student", tags, promote=True).version
+    )
     out = tmp_path / "export"
     shutil.copytree(student, out)
     card = write_model_card(c, "digits-student", mv, out).read_text()
     assert _front(card)["base_model"] == "data/teachers/tiny"
-    for text in (TEACHER_SHA, DATA_MD5, PARAMS_SHA, COMMIT, "| trigger | schedule |", "from the teacher (cold)",
-                 "`digits-student` version 1 (aliases: champion)", run_id, f"DiffusionPipeline.from_pretrained('{out}')",
-                 "num_inference_steps=2", "| fid_gap.classifier | 1.5 | <= 2 | pass |", "![teacher and student samples"):
+    for text in (
+        TEACHER_SHA,
+        DATA_MD5,
+        PARAMS_SHA,
+        COMMIT,
+        "| trigger | schedule |",
+        "from the teacher (cold)",
+        "`digits-student` version 1 (aliases: champion)",
+        run_id,
+        f"DiffusionPipeline.from_pretrained('{out}')",
+        "num_inference_steps=2",
+        "| fid_gap.classifier | 1.5 | <= 2 | pass |",
+        "![teacher and student samples",
+    ):
         assert text in card, text
     assert (out / "images" / "grid.png").is_file() and not (out / "images" / "quality_vs_steps.png").exists()
     from diffusers import DiffusionPipeline

@@ -24,8 +24,13 @@ from helpers import LENIENT_GATE, REPO, TINY_CYCLE, tiny_trial_workspace, trial_
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = REPO / "runs" / "test-artifacts"
 # as root Chromium needs --no-sandbox; the rest keep it from reaching for the closed network
-ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 def _missing() -> str | None:
@@ -50,21 +55,49 @@ def test_the_champions_lineage_is_on_its_mlflow_ui_pages(digits_ws):
     tiny_trial_workspace(digits_ws, root)
     (root / "params.yaml").write_text(TINY_CYCLE + LENIENT_GATE + "teacher: {name: tiny}\n")
     env = trial_env(DVC_NO_ANALYTICS="1")
-    r = subprocess.run([sys.executable, "-m", "redistill", "cycle", "--json", "--workspace", str(root)], env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "redistill", "cycle", "--json", "--workspace", str(root)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     decision = json.loads(r.stdout.strip().splitlines()[-1])
     assert decision["decision"] == "promoted"
     version = str(decision["version"])
-    lineage = json.loads(subprocess.run([sys.executable, "-m", "redistill", "lineage", "--alias", "champion", "--json",
-                                         "--workspace", str(root)], env=env, capture_output=True, text=True,
-                                        timeout=120, check=True).stdout)
+    lineage = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "redistill", "lineage", "--alias", "champion", "--json", "--workspace", str(root)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+    )
     ml = lineage["mlflow"]
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                               f"sqlite:///{root / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     SHOTS.mkdir(parents=True, exist_ok=True)
     try:

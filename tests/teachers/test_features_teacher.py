@@ -42,8 +42,15 @@ def test_classifier_recognises_held_out_digits_and_rejects_noise(digits_ws):
 
 
 def tiny_recipe(**kw) -> TeacherParams:
-    base = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8, train_steps=30,
-                batch_size=16, warmup_steps=5, checkpoint_every=10)
+    base = dict(
+        block_out_channels=[8, 16],
+        layers_per_block=1,
+        norm_num_groups=8,
+        train_steps=30,
+        batch_size=16,
+        warmup_steps=5,
+        checkpoint_every=10,
+    )
     base.update(kw)
     return TeacherParams(**base)
 
@@ -139,8 +146,19 @@ def test_killed_teacher_training_resumes_to_the_same_weights(digits_ws, tmp_path
         f"train_steps: {steps}, batch_size: 8, warmup_steps: 5, checkpoint_every: {every}}}\n"
     )
     out = tmp_path / "teachers" / "resumed"
-    cmd = [sys.executable, "-m", "redistill", "teacher", "train", "--out", str(out),
-           "--workspace", str(digits_ws), "--params", str(params)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "redistill",
+        "teacher",
+        "train",
+        "--out",
+        str(out),
+        "--workspace",
+        str(digits_ws),
+        "--params",
+        str(params),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     ckpts = digits_ws / "runs" / "teacher" / "resumed" / "checkpoints"
@@ -161,8 +179,13 @@ def test_killed_teacher_training_resumes_to_the_same_weights(digits_ws, tmp_path
         from redistill.config import load_params
 
         ref = tmp_path / "teachers" / "unbroken"
-        train_teacher(load_params(params).teacher, load_image_folder(digits_ws / "data" / "reference"),
-                      ref, tmp_path / "ckpt-ref", log=lambda m: None)
+        train_teacher(
+            load_params(params).teacher,
+            load_image_folder(digits_ws / "data" / "reference"),
+            ref,
+            tmp_path / "ckpt-ref",
+            log=lambda m: None,
+        )
     finally:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     a = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")

@@ -21,9 +21,22 @@ from redistill.data.images import load_image_folder
 from redistill.teachers.t2i_parts import build_tokenizer
 from redistill.teachers.text_to_image import train_t2i_teacher
 
-TOY = dict(text_width=16, text_layers=1, vae_block_out_channels=[8, 16], vae_steps=4, vae_batch_size=8,
-           block_out_channels=[16, 32], norm_num_groups=8, attention_heads=2, train_steps=6, batch_size=8,
-           warmup_steps=1, checkpoint_every=2, guidance_scale=2.5, guidance_sweep=[])
+TOY = dict(
+    text_width=16,
+    text_layers=1,
+    vae_block_out_channels=[8, 16],
+    vae_steps=4,
+    vae_batch_size=8,
+    block_out_channels=[16, 32],
+    norm_num_groups=8,
+    attention_heads=2,
+    train_steps=6,
+    batch_size=8,
+    warmup_steps=1,
+    checkpoint_every=2,
+    guidance_scale=2.5,
+    guidance_sweep=[],
+)
 
 
 def toy(**kw) -> T2ITeacherParams:
@@ -118,7 +131,9 @@ def test_the_toy_recipe_saves_a_text_to_image_teacher(toy_teacher, toy_set):
     latents = model.encode(torch.from_numpy(toy_set[0]))
     assert abs(float(latents.std()) - 1.0) < 1e-3
     assert validate_teacher(toy_teacher, 1, (16, 16))["kind"] == "text-to-image-latent"
-    images = model.sample(2, 2, torch.Generator().manual_seed(0), cond=["a handwritten 7", "the number two written by hand"])
+    images = model.sample(
+        2, 2, torch.Generator().manual_seed(0), cond=["a handwritten 7", "the number two written by hand"]
+    )
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
 
 
@@ -128,9 +143,12 @@ def test_the_guidance_sweep_writes_the_best_measured_w(toy_set, tmp_path):
 
     torch.manual_seed(0)
     # the other text-encoder choice too: random and frozen
-    p = toy(vae_steps=2, train_steps=2, guidance_sweep=[1.0, 2.0], eval_samples=20, eval_steps=2, train_text_encoder=False)
-    s = train_t2i_teacher(p, *toy_set, tmp_path / "t", tmp_path / "ck", classifier=DigitClassifier().eval(),
-                          log=lambda m: None)
+    p = toy(
+        vae_steps=2, train_steps=2, guidance_sweep=[1.0, 2.0], eval_samples=20, eval_steps=2, train_text_encoder=False
+    )
+    s = train_t2i_teacher(
+        p, *toy_set, tmp_path / "t", tmp_path / "ck", classifier=DigitClassifier().eval(), log=lambda m: None
+    )
     assert s["text_encoder"] == "random, frozen"
     assert set(s["guidance_sweep"]) == {"1.0", "2.0"} and s["guidance_scale"] in (1.0, 2.0)
     best = max((1.0, 2.0), key=lambda w: (s["guidance_sweep"][str(w)]["adherent_recognisable"], -w))

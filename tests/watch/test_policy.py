@@ -19,33 +19,67 @@ def batch(name: str) -> Finding:
 
 
 def drift(drifted: bool, **extra) -> dict:
-    return {"drifted": drifted, "reasons": ["mmd p=0.001"] if drifted else [], "mmd_p": 0.001 if drifted else 0.5,
-            **extra}
+    return {
+        "drifted": drifted,
+        "reasons": ["mmd p=0.001"] if drifted else [],
+        "mmd_p": 0.001 if drifted else 0.5,
+        **extra,
+    }
 
 
 def test_the_state_round_trips_the_file_format_and_keeps_unknown_keys():
-    d = {**empty_state(), "episode": {"id": "b1", "opened_at": 1.0, "batches": ["b1"], "clean_streak": 1,
-                                      "deferred": True, "action": None}, "later_key": [1, 2]}
+    d = {
+        **empty_state(),
+        "episode": {
+            "id": "b1",
+            "opened_at": 1.0,
+            "batches": ["b1"],
+            "clean_streak": 1,
+            "deferred": True,
+            "action": None,
+        },
+        "later_key": [1, 2],
+    }
     assert WatchState.from_dict(d).to_dict() == d
     assert WatchState().to_dict() == empty_state()
 
 
 def test_broken_known_and_new_teachers_only_the_newest_new_one_is_distilled():
     state = WatchState(teachers={"old": {"signature": "s", "sha256": "aaa", "status": "accepted"}})
-    found = [teacher("broken", "bad", "no model_index.json"), teacher("unfit"), teacher("copy"),
-             teacher("new1"), teacher("new2", reason="registered reg v3")]
-    facts = {"unfit": {"ok": False, "error": "3 channels, the data has 1"}, "copy": {"ok": True, "sha256": "aaa"},
-             "new1": {"ok": True, "sha256": "n1"}, "new2": {"ok": True, "sha256": "n2", "params": 7}}
+    found = [
+        teacher("broken", "bad", "no model_index.json"),
+        teacher("unfit"),
+        teacher("copy"),
+        teacher("new1"),
+        teacher("new2", reason="registered reg v3"),
+    ]
+    facts = {
+        "unfit": {"ok": False, "error": "3 channels, the data has 1"},
+        "copy": {"ok": True, "sha256": "aaa"},
+        "new1": {"ok": True, "sha256": "n1"},
+        "new2": {"ok": True, "sha256": "n2", "params": 7},
+    }
     actions = policy.plan(state, policy.TeachersInspected(found, facts, {"zzz"}, now=100.0))
-    assert [type(a).__name__ for a in actions] == ["RefuseTeacher", "RefuseTeacher", "Report", "Report",
-                                                   "DistilTeacher"]
+    assert [type(a).__name__ for a in actions] == [
+        "RefuseTeacher",
+        "RefuseTeacher",
+        "Report",
+        "Report",
+        "DistilTeacher",
+    ]
     assert actions[1].reason == "3 channels, the data has 1"
     assert actions[2].entry == {"teacher": "copy", "status": "known", "sha256": "aaa"}
     assert actions[3].entry["status"] == "superseded" and actions[3].entry["teacher"] == "new1"
     assert (actions[4].name, actions[4].sha256, actions[4].registry) == ("new2", "n2", "reg v3")
     assert state.current_teacher == "/ws/data/teachers/new2"
     assert {k: v["status"] for k, v in state.teachers.items()} == {
-        "old": "accepted", "broken": "bad", "unfit": "bad", "copy": "known", "new1": "superseded", "new2": "accepted"}
+        "old": "accepted",
+        "broken": "bad",
+        "unfit": "bad",
+        "copy": "known",
+        "new1": "superseded",
+        "new2": "accepted",
+    }
     assert [h["event"] for h in state.history] == ["teacher-refused", "teacher-refused", "teacher-new"]
 
 
@@ -61,8 +95,7 @@ def test_a_fetched_registered_teacher_is_recorded_and_inspected_once():
 
 def test_a_drifted_batch_opens_an_episode_that_checks_the_champion_once():
     state = WatchState()
-    actions = policy.plan(state, policy.BatchTested(batch("b1"), drift(True), 10.0, clear_batches=2,
-                                                    cooldown_hours=1))
+    actions = policy.plan(state, policy.BatchTested(batch("b1"), drift(True), 10.0, clear_batches=2, cooldown_hours=1))
     assert [type(a).__name__ for a in actions] == ["RecordDrift", "EmitDrift", "CheckChampion", "SaveBatch"]
     assert actions[1].action == "act" and state.episode.id == "b1"
     entry = policy.batch_done(state, actions[-1], {"decision": "champion still fit"})
@@ -87,7 +120,10 @@ def test_the_champion_still_fit_keeps_it_otherwise_the_set_grows_and_the_cycle_r
     assert a.why == "no champion yet"
     policy.redistilled(state, "/ws/data/representative", {"decision": "promoted"}, now=50.0)
     assert (state.last_redistill_at, state.current_data, state.episode.action) == (
-        50.0, "/ws/data/representative", "re-distilled: promoted")
+        50.0,
+        "/ws/data/representative",
+        "re-distilled: promoted",
+    )
 
 
 def test_an_unreadable_batch_is_refused_and_opens_no_episode():
@@ -114,8 +150,10 @@ def test_an_episode_inside_the_cooldown_waits_then_acts_once():
 def test_the_champion_is_fit_when_every_absolute_check_passes():
     from types import SimpleNamespace as C
 
-    checks = [C(kind="absolute", passed=True, name="fid_ratio", value=1.23456, op="<=", bound=1.5),
-              C(kind="change", passed=False, name="vs_champion", value=2.0, op="<=", bound=1.0),
-              C(kind="absolute", passed=False, name="kid", value=None, op="<=", bound=0.1)]
+    checks = [
+        C(kind="absolute", passed=True, name="fid_ratio", value=1.23456, op="<=", bound=1.5),
+        C(kind="change", passed=False, name="vs_champion", value=2.0, op="<=", bound=1.0),
+        C(kind="absolute", passed=False, name="kid", value=None, op="<=", bound=0.1),
+    ]
     assert policy.fit_verdict(checks) == (False, "pass fid_ratio 1.2346 <= 1.5; FAIL kid None <= 0.1")
     assert policy.fit_verdict(checks[:2]) == (True, "pass fid_ratio 1.2346 <= 1.5")

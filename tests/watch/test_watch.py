@@ -108,11 +108,13 @@ def test_a_new_teacher_triggers_exactly_one_cycle(ws, events):
 
 
 def test_nothing_changed_takes_no_model_and_no_prefect_server(ws):
-    code = ("import json, sys, time; t = time.perf_counter(); from redistill.cli import app\n"
-            "try: app(['watch', '--once', '--json', '--workspace', sys.argv[1]])\n"
-            "except SystemExit: pass\n"
-            "print(json.dumps({'s': time.perf_counter() - t, 'mods': [m for m in ('torch', 'prefect', 'diffusers', "
-            "'mlflow') if m in sys.modules]}))")
+    code = (
+        "import json, sys, time; t = time.perf_counter(); from redistill.cli import app\n"
+        "try: app(['watch', '--once', '--json', '--workspace', sys.argv[1]])\n"
+        "except SystemExit: pass\n"
+        "print(json.dumps({'s': time.perf_counter() - t, 'mods': [m for m in ('torch', 'prefect', 'diffusers', "
+        "'mlflow') if m in sys.modules]}))"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code, str(ws)], capture_output=True, text=True, env=env, timeout=60)
@@ -164,16 +166,21 @@ def test_broken_teachers_are_recorded_and_skipped_and_the_champion_stays(ws, eve
 
     out = watch(ws)
     got = {t["teacher"]: t for t in out["teachers"]}
-    assert {k: v["status"] for k, v in got.items()} == {"truncated": "refused", "nan": "refused", "rgb": "refused",
-                                                        "flow": "refused"}
+    assert {k: v["status"] for k, v in got.items()} == {
+        "truncated": "refused",
+        "nan": "refused",
+        "rgb": "refused",
+        "flow": "refused",
+    }
     assert "distill.method: rectified" in got["flow"]["reason"]
     assert "truncated" in got["truncated"]["reason"]
     assert "non-finite weights" in got["nan"]["reason"]
     assert "3 input channels" in got["rgb"]["reason"]
     assert len(versions(ws)) == 2 and champion(ws) == before
     c = client(f"sqlite:///{ws / 'mlflow.db'}")
-    failed = c.search_runs([c.get_experiment_by_name("redistill").experiment_id],
-                           "tags.`redistill.failed_stage` = 'teacher-watch'")
+    failed = c.search_runs(
+        [c.get_experiment_by_name("redistill").experiment_id], "tags.`redistill.failed_stage` = 'teacher-watch'"
+    )
     assert {Path(r.data.tags["redistill.teacher_uri"]).name for r in failed} == {"truncated", "nan", "rgb", "flow"}
     assert events().count("redistill.teacher.rejected") == 4
     assert watch(ws)["changed"] is False  # recorded once, skipped until their contents change
@@ -218,8 +225,9 @@ def test_drift_the_champion_first_then_one_redistillation_per_episode(ws, events
     assert len(versions(ws)) == n and champion(ws) == champ
     c = client(f"sqlite:///{ws / 'mlflow.db'}")
     assert "batch class_mix" in c.get_model_version(NAME, champ).tags[PREFIX + "still_fit"]
-    drift_runs = c.search_runs([c.get_experiment_by_name("redistill").experiment_id],
-                               "tags.`redistill.kind` = 'drift-check'")
+    drift_runs = c.search_runs(
+        [c.get_experiment_by_name("redistill").experiment_id], "tags.`redistill.kind` = 'drift-check'"
+    )
     assert {"drift.json", "drift.png"} <= {a.path for a in c.list_artifacts(drift_runs[0].info.run_id)}
     assert {"redistill.drift.detected", "redistill.champion.still-fit"} <= set(events())
 
@@ -241,8 +249,10 @@ def test_drift_the_champion_first_then_one_redistillation_per_episode(ws, events
     # MLflow's own lineage: the grown set it trained on, the batch that triggered it (its DVC md5), the teacher
     from redistill.data.images import dir_md5
 
-    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
-              for d in c.get_run(new.run_id).inputs.dataset_inputs}
+    inputs = {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+        for d in c.get_run(new.run_id).inputs.dataset_inputs
+    }
     assert set(inputs) == {"training", "evaluation", "drift"} and inputs["training"].digest == dvc["md5"]
     assert json.loads(inputs["drift"].source)["dvc_path"] == "data/incoming/style"
     assert inputs["drift"].digest == dir_md5(ws / "data" / "incoming" / "style")
@@ -283,8 +293,9 @@ def test_a_bad_batch_is_recorded_as_bad_and_never_acted_on(ws, events):
     assert not list((ws / "data").glob("representative.tmp*"))
     assert json.dumps(load_state(ws).get("episode"), sort_keys=True) == episode
     c = client(f"sqlite:///{ws / 'mlflow.db'}")
-    failed = c.search_runs([c.get_experiment_by_name("redistill").experiment_id],
-                           "tags.`redistill.failed_stage` = 'batch-watch'")
+    failed = c.search_runs(
+        [c.get_experiment_by_name("redistill").experiment_id], "tags.`redistill.failed_stage` = 'batch-watch'"
+    )
     assert {r.data.tags["redistill.batch"] for r in failed} == {"rgb", "truncated"}
     assert all(r.info.status == "FAILED" for r in failed)
     assert events().count("redistill.batch.rejected") == 2
@@ -305,8 +316,14 @@ def test_a_grown_set_is_validated_against_the_reference_it_grew_from_and_the_acc
     from redistill.data.images import dir_md5
 
     now = tmp_path / "now.yaml"  # no cooldown: a new episode acts at once
-    now.write_text(STRICT.join([BASE.replace("drift: {permutations: 300}", "drift: {permutations: 300, cooldown_hours: 0.0}"),
-                                "watch: {settle_seconds: 0}\n"]))
+    now.write_text(
+        STRICT.join(
+            [
+                BASE.replace("drift: {permutations: 300}", "drift: {permutations: 300, cooldown_hours: 0.0}"),
+                "watch: {settle_seconds: 0}\n",
+            ]
+        )
+    )
     arrive(ws, "nodrift", "nodrift-4")
     arrive(ws, "nodrift", "nodrift-5")
     watch(ws, "--params", now)  # two clean batches in a row close any open episode
@@ -351,7 +368,9 @@ def test_three_simultaneous_cycles_give_one_distillation_and_one_version(ws, tmp
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
     n = len(versions(ws))
     cmd = [sys.executable, "-m", "redistill", "cycle", "--workspace", str(ws), "--params", str(params), "--json"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)
+    ]
     outs = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)
@@ -377,8 +396,13 @@ def test_prefect_yaml_matches_the_settings_and_serve_registers_both_deployments(
         assert f"def {func}(" in (REPO / path).read_text()
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect")}
-    proc = subprocess.Popen([sys.executable, "-m", "redistill", "serve", "--workspace", str(ws)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "redistill", "serve", "--workspace", str(ws)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         from prefect.client.orchestration import get_client
 
@@ -407,8 +431,10 @@ def test_prefect_deploy_creates_both_deployments_from_prefect_yaml(ws, tmp_path)
     with get_client(sync_client=True) as c:  # the served ones from the test above share the names
         for d in c.read_deployments():
             c.delete_deployment(d.id)
-    for cmd in ([prefect, "work-pool", "create", "redistill", "--type", "process"],
-                [prefect, "--no-prompt", "deploy", "--all"]):
+    for cmd in (
+        [prefect, "work-pool", "create", "redistill", "--type", "process"],
+        [prefect, "--no-prompt", "deploy", "--all"],
+    ):
         r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     with get_client(sync_client=True) as c:
