@@ -16,7 +16,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from redistill.config import DriftParams, GateParams, Params
-from redistill.data.images import DataError  # noqa: F401  (update_representative raises it; the flow catches it)
+from redistill.data.base import DataError
 from redistill.registry import client as registry
 from redistill.registry.client import PREFIX, tracking_uri
 from redistill.watch.policy import fit_verdict
@@ -66,8 +66,8 @@ def drift_test(
     """MMD permutation test on the embeddings, Holm-corrected KS tests and, when the batch and the reference both
     have captions, the MMD test on their prompts (`drift.text_features`: hashed words, or the text-to-image
     `teacher`'s own text encoder); writes drift.json and drift.png."""
-    from redistill.drift.detect import check_folder
     from redistill.drift.features import embedding
+    from redistill.drift.folders import check_folder
 
     try:
         text = prompt_embedding(teacher, p.text_features)

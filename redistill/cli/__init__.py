@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from redistill.cli import bench, cycle, data, demo, distill, registry, watch
+from redistill.cli import bench, champion, cycle, data, demo, distill, registry, watch
 from redistill.cli.drift import drift_app
 from redistill.cli.stack import stack_app
 from redistill.cli.teacher import teacher_app
@@ -29,8 +29,8 @@ for command in (
     data.prepare,
     data.features,
     distill.evaluate,
-    distill.champion,
-    distill.calibrate,
+    champion.champion,
+    champion.calibrate,
     data.validate,
     distill.distill,
     cycle.cycle,

@@ -43,9 +43,10 @@ def bench(
     params: Path | None = ParamsOpt,
 ) -> None:
     """Benchmark the teacher (DDIM 10/25/50/100, DDPM 1000) and every method at 1/2/4/8 steps; logs to MLflow."""
-    from redistill.data.images import DataError
+    from redistill.data.base import DataError
     from redistill.models.pipelines import PipelineError
-    from redistill.ops.bench import log_bench, run_bench
+    from redistill.ops.bench import run_bench
+    from redistill.ops.bench_report import log_bench
 
     root, p = _settings(ws, params)
     teacher = teacher or root / "data" / "teachers" / p.teacher.name

@@ -16,8 +16,8 @@ def prepare(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Build the embedded data set from sklearn's digits: data/reference, data/holdout, data/incoming/*."""
+    from redistill.data.base import DataError
     from redistill.data.digits import prepare as build
-    from redistill.data.images import DataError
 
     root, p = _settings(ws, params)
     try:
@@ -37,7 +37,7 @@ def features(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Train the FID/KID feature spaces on data/reference: the digit classifier (tested on data/holdout) and the label-free encoder."""
-    from redistill.data.images import DataError
+    from redistill.data.base import DataError
     from redistill.evaluation.encoder import train_feature_spaces
 
     root, p = _settings(ws, params)
@@ -71,8 +71,9 @@ def validate(
     """Validate an image folder with the great_expectations suite learnt from data/reference; exit 1 if it fails."""
     from datetime import datetime, timezone
 
+    from redistill.data.base import DataError
     from redistill.data.expectations import validate_folder
-    from redistill.data.images import DataError, safe_name
+    from redistill.data.images import safe_name
 
     root, p = _settings(ws, params)
     folder = folder or root / "data" / "reference"

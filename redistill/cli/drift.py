@@ -31,8 +31,9 @@ def drift_check(
     params: Path | None = ParamsOpt,
 ) -> None:
     """Test one batch for drift (MMD permutation test + Holm-corrected KS tests); exit 1 when it drifted."""
-    from redistill.data.images import DataError, safe_name
-    from redistill.drift.detect import check_folder
+    from redistill.data.base import DataError
+    from redistill.data.images import safe_name
+    from redistill.drift.folders import check_folder
     from redistill.watch.scan import current_data
 
     root, p = _settings(ws, params)
@@ -104,8 +105,9 @@ def drift_calibrate(
     """Measure the drift tests' false-alarm rate on reference splits, and which incoming batches they flag."""
     import time
 
-    from redistill.data.images import DataError
-    from redistill.drift.detect import calibrate, detect, embed_folder
+    from redistill.data.base import DataError
+    from redistill.drift.detect import calibrate, detect
+    from redistill.drift.folders import embed_folder
 
     root, p = _settings(ws, params)
     reference = reference or root / "data" / "reference"

@@ -212,7 +212,8 @@ def reproduce(
     """Re-run a version's distillation and evaluation from its recorded lineage; each figure next to its record."""
     from redistill.cycle.reproduce import ReproduceError
     from redistill.cycle.reproduce import reproduce as rebuild
-    from redistill.data.images import DataError, safe_name
+    from redistill.data.base import DataError
+    from redistill.data.images import safe_name
     from redistill.models.pipelines import PipelineError
 
     root, p = _settings(ws, params)

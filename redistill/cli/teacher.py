@@ -25,7 +25,7 @@ def teacher_train(
 ) -> None:
     """Train a teacher with the `teacher` recipe: a DDPM (UNet2DModel + DDPMScheduler, ε, EMA) or, with
     teacher.objective flow_matching, a flow-matching one; resumes if killed."""
-    from redistill.data.images import DataError
+    from redistill.data.base import DataError
     from redistill.models.pipelines import PipelineError
     from redistill.teachers.train import train_in_workspace
 
@@ -53,7 +53,7 @@ def teacher_flow(
     stock DDPMPipeline folder): the `teacher` recipe with the `flow_teacher` overrides; resumes if killed."""
     import dataclasses
 
-    from redistill.data.images import DataError
+    from redistill.data.base import DataError
     from redistill.models.pipelines import PipelineError
     from redistill.teachers.train import train_in_workspace
 
@@ -91,7 +91,7 @@ def teacher_text_to_image(
 ) -> None:
     """Train the embedded latent text-to-image teacher (a StableDiffusionPipeline: CLIP tokenizer and text encoder,
     AutoencoderKL, UNet2DConditionModel) on the captioned digits: the `t2i_teacher` recipe; resumes if killed."""
-    from redistill.data.images import DataError
+    from redistill.data.base import DataError
     from redistill.models.pipelines import PipelineError
     from redistill.teachers.text_to_image import train_embedded
 
@@ -124,7 +124,7 @@ def teacher_finetune(
     """Make a new teacher by training an existing one `finetune.steps` more steps (the teacher recipe, another seed)."""
     import dataclasses
 
-    from redistill.data.images import DataError
+    from redistill.data.base import DataError
     from redistill.models.pipelines import PipelineError
     from redistill.teachers.train import train_in_workspace
 

@@ -78,7 +78,7 @@ def needs_bootstrap(root: Path, names: list[str]) -> bool:
 
 def _copy_reference(src: Path, out: Path) -> int:
     """Copy the PNGs (and labels.csv, captions.csv or metadata.jsonl) of `src` into `out`, written aside and renamed: never half a folder."""
-    from redistill.data.images import IMAGE_SUFFIXES
+    from redistill.data.base import IMAGE_SUFFIXES
 
     files = sorted(f for f in Path(src).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     out.parent.mkdir(parents=True, exist_ok=True)

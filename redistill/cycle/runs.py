@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from redistill.config import Params
-from redistill.data.images import DataError, dir_md5
+from redistill.data.base import DataError
+from redistill.data.images import dir_md5
 from redistill.data.validation import image_table, validation_basis
 from redistill.models.pipelines import check_pipeline_folder, pipeline_sha256
 from redistill.registry.lineage import code_version, idempotency_key

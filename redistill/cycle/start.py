@@ -31,7 +31,7 @@ def start_cycle(
     from redistill.config import settings_name_model
     from redistill.cycle.bootstrap import ensure_workspace, name_model
     from redistill.cycle.runs import earlier_decision, recover, resolve_inputs
-    from redistill.data.images import DataError
+    from redistill.data.base import DataError
     from redistill.models.pipelines import PipelineError
     from redistill.registry.client import client, server_trouble, tracking_uri
 

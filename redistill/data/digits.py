@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from redistill.config import PrepareParams
-from redistill.data.images import DataError, write_image_folder
+from redistill.data.base import DataError
+from redistill.data.images import write_image_folder
 
 DIGITS_MAX = 16.0  # sklearn's digits are 4-bit intensities 0..16
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from redistill.config import ValidateParams
-from redistill.data.images import DataError, captions_file
+from redistill.data.base import DataError
+from redistill.data.caption_files import captions_file
 from redistill.data.validation import (
     caption_counter,
     caption_table,

@@ -9,15 +9,9 @@ import shutil
 from pathlib import Path
 
 from redistill.core.files import swap_in
-from redistill.data.images import (
-    IMAGE_SUFFIXES,
-    DataError,
-    load_image_folder,
-    read_captions,
-    read_label_map,
-    safe_name,
-    write_captions,
-)
+from redistill.data.base import IMAGE_SUFFIXES, DataError
+from redistill.data.caption_files import read_captions, write_captions
+from redistill.data.images import load_image_folder, read_label_map, safe_name
 
 
 def merge_batch(base: Path, batch: Path, out: Path, batch_name: str) -> int:

@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from redistill.config import ValidateParams
-from redistill.data.images import IMAGE_SUFFIXES, DataError, dir_md5, read_captions, read_label_map, read_png, safe_name
+from redistill.data.base import IMAGE_SUFFIXES, DataError
+from redistill.data.caption_files import read_captions
+from redistill.data.images import dir_md5, read_label_map, read_png, safe_name
 
 GROWN_FROM = "grown_from.json"  # inside a grown representative set: the reference and batches it grew from
 MAX_CHANNELS = 3  # read_png gives grey (1) or RGB (3) images

@@ -140,7 +140,8 @@ def main(job_file: str) -> int:
 
     from redistill.config import parse_params
     from redistill.cycle.warm import load_init
-    from redistill.data.images import DataError, load_image_folder
+    from redistill.data.base import DataError
+    from redistill.data.images import load_image_folder
     from redistill.methods import distill, process_group
     from redistill.models.pipelines import PipelineError, load_pipeline, save_pipeline
 

@@ -40,11 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from redistill.config import T2ITeacherParams
 from redistill.core import checkpoint
 from redistill.models.pipelines import PipelineError, save_pipeline
+from redistill.teachers.t2i_judge import prompt_adherence, summary_line
 from redistill.teachers.t2i_parts import (
     EMPTY_PROMPT,
     build_scheduler,
@@ -269,7 +269,7 @@ def train_t2i_teacher(
             sweep[str(scale_w)] = prompt_adherence(
                 pipe, classifier, scale_w, p.eval_steps, p.eval_samples, p.seed, confidence
             )
-            log(f"w {scale_w}: {_figures(sweep[str(scale_w)])}")
+            log(f"w {scale_w}: {summary_line(sweep[str(scale_w)])}")
         w = max(p.guidance_sweep, key=lambda s: (sweep[str(s)]["adherent_recognisable"], -s))
         log(f"guidance_scale {w} (best adherent-and-recognisable share at {p.eval_steps} steps)")
 
@@ -296,60 +296,9 @@ def train_t2i_teacher(
     return summary
 
 
-def _figures(r: dict) -> str:
-    return (
-        f"adherence {r['adherence']:.3f} recognisable {r['recognisable']:.3f} "
-        f"adherent+recognisable {r['adherent_recognisable']:.3f}"
-    )
-
-
 # ---------------------------------------------------------------------------------------------------
 # The measurement: does a sample show the digit its prompt asks for?
 # ---------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def prompt_adherence(
-    pipe,
-    classifier,
-    guidance_scale: float,
-    steps: int,
-    num_samples: int = 500,
-    seed: int = 0,
-    confidence: float = 0.9,
-    batch: int = 250,
-) -> dict:
-    """Sample `num_samples` images for the prompts of each class (evenly over classes and templates), downsample
-    them to 8×8 (area), and classify them with the digits classifier. Returns the share whose class is the
-    prompt's (`adherence`), the share recognisable (a digit class at probability ≥ `confidence`), the share
-    both, and the adherence per class."""
-    from redistill.data.captions import TEMPLATES, class_prompt
-    from redistill.evaluation.features import NOT_A_DIGIT, recognisable
-    from redistill.models.text_to_image import TextToImageLatent
-
-    model = TextToImageLatent(pipe, guidance_scale=guidance_scale)
-    labels = torch.arange(num_samples) % 10
-    prompts = [class_prompt(TEMPLATES[(i // 10) % len(TEMPLATES)], int(y)) for i, y in enumerate(labels)]
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.cat(
-        [
-            model.sample(len(chunk), steps, gen, cond=chunk, guidance_scale=guidance_scale)
-            for chunk in (prompts[i : i + batch] for i in range(0, num_samples, batch))
-        ]
-    )
-    small = F.interpolate(images, size=(8, 8), mode="area")
-    probs = F.softmax(classifier(small), dim=1)
-    pred = probs[:, :NOT_A_DIGIT].argmax(1)
-    hit, ok = pred == labels, recognisable(probs, confidence)
-    return {
-        "guidance_scale": guidance_scale,
-        "steps": steps,
-        "num_samples": num_samples,
-        "adherence": float(hit.float().mean()),
-        "recognisable": float(ok.float().mean()),
-        "adherent_recognisable": float((hit & ok).float().mean()),
-        "adherence_per_class": [round(float(hit[labels == c].float().mean()), 3) for c in range(10)],
-    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,8 +310,9 @@ def train_embedded(root: Path, params, out: Path | None = None, log: Callable[[s
     """The embedded teacher as it was made: the captioned digits written to data/t2i/ unless present, then the
     `t2i_teacher` recipe into `out` (default data/t2i-teachers/<name>), its guidance w chosen with the workspace's
     digits classifier (data/features) where there is one; resumes from runs/t2i-teacher/<name>/checkpoints."""
+    from redistill.data.base import DataError
     from redistill.data.captions import prepare_t2i
-    from redistill.data.images import DataError, load_image_folder
+    from redistill.data.images import load_image_folder
     from redistill.evaluation.features import load_classifier
 
     p = params.t2i_teacher

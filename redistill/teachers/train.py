@@ -73,7 +73,7 @@ def build_scheduler(p: TeacherParams):
 
 def class_labels(data: ImageSet) -> tuple[torch.Tensor, int]:
     """The data's labels as a tensor, and the number of classes (max label + 1); refuses unlabelled data."""
-    from redistill.data.images import DataError
+    from redistill.data.base import DataError
 
     if data.labels is None:
         raise DataError(

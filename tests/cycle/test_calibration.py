@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from redistill.cycle.calibration import NEGATIVE, POSITIVE, blurred, separation, suggest_bound, table, without_classes
+from redistill.cycle.calibration import NEGATIVE, POSITIVE
+from redistill.cycle.controls import blurred, separation, suggest_bound, table, without_classes
 
 
 def _row(name, group, gap, lo, hi, space="s"):

@@ -331,7 +331,8 @@ def test_a_text_to_image_teacher_runs_the_whole_cycle_with_an_lcm_lora_student(t
     from helpers_cycle import TINY_METHODS, run_cycle
     from redistill.cli import app
     from redistill.data import shapes
-    from redistill.data.images import load_image_folder, write_captions
+    from redistill.data.caption_files import write_captions
+    from redistill.data.images import load_image_folder
     from redistill.registry.client import client, tracking_uri
     from redistill.registry.serving import StudentModel
 

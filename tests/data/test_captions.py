@@ -13,19 +13,15 @@ import pytest
 import torch
 
 from redistill.config import ConfigError, DriftParams, ValidateParams
+from redistill.data.base import DataError
+from redistill.data.caption_files import CAPTIONS_CSV, METADATA_JSONL, read_captions
 from redistill.data.growth import merge_batch
-from redistill.data.images import (
-    CAPTIONS_CSV,
-    METADATA_JSONL,
-    DataError,
-    load_image_folder,
-    read_captions,
-    write_image_folder,
-)
+from redistill.data.images import load_image_folder, write_image_folder
 from redistill.data.stats import image_stats
 from redistill.data.validation import caption_counter
-from redistill.drift.detect import check_folder, detect
+from redistill.drift.detect import detect
 from redistill.drift.features import pixel_features, word_features
+from redistill.drift.folders import check_folder
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a handwritten digit {}", "the digit {} written by hand", "a {} drawn in ink", "handwritten number {}"]

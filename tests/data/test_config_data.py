@@ -7,13 +7,9 @@ import pytest
 from PIL import Image
 
 from redistill.config import ConfigError, Params, load_params, parse_params
+from redistill.data.base import DataError
 from redistill.data.digits import build_digits
-from redistill.data.images import (
-    DataError,
-    dir_md5,
-    load_image_folder,
-    write_image_folder,
-)
+from redistill.data.images import dir_md5, load_image_folder, write_image_folder
 
 
 def test_repository_params_yaml_loads_and_covers_every_field(tmp_path):

@@ -162,7 +162,8 @@ def test_a_grown_set_is_validated_against_the_reference_it_grew_from_widened_by_
 
 
 def test_a_grown_set_is_refused_by_name_when_the_reference_is_not_the_one_it_grew_from(grown_ws, tmp_path):
-    from redistill.data.images import DataError, dir_md5
+    from redistill.data.base import DataError
+    from redistill.data.images import dir_md5
     from redistill.tasks.watch import update_representative
 
     root, dim, _ = grown_ws

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from redistill.config import ConfigError, TeacherParams, load_params
 from redistill.core import checkpoint
 from redistill.data import shapes
-from redistill.data.images import DataError, load_image_folder
+from redistill.data.base import DataError
+from redistill.data.images import load_image_folder
 
 
 def tiny_recipe(**kw) -> TeacherParams:

@@ -1,0 +1,58 @@
+"""How well the text-to-image teacher follows its prompts: the digits classifier's share of samples of the prompt's
+class (adherence) and of recognisable digits, per guidance scale, and the figures' summary line."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def summary_line(r: dict) -> str:
+    return (
+        f"adherence {r['adherence']:.3f} recognisable {r['recognisable']:.3f} "
+        f"adherent+recognisable {r['adherent_recognisable']:.3f}"
+    )
+
+
+@torch.no_grad()
+def prompt_adherence(
+    pipe,
+    classifier,
+    guidance_scale: float,
+    steps: int,
+    num_samples: int = 500,
+    seed: int = 0,
+    confidence: float = 0.9,
+    batch: int = 250,
+) -> dict:
+    """Sample `num_samples` images for the prompts of each class (evenly over classes and templates), downsample
+    them to 8×8 (area), and classify them with the digits classifier. Returns the share whose class is the
+    prompt's (`adherence`), the share recognisable (a digit class at probability ≥ `confidence`), the share
+    both, and the adherence per class."""
+    from redistill.data.captions import TEMPLATES, class_prompt
+    from redistill.evaluation.features import NOT_A_DIGIT, recognisable
+    from redistill.models.text_to_image import TextToImageLatent
+
+    model = TextToImageLatent(pipe, guidance_scale=guidance_scale)
+    labels = torch.arange(num_samples) % 10
+    prompts = [class_prompt(TEMPLATES[(i // 10) % len(TEMPLATES)], int(y)) for i, y in enumerate(labels)]
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.cat(
+        [
+            model.sample(len(chunk), steps, gen, cond=chunk, guidance_scale=guidance_scale)
+            for chunk in (prompts[i : i + batch] for i in range(0, num_samples, batch))
+        ]
+    )
+    small = F.interpolate(images, size=(8, 8), mode="area")
+    probs = F.softmax(classifier(small), dim=1)
+    pred = probs[:, :NOT_A_DIGIT].argmax(1)
+    hit, ok = pred == labels, recognisable(probs, confidence)
+    return {
+        "guidance_scale": guidance_scale,
+        "steps": steps,
+        "num_samples": num_samples,
+        "adherence": float(hit.float().mean()),
+        "recognisable": float(ok.float().mean()),
+        "adherent_recognisable": float((hit & ok).float().mean()),
+        "adherence_per_class": [round(float(hit[labels == c].float().mean()), 3) for c in range(10)],
+    }
