@@ -1,10 +1,10 @@
 """No server outlives the process that started it, even one killed with SIGKILL.
 
 Without `PREFECT_API_URL`, Prefect starts an ephemeral API server (`uvicorn … prefect.server.api.server:create_app`)
-as a child process and stops it at exit. A `kill -9` of the parent skips that cleanup, and the server used
-to keep running (found after `make test`). On Linux the child now asks the kernel to send it SIGTERM when
-its parent dies (`prctl(PR_SET_PDEATHSIG)`, set between fork and exec), so nothing is left behind however
-the parent ends. Elsewhere this is a no-op and Prefect's own cleanup is what remains.
+as a child process and stops it at exit. A `kill -9` of the parent skips that cleanup, which would leave the
+server running; so on Linux the child asks the kernel to send it SIGTERM when its parent dies
+(`prctl(PR_SET_PDEATHSIG)`, set between fork and exec, `redistill.core.processes`), and nothing is left behind
+however the parent ends. Elsewhere this is a no-op and Prefect's own cleanup is what remains.
 """
 
 from __future__ import annotations

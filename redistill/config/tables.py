@@ -26,8 +26,8 @@ METHOD_FAMILY = {
     "rectified": "trajectory",
 }
 
-# the FID-gap bounds in floors, per feature space, from the calibration on controls (metrics/calibration.json, README
-# "The gate, calibrated"): each sits between the positive controls' highest gap and the negative controls' lowest
+# the FID-gap bounds in floors, per feature space, from the calibration on controls (metrics/calibration.json,
+# docs/cycle.md): each sits between the positive controls' highest gap and the negative controls' lowest
 FID_GAP_MAX = {"classifier": 1.15, "encoder": 0.30, "default": 0.30}
 
 

@@ -245,7 +245,7 @@ def distill(
         z = model.add_noise(x_gen.detach(), draw.noise(), t)
         with torch.no_grad(), run.autocast():
             # both x̂₀ clipped to the data range, as the teacher's sampler clips them: unclipped, the ε models'
-            # x̂₀ at high t (÷ α_t ≈ 0.03) made the gradient noisy and the class mix drifted (README "Measured figures")
+            # x̂₀ at high t (÷ α_t ≈ 0.03) made the gradient noisy and the class mix drifted
             # the real score is the teacher as its sampler uses it (guidance folded in); the fake score is plain
             p_real = clip(x0_estimate(model.teacher_output(real_score, z, t, c), z, t, alphas_cumprod, ptype))
             p_fake = clip(x0_estimate(model.output(fake_score, z, t, c), z, t, alphas_cumprod, ptype))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# issue 11's goals for the best student at each step count: (FID ratio to teacher@50 at most,
+# the goals for the best student at each step count: (FID ratio to teacher@50 at most,
 # recognisable share at least); every row also needs ≥ 0.8 × the step ratio in throughput speedup
 GOALS = {4: (1.2, 0.90), 2: (1.5, None), 1: (2.0, 0.85)}
 
