@@ -203,7 +203,7 @@ def _load_pyfunc(data_path: str) -> StudentModel:
 
 # What `_load_pyfunc` -> StudentModel imports at load and predict time, and what that imports in turn (teacher.py:
 # files.py, lora.py; lora.py: config.py at its top; models/: prediction.py), shipped with the model as
-# `code/redistill/`. tests/test_serving.py checks that every `redistill` import in these files names one of them.
+# `code/redistill/`. tests/registry/test_serving.py checks that every `redistill` import in these files names one of them.
 SHIPPED_CODE = (
     "__init__.py",
     "registry/__init__.py",

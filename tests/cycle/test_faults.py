@@ -7,7 +7,7 @@ workspace that already has a champion, and must end with:
 - any MLflow run it opened closed as FAILED with its reason (`redistill.failure`);
 - nothing written under `data/`, and the faulty input itself left as it was (pickles never opened).
 
-The drift-batch faults run through `redistill watch --once` in tests/test_watch.py. The module ends by
+The drift-batch faults run through `redistill watch --once` in tests/watch/test_watch.py. The module ends by
 printing "faults: N/N handled".
 """
 

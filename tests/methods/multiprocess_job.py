@@ -1,8 +1,8 @@
-"""Every distillation method on a tiny teacher, for tests/test_multiprocess.py: run once as a plain process and
+"""Every distillation method on a tiny teacher, for tests/methods/test_multiprocess.py: run once as a plain process and
 once under `accelerate launch --multi_gpu --num_processes 2`, it writes each student's UNet weights (main
 process only) so the test can compare one process against two with the same global batch.
 
-Usage: python tests/multiprocess_job.py TEACHER DATA WORKSPACE OUT [METHOD ...]   (JOB_SEED: distill.seed, 0)
+Usage: python tests/methods/multiprocess_job.py TEACHER DATA WORKSPACE OUT [METHOD ...]   (JOB_SEED: distill.seed, 0)
 """
 
 from __future__ import annotations
