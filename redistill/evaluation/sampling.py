@@ -89,7 +89,8 @@ def _cache_file(
 
     draw = getattr(adapter_for(pipe), "draw_key", None)  # a text-to-image model: its prompt set and guidance
     key = json.dumps(
-        [sha256, scheduler, steps, seed, size, pipe.device.type, str(pipe.unet.dtype)] + ([draw()] if draw else [])
+        [sha256, scheduler, steps, seed, size, pipe.device.type, str(adapter_for(pipe).unet.dtype)]
+        + ([draw()] if draw else [])
     )
     return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors", key
 

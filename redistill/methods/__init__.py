@@ -26,7 +26,9 @@ WARM_METHODS = (
 LORA_METHODS = ("consistency", "dmd")  # the methods whose student may be a LoRA adapter (distill.student.lora_rank)
 
 # kinds of teacher only some methods serve yet (the rest: every method of the kind's family)
-KIND_METHODS = {"text-to-image-latent": ("consistency", "dmd")}
+KIND_METHODS = {"text-to-image-latent": ("consistency", "dmd"), "dit-latent": ("consistency", "dmd")}
+NO_LORA_KINDS = ("dit-latent",)  # kinds whose denoiser takes no LoRA adapter here yet
+KIND_HINTS = {"text-to-image-latent": " (a LoRA student with distill.student.lora_rank > 0)"}
 
 
 def refuses(method: str, family: str, kind: str) -> str | None:
@@ -34,7 +36,7 @@ def refuses(method: str, family: str, kind: str) -> str | None:
     if kind in KIND_METHODS and method not in KIND_METHODS[kind]:
         return (
             f"distill.method {method} does not serve {kind} teachers yet; use distill.method: "
-            f"{' or '.join(KIND_METHODS[kind])} (a LoRA student with distill.student.lora_rank > 0)"
+            f"{' or '.join(KIND_METHODS[kind])}{KIND_HINTS.get(kind, '')}"
         )
     if family in FAMILIES_SERVED.get(method, ("diffusion",)):
         return None
@@ -169,6 +171,11 @@ def distill(
     why = refuses(p.method, kind.family, kind.kind)
     if why:
         raise ValueError(why)
+    if p.student.lora_rank and kind.kind in NO_LORA_KINDS:
+        raise ValueError(
+            f"a LoRA student (distill.student.lora_rank > 0) is not served on a {kind.kind} teacher yet; set "
+            "distill.student.lora_rank: 0 for a full student of the teacher's shape"
+        )
     if hasattr(kind, "use_prompts"):  # text-to-image: the data's captions are its conditions
         if not captions:
             raise ValueError(

@@ -91,7 +91,7 @@ def distill(
     student_t = sampler.timesteps.to(dev)  # the student's sampling timesteps, e.g. 959, 719, 479, 239
     alphas_cumprod = model.alphas_cumprod.to(dev)
     x_all = (data.float() * 2.0 - 1.0).to(dev)
-    teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
+    teacher_unet = frozen(copy.deepcopy(model.unet)).to(dev)
     # 1. The student starts from the teacher; the discriminator's heads start fresh on the frozen teacher.
     student = warm(student_like(teacher_unet, cfg.student_channels, cfg.student_layers), init)  # or the champion
     disc = Discriminator(teacher_unet, model.output).to(dev)

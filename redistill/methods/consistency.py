@@ -120,7 +120,7 @@ def distill(
     alphas_cumprod = model.alphas_cumprod.to(dev)
     grid = grid.to(dev)
     x_all = model.to_model_space(data).to(dev)  # pixels in [−1, 1], or a latent teacher's VAE latents
-    teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
+    teacher_unet = frozen(copy.deepcopy(model.unet)).to(dev)
     # 1. θ and θ⁻ both start as the teacher (LCM: initialise from the pre-trained model), or as a smaller
     #    student initialised from it, or (LCM-LoRA) as the teacher plus a zero-effect LoRA adapter, of which
     #    only the adapter trains.
@@ -228,10 +228,12 @@ def lora_export(model, student, sched, cfg, teacher_sha256, summary: dict, teach
 def with_sampling(pipe, model, steps: int):
     """Mark how a conditional latent student is sampled (the folder's redistill_sampling.json): at guidance 1 (the
     teacher's w is folded in; a UNet with a guidance embedding is given w through it, still in one pass)."""
-    if getattr(model, "kind", "") != "text-to-image-latent":
+    if getattr(model, "kind", "") not in ("text-to-image-latent", "dit-latent"):
         return pipe
-    embedded = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+    net = pipe.transformer if getattr(pipe, "unet", None) is None else pipe.unet
+    embedded = getattr(net.config, "time_cond_proj_dim", None) is not None
     pipe.redistill_sampling = {
+        **(getattr(pipe, "redistill_sampling", None) or {}),  # what the export recorded (a DiT's classes)
         "guidance_scale": model.guidance_scale if embedded else 1.0,
         "distilled_guidance_scale": model.guidance_scale,
         "num_inference_steps": steps,

@@ -161,7 +161,7 @@ def distill(
                 samples_dir,
             )
         pairs = (noise.to(dev), x0.to(dev), None if cond is None else cond.to(dev))
-    real_score = frozen(copy.deepcopy(teacher.unet)).to(dev)
+    real_score = frozen(copy.deepcopy(model.unet)).to(dev)
     # Generator and fake score both start as the teacher (DMD section 3.1); or the generator starts as a
     # deterministic few-step student distilled first (DMD1 starts from a regression-trained generator): the
     # output-distilled one, or the progressive one.

@@ -14,6 +14,7 @@ from redistill.config import DMDParams, settings
 from redistill.methods.consistency import consistency_fn, lcm_scheduler
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Draws, Trainer, TrainingConfig
+from redistill.models import adapter_for
 from redistill.models.prediction import alpha_sigma, to_x0_eps
 
 STARTS = ("teacher", "output", "progressive")
@@ -209,7 +210,7 @@ def _first_student(
         extra = {}
     log(f"dmd: distilling the {cfg.start} student the generator starts from")
     pipe, _ = first(teacher, data, fcfg, folder / "checkpoints", log=log, **extra)
-    weights = {k: v.contiguous() for k, v in pipe.unet.state_dict().items()}
+    weights = {k: v.contiguous() for k, v in adapter_for(pipe).unet.state_dict().items()}
     if main:  # one process writes; the others hold the same weights
         folder.mkdir(parents=True, exist_ok=True)
         save_file(weights, done)

@@ -68,7 +68,7 @@ def teacher_pairs(teacher, cfg: OutputConfig, shape: tuple[int, ...], device, ba
     teacher's own spacing; a flow-matching teacher's Euler sampler); the conditions are None for an
     unconditional teacher, else one drawn per pair (guidance folded in)."""
     model = adapter_for(teacher)
-    unet = teacher.unet.to(device).eval()
+    unet = model.unet.to(device).eval()
     gen = torch.Generator().manual_seed(pair_seed(cfg))
     noise = torch.randn((cfg.pairs, *shape), generator=gen)
     cond = model.conditions(cfg.pairs, gen)
@@ -84,7 +84,7 @@ def teacher_pairs(teacher, cfg: OutputConfig, shape: tuple[int, ...], device, ba
 def unkeyed_sha256(teacher) -> str:
     """The cache key of a teacher not loaded from a folder: the sha256 of its UNet's weights."""
     h = hashlib.sha256()
-    for k, v in sorted(teacher.unet.state_dict().items()):
+    for k, v in sorted(adapter_for(teacher).unet.state_dict().items()):
         h.update(k.encode()), h.update(v.cpu().numpy().tobytes())
     return h.hexdigest()
 
@@ -234,7 +234,7 @@ def distill(
         )
     noise, x0 = noise.to(dev), x0.to(dev)
     cond = None if cond is None else cond.to(dev)
-    teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
+    teacher_unet = frozen(copy.deepcopy(model.unet)).to(dev)
     # 2. The student starts as a copy of the teacher's UNet (or a smaller one initialised from it).
     student = warm(student_like(teacher_unet, cfg.student_channels, cfg.student_layers), init)  # or the champion
     fm = FeatureMatch(teacher_unet, student, cfg.feature_loss)

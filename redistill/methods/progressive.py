@@ -196,7 +196,7 @@ def distill(
     x_all = (data.float() * 2.0 - 1.0).to(run.device)
     # round 1's teacher is the guided one; later rounds' teachers are students
     current = RoundTeacher(
-        frozen(copy.deepcopy(teacher.unet)).to(run.device), model.teacher_output, sched_cfg.prediction_type
+        frozen(copy.deepcopy(model.unet)).to(run.device), model.teacher_output, sched_cfg.prediction_type
     )
     # a resumed later round has an earlier student as teacher, of the smaller student's shape when one is configured
     if run.resume_phase > 0 and run.resume_path is not None:
@@ -226,7 +226,7 @@ def distill(
         "method": "progressive",
         "config": asdict(cfg),
         "rounds": history,
-        **sizes(teacher.unet, current.unet),
+        **sizes(model.unet, current.unet),
         "wall_time_s": run.finish(),
         "num_inference_steps": cfg.target_steps,
     }

@@ -166,7 +166,7 @@ def distill(
         seed=cfg.seed,
     )
     dev = run.device
-    teacher_unet = frozen(copy.deepcopy(teacher.unet)).to(dev)
+    teacher_unet = frozen(copy.deepcopy(model.unet)).to(dev)
     # the student is a flow whatever the teacher is: its calls and export go through the flow-matching adapter
     v_student = partial(amp_velocity, run, FlowMatchingPixel(model.export(teacher_unet, euler_scheduler(T, K))))
 

@@ -32,6 +32,12 @@ def build_student(teacher_unet, block_out_channels: list[int], layers_per_block:
     """Step 1 and 2: the student UNet and what its initialisation did ({"copied", "sliced", "fresh"} counts)."""
     from diffusers import UNet2DModel
 
+    if not isinstance(teacher_unet, UNet2DModel):
+        raise ShapeError(
+            f"a smaller student is built from a UNet2DModel teacher; this teacher's denoiser is a "
+            f"{type(teacher_unet).__name__}: leave distill.student.block_out_channels and layers_per_block unset "
+            "(the student keeps the teacher's shape)"
+        )
     cfg = dict(teacher_unet.config)
     levels = len(cfg["block_out_channels"])
     if block_out_channels:

@@ -24,16 +24,25 @@ from typing import Any
 
 from redistill.models.base import ModelAdapter, NotOffered, UnsupportedPipeline, text_to_image_only
 
-__all__ = ["ModelAdapter", "NotOffered", "UnsupportedPipeline", "adapter_for", "supported_kinds", "text_to_image_only"]
+__all__ = [
+    "ModelAdapter",
+    "NotOffered",
+    "UnsupportedPipeline",
+    "adapter_for",
+    "check_layout",
+    "supported_kinds",
+    "text_to_image_only",
+]
 
 
 def _kinds() -> list[type[ModelAdapter]]:
     from redistill.models.class_conditional import ClassConditionalPixel
+    from redistill.models.dit import DiTLatent
     from redistill.models.flow import FlowMatchingPixel
     from redistill.models.pixel import UnconditionalPixel
     from redistill.models.text_to_image import TextToImageLatent
 
-    return [UnconditionalPixel, ClassConditionalPixel, FlowMatchingPixel, TextToImageLatent]
+    return [UnconditionalPixel, ClassConditionalPixel, FlowMatchingPixel, TextToImageLatent, DiTLatent]
 
 
 def adapter_for(pipe: Any) -> ModelAdapter:
@@ -55,9 +64,24 @@ def adapter_for(pipe: Any) -> ModelAdapter:
     kinds = "; ".join(f"{k.kind} ({k.description})" for k in _kinds())
     raise UnsupportedPipeline(
         f"redistill has no adapter for a {type(pipe).__name__} "
-        f"(unet: {type(getattr(pipe, 'unet', None)).__name__}); supported kinds: {kinds}"
+        f"(denoiser: {type(getattr(pipe, 'unet', getattr(pipe, 'transformer', None))).__name__}); supported kinds: {kinds}"
     )
 
 
 def supported_kinds() -> list[str]:
     return [k.kind for k in _kinds()]
+
+
+def check_layout(model_index: dict, where: object) -> None:
+    """Refuse, before anything loads, a folder whose model_index.json names a transformer layout (a `transformer`
+    component) that no kind serves, listing the layouts that are served. UNet layouts are checked once loaded
+    (`adapter_for`): one pipeline class (DDPMPipeline) holds several kinds."""
+    name = model_index.get("_class_name")
+    name = name[-1] if isinstance(name, list) else name
+    if "transformer" not in model_index or any(name in k.layouts for k in _kinds()):
+        return
+    served = "; ".join(f"{'/'.join(k.layouts)} ({k.kind})" for k in _kinds())
+    raise UnsupportedPipeline(
+        f"{where} is a {name} folder, a transformer layout redistill does not serve yet; it serves: {served}. "
+        "Point the cycle at a folder of one of these layouts (as `save_pretrained` writes it)"
+    )

@@ -30,6 +30,7 @@ class ModelAdapter:
     """What every kind of pipeline offers. Subclasses set `kind` and implement `claims` and the methods below."""
 
     kind = "abstract"
+    layouts: tuple[str, ...] = ()  # the pipeline classes (model_index.json's _class_name) a folder of this kind names
     description = ""
     family = (
         "diffusion"  # "diffusion": ε/v/x₀ on an ᾱ schedule; "flow": a velocity on the straight path (flow matching)

@@ -21,6 +21,7 @@ from redistill.models.class_pipeline import ClassConditionalPipeline, guided_out
 
 class ClassConditionalPixel(ModelAdapter):
     kind = "class-conditional-pixel"
+    layouts = ("ClassConditionalPipeline", "DDPMPipeline")
     description = (
         "a UNet2DModel with class embeddings (num_class_embeds) and a DDPM-family scheduler, in a "
         "ClassConditionalPipeline or a DDPMPipeline folder"

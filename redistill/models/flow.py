@@ -26,6 +26,7 @@ class FlowMatchingPixel(UnconditionalPixel):
     straight path instead of an ᾱ schedule."""
 
     kind = "flow-matching-pixel"
+    layouts = ("DDPMPipeline",)
     description = (
         "a UNet2DModel without class embeddings that predicts a velocity, with a "
         "FlowMatchEulerDiscreteScheduler, e.g. a DDPMPipeline folder"

@@ -61,6 +61,12 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
         pipe.set_progress_bar_config(disable=True)
         return pipe
     model_index = check_pipeline_folder(path)
+    from redistill.models import UnsupportedPipeline, adapter_for, check_layout
+
+    try:
+        check_layout(model_index, path)  # a layout no kind serves is refused before anything loads
+    except UnsupportedPipeline as e:
+        raise PipelineError(str(e)) from e
     diffusers_logging.disable_progress_bar()  # the "Loading pipeline components" bar
     name = model_index.get("_class_name")
     own = (name[-1] if isinstance(name, list) else name) in OWN_PIPELINES
@@ -82,16 +88,14 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
             f"could not load the pipeline at {path} (check that each component's config.json, "
             f"e.g. unet/config.json, matches its weights): {e}"
         ) from e
-    from redistill.models import UnsupportedPipeline, adapter_for
-
     try:
-        adapter_for(pipe)  # every later step goes through the pipeline's adapter: refuse a kind none serves now
+        model = adapter_for(pipe)  # every later step goes through the pipeline's adapter: refuse a kind none serves
     except UnsupportedPipeline as e:
         raise PipelineError(f"{path}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if dtype is not None:
-        pipe.unet.to(dtype)
+        model.unet.to(dtype)
     return pipe
 
 
@@ -159,7 +163,7 @@ def validate_teacher(
     pipe = load_pipeline(path)
     check_fits(pipe, path, channels, size, data_path)
     model = adapter_for(pipe)
-    bad = [name for name, w in pipe.unet.named_parameters() if not torch.isfinite(w).all()]
+    bad = [name for name, w in model.unet.named_parameters() if not torch.isfinite(w).all()]
     if bad:
         raise PipelineError(
             f"teacher at {path} has non-finite weights in {bad[0]} (and {len(bad) - 1} more); "
@@ -170,7 +174,7 @@ def validate_teacher(
     cond = model.conditions(probe, g)
     T = model.num_train_timesteps
     for t in (T - 1, T // 2, 0):
-        out = model.teacher_output(pipe.unet, x, torch.full((probe,), t), cond)
+        out = model.teacher_output(model.unet, x, torch.full((probe,), t), cond)
         if out.shape != x.shape or not torch.isfinite(out).all():
             raise PipelineError(
                 f"teacher at {path} gives {'non-finite' if out.shape == x.shape else 'mis-shaped'} "
@@ -179,7 +183,7 @@ def validate_teacher(
     return {
         "sha256": pipeline_sha256(path),
         **model.facts(),  # kind, prediction type, schedule length, channels, size, conditioning
-        "params": sum(w.numel() for w in pipe.unet.parameters()),
+        "params": sum(w.numel() for w in model.unet.parameters()),
     }
 
 

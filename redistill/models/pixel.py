@@ -11,6 +11,7 @@ from redistill.models.base import ModelAdapter
 
 class UnconditionalPixel(ModelAdapter):
     kind = "unconditional-pixel"
+    layouts = ("DDPMPipeline", "DDIMPipeline")
     description = "a UNet2DModel without class embeddings and a DDPM-family scheduler, e.g. a DDPMPipeline"
     pairs_from_samples = True  # DDPMPipeline with DDIM: noise drawn from the generator, η = 0, x₀ clipped to [−1, 1]
 

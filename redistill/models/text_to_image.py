@@ -51,6 +51,7 @@ def folder_sampling(pipe) -> dict:
 
 class TextToImageLatent(ModelAdapter):
     kind = "text-to-image-latent"
+    layouts = ("StableDiffusionPipeline",)
     clips = False  # latents are not confined to [−1, 1]
     description = (
         "a Stable Diffusion layout folder: UNet2DConditionModel, AutoencoderKL, a CLIP text encoder and "
