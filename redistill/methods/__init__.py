@@ -13,7 +13,7 @@ from pathlib import Path
 from redistill.config import DistillParams
 
 # the kinds of model (the adapter's `family`) each method can distil; the rest serve diffusion teachers only
-FAMILIES_SERVED = {"rectified": ("flow", "diffusion")}
+FAMILIES_SERVED = {m: ("flow", "diffusion") for m in ("rectified", "consistency", "dmd")}
 
 
 WARM_METHODS = (
@@ -42,7 +42,8 @@ def refuses(method: str, family: str, kind: str) -> str | None:
         return None
     return (
         f"distill.method {method} distils diffusion (ε/v/x₀) teachers; this teacher is a {kind} model. "
-        "Use distill.method: rectified, which serves flow-matching teachers"
+        f"Use distill.method: {', '.join(m for m, fams in FAMILIES_SERVED.items() if family in fams)}, which serve "
+        "flow-matching teachers"
     )
 
 

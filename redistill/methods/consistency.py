@@ -42,8 +42,15 @@ class ConsistencyConfig(ConsistencyParams, TrainingConfig):
     (ConsistencyParams). Every field and its default is declared there, once; `method_config` fills it in."""
 
 
-def solver_grid(solver_steps: int, num_train_timesteps: int) -> tuple[torch.Tensor, int]:
-    """LCM's training timesteps {k−1, 2k−1, …, N·k−1} and the skip k = T // N."""
+def solver_grid(solver_steps: int, num_train_timesteps: int, flow: bool = False) -> tuple[torch.Tensor, int | float]:
+    """LCM's training timesteps {k−1, 2k−1, …, N·k−1} and the skip k = T // N. On a flow teacher's straight path
+    (`flow`), the N evenly spaced noise levels σ = n/N as timesteps σ·T, with k = T/N: its neighbour below the first
+    is σ = 0, the clean end, and a K-step student's σ = 1, (K−1)/K, …, 1/K lie on it when K divides N."""
+    if flow:
+        if solver_steps < 1:
+            raise ValueError(f"solver_steps must be at least 1, got {solver_steps}")
+        k = num_train_timesteps / solver_steps
+        return torch.arange(1, solver_steps + 1, dtype=torch.float32) * k, k
     k = num_train_timesteps // solver_steps
     if k < 1:
         raise ValueError(f"solver_steps ({solver_steps}) must not exceed the teacher's {num_train_timesteps} timesteps")
@@ -60,7 +67,8 @@ def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def consistency_fn(model, unet, z, t, cond, prediction_type, alphas_cumprod) -> torch.Tensor:
-    """f(z_t, t) = c_skip(t)·z_t + c_out(t)·x̂₀(z_t, t), `unet` called through the adapter `model` under `cond`."""
+    """f(z_t, t) = c_skip(t)·z_t + c_out(t)·x̂₀(z_t, t), `unet` called through the adapter `model` under `cond`;
+    `alphas_cumprod` is the noise path (an ᾱ table or a flow teacher's StraightPath)."""
     a, s = alpha_sigma(alphas_cumprod, t)
     x0, _ = to_x0_eps(model.output(unet, z, t.clamp(min=0), cond), z, a, s, prediction_type)
     c_skip, c_out = boundary_scalings(t)
@@ -81,9 +89,16 @@ def ddim_solver_step(x0: torch.Tensor, z_t: torch.Tensor, a_t, s_t, a_s, s_s) ->
     return a_s * x0 + s_s * eps
 
 
-def sampling_scheduler(teacher_scheduler_config, cfg: ConsistencyConfig, clip: bool):
+def sampling_scheduler(teacher_scheduler_config, cfg: ConsistencyConfig, clip: bool, flow: bool = False):
     """The stock scheduler the student is exported with: LCM's multistep sampling (re-noise each clean estimate with
-    fresh noise), or the deterministic DDIM one (`cfg.sampler: ddim`)."""
+    fresh noise), or the deterministic DDIM one (`cfg.sampler: ddim`). A flow teacher's student: the flow-matching
+    LCM scheduler, or Euler, at σ = 1, (K−1)/K, …, 1/K."""
+    if flow:
+        from redistill.models.flow import euler_scheduler, lcm_flow_scheduler
+
+        T = teacher_scheduler_config.num_train_timesteps
+        make = euler_scheduler if cfg.sampler == "ddim" else lcm_flow_scheduler
+        return make(T, cfg.target_steps)
     if cfg.sampler == "ddim":
         return deterministic_scheduler(teacher_scheduler_config, cfg.solver_steps, cfg.target_steps, clip)
     return lcm_scheduler(teacher_scheduler_config, cfg.solver_steps, clip)
@@ -103,9 +118,9 @@ def distill(
     LCMScheduler, summary). Resumes from the latest checkpoint in `ckpt_dir`."""
     model = adapter_for(teacher)  # every network call, condition and the export go through it
     sched_cfg = teacher.scheduler.config
-    ptype = sched_cfg.prediction_type
-    T = sched_cfg.num_train_timesteps
-    grid, k = solver_grid(cfg.solver_steps, T)
+    ptype = model.prediction_type  # "flow" for a flow-matching teacher: its velocity, on the straight path
+    T = model.num_train_timesteps
+    grid, k = solver_grid(cfg.solver_steps, T, flow=model.family == "flow")
     if cfg.target_steps > cfg.solver_steps:
         raise ValueError(f"target_steps ({cfg.target_steps}) cannot exceed solver_steps ({cfg.solver_steps})")
     run = Trainer(
@@ -117,7 +132,7 @@ def distill(
         seed=cfg.seed,
     )
     dev = run.device
-    alphas_cumprod = model.alphas_cumprod.to(dev)
+    path = model.noise_path().to(dev)  # the ᾱ schedule, or a flow teacher's straight path
     grid = grid.to(dev)
     x_all = model.to_model_space(data).to(dev)  # pixels in [−1, 1], or a latent teacher's VAE latents
     teacher_unet = frozen(copy.deepcopy(model.unet)).to(dev)
@@ -153,8 +168,8 @@ def distill(
         x, c = run.shard(x_all[i.to(dev)], c)
         t = grid[draw.integers(cfg.solver_steps)]
         s = t - k  # −1 for the first grid point: the clean end
-        a_t, s_t = alpha_sigma(alphas_cumprod, t)
-        a_s, s_s = alpha_sigma(alphas_cumprod, s)
+        a_t, s_t = alpha_sigma(path, t)
+        a_s, s_s = alpha_sigma(path, s)
         z_t = model.add_noise(x, draw.noise(), t)
         with torch.no_grad(), run.autocast():
             # 3. One DDIM step of the teacher along its ODE: ẑ_s = α_s·x̂₀ + σ_s·ε̂ (x̂₀ clipped, as its sampler does).
@@ -163,10 +178,10 @@ def distill(
             x0 = x0.clamp(-1, 1) if model.clips else x0  # pixels are clipped as the sampler clips them; latents not
             z_s = ddim_solver_step(x0, z_t, a_t, s_t, a_s, s_s)
             # 4. The target f_θ⁻(ẑ_s, s); at the clean end the boundary condition makes it ẑ_s itself.
-            f_target = consistency_fn(model, target, z_s, s, c, ptype, alphas_cumprod).float()
+            f_target = consistency_fn(model, target, z_s, s, c, ptype, path).float()
         # 5. The student at z_t, and the pseudo-Huber distance to the target.
         with run.autocast(), fm.student():
-            f_student = consistency_fn(model, student, z_t, t, c, ptype, alphas_cumprod).float()
+            f_student = consistency_fn(model, student, z_t, t, c, ptype, path).float()
         loss = pseudo_huber(f_student, f_target, cfg.huber_c) + fm.loss()
         # 6. Gradient step on θ (and its export EMA), then θ⁻ ← μ·θ⁻ + (1 − μ)·θ.
         run.backward(loss, student, opt, ema)
@@ -188,7 +203,7 @@ def distill(
         "wall_time_s": run.finish(),
         "num_inference_steps": cfg.target_steps,
     }
-    sched = sampling_scheduler(sched_cfg, cfg, model.clips)
+    sched = sampling_scheduler(sched_cfg, cfg, model.clips, flow=model.family == "flow")
     if not cfg.lora_rank:
         return with_sampling(model.export(frozen(student).cpu(), sched), model, cfg.target_steps), summary
     # 8. LCM-LoRA: the pipeline holds the UNet with the adapter fused in (stock diffusers loads it as it is); the

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from redistill.methods.adversarial import Discriminator
-from redistill.methods.consistency import lcm_scheduler, lora_export, lora_student, with_sampling
+from redistill.methods.consistency import lora_export, lora_student, with_sampling
 from redistill.methods.dmd_generator import (
     DMDConfig,
     Generator,
@@ -46,6 +46,7 @@ from redistill.methods.dmd_generator import (
     check_settings,
     disc_logits,
     generator_timesteps,
+    lcm_sampler,
 )
 from redistill.methods.student_shape import FeatureMatch
 from redistill.methods.training import Draws, Phase, Trainer, frozen, new_ema, sizes, student_like, warm
@@ -74,7 +75,7 @@ def fake_score_loss(
     prediction_type: str,
 ) -> torch.Tensor:
     """The fake score's denoising loss on generator samples `x0` noised with `eps`, in the teacher's parametrisation."""
-    target = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0}[prediction_type]
+    target = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0, "flow": eps - x0}[prediction_type]
     return (pred - target).pow(2).mean()
 
 
@@ -112,8 +113,8 @@ def distill(
     scheduler, summary)."""
     model = adapter_for(teacher)  # every network call, condition, noising and the export go through it
     sched_cfg = teacher.scheduler.config
-    ptype = sched_cfg.prediction_type
-    T, K = sched_cfg.num_train_timesteps, cfg.target_steps
+    ptype = model.prediction_type  # "flow" for a flow-matching teacher: its velocity, on the straight path
+    T, K = model.num_train_timesteps, cfg.target_steps
     check_settings(cfg, model)
     clip = (lambda x: x.clamp(-1, 1)) if model.clips else (lambda x: x)  # a latent x̂₀ is not clipped
     chain = cfg.start != "teacher"  # a deterministic sampler: noise → image, paired with the teacher's output
@@ -140,8 +141,8 @@ def distill(
         seed=cfg.seed,
     )
     dev = run.device
-    gen_t = generator_timesteps(sched_cfg, cfg, chain, x0_call).to(dev)
-    alphas_cumprod = model.alphas_cumprod.to(dev)
+    gen_t = generator_timesteps(sched_cfg, cfg, chain, x0_call, flow=model.family == "flow").to(dev)
+    path = model.noise_path().to(dev)  # the ᾱ schedule, or a flow teacher's straight path
     x_all = model.to_model_space(data).to(dev)  # pixels in [−1, 1], or a latent teacher's VAE latents
     shape = tuple(x_all.shape[1:])
     pairs = None
@@ -203,7 +204,7 @@ def distill(
         model,
         student,
         gen_t,
-        alphas_cumprod,
+        path,
         ptype,
         K,
         chain,
@@ -227,7 +228,7 @@ def distill(
             t = draw.integers(T)
             eps = draw.noise()
             z = model.add_noise(x_gen, eps, t)
-            a, s = alpha_sigma(alphas_cumprod, t)
+            a, s = alpha_sigma(path, t)
             with run.autocast():
                 pred = model.output(fake_score, z, t, c).float()
             l_fake = fake_score_loss(pred, eps, x_gen, a, s, ptype)
@@ -247,8 +248,8 @@ def distill(
             # both x̂₀ clipped to the data range, as the teacher's sampler clips them: unclipped, the ε models'
             # x̂₀ at high t (÷ α_t ≈ 0.03) made the gradient noisy and the class mix drifted
             # the real score is the teacher as its sampler uses it (guidance folded in); the fake score is plain
-            p_real = clip(x0_estimate(model.teacher_output(real_score, z, t, c), z, t, alphas_cumprod, ptype))
-            p_fake = clip(x0_estimate(model.output(fake_score, z, t, c), z, t, alphas_cumprod, ptype))
+            p_real = clip(x0_estimate(model.teacher_output(real_score, z, t, c), z, t, path, ptype))
+            p_fake = clip(x0_estimate(model.output(fake_score, z, t, c), z, t, path, ptype))
             grad = dmd_gradient(x_gen.detach(), p_real, p_fake)
         l_dmd = dmd_loss(x_gen, grad)
         l_feat = fm.loss()
@@ -256,6 +257,8 @@ def distill(
         losses = {
             "dmd": l_dmd.item(),
             "fake": l_fake.item(),
+            # the generator's mean, watched: DMD's gradient is known to drift it on v/flow teachers
+            "mean": x_gen.detach().float().mean().item(),
             **(
                 {"feature": float(l_feat.detach() if torch.is_tensor(l_feat) else l_feat)}
                 if cfg.feature_loss > 0
@@ -300,7 +303,7 @@ def distill(
         return lora_export(
             model,
             frozen(student),
-            lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips),
+            lcm_sampler(model, sched_cfg, cfg),
             cfg,
             teacher_sha256,
             summary,
@@ -308,9 +311,7 @@ def distill(
         )
     student = frozen(student).cpu()
     if not chain:
-        return with_sampling(
-            model.export(student, lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips)), model, K
-        ), summary
+        return with_sampling(model.export(student, lcm_sampler(model, sched_cfg, cfg)), model, K), summary
     if x0_call:
         from redistill.methods.output import one_step_scheduler
 

@@ -34,7 +34,7 @@ class Generator:
     model: Any  # the teacher's adapter
     student: torch.nn.Module
     timesteps: torch.Tensor  # gen_t: the generator's sampling timesteps (−1: the clean end of a chain)
-    alphas_cumprod: torch.Tensor
+    alphas_cumprod: Any  # the noise path: an ᾱ table, or a flow teacher's StraightPath
     prediction_type: str
     steps: int  # K
     deterministic: bool  # a deterministic chain (start: output or progressive), else an LCM generator
@@ -119,6 +119,11 @@ def check_settings(cfg: DMDConfig, model) -> None:
     """Refuse settings this teacher's kind cannot serve, before anything trains."""
     if cfg.start not in STARTS:
         raise ValueError(f"distill.dmd.start must be one of {', '.join(STARTS)}, got {cfg.start!r}")
+    if model.family == "flow" and (cfg.start != "teacher" or cfg.regression_weight > 0):
+        raise ValueError(
+            f"a {model.kind} teacher is distilled by dmd from the teacher itself (distill.dmd.start: teacher, "
+            "regression_weight: 0): the deterministic starts and the regression are DDIM chains on an ᾱ schedule"
+        )
     if not model.clips and (cfg.start != "teacher" or cfg.regression_weight > 0):
         raise ValueError(
             f"a {model.kind} teacher is distilled by dmd from the teacher itself (distill.dmd.start: teacher, "
@@ -130,12 +135,29 @@ def check_settings(cfg: DMDConfig, model) -> None:
         )
 
 
-def generator_timesteps(sched_cfg, cfg: DMDConfig, chain: bool, x0_call: bool) -> torch.Tensor:
-    """The generator's timesteps: LCM's (e.g. 959, 719, 479, 239); a deterministic chain's grid (959, 709, 459, 209,
-    then the clean end −1); one x₀ call at T−1 for a 1-step output start."""
+def lcm_sampler(model, sched_cfg, cfg: DMDConfig):
+    """The stock scheduler an LCM-style generator samples with: LCM's on the teacher's ᾱ schedule, or the
+    flow-matching LCM scheduler at σ = 1, (K−1)/K, …, 1/K for a flow teacher."""
+    if model.family == "flow":
+        from redistill.models.flow import lcm_flow_scheduler
+
+        return lcm_flow_scheduler(model.num_train_timesteps, cfg.target_steps)
+    return lcm_scheduler(sched_cfg, cfg.solver_steps, model.clips)
+
+
+def generator_timesteps(sched_cfg, cfg: DMDConfig, chain: bool, x0_call: bool, flow: bool = False) -> torch.Tensor:
+    """The generator's timesteps: LCM's (e.g. 959, 719, 479, 239; a flow teacher's σ·T: 1000, 750, 500, 250); a
+    deterministic chain's grid (959, 709, 459, 209, then the clean end −1); one x₀ call at T−1 for a 1-step output
+    start."""
     from redistill.methods.progressive import student_grid
 
     T, K = sched_cfg.num_train_timesteps, cfg.target_steps
+    if not chain and flow:
+        from redistill.models.flow import lcm_flow_scheduler
+
+        sampler = lcm_flow_scheduler(T, K)
+        sampler.set_timesteps(K)
+        return sampler.timesteps
     if not chain:
         sampler = lcm_scheduler(sched_cfg, cfg.solver_steps)
         sampler.set_timesteps(K)

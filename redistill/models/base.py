@@ -70,6 +70,10 @@ class ModelAdapter:
     def alphas_cumprod(self) -> torch.Tensor:
         return self.pipe.scheduler.alphas_cumprod.float()
 
+    def noise_path(self):
+        """The path methods noise on, for `prediction.alpha_sigma`: the ᾱ table (a flow model: a StraightPath)."""
+        return self.alphas_cumprod
+
     @property
     def channels(self) -> int:
         return int(self.unet.config.in_channels)

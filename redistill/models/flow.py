@@ -37,13 +37,13 @@ class FlowMatchingPixel(UnconditionalPixel):
 
     @classmethod
     def claims(cls, pipe) -> bool:
-        from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, UNet2DModel
 
         unet = getattr(pipe, "unet", None)
         return (
             isinstance(unet, UNet2DModel)
             and getattr(unet, "class_embedding", None) is None
-            and isinstance(getattr(pipe, "scheduler", None), FlowMatchEulerDiscreteScheduler)
+            and isinstance(getattr(pipe, "scheduler", None), (FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler))
         )
 
     # -- facts ----------------------------------------------------------------------------------------
@@ -57,6 +57,11 @@ class FlowMatchingPixel(UnconditionalPixel):
             f"a {self.kind} model has no ᾱ schedule (it predicts a velocity on the straight path); "
             "this step serves diffusion models only"
         )
+
+    def noise_path(self):
+        from redistill.models.prediction import StraightPath
+
+        return StraightPath(self.num_train_timesteps)
 
     @property
     def shift(self) -> float:
@@ -99,5 +104,15 @@ def euler_scheduler(num_train_timesteps: int, steps: int):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=num_train_timesteps, shift=1.0, shift_terminal=None if steps == 1 else 1.0 / steps
+    )
+
+
+def lcm_flow_scheduler(num_train_timesteps: int, steps: int):
+    """The stock `FlowMatchLCMScheduler` that samples a consistency student of a flow teacher at `steps`: at
+    σ = 1, (K−1)/K, …, 1/K (the grid `euler_scheduler` gives), each step x̂₀ = x − σ·v̂, re-noised to the next σ."""
+    from diffusers import FlowMatchLCMScheduler
+
+    return FlowMatchLCMScheduler(
         num_train_timesteps=num_train_timesteps, shift=1.0, shift_terminal=None if steps == 1 else 1.0 / steps
     )

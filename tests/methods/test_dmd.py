@@ -28,7 +28,7 @@ def test_dmd_student_exports_and_samples(digits_ws, tmp_path, prediction_type, g
         tmp_path / "ck",
         log=logs.append,
     )
-    assert set(summary["final_losses"]) == ({"dmd", "fake", "gan", "disc"} if gan else {"dmd", "fake"})
+    assert set(summary["final_losses"]) == ({"dmd", "fake", "mean", "gan", "disc"} if gan else {"dmd", "fake", "mean"})
     assert all(torch.equal(v, teacher.unet.state_dict()[k]) for k, v in before.items())  # real score frozen
     moved = max((a - b).abs().max().item() for a, b in zip(student.unet.parameters(), teacher.unet.parameters()))
     assert moved > 0
