@@ -26,8 +26,12 @@ WARM_METHODS = (
 LORA_METHODS = ("consistency", "dmd")  # the methods whose student may be a LoRA adapter (distill.student.lora_rank)
 
 # kinds of teacher only some methods serve yet (the rest: every method of the kind's family)
-KIND_METHODS = {"text-to-image-latent": ("consistency", "dmd"), "dit-latent": ("consistency", "dmd")}
-NO_LORA_KINDS = ("dit-latent",)  # kinds whose denoiser takes no LoRA adapter here yet
+KIND_METHODS = {
+    "text-to-image-latent": ("consistency", "dmd"),
+    "dit-latent": ("consistency", "dmd"),
+    "sd3-latent": ("consistency", "dmd"),
+}
+NO_LORA_KINDS = ("dit-latent", "sd3-latent")  # kinds whose denoiser takes no LoRA adapter here yet
 KIND_HINTS = {"text-to-image-latent": " (a LoRA student with distill.student.lora_rank > 0)"}
 
 

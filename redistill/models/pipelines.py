@@ -81,7 +81,9 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
         pipe = (
             _load_own(Path(path), model_index)
             if own
-            else DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+            else DiffusionPipeline.from_pretrained(
+                str(path), use_safetensors=True, local_files_only=True, **_absent_components(model_index)
+            )
         )
     except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError/safetensors errors
         raise PipelineError(
@@ -227,6 +229,12 @@ def _write_attachments(pipe, folder: Path) -> None:
             lora.get("alpha"),
             base_uri=lora.get("base_uri"),
         )
+
+
+def _absent_components(model_index: dict) -> dict:
+    """The components model_index.json lists as absent ([null, null]), passed as None: a Stable Diffusion 3 folder
+    saved without T5 loads only so."""
+    return {k: None for k, v in model_index.items() if not k.startswith("_") and v == [None, None]}
 
 
 def _load_own(path: Path, model_index: dict):

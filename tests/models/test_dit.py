@@ -57,10 +57,10 @@ def test_the_adapters_guided_ddim_loop_is_what_dit_pipeline_samples(dit_folder):
 
 
 def test_a_transformer_layout_no_kind_serves_is_refused_before_loading_with_the_served_list(tmp_path):
-    folder = tmp_path / "sd3"
+    folder = tmp_path / "flux"
     index = {
-        "_class_name": "StableDiffusion3Pipeline",
-        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "_class_name": "FluxPipeline",
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     }
     folder.mkdir()
@@ -71,5 +71,5 @@ def test_a_transformer_layout_no_kind_serves_is_refused_before_loading_with_the_
     with pytest.raises(PipelineError) as e:
         load_pipeline(folder)
     msg = str(e.value)
-    assert "StableDiffusion3Pipeline" in msg and "transformer layout" in msg
-    assert "DiTPipeline (dit-latent)" in msg and "StableDiffusionPipeline (text-to-image-latent)" in msg
+    assert "FluxPipeline" in msg and "transformer layout" in msg
+    assert "DiTPipeline (dit-latent)" in msg and "StableDiffusion3Pipeline (sd3-latent)" in msg

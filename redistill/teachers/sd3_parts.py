@@ -1,0 +1,103 @@
+"""A text-to-image flow-matching transformer's parts in the Stable Diffusion 3 layout, built from configs: two CLIP
+text encoders with projection over one tokenizer of the captions' words, a 16-channel VAE with a shift factor, an
+`SD3Transformer2DModel` and a `FlowMatchEulerDiscreteScheduler`, in a stock `StableDiffusion3Pipeline` without T5
+(the layout `models/sd3.py` serves). Untrained as built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def build_sd3_pipeline(
+    tokenizer_dir: Path,
+    image_channels: int = 1,
+    image_size: int = 8,
+    text_width: int = 16,
+    heads: int = 2,
+    head_dim: int = 16,
+    layers: int = 2,
+    patch_size: int = 2,
+    shift: float = 3.0,
+    model_max_length: int = 16,
+    seed: int = 0,
+):
+    """The pipeline; its tokenizer is written to `tokenizer_dir` (each word of the class prompts one token). The
+    transformer's dimensions follow SD3's rules: joint_attention_dim ≥ both CLIPs' widths together, the caption
+    projection = heads × head_dim, the pooled projection = both CLIPs' projections together."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from redistill.data.captions import vocabulary
+    from redistill.models.tiny_sd import write_clip_tokenizer
+
+    write_clip_tokenizer(Path(tokenizer_dir), vocabulary(), model_max_length)
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    torch.manual_seed(seed)
+
+    def clip():
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(tok),
+                hidden_size=text_width,
+                intermediate_size=2 * text_width,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=model_max_length,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                projection_dim=text_width,
+            )
+        )
+
+    vae = AutoencoderKL(
+        in_channels=image_channels,
+        out_channels=image_channels,
+        latent_channels=16,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=image_size,
+        shift_factor=0.0609,  # SD3's VAE's; any value but None
+        scaling_factor=1.5305,
+        mid_block_add_attention=False,
+    )
+    latent = image_size // 2
+    if latent % patch_size:
+        raise ValueError(
+            f"{image_size}-pixel pictures give {latent}-pixel latents, which patch size {patch_size} does not divide"
+        )
+    transformer = SD3Transformer2DModel(
+        sample_size=latent,
+        patch_size=patch_size,
+        in_channels=16,
+        out_channels=16,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=max(2 * text_width, heads * head_dim),
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=2 * text_width,
+        pos_embed_max_size=max(8, latent // patch_size * 2),
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+        vae=vae,
+        text_encoder=clip(),
+        tokenizer=tok,
+        text_encoder_2=clip(),
+        tokenizer_2=tok,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
