@@ -40,8 +40,14 @@ class WarmStart:
         return f"warm:{self.version}"
 
 
+def denoiser_folder(folder: Path) -> Path:
+    """The pipeline folder's denoiser: `unet/`, or a transformer layout's `transformer/`."""
+    unet = Path(folder) / "unet"
+    return unet if unet.is_dir() or not (Path(folder) / "transformer").is_dir() else Path(folder) / "transformer"
+
+
 def unet_config(folder: Path) -> dict:
-    cfg = json.loads((Path(folder) / "unet" / "config.json").read_text())
+    cfg = json.loads((denoiser_folder(folder) / "config.json").read_text())
     return {k: v for k, v in cfg.items() if k not in _IGNORED_CONFIG}
 
 
@@ -117,7 +123,7 @@ def load_init(student: Path) -> dict:
     """The champion's UNet weights (safetensors only)."""
     from safetensors.torch import load_file
 
-    files = sorted((Path(student) / "unet").glob("*.safetensors"))
+    files = sorted(denoiser_folder(student).glob("*.safetensors"))
     if not files:
         raise WarmStartRefused(f"the champion's student at {student} has no safetensors UNet weights")
     return load_file(files[0])

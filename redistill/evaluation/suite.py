@@ -179,6 +179,8 @@ def evaluate(
     (same bytes, same draw), so evaluating many candidates against the teacher at 50 steps samples the
     teacher once.
     """
+    from redistill.models import adapter_for
+
     if candidate.steps <= 0 or reference.steps <= 0:
         raise ValueError(f"step counts must be ≥ 1, got {candidate.steps} and {reference.steps}")
     t0 = time.perf_counter()
@@ -269,7 +271,7 @@ def evaluate(
     log("timing latency and throughput (interleaved)")
     speed = measure_speed(cand, candidate.steps, ref, reference.steps, p)
 
-    cand_params = sum(x.numel() for x in cand.unet.parameters())
+    cand_params = sum(x.numel() for x in adapter_for(cand).unet.parameters())
     result = {
         "pipeline": str(candidate.path),
         "sha256": cand_sha,
@@ -301,7 +303,7 @@ def evaluate(
             "reference_peak_sampling_mb": ref_mem.peak_mb if ref_mem is not None else None,
             "sampling_batch": p.sample_batch_size,
             "params": cand_params,
-            "reference_params": sum(x.numel() for x in ref.unet.parameters()),
+            "reference_params": sum(x.numel() for x in adapter_for(ref).unet.parameters()),
             "checkpoint_mb": folder_size_bytes(candidate.path) / 2**20,
             "reference_checkpoint_mb": folder_size_bytes(reference.path) / 2**20,
         },

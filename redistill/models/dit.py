@@ -152,6 +152,12 @@ class DiTLatent(ModelAdapter):
         c, u = both.chunk(2)
         return u + self.guidance_scale * (c - u)
 
+    def unet_passes_per_step(self, guidance_scale: float | None = None) -> int:
+        """Transformer calls per sampling step: 2 under classifier-free guidance (the doubled batch), else 1."""
+        if guidance_scale is None:
+            guidance_scale = self.sampling.get("guidance_scale", self.guidance_scale)
+        return 2 if guidance_scale > 1 else 1
+
     def draw_key(self) -> str:
         """What else than the seed decides a sample: the classes drawn from and the guidance (for sample caches)."""
         import hashlib

@@ -20,8 +20,10 @@ def build_sd3_pipeline(
     shift: float = 3.0,
     model_max_length: int = 16,
     seed: int = 0,
+    words: list[str] | None = None,
 ):
-    """The pipeline; its tokenizer is written to `tokenizer_dir` (each word of the class prompts one token). The
+    """The pipeline; its tokenizer is written to `tokenizer_dir` (each of `words`, by default the digits' class
+    prompts' words, one token). The
     transformer's dimensions follow SD3's rules: joint_attention_dim ≥ both CLIPs' widths together, the caption
     projection = heads × head_dim, the pooled projection = both CLIPs' projections together."""
     import torch
@@ -36,7 +38,7 @@ def build_sd3_pipeline(
     from redistill.data.captions import vocabulary
     from redistill.models.tiny_sd import write_clip_tokenizer
 
-    write_clip_tokenizer(Path(tokenizer_dir), vocabulary(), model_max_length)
+    write_clip_tokenizer(Path(tokenizer_dir), words or vocabulary(), model_max_length)
     tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     torch.manual_seed(seed)
 
