@@ -31,7 +31,7 @@ KIND_METHODS = {
     "dit-latent": ("consistency", "dmd"),
     "sd3-latent": ("consistency", "dmd"),
 }
-NO_LORA_KINDS = ("dit-latent", "sd3-latent")  # kinds whose denoiser takes no LoRA adapter here yet
+NO_LORA_KINDS = ("dit-latent",)  # kinds whose denoiser takes no LoRA adapter here yet
 KIND_HINTS = {"text-to-image-latent": " (a LoRA student with distill.student.lora_rank > 0)"}
 
 

@@ -50,9 +50,20 @@ def save_adapter(
     # peft's naming, as diffusers' LCM-LoRA script saves it: converted to the older diffusers naming
     # (convert_state_dict_to_diffusers), an adapter on convolutions and attention loads back without its attention layers
     layers = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
-    StableDiffusionPipeline.save_lora_weights(
-        str(folder), unet_lora_layers=layers, weight_name=LORA_WEIGHTS, safe_serialization=True
-    )
+    if type(unet).__name__ == "SD3Transformer2DModel":  # the SD3 pipeline's format, with peft's config beside it,
+        from diffusers import StableDiffusion3Pipeline  # so `lora_alpha` survives `load_lora_weights`
+
+        StableDiffusion3Pipeline.save_lora_weights(
+            str(folder),
+            transformer_lora_layers=layers,
+            transformer_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
+            weight_name=LORA_WEIGHTS,
+            safe_serialization=True,
+        )
+    else:
+        StableDiffusionPipeline.save_lora_weights(
+            str(folder), unet_lora_layers=layers, weight_name=LORA_WEIGHTS, safe_serialization=True
+        )
     meta = {
         "base_sha256": base_sha256,
         "base_uri": base_uri,

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
 TARGETS = LCM
+CONTEXT = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # an MMDiT's text-stream attention projections
 
 
 def _matched(unet: torch.nn.Module, targets) -> set[str]:
@@ -61,6 +62,8 @@ def add_lora(
             "Set distill.student.lora_rank: 0 for a full-UNet student"
         )
     matched = _matched(unet, targets)
+    if set(ATTENTION) <= set(targets):  # an MMDiT's context stream: adapted with its attention (SD3, Flux)
+        matched |= _matched(unet, CONTEXT)
     if not matched:
         raise ValueError(
             f"distill.student.lora_targets ({', '.join(targets)}) names no module of this UNet; use a "
@@ -112,9 +115,15 @@ def load_adapter(adapter_folder: Path, base_folder: Path, device: str = "cpu"):
     check_base(adapter_folder, base_folder)
     pipe = load_pipeline(base_folder, device)
     pipe.load_lora_weights(str(adapter_folder), weight_name=LORA_WEIGHTS)
-    check_loaded(pipe.unet, adapter_folder)
+    check_loaded(_denoiser(pipe), adapter_folder)
     pipe.scheduler = student_scheduler(Path(adapter_folder)) or pipe.scheduler
     return pipe
+
+
+def _denoiser(pipe):
+    from redistill.models import adapter_for
+
+    return adapter_for(pipe).unet
 
 
 def adapter_only(student: Path, out: Path) -> Path:

@@ -104,6 +104,8 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu", dtype: torch.d
 def load_adapter_only(folder: Path, device: str | torch.device = "cpu"):
     """A LoRA student's registered form as a pipeline: its base teacher (found where the pointer says, checked by
     sha256) with the adapter fused into the UNet, the student's scheduler and sampling settings."""
+    from redistill.models import adapter_for
+
     folder = Path(folder)
     meta = adapter_meta(folder)
     base = meta.get("base_uri")
@@ -116,7 +118,7 @@ def load_adapter_only(folder: Path, device: str | torch.device = "cpu"):
     check_base(folder, Path(base))
     pipe = load_pipeline(Path(base), device)
     pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
-    check_loaded(pipe.unet, folder)
+    check_loaded(adapter_for(pipe).unet, folder)
     pipe.fuse_lora(adapter_names=[ADAPTER])
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     sched = student_scheduler(folder)

@@ -93,3 +93,55 @@ def test_an_sd3_student_is_a_stock_sd3_pipeline_sampled_at_guidance_one(sd3_fold
             tmp_path / "x",
             captions=PROMPTS[:1] * 8,
         )
+
+
+def test_an_sd3_lora_student_keeps_its_alpha_and_loads_on_the_stock_base(sd3_folder, tmp_path):
+    """An LCM-LoRA student of an SD3 teacher: the adapter covers the context stream, is saved in the SD3 pipeline's
+    LoRA format with peft's config (so lora_alpha 16 at rank 4 survives), and the stock base plus
+    `load_lora_weights` computes what the fused student does."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from redistill.config import parse_params
+    from redistill.methods import distill
+    from redistill.models.adapter_files import LORA_WEIGHTS
+    from redistill.models.lora import adapter_only
+
+    student_settings = {"lora_rank": 4, "lora_alpha": 16}
+    p = parse_params(
+        {
+            "distill": {
+                "method": "consistency",
+                "target_steps": 2,
+                "batch_size": 8,
+                "consistency": {"steps": 3},
+                "student": student_settings,
+            }
+        }
+    ).distill
+    teacher = load_pipeline(sd3_folder)
+    student, summary = distill(
+        p,
+        teacher,
+        torch.rand(16, 1, 8, 8),
+        tmp_path / "ckpt",
+        log=lambda m: None,
+        captions=[PROMPTS[i % 3] for i in range(16)],
+        teacher_path=sd3_folder,
+    )
+    assert summary["lora_rank"] == 4 and summary["adapter_params"] > 0
+    save_pipeline(student, tmp_path / "student")
+    adapter_only(tmp_path / "student", tmp_path / "adapter")
+    fused = adapter_for(load_pipeline(tmp_path / "student"))
+    registered = adapter_for(load_pipeline(tmp_path / "adapter"))  # the base by its pointer, the adapter fused in
+    z, t = torch.randn(2, 16, 4, 4), torch.tensor([500.0, 500.0])
+    cond = fused.encode_prompts(PROMPTS[:2])
+    want = fused.output(fused.unet, z, t, cond)
+    assert torch.allclose(registered.output(registered.unet, z, t, cond), want, atol=1e-5)
+    base = StableDiffusion3Pipeline.from_pretrained(sd3_folder, text_encoder_3=None, tokenizer_3=None)
+    base.load_lora_weights(str(tmp_path / "adapter"), weight_name=LORA_WEIGHTS)
+    config = next(iter(base.transformer.peft_config.values()))
+    assert (config.r, config.lora_alpha) == (4, 16)
+    assert {"to_q", "add_q_proj", "to_add_out"} <= set(config.target_modules)
+    embeds, pooled = fused.unpack(cond)
+    stock = base.transformer(hidden_states=z, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t)
+    assert torch.allclose(stock.sample, want, atol=1e-5)
