@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test trials lint docs repro clean
+.PHONY: install demo test trials trials-short trials-long lint docs repro clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,15 @@ test: install
 # distillation on two processes; the champion's lineage in headless Chromium; resumes after kill -9; the bench end to end.
 trials: $(VENV)/.trials
 	$(BIN)/pytest -q -s -m trials tests
+
+# The trials in two parts, as .ci/run runs them within CI's 90 minutes: the short ones (kill -9 at every stage,
+# whole cycles of every kind, resumes, two processes) always; the long ones (12 processes at once, servers away and
+# back, the stack on PostgreSQL, the benches, the MLflow UI in Chromium, the sentence encoder) when time is left.
+trials-short: install
+	$(BIN)/pytest -q -s -m "trials and not long" tests
+
+trials-long: $(VENV)/.trials
+	$(BIN)/pytest -q -s -m "trials and long" tests
 
 # The code checks and the documentation site, as .ci/run makes them.
 lint: install

@@ -259,7 +259,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; its (dead) parent cannot reap it
 
 
-@pytest.mark.trials  # a kill trial, about 90 s: `make trials` (.ci/run runs it)
+@pytest.mark.trials  # a kill trial, about 90 s: `make trials-short` (.ci/run runs it)
 def test_a_killed_cycle_resumes_and_registers_exactly_once(digits_ws, tmp_path):
     """SIGKILL the `redistill cycle` process mid-distillation; the rerun resumes and registers one version."""
     import os

@@ -21,7 +21,7 @@ import pytest
 from helpers import LENIENT_GATE, TINY_CYCLE, tiny_trial_workspace, trial_env
 from redistill.registry.client import PREFIX, client
 
-pytestmark = pytest.mark.trials
+pytestmark = [pytest.mark.trials, pytest.mark.long]  # minutes of 12 processes: `make trials-long`
 NAME = "digits-student"
 
 

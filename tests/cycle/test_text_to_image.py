@@ -182,7 +182,7 @@ def test_other_methods_refuse_the_kind_before_training(sd_teacher, tmp_path):
         assert not (tmp_path / "ckpt").exists()
 
 
-@pytest.mark.trials  # make test stays under its time budget; make trials (in .ci/run) runs it
+@pytest.mark.trials  # make test stays under its time budget; make trials-short (in .ci/run) runs it
 def test_lcm_lora_student_trains_only_the_adapter_and_loads_in_stock_diffusers(sd_teacher, tmp_path):
     """The whole LCM-LoRA path: guided consistency distillation of the adapter on captioned latents, the saved
     folder (fused pipeline + adapter + pointer + sampling), and a fresh process that loads both ways with
@@ -505,7 +505,7 @@ def test_a_pixel_unet_without_attention_cannot_take_a_lora_student(tmp_path):
         add_lora(pipe.unet, 4)
 
 
-@pytest.mark.trials  # make test stays under its time budget; make trials (in .ci/run) runs it
+@pytest.mark.trials  # make test stays under its time budget; make trials-short (in .ci/run) runs it
 def test_prompt_drift_can_use_the_teachers_own_text_encoder(sd_teacher, tmp_path):
     """drift.text_features: teacher embeds the captions with the text-to-image teacher's CLIP text encoder: a batch
     asking for other things is flagged on its prompts, one drawn like the reference is not."""

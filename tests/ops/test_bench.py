@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from redistill.cli import app
 
 
-@pytest.mark.trials  # about 90 s: every method at every step count; `make trials` (.ci/run runs it)
+@pytest.mark.trials  # about 90 s: every method at every step count; `make trials-long`
+@pytest.mark.long
 def test_quick_bench_has_every_row_and_logs_its_files(digits_ws, tmp_path):
     from mlflow import MlflowClient
 

@@ -283,6 +283,7 @@ def test_mlflow_server_down_at_start_stops_before_any_work(ws, tmp_path):
     assert summary_stamp(ws) == before  # nothing distilled
 
 
+@pytest.mark.long  # minutes of a server away and back: `make trials-long`
 def test_a_gateway_answering_503_or_too_slowly_at_start_is_a_clear_error(ws, tmp_path):
     server = mlflow_server(tmp_path, free_port()).start()
     gw = Gateway(int(server.health.split(":")[2].split("/")[0]))
@@ -304,6 +305,7 @@ def test_a_gateway_answering_503_or_too_slowly_at_start_is_a_clear_error(ws, tmp
         server.stop()
 
 
+@pytest.mark.long  # minutes of a server away and back: `make trials-long`
 @pytest.mark.parametrize("how", ["stopped", "503"])
 def test_mlflow_server_gone_during_the_cycle_then_back(ws, tmp_path, how):
     port = free_port()
@@ -367,6 +369,7 @@ def test_prefect_api_down_at_start_stops_before_any_work(ws, tmp_path):
     assert summary_stamp(ws) == before
 
 
+@pytest.mark.long  # minutes of a server away and back: `make trials-long`
 def test_prefect_server_gone_during_the_cycle_then_back(ws, tmp_path):
     port = free_port()
     server = prefect_server(tmp_path, port).start()

@@ -88,6 +88,7 @@ def _postgres_installed() -> bool:
 
 
 @pytest.mark.trials
+@pytest.mark.long  # real PostgreSQL, MLflow and Prefect servers: `make trials-long`
 @pytest.mark.skipif(
     not _postgres_installed(),
     reason="PostgreSQL's server programs are not installed (Debian: apt-get install postgresql; .ci/run installs them)",
@@ -213,6 +214,7 @@ def test_the_stack_comes_up_does_its_jobs_and_goes_down_leaving_no_process():
 
 
 @pytest.mark.trials
+@pytest.mark.long  # real PostgreSQL, MLflow and Prefect servers: `make trials-long`
 @pytest.mark.skipif(
     not _postgres_installed(),
     reason="PostgreSQL's server programs are not installed (Debian: apt-get install postgresql; .ci/run installs them)",
@@ -343,6 +345,7 @@ def test_deployed_flows_run_on_the_workers_and_two_triggers_make_one_distillatio
 
 
 @pytest.mark.trials
+@pytest.mark.long  # real PostgreSQL, MLflow and Prefect servers: `make trials-long`
 @pytest.mark.skipif(
     not _postgres_installed(),
     reason="PostgreSQL's server programs are not installed (Debian: apt-get install postgresql; .ci/run installs them)",

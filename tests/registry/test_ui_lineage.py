@@ -44,6 +44,7 @@ def _missing() -> str | None:
 
 
 @pytest.mark.trials
+@pytest.mark.long  # Chromium and Playwright: `make trials-long`
 @pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 def test_the_champions_lineage_is_on_its_mlflow_ui_pages(digits_ws):
     from playwright.sync_api import sync_playwright
