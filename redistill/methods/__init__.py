@@ -30,8 +30,9 @@ KIND_METHODS = {
     "text-to-image-latent": ("consistency", "dmd"),
     "dit-latent": ("consistency", "dmd"),
     "sd3-latent": ("consistency", "dmd"),
+    "pixart-latent": ("consistency", "dmd"),
 }
-NO_LORA_KINDS = ("dit-latent",)  # kinds whose denoiser takes no LoRA adapter here yet
+NO_LORA_KINDS = ("dit-latent", "pixart-latent")  # kinds whose denoiser takes no LoRA adapter here yet
 KIND_HINTS = {"text-to-image-latent": " (a LoRA student with distill.student.lora_rank > 0)"}
 
 

@@ -39,11 +39,20 @@ def _kinds() -> list[type[ModelAdapter]]:
     from redistill.models.class_conditional import ClassConditionalPixel
     from redistill.models.dit import DiTLatent
     from redistill.models.flow import FlowMatchingPixel
+    from redistill.models.pixart import PixArtLatent
     from redistill.models.pixel import UnconditionalPixel
     from redistill.models.sd3 import SD3Latent
     from redistill.models.text_to_image import TextToImageLatent
 
-    return [UnconditionalPixel, ClassConditionalPixel, FlowMatchingPixel, TextToImageLatent, DiTLatent, SD3Latent]
+    return [
+        UnconditionalPixel,
+        ClassConditionalPixel,
+        FlowMatchingPixel,
+        TextToImageLatent,
+        DiTLatent,
+        SD3Latent,
+        PixArtLatent,
+    ]
 
 
 def adapter_for(pipe: Any) -> ModelAdapter:
