@@ -243,10 +243,19 @@ def lora_export(model, student, sched, cfg, teacher_sha256, summary: dict, teach
 def with_sampling(pipe, model, steps: int):
     """Mark how a conditional latent student is sampled (the folder's redistill_sampling.json): at guidance 1 (the
     teacher's w is folded in; a UNet with a guidance embedding is given w through it, still in one pass)."""
-    if getattr(model, "kind", "") not in ("text-to-image-latent", "dit-latent", "sd3-latent", "pixart-latent"):
+    if getattr(model, "kind", "") not in (
+        "text-to-image-latent",
+        "dit-latent",
+        "sd3-latent",
+        "pixart-latent",
+        "flux-latent",
+    ):
         return pipe
     net = pipe.transformer if getattr(pipe, "unet", None) is None else pipe.unet
-    embedded = getattr(net.config, "time_cond_proj_dim", None) is not None
+    # the student takes w as an input (LCM's guidance embedding, Flux's guidance_embeds): sampled at w, one pass
+    embedded = getattr(net.config, "time_cond_proj_dim", None) is not None or bool(
+        getattr(net.config, "guidance_embeds", False)
+    )
     pipe.redistill_sampling = {
         **(getattr(pipe, "redistill_sampling", None) or {}),  # what the export recorded (a DiT's classes)
         "guidance_scale": model.guidance_scale if embedded else 1.0,

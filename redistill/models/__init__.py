@@ -39,6 +39,7 @@ def _kinds() -> list[type[ModelAdapter]]:
     from redistill.models.class_conditional import ClassConditionalPixel
     from redistill.models.dit import DiTLatent
     from redistill.models.flow import FlowMatchingPixel
+    from redistill.models.flux import FluxLatent
     from redistill.models.pixart import PixArtLatent
     from redistill.models.pixel import UnconditionalPixel
     from redistill.models.sd3 import SD3Latent
@@ -52,6 +53,7 @@ def _kinds() -> list[type[ModelAdapter]]:
         DiTLatent,
         SD3Latent,
         PixArtLatent,
+        FluxLatent,
     ]
 
 

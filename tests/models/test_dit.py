@@ -57,10 +57,10 @@ def test_the_adapters_guided_ddim_loop_is_what_dit_pipeline_samples(dit_folder):
 
 
 def test_a_transformer_layout_no_kind_serves_is_refused_before_loading_with_the_served_list(tmp_path):
-    folder = tmp_path / "flux"
+    folder = tmp_path / "sana"
     index = {
-        "_class_name": "FluxPipeline",
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "_class_name": "SanaPipeline",
+        "transformer": ["diffusers", "SanaTransformer2DModel"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     }
     folder.mkdir()
@@ -71,5 +71,9 @@ def test_a_transformer_layout_no_kind_serves_is_refused_before_loading_with_the_
     with pytest.raises(PipelineError) as e:
         load_pipeline(folder)
     msg = str(e.value)
-    assert "FluxPipeline" in msg and "transformer layout" in msg
-    assert "DiTPipeline (dit-latent)" in msg and "StableDiffusion3Pipeline (sd3-latent)" in msg
+    assert "SanaPipeline" in msg and "transformer layout" in msg
+    assert (
+        "DiTPipeline (dit-latent)" in msg
+        and "StableDiffusion3Pipeline (sd3-latent)" in msg
+        and "FluxPipeline (flux-latent)" in msg
+    )
