@@ -182,17 +182,25 @@ def student_chain(
     grid: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     prediction_type: str,
+    clip: bool = True,
 ) -> torch.Tensor:
     """The student's K-step DDIM sampler on `grid` (K steps, then −1), as the exported DDIMScheduler runs it: x̂₀
-    clipped, the model's ε; differentiable through every call."""
+    clipped, the model's ε; differentiable through every call. On a flow teacher's straight path (`alphas_cumprod`
+    a StraightPath, `clip` off) the same step is the Euler step the exported FlowMatchEulerDiscreteScheduler takes."""
     for i in range(len(grid) - 1):
         t = grid[i].expand(len(z))
         a, s = alpha_sigma(alphas_cumprod, t)
         a_next, s_next = alpha_sigma(alphas_cumprod, grid[i + 1].expand(len(z)))
         with run.autocast():
             x0_hat, eps = to_x0_eps(model.output(student, z, t, cond).float(), z, a, s, prediction_type)
-        z = a_next * x0_hat.clamp(-1, 1) + s_next * eps
+        z = a_next * (x0_hat.clamp(-1, 1) if clip else x0_hat) + s_next * eps
     return z
+
+
+def flow_grid(steps: int, num_train_timesteps: int) -> torch.Tensor:
+    """A flow student's K Euler steps at σ = 1, (K−1)/K, …, 1/K as timesteps σ·T, then −1 (σ = 0, the clean end):
+    the grid `flow.euler_scheduler` samples."""
+    return torch.tensor([num_train_timesteps * (1 - i / steps) for i in range(steps)] + [-1.0])
 
 
 def distill(
@@ -213,8 +221,9 @@ def distill(
     model = adapter_for(teacher)  # every network call, condition and the export go through it
     sched_cfg = teacher.scheduler.config
     T = sched_cfg.num_train_timesteps
-    K, ptype = cfg.target_steps, sched_cfg.prediction_type
-    if K > 1:
+    K, ptype = cfg.target_steps, model.prediction_type
+    flow = model.family == "flow"  # a flow teacher: Euler on the straight path, the student's own velocity
+    if K > 1 and not flow:
         check_grid(K, T, cfg.first_timestep)
     run = Trainer(
         ckpt_dir,
@@ -242,8 +251,9 @@ def distill(
     ema = new_ema(student, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     t_last = run.shard(torch.full((cfg.batch_size,), T - 1, device=dev, dtype=torch.long))
-    grid = student_grid(K, T, cfg.first_timestep).to(dev)  # K > 1: e.g. 959, 709, 459, 209, then −1 (clean)
-    alphas_cumprod = model.alphas_cumprod.to(dev)
+    # K > 1: e.g. 959, 709, 459, 209, then −1 (clean); a flow teacher's: σ·T at σ = 1, (K−1)/K, …, 1/K, then −1
+    grid = (flow_grid(K, T) if flow else student_grid(K, T, cfg.first_timestep)).to(dev)
+    alphas_cumprod = model.noise_path().to(dev)
     draw = Draws(gen, run, cfg.batch_size, tuple(data.shape[1:]), dev)  # every draw, of the global batch
 
     def step():
@@ -253,12 +263,12 @@ def distill(
         z, c = noise[idx], None if cond is None else cond[idx]
         if cfg.feature_loss > 0:  # the teacher's block features on the same input, for feature matching
             with torch.no_grad(), fm.teacher():
-                model.output(teacher_unet, z, t_last if K == 1 else grid[0].expand(len(idx)), c)
+                model.output(teacher_unet, z, t_last if K == 1 and not flow else grid[0].expand(len(idx)), c)
         with run.autocast(), fm.student():
-            if K == 1:
+            if K == 1 and not flow:
                 pred = model.output(student, z, t_last, c).float()
-            else:
-                pred = student_chain(run, model, student, z, c, grid, alphas_cumprod, ptype)
+            else:  # a flow student's one step too: x̂₀ = x − v̂ at σ = 1
+                pred = student_chain(run, model, student, z, c, grid, alphas_cumprod, ptype, clip=not flow)
         loss = (pred - x0[idx]).pow(2).mean() + fm.loss()
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
@@ -289,7 +299,14 @@ def distill(
         "wall_time_s": run.finish(),
         "num_inference_steps": K,
     }
-    scheduler = one_step_scheduler(sched_cfg) if K == 1 else student_scheduler(sched_cfg, ptype, cfg.first_timestep, K)
+    if flow:
+        from redistill.models.flow import euler_scheduler
+
+        scheduler = euler_scheduler(T, K)
+    elif K == 1:
+        scheduler = one_step_scheduler(sched_cfg)
+    else:
+        scheduler = student_scheduler(sched_cfg, ptype, cfg.first_timestep, K)
     return model.export(frozen(student).cpu(), scheduler), summary
 
 

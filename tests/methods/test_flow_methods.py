@@ -73,8 +73,8 @@ def test_the_methods_a_flow_teacher_is_not_served_by_are_refused_naming_those_th
     from redistill.models.pipelines import load_pipeline
 
     teacher = load_pipeline(make_tiny_flow_pipeline(tmp_path / "teacher"))
-    for method in ("output", "progressive", "adversarial"):
-        with pytest.raises(ValueError, match="rectified, consistency, dmd"):
+    for method in ("progressive", "adversarial"):
+        with pytest.raises(ValueError, match="rectified, consistency, dmd, output"):
             distill(settings_of(method=method), teacher, torch.rand(8, 1, 8, 8), tmp_path / method)
     with pytest.raises(ValueError, match="start: teacher"):
         distill(settings_of(method="dmd", dmd={"start": "output"}), teacher, torch.rand(8, 1, 8, 8), tmp_path / "d")
@@ -100,3 +100,47 @@ def test_dmd_on_the_embedded_flow_teacher_keeps_its_mean(tmp_path):
     assert summary["student_timesteps"] == [1000.0, 750.0, 500.0, 250.0]
     assert abs(student_mean - teacher_mean) < 0.012, (student_mean, teacher_mean)
     assert means and abs(summary["final_losses"]["mean"] - teacher_mean) < 0.1
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_an_output_student_of_a_flow_teacher_samples_in_stock_euler_exactly_its_trained_chain(tmp_path, steps):
+    """Output distillation on a flow teacher: the student's chain (Euler at σ = 1, …, 1/K on its own velocity, no
+    clipping) is what the exported FlowMatchEulerDiscreteScheduler runs, so the stock pipeline's images from the
+    same noise equal the chain's output."""
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    from helpers import make_tiny_flow_pipeline
+    from redistill.methods.output import flow_grid, student_chain
+    from redistill.methods.training import Trainer
+    from redistill.models import adapter_for
+    from redistill.models.pipelines import load_pipeline, save_pipeline
+
+    folder = make_tiny_flow_pipeline(tmp_path / "teacher", shift=3.0)
+    p = settings_of(
+        method="output", target_steps=steps, batch_size=8, output={"steps": 3, "pairs": 16, "pairs_steps": 4}
+    )
+    student, summary = distill(
+        p,
+        load_pipeline(folder),
+        torch.rand(16, 1, 8, 8),
+        tmp_path / "ckpt",
+        log=lambda m: None,
+        teacher_path=folder,
+        workspace=tmp_path,
+    )
+    assert summary["method"] == "output"
+    save_pipeline(student, tmp_path / "student")
+    stock = DiffusionPipeline.from_pretrained(tmp_path / "student", use_safetensors=True)
+    assert isinstance(stock.scheduler, FlowMatchEulerDiscreteScheduler)
+    stock.set_progress_bar_config(disable=True)
+    images = stock(
+        batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(5), output_type="pt"
+    )
+    noise = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(5))
+    model = adapter_for(stock)
+    run = Trainer(tmp_path / "chain", {}, 100, lambda m: None, "no")
+    with torch.no_grad():
+        x0 = student_chain(
+            run, model, stock.unet, noise, None, flow_grid(steps, 1000), model.noise_path(), "flow", clip=False
+        )
+    assert torch.allclose((x0 / 2 + 0.5).clamp(0, 1), images.images, atol=1e-5)
