@@ -75,9 +75,9 @@ def distill(
     summary)."""
     model = adapter_for(teacher)  # every network call, condition and the export go through it
     sched_cfg = teacher.scheduler.config
-    ptype = sched_cfg.prediction_type
-    T = sched_cfg.num_train_timesteps
-    sampler = lcm_scheduler(sched_cfg, cfg.solver_steps)
+    ptype = model.prediction_type  # "flow" for a flow-matching teacher: its velocity, on the straight path
+    T = model.num_train_timesteps
+    sampler = student_sampler(model, sched_cfg, cfg)
     sampler.set_timesteps(cfg.target_steps)
     run = Trainer(
         ckpt_dir,
@@ -89,7 +89,7 @@ def distill(
     )
     dev = run.device
     student_t = sampler.timesteps.to(dev)  # the student's sampling timesteps, e.g. 959, 719, 479, 239
-    alphas_cumprod = model.alphas_cumprod.to(dev)
+    alphas_cumprod = model.noise_path().to(dev)  # the ᾱ schedule, or a flow teacher's straight path
     x_all = (data.float() * 2.0 - 1.0).to(dev)
     teacher_unet = frozen(copy.deepcopy(model.unet)).to(dev)
     # 1. The student starts from the teacher; the discriminator's heads start fresh on the frozen teacher.
@@ -171,4 +171,14 @@ def distill(
         "wall_time_s": run.finish(),
         "num_inference_steps": cfg.target_steps,
     }
-    return model.export(frozen(student).cpu(), lcm_scheduler(sched_cfg, cfg.solver_steps)), summary
+    return model.export(frozen(student).cpu(), student_sampler(model, sched_cfg, cfg)), summary
+
+
+def student_sampler(model, sched_cfg, cfg: AdversarialConfig):
+    """The stock multistep sampler the student is trained for and exported with: LCM's on the teacher's ᾱ schedule
+    (e.g. 959, 719, 479, 239), or, for a flow teacher, the flow-matching LCM scheduler at σ = 1, (K−1)/K, …, 1/K."""
+    if model.family == "flow":
+        from redistill.models.flow import lcm_flow_scheduler
+
+        return lcm_flow_scheduler(model.num_train_timesteps, cfg.target_steps)
+    return lcm_scheduler(sched_cfg, cfg.solver_steps)

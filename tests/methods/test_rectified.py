@@ -70,7 +70,7 @@ def test_a_flow_matching_pipeline_is_its_own_kind_with_the_teachers_shift(flow_t
         model.alphas_cumprod  # noqa: B018 (reading it is what raises)
 
 
-@pytest.mark.parametrize("method", ["progressive", "adversarial"])  # the rest: test_flow_methods.py
+@pytest.mark.parametrize("method", ["progressive"])  # the rest serve flow teachers: test_flow_methods.py
 def test_the_diffusion_methods_refuse_a_flow_matching_teacher_naming_rectified(flow_teacher, tmp_path, method):
     p = dataclasses.replace(_params(), method=method)
     with pytest.raises(ValueError, match="rectified"):
