@@ -13,7 +13,9 @@ from pathlib import Path
 from redistill.config import DistillParams
 
 # the kinds of model (the adapter's `family`) each method can distil; the rest serve diffusion teachers only
-FAMILIES_SERVED = {m: ("flow", "diffusion") for m in ("rectified", "consistency", "dmd", "output", "adversarial")}
+FAMILIES_SERVED = {
+    m: ("flow", "diffusion") for m in ("rectified", "consistency", "dmd", "output", "adversarial", "progressive")
+}
 
 
 WARM_METHODS = (

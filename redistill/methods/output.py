@@ -197,12 +197,6 @@ def student_chain(
     return z
 
 
-def flow_grid(steps: int, num_train_timesteps: int) -> torch.Tensor:
-    """A flow student's K Euler steps at σ = 1, (K−1)/K, …, 1/K as timesteps σ·T, then −1 (σ = 0, the clean end):
-    the grid `flow.euler_scheduler` samples."""
-    return torch.tensor([num_train_timesteps * (1 - i / steps) for i in range(steps)] + [-1.0])
-
-
 def distill(
     teacher,
     data: torch.Tensor,
@@ -216,7 +210,7 @@ def distill(
 ):
     """Output-distil `teacher` into a student of `cfg.target_steps` steps; `data` only fixes the image shape
     (the pairs are the training set). Returns (the teacher kind's stock pipeline, summary)."""
-    from redistill.methods.progressive import check_grid, student_grid, student_scheduler
+    from redistill.methods.progressive import check_grid, flow_grid, student_grid, student_scheduler
 
     model = adapter_for(teacher)  # every network call, condition and the export go through it
     sched_cfg = teacher.scheduler.config

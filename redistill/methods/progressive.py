@@ -81,6 +81,12 @@ def student_grid(n: int, num_train_timesteps: int, first_timestep: int) -> torch
     return torch.from_numpy(np.append(t, -1))
 
 
+def flow_grid(steps: int, num_train_timesteps: int) -> torch.Tensor:
+    """A flow student's K Euler steps at σ = 1, (K−1)/K, …, 1/K as timesteps σ·T, then −1 (σ = 0, the clean end):
+    the grid `flow.euler_scheduler` samples. Grids nest as the DDIM ones do (2K's holds K's at its even places)."""
+    return torch.tensor([num_train_timesteps * (1 - j / steps) for j in range(steps)] + [-1.0])
+
+
 def student_prediction(teacher_prediction: str, first_timestep: int, num_train_timesteps: int) -> str:
     """v from pure noise (trailing grid); otherwise the teacher's own prediction type."""
     return V_PREDICTION if first_timestep == num_train_timesteps - 1 else teacher_prediction
@@ -146,15 +152,19 @@ class RoundTeacher:
     prediction_type: str
 
 
-def teacher_ddim(teacher: RoundTeacher, z_t, a_t, s_t, i, fine, skip: int, cond, alphas_cumprod, fm) -> torch.Tensor:
+def teacher_ddim(
+    teacher: RoundTeacher, z_t, a_t, s_t, i, fine, skip: int, cond, alphas_cumprod, fm, clip: bool = True
+) -> torch.Tensor:
     """`skip` DDIM steps of the teacher from z_t along its finer grid, fine[skip·i] → fine[skip·(i+1)], with x̂₀
-    clipped to [−1, 1] as its sampler clips it; the first call records its block features for feature matching."""
+    clipped to [−1, 1] as its sampler clips it (a flow teacher's Euler sampler does not: `clip` off; on the
+    straight path each step is then the Euler step); the first call records its block features for feature
+    matching."""
     z, a_z, s_z = z_t, a_t, s_t
     for j in range(skip):
         t_j, t_k = fine[skip * i + j], fine[skip * i + j + 1]
         a_k, s_k = alpha_sigma(alphas_cumprod, t_k)
         with fm.teacher() if j == 0 else contextlib.nullcontext():
-            x0_j = _x0(teacher.call, teacher.unet, z, t_j, cond, teacher.prediction_type, alphas_cumprod, True)
+            x0_j = _x0(teacher.call, teacher.unet, z, t_j, cond, teacher.prediction_type, alphas_cumprod, clip)
         z, a_z, s_z = ddim_step(x0_j, z, a_z, s_z, a_k, s_k), a_k, s_k
     return z
 
@@ -178,16 +188,18 @@ def distill(
     """
     model = adapter_for(teacher)  # every network call, condition and the export go through it
     sched_cfg = teacher.scheduler.config
-    T = sched_cfg.num_train_timesteps
+    T = model.num_train_timesteps
+    flow = model.family == "flow"  # Euler on the straight path: grids in σ, the student keeps the velocity
     rounds = halving_schedule(cfg.teacher_steps, cfg.target_steps)
     skip = 2  # teacher steps per student step: two in every halving round (Alg. 2), k in a warm start's one round
     if init is not None:
         skip, rounds = cfg.teacher_steps // cfg.target_steps, [cfg.target_steps]
-    check_grid(cfg.target_steps, T, cfg.first_timestep, cfg.teacher_steps)
-    s_type = student_prediction(sched_cfg.prediction_type, cfg.first_timestep, T)
+    if not flow:
+        check_grid(cfg.target_steps, T, cfg.first_timestep, cfg.teacher_steps)
+    s_type = "flow" if flow else student_prediction(sched_cfg.prediction_type, cfg.first_timestep, T)
     run = Trainer(
         ckpt_dir,
-        {"method": "progressive", "config": asdict(cfg), "teacher_prediction": sched_cfg.prediction_type},
+        {"method": "progressive", "config": asdict(cfg), "teacher_prediction": model.prediction_type},
         cfg.checkpoint_every,
         log,
         cfg.mixed_precision,
@@ -196,7 +208,7 @@ def distill(
     x_all = (data.float() * 2.0 - 1.0).to(run.device)
     # round 1's teacher is the guided one; later rounds' teachers are students
     current = RoundTeacher(
-        frozen(copy.deepcopy(model.unet)).to(run.device), model.teacher_output, sched_cfg.prediction_type
+        frozen(copy.deepcopy(model.unet)).to(run.device), model.teacher_output, model.prediction_type
     )
     # a resumed later round has an earlier student as teacher, of the smaller student's shape when one is configured
     if run.resume_phase > 0 and run.resume_path is not None:
@@ -218,7 +230,7 @@ def distill(
             on_round(
                 n,
                 model.export(
-                    copy.deepcopy(current.unet).cpu(), student_scheduler(sched_cfg, s_type, cfg.first_timestep, n)
+                    copy.deepcopy(current.unet).cpu(), round_scheduler(model, sched_cfg, s_type, cfg.first_timestep, n)
                 ),
             )
 
@@ -230,7 +242,7 @@ def distill(
         "wall_time_s": run.finish(),
         "num_inference_steps": cfg.target_steps,
     }
-    scheduler = student_scheduler(sched_cfg, s_type, cfg.first_timestep, cfg.target_steps)
+    scheduler = round_scheduler(model, sched_cfg, s_type, cfg.first_timestep, cfg.target_steps)
     return model.export(current.unet.cpu(), scheduler), summary
 
 
@@ -250,9 +262,11 @@ def train_round(
     """Round r of Algorithm 2: a student of n steps learns to take, in one DDIM step, `skip` steps of `teacher`.
     Returns the student holding its EMA weights, and the round's final losses."""
     dev, T = run.device, model.num_train_timesteps
-    alphas_cumprod = model.alphas_cumprod.to(dev)
-    grid = student_grid(n, T, cfg.first_timestep).to(dev)  # the student's steps; the finer grid adds the
-    fine = student_grid(skip * n, T, cfg.first_timestep).to(dev)  # teacher's: fine[skip·i] = grid[i]
+    alphas_cumprod = model.noise_path().to(dev)  # the ᾱ schedule, or a flow teacher's straight path
+    flow = model.family == "flow"
+    steps_grid = (lambda k: flow_grid(k, T)) if flow else (lambda k: student_grid(k, T, cfg.first_timestep))
+    grid = steps_grid(n).to(dev)  # the student's steps; the finer grid adds the
+    fine = steps_grid(skip * n).to(dev)  # teacher's: fine[skip·i] = grid[i]
     # 1. The student starts as a copy of its teacher (Alg. 2: η ← θ), or, warm, as the champion.
     # (a smaller student, when configured, is built in the first round and initialised from the teacher)
     shape = (cfg.student_channels, cfg.student_layers) if r == 0 else ((), 0)
@@ -284,7 +298,7 @@ def train_round(
         z_t = model.add_noise(x, eps, t)
         with torch.no_grad(), run.autocast():
             # 3. Two DDIM steps of the teacher: t → t′ → t″; k of them along its finer grid in a warm start's round.
-            z_next = teacher_ddim(teacher, z_t, a_t, s_t, i, fine, skip, c, alphas_cumprod, fm)
+            z_next = teacher_ddim(teacher, z_t, a_t, s_t, i, fine, skip, c, alphas_cumprod, fm, clip=not flow)
             # 4. The target x̃ that makes one student step land on the teacher's two-step result.
             a_n, s_n = alpha_sigma(alphas_cumprod, t_next)
             x_target = distillation_target(z_t, z_next.float(), a_t, s_t, a_n, s_n)
@@ -300,6 +314,15 @@ def train_round(
     fm.remove()
     ema.copy_to(student.parameters())
     return student, losses
+
+
+def round_scheduler(model, teacher_scheduler_config, prediction_type: str, first_timestep: int, steps: int):
+    """A round's student's stock sampler: `student_scheduler`, or a flow teacher's Euler at σ = 1, …, 1/steps."""
+    if model.family == "flow":
+        from redistill.models.flow import euler_scheduler
+
+        return euler_scheduler(model.num_train_timesteps, steps)
+    return student_scheduler(teacher_scheduler_config, prediction_type, first_timestep, steps)
 
 
 def student_scheduler(teacher_scheduler_config, prediction_type: str, first_timestep: int, steps: int):

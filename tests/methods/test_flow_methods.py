@@ -72,16 +72,48 @@ def test_a_flow_teachers_student_samples_in_stock_diffusers_on_its_training_grid
     assert img.shape == (2, 1, 8, 8) and torch.isfinite(img).all()
 
 
-def test_the_methods_a_flow_teacher_is_not_served_by_are_refused_naming_those_that_are(tmp_path):
+def test_every_method_takes_a_flow_teacher_and_dmd_refuses_the_starts_it_cannot_chain(tmp_path):
     from helpers import make_tiny_flow_pipeline
+    from redistill.config.tables import METHODS
+    from redistill.methods import FAMILIES_SERVED, refuses
     from redistill.models.pipelines import load_pipeline
 
+    assert all(refuses(m, "flow", "flow-matching-pixel") is None for m in METHODS)
+    assert all("flow" in FAMILIES_SERVED[m] for m in METHODS)
     teacher = load_pipeline(make_tiny_flow_pipeline(tmp_path / "teacher"))
-    for method in ("progressive",):
-        with pytest.raises(ValueError, match="rectified, consistency, dmd, output, adversarial"):
-            distill(settings_of(method=method), teacher, torch.rand(8, 1, 8, 8), tmp_path / method)
     with pytest.raises(ValueError, match="start: teacher"):
         distill(settings_of(method="dmd", dmd={"start": "output"}), teacher, torch.rand(8, 1, 8, 8), tmp_path / "d")
+
+
+def test_a_progressive_student_of_a_flow_teacher_halves_its_euler_steps(tmp_path):
+    """Two rounds, 4 → 2 → 1 Euler steps: each round's student learns one step of the last one's two on the
+    straight path (a DDIM step there is the Euler step), exported with the Euler scheduler at its own σ."""
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    from helpers import make_tiny_flow_pipeline
+    from redistill.models.pipelines import load_pipeline, save_pipeline
+
+    folder = make_tiny_flow_pipeline(tmp_path / "teacher", shift=3.0)
+    p = settings_of(
+        method="progressive", target_steps=1, batch_size=8, progressive={"teacher_steps": 4, "steps_per_round": 2}
+    )
+    rounds = []
+    student, summary = distill(
+        p,
+        load_pipeline(folder),
+        torch.rand(16, 1, 8, 8),
+        tmp_path / "ckpt",
+        log=lambda m: None,
+        on_round=lambda n, pipe: rounds.append((n, type(pipe.scheduler).__name__)),
+    )
+    assert [r["student_steps"] for r in summary["rounds"]] == [2, 1]
+    assert rounds == [(2, "FlowMatchEulerDiscreteScheduler"), (1, "FlowMatchEulerDiscreteScheduler")]
+    save_pipeline(student, tmp_path / "student")
+    stock = DiffusionPipeline.from_pretrained(tmp_path / "student", use_safetensors=True)
+    assert isinstance(stock.scheduler, FlowMatchEulerDiscreteScheduler)
+    stock.set_progress_bar_config(disable=True)
+    img = stock(batch_size=2, num_inference_steps=1, output_type="pt").images
+    assert img.shape == (2, 1, 8, 8) and torch.isfinite(img).all()
 
 
 def test_dmd_on_the_embedded_flow_teacher_keeps_its_mean(tmp_path):
@@ -114,7 +146,8 @@ def test_an_output_student_of_a_flow_teacher_samples_in_stock_euler_exactly_its_
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
     from helpers import make_tiny_flow_pipeline
-    from redistill.methods.output import flow_grid, student_chain
+    from redistill.methods.output import student_chain
+    from redistill.methods.progressive import flow_grid
     from redistill.methods.training import Trainer
     from redistill.models import adapter_for
     from redistill.models.pipelines import load_pipeline, save_pipeline

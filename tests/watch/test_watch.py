@@ -159,10 +159,11 @@ def test_broken_teachers_are_recorded_and_skipped_and_the_champion_stays(ws, eve
         next(pipe.unet.parameters()).fill_(float("nan"))
     pipe.save_pretrained(nan, safe_serialization=True)
     make_tiny_pipeline(ws / "data" / "teachers" / "rgb", channels=3, seed=6)
-    # sound, but a kind the workspace's method (progressive) cannot distil: never made the current teacher
-    from helpers import make_tiny_flow_pipeline
+    # sound, but a kind the workspace's method (progressive) cannot distil (a DiT: consistency or dmd only):
+    # never made the current teacher
+    from redistill.teachers.dit_parts import build_dit_pipeline, save_dit
 
-    make_tiny_flow_pipeline(ws / "data" / "teachers" / "flow", seed=8)
+    save_dit(build_dit_pipeline(seed=8), ws / "data" / "teachers" / "dit", num_classes=10, guidance_scale=2.0)
 
     out = watch(ws)
     got = {t["teacher"]: t for t in out["teachers"]}
@@ -170,9 +171,9 @@ def test_broken_teachers_are_recorded_and_skipped_and_the_champion_stays(ws, eve
         "truncated": "refused",
         "nan": "refused",
         "rgb": "refused",
-        "flow": "refused",
+        "dit": "refused",
     }
-    assert "distill.method: rectified" in got["flow"]["reason"]
+    assert "distill.method: consistency or dmd" in got["dit"]["reason"]
     assert "truncated" in got["truncated"]["reason"]
     assert "non-finite weights" in got["nan"]["reason"]
     assert "3 input channels" in got["rgb"]["reason"]
@@ -181,10 +182,10 @@ def test_broken_teachers_are_recorded_and_skipped_and_the_champion_stays(ws, eve
     failed = c.search_runs(
         [c.get_experiment_by_name("redistill").experiment_id], "tags.`redistill.failed_stage` = 'teacher-watch'"
     )
-    assert {Path(r.data.tags["redistill.teacher_uri"]).name for r in failed} == {"truncated", "nan", "rgb", "flow"}
+    assert {Path(r.data.tags["redistill.teacher_uri"]).name for r in failed} == {"truncated", "nan", "rgb", "dit"}
     assert events().count("redistill.teacher.rejected") == 4
     assert watch(ws)["changed"] is False  # recorded once, skipped until their contents change
-    for name in ("truncated", "nan", "rgb", "flow"):
+    for name in ("truncated", "nan", "rgb", "dit"):
         shutil.rmtree(ws / "data" / "teachers" / name)
 
 
