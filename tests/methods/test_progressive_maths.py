@@ -61,8 +61,11 @@ def test_target_at_the_clean_end_is_the_teachers_result():
 
 @pytest.mark.parametrize("kind", PREDICTION_TYPES)
 def test_prediction_types_round_trip(kind):
-    ac = torch.linspace(0.999, 0.01, 1000)
-    a, s = alpha_sigma(ac, torch.tensor([100, 500, 900]))
+    from redistill.models.prediction import StraightPath
+
+    # a flow model's velocity lives on the straight path (α + σ = 1), the others on an ᾱ schedule (α² + σ² = 1)
+    path = StraightPath(1000) if kind == "flow" else torch.linspace(0.999, 0.01, 1000)
+    a, s = alpha_sigma(path, torch.tensor([100, 500, 900]))
     x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     z = a * x0 + s * eps
     out = from_x0_eps(x0, eps, a, s, kind)
