@@ -341,7 +341,7 @@ def test_a_flow_matching_pipeline_refuses_a_ddpm_family_sampler(flow_teacher):
 
 @pytest.mark.trials  # about two minutes: seven evaluated rows and three rectified students
 @pytest.mark.long
-def test_a_flow_matching_teachers_bench_has_euler_teacher_rows_rectified_rows_and_skips_the_rest(digits_ws, tmp_path):
+def test_a_flow_matching_teachers_bench_has_euler_teacher_rows_rectified_rows_and_progressive_rows(digits_ws, tmp_path):
     import shutil
 
     from typer.testing import CliRunner
