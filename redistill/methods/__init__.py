@@ -35,7 +35,7 @@ KIND_METHODS = {
     "pixart-latent": ("consistency", "dmd"),
     "flux-latent": ("consistency", "dmd"),
 }
-NO_LORA_KINDS = ("dit-latent", "pixart-latent", "flux-latent")  # kinds whose denoiser takes no LoRA adapter here yet
+NO_LORA_KINDS = ("dit-latent", "pixart-latent")  # kinds whose denoiser takes no LoRA adapter here yet
 KIND_HINTS = {"text-to-image-latent": " (a LoRA student with distill.student.lora_rank > 0)"}
 
 

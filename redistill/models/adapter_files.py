@@ -32,6 +32,13 @@ class AdapterBaseMismatch(ValueError):
     """A LoRA adapter offered to a base pipeline other than the one it was trained on."""
 
 
+# transformers whose pipeline saves and loads LoRA (`save_lora_weights(transformer_lora_layers=...)`)
+TRANSFORMER_LORA_PIPELINES = {
+    "SD3Transformer2DModel": "StableDiffusion3Pipeline",
+    "FluxTransformer2DModel": "FluxPipeline",
+}
+
+
 def save_adapter(
     unet: torch.nn.Module,
     folder: Path,
@@ -50,10 +57,11 @@ def save_adapter(
     # peft's naming, as diffusers' LCM-LoRA script saves it: converted to the older diffusers naming
     # (convert_state_dict_to_diffusers), an adapter on convolutions and attention loads back without its attention layers
     layers = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
-    if type(unet).__name__ == "SD3Transformer2DModel":  # the SD3 pipeline's format, with peft's config beside it,
-        from diffusers import StableDiffusion3Pipeline  # so `lora_alpha` survives `load_lora_weights`
+    transformer_pipeline = TRANSFORMER_LORA_PIPELINES.get(type(unet).__name__)
+    if transformer_pipeline:  # the transformer pipeline's format, with peft's config beside it, so `lora_alpha`
+        import diffusers  # survives `load_lora_weights`
 
-        StableDiffusion3Pipeline.save_lora_weights(
+        getattr(diffusers, transformer_pipeline).save_lora_weights(
             str(folder),
             transformer_lora_layers=layers,
             transformer_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),

@@ -80,3 +80,51 @@ def test_a_flux_student_is_a_stock_flux_pipeline_on_its_own_unshifted_grid(flux_
     ).images
     assert img.shape == (1, 1, 8, 8) and torch.isfinite(img).all()
     assert stock.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.5, 0.0])  # μ leaves the student's σ alone
+
+
+def test_a_flux_lora_student_keeps_its_alpha_and_loads_on_the_stock_base(flux_folder, tmp_path):
+    """An LCM-LoRA student of a Flux teacher: saved in FluxPipeline's LoRA format with peft's config (lora_alpha 16
+    at rank 4 survives), registered as the adapter alone, and the stock base plus `load_lora_weights` computes what
+    the fused student does."""
+    from diffusers import FluxPipeline
+
+    from redistill.config import parse_params
+    from redistill.methods import distill
+    from redistill.models.adapter_files import LORA_WEIGHTS
+    from redistill.models.lora import adapter_only
+
+    p = parse_params(
+        {
+            "distill": {
+                "method": "consistency",
+                "target_steps": 2,
+                "batch_size": 8,
+                "consistency": {"steps": 3},
+                "student": {"lora_rank": 4, "lora_alpha": 16},
+            }
+        }
+    ).distill
+    student, summary = distill(
+        p,
+        load_pipeline(flux_folder),
+        torch.rand(16, 1, 8, 8),
+        tmp_path / "ckpt",
+        log=lambda m: None,
+        captions=PROMPTS * 8,
+        teacher_path=flux_folder,
+    )
+    assert summary["lora_rank"] == 4
+    save_pipeline(student, tmp_path / "student")
+    adapter_only(tmp_path / "student", tmp_path / "adapter")
+    fused = adapter_for(load_pipeline(tmp_path / "student"))
+    registered = adapter_for(load_pipeline(tmp_path / "adapter"))
+    z, t = torch.randn(2, 4, 4, 4), torch.tensor([500.0, 500.0])
+    cond = fused.encode_prompts(PROMPTS)
+    want = fused.output(fused.unet, z, t, cond)
+    assert torch.allclose(registered.output(registered.unet, z, t, cond), want, atol=1e-5)
+    base = FluxPipeline.from_pretrained(flux_folder)
+    base.load_lora_weights(str(tmp_path / "adapter"), weight_name=LORA_WEIGHTS)
+    config = next(iter(base.transformer.peft_config.values()))
+    assert (config.r, config.lora_alpha) == (4, 16)
+    stock = adapter_for(base)
+    assert torch.allclose(stock.output(base.transformer, z, t, cond), want, atol=1e-5)
