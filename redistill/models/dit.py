@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from redistill.models.base import ModelAdapter
-from redistill.models.text_to_image import folder_sampling
+from redistill.models.text_to_image import folder_sampling, vae_decode, vae_encode
 
 DIT_NULL_CLASS = 1000  # DiTPipeline's unconditional label, hard-coded in its __call__
 DIT_GUIDANCE = 4.0  # DiTPipeline's default guidance_scale
@@ -107,20 +107,13 @@ class DiTLatent(ModelAdapter):
         }
 
     # -- pictures ↔ latents -------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, batch: int = 256) -> torch.Tensor:
         """Images (N, C, H, W) in [0, 1] → the scaled latents the transformer works on (the posterior's mean)."""
-        vae = self.pipe.vae
-        dev, dtype = vae.device, vae.dtype
-        out = [vae.encode(x.to(dev, dtype) * 2 - 1).latent_dist.mean for x in images.split(batch)]
-        return torch.cat(out).float() * float(vae.config.scaling_factor)
+        return vae_encode(self.pipe.vae, images, batch)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
         """Scaled latents → images in [0, 1], as `DiTPipeline` decodes them."""
-        vae = self.pipe.vae
-        z = latents.to(vae.device, vae.dtype) / float(vae.config.scaling_factor)
-        return (torch.cat([vae.decode(x).sample for x in z.split(batch)]).float() / 2 + 0.5).clamp(0, 1)
+        return vae_decode(self.pipe.vae, latents, batch)
 
     def to_model_space(self, images):
         return self.encode(images)

@@ -21,32 +21,13 @@ from redistill.models.pixel import UnconditionalPixel
 PREDICTION = "flow"  # what `facts` calls the output: the velocity ε − x₀
 
 
-class FlowMatchingPixel(UnconditionalPixel):
-    """An unconditional pixel model (its network call, `DDPMPipeline` sampling and export are the same) on the
-    straight path instead of an ᾱ schedule."""
+class StraightPathModel:
+    """What every flow-matching kind shares (mixed in before its base): the straight path's facts, noising and
+    velocity. A kind says how to call its network (`output`, `teacher_output`) and how to sample."""
 
-    kind = "flow-matching-pixel"
-    layouts = ("DDPMPipeline",)
-    description = (
-        "a UNet2DModel without class embeddings that predicts a velocity, with a "
-        "FlowMatchEulerDiscreteScheduler, e.g. a DDPMPipeline folder"
-    )
     family = "flow"
     solver = "euler"
-    pairs_from_samples = False  # its couplings are Euler solves of its velocity, not DDIM draws: cached as pairs
 
-    @classmethod
-    def claims(cls, pipe) -> bool:
-        from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, UNet2DModel
-
-        unet = getattr(pipe, "unet", None)
-        return (
-            isinstance(unet, UNet2DModel)
-            and getattr(unet, "class_embedding", None) is None
-            and isinstance(getattr(pipe, "scheduler", None), (FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler))
-        )
-
-    # -- facts ----------------------------------------------------------------------------------------
     @property
     def prediction_type(self) -> str:
         return PREDICTION
@@ -63,6 +44,50 @@ class FlowMatchingPixel(UnconditionalPixel):
 
         return StraightPath(self.num_train_timesteps)
 
+    def velocity(self, net, x, sigma, cond=None):
+        return self.teacher_output(net, x, sigma.to(x.device).float() * self.num_train_timesteps, cond)
+
+    def add_noise(self, x0, noise, t):
+        sigma = (t.float() / self.num_train_timesteps).view(-1, 1, 1, 1).to(x0.device)
+        return (1 - sigma) * x0 + sigma * noise
+
+    @torch.no_grad()
+    def ode_sample(self, net, x, steps, cond=None):
+        """The teacher's own sampler from noise `x`: Euler on its scheduler's grid at `steps` (shift included),
+        guidance folded in."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(steps)
+        for t in sched.timesteps:
+            x = sched.step(self.teacher_output(net, x, t.expand(len(x)).to(x.device), cond), t, x).prev_sample
+        return x
+
+
+class FlowMatchingPixel(StraightPathModel, UnconditionalPixel):
+    """An unconditional pixel model (its network call, `DDPMPipeline` sampling and export are the same) on the
+    straight path instead of an ᾱ schedule."""
+
+    kind = "flow-matching-pixel"
+    layouts = ("DDPMPipeline",)
+    description = (
+        "a UNet2DModel without class embeddings that predicts a velocity, with a "
+        "FlowMatchEulerDiscreteScheduler, e.g. a DDPMPipeline folder"
+    )
+    pairs_from_samples = False  # its couplings are Euler solves of its velocity, not DDIM draws: cached as pairs
+
+    @classmethod
+    def claims(cls, pipe) -> bool:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, UNet2DModel
+
+        unet = getattr(pipe, "unet", None)
+        return (
+            isinstance(unet, UNet2DModel)
+            and getattr(unet, "class_embedding", None) is None
+            and isinstance(getattr(pipe, "scheduler", None), (FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler))
+        )
+
+    # -- facts ----------------------------------------------------------------------------------------
     @property
     def shift(self) -> float:
         return float(self.scheduler_config.get("shift", 1.0))
@@ -75,25 +100,6 @@ class FlowMatchingPixel(UnconditionalPixel):
             "use_dynamic_shifting": bool(c.get("use_dynamic_shifting")),
             "shift_terminal": c.get("shift_terminal"),
         }
-
-    # -- the network ----------------------------------------------------------------------------------
-    def velocity(self, net, x, sigma, cond=None):
-        return self.output(net, x, sigma.to(x.device).float() * self.num_train_timesteps, cond)
-
-    def add_noise(self, x0, noise, t):
-        sigma = (t.float() / self.num_train_timesteps).view(-1, 1, 1, 1).to(x0.device)
-        return (1 - sigma) * x0 + sigma * noise
-
-    @torch.no_grad()
-    def ode_sample(self, net, x, steps, cond=None):
-        """The teacher's own sampler from noise `x`: Euler on its scheduler's grid at `steps` (shift included)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        sched = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
-        sched.set_timesteps(steps)
-        for t in sched.timesteps:
-            x = sched.step(self.output(net, x, t.expand(len(x)).to(x.device)), t, x).prev_sample
-        return x
 
 
 def euler_scheduler(num_train_timesteps: int, steps: int):

@@ -23,26 +23,18 @@ from __future__ import annotations
 import torch
 
 from redistill.models.base import ModelAdapter
-from redistill.models.text_to_image import TextToImageLatent
-
-FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
-T5_TOKENS = 8
+from redistill.models.flow import StraightPathModel
+from redistill.models.transformer_t2i import PackedPromptLatent
 
 
-class FluxLatent(TextToImageLatent):
+class FluxLatent(StraightPathModel, PackedPromptLatent):
     kind = "flux-latent"
     layouts = ("FluxPipeline",)
-    family = "flow"
-    solver = "euler"
+    default_guidance = 3.5  # FluxPipeline's default guidance_scale
     description = (
         "a Flux layout folder (FluxPipeline): FluxTransformer2DModel, AutoencoderKL, a CLIP and a T5 text encoder "
         "and a FlowMatchEulerDiscreteScheduler"
     )
-
-    def __init__(self, pipe, guidance_scale: float | None = None):
-        super().__init__(pipe, guidance_scale)
-        if guidance_scale is None and not self.sampling:
-            self.guidance_scale = FLUX_GUIDANCE
 
     @classmethod
     def claims(cls, pipe) -> bool:
@@ -58,39 +50,13 @@ class FluxLatent(TextToImageLatent):
 
     # -- facts ----------------------------------------------------------------------------------------
     @property
-    def unet(self) -> torch.nn.Module:
-        """The denoiser (a transformer here; the name is the interface's)."""
-        return self.pipe.transformer
-
-    @property
-    def prediction_type(self) -> str:
-        return "flow"
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        raise ValueError(f"a {self.kind} model has no ᾱ schedule (it predicts a velocity on the straight path)")
-
-    def noise_path(self):
-        from redistill.models.prediction import StraightPath
-
-        return StraightPath(self.num_train_timesteps)
-
-    @property
     def channels(self) -> int:
         return int(self.pipe.vae.config.latent_channels)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return int(self.pipe.vae_scale_factor)
 
     @property
     def sample_size(self) -> tuple[int, int]:
         size = int(self.sampling.get("image_size", self.pipe.vae.config.sample_size))
         return size // self.vae_scale_factor, size // self.vae_scale_factor
-
-    @property
-    def max_sequence_length(self) -> int:
-        return int(self.sampling.get("max_sequence_length", T5_TOKENS))
 
     @property
     def guidance_embedded(self) -> bool:
@@ -115,38 +81,11 @@ class FluxLatent(TextToImageLatent):
 
     # -- pictures ↔ latents, prompts → one tensor each ------------------------------------------------------
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, batch: int = 256) -> torch.Tensor:
-        vae = self.pipe.vae
-        shift, scale = float(vae.config.shift_factor or 0.0), float(vae.config.scaling_factor)
-        out = [vae.encode(x.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean for x in images.split(batch)]
-        return (torch.cat(out).float() - shift) * scale
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
-        vae = self.pipe.vae
-        shift, scale = float(vae.config.shift_factor or 0.0), float(vae.config.scaling_factor)
-        z = latents.to(vae.device, vae.dtype) / scale + shift
-        return (torch.cat([vae.decode(x).sample for x in z.split(batch)]).float() / 2 + 0.5).clamp(0, 1)
-
-    @torch.no_grad()
     def _embeds(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(
             prompt=list(prompts), prompt_2=None, max_sequence_length=self.max_sequence_length
         )
         return embeds, pooled
-
-    def pack(self, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        return torch.cat([embeds.flatten(1), pooled], dim=1)
-
-    def unpack(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d, p = int(self.unet.config.joint_attention_dim), int(self.unet.config.pooled_projection_dim)
-        n, width = cond.shape
-        return cond[:, : width - p].reshape(n, (width - p) // d, d), cond[:, width - p :]
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
-        cond = self.pack(*self._embeds(prompts))
-        return cond.to(device if device is not None else cond.device)
 
     @torch.no_grad()
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -157,9 +96,6 @@ class FluxLatent(TextToImageLatent):
         return 1  # the guidance is an input, not a second pass
 
     # -- the network ----------------------------------------------------------------------------------
-    def guidance_embedding(self, net, n, w, device, dtype):
-        return None
-
     def _pack_latents(self, z: torch.Tensor) -> torch.Tensor:
         n, c, h, w = z.shape
         return z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
@@ -168,7 +104,7 @@ class FluxLatent(TextToImageLatent):
         n, _, d = x.shape
         return x.view(n, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, d // 4, h, w)
 
-    def _call(self, net, z, t, cond, w: float) -> torch.Tensor:
+    def _call(self, net, z, t, cond) -> torch.Tensor:
         from diffusers import FluxPipeline
 
         n, _, h, wd = z.shape
@@ -177,7 +113,11 @@ class FluxLatent(TextToImageLatent):
         embeds, pooled = self.unpack(cond.to(z.dtype))
         img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, wd // 2, z.device, z.dtype)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=z.device, dtype=z.dtype)
-        guidance = torch.full((n,), w, device=z.device, dtype=torch.float32) if net.config.guidance_embeds else None
+        guidance = (
+            torch.full((n,), self.guidance_scale, device=z.device, dtype=torch.float32)
+            if net.config.guidance_embeds
+            else None
+        )
         out = net(
             hidden_states=self._pack_latents(z),
             timestep=t.to(z.dtype) / 1000,
@@ -189,25 +129,8 @@ class FluxLatent(TextToImageLatent):
         ).sample
         return self._unpack_latents(out, h, wd)
 
-    def output(self, net, z, t, cond=None):
-        if cond is None:
-            raise ValueError("a Flux model needs prompt embeddings for every call (adapter.conditions)")
-        return self._call(net, z, t, cond, self.guidance_scale)
-
     def teacher_output(self, net, z, t, cond=None):
         return self.output(net, z, t, cond)  # guidance-distilled: w is an input of the one pass
-
-    def uncond(self, n: int, device) -> torch.Tensor:
-        if self._uncond is None or self._uncond.device != torch.device(device):
-            self._uncond = self.encode_prompts([""], device)
-        return self._uncond.expand(n, -1)
-
-    def velocity(self, net, x, sigma, cond=None):
-        return self.teacher_output(net, x, sigma.to(x.device).float() * self.num_train_timesteps, cond)
-
-    def add_noise(self, x0, noise, t):
-        sigma = (t.float() / self.num_train_timesteps).view(-1, 1, 1, 1).to(x0.device)
-        return (1 - sigma) * x0 + sigma * noise
 
     def _mu(self) -> float | None:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -272,9 +195,5 @@ class FluxLatent(TextToImageLatent):
             transformer=unet,
         )
         pipe.set_progress_bar_config(disable=True)
-        pipe.redistill_sampling = {
-            **self.sampling,
-            "max_sequence_length": self.max_sequence_length,
-            "image_size": self.image_size[0],
-        }
+        pipe.redistill_sampling = {**self.export_sampling(), "image_size": self.image_size[0]}
         return pipe

@@ -20,24 +20,17 @@ from __future__ import annotations
 import torch
 
 from redistill.models.base import ModelAdapter
-from redistill.models.text_to_image import TextToImageLatent
-
-PIXART_GUIDANCE = 4.5  # PixArtSigmaPipeline's default guidance_scale
-T5_TOKENS = 8
+from redistill.models.transformer_t2i import PackedPromptLatent
 
 
-class PixArtLatent(TextToImageLatent):
+class PixArtLatent(PackedPromptLatent):
     kind = "pixart-latent"
     layouts = ("PixArtSigmaPipeline",)
+    default_guidance = 4.5  # PixArtSigmaPipeline's default guidance_scale
     description = (
         "a PixArt-Σ layout folder (PixArtSigmaPipeline): PixArtTransformer2DModel, AutoencoderKL, a T5 text "
         "encoder and tokenizer, and a DDPM-family scheduler"
     )
-
-    def __init__(self, pipe, guidance_scale: float | None = None):
-        super().__init__(pipe, guidance_scale)
-        if guidance_scale is None and not self.sampling:
-            self.guidance_scale = PIXART_GUIDANCE  # the pipeline's default, not SD 1.x's
 
     @classmethod
     def claims(cls, pipe) -> bool:
@@ -52,19 +45,6 @@ class PixArtLatent(TextToImageLatent):
         )
 
     # -- facts ----------------------------------------------------------------------------------------
-    @property
-    def unet(self) -> torch.nn.Module:
-        """The denoiser (a transformer here; the name is the interface's)."""
-        return self.pipe.transformer
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return int(self.pipe.vae_scale_factor)
-
-    @property
-    def max_sequence_length(self) -> int:
-        return int(self.sampling.get("max_sequence_length", T5_TOKENS))
-
     @property
     def learned_sigma(self) -> bool:
         return int(self.unet.config.out_channels) == 2 * self.channels
@@ -108,31 +88,13 @@ class PixArtLatent(TextToImageLatent):
         return cond[:, : length * d].reshape(n, length, d), cond[:, length * d :].round().long()
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
-        cond = self.pack(*self._embeds(prompts))
-        return cond.to(device if device is not None else cond.device)
-
-    @torch.no_grad()
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
         """One vector per prompt: T5's hidden states averaged over the prompt's tokens."""
         embeds, mask = self._embeds(prompts)
         m = mask.unsqueeze(-1).float()
         return ((embeds.float() * m).sum(1) / m.sum(1).clamp(min=1)).cpu()
 
-    def unet_passes_per_step(self, guidance_scale: float | None = None) -> int:
-        if guidance_scale is None:
-            guidance_scale = self.sampling.get("guidance_scale", self.guidance_scale)
-        return 2 if guidance_scale > 1 else 1
-
-    def uncond(self, n: int, device) -> torch.Tensor:
-        if self._uncond is None or self._uncond.device != torch.device(device):
-            self._uncond = self.encode_prompts([""], device)
-        return self._uncond.expand(n, -1)
-
     # -- the network ----------------------------------------------------------------------------------
-    def guidance_embedding(self, net, n, w, device, dtype):
-        return None
-
     def _call(self, net, z, t, cond) -> torch.Tensor:
         t = torch.as_tensor(t, device=z.device)
         embeds, mask = self.unpack(cond.to(z.dtype))
@@ -144,22 +106,6 @@ class PixArtLatent(TextToImageLatent):
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
         ).sample
         return out[:, : z.shape[1]]  # the ε half of a learned-variance output
-
-    def output(self, net, z, t, cond=None):
-        if cond is None:
-            raise ValueError("a PixArt model needs prompt embeddings for every call (adapter.conditions)")
-        return self._call(net, z, t, cond)
-
-    def teacher_output(self, net, z, t, cond=None):
-        if cond is None:
-            raise ValueError("a PixArt model needs prompt embeddings for every call (adapter.conditions)")
-        if self.guidance_scale == 1.0:
-            return self._call(net, z, t, cond)
-        t = torch.as_tensor(t, device=z.device)
-        t = t.expand(len(z)) if t.ndim == 0 else t
-        both = self._call(net, torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, self.uncond(len(z), z.device)]))
-        c, u = both.chunk(2)
-        return u + self.guidance_scale * (c - u)
 
     # -- sampling and export ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -197,5 +143,5 @@ class PixArtLatent(TextToImageLatent):
             tokenizer=p.tokenizer, text_encoder=p.text_encoder, vae=p.vae, transformer=unet, scheduler=scheduler
         )
         pipe.set_progress_bar_config(disable=True)
-        pipe.redistill_sampling = {**self.sampling, "max_sequence_length": self.max_sequence_length}
+        pipe.redistill_sampling = self.export_sampling()
         return pipe

@@ -29,6 +29,23 @@ DEFAULT_GUIDANCE = 7.5  # StableDiffusionPipeline's default guidance_scale
 SAMPLING_FILE = "redistill_sampling.json"  # in a pipeline folder: the guidance (and steps) it is sampled at
 
 
+@torch.no_grad()
+def vae_encode(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Images (N, C, H, W) in [0, 1] → the VAE posterior's mean, shifted then scaled as the latent pipelines scale
+    it: (latent − shift_factor)·scaling_factor (no shift where the VAE has none, as SD 1.x's and DiT's)."""
+    shift, scale = float(vae.config.shift_factor or 0.0), float(vae.config.scaling_factor)
+    out = [vae.encode(x.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean for x in images.split(batch)]
+    return (torch.cat(out).float() - shift) * scale
+
+
+@torch.no_grad()
+def vae_decode(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Scaled latents → images in [0, 1], float (N, C, H, W): latents / scaling_factor + shift_factor, decoded."""
+    shift, scale = float(vae.config.shift_factor or 0.0), float(vae.config.scaling_factor)
+    z = latents.to(vae.device, vae.dtype) / scale + shift
+    return (torch.cat([vae.decode(x).sample for x in z.split(batch)]).float() / 2 + 0.5).clamp(0, 1)
+
+
 def folder_sampling(pipe) -> dict:
     """What the folder the pipeline was loaded from says of its sampling (`SAMPLING_FILE`): a teacher's
     `guidance_scale`; a distilled student's `guidance_scale` 1.0, `distilled_guidance_scale` and
@@ -122,21 +139,13 @@ class TextToImageLatent(ModelAdapter):
         }
 
     # -- pictures ↔ latents, prompts → embeddings ---------------------------------------------------------
-    @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, batch: int = 256) -> torch.Tensor:
         """Images (N, C, H, W) in [0, 1] → the scaled latents the UNet works on (the posterior's mean)."""
-        vae = self.pipe.vae
-        dev, dtype = vae.device, vae.dtype
-        out = [vae.encode(x.to(dev, dtype) * 2 - 1).latent_dist.mean for x in images.split(batch)]
-        return torch.cat(out).float() * float(vae.config.scaling_factor)
+        return vae_encode(self.pipe.vae, images, batch)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
         """Scaled latents → images in [0, 1], float (N, C, H, W)."""
-        vae = self.pipe.vae
-        z = latents.to(vae.device, vae.dtype) / float(vae.config.scaling_factor)
-        out = [vae.decode(x).sample for x in z.split(batch)]
-        return (torch.cat(out).float() / 2 + 0.5).clamp(0, 1)
+        return vae_decode(self.pipe.vae, latents, batch)
 
     def to_model_space(self, images):
         return self.encode(images)
