@@ -19,12 +19,12 @@ def build_flux_pipeline(
     words: list[str] | None = None,
 ):
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from redistill.data.captions import vocabulary
     from redistill.models.tiny_sd import write_clip_tokenizer
-    from redistill.teachers.pixart_parts import t5_tokenizer
+    from redistill.teachers.latent_parts import small_t5, small_vae, t5_tokenizer
 
     words = words or vocabulary()
     write_clip_tokenizer(Path(tokenizer_dir), words, 16)
@@ -46,32 +46,8 @@ def build_flux_pipeline(
             pad_token_id=clip_tok.pad_token_id,
         )
     )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=text_width,
-            d_kv=text_width // 2,
-            d_ff=2 * text_width,
-            num_layers=1,
-            num_heads=2,
-            pad_token_id=t5_tok.pad_token_id,
-            eos_token_id=t5_tok.eos_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=image_channels,
-        out_channels=image_channels,
-        latent_channels=4,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=image_size,
-        shift_factor=0.1159,  # FLUX.1's VAE's; any value but None
-        scaling_factor=0.3611,
-        mid_block_add_attention=False,
-    )
+    t5 = small_t5(t5_tok, text_width)
+    vae = small_vae(image_channels, image_size, 4, shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's VAE's
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,  # the VAE's 4 channels packed 2×2

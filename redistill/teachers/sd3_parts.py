@@ -28,7 +28,6 @@ def build_sd3_pipeline(
     projection = heads × head_dim, the pooled projection = both CLIPs' projections together."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -37,6 +36,7 @@ def build_sd3_pipeline(
 
     from redistill.data.captions import vocabulary
     from redistill.models.tiny_sd import write_clip_tokenizer
+    from redistill.teachers.latent_parts import small_vae
 
     write_clip_tokenizer(Path(tokenizer_dir), words or vocabulary(), model_max_length)
     tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
@@ -58,20 +58,7 @@ def build_sd3_pipeline(
             )
         )
 
-    vae = AutoencoderKL(
-        in_channels=image_channels,
-        out_channels=image_channels,
-        latent_channels=16,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=image_size,
-        shift_factor=0.0609,  # SD3's VAE's; any value but None
-        scaling_factor=1.5305,
-        mid_block_add_attention=False,
-    )
+    vae = small_vae(image_channels, image_size, 16, shift_factor=0.0609, scaling_factor=1.5305)  # SD3's VAE's
     latent = image_size // 2
     if latent % patch_size:
         raise ValueError(
