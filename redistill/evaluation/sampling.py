@@ -87,10 +87,10 @@ def _cache_file(
     # the batch's draw (its seed and size), so a larger sample reuses every batch a smaller one drew.
     from redistill.models import adapter_for
 
-    draw = getattr(adapter_for(pipe), "draw_key", None)  # a text-to-image model: its prompt set and guidance
+    model = adapter_for(pipe)
+    draw = getattr(model, "draw_key", None)  # a conditional latent model: its prompts or classes, and guidance
     key = json.dumps(
-        [sha256, scheduler, steps, seed, size, pipe.device.type, str(adapter_for(pipe).unet.dtype)]
-        + ([draw()] if draw else [])
+        [sha256, scheduler, steps, seed, size, pipe.device.type, str(model.unet.dtype)] + ([draw()] if draw else [])
     )
     return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors", key
 

@@ -243,13 +243,7 @@ def lora_export(model, student, sched, cfg, teacher_sha256, summary: dict, teach
 def with_sampling(pipe, model, steps: int):
     """Mark how a conditional latent student is sampled (the folder's redistill_sampling.json): at guidance 1 (the
     teacher's w is folded in; a UNet with a guidance embedding is given w through it, still in one pass)."""
-    if getattr(model, "kind", "") not in (
-        "text-to-image-latent",
-        "dit-latent",
-        "sd3-latent",
-        "pixart-latent",
-        "flux-latent",
-    ):
+    if model.clips or not model.conditional:  # a pixel or unconditional student: its pipeline says how to sample
         return pipe
     net = pipe.transformer if getattr(pipe, "unet", None) is None else pipe.unet
     # the student takes w as an input (LCM's guidance embedding, Flux's guidance_embeds): sampled at w, one pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DIT_NULL_CLASS = 1000  # DiTPipeline's unconditional label is hard-coded: the label table keeps 1000 rows + the null
+from redistill.models.dit import DIT_NULL_CLASS  # the label table keeps 1000 rows + DiTPipeline's null class
 
 
 def build_dit_pipeline(
