@@ -64,6 +64,8 @@ STAGE_ENTRIES = {
     "finetune": ["redistill.teachers.train"],
     "teacher_flow": ["redistill.teachers.train"],
     "teacher_t2i": ["redistill.teachers.text_to_image"],
+    "teacher_dit": ["redistill.teachers.transformer"],
+    "teacher_sd3": ["redistill.teachers.transformer"],
     "evaluate": ["redistill.evaluation.suite", "redistill.evaluation.spaces"],
     "validate": ["redistill.data.validation", "redistill.data.expectations"],
     "distill": ["redistill.methods"],
@@ -145,7 +147,7 @@ def _stage_command(cmd: str) -> str:
     name = []
     for w in words[1:]:
         if (
-            w.startswith("-") or not w.replace("_", "").replace("-", "").isalpha()
+            w.startswith("-") or not w.replace("_", "").replace("-", "").isalnum()
         ):  # an option, a path or an interpolation: the name ended
             break
         name.append(w.replace("-", "_"))  # typer's command `text-to-image` is the function `..._text_to_image`
@@ -275,12 +277,16 @@ def test_dvc_status_sees_a_change_to_every_params_key_a_stage_lists(tmp_path, mo
     shutil.copy2(REPO / "dvc.yaml", repo / "dvc.yaml")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # every dep and out as a small stub, so `dvc commit -f` writes a lock for all stages without running one
-    for spec in stages.values():
-        for entry in [*spec.get("deps", []), *spec.get("outs", []), *spec.get("metrics", [])]:
-            path = repo / (next(iter(entry)) if isinstance(entry, dict) else entry)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not path.exists():
-                path.write_text("stub\n")
+    # (a path another lies inside, as a teacher folder and its vae/ that a later stage reads, is a folder)
+    paths = {
+        repo / (next(iter(entry)) if isinstance(entry, dict) else entry)
+        for spec in stages.values()
+        for entry in [*spec.get("deps", []), *spec.get("outs", []), *spec.get("metrics", [])]
+    }
+    for path in sorted(paths, key=lambda q: len(q.parts), reverse=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_text("stub\n")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     for cmd in (
         ["git", "init", "-q"],

@@ -1,4 +1,4 @@
-"""`redistill demo`: the loop on the embedded digits, one cold cycle, or the text-to-image demo; prints what
+"""`redistill demo`: the loop on the embedded digits, one cold cycle, or a latent demo (text-to-image, DiT, SD3); prints what
 redistill.cycle.demo did."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def demo(
     kind: str = typer.Option(
         "digits",
         "--kind",
-        help="digits (the default: the continuous loop on the embedded digits) or text-to-image (the embedded latent text-to-image teacher and an LCM-LoRA student, in its own workspace runs/demo-text-to-image).",
+        help="digits (the default: the continuous loop on the embedded digits); text-to-image (the embedded latent text-to-image UNet teacher and an LCM-LoRA student); dit (the embedded class-conditional DiT and a consistency student); sd3 (the embedded SD3-layout MMDiT and an LCM-LoRA student). The latent kinds run in their own workspace runs/demo-<kind>.",
     ),
     cold: bool = typer.Option(
         False,
@@ -32,15 +32,15 @@ def demo(
     """The main job on the embedded digits: the committed champion is registered (version 1, through the real
     evaluation and gate), a fine-tuned teacher lands in data/teachers/, the watch finds it, a warm re-distillation
     from the champion is judged against the new teacher and the champion, and promoted or rejected."""
-    from redistill.cycle.demo import DemoStopped, demo_cycle, demo_loop
+    from redistill.cycle.demo import LATENT_DEMOS, DemoStopped, demo_cycle, demo_loop
     from redistill.data.digits import prepare as build
     from redistill.teachers.train import train_in_workspace
 
-    if kind not in ("digits", "text-to-image"):
-        fail(f"--kind must be digits or text-to-image, got {kind!r}")
+    if kind not in ("digits", *LATENT_DEMOS):
+        fail(f"--kind must be digits, {', '.join(LATENT_DEMOS)}; got {kind!r}")
     root, p = _settings(ws, params)
-    if kind == "text-to-image":
-        return _demo_text_to_image(root, p, as_json)
+    if kind in LATENT_DEMOS:
+        return _demo_latent(kind, root, p, as_json)
     teacher = root / "data" / "teachers" / p.teacher.name
     log = echo_err if as_json else typer.echo
     prepare, train = (
@@ -158,26 +158,27 @@ def _demo_report(kind: str, ws: Path, name: str, teacher: Path, result: dict, ti
     return False
 
 
-def _demo_text_to_image(root: Path, p, as_json: bool) -> None:
-    """`demo --kind text-to-image`: one cycle that distils an LCM-LoRA student in runs/demo-text-to-image (its own
-    data, feature spaces, MLflow store and registered model `t2i_demo.student_name`)."""
+def _demo_latent(kind: str, root: Path, p, as_json: bool) -> None:
+    """`demo --kind text-to-image|dit|sd3`: one cycle that distils the kind's demo student in runs/demo-<kind> (its own
+    data, feature spaces, MLflow store and registered model)."""
     from redistill.config import ConfigError
-    from redistill.cycle.demo import demo_text_to_image, text_to_image_workspace
+    from redistill.cycle.demo import LATENT_DEMOS, demo_latent, latent_demo_workspace
 
+    section = LATENT_DEMOS[kind][0]
     try:
-        sub, sp = text_to_image_workspace(root, p)
+        sub, sp = latent_demo_workspace(root, p, kind)
     except ConfigError as e:
-        fail(f"t2i_demo settings: {e}")
+        fail(f"{section} settings: {e}")
     log = echo_err if as_json else typer.echo
     cycle = lambda ws, s, t, data, trigger, student: run_cycle(ws, s, t, data, trigger, False, student)  # noqa: E731
-    teacher, result, timings = demo_text_to_image(root, sub, sp, log, echo_err, cycle)
-    name = p.t2i_demo.student_name
-    if _demo_report("text-to-image", sub, name, teacher, result, timings, as_json):
+    teacher, result, timings = demo_latent(kind, root, sub, sp, log, echo_err, cycle)
+    name = getattr(p, section).student_name
+    if _demo_report(kind, sub, name, teacher, result, timings, as_json):
         return
     typer.echo(f"look: redistill status --workspace {sub} --model {name}")
     typer.echo(
-        f"      redistill export --workspace {sub} --model {name} --alias champion --out t2i-student/  "
-        "(a StableDiffusionPipeline folder with the adapter fused in and beside it)"
+        f"      redistill export --workspace {sub} --model {name} --alias champion --out {kind}-student/  "
+        "(a stock pipeline folder; a LoRA student with its adapter fused in and beside it)"
     )
 
 

@@ -109,6 +109,51 @@ def teacher_text_to_image(
     )
 
 
+def _transformer_teacher(layout: str, out: Path | None, ws: Path | None, params: Path | None) -> None:
+    from redistill.data.base import DataError
+    from redistill.models.pipelines import PipelineError
+    from redistill.teachers.transformer import train_embedded
+
+    root, p = _settings(ws, params)
+    out = out or root / "data" / f"{layout}-teachers" / getattr(p, f"{layout}_teacher").name
+    if (out / "model_index.json").is_file():
+        fail(f"{out} already holds a teacher; pass another --out, or remove it to train it again")
+    try:
+        summary = train_embedded(layout, root, p, out, log=echo_err)
+    except (DataError, PipelineError, ValueError) as e:
+        fail(str(e))
+    typer.echo(
+        f"{layout} teacher saved to {out} ({summary['train_steps']} steps in {summary['train_time_s']:.0f}s, "
+        f"guidance_scale {summary['guidance_scale']})"
+    )
+
+
+@teacher_app.command("dit")
+def teacher_dit(
+    out: Path | None = typer.Option(
+        None, "--out", help="Pipeline folder to write. Default: data/dit-teachers/<dit_teacher.name>. Must not exist."
+    ),
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
+) -> None:
+    """Train the embedded class-conditional DiT teacher (a DiTPipeline on the embedded text-to-image teacher's VAE)
+    on the labelled digits: the `dit_teacher` recipe; resumes if killed."""
+    _transformer_teacher("dit", out, ws, params)
+
+
+@teacher_app.command("sd3")
+def teacher_sd3(
+    out: Path | None = typer.Option(
+        None, "--out", help="Pipeline folder to write. Default: data/sd3-teachers/<sd3_teacher.name>. Must not exist."
+    ),
+    ws: Path | None = WorkspaceOpt,
+    params: Path | None = ParamsOpt,
+) -> None:
+    """Train the embedded text-to-image SD3-layout teacher (a StableDiffusion3Pipeline: two CLIP text encoders, no T5,
+    an SD3Transformer2DModel, rectified flow) on the captioned digits: the `sd3_teacher` recipe; resumes if killed."""
+    _transformer_teacher("sd3", out, ws, params)
+
+
 @teacher_app.command("finetune")
 def teacher_finetune(
     start: Path | None = typer.Option(

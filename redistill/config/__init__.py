@@ -37,7 +37,7 @@ from redistill.config.methods import (
 )
 from redistill.config.model import SETTINGS, ConfigError, same_as, settings, unknown_key
 from redistill.config.operations import DriftParams, RegistryParams, StackParams, WatchParams
-from redistill.config.overrides import t2i_demo_settings, with_method
+from redistill.config.overrides import demo_settings, with_method
 from redistill.config.sections import (
     ChampionParams,
     DemoParams,
@@ -61,6 +61,13 @@ from redistill.config.tables import (
     PRESETS,
     TEACHER_OBJECTIVES,
     resolve_targets,
+)
+from redistill.config.transformers import (
+    DiTDemoParams,
+    DiTTeacherParams,
+    SD3DemoParams,
+    SD3TeacherParams,
+    TransformerTeacherParams,
 )
 
 __all__ = [
@@ -100,6 +107,11 @@ __all__ = [
     "StudentParams",
     "T2IDemoParams",
     "T2ITeacherParams",
+    "DiTDemoParams",
+    "DiTTeacherParams",
+    "SD3DemoParams",
+    "SD3TeacherParams",
+    "TransformerTeacherParams",
     "TeacherParams",
     "ValidateParams",
     "WatchParams",
@@ -114,7 +126,7 @@ __all__ = [
     "settings",
     "settings_name_model",
     "settings_set",
-    "t2i_demo_settings",
+    "demo_settings",
     "unknown_key",
     "with_method",
     "workspace",

@@ -30,6 +30,7 @@ from redistill.config.sections import (
     T2ITeacherParams,
     TeacherParams,
 )
+from redistill.config.transformers import DiTDemoParams, DiTTeacherParams, SD3DemoParams, SD3TeacherParams
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -79,6 +80,10 @@ class Params:
     flow_teacher: FlowTeacherParams = Field(default_factory=FlowTeacherParams, description="the `flow_teacher` section")
     t2i_teacher: T2ITeacherParams = Field(default_factory=T2ITeacherParams, description="the `t2i_teacher` section")
     t2i_demo: T2IDemoParams = Field(default_factory=T2IDemoParams, description="the `t2i_demo` section")
+    dit_teacher: DiTTeacherParams = Field(default_factory=DiTTeacherParams, description="the `dit_teacher` section")
+    sd3_teacher: SD3TeacherParams = Field(default_factory=SD3TeacherParams, description="the `sd3_teacher` section")
+    dit_demo: DiTDemoParams = Field(default_factory=DiTDemoParams, description="the `dit_demo` section")
+    sd3_demo: SD3DemoParams = Field(default_factory=SD3DemoParams, description="the `sd3_demo` section")
     champion: ChampionParams = Field(default_factory=ChampionParams, description="the `champion` section")
     demo: DemoParams = Field(default_factory=DemoParams, description="the `demo` section")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="the `evaluate` section")

@@ -1,4 +1,4 @@
-"""Settings derived from settings: a command's overrides applied, and the text-to-image demo's own settings."""
+"""Settings derived from settings: a command's overrides applied, and the latent demos' own settings."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ def with_method(p, method: str | None, steps: int | None = None):
     return p
 
 
-def t2i_demo_settings(p) -> tuple[dict, object]:
-    """The settings of `redistill demo --kind text-to-image`: `p` with its t2i_demo section applied (the registered
-    model, an LCM-LoRA student's method, steps, learning rate, batch and rank); returns (raw mapping, Params).
-    Raises ConfigError when the result is not valid."""
+def demo_settings(p, section: str = "t2i_demo") -> tuple[dict, object]:
+    """The settings of a latent demo (`redistill demo --kind text-to-image|dit|sd3`): `p` with its demo section
+    (`t2i_demo`, `dit_demo`, `sd3_demo`) applied (the registered model, the student's method, steps, learning rate,
+    batch and LoRA rank); returns (raw mapping, Params). Raises ConfigError when the result is not valid."""
     from redistill.config.loader import parse_params
 
-    d = p.t2i_demo
+    d = getattr(p, section)
     raw = p.to_dict()
     raw["registry"]["student_name"] = d.student_name
     raw["distill"].update(method=d.method, target_steps=d.target_steps, lr=d.lr, batch_size=d.batch_size, init="cold")

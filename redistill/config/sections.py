@@ -272,11 +272,12 @@ class T2IDemoParams:
     batch_size: int = Field(64, description="images per optimiser step (distill.batch_size)")
 
     def __post_init__(self):
+        where = type(self).__section__
         if self.method not in ("consistency", "dmd"):
-            raise ConfigError(f"t2i_demo.method must be consistency or dmd, got {self.method!r}")
+            raise ConfigError(f"{where}.method must be consistency or dmd, got {self.method!r}")
         if min(self.target_steps, self.steps, self.batch_size) < 1 or self.lora_rank < 0 or not self.lr > 0:
             raise ConfigError(
-                "t2i_demo.target_steps, steps and batch_size must be at least 1, lora_rank at least 0, lr above 0"
+                f"{where}.target_steps, steps and batch_size must be at least 1, lora_rank at least 0, lr above 0"
             )
 
 

@@ -1,5 +1,5 @@
-"""`redistill demo`: the continuous loop on the embedded digits, one cold cycle, or the text-to-image demo in its own
-workspace. The commands run the cycle and the watch (both Prefect flows), so they are passed in; this module
+"""`redistill demo`: the continuous loop on the embedded digits, one cold cycle, or a latent demo (text-to-image, DiT,
+SD3) in its own workspace. The commands run the cycle and the watch (both Prefect flows), so they are passed in; this module
 decides the steps and returns what happened, and the command prints it."""
 
 from __future__ import annotations
@@ -135,39 +135,57 @@ def demo_loop(
     }
 
 
-def text_to_image_workspace(root: Path, p) -> tuple[Path, object]:
-    """The text-to-image demo's workspace runs/demo-text-to-image and its settings (the workspace's params.yaml
-    with its t2i_demo section applied, written to that workspace's params.yaml); raises ConfigError."""
+# the latent demos: kind → (settings section of the demo, of its teacher's recipe, the teacher's folder under data/)
+LATENT_DEMOS = {
+    "text-to-image": ("t2i_demo", "t2i_teacher", "t2i-teachers"),
+    "dit": ("dit_demo", "dit_teacher", "dit-teachers"),
+    "sd3": ("sd3_demo", "sd3_teacher", "sd3-teachers"),
+}
+
+
+def latent_demo_workspace(root: Path, p, kind: str) -> tuple[Path, object]:
+    """A latent demo's workspace runs/demo-<kind> and its settings (the workspace's params.yaml with the kind's demo
+    section applied, written to that workspace's params.yaml); raises ConfigError."""
     import yaml
 
-    from redistill.config.overrides import t2i_demo_settings
+    from redistill.config.overrides import demo_settings
 
-    raw, sp = t2i_demo_settings(p)
-    sub = root / "runs" / "demo-text-to-image"
+    section = LATENT_DEMOS[kind][0]
+    raw, sp = demo_settings(p, section)
+    sub = root / "runs" / f"demo-{kind}"
     sub.mkdir(parents=True, exist_ok=True)
     (sub / "params.yaml").write_text(
-        "# written by `redistill demo --kind text-to-image` from the workspace's params.yaml "
-        "and its t2i_demo section\n" + yaml.safe_dump(raw, sort_keys=False)
+        f"# written by `redistill demo --kind {kind}` from the workspace's params.yaml and its {section} section\n"
+        + yaml.safe_dump(raw, sort_keys=False)
     )
     return sub, sp
 
 
-def demo_text_to_image(
-    root: Path, sub: Path, sp, log: Log, log_err: Log, run_cycle: RunCycle
+def demo_latent(
+    kind: str, root: Path, sub: Path, sp, log: Log, log_err: Log, run_cycle: RunCycle
 ) -> tuple[Path, dict, dict]:
-    """The captioned digits, the embedded latent text-to-image teacher (trained here if missing), and one cycle that
-    distils an LCM-LoRA student in workspace `sub` with settings `sp`; returns (teacher, result, timings)."""
+    """The captioned (and labelled) digits at 16×16, the kind's embedded teacher (trained here if missing: the
+    text-to-image UNet, the DiT or the SD3 transformer), and one cycle that distils the demo section's student in
+    workspace `sub` with settings `sp`; returns (teacher, result, timings)."""
     from redistill.data.captions import prepare_t2i
-    from redistill.teachers.text_to_image import train_embedded
 
-    teacher = root / "data" / "t2i-teachers" / sp.t2i_teacher.name
+    _, recipe_section, folder = LATENT_DEMOS[kind]
+    teacher = root / "data" / folder / getattr(sp, recipe_section).name
+    if kind == "text-to-image":
+        from redistill.teachers.text_to_image import train_embedded
+
+        train, budget = (lambda: train_embedded(root, sp, teacher, log=log_err)), "about 45 min on one core"
+    else:
+        from redistill.teachers.transformer import train_embedded as train_transformer
+
+        train, budget = (lambda: train_transformer(kind, root, sp, teacher, log=log_err)), "about 35 min on one core"
     result, timings = demo_cycle(
         sub,
         sp,
         teacher,
         lambda: prepare_t2i(sp.prepare, sub / "data", seed=sp.t2i_teacher.seed, image_size=sp.t2i_teacher.image_size),
-        lambda: train_embedded(root, sp, teacher, log=log_err),
-        "the `t2i_teacher` recipe (about 45 min on one core)",
+        train,
+        f"the `{recipe_section}` recipe ({budget})",
         log,
         run_cycle,
     )

@@ -21,11 +21,14 @@ def build_sd3_pipeline(
     model_max_length: int = 16,
     seed: int = 0,
     words: list[str] | None = None,
+    text_layers: int = 1,
+    vae=None,
 ):
     """The pipeline; its tokenizer is written to `tokenizer_dir` (each of `words`, by default the digits' class
     prompts' words, one token). The
     transformer's dimensions follow SD3's rules: joint_attention_dim ≥ both CLIPs' widths together, the caption
-    projection = heads × head_dim, the pooled projection = both CLIPs' projections together."""
+    projection = heads × head_dim, the pooled projection = both CLIPs' projections together. `vae`: a trained one
+    instead of a new one (its `shift_factor` must be set)."""
     import torch
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
@@ -48,7 +51,7 @@ def build_sd3_pipeline(
                 vocab_size=len(tok),
                 hidden_size=text_width,
                 intermediate_size=2 * text_width,
-                num_hidden_layers=1,
+                num_hidden_layers=text_layers,
                 num_attention_heads=2,
                 max_position_embeddings=model_max_length,
                 bos_token_id=tok.bos_token_id,
@@ -58,7 +61,9 @@ def build_sd3_pipeline(
             )
         )
 
-    vae = small_vae(image_channels, image_size, 16, shift_factor=0.0609, scaling_factor=1.5305)  # SD3's VAE's
+    if vae is None:
+        vae = small_vae(image_channels, image_size, 16, shift_factor=0.0609, scaling_factor=1.5305)  # SD3's VAE's
+    latent_channels = int(vae.config.latent_channels)
     latent = image_size // 2
     if latent % patch_size:
         raise ValueError(
@@ -67,8 +72,8 @@ def build_sd3_pipeline(
     transformer = SD3Transformer2DModel(
         sample_size=latent,
         patch_size=patch_size,
-        in_channels=16,
-        out_channels=16,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         num_layers=layers,
         attention_head_dim=head_dim,
         num_attention_heads=heads,

@@ -25,17 +25,22 @@ def prompt_adherence(
     confidence: float = 0.9,
     batch: int = 250,
 ) -> dict:
-    """Sample `num_samples` images for the prompts of each class (evenly over classes and templates), downsample
+    """Sample `num_samples` images for the prompts of each class (evenly over classes and templates; a
+    class-conditional pipeline such as DiT's: for each class label) with `pipe`'s adapter, downsample
     them to 8×8 (area), and classify them with the digits classifier. Returns the share whose class is the
     prompt's (`adherence`), the share recognisable (a digit class at probability ≥ `confidence`), the share
     both, and the adherence per class."""
     from redistill.data.captions import TEMPLATES, class_prompt
     from redistill.evaluation.features import NOT_A_DIGIT, recognisable
+    from redistill.models import adapter_for
     from redistill.models.text_to_image import TextToImageLatent
 
-    model = TextToImageLatent(pipe, guidance_scale=guidance_scale)
+    model = adapter_for(pipe)
+    model.guidance_scale = float(guidance_scale)
     labels = torch.arange(num_samples) % 10
     prompts = [class_prompt(TEMPLATES[(i // 10) % len(TEMPLATES)], int(y)) for i, y in enumerate(labels)]
+    if not isinstance(model, TextToImageLatent):  # class labels, not prompts
+        prompts = labels
     gen = torch.Generator().manual_seed(seed)
     images = torch.cat(
         [

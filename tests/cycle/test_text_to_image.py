@@ -586,7 +586,7 @@ evaluate: {num_samples: 60, max_samples: 60, bootstrap: 5, kid_subset_size: 30, 
     assert r.exit_code == 0, r.output[-2000:]
     assert (tmp_path / "student" / LORA_WEIGHTS).is_file()
     r = runner.invoke(app, ["demo", "--kind", "pictures", "--workspace", str(ws)])
-    assert r.exit_code == 2 and "--kind must be digits or text-to-image" in r.output
+    assert r.exit_code == 2 and "--kind must be digits, text-to-image, dit, sd3" in r.output
 
 
 def test_the_clip_score_needs_a_whole_clip_model_and_scores_each_image_against_its_prompt(tmp_path):

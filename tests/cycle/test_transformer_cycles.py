@@ -78,3 +78,40 @@ def test_an_sd3_teacher_runs_the_whole_cycle_and_its_student_loads_in_stock_diff
     assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
     answer = StudentModel(out).predict(pd.DataFrame([{"seed": 1, "num_images": 2, "prompt": "a picture of a ring"}]))
     assert answer["prompt"].tolist() == ["a picture of a ring"] * 2
+
+
+@pytest.mark.parametrize("kind", ["dit", "sd3"])
+def test_the_transformer_demos_train_their_teacher_and_promote_in_their_own_workspace(kind, tmp_path, prefect_harness):
+    """`redistill demo --kind dit|sd3 --json` from an empty workspace at toy budgets: the captioned digits, the
+    transformer teacher trained by its recipe on the committed VAE (no teacher is copied in), and one cycle whose
+    student (DiT: the whole transformer; SD3: an LCM-LoRA) is promoted under the demo's model in runs/demo-<kind>."""
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from helpers import LENIENT_GATE
+    from redistill.cli import app
+
+    vae = Path(__file__).resolve().parents[2] / "data" / "t2i-teachers" / "digits-t2i" / "vae"
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text(
+        f"""
+features: {{epochs: 2, encoder_epochs: 2}}
+{kind}_teacher: {{vae: {vae}, width: 32, head_dim: 16, layers: 1, train_steps: 4, batch_size: 8, warmup_steps: 1,
+              checkpoint_every: 4, guidance_sweep: []}}
+{kind}_demo: {{steps: 3, batch_size: 8, lora_rank: {4 if kind == "sd3" else 0}}}
+distill: {{consistency: {{solver_steps: 10}}}}
+evaluate: {{num_samples: 60, max_samples: 60, bootstrap: 5, kid_subset_size: 30, sample_batch_size: 60, latency_repeats: 1,
+           throughput_repeats: 1, throughput_batch: 4, reference_steps: 4, floor_splits: 4}}
+"""
+        + LENIENT_GATE
+    )
+    r = CliRunner().invoke(app, ["demo", "--kind", kind, "--json", "--workspace", str(ws)])
+    assert r.exit_code == 0, r.output[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["kind"] == kind and out["model"] == f"digits-{kind}-student" and out["decision"] == "promoted", out
+    assert out["figures"]["steps"] == 4 and out["figures"]["reference_unet_passes_per_step"] == 2
+    assert Path(out["workspace"]) == ws / "runs" / f"demo-{kind}"
+    assert (ws / "data" / f"{kind}-teachers" / f"digits-{kind}" / "model_index.json").is_file()
