@@ -27,24 +27,28 @@ WARM_METHODS = (
 )  # rectified reflows the teacher's couplings
 LORA_METHODS = ("consistency", "dmd")  # the methods whose student may be a LoRA adapter (distill.student.lora_rank)
 
-# kinds of teacher only some methods serve yet (the rest: every method of the kind's family)
+# kinds of teacher only some methods serve (the rest: every method of the kind's family): rectified's student is a
+# flow, so it reflows a conditional teacher only where the teacher's own pipeline samples flows (SD3, Flux)
+NOT_RECTIFIED = ("consistency", "dmd", "output", "progressive", "adversarial")
 KIND_METHODS = {
-    "text-to-image-latent": ("consistency", "dmd"),
-    "dit-latent": ("consistency", "dmd"),
-    "sd3-latent": ("consistency", "dmd"),
-    "pixart-latent": ("consistency", "dmd"),
-    "flux-latent": ("consistency", "dmd"),
+    kind: NOT_RECTIFIED for kind in ("class-conditional-pixel", "text-to-image-latent", "dit-latent", "pixart-latent")
 }
-NO_LORA_KINDS = ("dit-latent", "pixart-latent")  # kinds whose denoiser takes no LoRA adapter here yet
-KIND_HINTS = {"text-to-image-latent": " (a LoRA student with distill.student.lora_rank > 0)"}
+NO_LORA_KINDS: tuple[str, ...] = ()  # kinds whose denoiser takes no LoRA adapter (none now: DiT and PixArt via peft)
+KIND_HINTS = {
+    kind: (
+        f" (rectified's student is a flow, and a {kind} teacher's pipeline samples diffusion only; "
+        "it reflows conditional flow-matching teachers: SD3, Flux)"
+    )
+    for kind in KIND_METHODS
+}
 
 
 def refuses(method: str, family: str, kind: str) -> str | None:
     """Why `method` cannot distil a teacher of adapter family `family` (kind `kind`), or None when it can."""
     if kind in KIND_METHODS and method not in KIND_METHODS[kind]:
         return (
-            f"distill.method {method} does not serve {kind} teachers yet; use distill.method: "
-            f"{' or '.join(KIND_METHODS[kind])}{KIND_HINTS.get(kind, '')}"
+            f"distill.method {method} does not serve {kind} teachers; use distill.method: "
+            f"{', '.join(KIND_METHODS[kind][:-1])} or {KIND_METHODS[kind][-1]}{KIND_HINTS.get(kind, '')}"
         )
     if family in FAMILIES_SERVED.get(method, ("diffusion",)):
         return None

@@ -28,8 +28,19 @@ from torch import nn
 
 from redistill.config import AdversarialParams, settings
 from redistill.methods.consistency import consistency_fn, lcm_scheduler
-from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Draws, Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
+from redistill.methods.student_shape import FeatureMatch, feature_blocks, with_sampling
+from redistill.methods.training import (
+    Draws,
+    Phase,
+    Trainer,
+    TrainingConfig,
+    batch_conditions,
+    frozen,
+    new_ema,
+    sizes,
+    student_like,
+    warm,
+)
 from redistill.models import adapter_for
 from redistill.models.prediction import alpha_sigma, to_x0_eps
 
@@ -41,26 +52,34 @@ class AdversarialConfig(AdversarialParams, TrainingConfig):
 
 
 class Discriminator(nn.Module):
-    """Trainable heads on the frozen teacher's down, mid and up block features; one logit per image."""
+    """Trainable heads on the frozen teacher's down, mid and up block features (a transformer's: each block's image
+    tokens); one logit per image."""
 
     def __init__(self, teacher_unet, call):
         super().__init__()
         self.call = call  # the adapter's network call: the teacher under its conditioning
         self.features = FeatureMatch(teacher_unet, teacher_unet, weight=1.0)  # reuses its block hooks
-        widths = [b.resnets[-1].conv2.out_channels for b in teacher_unet.down_blocks]
-        widths += [teacher_unet.mid_block.resnets[-1].conv2.out_channels]
-        widths += [b.resnets[-1].conv2.out_channels for b in teacher_unet.up_blocks]
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(min(8, c), c), nn.SiLU(), nn.Conv2d(c, 1, 1))
-            for c in widths
-        )
+        if hasattr(teacher_unet, "down_blocks"):  # conv heads on (N, C, H, W) maps
+            widths = [b.resnets[-1].conv2.out_channels for b in teacher_unet.down_blocks]
+            widths += [teacher_unet.mid_block.resnets[-1].conv2.out_channels]
+            widths += [b.resnets[-1].conv2.out_channels for b in teacher_unet.up_blocks]
+            self.heads = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(min(8, c), c), nn.SiLU(), nn.Conv2d(c, 1, 1))
+                for c in widths
+            )
+        else:  # token heads on (N, L, D) image tokens
+            d = int(teacher_unet.config.num_attention_heads * teacher_unet.config.attention_head_dim)
+            self.heads = nn.ModuleList(
+                nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
+                for _ in feature_blocks(teacher_unet)
+            )
         self.teacher = teacher_unet
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         with self.features.teacher():
             self.call(self.teacher, x_t, t, cond)
         feats = self.features.feats["teacher"]
-        return sum(head(f).mean(dim=(1, 2, 3)) for head, f in zip(self.heads, feats))
+        return sum(head(f).flatten(1).mean(dim=1) for head, f in zip(self.heads, feats))
 
 
 def distill(
@@ -90,7 +109,7 @@ def distill(
     dev = run.device
     student_t = sampler.timesteps.to(dev)  # the student's sampling timesteps, e.g. 959, 719, 479, 239
     alphas_cumprod = model.noise_path().to(dev)  # the ᾱ schedule, or a flow teacher's straight path
-    x_all = (data.float() * 2.0 - 1.0).to(dev)
+    x_all = model.to_model_space(data).to(dev)  # pixels in [−1, 1], or a latent teacher's VAE latents
     teacher_unet = frozen(copy.deepcopy(model.unet)).to(dev)
     # 1. The student starts from the teacher; the discriminator's heads start fresh on the frozen teacher.
     student = warm(student_like(teacher_unet, cfg.student_channels, cfg.student_layers), init)  # or the champion
@@ -114,8 +133,8 @@ def distill(
 
     def step():
         # 2. A real batch x₀, noised to a student timestep s; the student's clean image x̂_θ(x_s, s).
-        x = x_all[draw.integers(len(x_all))]
-        c = run.shard(model.conditions(cfg.batch_size, gen, dev))  # a conditional teacher's conditions (else None)
+        i = draw.integers(len(x_all))
+        x, c = x_all[i], batch_conditions(model, run, i, cfg.batch_size, gen, dev)  # their captions, or drawn
         s = student_t[draw.integers(len(student_t))]
         x_s = model.add_noise(x, draw.noise(), s)
         with run.autocast(), fm.student():
@@ -131,7 +150,7 @@ def distill(
             x_teacher, _ = to_x0_eps(
                 model.teacher_output(teacher_unet, x_fake_t, t, c).float(), x_fake_t, a_t, s_t, ptype
             )
-            x_teacher = x_teacher.clamp(-1, 1)
+            x_teacher = x_teacher.clamp(-1, 1) if model.clips else x_teacher  # latents are not clipped
         weight = (a_t**2).view(-1)
         l_distill = (weight * (x_fake - x_teacher).pow(2).mean(dim=(1, 2, 3))).mean()
         # 4. Adversarial generator loss on lightly noised student images: −D(x̂_t′).
@@ -171,7 +190,9 @@ def distill(
         "wall_time_s": run.finish(),
         "num_inference_steps": cfg.target_steps,
     }
-    return model.export(frozen(student).cpu(), student_sampler(model, sched_cfg, cfg)), summary
+    return with_sampling(
+        model.export(frozen(student).cpu(), student_sampler(model, sched_cfg, cfg)), model, cfg.target_steps
+    ), summary
 
 
 def student_sampler(model, sched_cfg, cfg: AdversarialConfig):
@@ -181,4 +202,4 @@ def student_sampler(model, sched_cfg, cfg: AdversarialConfig):
         from redistill.models.flow import lcm_flow_scheduler
 
         return lcm_flow_scheduler(model.num_train_timesteps, cfg.target_steps)
-    return lcm_scheduler(sched_cfg, cfg.solver_steps)
+    return lcm_scheduler(sched_cfg, cfg.solver_steps, clip=model.clips)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from redistill.config import ConsistencyParams, settings
-from redistill.methods.student_shape import FeatureMatch
+from redistill.methods.student_shape import FeatureMatch, with_sampling
 from redistill.methods.training import Draws, Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
 from redistill.models.lora import add_lora, fused_copy
@@ -238,25 +238,6 @@ def lora_export(model, student, sched, cfg, teacher_sha256, summary: dict, teach
     adapter_params = sum(w.numel() for n, w in student.named_parameters() if "lora_" in n)
     summary.update(lora_rank=cfg.lora_rank, adapter_params=adapter_params, base_sha256=teacher_sha256)
     return pipe, summary
-
-
-def with_sampling(pipe, model, steps: int):
-    """Mark how a conditional latent student is sampled (the folder's redistill_sampling.json): at guidance 1 (the
-    teacher's w is folded in; a UNet with a guidance embedding is given w through it, still in one pass)."""
-    if model.clips or not model.conditional:  # a pixel or unconditional student: its pipeline says how to sample
-        return pipe
-    net = pipe.transformer if getattr(pipe, "unet", None) is None else pipe.unet
-    # the student takes w as an input (LCM's guidance embedding, Flux's guidance_embeds): sampled at w, one pass
-    embedded = getattr(net.config, "time_cond_proj_dim", None) is not None or bool(
-        getattr(net.config, "guidance_embeds", False)
-    )
-    pipe.redistill_sampling = {
-        **(getattr(pipe, "redistill_sampling", None) or {}),  # what the export recorded (a DiT's classes)
-        "guidance_scale": model.guidance_scale if embedded else 1.0,
-        "distilled_guidance_scale": model.guidance_scale,
-        "num_inference_steps": steps,
-    }
-    return pipe
 
 
 def deterministic_scheduler(teacher_scheduler_config, solver_steps: int, steps: int, clip: bool = True):

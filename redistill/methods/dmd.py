@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from redistill.methods.adversarial import Discriminator
-from redistill.methods.consistency import lora_export, lora_student, with_sampling
+from redistill.methods.consistency import lora_export, lora_student
 from redistill.methods.dmd_generator import (
     DMDConfig,
     Generator,
@@ -48,7 +48,7 @@ from redistill.methods.dmd_generator import (
     generator_timesteps,
     lcm_sampler,
 )
-from redistill.methods.student_shape import FeatureMatch
+from redistill.methods.student_shape import FeatureMatch, with_sampling
 from redistill.methods.training import Draws, Phase, Trainer, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
 from redistill.models.lora import add_lora

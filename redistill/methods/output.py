@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from redistill.config import OutputParams, settings
-from redistill.methods.student_shape import FeatureMatch
+from redistill.methods.student_shape import FeatureMatch, with_sampling
 from redistill.methods.training import Draws, Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
 from redistill.models import adapter_for
 from redistill.models.prediction import alpha_sigma, to_x0_eps
@@ -52,11 +52,13 @@ class OutputConfig(OutputParams, TrainingConfig):
     (OutputParams). Every field and its default is declared there, once; `method_config` fills it in."""
 
 
-def pairs_file(pairs_dir: Path, teacher_sha256: str, cfg: OutputConfig, solver: str = "ddim") -> Path:
+def pairs_file(pairs_dir: Path, teacher_sha256: str, cfg: OutputConfig, solver: str = "ddim", draw: str = "") -> Path:
     """The cache file of the pairs: named by the teacher's sha256 and what else fixes the pairs (its ODE
-    solver: DDIM for a diffusion teacher, Euler for a flow-matching one)."""
+    solver: DDIM for a diffusion teacher, Euler for a flow-matching one; a conditional latent teacher's draw key:
+    the prompts drawn from and the guidance)."""
     seed = pair_seed(cfg)
     what = f"{teacher_sha256}|{cfg.pairs_steps}|{cfg.pairs}|{seed}" + ("" if solver == "ddim" else f"|{solver}")
+    what += f"|{draw}" if draw else ""
     digest = hashlib.sha256(what.encode()).hexdigest()[:8]
     name = f"{teacher_sha256[:16]}-{solver}{cfg.pairs_steps}-n{cfg.pairs}-s{seed}-{digest}.safetensors"
     return Path(pairs_dir) / name
@@ -77,7 +79,7 @@ def teacher_pairs(teacher, cfg: OutputConfig, shape: tuple[int, ...], device, ba
         x = noise[i : i + batch].to(device)
         c = None if cond is None else cond[i : i + batch].to(device)
         x = model.ode_sample(unet, x, cfg.pairs_steps, c)
-        outs.append(x.clamp(-1, 1).cpu())
+        outs.append((x.clamp(-1, 1) if model.clips else x).cpu())  # latents are not clipped
     return noise, torch.cat(outs), cond
 
 
@@ -108,7 +110,7 @@ def load_or_make_pairs(
     if samples_dir is not None and model.pairs_from_samples:
         return _pairs_from_samples(teacher, teacher_sha256, cfg, samples_dir, log)
     solver = model.solver
-    f = pairs_file(pairs_dir, teacher_sha256, cfg, solver)
+    f = pairs_file(pairs_dir, teacher_sha256, cfg, solver, model.draw_key() if not model.clips else "")
     if f.is_file():
         d = load_file(f)
         log(f"reusing {len(d['noise'])} teacher pairs from {f}")
@@ -230,10 +232,11 @@ def distill(
     dev = run.device
     if teacher_sha256 is None:  # a teacher not loaded from a folder: key the cache on its weights
         teacher_sha256 = unkeyed_sha256(teacher)
+    shape = (model.channels, *model.sample_size)  # the model's space: pixels, or a latent teacher's latents
     # 1. The teacher's (x_T, x₀) pairs from its deterministic sampler, cached by the teacher's sha256.
     with run.main_first():  # the main process makes the cache, the others then read it
         noise, x0, cond, pfile, reused = load_or_make_pairs(
-            teacher, teacher_sha256, cfg, tuple(data.shape[1:]), dev, Path(pairs_dir or "data/pairs"), log, samples_dir
+            teacher, teacher_sha256, cfg, shape, dev, Path(pairs_dir or "data/pairs"), log, samples_dir
         )
     noise, x0 = noise.to(dev), x0.to(dev)
     cond = None if cond is None else cond.to(dev)
@@ -248,7 +251,7 @@ def distill(
     # K > 1: e.g. 959, 709, 459, 209, then −1 (clean); a flow teacher's: σ·T at σ = 1, (K−1)/K, …, 1/K, then −1
     grid = (flow_grid(K, T) if flow else student_grid(K, T, cfg.first_timestep)).to(dev)
     alphas_cumprod = model.noise_path().to(dev)
-    draw = Draws(gen, run, cfg.batch_size, tuple(data.shape[1:]), dev)  # every draw, of the global batch
+    draw = Draws(gen, run, cfg.batch_size, shape, dev)  # every draw, of the global batch
 
     def step():
         # A batch of pairs; the student's sampler maps x_T to x̂₀ (one call at T−1, the paper's, or its K-step
@@ -262,7 +265,9 @@ def distill(
             if K == 1 and not flow:
                 pred = model.output(student, z, t_last, c).float()
             else:  # a flow student's one step too: x̂₀ = x − v̂ at σ = 1
-                pred = student_chain(run, model, student, z, c, grid, alphas_cumprod, ptype, clip=not flow)
+                pred = student_chain(
+                    run, model, student, z, c, grid, alphas_cumprod, ptype, clip=model.clips and not flow
+                )
         loss = (pred - x0[idx]).pow(2).mean() + fm.loss()
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
@@ -298,21 +303,21 @@ def distill(
 
         scheduler = euler_scheduler(T, K)
     elif K == 1:
-        scheduler = one_step_scheduler(sched_cfg)
+        scheduler = one_step_scheduler(sched_cfg, model.clips)
     else:
-        scheduler = student_scheduler(sched_cfg, ptype, cfg.first_timestep, K)
-    return model.export(frozen(student).cpu(), scheduler), summary
+        scheduler = student_scheduler(sched_cfg, ptype, cfg.first_timestep, K, clip=model.clips)
+    return with_sampling(model.export(frozen(student).cpu(), scheduler), model, K), summary
 
 
-def one_step_scheduler(teacher_scheduler_config):
+def one_step_scheduler(teacher_scheduler_config, clip: bool = True):
     """The stock DDIM ("trailing", x₀ prediction) that at 1 step calls the student once at T−1 and returns its
-    output."""
+    output (clipped to [−1, 1] in pixels, `clip`; latents are not)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(
         teacher_scheduler_config,
         prediction_type=STUDENT_PREDICTION,
         timestep_spacing="trailing",
-        clip_sample=True,
+        clip_sample=clip,
         set_alpha_to_one=True,
     )

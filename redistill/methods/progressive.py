@@ -35,8 +35,19 @@ import numpy as np
 import torch
 
 from redistill.config import ProgressiveParams, settings
-from redistill.methods.student_shape import FeatureMatch
-from redistill.methods.training import Draws, Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like, warm
+from redistill.methods.student_shape import FeatureMatch, with_sampling
+from redistill.methods.training import (
+    Draws,
+    Phase,
+    Trainer,
+    TrainingConfig,
+    batch_conditions,
+    frozen,
+    new_ema,
+    sizes,
+    student_like,
+    warm,
+)
 from redistill.models import adapter_for
 from redistill.models.prediction import alpha_sigma, to_x0_eps
 
@@ -205,7 +216,7 @@ def distill(
         cfg.mixed_precision,
         seed=cfg.seed,
     )
-    x_all = (data.float() * 2.0 - 1.0).to(run.device)
+    x_all = model.to_model_space(data).to(run.device)  # pixels in [−1, 1], or a latent teacher's VAE latents
     # round 1's teacher is the guided one; later rounds' teachers are students
     current = RoundTeacher(
         frozen(copy.deepcopy(model.unet)).to(run.device), model.teacher_output, model.prediction_type
@@ -229,8 +240,13 @@ def distill(
         if on_round is not None:
             on_round(
                 n,
-                model.export(
-                    copy.deepcopy(current.unet).cpu(), round_scheduler(model, sched_cfg, s_type, cfg.first_timestep, n)
+                with_sampling(
+                    model.export(
+                        copy.deepcopy(current.unet).cpu(),
+                        round_scheduler(model, sched_cfg, s_type, cfg.first_timestep, n),
+                    ),
+                    model,
+                    n,
                 ),
             )
 
@@ -243,7 +259,7 @@ def distill(
         "num_inference_steps": cfg.target_steps,
     }
     scheduler = round_scheduler(model, sched_cfg, s_type, cfg.first_timestep, cfg.target_steps)
-    return model.export(current.unet.cpu(), scheduler), summary
+    return with_sampling(model.export(current.unet.cpu(), scheduler), model, cfg.target_steps), summary
 
 
 def train_round(
@@ -289,8 +305,8 @@ def train_round(
     def step():
         # 2. Data and a student timestep: x ~ D, i ~ U{0..n−1}, t = grid[i]; z_t = α_t·x + σ_t·ε
         #    (and, for a conditional teacher, a condition c for the batch).
-        x = x_all[draw.integers(len(x_all))]
-        c = run.shard(model.conditions(cfg.batch_size, gen, dev))
+        idx = draw.integers(len(x_all))
+        x, c = x_all[idx], batch_conditions(model, run, idx, cfg.batch_size, gen, dev)  # their captions, or drawn
         i = draw.integers(n)
         eps = draw.noise()
         t, t_next = grid[i], grid[i + 1]
@@ -298,7 +314,9 @@ def train_round(
         z_t = model.add_noise(x, eps, t)
         with torch.no_grad(), run.autocast():
             # 3. Two DDIM steps of the teacher: t → t′ → t″; k of them along its finer grid in a warm start's round.
-            z_next = teacher_ddim(teacher, z_t, a_t, s_t, i, fine, skip, c, alphas_cumprod, fm, clip=not flow)
+            z_next = teacher_ddim(
+                teacher, z_t, a_t, s_t, i, fine, skip, c, alphas_cumprod, fm, clip=model.clips and not flow
+            )
             # 4. The target x̃ that makes one student step land on the teacher's two-step result.
             a_n, s_n = alpha_sigma(alphas_cumprod, t_next)
             x_target = distillation_target(z_t, z_next.float(), a_t, s_t, a_n, s_n)
@@ -322,12 +340,15 @@ def round_scheduler(model, teacher_scheduler_config, prediction_type: str, first
         from redistill.models.flow import euler_scheduler
 
         return euler_scheduler(model.num_train_timesteps, steps)
-    return student_scheduler(teacher_scheduler_config, prediction_type, first_timestep, steps)
+    return student_scheduler(teacher_scheduler_config, prediction_type, first_timestep, steps, clip=model.clips)
 
 
-def student_scheduler(teacher_scheduler_config, prediction_type: str, first_timestep: int, steps: int):
+def student_scheduler(
+    teacher_scheduler_config, prediction_type: str, first_timestep: int, steps: int, clip: bool = True
+):
     """The stock scheduler that samples a progressive student at `steps` on its training grid: DDIM with
-    "trailing" spacing from T−1, else "leading" spacing shifted by `steps_offset` to start at first_timestep."""
+    "trailing" spacing from T−1, else "leading" spacing shifted by `steps_offset` to start at first_timestep; x̂₀
+    clipped to [−1, 1] where the model's space is pixels (`clip`), not latents."""
     from diffusers import DDIMScheduler
 
     T = teacher_scheduler_config.num_train_timesteps
@@ -336,6 +357,6 @@ def student_scheduler(teacher_scheduler_config, prediction_type: str, first_time
     else:
         spacing = {"timestep_spacing": "leading", "steps_offset": first_timestep - (steps - 1) * (T // steps)}
     scheduler = DDIMScheduler.from_config(
-        teacher_scheduler_config, prediction_type=prediction_type, clip_sample=True, set_alpha_to_one=True, **spacing
+        teacher_scheduler_config, prediction_type=prediction_type, clip_sample=clip, set_alpha_to_one=True, **spacing
     )
     return scheduler

@@ -43,6 +43,7 @@ from types import SimpleNamespace
 import torch
 
 from redistill.config import RectifiedParams, settings
+from redistill.methods.student_shape import with_sampling
 from redistill.methods.training import Phase, Trainer, TrainingConfig, frozen, new_ema, sizes, student_like
 from redistill.models import adapter_for
 from redistill.models.flow import FlowMatchingPixel, euler_scheduler
@@ -61,18 +62,23 @@ def euler_grid(T: int, steps: int) -> torch.Tensor:
     return sched.sigmas.float()
 
 
-def euler_path(velocity: Callable, net, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Euler on the flow ODE dx/dσ = v(x, σ) from x along `sigmas` (1 → 0); differentiable, so a student's
+def euler_path(velocity: Callable, net, x: torch.Tensor, sigmas: torch.Tensor, cond=None) -> torch.Tensor:
+    """Euler on the flow ODE dx/dσ = v(x, σ | cond) from x along `sigmas` (1 → 0); differentiable, so a student's
     few-step sampler can be trained end to end."""
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        x = x + (s_next - s) * velocity(net, x, s.expand(len(x)).to(x.device))
+        x = x + (s_next - s) * velocity(net, x, s.expand(len(x)).to(x.device), cond)
     return x
 
 
 @torch.no_grad()
-def euler(velocity: Callable, net, z: torch.Tensor, sigmas: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Euler on the flow ODE dx/dσ = v(x, σ) from noise z along `sigmas` (1 → 0), in batches."""
-    return torch.cat([euler_path(velocity, net, z[i : i + batch], sigmas) for i in range(0, len(z), batch)])
+def euler(velocity: Callable, net, z: torch.Tensor, sigmas: torch.Tensor, batch: int = 500, cond=None) -> torch.Tensor:
+    """Euler on the flow ODE dx/dσ = v(x, σ | cond) from noise z along `sigmas` (1 → 0), in batches."""
+    return torch.cat(
+        [
+            euler_path(velocity, net, z[i : i + batch], sigmas, None if cond is None else cond[i : i + batch])
+            for i in range(0, len(z), batch)
+        ]
+    )
 
 
 def interpolate(z: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -85,20 +91,21 @@ def reflow_loss(z: torch.Tensor, x0: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return ((z - x0) - v).pow(2).mean()
 
 
-def amp_velocity(run: Trainer, kind, net, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The student's velocity v_θ(x, σ) through the flow-matching adapter `kind`, under the run's mixed precision."""
+def amp_velocity(run: Trainer, kind, net, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+    """The student's velocity v_θ(x, σ | cond) through the flow-matching adapter `kind` (one call: a conditional
+    student has the teacher's guidance folded in), under the run's mixed precision."""
     with run.autocast():
-        return kind.velocity(net, x, sigma).float()
+        return kind.output(net, x, sigma.to(x.device).float() * kind.num_train_timesteps, cond).float()
 
 
 @torch.no_grad()
-def straightness(velocity: Callable, net, z: torch.Tensor, steps: int) -> float:
+def straightness(velocity: Callable, net, z: torch.Tensor, steps: int, cond=None) -> float:
     """S = ∫₀¹ E‖(z − x₀) − v(x_σ, σ)‖² dσ (Liu et al. 2023, Def. 3.2) along Euler paths of `steps` even steps,
     per pixel; x₀ is the path's own end. 0 for a straight flow."""
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     x, vs = z, []
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        v = velocity(net, x, s.expand(len(x)).to(x.device))
+        v = velocity(net, x, s.expand(len(x)).to(x.device), cond)
         vs.append(v)
         x = x + (s_next - s) * v
     return float(torch.stack([(v - (z - x)).pow(2).mean() for v in vs]).mean())
@@ -148,11 +155,11 @@ def distill(
     from redistill.methods.output import load_or_make_pairs, unkeyed_sha256
 
     model = adapter_for(teacher)  # the teacher's kind: its ODE sampler, its velocity
-    if model.conditional:
+    if model.conditional and model.family != "flow":
         raise ValueError(
-            "rectified serves unconditional teachers (flow-matching or diffusion); a conditional "
-            "flow-matching student kind does not exist yet. Use another distill.method for a "
-            f"{model.kind} teacher"
+            f"rectified reflows a conditional teacher only where it is a flow (SD3, Flux): the student of a {model.kind} "
+            "teacher would be a flow in a pipeline whose sampler serves diffusion only. Use distill.method: "
+            "consistency, dmd, output, progressive or adversarial"
         )
     if cfg.feature_loss > 0:
         raise ValueError("distill.student.feature_loss is not used by rectified; set it to 0")
@@ -167,34 +174,42 @@ def distill(
     )
     dev = run.device
     teacher_unet = frozen(copy.deepcopy(model.unet)).to(dev)
-    # the student is a flow whatever the teacher is: its calls and export go through the flow-matching adapter
-    v_student = partial(amp_velocity, run, FlowMatchingPixel(model.export(teacher_unet, euler_scheduler(T, K))))
+    # the student is a flow whatever the teacher is: its calls and export go through a flow-matching adapter (a flow
+    # teacher's own: its conditions, latents and guidance; else the pixel flow's)
+    flow = model if model.family == "flow" else FlowMatchingPixel(model.export(teacher_unet, euler_scheduler(T, K)))
+    v_student = partial(amp_velocity, run, flow)
+    shape = (model.channels, *model.sample_size)  # the model's space: pixels, or a latent teacher's latents
 
     # 1. Couplings (z, x₀) from the teacher's ODE solver, cached by teacher sha256.
     pcfg = SimpleNamespace(pairs=cfg.couplings, pairs_steps=cfg.couplings_steps, seed=cfg.seed)
     with run.main_first():  # the main process makes the cache, the others then read it
-        z_all, x0_all, _, cfile, reused = load_or_make_pairs(
+        z_all, x0_all, c_all, cfile, reused = load_or_make_pairs(
             teacher,
             teacher_sha256 or unkeyed_sha256(teacher),
             pcfg,
-            tuple(data.shape[1:]),
+            shape,
             dev,
             Path(pairs_dir or "data/pairs"),
             log,
             samples_dir,
         )
     z_all, x0_all = z_all.to(dev), x0_all.to(dev)
-    held_out = torch.randn((256, *data.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed + 7)).to(dev)
+    c_all = None if c_all is None else c_all.to(dev)
+    held = torch.Generator().manual_seed(cfg.seed + 7)
+    held_out = torch.randn((256, *shape), generator=held).to(dev)
+    held_cond = model.conditions(256, held, dev)  # a conditional teacher's conditions for it (else None)
 
     # 2. Reflow: the velocity of the couplings' straight interpolations, cached beside the couplings.
     student = student_like(teacher_unet, cfg.student_channels, cfg.student_layers)
     rfile = reflow_file(cfile, cfg, model.kind)
-    reflowed, reflow, reflow_reused = train_reflow(run, cfg, student, v_student, z_all, x0_all, rfile, cfile, log)
+    reflowed, reflow, reflow_reused = train_reflow(
+        run, cfg, student, v_student, z_all, x0_all, rfile, cfile, log, c_all
+    )
 
     # 3. Straightness of the teacher's flow and of the reflowed one, on held-out noise.
     measured = {
-        "teacher": straightness(model.velocity, teacher_unet, held_out, cfg.reflow_ode_steps),
-        "reflowed": straightness(v_student, reflowed, held_out, cfg.reflow_ode_steps),
+        "teacher": straightness(model.velocity, teacher_unet, held_out, cfg.reflow_ode_steps, held_cond),
+        "reflowed": straightness(v_student, reflowed, held_out, cfg.reflow_ode_steps, held_cond),
     }
     log(
         f"straightness (per pixel, {cfg.reflow_ode_steps} Euler steps): teacher {measured['teacher']:.4f}, "
@@ -206,11 +221,14 @@ def distill(
     final, distilled = reflowed, {}
     if cfg.distill_steps > 0:
         if cfg.distill_targets == "reflowed":
-            targets = euler(v_student, reflowed, z_all, torch.linspace(1.0, 0.0, cfg.reflow_ode_steps + 1).to(dev))
-            targets = targets.clamp(-1, 1)
+            sigmas = torch.linspace(1.0, 0.0, cfg.reflow_ode_steps + 1).to(dev)
+            targets = euler(v_student, reflowed, z_all, sigmas, cond=c_all)
+            targets = targets.clamp(-1, 1) if model.clips else targets
         else:
             targets = x0_all
-        final, distilled = train_few_step(run, cfg, reflowed, v_student, z_all, targets, euler_grid(T, K).to(dev))
+        final, distilled = train_few_step(
+            run, cfg, reflowed, v_student, z_all, targets, euler_grid(T, K).to(dev), c_all
+        )
 
     # 5. Export: the stock pipeline and the flow-matching scheduler that samples exactly this grid at K steps.
     summary = {
@@ -228,7 +246,7 @@ def distill(
         "wall_time_s": run.finish(),
         "num_inference_steps": K,
     }
-    return model.export(final.cpu(), euler_scheduler(T, K)), summary
+    return with_sampling(model.export(final.cpu(), euler_scheduler(T, K)), model, K), summary
 
 
 def train_reflow(
@@ -241,6 +259,7 @@ def train_reflow(
     rfile: Path,
     cfile: Path,
     log: Callable[[str], None],
+    c_all: torch.Tensor | None = None,
 ) -> tuple[torch.nn.Module, dict, bool]:
     """Phase 0, reflow: `student` learns the velocity of the couplings' straight paths. Returns (the reflowed flow,
     its losses, reused). It depends on the couplings and the reflow's settings, not on the step count, so it is read
@@ -266,8 +285,8 @@ def train_reflow(
         idx = torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen).to(dev)
         t = torch.rand((cfg.batch_size,), generator=gen).to(dev)
         idx, t = run.shard(idx, t)
-        z, x0 = z_all[idx], x0_all[idx]
-        loss = reflow_loss(z, x0, v_student(student, interpolate(z, x0, t), t))
+        z, x0, c = z_all[idx], x0_all[idx], None if c_all is None else c_all[idx]
+        loss = reflow_loss(z, x0, v_student(student, interpolate(z, x0, t), t, c))
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
 
@@ -298,6 +317,7 @@ def train_few_step(
     z_all: torch.Tensor,
     targets: torch.Tensor,
     grid: torch.Tensor,
+    c_all: torch.Tensor | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Phase 1, distillation: a copy of the reflowed flow, sampled with Euler on `grid` (K steps) and
     back-propagated through every step, learns to map each noise z to its target (L2). Returns (student, losses)."""
@@ -309,7 +329,8 @@ def train_few_step(
 
     def step():
         idx = run.shard(torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen).to(dev))
-        loss = (euler_path(v_student, student, z_all[idx], grid) - targets[idx]).pow(2).mean()
+        c = None if c_all is None else c_all[idx]
+        loss = (euler_path(v_student, student, z_all[idx], grid, c) - targets[idx]).pow(2).mean()
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
 

@@ -8,9 +8,11 @@ Stable Diffusion", arXiv:2305.15798), for every method.
    channels); a layer the teacher has beyond the student's count is dropped, as BK-SDM removes blocks
    and keeps the rest; anything else keeps its fresh initialisation.
 3. Optionally add BK-SDM's feature-level distillation: the outputs of the student's down, mid and up
-   blocks are pulled towards the teacher's on the same input (`feature_loss` weight). Where the
-   student has fewer channels it is compared with the teacher's leading channels, the same slice its
-   weights were initialised from.
+   blocks (a transformer's: its blocks' image tokens) are pulled towards the teacher's on the same input
+   (`feature_loss` weight). Where the student has fewer channels it is compared with the teacher's leading
+   channels, the same slice its weights were initialised from.
+
+`with_sampling` marks how a conditional latent student of any method is sampled.
 """
 
 from __future__ import annotations
@@ -84,6 +86,22 @@ def build_student(teacher_unet, block_out_channels: list[int], layers_per_block:
     return student.train().requires_grad_(True), counts
 
 
+def feature_blocks(net) -> list:
+    """The blocks whose outputs are a network's features: a UNet's down, mid and up blocks; a transformer's blocks
+    (Flux: its double-stream then single-stream blocks)."""
+    if hasattr(net, "down_blocks"):
+        return [*net.down_blocks, net.mid_block, *net.up_blocks]
+    return [*net.transformer_blocks, *getattr(net, "single_transformer_blocks", [])]
+
+
+def block_output(output):
+    """A block's features from its output: a UNet block's (hidden states, skips) → the hidden states; an MMDiT
+    block's (context, image tokens) → the image tokens; else the tensor itself."""
+    if not isinstance(output, tuple):
+        return output
+    return output[0] if output[0] is not None and output[0].ndim == 4 else output[-1]
+
+
 class FeatureMatch:
     """Step 3: block-output feature distillation between a teacher and a student UNet.
 
@@ -98,13 +116,13 @@ class FeatureMatch:
         self._hooks = []
         if weight > 0:
             for who, unet in (("teacher", teacher_unet), ("student", student_unet)):
-                for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+                for block in feature_blocks(unet):
                     self._hooks.append(block.register_forward_hook(self._hook(who)))
 
     def _hook(self, who):
         def hook(_module, _inputs, output):
             if self._on[who]:
-                self.feats[who].append(output[0] if isinstance(output, tuple) else output)
+                self.feats[who].append(block_output(output))
 
         return hook
 
@@ -137,3 +155,22 @@ class FeatureMatch:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def with_sampling(pipe, model, steps: int):
+    """Mark how a conditional latent student is sampled (the folder's redistill_sampling.json): at guidance 1 (the
+    teacher's w is folded in; a UNet with a guidance embedding is given w through it, still in one pass)."""
+    if model.clips or not model.conditional:  # a pixel or unconditional student: its pipeline says how to sample
+        return pipe
+    net = pipe.transformer if getattr(pipe, "unet", None) is None else pipe.unet
+    # the student takes w as an input (LCM's guidance embedding, Flux's guidance_embeds): sampled at w, one pass
+    embedded = getattr(net.config, "time_cond_proj_dim", None) is not None or bool(
+        getattr(net.config, "guidance_embeds", False)
+    )
+    pipe.redistill_sampling = {
+        **(getattr(pipe, "redistill_sampling", None) or {}),  # what the export recorded (a DiT's classes)
+        "guidance_scale": model.guidance_scale if embedded else 1.0,
+        "distilled_guidance_scale": model.guidance_scale,
+        "num_inference_steps": steps,
+    }
+    return pipe

@@ -359,3 +359,11 @@ class Draws:
 
 def quiet(message: str) -> None:
     """The log of a process other than the main one."""
+
+
+def batch_conditions(model, run, idx: torch.Tensor, batch_size: int, gen: torch.Generator, device):
+    """The conditions of the training images at `idx` (this process's shard): their own captions where the model
+    pairs them with the data (text-to-image), else drawn for the global batch and sharded; None when unconditional."""
+    if getattr(model, "paired", False):
+        return model.conditions_at(idx, len(idx), gen, device)
+    return run.shard(model.conditions(batch_size, gen, device))

@@ -37,6 +37,37 @@ TRANSFORMER_LORA_PIPELINES = {
     "SD3Transformer2DModel": "StableDiffusion3Pipeline",
     "FluxTransformer2DModel": "FluxPipeline",
 }
+# transformers whose pipeline has no LoRA loader (DiTPipeline, PixArtSigmaPipeline): peft injects the adapter and its
+# state-dict functions save and load it, the LoraConfig kept in the file's metadata (so lora_alpha survives)
+PEFT_ONLY = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+CONFIG_KEY = "lora_adapter_metadata"  # diffusers' metadata key for the adapter's config
+
+
+def inject_peft(model: torch.nn.Module, config) -> None:
+    """Add the LoRA adapter `config` to `model` with peft's `inject_adapter_in_model` (a model without diffusers'
+    LoRA mixin), recording the config where peft's state-dict functions look for it."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    model.peft_config = {ADAPTER: config}
+
+
+def load_peft_adapter(model: torch.nn.Module, folder: Path) -> None:
+    """Inject and fill the adapter a PEFT_ONLY student saved in `folder` (`set_peft_model_state_dict`)."""
+    import dataclasses
+
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / LORA_WEIGHTS), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if CONFIG_KEY not in meta:
+        raise PipelineError(f"{Path(folder) / LORA_WEIGHTS} has no LoRA config in its metadata; save the adapter again")
+    fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    config = LoraConfig(**{k: v for k, v in json.loads(meta[CONFIG_KEY]).items() if k in fields})
+    inject_peft(model, config)
+    set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
 
 
 def save_adapter(
@@ -67,6 +98,15 @@ def save_adapter(
             transformer_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
             weight_name=LORA_WEIGHTS,
             safe_serialization=True,
+        )
+    elif type(unet).__name__ in PEFT_ONLY:  # peft's naming as is, the config in the file's metadata
+        from safetensors.torch import save_file
+
+        config = json.dumps(unet.peft_config[ADAPTER].to_dict(), default=sorted)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in layers.items()},
+            str(folder / LORA_WEIGHTS),
+            metadata={"format": "pt", CONFIG_KEY: config},
         )
     else:
         StableDiffusionPipeline.save_lora_weights(

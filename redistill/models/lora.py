@@ -20,9 +20,12 @@ from redistill.models.adapter_files import (
     ADAPTER_ONLY,
     LORA_META,
     LORA_WEIGHTS,
+    PEFT_ONLY,
     adapter_meta,
     check_base,
     check_loaded,
+    inject_peft,
+    load_peft_adapter,
     student_scheduler,
 )
 from redistill.models.pipelines import load_adapter_only, load_pipeline, save_pipeline
@@ -55,11 +58,12 @@ def add_lora(
     if rank < 1:
         raise ValueError(f"a LoRA rank must be at least 1, got {rank}")
     targets = resolve_targets(targets)
-    if not hasattr(unet, "add_adapter") or not _matched(unet, ATTENTION):  # UNet2DModel: no diffusers LoRA support
+    injected = not hasattr(unet, "add_adapter") and type(unet).__name__ in PEFT_ONLY
+    if not (hasattr(unet, "add_adapter") or injected) or not _matched(unet, ATTENTION):  # UNet2DModel: none
         raise ValueError(
             f"this UNet ({type(unet).__name__}) takes no LoRA adapter: it has no attention projections "
-            f"({', '.join(ATTENTION)}) or no diffusers LoRA support; a LoRA student needs a UNet2DConditionModel. "
-            "Set distill.student.lora_rank: 0 for a full-UNet student"
+            f"({', '.join(ATTENTION)}) or no diffusers LoRA support; a LoRA student needs a UNet2DConditionModel "
+            "or a transformer. Set distill.student.lora_rank: 0 for a full-UNet student"
         )
     matched = _matched(unet, targets)
     if set(ATTENTION) <= set(targets):  # an MMDiT's context stream: adapted with its attention (SD3, Flux)
@@ -70,10 +74,11 @@ def add_lora(
             f"preset ({', '.join(PRESETS)}) or names of its modules"
         )
     unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=sorted(matched)),
-        adapter_name=ADAPTER,
-    )
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=sorted(matched))
+    if injected:
+        inject_peft(unet, config)
+    else:
+        unet.add_adapter(config, adapter_name=ADAPTER)
     if init is not None:
         set_peft_model_state_dict(unet, init, adapter_name=ADAPTER)
     for name, p in unet.named_parameters():
@@ -114,7 +119,10 @@ def load_adapter(adapter_folder: Path, base_folder: Path, device: str = "cpu"):
     `load_lora_weights`) and the student's scheduler; AdapterBaseMismatch when the base is not its own."""
     check_base(adapter_folder, base_folder)
     pipe = load_pipeline(base_folder, device)
-    pipe.load_lora_weights(str(adapter_folder), weight_name=LORA_WEIGHTS)
+    if hasattr(pipe, "load_lora_weights"):
+        pipe.load_lora_weights(str(adapter_folder), weight_name=LORA_WEIGHTS)
+    else:  # DiT, PixArt: peft's own state-dict functions
+        load_peft_adapter(_denoiser(pipe), adapter_folder)
     check_loaded(_denoiser(pipe), adapter_folder)
     pipe.scheduler = student_scheduler(Path(adapter_folder)) or pipe.scheduler
     return pipe

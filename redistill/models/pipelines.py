@@ -22,6 +22,7 @@ from redistill.models.adapter_files import (
     check_base,
     check_loaded,
     is_adapter_only,
+    load_peft_adapter,
     save_adapter,
     student_scheduler,
 )
@@ -117,10 +118,17 @@ def load_adapter_only(folder: Path, device: str | torch.device = "cpu"):
         )
     check_base(folder, Path(base))
     pipe = load_pipeline(Path(base), device)
-    pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
-    check_loaded(adapter_for(pipe).unet, folder)
-    pipe.fuse_lora(adapter_names=[ADAPTER])
-    pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    if hasattr(pipe, "load_lora_weights"):
+        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
+        check_loaded(adapter_for(pipe).unet, folder)
+        pipe.fuse_lora(adapter_names=[ADAPTER])
+        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    else:  # DiT, PixArt: injected by peft, then fused into a plain transformer
+        from redistill.models.lora import fused_copy
+
+        load_peft_adapter(pipe.transformer, folder)
+        check_loaded(pipe.transformer, folder)
+        pipe.transformer = fused_copy(pipe.transformer)
     sched = student_scheduler(folder)
     if sched is None:
         raise PipelineError(

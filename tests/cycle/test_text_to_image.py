@@ -168,18 +168,45 @@ def fused_copy_safe(unet):
     return copy.deepcopy(unet)
 
 
-def test_other_methods_refuse_the_kind_before_training(sd_teacher, tmp_path):
+@pytest.mark.parametrize("method", ["output", "progressive", "adversarial"])
+def test_the_full_student_methods_serve_the_kind_and_export_unclipped_latent_samplers(sd_teacher, tmp_path, method):
+    """Output, progressive and adversarial distil the SD-layout UNet on its captioned images (their own captions
+    where the method trains on images) into a StableDiffusionPipeline sampled at guidance 1."""
+    from redistill.config import parse_params
+    from redistill.methods import distill
+
+    section = {
+        "output": {"output": {"steps": 2, "pairs": 8, "pairs_steps": 4}},
+        "progressive": {"progressive": {"steps_per_round": 2, "teacher_steps": 4}},
+        "adversarial": {"adversarial": {"steps": 2}},
+    }[method]
+    p = parse_params({"distill": {"method": method, "target_steps": 2, "batch_size": 4, **section}}).distill
+    student, _ = distill(
+        p,
+        load_pipeline(sd_teacher),
+        torch.rand(8, 3, 16, 16),
+        tmp_path / "ckpt",
+        log=lambda m: None,
+        teacher_path=sd_teacher,
+        workspace=tmp_path,
+        captions=prompts(8),
+    )
+    assert type(student).__name__ == "StableDiffusionPipeline" and not student.scheduler.config.clip_sample
+    assert student.redistill_sampling["guidance_scale"] == 1.0
+
+
+def test_rectified_refuses_the_kind_before_training(sd_teacher, tmp_path):
     from redistill.config import parse_params
     from redistill.methods import distill
 
     pipe = load_pipeline(sd_teacher)
-    for method in ("progressive", "output", "adversarial", "rectified"):
-        p = parse_params({"distill": {"method": method}}).distill
-        with pytest.raises(
-            ValueError, match="does not serve text-to-image-latent teachers yet; use distill.method: consistency or dmd"
-        ):
-            distill(p, pipe, torch.rand(4, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher)
-        assert not (tmp_path / "ckpt").exists()
+    p = parse_params({"distill": {"method": "rectified"}}).distill
+    with pytest.raises(
+        ValueError,
+        match="does not serve text-to-image-latent teachers; use distill.method: consistency, dmd, output, progressive",
+    ):
+        distill(p, pipe, torch.rand(4, 3, 16, 16), tmp_path / "ckpt", log=lambda m: None, teacher_path=sd_teacher)
+    assert not (tmp_path / "ckpt").exists()
 
 
 @pytest.mark.trials  # make test stays under its time budget; make trials-short (in .ci/run) runs it

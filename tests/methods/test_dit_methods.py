@@ -1,6 +1,6 @@
 """Distilling a DiT teacher (a class-conditional latent transformer): the consistency and DMD students come back as
 stock DiTPipelines sampled at guidance 1 with the teacher's guidance folded in; the methods and student shapes the
-kind does not serve are refused before training, saying what to use."""
+kind does not serve (rectified) are refused before training, saying what to use."""
 
 from __future__ import annotations
 
@@ -55,10 +55,9 @@ def test_a_dit_student_is_a_stock_dit_pipeline_sampled_at_guidance_one(teacher, 
     assert img.shape == (2, 1, 8, 8) and torch.isfinite(img).all()
 
 
-@pytest.mark.parametrize("method", ["output", "progressive", "adversarial", "rectified"])
-def test_the_methods_a_dit_teacher_is_not_served_by_are_refused_naming_those_that_are(teacher, tmp_path, method):
-    with pytest.raises(ValueError, match="consistency or dmd"):
-        distill_with(settings_of(method=method), load_pipeline(teacher), torch.rand(8, 1, 8, 8), tmp_path)
+def test_the_method_a_dit_teacher_is_not_served_by_is_refused_naming_those_that_are(teacher, tmp_path):
+    with pytest.raises(ValueError, match="consistency, dmd, output, progressive or adversarial"):
+        distill_with(settings_of(method="rectified"), load_pipeline(teacher), torch.rand(8, 1, 8, 8), tmp_path)
 
 
 def test_a_lora_or_smaller_student_of_a_dit_is_refused_before_training(teacher, tmp_path):

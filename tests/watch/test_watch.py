@@ -159,11 +159,16 @@ def test_broken_teachers_are_recorded_and_skipped_and_the_champion_stays(ws, eve
         next(pipe.unet.parameters()).fill_(float("nan"))
     pipe.save_pretrained(nan, safe_serialization=True)
     make_tiny_pipeline(ws / "data" / "teachers" / "rgb", channels=3, seed=6)
-    # sound, but a kind the workspace's method (progressive) cannot distil (a DiT: consistency or dmd only):
-    # never made the current teacher
-    from redistill.teachers.dit_parts import build_dit_pipeline, save_dit
+    # a transformer layout no kind serves (SANA): refused before anything loads, never made the current teacher
+    sana = ws / "data" / "teachers" / "dit"
+    (sana / "transformer").mkdir(parents=True)
+    (sana / "model_index.json").write_text(
+        json.dumps({"_class_name": "SanaPipeline", "transformer": ["diffusers", "SanaTransformer2DModel"]})
+    )
+    (sana / "transformer" / "config.json").write_text("{}")
+    from safetensors.torch import save_file
 
-    save_dit(build_dit_pipeline(seed=8), ws / "data" / "teachers" / "dit", num_classes=10, guidance_scale=2.0)
+    save_file({"w": torch.zeros(1)}, sana / "transformer" / "diffusion_pytorch_model.safetensors")
 
     out = watch(ws)
     got = {t["teacher"]: t for t in out["teachers"]}
@@ -173,7 +178,7 @@ def test_broken_teachers_are_recorded_and_skipped_and_the_champion_stays(ws, eve
         "rgb": "refused",
         "dit": "refused",
     }
-    assert "distill.method: consistency or dmd" in got["dit"]["reason"]
+    assert "SanaPipeline" in got["dit"]["reason"] and "DiTPipeline (dit-latent)" in got["dit"]["reason"]
     assert "truncated" in got["truncated"]["reason"]
     assert "non-finite weights" in got["nan"]["reason"]
     assert "3 input channels" in got["rgb"]["reason"]
