@@ -16,7 +16,7 @@ def demo(
     kind: str = typer.Option(
         "digits",
         "--kind",
-        help="digits (the default: the continuous loop on the embedded digits); text-to-image (the embedded latent text-to-image UNet teacher and an LCM-LoRA student); dit (the embedded class-conditional DiT and a consistency student); sd3 (the embedded SD3-layout MMDiT and an LCM-LoRA student). The latent kinds run in their own workspace runs/demo-<kind>.",
+        help="digits (the default: the continuous loop on the embedded digits); text-to-image (the embedded latent text-to-image UNet teacher and an LCM-LoRA student); dit (the embedded class-conditional DiT and an LCM-LoRA student, injected by peft); sd3 (the embedded SD3-layout MMDiT and an LCM-LoRA student). The latent kinds run in their own workspace runs/demo-<kind>.",
     ),
     cold: bool = typer.Option(
         False,

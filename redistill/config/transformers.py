@@ -95,8 +95,6 @@ class DiTDemoParams(T2IDemoParams):
     """`dit_demo`: what `redistill demo --kind dit` changes of the settings for its workspace runs/demo-dit."""
 
     student_name: str = Field("digits-dit-student", description="the registered model of the DiT demo")
-    lora_rank: int = Field(0, description="the adapter's rank; 0 trains the whole transformer")
-    lr: float = Field(2.0e-4, description="the student's learning rate (distill.lr)")
 
 
 @settings("sd3_demo")

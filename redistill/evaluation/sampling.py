@@ -49,8 +49,8 @@ def fresh_noise(scheduler, steps: int) -> str | None:
     name = type(scheduler).__name__
     if steps <= 1:
         return None  # one step: noise to image, nothing drawn in between
-    if name == "LCMScheduler":
-        return f"LCMScheduler at {steps} steps re-noises its x0 estimate between steps (multistep consistency sampling)"
+    if name in ("LCMScheduler", "FlowMatchLCMScheduler"):  # the flow one: (1 − σ′)·x̂₀ + σ′·fresh noise
+        return f"{name} at {steps} steps re-noises its x0 estimate between steps (multistep consistency sampling)"
     if name == "DDPMScheduler" or "Ancestral" in name or name in ("DPMSolverSDEScheduler", "ScoreSdeVeScheduler"):
         return f"{name} is an ancestral (stochastic) sampler"
     return None

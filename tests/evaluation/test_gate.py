@@ -142,9 +142,19 @@ def test_a_sampler_that_draws_noise_between_steps_is_not_held_to_the_teachers_ma
     low_psnr["fidelity"]["fresh_noise"] = None
     assert [c.name for c in judge(low_psnr, None, GateParams(), "consistency").failed()] == ["psnr_db"]
 
-    from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, LCMScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        EulerAncestralDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FlowMatchLCMScheduler,
+        LCMScheduler,
+    )
 
     assert "re-noises" in fresh_noise(LCMScheduler(), 4) and fresh_noise(LCMScheduler(), 1) is None
+    # a flow-matching consistency student (SD3, Flux) re-noises as well; the flow's Euler sampler does not
+    assert "FlowMatchLCMScheduler at 4 steps re-noises" in fresh_noise(FlowMatchLCMScheduler(), 4)
+    assert fresh_noise(FlowMatchEulerDiscreteScheduler(), 4) is None
     assert fresh_noise(DDIMScheduler(), 50) is None
     assert "ancestral" in fresh_noise(DDPMScheduler(), 1000) and "ancestral" in fresh_noise(
         EulerAncestralDiscreteScheduler(), 8
