@@ -123,15 +123,21 @@ def export(
     steps, own_code, adapter = e["steps"], e["own_code"], e["adapter"]
     load = f"DiffusionPipeline.from_pretrained('{out}'{', trust_remote_code=True' if own_code else ''})"
     call = f"(class_labels=[0, 1], num_inference_steps={steps})" if own_code else f"(num_inference_steps={steps})"
-    if e["sampling"]:  # text-to-image: a prompt, and the guidance it was distilled to be sampled at
-        call = f'("a prompt", num_inference_steps={steps}, guidance_scale={e["sampling"].get("guidance_scale", 1.0)})'
+    if e["sampling"]:  # text-to-image: a prompt, and the guidance it was distilled to be sampled at (DiT: labels)
+        what = "class_labels=[0, 1]" if "num_classes" in e["sampling"] else '"a prompt"'
+        call = f"({what}, num_inference_steps={steps}, guidance_scale={e['sampling'].get('guidance_scale', 1.0)})"
     typer.echo(
         f"wrote version {mv.version} of {name} to {out}; sample it with {load}{call}"
         + (f" (its pipeline code is {out}/pipeline_redistill.py; read it before trusting it)" if own_code else "")
         + f"; its model card is {out}/README.md"
         + (
-            f"; its LoRA adapter alone is {out}/pytorch_lora_weights.safetensors: pipe.load_lora_weights('{out}') "
-            "on its base teacher, then this folder's scheduler"
+            f"; its LoRA adapter alone is {out}/pytorch_lora_weights.safetensors: "
+            + (
+                "peft's inject_adapter_in_model + set_peft_model_state_dict on its base teacher's transformer (docs/teachers.md shows how)"
+                if not _has_lora_loader(out)
+                else f"pipe.load_lora_weights('{out}') on its base teacher"
+            )
+            + ", then this folder's scheduler"
             if adapter
             else ""
         )
@@ -245,3 +251,11 @@ def reproduce(
         f"  {'all recorded CIs hold' if r['all_within_ci'] else 'SOME FIGURES FELL OUTSIDE THEIR RECORDED CI'}; "
         f"wrote {r['out_dir']}/reproduce.json"
     )
+
+
+def _has_lora_loader(folder: Path) -> bool:
+    """Whether the pipeline class of the folder's model_index.json loads LoRA itself (`load_lora_weights`)."""
+    import diffusers
+
+    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
+    return hasattr(getattr(diffusers, str(name), None), "load_lora_weights")

@@ -118,6 +118,7 @@ def save_adapter(
         "rank": rank,
         "alpha": alpha or rank,
         "target_modules": sorted(unet.peft_config[ADAPTER].target_modules),
+        "denoiser": type(unet).__name__,  # DiT and PixArt (PEFT_ONLY): loaded with peft, not load_lora_weights
         "weights": LORA_WEIGHTS,
         **(extra or {}),
     }

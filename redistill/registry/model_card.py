@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from redistill.models.adapter_files import PEFT_ONLY
 from redistill.registry.mlflow_lineage import _trigger_note, gate_table
 
 CARD = "README.md"
@@ -51,6 +52,25 @@ _WHAT = {
 }
 
 
+def _lora_lines(path: str) -> list[str]:
+    return [f'pipe.load_lora_weights({path!r}, weight_name="pytorch_lora_weights.safetensors")', "pipe.fuse_lora()"]
+
+
+def _peft_lines(path: str) -> list[str]:
+    """DiTPipeline and PixArtSigmaPipeline have no LoRA loader: peft injects and fills the adapter."""
+    return [
+        "from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict",
+        "from safetensors import safe_open",
+        "",
+        f'with safe_open({path + "/pytorch_lora_weights.safetensors"!r}, framework="pt") as f:',
+        '    config = json.loads(f.metadata()["lora_adapter_metadata"])',
+        "    state = {k: f.get_tensor(k) for k in f.keys()}",
+        'keys = ("r", "lora_alpha", "target_modules")',
+        "inject_adapter_in_model(LoraConfig(**{k: config[k] for k in keys}), pipe.transformer)",
+        "set_peft_model_state_dict(pipe.transformer, state)",
+    ]
+
+
 def usage(
     path: str, steps, model_index: dict | None = None, sampling: dict | None = None, adapter: dict | None = None
 ) -> str:
@@ -60,6 +80,8 @@ def usage(
     if sampling is not None or (adapter is not None and model_index is None):
         g = (sampling or {}).get("guidance_scale", 1.0)
         call = f'"a prompt", num_inference_steps={steps}, guidance_scale={g}'
+        if "num_classes" in (sampling or {}):  # a class-conditional latent student (DiT): labels, not prompts
+            call = f"class_labels=[0, 1], num_inference_steps={steps}, guidance_scale={g}"
     elif own:
         call = f"class_labels=[0, 1], num_inference_steps={steps}"
     if adapter is not None and model_index is None:  # the registered form of a LoRA student: adapter + scheduler
@@ -72,8 +94,7 @@ def usage(
                 "",
                 f"pipe = diffusers.DiffusionPipeline.from_pretrained({base!r})  # the base teacher, sha256 "
                 f"{adapter.get('base_sha256', '?')}",
-                f'pipe.load_lora_weights({path!r}, weight_name="pytorch_lora_weights.safetensors")',
-                "pipe.fuse_lora()",
+                *(_peft_lines(path) if adapter.get("denoiser") in PEFT_ONLY else _lora_lines(path)),
                 f'scheduler = json.load(open({path + "/scheduler/scheduler_config.json"!r}))["_class_name"]  # the student\'s',
                 f"pipe.scheduler = getattr(diffusers, scheduler).from_pretrained({path + '/scheduler'!r})",
                 f"images = pipe({call}).images",

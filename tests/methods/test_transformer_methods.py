@@ -207,3 +207,17 @@ def test_a_lora_student_of_a_pipeline_without_a_lora_loader_goes_through_peft_an
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=16, target_modules=config["target_modules"]), base.unet)
     set_peft_model_state_dict(base.unet, state)
     assert torch.allclose(base.output(base.unet, z, t, cond), want, atol=1e-5)
+
+
+def test_the_model_card_of_a_registered_dit_adapter_loads_it_with_peft_and_samples_labels():
+    """A DiT LoRA student's registered form (the adapter and a pointer) has no `load_lora_weights` to call: its model
+    card says how peft loads it, and samples class labels, not a prompt."""
+    from redistill.registry.model_card import usage
+
+    adapter = {"base_uri": "/teachers/digits-dit", "base_sha256": "abc", "denoiser": "DiTTransformer2DModel"}
+    code = usage("/students/v2", 4, None, {"num_classes": 10, "guidance_scale": 1.0}, adapter)
+    assert "set_peft_model_state_dict(pipe.transformer, state)" in code and "load_lora_weights" not in code
+    assert "class_labels=[0, 1], num_inference_steps=4" in code
+    compile(code, "card", "exec")  # valid Python
+    sd3 = usage("/students/v2", 4, None, {"guidance_scale": 1.0}, {**adapter, "denoiser": "SD3Transformer2DModel"})
+    assert "pipe.load_lora_weights(" in sd3 and '"a prompt"' in sd3
