@@ -178,7 +178,7 @@ def demo_latent(
     else:
         from redistill.teachers.transformer import train_embedded as train_transformer
 
-        train, budget = (lambda: train_transformer(kind, root, sp, teacher, log=log_err)), "about 35 min on one core"
+        train, budget = (lambda: train_transformer(kind, root, sp, teacher, log=log_err)), "about 50 min on one core"
     result, timings = demo_cycle(
         sub,
         sp,
