@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from redistill.cli.common import ModelOpt, ParamsOpt, WorkspaceOpt, _settings, echo_err, fail
+from redistill.models.adapter_files import LORA_WEIGHTS, has_lora_loader
 
 
 def _model(root: Path, p, model: str | None):
@@ -126,21 +127,13 @@ def export(
     if e["sampling"]:  # text-to-image: a prompt, and the guidance it was distilled to be sampled at (DiT: labels)
         what = "class_labels=[0, 1]" if "num_classes" in e["sampling"] else '"a prompt"'
         call = f"({what}, num_inference_steps={steps}, guidance_scale={e['sampling'].get('guidance_scale', 1.0)})"
+    how = f"pipe.load_lora_weights('{out}')" if adapter and has_lora_loader(out) else "peft (docs/teachers.md)"
     typer.echo(
         f"wrote version {mv.version} of {name} to {out}; sample it with {load}{call}"
         + (f" (its pipeline code is {out}/pipeline_redistill.py; read it before trusting it)" if own_code else "")
         + f"; its model card is {out}/README.md"
-        + (
-            f"; its LoRA adapter alone is {out}/pytorch_lora_weights.safetensors: "
-            + (
-                "peft's inject_adapter_in_model + set_peft_model_state_dict on its base teacher's transformer (docs/teachers.md shows how)"
-                if not _has_lora_loader(out)
-                else f"pipe.load_lora_weights('{out}') on its base teacher"
-            )
-            + ", then this folder's scheduler"
-            if adapter
-            else ""
-        )
+        + (f"; its LoRA adapter alone is {out}/{LORA_WEIGHTS}: {how} on its base teacher" if adapter else "")
+        + (", then this folder's scheduler" if adapter else "")
     )
 
 
@@ -251,11 +244,3 @@ def reproduce(
         f"  {'all recorded CIs hold' if r['all_within_ci'] else 'SOME FIGURES FELL OUTSIDE THEIR RECORDED CI'}; "
         f"wrote {r['out_dir']}/reproduce.json"
     )
-
-
-def _has_lora_loader(folder: Path) -> bool:
-    """Whether the pipeline class of the folder's model_index.json loads LoRA itself (`load_lora_weights`)."""
-    import diffusers
-
-    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
-    return hasattr(getattr(diffusers, str(name), None), "load_lora_weights")

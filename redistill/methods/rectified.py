@@ -66,8 +66,13 @@ def euler_path(velocity: Callable, net, x: torch.Tensor, sigmas: torch.Tensor, c
     """Euler on the flow ODE dx/dσ = v(x, σ | cond) from x along `sigmas` (1 → 0); differentiable, so a student's
     few-step sampler can be trained end to end."""
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        x = x + (s_next - s) * velocity(net, x, s.expand(len(x)).to(x.device), cond)
+        x = x + (s_next - s) * _v(velocity, net, x, s.expand(len(x)).to(x.device), cond)
     return x
+
+
+def _v(velocity: Callable, net, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+    """v(x, σ), or v(x, σ | cond) for a conditional flow (an unconditional velocity takes no condition)."""
+    return velocity(net, x, sigma) if cond is None else velocity(net, x, sigma, cond)
 
 
 @torch.no_grad()
@@ -105,7 +110,7 @@ def straightness(velocity: Callable, net, z: torch.Tensor, steps: int, cond=None
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     x, vs = z, []
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        v = velocity(net, x, s.expand(len(x)).to(x.device), cond)
+        v = _v(velocity, net, x, s.expand(len(x)).to(x.device), cond)
         vs.append(v)
         x = x + (s_next - s) * v
     return float(torch.stack([(v - (z - x)).pow(2).mean() for v in vs]).mean())
@@ -286,7 +291,7 @@ def train_reflow(
         t = torch.rand((cfg.batch_size,), generator=gen).to(dev)
         idx, t = run.shard(idx, t)
         z, x0, c = z_all[idx], x0_all[idx], None if c_all is None else c_all[idx]
-        loss = reflow_loss(z, x0, v_student(student, interpolate(z, x0, t), t, c))
+        loss = reflow_loss(z, x0, _v(v_student, student, interpolate(z, x0, t), t, c))
         run.backward(loss, student, opt, ema)
         return {"loss": loss.item()}
 

@@ -182,3 +182,12 @@ def student_scheduler(folder: Path):
         return None
     cls = getattr(diffusers, json.loads(f.read_text()).get("_class_name", ""), None)
     return cls.from_pretrained(str(f.parent)) if cls is not None else None
+
+
+def has_lora_loader(folder: Path) -> bool:
+    """Whether the pipeline class of the folder's model_index.json loads LoRA itself (`load_lora_weights`); DiT and
+    PixArt do not (their adapters load with peft)."""
+    import diffusers
+
+    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
+    return hasattr(getattr(diffusers, str(name), None), "load_lora_weights")

@@ -283,6 +283,7 @@ def test_a_killed_run_resumes_exactly(flow_teacher, tmp_path, marker):
     assert any("resumed from" in m for m in logs)
 
 
+@pytest.mark.trials  # ~25 s, a fresh process: `make test` stays under 12 minutes, `make trials-short` runs it
 def test_the_exported_student_samples_in_a_fresh_process_with_stock_diffusers(flow_teacher, tmp_path):
     from redistill.methods.rectified import euler_grid
     from redistill.models import adapter_for

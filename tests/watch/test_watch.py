@@ -367,6 +367,7 @@ def test_a_grown_set_is_validated_against_the_reference_it_grew_from_and_the_acc
     shutil.rmtree(ws / "data" / "incoming" / "dim")
 
 
+@pytest.mark.trials  # ~60 s of three processes: `make test` stays under 12 minutes, `make trials-short` runs it
 def test_three_simultaneous_cycles_give_one_distillation_and_one_version(ws, tmp_path):
     params = tmp_path / "p.yaml"  # a setting never used before: a new key, so nothing to dedupe yet
     params.write_text(BASE.replace("batch_size: 8", "batch_size: 6") + LENIENT + "watch: {settle_seconds: 0}\n")
