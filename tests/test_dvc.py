@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import REPO
@@ -267,6 +268,7 @@ def _with(params: dict, key: str, value) -> dict:
     return out
 
 
+@pytest.mark.trials  # a whole cycle (or every key through DVC): `make test` stays under 12 minutes
 def test_dvc_status_sees_a_change_to_every_params_key_a_stage_lists(tmp_path, monkeypatch):
     from dvc.repo import Repo
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from redistill.cli.common import ModelOpt, ParamsOpt, WorkspaceOpt, _settings, echo_err, fail
-from redistill.models.adapter_files import LORA_WEIGHTS, has_lora_loader
 
 
 def _model(root: Path, p, model: str | None):
@@ -127,6 +126,8 @@ def export(
     if e["sampling"]:  # text-to-image: a prompt, and the guidance it was distilled to be sampled at (DiT: labels)
         what = "class_labels=[0, 1]" if "num_classes" in e["sampling"] else '"a prompt"'
         call = f"({what}, num_inference_steps={steps}, guidance_scale={e['sampling'].get('guidance_scale', 1.0)})"
+    from redistill.models.adapter_files import LORA_WEIGHTS, has_lora_loader  # torch: only when exporting
+
     how = f"pipe.load_lora_weights('{out}')" if adapter and has_lora_loader(out) else "peft (docs/teachers.md)"
     typer.echo(
         f"wrote version {mv.version} of {name} to {out}; sample it with {load}{call}"

@@ -163,6 +163,7 @@ def test_every_method_distils_each_kind_into_a_stock_loadable_pipeline(kinds, ki
 # --- whole cycles from an empty workspace ----------------------------------------------------------------
 
 
+@pytest.mark.trials  # a whole cycle (or every key through DVC): `make test` stays under 12 minutes
 def test_an_unlabelled_rgb_folder_runs_the_whole_cycle_in_an_empty_workspace(kinds, tmp_path, prefect_harness):
     teacher, data = kinds["rgb16"]
     assert not (data / "labels.csv").exists()

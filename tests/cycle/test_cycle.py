@@ -309,6 +309,7 @@ def test_a_killed_cycle_resumes_and_registers_exactly_once(digits_ws, tmp_path):
     assert len(c.search_model_versions(f"name='{NAME}'")) == 1
 
 
+@pytest.mark.trials  # a whole cycle (or every key through DVC): `make test` stays under 12 minutes
 def test_warm_start_from_the_champion_is_recorded_and_refused_when_it_does_not_fit(digits_ws, tmp_path):
     from helpers import make_tiny_pipeline
 

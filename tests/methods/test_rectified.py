@@ -112,6 +112,7 @@ def test_straightness_is_zero_for_a_straight_flow_and_positive_for_a_curved_one(
     assert straightness(curved, None, z, 8) > 0.1
 
 
+@pytest.mark.trials  # a whole cycle (or every key through DVC): `make test` stays under 12 minutes
 def test_a_flow_matching_teacher_runs_the_whole_cycle_with_rectified(tmp_path, prefect_harness):
     # an empty workspace, a flow-matching teacher folder and unlabelled images: validated, distilled, evaluated
     # (the teacher at its own Euler sampler), gated, registered, exported, served and reproduced
