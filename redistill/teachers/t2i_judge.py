@@ -61,3 +61,20 @@ def prompt_adherence(
         "adherent_recognisable": float((hit & ok).float().mean()),
         "adherence_per_class": [round(float(hit[labels == c].float().mean()), 3) for c in range(10)],
     }
+
+
+def choose_guidance(pipe, classifier, p, confidence: float, log) -> tuple[float, dict[str, dict]]:
+    """The guidance w a trained teacher is sampled at: each w of `p.guidance_sweep` measured with the digits
+    classifier (`prompt_adherence`) and the best adherent-and-recognisable share chosen (the lower w on a tie);
+    `p.guidance_scale` unmeasured where there is no classifier or no sweep. Returns (w, the measurements)."""
+    sweep: dict[str, dict] = {}
+    if classifier is None or not p.guidance_sweep:
+        return p.guidance_scale, sweep
+    for scale_w in p.guidance_sweep:
+        sweep[str(scale_w)] = prompt_adherence(
+            pipe, classifier, scale_w, p.eval_steps, p.eval_samples, p.seed, confidence
+        )
+        log(f"w {scale_w}: {summary_line(sweep[str(scale_w)])}")
+    w = max(p.guidance_sweep, key=lambda s: (sweep[str(s)]["adherent_recognisable"], -s))
+    log(f"guidance_scale {w} (best adherent-and-recognisable share at {p.eval_steps} steps)")
+    return w, sweep

@@ -44,7 +44,7 @@ import torch
 from redistill.config import T2ITeacherParams
 from redistill.core import checkpoint
 from redistill.models.pipelines import PipelineError, save_pipeline
-from redistill.teachers.t2i_judge import prompt_adherence, summary_line
+from redistill.teachers.t2i_judge import choose_guidance
 from redistill.teachers.t2i_parts import (
     EMPTY_PROMPT,
     build_scheduler,
@@ -262,16 +262,7 @@ def train_t2i_teacher(
     pipe.set_progress_bar_config(disable=True)
 
     # 5. The guidance scale: the measured best of the sweep, else the configured one.
-    sweep: dict[str, dict] = {}
-    w = p.guidance_scale
-    if classifier is not None and p.guidance_sweep:
-        for scale_w in p.guidance_sweep:
-            sweep[str(scale_w)] = prompt_adherence(
-                pipe, classifier, scale_w, p.eval_steps, p.eval_samples, p.seed, confidence
-            )
-            log(f"w {scale_w}: {summary_line(sweep[str(scale_w)])}")
-        w = max(p.guidance_sweep, key=lambda s: (sweep[str(s)]["adherent_recognisable"], -s))
-        log(f"guidance_scale {w} (best adherent-and-recognisable share at {p.eval_steps} steps)")
+    w, sweep = choose_guidance(pipe, classifier, p, confidence, log)
 
     # 6. Save: a stock StableDiffusionPipeline folder, its sampling file and the summary.
     summary = {

@@ -35,7 +35,7 @@ import torch
 
 from redistill.core import checkpoint
 from redistill.models.pipelines import PipelineError, save_pipeline
-from redistill.teachers.t2i_judge import prompt_adherence, summary_line
+from redistill.teachers.t2i_judge import choose_guidance
 from redistill.teachers.t2i_parts import EMPTY_PROMPT, drop_captions, tokenize
 from redistill.teachers.train import min_snr_weight
 
@@ -267,17 +267,8 @@ def train_transformer_teacher(
     sampling = {"num_classes": 10} if layout == "dit" else {"max_sequence_length": p.max_sequence_length}
 
     # 3. The guidance scale: the measured best of the sweep, else the configured one.
-    sweep: dict[str, dict] = {}
-    w = p.guidance_scale
-    if classifier is not None and p.guidance_sweep:
-        pipe.redistill_sampling = {**sampling, "guidance_scale": w}
-        for scale_w in p.guidance_sweep:
-            sweep[str(scale_w)] = prompt_adherence(
-                pipe, classifier, scale_w, p.eval_steps, p.eval_samples, p.seed, confidence
-            )
-            log(f"w {scale_w}: {summary_line(sweep[str(scale_w)])}")
-        w = max(p.guidance_sweep, key=lambda s: (sweep[str(s)]["adherent_recognisable"], -s))
-        log(f"guidance_scale {w} (best adherent-and-recognisable share at {p.eval_steps} steps)")
+    pipe.redistill_sampling = {**sampling, "guidance_scale": p.guidance_scale}
+    w, sweep = choose_guidance(pipe, classifier, p, confidence, log)
 
     # 4. Save: a stock pipeline folder, its sampling file and the summary.
     summary = {
