@@ -133,4 +133,4 @@ def test_the_committed_transformer_teacher_follows_its_condition_as_the_text_to_
     draw = prompt_adherence(
         load_pipeline(folder), load_classifier(REPO / "data" / "features"), summary["guidance_scale"], 10, 60, seed=1
     )
-    assert draw["adherent_recognisable"] >= best["adherent_recognisable"] - 0.2, draw
+    assert draw["adherent_recognisable"] >= best["adherent_recognisable"] - 0.15, draw
