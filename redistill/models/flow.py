@@ -14,6 +14,9 @@ kind (the `rectified` method serves it), and `velocity`, `ode_sample` and `add_n
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+
 import torch
 
 from redistill.models.pixel import UnconditionalPixel
@@ -51,6 +54,39 @@ class StraightPathModel:
         sigma = (t.float() / self.num_train_timesteps).view(-1, 1, 1, 1).to(x0.device)
         return (1 - sigma) * x0 + sigma * noise
 
+    def fit_grid(self, steps: int) -> None:
+        """Before sampling at `steps`: a few-step student's `FlowMatchLCMScheduler` (consistency, adversarial, DMD)
+        is saved for the K steps it was trained at, σ = 1, (K−1)/K, …, 1/K (`shift_terminal` = 1/K). Asked for
+        another count, it is re-gridded to σ = 1, …, 1/steps, as its consistency training allows; one step takes
+        `shift_terminal` off (stock diffusers divides by zero there). Any other scheduler (a shifted one: a
+        teacher's) is left as saved."""
+        from diffusers import FlowMatchLCMScheduler
+
+        sched = self.pipe.scheduler
+        c = sched.config
+        if not isinstance(sched, FlowMatchLCMScheduler) or c.get("shift") != 1.0 or c.get("use_dynamic_shifting"):
+            return
+        want = None if steps == 1 else 1.0 / steps
+        if c.shift_terminal != want:
+            self.pipe.scheduler = FlowMatchLCMScheduler.from_config(c, shift_terminal=want)
+
+    @contextlib.contextmanager
+    def seeded_renoise(self, generator):
+        """SD3's and Flux's pipelines call `scheduler.step` without the generator, so a re-noising sampler
+        (`FlowMatchLCMScheduler`) would draw from torch's global RNG and the same seed would give other images on
+        every call. Inside this context that RNG is forked (the global state is left as it was) and seeded from
+        the generator's seed, hashed so the re-noise is not the initial noise again."""
+        from diffusers import FlowMatchLCMScheduler
+
+        if not isinstance(self.pipe.scheduler, FlowMatchLCMScheduler):
+            yield
+            return
+        digest = hashlib.sha256(f"renoise:{generator.initial_seed()}".encode()).digest()
+        device = generator.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            yield
+
     @torch.no_grad()
     def ode_sample(self, net, x, steps, cond=None):
         """The teacher's own sampler from noise `x`: Euler on its scheduler's grid at `steps` (shift included),
@@ -75,6 +111,10 @@ class FlowMatchingPixel(StraightPathModel, UnconditionalPixel):
         "FlowMatchEulerDiscreteScheduler, e.g. a DDPMPipeline folder"
     )
     pairs_from_samples = False  # its couplings are Euler solves of its velocity, not DDIM draws: cached as pairs
+
+    def sample(self, n, steps, generator, cond=None, guidance_scale=None):
+        self.fit_grid(steps)
+        return super().sample(n, steps, generator, cond, guidance_scale)
 
     @classmethod
     def claims(cls, pipe) -> bool:

@@ -162,6 +162,7 @@ class FluxLatent(StraightPathModel, PackedPromptLatent):
     # -- sampling and export ---------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n, steps, generator, cond=None, guidance_scale=None):
+        self.fit_grid(steps)
         if cond is None:
             cond = self.draw_prompts(n, generator)
         if guidance_scale is None:
@@ -169,17 +170,18 @@ class FluxLatent(StraightPathModel, PackedPromptLatent):
         packed = self.encode_prompts(list(cond)) if isinstance(cond, (list, tuple)) else cond
         embeds, pooled = self.unpack(packed)
         h, wd = self.image_size
-        return self.pipe(
-            prompt_embeds=embeds,
-            pooled_prompt_embeds=pooled,
-            num_inference_steps=steps,
-            guidance_scale=float(guidance_scale),
-            generator=generator,
-            height=h,
-            width=wd,
-            max_sequence_length=self.max_sequence_length,
-            output_type="pt",
-        ).images.float()
+        with self.seeded_renoise(generator):
+            return self.pipe(
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                num_inference_steps=steps,
+                guidance_scale=float(guidance_scale),
+                generator=generator,
+                height=h,
+                width=wd,
+                max_sequence_length=self.max_sequence_length,
+                output_type="pt",
+            ).images.float()
 
     def export(self, unet, scheduler):
         from diffusers import FluxPipeline

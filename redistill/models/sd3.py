@@ -99,6 +99,7 @@ class SD3Latent(StraightPathModel, PackedPromptLatent):
     # -- sampling and export ---------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n, steps, generator, cond=None, guidance_scale=None):
+        self.fit_grid(steps)
         if cond is None:
             cond = self.draw_prompts(n, generator)
         if guidance_scale is None:
@@ -111,15 +112,16 @@ class SD3Latent(StraightPathModel, PackedPromptLatent):
             u_embeds, u_pooled = self.unpack(self.uncond(len(packed), packed.device))
             kw.update(negative_prompt_embeds=u_embeds, negative_pooled_prompt_embeds=u_pooled)
         h, wd = self.image_size
-        return self.pipe(
-            **kw,
-            num_inference_steps=steps,
-            guidance_scale=w,
-            generator=generator,
-            height=h,
-            width=wd,
-            output_type="pt",
-        ).images.float()
+        with self.seeded_renoise(generator):
+            return self.pipe(
+                **kw,
+                num_inference_steps=steps,
+                guidance_scale=w,
+                generator=generator,
+                height=h,
+                width=wd,
+                output_type="pt",
+            ).images.float()
 
     def export(self, unet, scheduler):
         from diffusers import StableDiffusion3Pipeline

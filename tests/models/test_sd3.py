@@ -51,6 +51,30 @@ def test_the_adapters_guided_euler_loop_is_what_the_sd3_pipeline_samples(sd3_fol
     assert torch.allclose(model.encode(pics), (raw - vae.config.shift_factor) * vae.config.scaling_factor, atol=1e-5)
 
 
+def test_a_few_step_flow_student_samples_at_any_step_count_and_the_same_seed_draws_the_same_images(sd3_folder):
+    """A consistency student's FlowMatchLCMScheduler, saved for 4 steps (σ = 1, ¾, ½, ¼), is re-gridded to the
+    count asked (stock diffusers fails at 1 step with the 4-step grid); its re-noise between steps (drawn by the SD3
+    pipeline from torch's global RNG) follows the generator's seed and leaves the global RNG as it was."""
+    from redistill.models.flow import lcm_flow_scheduler
+
+    pipe = load_pipeline(sd3_folder)
+    pipe.scheduler = lcm_flow_scheduler(1000, 4)
+    model = adapter_for(pipe)
+    grids = {}
+    for steps in (1, 2, 8, 4):
+        images = model.sample(2, steps, torch.Generator().manual_seed(3), cond=PROMPTS[:2], guidance_scale=1.0)
+        assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all(), steps
+        grids[steps] = [round(s, 4) for s in pipe.scheduler.sigmas.tolist()]
+    assert grids[1] == [1.0, 0.0] and grids[2] == [1.0, 0.5, 0.0] and grids[4] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert grids[8][-2] == 0.125
+    state = torch.random.get_rng_state()
+    again = [model.sample(2, 4, torch.Generator().manual_seed(3), cond=PROMPTS[:2], guidance_scale=1.0) for _ in "ab"]
+    assert torch.equal(again[0], again[1]) and torch.equal(again[0], images)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    other = model.sample(2, 4, torch.Generator().manual_seed(4), cond=PROMPTS[:2], guidance_scale=1.0)
+    assert not torch.equal(other, images)
+
+
 @pytest.mark.parametrize("method", ["consistency", "dmd"])
 def test_an_sd3_student_is_a_stock_sd3_pipeline_sampled_at_guidance_one(sd3_folder, tmp_path, method):
     from diffusers import FlowMatchLCMScheduler, StableDiffusion3Pipeline
