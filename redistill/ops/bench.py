@@ -89,6 +89,7 @@ def _row(
         "fid_gap_floors": {n: sq.get("fid_gap_floors") for n, sq in q.get("spaces", {}).items()},
         "kid": q["kid"],
         "recognisable_share": q.get("recognisable_share"),
+        "prompt_adherence": q.get("prompt_adherence"),  # a text-to-image teacher's rows: the asked digit drawn
         "psnr_db": f["psnr_db"],
         "ssim": f["ssim"],
         "latency_ms_p50": s["latency_ms_p50"],

@@ -17,12 +17,13 @@ def markdown_table(result: dict) -> str:
     """The bench as a Markdown table, one row per (pipeline, steps)."""
     spaces = result.get("feature_spaces") or []
     head = (
-        "| pipeline | steps | FID [95% CI] | FID ÷ teacher@{r} | FID gap in floors ({sp}) | KID | recognisable | PSNR dB "
+        "| pipeline | steps | FID [95% CI] | FID ÷ teacher@{r} | FID gap in floors ({sp}) | KID | recognisable "
+        "| prompt adherence | PSNR dB "
         "| SSIM | latency p50 ms (b=1) | img/s (b={b}) | speedup | params | peak MB | distil s |"
     )
     lines = [
         head.format(r=result["reference_steps"], b="64" if not result["quick"] else "16", sp=" / ".join(spaces)),
-        "|" + "---|" * 15,
+        "|" + "---|" * 16,
     ]
 
     def num(v, fmt):
@@ -33,7 +34,8 @@ def markdown_table(result: dict) -> str:
         lines.append(
             f"| {r['method']} | {r['steps']} | {r['fid']:.3f} [{lo:.3f}, {hi:.3f}] | {num(r['fid_ratio'], '.2f')}× "
             f"| {' / '.join(num((r.get('fid_gap_floors') or {}).get(n), '.2f') for n in spaces)} "
-            f"| {r['kid']:.4f} | {num(r['recognisable_share'], '.3f')} | {num(r['psnr_db'], '.2f')} | {r['ssim']:.3f} "
+            f"| {r['kid']:.4f} | {num(r['recognisable_share'], '.3f')} | {num(r.get('prompt_adherence'), '.3f')} "
+            f"| {num(r['psnr_db'], '.2f')} | {r['ssim']:.3f} "
             f"| {r['latency_ms_p50']:.1f} | {r['throughput_img_s']:.0f} | ×{r['speedup']:.1f} | {r['params']:,} "
             f"| {num(r['peak_mb'], '.0f')} | {num(r['distill_wall_s'], '.0f')} |"
         )

@@ -90,3 +90,64 @@ def test_bench_refuses_an_unknown_method(digits_ws):
         ],
     )
     assert r.exit_code != 0 and "valid methods are" in r.output
+
+
+@pytest.mark.trials  # about 2 minutes per layout: every method that serves it at 1/2/4 steps; `make trials-long`
+@pytest.mark.long
+@pytest.mark.parametrize("layout", ["dit", "sd3", "pixart", "flux"])
+def test_the_bench_runs_every_method_that_serves_a_transformer_teacher(layout, digits_ws, tmp_path):
+    """A tiny DiT (class labels), SD3, PixArt-Σ and Flux (captions) on the digits: each method that serves the
+    layout has its rows at 1, 2 and 4 steps with a gap in floors in both feature spaces and a speed-up; `rectified`
+    is skipped on the diffusion layouts with the reason (its student is a flow); every kept student loads as the
+    teacher's stock pipeline."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from redistill.data.caption_files import write_captions
+    from redistill.data.captions import caption_labels
+    from redistill.data.images import load_image_folder
+    from redistill.models.pipelines import save_pipeline
+
+    root = tmp_path / "ws"
+    shutil.copytree(digits_ws / "data", root / "data")
+    shutil.copy(digits_ws / "params.yaml", root / "params.yaml")
+    teacher = root / "data" / "teachers" / layout
+    if layout == "dit":
+        from redistill.teachers.dit_parts import build_dit_pipeline, save_dit
+
+        save_dit(build_dit_pipeline(), teacher, 10, 2.0)
+    else:
+        from redistill.teachers.flux_parts import build_flux_pipeline
+        from redistill.teachers.pixart_parts import build_pixart_pipeline
+        from redistill.teachers.sd3_parts import build_sd3_pipeline
+
+        build = {"sd3": build_sd3_pipeline, "flux": build_flux_pipeline}.get(layout)
+        save_pipeline(build(tmp_path / "tok") if build else build_pixart_pipeline(), teacher)
+        ref = load_image_folder(root / "data" / "reference")
+        captions = caption_labels(ref.labels, np.random.default_rng(0))
+        write_captions(root / "data" / "reference", dict(zip(ref.files, captions)))
+    r = CliRunner().invoke(
+        app,
+        ["bench", "--quick", "--json", "--no-teacher-rows", "--workspace", str(root), "--teacher", str(teacher)],
+    )
+    assert r.exit_code == 0, r.output[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    flow = layout in ("sd3", "flux")
+    served = ["progressive", "consistency", "output", "adversarial", "dmd"] + (["rectified"] if flow else [])
+    assert set(result["skipped"]) == (set() if flow else {"rectified"})
+    if not flow:
+        assert "flow" in result["skipped"]["rectified"]
+    rows = {(row["method"], row["steps"]): row for row in result["rows"]}
+    for method in served:
+        for steps in (1, 2, 4):
+            row = rows[(method, steps)]
+            assert set(row["fid_gap_floors"]) == {"classifier", "encoder"}, row
+            assert all(np.isfinite(g) for g in row["fid_gap_floors"].values()), row
+            assert row["speedup"] > 0 and row["distill_wall_s"] > 0
+            assert (row["prompt_adherence"] is None) == (layout == "dit"), row  # prompts: the asked digit drawn?
+    stock = {"dit": "DiTPipeline", "sd3": "StableDiffusion3Pipeline", "pixart": "PixArtSigmaPipeline"}
+    stock = stock.get(layout, "FluxPipeline")
+    for method in served:
+        folder = Path(rows[(method, 4)]["student"])
+        kwargs = {"text_encoder_3": None, "tokenizer_3": None} if layout == "sd3" else {}
+        assert type(DiffusionPipeline.from_pretrained(folder, **kwargs)).__name__ == stock, method
