@@ -66,7 +66,7 @@ class StraightPathModel:
         c = sched.config
         if not isinstance(sched, FlowMatchLCMScheduler) or c.get("shift") != 1.0 or c.get("use_dynamic_shifting"):
             return
-        want = None if steps == 1 else 1.0 / steps
+        want = student_terminal(steps)
         if c.shift_terminal != want:
             self.pipe.scheduler = FlowMatchLCMScheduler.from_config(c, shift_terminal=want)
 
@@ -142,6 +142,12 @@ class FlowMatchingPixel(StraightPathModel, UnconditionalPixel):
         }
 
 
+def student_terminal(steps: int) -> float | None:
+    """The `shift_terminal` of a K-step student's grid σ = 1, (K−1)/K, …, 1/K: 1/K, or None at one step (σ = 1
+    alone; stock diffusers divides by zero when it stretches a one-point grid)."""
+    return None if steps == 1 else 1.0 / steps
+
+
 def euler_scheduler(num_train_timesteps: int, steps: int):
     """The stock `FlowMatchEulerDiscreteScheduler` whose grid at `steps` is σ = 1, (K−1)/K, …, 1/K, then 0: the
     evenly spaced Euler steps a K-step student is trained on. (Its default grid ends at σ = 1/T, so a last step
@@ -150,7 +156,7 @@ def euler_scheduler(num_train_timesteps: int, steps: int):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=num_train_timesteps, shift=1.0, shift_terminal=None if steps == 1 else 1.0 / steps
+        num_train_timesteps=num_train_timesteps, shift=1.0, shift_terminal=student_terminal(steps)
     )
 
 
@@ -160,5 +166,5 @@ def lcm_flow_scheduler(num_train_timesteps: int, steps: int):
     from diffusers import FlowMatchLCMScheduler
 
     return FlowMatchLCMScheduler(
-        num_train_timesteps=num_train_timesteps, shift=1.0, shift_terminal=None if steps == 1 else 1.0 / steps
+        num_train_timesteps=num_train_timesteps, shift=1.0, shift_terminal=student_terminal(steps)
     )
